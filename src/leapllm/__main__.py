@@ -1,0 +1,5 @@
+import sys
+
+from leapllm.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""The Python API: `LLM` loads a model once and generates, streams and chats with it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leapllm.engine.generate import GenerationChunk, GenerationOutput, generate_stream
+from leapllm.engine.sampling import SamplingParams
+from leapllm.errors import InvalidRequestError
+from leapllm.loading.loader import load_model
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """A loaded model and tokenizer.
+
+    >>> llm = LLM()                                  # SmolLM2-135M-Instruct, float32 on CPU
+    >>> llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))[0].text
+    """
+
+    def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
+                 device: str | torch.device = "auto", num_threads: int | None = None):
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        loaded = load_model(model, dtype=dtype, device=device)
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.path = loaded.path
+        self.metadata = loaded.metadata
+        self.load_seconds = loaded.load_seconds
+
+    @property
+    def config(self):
+        return self.model.config
+
+    # -- prompts -------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise InvalidRequestError("a prompt must be a string or a list of token ids")
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        # The template already wrote every special token (BOS included, if the model wants one).
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # -- generation ----------------------------------------------------------------------------
+    def stream_chunks(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[GenerationChunk]:
+        return generate_stream(self.model, self.tokenizer, prompt_ids, params or SamplingParams())
+
+    def run(self, prompt_ids: list[int], params: SamplingParams | None = None, *, prompt: str | None = None,
+            on_text: Callable[[str], Any] | None = None) -> GenerationOutput:
+        """Generate for one tokenized prompt, calling on_text with each new piece of text as it comes."""
+        start = time.perf_counter()
+        first = None
+        pieces, token_ids = [], []
+        chunk = None
+        for chunk in self.stream_chunks(prompt_ids, params):
+            if first is None:
+                first = time.perf_counter()
+            pieces.append(chunk.text)
+            token_ids.append(chunk.token_id)
+            if on_text is not None and chunk.text:
+                on_text(chunk.text)
+        end = time.perf_counter()
+        decode_tokens = len(token_ids) - 1  # the first token comes out of the prefill
+        timings = {
+            "time_to_first_token_s": first - start,
+            "total_s": end - start,
+            "prefill_tokens_per_s": len(prompt_ids) / (first - start),
+            "decode_tokens_per_s": decode_tokens / (end - first) if decode_tokens and end > first else 0.0,
+        }
+        return GenerationOutput(
+            prompt=prompt if prompt is not None else self.tokenizer.decode(prompt_ids),
+            text="".join(pieces), token_ids=token_ids, prompt_token_ids=prompt_ids,
+            finish_reason=chunk.finish_reason, stop_reason=chunk.stop_reason, timings=timings,
+        )
+
+    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None) -> list[GenerationOutput]:
+        """Complete each prompt (a string or token ids); one output per prompt, in order."""
+        params = params or SamplingParams()
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        # Encode (and so validate) every prompt before generating anything.
+        encoded = [self.encode(p) for p in prompts]
+        return [self.run(ids, params, prompt=p if isinstance(p, str) else None) for p, ids in zip(prompts, encoded)]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the completion's text piece by piece as it is generated."""
+        for chunk in self.stream_chunks(self.encode(prompt), params):
+            if chunk.text:
+                yield chunk.text
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> GenerationOutput:
+        """Answer a conversation ([{"role": ..., "content": ...}, ...]) using the model's chat template."""
+        ids = self.encode_chat(messages)
+        return self.run(ids, params)
+
+    def stream_chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> Iterator[str]:
+        for chunk in self.stream_chunks(self.encode_chat(messages), params):
+            if chunk.text:
+                yield chunk.text
+
+    def info(self) -> dict[str, Any]:
+        """Facts about the loaded model: shape, parameter count, bytes by dtype on disk and in memory."""
+        c = self.config
+        params = {id(p): p for p in self.model.parameters()}.values()  # tied weights once
+        in_memory: dict[str, int] = {}
+        for p in params:
+            key = str(p.dtype).removeprefix("torch.")
+            in_memory[key] = in_memory.get(key, 0) + p.numel() * p.element_size()
+        return {
+            "path": str(self.path),
+            "name": c.name,
+            "architecture": c.architecture,
+            "layers": c.num_layers,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "heads": c.num_heads,
+            "kv_heads": c.num_kv_heads,
+            "head_dim": c.head_dim,
+            "vocab_size": c.vocab_size,
+            "context_length": c.context_length,
+            "rope_theta": c.rope_theta,
+            "tied_embeddings": c.tie_word_embeddings,
+            "parameters": sum(p.numel() for p in params),
+            "stored_dtypes": c.extra.get("stored_dtypes", {}),
+            "memory_bytes_by_dtype": in_memory,
+            "device": str(self.model.device),
+            "chat_template": self.tokenizer.chat_template is not None,
+        }

@@ -1,0 +1,169 @@
+"""Reading a Llama-family model from a GGUF file (llama.cpp's format).
+
+Metadata becomes a `ModelConfig`; every tensor is dequantized by the `gguf` package (all the types
+it implements: F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, K-quants, ...) into float32 and renamed to
+leapllm's canonical names. llama.cpp's converter permutes the rows of the Q and K projections
+of llama/mistral so that its rotary kernel can rotate adjacent pairs; we undo that, exactly as the
+Hugging Face GGUF loader does, so the weights match the original checkpoint and its
+rotate-half rotary embedding.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+from tqdm import tqdm
+
+from leapllm.errors import ModelLoadError
+from leapllm.loading.gguf_file import open_gguf
+from leapllm.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
+
+# Architectures whose GGUF converter permutes Q/K rows (qwen2 is stored unpermuted).
+PERMUTED_QK_ARCHITECTURES = ("llama", "mistral")
+
+_LAYER_TENSOR_NAMES = {
+    "attn_norm.weight": "attn_norm.weight",
+    "ffn_norm.weight": "mlp_norm.weight",
+    "attn_q.weight": "attn.q_proj.weight",
+    "attn_k.weight": "attn.k_proj.weight",
+    "attn_v.weight": "attn.v_proj.weight",
+    "attn_q.bias": "attn.q_proj.bias",
+    "attn_k.bias": "attn.k_proj.bias",
+    "attn_v.bias": "attn.v_proj.bias",
+    "attn_output.weight": "attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_TENSOR_NAMES = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def canonical_name(gguf_name: str) -> str | None:
+    """GGUF tensor name -> canonical name, or None for tensors the model does not use."""
+    if gguf_name in _GLOBAL_TENSOR_NAMES:
+        return _GLOBAL_TENSOR_NAMES[gguf_name]
+    m = _LAYER_RE.fullmatch(gguf_name)
+    if m and m.group(2) in _LAYER_TENSOR_NAMES:
+        return f"layers.{m.group(1)}.{_LAYER_TENSOR_NAMES[m.group(2)]}"
+    return None
+
+
+def _meta_int(metadata: dict[str, Any], key: str, default: int | None = None) -> int:
+    if key in metadata:
+        return int(metadata[key])
+    if default is None:
+        raise ModelLoadError(f"GGUF metadata lacks {key!r}")
+    return default
+
+
+def config_from_gguf_metadata(metadata: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+    arch = metadata.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    a = arch + "."
+    hidden = _meta_int(metadata, a + "embedding_length")
+    heads = _meta_int(metadata, a + "attention.head_count")
+    head_dim = _meta_int(metadata, a + "attention.key_length", _meta_int(metadata, a + "rope.dimension_count", hidden // heads))
+    vocab = metadata.get(a + "vocab_size") or len(metadata.get("tokenizer.ggml.tokens") or [])
+    rope_scaling = None
+    scaling_type = metadata.get(a + "rope.scaling.type")
+    if scaling_type == "linear":
+        rope_scaling = {"type": "linear", "factor": float(metadata[a + "rope.scaling.factor"])}
+    elif scaling_type not in (None, "none"):
+        raise ModelLoadError(f"unsupported rope scaling {scaling_type!r} in GGUF metadata")
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=_meta_int(metadata, a + "feed_forward_length"),
+        num_layers=_meta_int(metadata, a + "block_count"),
+        num_heads=heads,
+        num_kv_heads=_meta_int(metadata, a + "attention.head_count_kv", heads),
+        head_dim=head_dim,
+        context_length=_meta_int(metadata, a + "context_length"),
+        rms_norm_eps=float(metadata.get(a + "attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(metadata.get(a + "rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        name=str(metadata.get("general.name", "")),
+        extra={"format": "gguf", "file_type": metadata.get("general.file_type")},
+    )
+
+
+def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's interleaving of each head's rotary halves (rows of a Q or K weight)."""
+    half = weight.shape[0] // n_heads // 2
+    return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _check_file_extent(reader: GGUFReader, path: Path) -> None:
+    size = os.path.getsize(path)
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise ModelLoadError(f"{path}: truncated file: tensor {t.name!r} runs past the end of the file")
+
+
+def dequantize_tensor(t, path: Path) -> np.ndarray:
+    try:
+        return dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise ModelLoadError(
+            f"{path}: tensor {t.name!r} uses quantization {GGMLQuantizationType(t.tensor_type).name}, "
+            "which the gguf package cannot dequantize"
+        ) from None
+
+
+def stored_dtype_summary(entries) -> dict[str, dict[str, int]]:
+    """(dtype name, elements, bytes) per tensor -> {dtype: {"tensors", "params", "bytes"}}."""
+    summary: dict[str, dict[str, int]] = {}
+    for dtype, n, nbytes in entries:
+        row = summary.setdefault(dtype, {"tensors": 0, "params": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["params"] += n
+        row["bytes"] += nbytes
+    return summary
+
+
+def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a GGUF file: (config, canonical float32 tensors, metadata)."""
+    path = Path(path)
+    reader, metadata = open_gguf(path)
+    _check_file_extent(reader, path)
+    names = {t.name for t in reader.tensors}
+    config = config_from_gguf_metadata(metadata, names)
+    config.extra["stored_dtypes"] = stored_dtype_summary(
+        (GGMLQuantizationType(t.tensor_type).name, int(t.n_elements), int(t.n_bytes)) for t in reader.tensors
+    )
+    tensors: dict[str, torch.Tensor] = {}
+    # The bar only appears when loading takes longer than a second.
+    for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", delay=1.0, leave=False):
+        name = canonical_name(t.name)
+        if name is None:
+            if t.name == "rope_freqs.weight":  # Llama 3.1 frequency divisors
+                factors = torch.from_numpy(np.array(dequantize_tensor(t, path), dtype=np.float32).reshape(-1))
+                config = ModelConfig(**{**config.to_dict(), "rope_scaling": {"type": "freq_factors", "factors": factors}})
+            continue
+        array = dequantize_tensor(t, path)
+        if config.architecture in PERMUTED_QK_ARCHITECTURES:
+            if name.endswith("q_proj.weight"):
+                array = unpermute_qk(array, config.num_heads)
+            elif name.endswith("k_proj.weight"):
+                array = unpermute_qk(array, config.num_kv_heads)
+        # np.array copies out of the read-only memory map into memory torch may own.
+        tensors[name] = torch.from_numpy(np.array(array, dtype=np.float32))
+    return config, tensors, metadata

@@ -1,0 +1,87 @@
+"""One entry point to load a model and its tokenizer from any supported path."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leapllm.errors import ModelLoadError
+from leapllm.loading.default_model import default_model_path
+from leapllm.loading.gguf_loader import load_gguf
+from leapllm.loading.safetensors_loader import load_safetensors_folder
+from leapllm.loading.weights import build_model
+from leapllm.model.config import ModelConfig
+from leapllm.model.llama import Transformer
+from leapllm.tokenization import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device cuda was asked for, but no CUDA GPU is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ModelLoadError(f"unsupported dtype {dtype}; use one of {', '.join(DTYPES)}")
+        return dtype
+    if dtype in (None, "auto"):
+        # float32 is the fast path on CPU; GPUs have bfloat16 tensor cores.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    path: Path
+    load_seconds: float
+    metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+
+def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None = "auto",
+               device: str | torch.device | None = "auto") -> LoadedModel:
+    """Load a GGUF file or a Hugging Face safetensors folder (default: SmolLM2-135M-Instruct)."""
+    start = time.perf_counter()
+    path = Path(path).expanduser() if path is not None else default_model_path()
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    metadata: dict[str, Any] = {}
+    if path.is_dir():
+        config, tensors = load_safetensors_folder(path)
+        tokenizer = Tokenizer.from_pretrained_dir(path)
+    elif path.is_file():
+        config, tensors, metadata = load_gguf(path)
+        tokenizer = Tokenizer.from_gguf_metadata(metadata)
+    else:
+        raise ModelLoadError(f"{path}: no such file or folder")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ModelLoadError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
+        )
+    model = build_model(config, tensors, torch_dtype, dev, str(path))
+    # Large metadata arrays (the vocabulary) are already inside the tokenizer.
+    metadata = {k: v for k, v in metadata.items() if not isinstance(v, list) or len(v) < 64}
+    return LoadedModel(model, tokenizer, path, time.perf_counter() - start, metadata)

@@ -1,0 +1,131 @@
+"""Reading a Hugging Face model folder: config.json + *.safetensors (+ tokenizer.json).
+
+`safetensors` memory-maps each file and holds no code, unlike pickled checkpoints, which we
+never load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from leapllm.errors import ModelLoadError
+from leapllm.loading.gguf_loader import stored_dtype_summary
+from leapllm.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
+
+_HF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "mlp_norm.weight",
+    "self_attn.q_proj.weight": "attn.q_proj.weight",
+    "self_attn.k_proj.weight": "attn.k_proj.weight",
+    "self_attn.v_proj.weight": "attn.v_proj.weight",
+    "self_attn.q_proj.bias": "attn.q_proj.bias",
+    "self_attn.k_proj.bias": "attn.k_proj.bias",
+    "self_attn.v_proj.bias": "attn.v_proj.bias",
+    "self_attn.o_proj.weight": "attn.o_proj.weight",
+    "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+    "mlp.up_proj.weight": "mlp.up_proj.weight",
+    "mlp.down_proj.weight": "mlp.down_proj.weight",
+}
+_HF_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "embed_tokens.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def canonical_name(hf_name: str) -> str | None:
+    if hf_name in _HF_GLOBAL_NAMES:
+        return _HF_GLOBAL_NAMES[hf_name]
+    m = _HF_LAYER_RE.fullmatch(hf_name)
+    if m and m.group(2) in _HF_LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    # transformers 4.x writes rope_scaling; 5.x writes rope_parameters (which also holds rope_theta).
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind == "linear":
+        return {"type": "linear", "factor": float(scaling["factor"])}
+    if kind == "llama3":
+        return {
+            "type": "llama3",
+            "factor": float(scaling["factor"]),
+            "low_freq_factor": float(scaling["low_freq_factor"]),
+            "high_freq_factor": float(scaling["high_freq_factor"]),
+            "original_context_length": int(scaling["original_max_position_embeddings"]),
+        }
+    raise ModelLoadError(f"unsupported rope scaling {kind!r} in config.json")
+
+
+def config_from_hf(cfg: dict[str, Any], folder: Path) -> ModelConfig:
+    arch = cfg.get("model_type")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{folder}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    try:
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        rope_theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            context_length=int(cfg.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            rope_scaling=_rope_scaling(cfg),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+            name=str(cfg.get("_name_or_path", folder.name)),
+            extra={"format": "safetensors", "torch_dtype": cfg.get("torch_dtype", cfg.get("dtype"))},
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{folder}/config.json: missing or invalid field ({exc})") from None
+
+
+def load_safetensors_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a Hugging Face folder: (config, canonical tensors in their stored dtype)."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+    try:
+        cfg = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{config_path}: not valid JSON ({exc})") from None
+    config = config_from_hf(cfg, folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{folder}: no *.safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in tqdm(files, desc=f"loading {folder.name}", unit="file", delay=1.0, leave=False):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    name = canonical_name(key)
+                    if name is not None:
+                        tensors[name] = f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise ModelLoadError(f"{file}: truncated or corrupt safetensors file ({exc})") from None
+    config.extra["stored_dtypes"] = stored_dtype_summary(
+        (str(t.dtype).removeprefix("torch."), t.numel(), t.numel() * t.element_size()) for t in tensors.values()
+    )
+    return config, tensors

@@ -1,0 +1,171 @@
+"""A Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2) in plain PyTorch.
+
+Read top to bottom: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP, the block,
+and the whole model. Q/K/V and gate/up are each one fused matmul: one weight read instead of
+three (or two), which matters when decoding is bound by memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leapllm.model.config import ModelConfig
+from leapllm.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32 whatever the model dtype, as the reference implementations do.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotary_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) with the model's rope scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("type")
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        # Llama 3.1: leave high frequencies alone, divide low ones by `factor`, blend in between.
+        factor = float(scaling["factor"])
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling["original_context_length"])
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        middle = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        inv_freq = torch.where(middle, blended, inv_freq)
+    elif kind == "freq_factors":
+        # GGUF files of Llama 3.1 store the per-frequency divisors as a tensor instead.
+        inv_freq = inv_freq / scaling["factors"].float()
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (batch, heads, seq, head_dim); cos, sin: (seq, head_dim)
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, start_pos: int, kv_cache: KVCache | None, mask):
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # (batch, heads, seq, head_dim)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (batch, kv_heads, seq, hd)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, start_pos, k, v)
+        # is_causal only lines up when queries and keys start together; otherwise `mask` says it.
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        out = out.transpose(1, 2).reshape(batch, seq, self.q_size)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, start_pos, kv_cache, mask):
+        x = x + self.attn(self.attn_norm(x), cos, sin, start_pos, kv_cache, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Kept in float32 and out of the state dict: it is derived from the config.
+        self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_kv_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_seq_len, c.head_dim, self.dtype, self.device)
+
+    def rotary_cos_sin(self, start_pos: int, seq: int):
+        positions = torch.arange(start_pos, start_pos + seq, device=self.device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq)  # (seq, head_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (seq, head_dim)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, kv_cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens (batch, seq) at positions start_pos.. -> logits (batch, seq or 1, vocab), float32.
+
+        With a kv_cache, keys and values of positions < start_pos come from the cache.
+        last_only computes the output head for the last position only (what generation needs).
+        """
+        batch, seq = tokens.shape
+        x = self.embed_tokens(tokens)  # (batch, seq, hidden)
+        cos, sin = self.rotary_cos_sin(start_pos, seq)
+        mask = None
+        if start_pos > 0 and seq > 1:
+            # A chunk after cached tokens: query i sees keys 0 .. start_pos + i.
+            keys = torch.arange(start_pos + seq, device=self.device)
+            queries = torch.arange(start_pos, start_pos + seq, device=self.device)
+            mask = keys[None, :] <= queries[:, None]  # (seq, start_pos + seq)
+        for layer in self.layers:
+            x = layer(x, cos, sin, start_pos, kv_cache, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()
