@@ -48,9 +48,7 @@ class LLM:
         raise InvalidRequestError("a prompt must be a string or a list of token ids")
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        # The template already wrote every special token (BOS included, if the model wants one).
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
     # -- generation ----------------------------------------------------------------------------
     def stream_chunks(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[GenerationChunk]:

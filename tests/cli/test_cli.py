@@ -1,0 +1,98 @@
+"""The `leapllm` command: real runs in a subprocess, and every bad input gives one line + exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from leapllm.cli.main import main
+
+
+def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "leapllm", *args], input=stdin, capture_output=True,
+                          text=True, timeout=600)
+
+
+def assert_one_line_error(capsys, argv, pattern):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    # A loading progress bar (carriage-return redrawn) may come first; the error is one line.
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1].startswith("leapllm: error:") and sum("error" in line for line in lines) == 1, err
+    assert pattern in lines[-1], err
+
+
+@pytest.mark.slow
+def test_generate_streams_a_greedy_completion():
+    result = run_cli("generate", "The capital of France is", "--max-tokens", "8", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+@pytest.mark.slow
+def test_chat_answers_the_capital_of_france_with_paris():
+    result = run_cli("chat", "--temperature", "0", stdin="What is the capital of France?\n")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+@pytest.mark.slow
+def test_info_reports_the_default_model_facts_as_json():
+    result = run_cli("info", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert (info["architecture"], info["layers"], info["heads"], info["kv_heads"]) == ("llama", 30, 9, 3)
+    assert (info["vocab_size"], info["context_length"]) == (49152, 8192)
+    assert 134_000_000 < info["parameters"] < 136_000_000
+    assert set(info["stored_dtypes"]) == {"Q4_1", "Q8_0", "F32"}
+
+
+def test_missing_model_path(capsys, tmp_path):
+    assert_one_line_error(capsys, ["generate", "hi", "--model", str(tmp_path / "missing.gguf")], "no such file")
+
+
+def test_corrupt_model_file(capsys, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 100)
+    assert_one_line_error(capsys, ["info", "--model", str(bad)], "corrupt")
+
+
+def test_folder_that_is_not_a_model(capsys, tmp_path):
+    assert_one_line_error(capsys, ["info", "--model", str(tmp_path)], "no config.json")
+
+
+@pytest.mark.parametrize("flag,value,field", [
+    ("--max-tokens", "0", "max_tokens"), ("--max-tokens", "-3", "max_tokens"),
+    ("--temperature", "-1", "temperature"), ("--top-p", "0", "top_p"), ("--min-p", "1.5", "min_p"),
+])
+def test_bad_sampling_values(capsys, flag, value, field):
+    assert_one_line_error(capsys, ["generate", "hi", flag, value], field)
+
+
+def test_bad_thread_count(capsys):
+    assert_one_line_error(capsys, ["generate", "hi", "--threads", "0"], "--threads")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_a_gpu(capsys):
+    assert_one_line_error(capsys, ["info", "--device", "cuda"], "no CUDA GPU")
+
+
+def test_unknown_device(capsys):
+    assert_one_line_error(capsys, ["info", "--device", "tpu"], "device")
+
+
+def test_argparse_usage_errors_also_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "hi", "--dtype", "float64"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.slow
+def test_max_tokens_beyond_the_context_is_one_line_and_exit_2(capsys):
+    assert_one_line_error(capsys, ["generate", "hi", "--max-tokens", "9000"], "context")
