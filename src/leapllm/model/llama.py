@@ -1,7 +1,8 @@
 """A Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2) in plain PyTorch.
 
 Read top to bottom: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP, the block,
-and the whole model. Q/K/V and gate/up are each one fused matmul: one weight read instead of
+and the whole model. Each stage of the compute (projections, rotary, attention core, activation,
+...) is its own small module, so a profiler can time stages with module hooks alone. Q/K/V and gate/up are each one fused matmul: one weight read instead of
 three (or two), which matters when decoding is bound by memory bandwidth.
 """
 
@@ -60,18 +61,39 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (batch, heads, seq, head_dim); cos, sin: (seq, head_dim)
-    return x * cos + rotate_half(x) * sin
+class RotaryEmbedding(nn.Module):
+    """Rotates each query and key head by its position (rotate-half convention, as in HF Llama)."""
+
+    def forward(self, q, k, cos, sin):
+        # q: (batch, heads, seq, head_dim), k: (batch, kv_heads, seq, head_dim); cos, sin: (seq, head_dim)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class AttentionCore(nn.Module):
+    """Stores the new keys/values in the cache and attends over everything cached (softmax(QK^T)V)."""
+
+    def __init__(self, layer_idx: int, grouped: bool):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.grouped = grouped  # grouped-query attention: several query heads share a kv head
+
+    def forward(self, q, k, v, start_pos: int, kv_cache: KVCache | None, mask):
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, start_pos, k, v)
+        # is_causal only lines up when queries and keys start together; otherwise `mask` says it.
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, enable_gqa=self.grouped
+        )
 
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.rotary = RotaryEmbedding()
+        self.core = AttentionCore(layer_idx, grouped=self.num_heads != self.num_kv_heads)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, start_pos: int, kv_cache: KVCache | None, mask):
@@ -80,27 +102,28 @@ class Attention(nn.Module):
         q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # (batch, heads, seq, head_dim)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (batch, kv_heads, seq, hd)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, start_pos, k, v)
-        # is_causal only lines up when queries and keys start together; otherwise `mask` says it.
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, enable_gqa=self.num_heads != self.num_kv_heads
-        )
-        out = out.transpose(1, 2).reshape(batch, seq, self.q_size)
-        return self.o_proj(out)
+        q, k = self.rotary(q, k, cos, sin)
+        out = self.core(q, k, v, start_pos, kv_cache, mask)  # (batch, heads, seq, head_dim)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.q_size))
+
+
+class SiluAndMul(nn.Module):
+    """SwiGLU's activation: silu(gate) * up, on the fused gate/up projection's output."""
+
+    def forward(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.act = SiluAndMul()
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class Block(nn.Module):
