@@ -1,4 +1,4 @@
-"""The `leapllm` command line: generate, chat and info.
+"""The `leapllm` command line: generate, chat, info, profile and bench.
 
 User mistakes (a bad path, a corrupt file, an impossible setting) print one line on stderr and
 exit with status 2, like argparse's own usage errors.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 EXIT_USAGE = 2
 
@@ -166,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_model_args(p)
     p.set_defaults(func=cmd_info)
+
+    from leapllm.cli.bench_cmd import add_bench_parser
+    from leapllm.cli.profile_cmd import add_profile_parser
+
+    add_profile_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

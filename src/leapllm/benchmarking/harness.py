@@ -1,0 +1,613 @@
+"""The benchmark orchestrator: one worker process per system, interleaved repeats, medians.
+
+Fairness: every system gets the same prompt token ids (built here once, from real text, with
+leapllm's tokenizer), the same thread count and the same lengths; each system lives in its own
+process, so no system's memory or allocator state leaks into another's; every measurement gets one
+untimed warm-up per system; then each repeat runs, for each measurement, every system in turn
+(A B A B ...), so drift in machine speed hits them alike; the median over repeats is reported.
+
+Honesty: a system that cannot be loaded is reported as missing with its reason, a worker that dies
+or stops answering as failed, a measurement a peer's API does not offer as unsupported; a float32
+system whose greedy tokens disagree with leapllm-float32's is broken and gets no speed figures.
+None of these stops the other systems. Workers are always ended, with timeouts, so nothing hangs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import json
+import os
+import platform
+import queue
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from leapllm.benchmarking.systems import ALL_SYSTEMS, CUDA_ONLY_SYSTEMS, PEERS, system_engine_dtype
+from leapllm.errors import InvalidRequestError, ModelLoadError
+from leapllm.output_files import check_writable
+
+REFERENCE = "leapllm-float32"
+QUALITY_TOKENS = 16  # float32 systems must reproduce the reference's first greedy tokens exactly
+SETTLE_S = 0.05  # pause before each timed request: the previous worker's threads stop spinning
+QUIT_TIMEOUT_S = 10.0
+
+Log = Callable[[str], None]
+
+
+def log_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+@dataclass
+class BenchSettings:
+    """What `leapllm bench` was asked for; lists may be given as "128,512" strings."""
+    model: str | Path | None = None
+    systems: str | Sequence[str] | None = None  # overrides the default list and --peers
+    peers: str | Sequence[str] | None = "hf,llamacpp"
+    device: str = "cpu"
+    threads: int | None = None
+    prompt_lens: str | Sequence[int] = (128, 512)
+    decode_tokens: int = 128
+    decode_prompt_len: int = 128  # the prompt before batch-1 and batched decoding
+    batches: str | Sequence[int] = (8, 32)
+    batch_decode_tokens: int = 32
+    repeats: int = 3
+    timeout: float = 600.0  # seconds one request may take before its worker counts as hung
+    load_timeout: float = 900.0  # seconds for every worker to load its system
+    json: str | Path | None = None
+    markdown: str | Path | None = None
+
+
+@dataclass
+class Plan:
+    """Validated settings."""
+    path: Path
+    model_given: str | None
+    systems: list[str]
+    device: str
+    threads: int
+    prompt_lens: list[int]
+    decode_tokens: int
+    decode_prompt_len: int
+    batches: list[int]
+    batch_decode_tokens: int
+    repeats: int
+    timeout: float
+    load_timeout: float
+    json: Path | None
+    markdown: Path | None
+    context_length: int = 0
+    max_seq_len: int = 0
+
+    def canonical_command(self) -> str:
+        argv = ["leapllm", "bench"]
+        if self.model_given:
+            argv += ["--model", self.model_given]
+        argv += ["--systems", ",".join(self.systems), "--device", self.device, "--threads", str(self.threads),
+                 "--prompt-lens", ",".join(map(str, self.prompt_lens)),
+                 "--decode-tokens", str(self.decode_tokens), "--decode-prompt-len", str(self.decode_prompt_len),
+                 "--batches", ",".join(map(str, self.batches)),
+                 "--batch-decode-tokens", str(self.batch_decode_tokens), "--repeats", str(self.repeats)]
+        for flag, value in (("--json", self.json), ("--markdown", self.markdown)):
+            if value is not None:
+                argv += [flag, str(value)]
+        return shlex.join(argv)
+
+
+def names_list(value: str | Sequence[str] | None) -> list[str]:
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [s.strip() for s in items if s and s.strip()]
+
+
+def int_list(value: str | Sequence[int], flag: str) -> list[int]:
+    try:
+        items = [int(v) for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
+    except (TypeError, ValueError):
+        raise InvalidRequestError(f"{flag} expects comma-separated integers, got {value!r}") from None
+    if not items:
+        raise InvalidRequestError(f"{flag} is empty")
+    if min(items) < 1:
+        raise InvalidRequestError(f"{flag} values must be positive, got {min(items)}")
+    return sorted(set(items))
+
+
+def at_least(value: Any, minimum: int, flag: str, why: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidRequestError(f"{flag} must be an integer of at least {minimum}{why}, got {value!r}")
+    return value
+
+
+def resolve_systems(settings: BenchSettings) -> list[str]:
+    if settings.systems is not None:
+        names = names_list(settings.systems)
+        if not names:
+            raise InvalidRequestError("--systems is empty")
+    else:
+        peers = names_list(settings.peers)
+        if peers == ["none"]:
+            peers = []
+        for peer in peers:
+            if peer not in PEERS:
+                raise InvalidRequestError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)} (or none)")
+        names = ["leapllm-float32", "leapllm-bfloat16"] + [s for p in dict.fromkeys(peers) for s in PEERS[p]]
+    for name in names:
+        if name not in ALL_SYSTEMS:
+            raise InvalidRequestError(f"unknown system {name!r}; choose from {', '.join(ALL_SYSTEMS)}")
+        if name in CUDA_ONLY_SYSTEMS and settings.device != "cuda":
+            raise InvalidRequestError(f"system {name!r} needs --device cuda")
+    return list(dict.fromkeys(names))  # keep the order, drop repeats
+
+
+def output_path(value: str | Path | None, flag: str) -> Path | None:
+    if value is None:
+        return None
+    return check_writable(Path(value).expanduser(), flag)
+
+
+def resolve(settings: BenchSettings) -> Plan:
+    """Check every setting before anything is started; bad ones raise InvalidRequestError/ModelLoadError."""
+    import torch
+
+    from leapllm.loading.default_model import default_model_path
+
+    if settings.device not in ("cpu", "cuda"):
+        raise InvalidRequestError(f"--device must be cpu or cuda, got {settings.device!r}")
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("--device cuda was asked for, but torch sees no CUDA GPU")
+    systems = resolve_systems(settings)
+    prompt_lens = int_list(settings.prompt_lens, "--prompt-lens")
+    batches = int_list(settings.batches, "--batches")
+    decode_tokens = at_least(settings.decode_tokens, 2, "--decode-tokens", " (a decode rate needs two tokens)")
+    batch_tokens = at_least(settings.batch_decode_tokens, 2, "--batch-decode-tokens",
+                            " (a decode rate needs two tokens)")
+    decode_prompt_len = at_least(settings.decode_prompt_len, 1, "--decode-prompt-len")
+    repeats = at_least(settings.repeats, 1, "--repeats")
+    threads = torch.get_num_threads() if settings.threads is None else at_least(settings.threads, 1, "--threads")
+    for flag, value in (("--timeout", settings.timeout), ("--load-timeout", settings.load_timeout)):
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise InvalidRequestError(f"{flag} must be a positive number of seconds, got {value!r}")
+    json_path, md_path = output_path(settings.json, "--json"), output_path(settings.markdown, "--markdown")
+
+    path = Path(settings.model).expanduser() if settings.model is not None else default_model_path()
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if not path.is_file() or path.suffix != ".gguf":
+        raise ModelLoadError(f"{path}: bench needs a GGUF file (every system loads the same file)")
+    plan = Plan(path=path, model_given=str(settings.model) if settings.model is not None else None,
+                systems=systems, device=settings.device, threads=threads, prompt_lens=prompt_lens,
+                decode_tokens=decode_tokens, decode_prompt_len=decode_prompt_len, batches=batches,
+                batch_decode_tokens=batch_tokens, repeats=repeats, timeout=float(settings.timeout),
+                load_timeout=float(settings.load_timeout), json=json_path, markdown=md_path)
+    plan.max_seq_len = max(max(prompt_lens) + 1, decode_prompt_len + max(decode_tokens, batch_tokens))
+    return plan
+
+
+# -- prompts and measurements ------------------------------------------------------------------
+
+def open_model_file(path: Path):
+    """The tokenizer and context length, read from the GGUF file without loading weights."""
+    from leapllm.loading.gguf_file import open_gguf
+    from leapllm.tokenization import Tokenizer
+
+    _, meta = open_gguf(path)
+    arch = meta.get("general.architecture")
+    context = meta.get(f"{arch}.context_length")
+    if not isinstance(context, int) or context < 1:
+        raise ModelLoadError(f"{path}: GGUF metadata has no {arch}.context_length")
+    return Tokenizer.from_gguf_metadata(meta), context
+
+
+def prompt_ids(tokenizer, length: int) -> list[int]:
+    """Real text the project did not write (the source of the argparse module), tokenized,
+    repeated and cut to `length`."""
+    import argparse
+    ids = tokenizer.encode(inspect.getsource(argparse), add_special_tokens=False)
+    return (ids * (length // len(ids) + 1))[:length]
+
+
+@dataclass
+class Measurement:
+    key: str  # "prefill@128", "decode", "decode_b8"
+    label: str  # the column header
+    request: dict
+    tokens: int  # tokens the timed part produces or consumes: tokens/s = tokens / seconds
+
+
+def measurements(plan: Plan, tokenizer) -> list[Measurement]:
+    out = [Measurement(f"prefill@{n}", f"prefill@{n}", {"op": "prefill", "ids": prompt_ids(tokenizer, n)}, n)
+           for n in plan.prompt_lens]
+    ids = prompt_ids(tokenizer, plan.decode_prompt_len)
+    out.append(Measurement("decode", "decode b1", {"op": "decode", "ids": ids, "n": plan.decode_tokens},
+                           plan.decode_tokens - 1))
+    for b in plan.batches:
+        out.append(Measurement(f"decode_b{b}", f"decode b{b} total",
+                               {"op": "batched_decode", "ids": ids, "batch": b, "n": plan.batch_decode_tokens},
+                               b * (plan.batch_decode_tokens - 1)))
+    return out
+
+
+# -- workers -----------------------------------------------------------------------------------
+
+class WorkerError(Exception):
+    """The worker died, stopped answering, or could not be talked to."""
+
+
+def default_worker_command(name: str) -> list[str]:
+    return [sys.executable, "-m", "leapllm.benchmarking.worker"]
+
+
+class Worker:
+    """One worker subprocess: JSON lines in, JSON lines out, every wait bounded by a timeout."""
+
+    def __init__(self, name: str, argv: list[str]):
+        self.name = name
+        self.stderr = tempfile.TemporaryFile()
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        env.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on a network
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True, encoding="utf-8", bufsize=1, env=env,
+                                     start_new_session=True)  # its own process group, ended as one
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for line in self.proc.stdout:
+                self.lines.put(line)
+        except (OSError, ValueError):
+            pass
+        self.lines.put(None)  # end of output: the worker exited
+
+    def receive(self, timeout: float, doing: str) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise WorkerError(f"no answer within {timeout:g} s while {doing}; worker ended") from None
+            if line is None:
+                raise WorkerError(f"worker exited while {doing} ({self.exit_description()})"
+                                  + self.stderr_tail())
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue  # not a protocol line; the worker sends nothing else on stdout
+
+    def request(self, message: dict, timeout: float, doing: str) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass  # it died: receive() sees the end of its output and says why
+        return self.receive(timeout, doing)
+
+    def exit_description(self) -> str:
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return "its output closed, so it was ended"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit status {code}"
+
+    def stderr_tail(self) -> str:
+        try:
+            self.stderr.seek(0, os.SEEK_END)
+            size = self.stderr.tell()
+            self.stderr.seek(max(0, size - 8192))
+            text = self.stderr.read().decode("utf-8", "replace").replace("\r", "\n")
+        except (OSError, ValueError):
+            return ""
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return f"; last stderr line: {lines[-1][:300]}" if lines else ""
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self.proc.kill()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def stop(self) -> None:
+        """Ask it to quit; end it if it does not within a few seconds; release everything."""
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                pass
+            try:
+                self.proc.wait(timeout=QUIT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        for stream in (self.proc.stdin, self.proc.stdout, self.stderr):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+def new_entry(name: str) -> dict:
+    engine, dtype = system_engine_dtype(name)
+    return {"name": name, "engine": engine, "dtype": dtype, "status": "ok", "reason": None, "load_s": None,
+            "info": {}, "memory": {}, "peak_memory_mib": None, "resident_memory_mib": None,
+            "warmup": {}, "runs": {}, "notes": {},
+            "tokens": {}, "greedy_agreement": None, "batched_agreement": {}, "batched_agreement_own": {},
+            "figures": {}, "pid": None}
+
+
+def fail(entry: dict, status: str, reason: str, log: Log) -> None:
+    entry.update(status=status, reason=reason)
+    log(f"  {entry['name']} {status}: {reason}")
+
+
+def worker_argv(plan: Plan, name: str, worker_command: Callable[[str], list[str]]) -> list[str]:
+    return worker_command(name) + ["--system", name, "--model", str(plan.path), "--device", plan.device,
+                                   "--threads", str(plan.threads), "--max-seq-len", str(plan.max_seq_len)]
+
+
+def start_workers(plan: Plan, names: list[str], entries: dict[str, dict], log: Log,
+                  worker_command: Callable[[str], list[str]], workers: dict[str, Worker]) -> None:
+    """Start every worker at once (they load in parallel), then wait for each to be ready.
+    `workers` is the caller's, so an interrupted start still leaves every started worker to end."""
+    for name in names:
+        try:
+            workers[name] = Worker(name, worker_argv(plan, name, worker_command))
+        except OSError as exc:
+            fail(entries[name], "missing", f"could not start its worker: {exc}", log)
+    deadline = time.monotonic() + plan.load_timeout
+    for name in list(workers):
+        entry = entries[name]
+        try:
+            msg = workers[name].receive(max(1.0, deadline - time.monotonic()), "loading")
+        except WorkerError as exc:
+            fail(entry, "missing", str(exc), log)
+            workers.pop(name).stop()
+            continue
+        if msg.get("event") != "ready":
+            fail(entry, "missing", msg.get("reason") or f"unexpected first message {msg!r}", log)
+            workers.pop(name).stop()
+            continue
+        entry.update(load_s=msg.get("load_s"), info=msg.get("info") or {}, pid=msg.get("pid"))
+        entry["memory"].update(msg.get("memory") or {})
+        log(f"  {name} loaded in {msg.get('load_s', 0):.1f} s")
+
+
+def measure(worker: Worker, entry: dict, m: Measurement, plan: Plan, warmup: bool, log: Log) -> None:
+    """One request; its result goes to entry['warmup'] or entry['runs']; failure marks the entry."""
+    time.sleep(SETTLE_S)
+    try:
+        reply = worker.request(m.request, plan.timeout, f"measuring {m.key}")
+    except WorkerError as exc:
+        fail(entry, "failed", f"{m.key}: {exc}", log)
+        return
+    if not reply.get("ok"):
+        if reply.get("unsupported"):
+            entry["notes"][m.key] = f"not supported by this peer's API: {reply.get('error')}"
+        else:
+            fail(entry, "failed", f"{m.key}: {reply.get('error')}", log)
+        return
+    try:
+        seconds = float(reply["seconds"])
+    except (KeyError, TypeError, ValueError):
+        seconds = float("nan")
+    if not seconds > 0:
+        fail(entry, "failed", f"{m.key}: measured {seconds} s", log)
+        return
+    run = {"seconds": seconds, "tokens_per_s": m.tokens / seconds}
+    if warmup:
+        entry["warmup"][m.key] = run
+    else:
+        entry["runs"].setdefault(m.key, []).append(run)
+    if "tokens" in reply:
+        entry["tokens"].setdefault(m.key, []).append(reply["tokens"])
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def check_quality(entries: list[dict], reference: list[int] | None, plan: Plan) -> None:
+    """Greedy agreement with leapllm-float32. A float32 torch system that disagrees early is broken;
+    llama.cpp (its own Q4_1 kernels) and half precision only report how far they agree."""
+    if reference is None:
+        return
+    gated = {"leapllm", "hf"}
+    need = min(QUALITY_TOKENS, plan.decode_tokens)
+    for e in entries:
+        if e["status"] != "ok":
+            continue
+        runs = e["tokens"].get("decode", [])
+        if runs:
+            e["greedy_agreement"] = min(common_prefix(t, reference) for t in runs)  # the worst run counts
+            if e["engine"] in gated and e["dtype"] == "float32" and e["greedy_agreement"] < need:
+                e.update(status="broken", reason=f"greedy tokens agree with {REFERENCE} for "
+                                                 f"{e['greedy_agreement']} < {need} tokens")
+                continue
+        for key, batches in e["tokens"].items():
+            if not key.startswith("decode_b"):
+                continue
+            # Every row has the reference's prompt, so every row should give the reference's tokens.
+            agree = min(common_prefix(row, reference) for rows in batches for row in rows)
+            e["batched_agreement"][key] = agree
+            if runs:  # and the system's own batch-1 tokens: a check of its batching alone
+                e["batched_agreement_own"][key] = min(common_prefix(row, runs[0]) for rows in batches for row in rows)
+            need_b = min(need, plan.batch_decode_tokens)
+            if e["engine"] in gated and e["dtype"] == "float32" and agree < need_b:
+                e["notes"][key] = f"withheld: batched rows agree with {REFERENCE} for {agree} < {need_b} tokens"
+
+
+def finish_entry(e: dict, plan: Plan) -> None:
+    """Medians (never for a system that is not ok, or a figure with a note) and peak memory."""
+    e["figures"] = {}
+    if e["status"] == "ok":
+        for key, runs in e["runs"].items():
+            if key not in e["notes"]:
+                e["figures"][key] = statistics.median(r["tokens_per_s"] for r in runs)
+    mem = e["memory"]
+    before, after, end = (mem.get(k) or {} for k in ("before_load", "after_load", "end"))
+    # Peak: the most the process (CUDA: torch's allocator) ever held above its state before loading,
+    # load temporaries included. Resident: what stayed after loading (freed heap given back).
+    now, peak = ("gpu_allocated_mib", "gpu_peak_mib") if plan.device == "cuda" else ("rss_mib", "peak_rss_mib")
+    if e["status"] == "ok" and before.get(now) is not None:
+        if end.get(peak) is not None:
+            e["peak_memory_mib"] = end[peak] - before[now]
+        if after.get(now) is not None:
+            e["resident_memory_mib"] = after[now] - before[now]
+    # One copy of the generated tokens is enough once they are checked.
+    e["tokens"] = {k: v[0] for k, v in e["tokens"].items() if v}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def compute_ratios(entries: list[dict], keys: list[str]) -> dict[str, dict[str, float | None]]:
+    """Each leapllm system against each peer, for every figure and peak memory."""
+    ratios = {}
+    for e in entries:
+        if e["engine"] != "leapllm" or e["status"] != "ok":
+            continue
+        for peer in entries:
+            if peer["engine"] == "leapllm" or peer["status"] != "ok":
+                continue
+            row = {k: ratio(e["figures"].get(k), peer["figures"].get(k)) for k in keys}
+            for k in ("peak_memory_mib", "resident_memory_mib"):
+                row[k] = ratio(e[k], peer[k])
+            ratios[f"{e['name']} / {peer['name']}"] = row
+    return ratios
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib_metadata.version(name)
+    except importlib_metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(plan: Plan) -> dict:
+    import torch
+    gpu = torch.cuda.get_device_name() if plan.device == "cuda" else None
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": plan.threads, "device": plan.device,
+            "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": package_version("transformers"),
+            "llama_cpp_python": package_version("llama_cpp_python"),
+            "leapllm": package_version("leapllm"), "platform": platform.platform(),
+            "load_average": list(os.getloadavg())}
+
+
+def run_bench(settings: BenchSettings | Plan, *, command: str | None = None, log: Log = log_stderr,
+              worker_command: Callable[[str], list[str]] = default_worker_command) -> dict:
+    """Run the benchmark and return the report (a JSON-able dict); writes nothing itself."""
+    plan = settings if isinstance(settings, Plan) else resolve(settings)
+    tokenizer, plan.context_length = open_model_file(plan.path)
+    if plan.max_seq_len > plan.context_length:
+        raise InvalidRequestError(f"the longest sequence asked for ({plan.max_seq_len} tokens) exceeds the "
+                                  f"model's context of {plan.context_length} tokens")
+    todo = measurements(plan, tokenizer)
+    keys = [m.key for m in todo]
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    machine = machine_info(plan)
+    log(f"{date}  {machine['gpu'] or machine['cpu']}  threads={plan.threads}  torch {machine['torch']}  "
+        f"transformers {machine['transformers']}  llama-cpp-python {machine['llama_cpp_python']}")
+    if plan.device == "cpu" and machine["load_average"][0] > 0.5 * (machine["cores"] or 1):
+        # Other busy processes make thread barriers wait for a time slice: timings become noise.
+        log(f"warning: load average {machine['load_average'][0]:.1f} on {machine['cores']} cores before "
+            "starting; CPU timings will be noisy")
+
+    entries = {name: new_entry(name) for name in plan.systems}
+    need_reference = REFERENCE not in plan.systems  # loaded only for its greedy tokens
+    names = plan.systems + ([REFERENCE] if need_reference else [])
+    reference_entry = new_entry(REFERENCE) if need_reference else entries[REFERENCE]
+    entries_all = dict(entries, **{REFERENCE: reference_entry})
+    decode = next(m for m in todo if m.key == "decode")
+    workers: dict[str, Worker] = {}
+    try:
+        log(f"loading {len(names)} system(s): {', '.join(names)} ...")
+        start_workers(plan, names, entries_all, log, worker_command, workers)
+        if need_reference and REFERENCE in workers:
+            measure(workers[REFERENCE], reference_entry, decode, plan, True, log)
+            workers.pop(REFERENCE).stop()
+        # Round 0 is the untimed warm-up; then every repeat runs each measurement on every system.
+        for rnd in range(plan.repeats + 1):
+            log("warm-up" if rnd == 0 else f"repeat {rnd}/{plan.repeats}")
+            for m in todo:
+                for name in plan.systems:
+                    e = entries[name]
+                    if e["status"] != "ok" or name not in workers or m.key in e["notes"]:
+                        continue
+                    measure(workers[name], e, m, plan, rnd == 0, log)
+                    if e["status"] != "ok":
+                        workers.pop(name).stop()
+        for name, worker in workers.items():  # memory at the end, while each worker still lives
+            try:
+                reply = worker.request({"op": "memory"}, plan.timeout, "reporting memory")
+                entries[name]["memory"]["end"] = reply.get("memory")
+            except WorkerError as exc:
+                fail(entries[name], "failed", f"memory: {exc}", log)
+    finally:
+        for worker in workers.values():
+            worker.stop()
+
+    ref_runs = reference_entry["tokens"].get("decode") or []
+    reference = ref_runs[0] if ref_runs and reference_entry["status"] == "ok" else None
+    quality_note = [] if reference is not None else [
+        f"quality check skipped: {REFERENCE} gave no greedy tokens ({reference_entry['reason']})"]
+    ordered = [entries[n] for n in plan.systems]
+    check_quality(ordered, reference, plan)
+    for e in ordered:
+        finish_entry(e, plan)
+    return {
+        "date": date, "command": command or plan.canonical_command(), "canonical_command": plan.canonical_command(),
+        "machine": machine, "model": plan.path.name,
+        "settings": {"systems": plan.systems, "device": plan.device, "threads": plan.threads,
+                     "prompt_lens": plan.prompt_lens, "decode_tokens": plan.decode_tokens,
+                     "decode_prompt_len": plan.decode_prompt_len, "batches": plan.batches,
+                     "batch_decode_tokens": plan.batch_decode_tokens, "repeats": plan.repeats},
+        "figures": [{"key": m.key, "label": m.label} for m in todo],
+        "reference": REFERENCE, "reference_tokens": reference,
+        "quality_tokens": min(QUALITY_TOKENS, plan.decode_tokens),
+        "notes": quality_note, "load_average_at_end": list(os.getloadavg()),
+        "systems": ordered, "ratios": compute_ratios(ordered, keys),
+    }

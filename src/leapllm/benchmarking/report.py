@@ -1,0 +1,148 @@
+"""The benchmark report as tables: a rich table for the terminal, markdown, and the JSON file.
+
+Everything here reads the dict `harness.run_bench` returns; nothing is measured or estimated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from leapllm.output_files import atomic_write
+
+RATIO_CAPTION = "Ratios of medians (speed > 1: leapllm faster; memory < 1: leapllm smaller)"
+CELL_FOR_STATUS = {"missing": "missing", "failed": "failed", "broken": "broken"}
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def title(report: dict) -> str:
+    s, m = report["settings"], report["machine"]
+    where = m["gpu"] or m["cpu"]
+    return (f"leapllm vs peers, {report['model']}, {where}, threads={s['threads']}, median of {s['repeats']}")
+
+
+def legend(report: dict) -> str:
+    s = report["settings"]
+    memory = ("GPU memory allocated by torch above what was allocated before loading: its peak, and what "
+              "stayed allocated after loading (llama.cpp: n/a)"
+              if s["device"] == "cuda" else
+              "the worker process's RSS above its RSS after importing its libraries: its peak (VmHWM, load "
+              "temporaries included), and what stayed resident after loading")
+    return (f"Prefill: one prompt of N tokens, tokens/s. Decode b1: {s['decode_tokens']} greedy tokens after a "
+            f"{s['decode_prompt_len']}-token prompt, decode time only. Decode bN total: N rows with the same "
+            f"{s['decode_prompt_len']}-token prompt, {s['batch_decode_tokens']} greedy tokens each, all rows' "
+            f"tokens/s (decode time only). Peak / resident MiB: {memory}.")
+
+
+def header_line(report: dict) -> str:
+    m = report["machine"]
+    where = m["gpu"] or m["cpu"]
+    versions = [f"torch {m['torch']}"]
+    versions += [f"{name} {m[key]}" for key, name in (("transformers", "transformers"),
+                                                       ("llama_cpp_python", "llama-cpp-python")) if m.get(key)]
+    return (f"{report['date']} · {where} ({m['cores']} cores, threads={m['threads']}, {', '.join(versions)}) · "
+            f"`{report['command']}`")
+
+
+def main_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    figures = report["figures"]
+    header = (["system"] + [f"{f['label']} tok/s" for f in figures] + ["peak MiB", "resident MiB"]
+              + [f"greedy agree (of {report['settings']['decode_tokens']})"])
+    rows = []
+    for e in report["systems"]:
+        if e["status"] != "ok":
+            word = CELL_FOR_STATUS.get(e["status"], e["status"])
+            rows.append([e["name"]] + [word] * (len(figures) + 2)
+                        + [str(e["greedy_agreement"]) if e["greedy_agreement"] is not None else ""])
+            continue
+        cells = []
+        for f in figures:
+            note = e["notes"].get(f["key"], "")
+            if f["key"] in e["figures"]:
+                cells.append(f"{e['figures'][f['key']]:.1f}")
+            elif note.startswith("not supported"):
+                cells.append("unsupported")
+            elif note.startswith("withheld"):
+                cells.append("withheld")
+            else:
+                cells.append("n/a")
+        if e["name"] == report["reference"]:
+            agree = "ref"
+        elif e["greedy_agreement"] is None:
+            agree = "n/a"
+        else:
+            agree = str(e["greedy_agreement"])
+        rows.append([e["name"]] + cells + [fmt(e["peak_memory_mib"], ".0f"), fmt(e["resident_memory_mib"], ".0f"),
+                                           agree])
+    return header, rows
+
+
+def ratio_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    figures = report["figures"]
+    header = ["leapllm / peer"] + [f["label"] for f in figures] + ["peak memory", "resident memory"]
+    rows = [[pair] + [fmt(r.get(k), ".2f") for k in [f["key"] for f in figures] + ["peak_memory_mib",
+                                                                                   "resident_memory_mib"]]
+            for pair, r in report["ratios"].items()]
+    return header, rows
+
+
+def notes(report: dict) -> list[str]:
+    out = list(report.get("notes") or [])
+    for e in report["systems"]:
+        if e["status"] != "ok":
+            out.append(f"{e['name']} {e['status']}: {e['reason']}")
+        for key, note in e["notes"].items():
+            out.append(f"{e['name']} {key}: {note}")
+        if e["engine"] == "llamacpp" and e["status"] == "ok":
+            out.append(f"{e['name']} runs the file's quantized weights with its own kernels (leapllm and "
+                       "transformers dequantize them at load), so its greedy tokens may part from float32's: "
+                       "reported, not failed")
+        weights = (e.get("info") or {}).get("weights", "")
+        if e["engine"] == "hf" and "packed" in weights:
+            out.append(f"{e['name']} ran with {weights}, not dequantized weights")
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = [header_line(report), "", f"{title(report)}. {legend(report)}", ""]
+    for (header, rows), caption in ((main_table(report), None), (ratio_table(report), RATIO_CAPTION)):
+        if not rows:
+            continue
+        if caption:
+            lines += [f"{caption}:", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    extra = notes(report)
+    if extra:
+        lines += ["Notes:", ""] + [f"- {n}" for n in extra] + [""]
+    return "\n".join(lines)
+
+
+def print_report(report: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=max(Console().width, 140))  # a pipe's 80 columns would cut names
+    for (header, rows), caption in ((main_table(report), title(report)), (ratio_table(report), RATIO_CAPTION)):
+        if not rows:
+            continue
+        table = Table(title=caption)
+        for i, h in enumerate(header):
+            table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    console.print(legend(report), highlight=False)
+    for note in notes(report):
+        console.print(f"note: {note}", highlight=False, markup=False)
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    atomic_write(path, json.dumps(report, indent=2) + "\n")
+
+
+def write_markdown(report: dict, path: str | Path) -> None:
+    atomic_write(path, markdown(report) + "\n")

@@ -1,0 +1,390 @@
+"""The systems a benchmark compares, each behind the same small interface.
+
+    system.import_libraries()   import what it needs (kept out of its memory figure)
+    system.load()               load the model file
+    system.prefill(ids) -> seconds
+    system.decode(ids, n) -> (seconds, tokens)
+    system.batched_decode(batch_ids, n) -> (seconds, tokens per row)
+    system.info() -> dict       facts for the report (weights format, library settings)
+
+Decoding is greedy. `decode` and `batched_decode` generate n tokens per row: the first comes out
+of the prompt's prefill, which is not timed; `seconds` is the time of the n - 1 decode steps after
+it. Every row of a batch has the same prompt length, so no padding or attention mask is needed.
+
+Peak memory is not a method: each system runs in its own worker process, which reads the process's
+own peak RSS (and, on CUDA, torch's peak allocation) from `memory_snapshot()`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+MiB = 2**20
+
+LEAPLLM_SYSTEMS = ["leapllm-float32", "leapllm-bfloat16", "leapllm-float16"]
+HF_SYSTEMS = ["hf-float32", "hf-bfloat16", "hf-float16"]
+LLAMACPP_SYSTEMS = ["llamacpp"]
+ALL_SYSTEMS = LEAPLLM_SYSTEMS + HF_SYSTEMS + LLAMACPP_SYSTEMS
+CUDA_ONLY_SYSTEMS = {"leapllm-float16", "hf-float16"}  # float16 matmuls on CPU are not a real use case
+PEERS = {"hf": ["hf-float32", "hf-bfloat16"], "llamacpp": ["llamacpp"]}
+
+
+class SystemMissing(Exception):
+    """The system cannot be loaded here (library not installed, no GPU build, ...)."""
+
+
+class Unsupported(Exception):
+    """This measurement is not offered by the system's API; reported as such, never estimated."""
+
+
+def system_engine_dtype(name: str) -> tuple[str, str]:
+    """("leapllm", "float32") for leapllm-float32; llama.cpp runs the file's own quantized blocks."""
+    if name == "llamacpp":
+        return "llamacpp", "gguf"
+    engine, dtype = name.split("-", 1)
+    return engine, dtype
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+def proc_status_kib(key: str) -> int | None:
+    """VmRSS / VmHWM of this process in KiB, from /proc (psutil is not a dependency)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def memory_snapshot(cuda: bool = False) -> dict:
+    """This process's resident memory now and at its peak (MiB); on CUDA, torch's peak too."""
+    rss, peak = proc_status_kib("VmRSS"), proc_status_kib("VmHWM")
+    snap = {"rss_mib": rss / 1024 if rss is not None else None,
+            "peak_rss_mib": peak / 1024 if peak is not None else None}
+    if cuda:
+        import torch
+        snap["gpu_allocated_mib"] = torch.cuda.memory_allocated() / MiB
+        snap["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / MiB
+    return snap
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap back to the OS, so the RSS baseline is not inflated by import temporaries."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# -- the systems -------------------------------------------------------------------------------
+
+class System:
+    """Base class: the shared constructor and the interface every system implements."""
+
+    def __init__(self, name: str, path: Path, device: str, threads: int, max_seq_len: int):
+        self.name = name
+        self.engine, self.dtype = system_engine_dtype(name)
+        self.path = Path(path)
+        self.device = device
+        self.threads = threads
+        self.max_seq_len = max_seq_len  # the longest prompt + generated tokens one row will need
+
+    def import_libraries(self) -> None: ...
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def prefill(self, ids: list[int]) -> float:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int], n: int) -> tuple[float, list[int]]:
+        raise NotImplementedError
+
+    def batched_decode(self, batch_ids: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        return {}
+
+    def uses_cuda_allocator(self) -> bool:
+        return False
+
+
+class TorchSystem(System):
+    """What leapllm and transformers share: torch threads, dtypes, a CUDA-aware clock."""
+
+    def import_libraries(self) -> None:
+        import torch
+        # The first model built on torch's meta device imports torch's compiler stack (~70 MiB):
+        # import it now, so it is not billed to one system's memory.
+        import torch._dynamo  # noqa: F401
+        torch.set_num_threads(self.threads)
+        if self.device == "cuda":
+            if not torch.cuda.is_available():
+                raise SystemMissing("torch sees no CUDA GPU")
+            # The CUDA context and cuBLAS's workspace appear with the first matmul: create them
+            # before the baseline is taken.
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                a = torch.ones(64, 64, device="cuda", dtype=dtype)
+                a @ a
+            torch.cuda.synchronize()
+
+    def torch_dtype(self):
+        import torch
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+
+    def now(self) -> float:
+        """Wall clock that first waits for queued GPU work, so CUDA kernels are counted."""
+        if self.device == "cuda":
+            import torch
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def uses_cuda_allocator(self) -> bool:
+        return self.device == "cuda"
+
+
+def weight_mib(model) -> float:
+    tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}  # tied once
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / MiB
+
+
+class LeapllmSystem(TorchSystem):
+    """leapllm's own engine: `LLM(path, dtype=..., device=...)`."""
+
+    def import_libraries(self) -> None:
+        super().import_libraries()
+        import leapllm.llm  # noqa: F401
+
+    def load(self) -> None:
+        from leapllm import LLM
+        self.llm = LLM(self.path, dtype=self.dtype, device=self.device)
+        self.model = self.llm.model
+        self.torch_device = self.model.device
+
+    def prefill(self, ids: list[int]) -> float:
+        import torch
+        with torch.inference_mode():
+            tokens = torch.tensor([ids], device=self.torch_device)
+            start = self.now()
+            # The cache is allocated inside the timed region: transformers builds its cache inside
+            # the forward call, and generation allocates ours right before prefill too.
+            cache = self.model.new_kv_cache(1, len(ids) + 1)
+            self.model(tokens, 0, cache, last_only=True)
+            return self.now() - start
+
+    def decode(self, ids: list[int], n: int) -> tuple[float, list[int]]:
+        from leapllm import SamplingParams
+        # The loop generation itself uses (sampler, detokenizer, stop checks), greedy.
+        out = self.llm.run(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+        if len(out.token_ids) != n:
+            raise RuntimeError(f"generated {len(out.token_ids)} tokens instead of {n}")
+        # run() times from the first token to the last (int() of each sampled token syncs CUDA).
+        return (n - 1) / out.timings["decode_tokens_per_s"], out.token_ids
+
+    def batched_decode(self, batch_ids: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
+        import torch
+        with torch.inference_mode():
+            tokens = torch.tensor(batch_ids, device=self.torch_device)
+            rows, length = tokens.shape
+            cache = self.model.new_kv_cache(rows, length + n)
+            logits = self.model(tokens, 0, cache, last_only=True)
+            nxt = logits[:, -1].argmax(-1)
+            steps = [nxt.tolist()]
+            start = self.now()
+            for pos in range(length, length + n - 1):
+                logits = self.model(nxt[:, None], pos, cache, last_only=True)
+                nxt = logits[:, -1].argmax(-1)
+                steps.append(nxt.tolist())  # to the host every step, as a server checking stops would
+            seconds = self.now() - start
+        return seconds, [list(row) for row in zip(*steps)]
+
+    def info(self) -> dict:
+        return {"weights": f"dequantized to {self.dtype}", "weights_mib": round(weight_mib(self.model), 1)}
+
+
+class HFSystem(TorchSystem):
+    """Hugging Face transformers on the same GGUF file (dequantized at load, like leapllm)."""
+
+    def import_libraries(self) -> None:
+        super().import_libraries()
+        try:
+            import transformers.models.llama.modeling_llama  # noqa: F401
+            from transformers import AutoModelForCausalLM  # noqa: F401
+        except ImportError as exc:
+            raise SystemMissing(f"transformers is not installed ({exc}); pip install 'leapllm[test]'") from None
+
+    def load(self) -> None:
+        import inspect
+
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(str(self.path.parent), gguf_file=self.path.name,
+                                                     dtype=self.torch_dtype())
+        self.model = model.to(self.device).eval()
+        # transformers renamed `past_key_values` to `cache` (5.2x); speak whichever this one knows.
+        params = inspect.signature(self.model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def step(self, tokens, cache=None):
+        kwargs = {self.cache_arg: cache} if cache is not None else {}
+        # logits_to_keep=1 is what generate() passes, and matches leapllm's last_only=True.
+        return self.model(input_ids=tokens, use_cache=True, logits_to_keep=1, **kwargs)
+
+    def prefill(self, ids: list[int]) -> float:
+        import torch
+        with torch.inference_mode():
+            tokens = torch.tensor([ids], device=self.device)
+            start = self.now()
+            self.step(tokens)
+            return self.now() - start
+
+    def decode(self, ids: list[int], n: int) -> tuple[float, list[int]]:
+        seconds, rows = self.batched_decode([ids], n)
+        return seconds, rows[0]
+
+    def batched_decode(self, batch_ids: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
+        # A greedy loop on transformers' own cache: the same work as leapllm's loop.
+        import torch
+        with torch.inference_mode():
+            out = self.step(torch.tensor(batch_ids, device=self.device))
+            nxt = out.logits[:, -1].argmax(-1)
+            steps = [nxt.tolist()]
+            start = self.now()
+            for _ in range(n - 1):
+                out = self.step(nxt[:, None], out[self.cache_arg])
+                nxt = out.logits[:, -1].argmax(-1)
+                steps.append(nxt.tolist())
+            seconds = self.now() - start
+        return seconds, [list(row) for row in zip(*steps)]
+
+    def info(self) -> dict:
+        # Some transformers versions keep GGUF blocks packed (with the `kernels` package) instead of
+        # dequantizing: a different computation, so the report says which one ran.
+        packed = sum("gguf" in type(m).__name__.lower() for m in self.model.modules())
+        return {"weights": f"{packed} modules with packed GGUF blocks" if packed else f"dequantized to {self.dtype}",
+                "weights_mib": round(weight_mib(self.model), 1),
+                "attention": self.model.config._attn_implementation}
+
+
+LLAMACPP_INSTALL_HINT = ("pip install 'leapllm[bench]' builds it from source, see benchmarks/README.md")
+
+
+class LlamaCppSystem(System):
+    """llama.cpp through llama-cpp-python, on the same GGUF file, computing on its quantized blocks.
+
+    Batch 1 uses the high-level `Llama` object (`eval`, logits read with `llama_get_logits_ith`).
+    Batched decoding uses the low-level API the way llama.cpp's own batched-bench does: a second
+    context with one KV sequence per row, and one `llama_batch` per step holding every row's token
+    under its own `seq_id`, decoded by a single `llama_decode` call.
+    """
+
+    N_BATCH = 512
+
+    def import_libraries(self) -> None:
+        try:
+            import llama_cpp  # noqa: F401 - loads the shared library
+        except ImportError as exc:
+            raise SystemMissing(f"llama-cpp-python is not installed ({exc}); {LLAMACPP_INSTALL_HINT}") from None
+        import numpy  # noqa: F401
+        if self.device == "cuda" and not llama_cpp.llama_supports_gpu_offload():
+            raise SystemMissing("this llama-cpp-python build has no GPU offload (rebuild it with "
+                                "CMAKE_ARGS=\"-DGGML_CUDA=ON\")")
+
+    def load(self) -> None:
+        import llama_cpp
+        self.lib = llama_cpp
+        self.llm = llama_cpp.Llama(
+            model_path=str(self.path), n_ctx=self.max_seq_len, n_batch=self.N_BATCH,
+            n_threads=self.threads, n_threads_batch=self.threads,
+            n_gpu_layers=-1 if self.device == "cuda" else 0, logits_all=False, verbose=False,
+        )
+        self.n_vocab = self.llm.n_vocab()
+
+    def argmax(self, ctx, index: int) -> int:
+        import numpy as np
+        ptr = self.lib.llama_get_logits_ith(ctx, index)
+        if not ptr:
+            raise RuntimeError(f"llama.cpp has no logits for batch index {index}")
+        return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+
+    def prefill(self, ids: list[int]) -> float:
+        self.llm.reset()  # eval() then drops what the KV cache held
+        start = time.perf_counter()
+        self.llm.eval(ids)  # logits of the last position only (logits_all=False)
+        self.lib.llama_synchronize(self.llm.ctx)
+        return time.perf_counter() - start
+
+    def decode(self, ids: list[int], n: int) -> tuple[float, list[int]]:
+        self.llm.reset()
+        self.llm.eval(ids)
+        tokens = [self.argmax(self.llm.ctx, -1)]
+        start = time.perf_counter()
+        for _ in range(n - 1):
+            self.llm.eval([tokens[-1]])
+            tokens.append(self.argmax(self.llm.ctx, -1))
+        return time.perf_counter() - start, tokens
+
+    def batched_decode(self, batch_ids: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
+        lib = self.lib
+        rows, length = len(batch_ids), len(batch_ids[0])
+        if rows > lib.llama_max_parallel_sequences():
+            raise Unsupported(f"llama.cpp supports at most {lib.llama_max_parallel_sequences()} sequences")
+        per_row = -(-(length + n) // 256) * 256  # llama.cpp splits n_ctx evenly between sequences
+        params = lib.llama_context_default_params()
+        params.n_ctx = rows * per_row
+        params.n_seq_max = rows
+        params.n_batch = max(length, rows)
+        params.n_ubatch = min(params.n_batch, self.N_BATCH)
+        params.n_threads = params.n_threads_batch = self.threads
+        params.flash_attn_type = self.llm.context_params.flash_attn_type  # same settings as batch 1
+        params.no_perf = True
+        ctx = lib.llama_init_from_model(self.llm.model, params)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not create a context for {rows} sequences")
+        batch = lib.llama_batch_init(params.n_batch, 0, 1)
+        try:
+            def submit(entries):  # [(token, position, sequence, wants logits)]
+                batch.n_tokens = len(entries)
+                for i, (token, pos, seq, logits) in enumerate(entries):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+                    batch.seq_id[i][0], batch.logits[i] = seq, int(logits)
+                rc = lib.llama_decode(ctx, batch)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode returned {rc}")
+
+            tokens = []
+            for row, ids in enumerate(batch_ids):  # the prompts (not timed), one sequence each
+                submit([(t, p, row, p == length - 1) for p, t in enumerate(ids)])
+                tokens.append([self.argmax(ctx, length - 1)])
+            start = time.perf_counter()
+            for pos in range(length, length + n - 1):
+                submit([(tokens[row][-1], pos, row, True) for row in range(rows)])
+                for row in range(rows):
+                    tokens[row].append(self.argmax(ctx, row))
+            lib.llama_synchronize(ctx)
+            return time.perf_counter() - start, tokens
+        finally:
+            lib.llama_batch_free(batch)
+            lib.llama_free(ctx)
+
+    def info(self) -> dict:
+        cp = self.llm.context_params
+        return {"weights": "the file's quantized blocks (llama.cpp kernels)",
+                "flash_attn": cp.flash_attn_type == self.lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                "n_batch": cp.n_batch, "n_ubatch": cp.n_ubatch, "n_ctx": cp.n_ctx,
+                "gpu_offload": self.device == "cuda",
+                "system_info": self.lib.llama_print_system_info().decode(errors="replace").strip()}
+
+
+def make_system(name: str, path: Path, device: str, threads: int, max_seq_len: int) -> System:
+    if name not in ALL_SYSTEMS:
+        raise SystemMissing(f"unknown system {name!r}")
+    cls = {"leapllm": LeapllmSystem, "hf": HFSystem, "llamacpp": LlamaCppSystem}[system_engine_dtype(name)[0]]
+    return cls(name, path, device, threads, max_seq_len)

@@ -1,0 +1,206 @@
+"""`leapllm bench`: real tiny runs (one worker process per system) and every failure path.
+
+Each real worker loads the default model (about 5 s here), so the settings are tiny; the crash and
+hang tests use stand-in workers (fake_worker.py) that load nothing. No test asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from leapllm.benchmarking.harness import BenchSettings, resolve, run_bench
+from leapllm.benchmarking.report import markdown
+from leapllm.cli.bench_cmd import add_bench_parser
+from leapllm.errors import InvalidRequestError, ModelLoadError
+
+FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
+# One thread: on a small machine shared with other work, two threads waiting on each other at every
+# barrier can make a tiny run many times slower.
+TINY = ["--threads", "1", "--prompt-lens", "16", "--decode-tokens", "4", "--decode-prompt-len", "16", "--batches", "2",
+        "--batch-decode-tokens", "4", "--repeats", "1"]
+TINY_SETTINGS = dict(threads=1, prompt_lens="16", decode_tokens=4, decode_prompt_len=16, batches="2",
+                     batch_decode_tokens=4, repeats=1)
+KEYS = ["prefill@16", "decode", "decode_b2"]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="leapllm")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["bench", *argv])
+
+
+def workers_from(modes: dict[str, str]):
+    """Worker command per system: the stand-in worker in the given mode, else the real one."""
+    def command(name: str) -> list[str]:
+        if name in modes:
+            return [sys.executable, str(FAKE_WORKER), modes[name]]
+        return [sys.executable, "-m", "leapllm.benchmarking.worker"]
+    return command
+
+
+def child_pids() -> set[int]:
+    me, found = os.getpid(), set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                found.add(int(d.name))
+    return found
+
+
+def by_name(report: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in report["systems"]}
+
+
+def assert_all_figures(entry: dict, keys=KEYS) -> None:
+    assert entry["status"] == "ok", entry["reason"]
+    for key in keys:
+        assert entry["figures"][key] > 0, (entry["name"], key)
+    assert entry["peak_memory_mib"] > 0 and entry["resident_memory_mib"] is not None
+
+
+@pytest.mark.slow
+def test_bench_runs_end_to_end_with_the_hf_peer_and_writes_json_and_markdown(tmp_path, capsys):
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    args = parse(["--systems", "leapllm-float32,hf-float32", *TINY, "--json", str(out_json),
+                  "--markdown", str(out_md)])
+    assert args.func(args) == 0
+
+    report = json.loads(out_json.read_text())
+    systems = by_name(report)
+    assert list(systems) == ["leapllm-float32", "hf-float32"]
+    for entry in systems.values():
+        assert_all_figures(entry)
+        assert len(entry["runs"]["decode"]) == 1 and "decode" in entry["warmup"]
+    assert systems["hf-float32"]["greedy_agreement"] == 4  # float32 systems agree on the greedy tokens
+    assert systems["hf-float32"]["batched_agreement"] == {"decode_b2": 4}
+    assert len(report["reference_tokens"]) == 4
+    ratios = report["ratios"]["leapllm-float32 / hf-float32"]
+    assert set(ratios) == set(KEYS) | {"peak_memory_mib", "resident_memory_mib"}
+    assert all(v > 0 for v in ratios.values())
+    assert report["machine"]["threads"] >= 1 and report["model"].endswith(".gguf")
+
+    text = out_md.read_text()
+    assert text == markdown(report) + "\n"
+    assert "| system | prefill@16 tok/s | decode b1 tok/s | decode b2 total tok/s | peak MiB | resident MiB |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| leapllm-float32")]
+    assert len(rows) == 2  # the main table and the ratio table
+    assert "leapllm-float32 / hf-float32" in capsys.readouterr().out  # the terminal table
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary behind
+
+
+@pytest.mark.slow
+def test_a_missing_peer_is_reported_missing_with_its_reason_and_the_others_still_run(tmp_path):
+    settings = BenchSettings(systems="leapllm-float32,llamacpp", **TINY_SETTINGS)
+    report = run_bench(settings, log=lambda _: None, worker_command=workers_from({"llamacpp": "no-llama-cpp"}))
+    systems = by_name(report)
+    assert systems["llamacpp"]["status"] == "missing"
+    assert "llama-cpp-python is not installed" in systems["llamacpp"]["reason"]
+    assert systems["llamacpp"]["figures"] == {} and systems["llamacpp"]["peak_memory_mib"] is None
+    assert_all_figures(systems["leapllm-float32"])
+    assert report["ratios"] == {}  # nothing invented for the missing peer
+    text = markdown(report)
+    assert "| llamacpp | missing | missing | missing | missing | missing |" in text
+    assert "llamacpp missing: llama-cpp-python is not installed" in text
+
+
+def test_a_worker_that_crashes_or_hangs_mid_run_is_reported_and_leaves_no_process(tmp_path):
+    before = child_pids()
+    settings = BenchSettings(systems="leapllm-float32,leapllm-bfloat16,hf-float32", timeout=3, **TINY_SETTINGS)
+    command = workers_from({"leapllm-float32": "ok", "leapllm-bfloat16": "crash", "hf-float32": "hang"})
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(report=run_bench(settings, log=lambda _: None,
+                                                                             worker_command=command)), daemon=True)
+    thread.start()
+    thread.join(timeout=300)  # a guard against a hang, not a speed limit
+    assert not thread.is_alive(), "the harness hung"
+
+    systems = by_name(result["report"])
+    crashed, hung = systems["leapllm-bfloat16"], systems["hf-float32"]
+    assert crashed["status"] == "failed" and "decode" in crashed["reason"]
+    assert "exit status 3" in crashed["reason"], crashed["reason"]
+    assert hung["status"] == "failed" and "no answer within 3 s" in hung["reason"], hung["reason"]
+    assert crashed["figures"] == {} and hung["figures"] == {}
+    assert_all_figures(systems["leapllm-float32"])  # the others continue
+    assert child_pids() <= before
+    for entry in systems.values():
+        assert entry["pid"] is not None and not Path(f"/proc/{entry['pid']}").exists()
+
+
+def test_a_float32_system_whose_greedy_tokens_disagree_is_broken_and_gets_no_speed_figures():
+    settings = BenchSettings(systems="leapllm-float32,hf-float32,hf-bfloat16", **TINY_SETTINGS)
+    command = workers_from({"leapllm-float32": "ok", "hf-float32": "wrong", "hf-bfloat16": "wrong"})
+    report = run_bench(settings, log=lambda _: None, worker_command=command)
+    systems = by_name(report)
+    hf32, hf16 = systems["hf-float32"], systems["hf-bfloat16"]
+    assert hf32["status"] == "broken" and "agree with leapllm-float32 for 0 < 4 tokens" in hf32["reason"]
+    assert hf32["figures"] == {} and hf32["greedy_agreement"] == 0
+    # Half precision only reports how far it agrees.
+    assert hf16["status"] == "ok" and hf16["greedy_agreement"] == 0 and hf16["figures"]["decode"] > 0
+    assert list(report["ratios"]) == ["leapllm-float32 / hf-bfloat16"]
+    assert "| hf-float32 | broken | broken | broken | broken | broken | 0 |" in markdown(report)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_llamacpp_peer_measures_every_figure_including_batched_decode():
+    settings = BenchSettings(systems="llamacpp", **TINY_SETTINGS)  # leapllm-float32 loads as reference only
+    report = run_bench(settings, log=lambda _: None)
+    entry = by_name(report)["llamacpp"]
+    assert_all_figures(entry)
+    assert len(report["reference_tokens"]) == 4 and entry["greedy_agreement"] is not None
+    # Batched rows give the same greedy tokens as the peer's own batch-1 decode.
+    assert entry["batched_agreement_own"] == {"decode_b2": 4}
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(systems="leapllm-float32,vllm"), "unknown system 'vllm'"),
+    (dict(peers="hf,vllm"), "unknown peer 'vllm'"),
+    (dict(systems=""), "--systems is empty"),
+    (dict(systems="leapllm-float16"), "needs --device cuda"),
+    (dict(prompt_lens="0,128"), "--prompt-lens values must be positive"),
+    (dict(prompt_lens="12x"), "--prompt-lens expects comma-separated integers"),
+    (dict(batches=""), "--batches is empty"),
+    (dict(decode_tokens=0), "--decode-tokens must be an integer of at least 2"),
+    (dict(batch_decode_tokens=1), "--batch-decode-tokens must be an integer of at least 2"),
+    (dict(decode_prompt_len=0), "--decode-prompt-len must be an integer of at least 1"),
+    (dict(repeats=0), "--repeats must be"),
+    (dict(threads=0), "--threads must be"),
+    (dict(device="tpu"), "--device must be cpu or cuda"),
+    (dict(json="no/such/folder/out.json"), "does not exist"),
+])
+def test_bad_arguments_raise_invalid_request_error(settings, message):
+    with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(")):
+        resolve(BenchSettings(**settings))
+
+
+def test_bad_model_paths_raise_model_load_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such file"):
+        resolve(BenchSettings(model=tmp_path / "missing.gguf"))
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="needs a GGUF file"):
+        resolve(BenchSettings(model=tmp_path / "weights.safetensors"))
+
+
+def test_a_sequence_longer_than_the_context_is_refused_before_any_worker_starts():
+    with pytest.raises(InvalidRequestError, match="exceeds the model's context"):
+        run_bench(BenchSettings(systems="leapllm-float32", prompt_lens="9000"), log=lambda _: None,
+                  worker_command=lambda name: ["false"])
+
+
+def test_cmd_bench_raises_for_the_cli_to_print(tmp_path):
+    args = parse(["--systems", "nope", "--json", str(tmp_path / "out.json")])
+    with pytest.raises(InvalidRequestError, match="unknown system 'nope'"):
+        args.func(args)
+    assert not (tmp_path / "out.json").exists()

@@ -1,0 +1,81 @@
+"""Machine limits: measured once with small sizes, cached under tmp_path, read back from the cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from leapllm.errors import InvalidRequestError
+from leapllm.profiling import machine as machine_mod
+from leapllm.output_files import atomic_write, check_writable
+from leapllm.profiling.machine import default_cache_path, load_machine, machine_limits, measure_machine
+
+SMALL = dict(bandwidth_bytes=8 << 20, matmul_n=128, repeats=2)
+
+
+def test_measurement_gives_positive_bandwidth_and_flops():
+    limits = measure_machine("cpu", **SMALL)
+    assert limits.bandwidth > 1e8  # any machine streams more than 100 MB/s
+    assert set(limits.flops) == {"float32", "bfloat16"} and all(f > 1e7 for f in limits.flops.values())
+    assert limits.balance("float32") == pytest.approx(limits.flops["float32"] / limits.bandwidth)
+    assert limits.peak_flops("float16") == limits.flops["bfloat16"]  # not measured on CPU: bfloat16's
+
+
+def test_first_call_measures_and_caches_second_call_reads_the_cache(tmp_path, monkeypatch):
+    path = tmp_path / "cache" / "machine.json"
+    first = machine_limits("cpu", cache_path=path, **SMALL)
+    assert not first.from_cache and path.is_file()
+    stored = json.loads(path.read_text())
+    assert list(stored) == [first.key] and "torch" in first.key and "threads" in first.key
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again instead of reading the cache")
+
+    monkeypatch.setattr(machine_mod, "measure_machine", no_measuring)
+    second = machine_limits("cpu", cache_path=path)
+    assert second.from_cache and second == first
+    with pytest.raises(AssertionError, match="measured again"):
+        machine_limits("cpu", cache_path=path, remeasure=True)
+
+
+def test_the_cache_is_keyed_by_thread_count(tmp_path):
+    import torch
+
+    path = tmp_path / "machine.json"
+    machine_limits("cpu", cache_path=path, **SMALL)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if before > 1 else 2)
+        assert load_machine("cpu", path) is None
+    finally:
+        torch.set_num_threads(before)
+    assert load_machine("cpu", path) is not None
+
+
+def test_default_cache_path_follows_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_path() == tmp_path / "leapllm" / "machine.json"
+
+
+def test_a_corrupt_cache_is_measured_again(tmp_path):
+    path = tmp_path / "machine.json"
+    path.write_text("{not json")
+    assert not machine_limits("cpu", cache_path=path, **SMALL).from_cache
+    assert machine_limits("cpu", cache_path=path).from_cache
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
+    target = tmp_path / "out.json"
+    atomic_write(target, "first")
+    atomic_write(target, "second")
+    assert target.read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_unwritable_outputs_are_invalid_requests(tmp_path):
+    with pytest.raises(InvalidRequestError, match="does not exist"):
+        check_writable(tmp_path / "missing" / "out.html")
+    with pytest.raises(InvalidRequestError, match="is a folder"):
+        check_writable(tmp_path)
+    with pytest.raises(InvalidRequestError, match="cannot write"):
+        atomic_write(tmp_path / "missing" / "out.json", "{}")
