@@ -76,7 +76,7 @@ def test_a_small_profile_prints_the_table_and_writes_json_and_html(capsys, tmp_p
     assert "output head" in captured.out and "stages + other" in captured.out
     data = json.loads(out_json.read_text())
     assert data["settings"]["prompt_len"] == 8 and data["machine"]["bandwidth"] == 20e9
-    assert data["model"]["path"].endswith(".gguf")
+    assert data["model"]["file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert out_html.read_text().count('<img src="data:image/png;base64,') == 2
 
 

@@ -127,7 +127,7 @@ def cmd_profile(args) -> int:
     machine = machine_limits(model.device, on_measure=lambda: _measuring(model.device))
     data = profile_model(model, llm.tokenizer, prompt_len=args.prompt_len, gen_len=args.gen_len,
                          batch=args.batch, repeats=args.repeats, machine=machine, progress=_say)
-    data["model"]["path"] = str(llm.path)
+    data["model"]["file"] = llm.path.name  # the name only: reports get shared, paths are local
     if do_sweep:
         data["sweep"] = sweep_model(model, llm.tokenizer, prompt_lens=sweep_lens, batches=sweep_batches,
                                     repeats=args.repeats, machine=machine, progress=_say)
