@@ -9,9 +9,21 @@ from leapllm.errors import InvalidRequestError
 from leapllm.model.config import ModelConfig
 from leapllm.model.llama import Transformer
 from leapllm.profiling.costs import phase_costs
-from leapllm.profiling.profiler import check_run, check_sweep, profile_model, prompt_rows
-from leapllm.profiling.stages import (LAYER_STAGES, MEASURED_STAGES, STAGES, StageHooks, StageRecorder, clock_for,
-                                      stage_modules)
+from leapllm.profiling.profiler import (
+    check_run,
+    check_sweep,
+    profile_model,
+    prompt_rows,
+)
+from leapllm.profiling.stages import (
+    LAYER_STAGES,
+    MEASURED_STAGES,
+    STAGES,
+    StageHooks,
+    StageRecorder,
+    clock_for,
+    stage_modules,
+)
 
 TINY = ModelConfig(architecture="llama", vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=16, context_length=64)
@@ -90,9 +102,9 @@ def test_stage_modules_are_found_by_type_and_name_with_their_layer():
 
 
 def test_a_tiny_model_profiles_without_a_real_tokenizer():
-    class Bytes:
-        def encode(self, text):
-            return list(text.encode("utf-8"))
+    class Bytes:  # bytes folded into the tiny vocabulary (a loaded model's tokenizer always fits it)
+        def encode(self, text, add_special_tokens=True):
+            return [b % TINY.vocab_size for b in text.encode("utf-8")]
 
     data = profile_model(Transformer(TINY).eval(), Bytes(), prompt_len=8, gen_len=2, batch=3, warmup=False)
     assert data["phases"]["decode"]["steps"] == 2 and data["machine"] is None
@@ -101,12 +113,12 @@ def test_a_tiny_model_profiles_without_a_real_tokenizer():
 
 def test_prompts_are_real_text_of_the_exact_length():
     class Bytes:
-        def encode(self, text):
+        def encode(self, text, add_special_tokens=True):
             return list(text.encode("utf-8"))
 
-    rows = prompt_rows(Bytes(), 50, 3, vocab_size=256)
+    rows = prompt_rows(Bytes(), 50, 3)
     assert [len(r) for r in rows] == [50, 50, 50] and rows[0] != rows[1]
-    assert "argparse" in bytes(prompt_rows(Bytes(), 3000, 1, 256)[0]).decode("utf-8", "replace")
+    assert "argparse" in bytes(prompt_rows(Bytes(), 3000, 1)[0]).decode("utf-8", "replace")
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -15,7 +15,6 @@ None of these stops the other systems. Workers are always ended, with timeouts, 
 from __future__ import annotations
 
 import datetime
-import inspect
 import json
 import os
 import platform
@@ -34,9 +33,15 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from leapllm.benchmarking.systems import ALL_SYSTEMS, CUDA_ONLY_SYSTEMS, PEERS, system_engine_dtype
+from leapllm.benchmarking.systems import (
+    ALL_SYSTEMS,
+    CUDA_ONLY_SYSTEMS,
+    PEERS,
+    system_engine_dtype,
+)
 from leapllm.errors import InvalidRequestError, ModelLoadError
 from leapllm.output_files import check_writable
+from leapllm.reference_text import reference_token_ids
 
 REFERENCE = "leapllm-float32"
 QUALITY_TOKENS = 16  # float32 systems must reproduce the reference's first greedy tokens exactly
@@ -213,14 +218,6 @@ def open_model_file(path: Path):
     return Tokenizer.from_gguf_metadata(meta), context
 
 
-def prompt_ids(tokenizer, length: int) -> list[int]:
-    """Real text the project did not write (the source of the argparse module), tokenized,
-    repeated and cut to `length`."""
-    import argparse
-    ids = tokenizer.encode(inspect.getsource(argparse), add_special_tokens=False)
-    return (ids * (length // len(ids) + 1))[:length]
-
-
 @dataclass
 class Measurement:
     key: str  # "prefill@128", "decode", "decode_b8"
@@ -230,9 +227,9 @@ class Measurement:
 
 
 def measurements(plan: Plan, tokenizer) -> list[Measurement]:
-    out = [Measurement(f"prefill@{n}", f"prefill@{n}", {"op": "prefill", "ids": prompt_ids(tokenizer, n)}, n)
+    out = [Measurement(f"prefill@{n}", f"prefill@{n}", {"op": "prefill", "ids": reference_token_ids(tokenizer, n)}, n)
            for n in plan.prompt_lens]
-    ids = prompt_ids(tokenizer, plan.decode_prompt_len)
+    ids = reference_token_ids(tokenizer, plan.decode_prompt_len)
     out.append(Measurement("decode", "decode b1", {"op": "decode", "ids": ids, "n": plan.decode_tokens},
                            plan.decode_tokens - 1))
     for b in plan.batches:

@@ -14,7 +14,6 @@ checked against.
 from __future__ import annotations
 
 import gc
-import inspect
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -26,8 +25,16 @@ from leapllm.errors import InvalidRequestError
 from leapllm.model.llama import Transformer
 from leapllm.profiling.costs import Cost, phase_costs, step_costs
 from leapllm.profiling.machine import MachineLimits
-from leapllm.profiling.stages import (LAYER_STAGES, MEASURED_STAGES, OUTSIDE_LAYERS, STAGES, StageHooks,
-                                      StageRecorder, clock_for)
+from leapllm.profiling.stages import (
+    LAYER_STAGES,
+    MEASURED_STAGES,
+    OUTSIDE_LAYERS,
+    STAGES,
+    StageHooks,
+    StageRecorder,
+    clock_for,
+)
+from leapllm.reference_text import reference_token_ids
 
 TOLERANCE = 0.05  # stages + other must match the hook-free step time within 5%
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
@@ -54,19 +61,10 @@ def check_run(config, prompt_len: int, gen_len: int, batch: int, repeats: int = 
                                   f"context length of {config.context_length} tokens")
 
 
-def _source_tokens(tokenizer) -> list[int]:
-    import argparse
-
-    return tokenizer.encode(inspect.getsource(argparse))
-
-
-def prompt_rows(tokenizer, prompt_len: int, batch: int, vocab_size: int, stride: int = 97) -> list[list[int]]:
-    """`batch` prompts of exactly `prompt_len` tokens of real text (the source of Python's argparse,
-    tokenized), each starting `stride` tokens after the previous one; the text repeats if too short."""
-    ids = [t for t in _source_tokens(tokenizer) if 0 <= t < vocab_size] or [0]
-    need = prompt_len + (batch - 1) * stride
-    ids = ids * math.ceil(need / len(ids))
-    return [ids[i * stride: i * stride + prompt_len] for i in range(batch)]
+def prompt_rows(tokenizer, prompt_len: int, batch: int, stride: int = 97) -> list[list[int]]:
+    """`batch` prompts of exactly `prompt_len` tokens of real text, each starting `stride` tokens
+    after the previous one (so rows differ, as real requests do)."""
+    return [reference_token_ids(tokenizer, prompt_len, offset=i * stride) for i in range(batch)]
 
 
 class _Stepper:
@@ -263,7 +261,7 @@ def profile_model(model: Transformer, tokenizer, *, prompt_len: int = 512, gen_l
     check_run(config, prompt_len, gen_len, batch, repeats)
     max_repeats = 3 * repeats if max_repeats is None else max(_positive_int("max_repeats", max_repeats), repeats)
     note = progress or (lambda _msg: None)
-    rows = prompt_rows(tokenizer, prompt_len, batch, config.vocab_size)
+    rows = prompt_rows(tokenizer, prompt_len, batch)
     if warmup:
         note("warm-up")
         _warm_up(model, rows, prompt_len)
@@ -355,7 +353,7 @@ def sweep_model(model: Transformer, tokenizer, *, prompt_lens=DEFAULT_SWEEP_PROM
     _positive_int("repeats", repeats)
     note = progress or (lambda _msg: None)
     e = model.dtype.itemsize
-    rows_all = prompt_rows(tokenizer, max(prompt_lens + [decode_context]), max(batches + [1]), config.vocab_size)
+    rows_all = prompt_rows(tokenizer, max(prompt_lens + [decode_context]), max(batches + [1]))
     _warm_up(model, rows_all[:1], 16)  # the hooks' code path; each point warms up its own shape
     prefill_points = []
     for p in prompt_lens:
