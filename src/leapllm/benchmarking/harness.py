@@ -506,16 +506,6 @@ def compute_ratios(entries: list[dict], keys: list[str]) -> dict[str, dict[str, 
     return ratios
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def package_version(name: str) -> str | None:
     try:
         return importlib_metadata.version(name)
@@ -525,8 +515,11 @@ def package_version(name: str) -> str | None:
 
 def machine_info(plan: Plan) -> dict:
     import torch
+
+    from leapllm.profiling.machine import device_name
     gpu = torch.cuda.get_device_name() if plan.device == "cuda" else None
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": plan.threads, "device": plan.device,
+    return {"cpu": device_name(torch.device("cpu")), "cores": os.cpu_count(), "threads": plan.threads,
+            "device": plan.device,
             "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": package_version("transformers"),
             "llama_cpp_python": package_version("llama_cpp_python"),
