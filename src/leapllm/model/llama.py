@@ -16,6 +16,7 @@ from torch import nn
 
 from leapllm.model.config import ModelConfig
 from leapllm.model.kv_cache import KVCache
+from leapllm.model.paged_kv_cache import PagedKVCache
 
 
 class RMSNorm(nn.Module):
@@ -77,7 +78,10 @@ class AttentionCore(nn.Module):
         self.layer_idx = layer_idx
         self.grouped = grouped  # grouped-query attention: several query heads share a kv head
 
-    def forward(self, q, k, v, start_pos: int, kv_cache: KVCache | None, mask):
+    def forward(self, q, k, v, start_pos: int, kv_cache: KVCache | PagedKVCache | None, mask):
+        if isinstance(kv_cache, PagedKVCache):
+            # The serving engine's step: many sequences flattened into one row of tokens.
+            return kv_cache.attend(self.layer_idx, q, k, v, self.grouped)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, start_pos, k, v)
         # is_causal only lines up when queries and keys start together; otherwise `mask` says it.
@@ -165,9 +169,10 @@ class Transformer(nn.Module):
         c = self.config
         return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_seq_len, c.head_dim, self.dtype, self.device)
 
-    def rotary_cos_sin(self, start_pos: int, seq: int):
-        positions = torch.arange(start_pos, start_pos + seq, device=self.device, dtype=torch.float32)
-        freqs = torch.outer(positions, self.inv_freq)  # (seq, head_dim/2)
+    def rotary_cos_sin(self, start_pos: int, seq: int, positions: torch.Tensor | None = None):
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + seq, device=self.device)
+        freqs = torch.outer(positions.float(), self.inv_freq)  # (seq, head_dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (seq, head_dim)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
@@ -191,4 +196,17 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, start_pos, kv_cache, mask)
         if last_only:
             x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()
+
+    def forward_paged(self, tokens: torch.Tensor, kv_cache: PagedKVCache, logits_indices: torch.Tensor) -> torch.Tensor:
+        """One serving step: tokens (T,) of many sequences, flattened as kv_cache.batch describes.
+
+        Returns float32 logits (len(logits_indices), vocab) for the rows asked for (typically the
+        last token of each sequence that samples this step).
+        """
+        x = self.embed_tokens(tokens)[None]  # (1, T, hidden)
+        cos, sin = self.rotary_cos_sin(0, tokens.shape[0], kv_cache.batch.positions)
+        for layer in self.layers:
+            x = layer(x, cos, sin, 0, kv_cache, None)
+        x = x[0, logits_indices]  # (rows, hidden)
         return self.lm_head(self.norm(x)).float()

@@ -1,0 +1,124 @@
+"""Continuous batching: which sequences run this step, and how many tokens each.
+
+Every step has a token budget. Running sequences come first: each decoding one gets its next
+token, a sequence still prefilling gets its next chunk. What budget remains goes to waiting
+requests, oldest first, whose prompts start with any prefix the cache already holds. So new
+requests join at any step, prefill is chunked and mixed with decode, and finished ones leave at
+once.
+
+When the KV pool runs out, the most recently admitted running sequence is preempted: its
+blocks are returned and it goes back to the front of the queue, to be recomputed later
+(vLLM's recompute preemption). Its full blocks keep their prefix hashes, so if nobody needed
+them in between, the recomputation is mostly a prefix-cache hit.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from leapllm.engine.block_allocator import BlockAllocator
+from leapllm.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledStep:
+    decodes: list[Sequence] = field(default_factory=list)  # one new token each
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens in this chunk)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int):
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be at least max_num_seqs (one token per running sequence)")
+        self.allocator = allocator
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def free(self, seq: Sequence) -> None:
+        """Return a sequence's blocks and drop it from the queues (finished or aborted)."""
+        self.allocator.release(seq.blocks)
+        seq.blocks = []
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _preempt(self, seq: Sequence, step: ScheduledStep) -> None:
+        self.allocator.release(seq.blocks)
+        seq.blocks, seq.block_hashes, seq.num_computed = [], [], 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        step.preempted.append(seq)
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make seq's blocks cover num_tokens positions; False if the pool has too few free blocks."""
+        need = self.allocator.blocks_needed(num_tokens) - len(seq.blocks)
+        if need <= 0:
+            return True
+        if need > self.allocator.num_free:
+            return False
+        seq.blocks.extend(self.allocator.allocate(need))
+        return True
+
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep()
+        budget = self.max_num_batched_tokens
+
+        # Running sequences first, in admission order; victims of preemption come from the back.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self._grow(seq, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim, step)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break  # it preempted itself: everything after it is gone too
+            (step.decodes.append(seq) if n == 1 else step.prefills.append((seq, n)))
+            budget -= n
+            i += 1
+
+        # Then waiting requests, unless this step had to preempt (the pool is full).
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not step.preempted:
+            seq = self.waiting[0]
+            if not seq.blocks and seq.prompt_logprobs is None:
+                seq.blocks, seq.block_hashes = self.allocator.cached_prefix(seq.all_ids)
+                seq.num_computed = len(seq.blocks) * self.allocator.block_size
+                if seq.num_preemptions == 0:
+                    seq.num_cached_tokens = seq.num_computed
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._grow(seq, seq.num_computed + n):
+                # Not now: give the prefix blocks back so they stay evictable, and keep its place.
+                self.allocator.release(seq.blocks)
+                seq.blocks, seq.block_hashes, seq.num_computed = [], [], 0
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            (step.decodes.append(seq) if n == 1 else step.prefills.append((seq, n)))
+            budget -= n
+        return step

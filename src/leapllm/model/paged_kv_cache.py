@@ -1,0 +1,139 @@
+"""A paged key/value cache and the attention that reads it.
+
+Keys and values of every sequence live in one preallocated pool of fixed-size blocks (vLLM's
+PagedAttention layout): a sequence owns a list of block ids (its block table) and token t of it
+sits in slot `block_table[t // block_size] * block_size + t % block_size`. Sequences of any length
+then share one pool without fragmentation, and blocks of a shared prompt prefix can be shared.
+
+Which blocks a sequence owns is the engine's business (engine/block_allocator.py); this file
+holds the tensors and, per step, the `PagedAttentionBatch` that says where each new token's
+keys go and which slots each query attends to.
+
+A step's tokens are flattened into one row: first the sequences that add one token (decode),
+then the chunks of prompts being prefilled. Projections and the MLP then run as one GEMM over
+all tokens; attention runs once for the whole decode group (keys gathered from the pool and
+padded, with a length mask) and once per prefill chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class PagedKVCache:
+    """Per layer, a key pool and a value pool of shape (num_blocks * block_size, kv_heads, head_dim)."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)  # (slots, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.batch: PagedAttentionBatch | None = None  # set by the engine before each forward
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouped: bool) -> torch.Tensor:
+        """q (1, heads, T, hd), k/v (1, kv_heads, T, hd) for the step's T flattened tokens -> (1, heads, T, hd).
+
+        Writes the new keys/values into their slots, then attends each query over its sequence.
+        """
+        b = self.batch
+        k_pool, v_pool = self.k[layer], self.v[layer]
+        k_new, v_new = k[0].transpose(0, 1), v[0].transpose(0, 1)  # (T, kv_heads, hd)
+        k_pool.index_copy_(0, b.slot_mapping, k_new)
+        v_pool.index_copy_(0, b.slot_mapping, v_new)
+        outs = []
+        if b.num_decode:
+            d = b.num_decode
+            qd = q[0, :, :d].transpose(0, 1).unsqueeze(2)  # (d, heads, 1, hd)
+            kd = k_pool[b.decode_slots].transpose(1, 2)  # (d, kv_heads, max_len, hd)
+            vd = v_pool[b.decode_slots].transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=b.decode_mask, enable_gqa=grouped)
+            outs.append(od.squeeze(2).transpose(0, 1))  # (heads, d, hd)
+        for chunk in b.prefills:
+            qc = q[:, :, chunk.start:chunk.end]  # (1, heads, n, hd)
+            if chunk.slots is None:
+                # Nothing cached before this chunk: its own keys are all it sees, causally.
+                kc, vc = k[:, :, chunk.start:chunk.end], v[:, :, chunk.start:chunk.end]
+                oc = F.scaled_dot_product_attention(qc, kc, vc, is_causal=chunk.end - chunk.start > 1,
+                                                    enable_gqa=grouped)
+            else:
+                kc = k_pool[chunk.slots].transpose(0, 1).unsqueeze(0)  # (1, kv_heads, context, hd)
+                vc = v_pool[chunk.slots].transpose(0, 1).unsqueeze(0)
+                oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=chunk.mask, enable_gqa=grouped)
+            outs.append(oc[0])
+        return torch.cat(outs, dim=1).unsqueeze(0) if len(outs) > 1 else outs[0].unsqueeze(0)
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # this chunk's tokens are [start, end) of the step's flattened tokens
+    end: int
+    slots: torch.Tensor | None  # (context,) slots of positions 0 .. last of the chunk; None if nothing cached before
+    mask: torch.Tensor | None  # (n, context) bool: query i sees keys up to its own position
+
+
+@dataclass
+class PagedAttentionBatch:
+    """Where a step's tokens go in the pool and what each query attends to (built once, used by every layer)."""
+    slot_mapping: torch.Tensor  # (T,) slot of each new token
+    positions: torch.Tensor  # (T,) position of each new token in its sequence
+    num_decode: int  # the first num_decode tokens are one-token steps of distinct sequences
+    decode_slots: torch.Tensor | None  # (num_decode, max_len) slots of each decode sequence, padded
+    decode_mask: torch.Tensor | None  # (num_decode, 1, 1, max_len) bool, True where a key is real
+    prefills: list[PrefillChunk]
+
+
+def slots_of(block_table: list[int], length: int, block_size: int) -> list[int]:
+    """Slots of positions 0 .. length-1 of a sequence with this block table."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(length)]
+
+
+def build_paged_batch(decodes: list[tuple[list[int], int]], prefills: list[tuple[list[int], int, int]],
+                      block_size: int, device: torch.device) -> PagedAttentionBatch:
+    """decodes: (block_table, position) of each one-token sequence; prefills: (block_table, first
+    position, number of tokens) of each chunk. Token order in the step: decodes, then chunks."""
+    slot_mapping: list[int] = []
+    positions: list[int] = []
+    decode_slots = decode_mask = None
+    if decodes:
+        max_len = max(pos + 1 for _, pos in decodes)
+        rows, lengths = [], []
+        for table, pos in decodes:
+            slots = slots_of(table, pos + 1, block_size)
+            slot_mapping.append(slots[-1])
+            positions.append(pos)
+            rows.append(slots + [slots[-1]] * (max_len - len(slots)))  # pad with a real slot; masked out
+            lengths.append(pos + 1)
+        decode_slots = torch.tensor(rows, dtype=torch.long, device=device)
+        lengths_t = torch.tensor(lengths, device=device)
+        decode_mask = (torch.arange(max_len, device=device)[None, :] < lengths_t[:, None])[:, None, None, :]
+    chunks = []
+    offset = len(decodes)
+    for table, start, n in prefills:
+        slots = slots_of(table, start + n, block_size)
+        slot_mapping.extend(slots[start:])
+        positions.extend(range(start, start + n))
+        if start == 0:
+            chunks.append(PrefillChunk(offset, offset + n, None, None))
+        else:
+            keys = torch.arange(start + n, device=device)
+            queries = torch.arange(start, start + n, device=device)
+            mask = keys[None, :] <= queries[:, None]  # (n, start + n)
+            chunks.append(PrefillChunk(offset, offset + n, torch.tensor(slots, dtype=torch.long, device=device), mask))
+        offset += n
+    return PagedAttentionBatch(
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        num_decode=len(decodes), decode_slots=decode_slots, decode_mask=decode_mask, prefills=chunks,
+    )
