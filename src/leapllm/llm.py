@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from leapllm.engine.generate import GenerationChunk, GenerationOutput, generate_stream
+from leapllm.engine.llm_engine import EngineConfig, LLMEngine
 from leapllm.engine.sampling import SamplingParams
 from leapllm.errors import InvalidRequestError
 from leapllm.loading.loader import load_model
@@ -25,7 +26,8 @@ class LLM:
     """
 
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
-                 device: str | torch.device = "auto", num_threads: int | None = None):
+                 device: str | torch.device = "auto", num_threads: int | None = None,
+                 engine_config: EngineConfig | None = None):
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         loaded = load_model(model, dtype=dtype, device=device)
@@ -34,6 +36,14 @@ class LLM:
         self.path = loaded.path
         self.metadata = loaded.metadata
         self.load_seconds = loaded.load_seconds
+        self.engine_config = engine_config or EngineConfig()
+        self._engine: LLMEngine | None = None  # the batching engine, built on first use (it owns the KV pool)
+
+    @property
+    def engine(self) -> LLMEngine:
+        if self._engine is None:
+            self._engine = LLMEngine(self.model, self.tokenizer, self.engine_config)
+        return self._engine
 
     @property
     def config(self):
@@ -83,13 +93,52 @@ class LLM:
         )
 
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None) -> list[GenerationOutput]:
-        """Complete each prompt (a string or token ids); one output per prompt, in order."""
+        """Complete each prompt (a string or token ids); one output per prompt, in order.
+
+        All prompts run together through the continuous-batching engine (paged KV cache, chunked
+        prefill, prefix caching); `run` and `stream` are the single-sequence path.
+        """
         params = params or SamplingParams()
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        # Encode (and so validate) every prompt before generating anything.
-        encoded = [self.encode(p) for p in prompts]
-        return [self.run(ids, params, prompt=p if isinstance(p, str) else None) for p, ids in zip(prompts, encoded)]
+        engine = self.engine
+        # Encode and check every prompt before generating anything.
+        encoded = [engine.check_request(self.encode(p), params) for p in prompts]
+        ids = [f"generate-{id(self)}-{i}" for i in range(len(prompts))]
+        start = time.perf_counter()
+        try:
+            for request_id, prompt_ids in zip(ids, encoded):
+                engine.add_request(request_id, prompt_ids, params)
+            done: dict[str, list] = {request_id: [] for request_id in ids}
+            finals = {}
+            while engine.has_unfinished() and len(finals) < len(ids):
+                for out in engine.step():
+                    if out.request_id in done:
+                        done[out.request_id].append(out)
+                        if out.finished:
+                            finals[out.request_id] = out
+        finally:
+            for request_id in ids:  # an interrupted call leaves nothing behind in the engine
+                if request_id not in finals:
+                    engine.abort_request(request_id)
+        end = time.perf_counter()
+        results = []
+        for p, request_id, prompt_ids in zip(prompts, ids, encoded):
+            outs, last = done[request_id], finals[request_id]
+            token_ids = [t for o in outs for t in o.new_token_ids]
+            first = last.first_token_time or end
+            decode_tokens = len(token_ids) - 1
+            timings = {
+                "time_to_first_token_s": first - start,
+                "total_s": end - start,
+                "prefill_tokens_per_s": len(prompt_ids) / (first - start) if first > start else 0.0,
+                "decode_tokens_per_s": decode_tokens / (end - first) if decode_tokens > 0 and end > first else 0.0,
+            }
+            results.append(GenerationOutput(
+                prompt=p if isinstance(p, str) else self.tokenizer.decode(prompt_ids),
+                text="".join(o.new_text for o in outs), token_ids=token_ids, prompt_token_ids=prompt_ids,
+                finish_reason=last.finish_reason, stop_reason=last.stop_reason, timings=timings))
+        return results
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the completion's text piece by piece as it is generated."""

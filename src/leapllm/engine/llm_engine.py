@@ -133,6 +133,7 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if step.empty:
             return []
+        step.decodes.sort(key=lambda seq: seq.num_computed, reverse=True)  # attention groups by length
         logits, rows = self._forward(step)
         return self._process(step, logits, rows)
 

@@ -12,7 +12,9 @@ keys go and which slots each query attends to.
 A step's tokens are flattened into one row: first the sequences that add one token (decode),
 then the chunks of prompts being prefilled. Projections and the MLP then run as one GEMM over
 all tokens; attention runs once for the whole decode group (keys gathered from the pool and
-padded, with a length mask) and once per prefill chunk.
+padded, with a length mask) and once per prefill chunk. Decode sequences are sorted by length
+and split into groups whose lengths are within 2x of each other, so a few long contexts do not
+make every short one pay for their padding.
 """
 
 from __future__ import annotations
@@ -53,12 +55,11 @@ class PagedKVCache:
         k_pool.index_copy_(0, b.slot_mapping, k_new)
         v_pool.index_copy_(0, b.slot_mapping, v_new)
         outs = []
-        if b.num_decode:
-            d = b.num_decode
-            qd = q[0, :, :d].transpose(0, 1).unsqueeze(2)  # (d, heads, 1, hd)
-            kd = k_pool[b.decode_slots].transpose(1, 2)  # (d, kv_heads, max_len, hd)
-            vd = v_pool[b.decode_slots].transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=b.decode_mask, enable_gqa=grouped)
+        for g in b.decode_groups:
+            qd = q[0, :, g.start:g.end].transpose(0, 1).unsqueeze(2)  # (d, heads, 1, hd)
+            kd = k_pool[g.slots].transpose(1, 2)  # (d, kv_heads, max_len, hd)
+            vd = v_pool[g.slots].transpose(1, 2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask, enable_gqa=grouped)
             outs.append(od.squeeze(2).transpose(0, 1))  # (heads, d, hd)
         for chunk in b.prefills:
             qc = q[:, :, chunk.start:chunk.end]  # (1, heads, n, hd)
@@ -76,6 +77,14 @@ class PagedKVCache:
 
 
 @dataclass
+class DecodeGroup:
+    start: int  # decode tokens [start, end) of the step, one per sequence
+    end: int
+    slots: torch.Tensor  # (end - start, max_len) slots of each sequence's positions, padded
+    mask: torch.Tensor  # (end - start, 1, 1, max_len) bool, True where a key is real
+
+
+@dataclass
 class PrefillChunk:
     start: int  # this chunk's tokens are [start, end) of the step's flattened tokens
     end: int
@@ -89,51 +98,65 @@ class PagedAttentionBatch:
     slot_mapping: torch.Tensor  # (T,) slot of each new token
     positions: torch.Tensor  # (T,) position of each new token in its sequence
     num_decode: int  # the first num_decode tokens are one-token steps of distinct sequences
-    decode_slots: torch.Tensor | None  # (num_decode, max_len) slots of each decode sequence, padded
-    decode_mask: torch.Tensor | None  # (num_decode, 1, 1, max_len) bool, True where a key is real
+    decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]
 
 
-def slots_of(block_table: list[int], length: int, block_size: int) -> list[int]:
-    """Slots of positions 0 .. length-1 of a sequence with this block table."""
-    return [block_table[p // block_size] * block_size + p % block_size for p in range(length)]
+def slot_table(block_tables: list[list[int]], length: int, block_size: int, device) -> torch.Tensor:
+    """(len(block_tables), length) slots of positions 0 .. length-1 of each sequence.
+
+    Tables shorter than `length` needs are padded with their first block: those slots are real
+    memory, and the caller masks them out.
+    """
+    num = -(-length // block_size)
+    padded = [t[:num] + [t[0]] * (num - len(t[:num])) for t in block_tables]
+    tables = torch.tensor(padded, dtype=torch.long, device=device)  # (seqs, blocks)
+    j = torch.arange(length, device=device)
+    return tables[:, j // block_size] * block_size + j % block_size
 
 
 def build_paged_batch(decodes: list[tuple[list[int], int]], prefills: list[tuple[list[int], int, int]],
                       block_size: int, device: torch.device) -> PagedAttentionBatch:
-    """decodes: (block_table, position) of each one-token sequence; prefills: (block_table, first
-    position, number of tokens) of each chunk. Token order in the step: decodes, then chunks."""
-    slot_mapping: list[int] = []
+    """decodes: (block_table, position) of each one-token sequence, longest first; prefills:
+    (block_table, first position, number of tokens) of each chunk. Token order in the step:
+    decodes, then chunks."""
+    slot_mapping: list = []  # ints for decode tokens, then a tensor per prefill chunk
     positions: list[int] = []
-    decode_slots = decode_mask = None
-    if decodes:
-        max_len = max(pos + 1 for _, pos in decodes)
-        rows, lengths = [], []
-        for table, pos in decodes:
-            slots = slots_of(table, pos + 1, block_size)
-            slot_mapping.append(slots[-1])
+    groups = []
+    lengths = [pos + 1 for _, pos in decodes]
+    if any(a < b for a, b in zip(lengths, lengths[1:])):
+        raise ValueError("decode sequences must come longest first")
+    start = 0
+    while start < len(decodes):
+        end = start + 1
+        while end < len(decodes) and 2 * lengths[end] > lengths[start]:
+            end += 1
+        max_len = lengths[start]
+        for table, pos in decodes[start:end]:
+            slot_mapping.append(table[pos // block_size] * block_size + pos % block_size)
             positions.append(pos)
-            rows.append(slots + [slots[-1]] * (max_len - len(slots)))  # pad with a real slot; masked out
-            lengths.append(pos + 1)
-        decode_slots = torch.tensor(rows, dtype=torch.long, device=device)
-        lengths_t = torch.tensor(lengths, device=device)
-        decode_mask = (torch.arange(max_len, device=device)[None, :] < lengths_t[:, None])[:, None, None, :]
+        slots = slot_table([table for table, _ in decodes[start:end]], max_len, block_size, device)
+        lengths_t = torch.tensor(lengths[start:end], device=device)
+        mask = (torch.arange(max_len, device=device)[None, :] < lengths_t[:, None])[:, None, None, :]
+        groups.append(DecodeGroup(start, end, slots, mask))
+        start = end
     chunks = []
     offset = len(decodes)
-    for table, start, n in prefills:
-        slots = slots_of(table, start + n, block_size)
-        slot_mapping.extend(slots[start:])
-        positions.extend(range(start, start + n))
-        if start == 0:
+    for table, first, n in prefills:
+        slots = slot_table([table], first + n, block_size, device)[0]  # (first + n,)
+        slot_mapping.append(slots[first:])
+        positions.extend(range(first, first + n))
+        if first == 0:
             chunks.append(PrefillChunk(offset, offset + n, None, None))
         else:
-            keys = torch.arange(start + n, device=device)
-            queries = torch.arange(start, start + n, device=device)
-            mask = keys[None, :] <= queries[:, None]  # (n, start + n)
-            chunks.append(PrefillChunk(offset, offset + n, torch.tensor(slots, dtype=torch.long, device=device), mask))
+            keys = torch.arange(first + n, device=device)
+            queries = torch.arange(first, first + n, device=device)
+            mask = keys[None, :] <= queries[:, None]  # (n, first + n)
+            chunks.append(PrefillChunk(offset, offset + n, slots, mask))
         offset += n
+    decode_slots = [torch.tensor(slot_mapping[:len(decodes)], dtype=torch.long, device=device)]
     return PagedAttentionBatch(
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+        slot_mapping=torch.cat(decode_slots + slot_mapping[len(decodes):]),
         positions=torch.tensor(positions, dtype=torch.long, device=device),
-        num_decode=len(decodes), decode_slots=decode_slots, decode_mask=decode_mask, prefills=chunks,
+        num_decode=len(decodes), decode_groups=groups, prefills=chunks,
     )
