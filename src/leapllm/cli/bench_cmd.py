@@ -1,6 +1,8 @@
-"""`leapllm bench`: leapllm against transformers and llama.cpp on the same model, in one command.
+"""`leapllm bench`: leapllm against transformers and llama.cpp on the same model, in one command;
+`leapllm bench serve`: the server under N concurrent streaming clients, next to the batch-1 engine.
 
     leapllm bench [--model PATH] [--peers hf,llamacpp] [--json out.json] [--markdown out.md]
+    leapllm bench serve [--model PATH] [--concurrency 1,8,32] [--prompt-len 128] [--output-len 128]
 
 Bad settings (an unknown system or peer, a zero length, a missing model or output folder) raise
 InvalidRequestError / ModelLoadError, which the `leapllm` command prints as one line (exit 2).
@@ -10,6 +12,7 @@ Exit status 0: every system ran or was reported missing; 1: some system failed o
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 
@@ -44,7 +47,67 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write every timing, median, ratio and the machine as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the tables as markdown")
     p.set_defaults(func=cmd_bench)
+    add_bench_serve_parser(p.add_subparsers(dest="bench_command", metavar="{serve}"))
     return p
+
+
+def add_bench_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="load-test leapllm serve (throughput, TTFT, TPOT) next to the batch-1 engine",
+        description="Start `leapllm serve` (or use --url), send streaming completions from N concurrent clients "
+                    "per level, and report output tokens/s, time to first token and time per output token "
+                    "(p50/p99); the core single-sequence engine serves the same requests first, as the baseline.")
+    p.add_argument("--model", metavar="PATH", help="model for the server and the baseline (default: the default model)")
+    p.add_argument("--url", help="an already running OpenAI-compatible server instead (no baseline then)")
+    p.add_argument("--concurrency", default="1,8,32", help="concurrent clients per level (default 1,8,32)")
+    p.add_argument("--num-requests", type=int, default=None, help="requests per level (default: 2 per client, >= 4)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request (default 128)")
+    p.add_argument("--output-len", type=int, default=128, help="output tokens per request (default 128)")
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="Poisson arrivals per second (default inf: every client sends at once)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (CPU)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the server and the baseline")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="passed to leapllm serve")
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="passed to leapllm serve")
+    p.add_argument("--no-baseline", action="store_true", help="skip the batch-1 engine baseline")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds one request may take (default 900)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
+    p.set_defaults(func=cmd_bench_serve)
+
+
+def cmd_bench_serve(args) -> int:
+    from leapllm.benchmarking import serve_load
+    from leapllm.benchmarking.harness import int_list
+    from leapllm.errors import InvalidRequestError
+    from leapllm.output_files import atomic_write, check_writable
+
+    concurrency = int_list(args.concurrency, "--concurrency")
+    settings = serve_load.LoadSettings(concurrency, args.prompt_len, args.output_len, args.num_requests,
+                                       args.request_rate)
+    settings.validate()
+    if args.threads is not None and args.threads < 1:
+        raise InvalidRequestError("--threads must be at least 1")
+    outputs = [check_writable(p) for p in (args.json, args.markdown) if p is not None]
+    serve_args = ["--dtype", args.dtype, "--max-num-seqs", str(max(concurrency))]
+    if args.model:
+        serve_args += ["--model", args.model]
+    if args.threads:
+        serve_args += ["--threads", str(args.threads)]
+    if args.max_num_batched_tokens:
+        serve_args += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if args.kv_cache_gb:
+        serve_args += ["--kv-cache-gb", str(args.kv_cache_gb)]
+    report = serve_load.run_serve_bench(
+        settings, model=args.model, url=args.url.rstrip("/") if args.url else None, serve_args=serve_args,
+        baseline=not args.no_baseline and args.url is None, dtype=args.dtype, threads=args.threads,
+        timeout=args.timeout, command=typed_command())
+    serve_load.print_report(report)
+    if args.json:
+        atomic_write(outputs[0], json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        atomic_write(outputs[-1], serve_load.markdown(report))
+    return 1 if any(r["failed"] for r in report["levels"]) else 0
 
 
 def settings_from_args(args):
