@@ -10,21 +10,12 @@ import pytest
 import torch
 
 from leapllm.cli.main import main
+from tests.cli_helpers import assert_one_line_error
 
 
 def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "leapllm", *args], input=stdin, capture_output=True,
                           text=True, timeout=600)
-
-
-def assert_one_line_error(capsys, argv, pattern):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    # A loading progress bar (carriage-return redrawn) may come first; the error is one line.
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
-    assert lines[-1].startswith("leapllm: error:") and sum("error" in line for line in lines) == 1, err
-    assert pattern in lines[-1], err
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from leapllm.engine.async_engine import AsyncEngine, EngineOverloadedError, EngineStoppedError
+from leapllm.engine.async_engine import AsyncEngine, EngineOverloadedError, EngineStepError, EngineStoppedError
 from leapllm.engine.llm_engine import EngineConfig, LLMEngine
 from leapllm.engine.sampling import SamplingParams
 from leapllm.errors import InvalidRequestError
@@ -120,3 +120,21 @@ def test_shutdown_aborts_what_outlives_the_grace_period_and_refuses_new_requests
     outs, engine = asyncio.run(main())
     assert outs[-1].finished and outs[-1].finish_reason == "abort"
     assert engine.engine.allocator.num_used == 0
+
+
+def test_a_dead_engine_thread_fails_requests_in_flight_and_refuses_new_ones(llm):
+    async def main():
+        engine = make_engine(llm)
+        engine.start()
+
+        def broken(*_args, **_kw):
+            raise RuntimeError("simulated bug outside a step")
+
+        engine.engine.has_unfinished = broken  # the thread dies on its next command
+        with pytest.raises(EngineStepError, match="simulated bug"):
+            await collect(engine, "a", llm.encode("Hello"), SamplingParams(max_tokens=4))
+        assert engine.dead is not None
+        with pytest.raises(EngineStoppedError):
+            await collect(engine, "b", llm.encode("Hello"), SamplingParams(max_tokens=4))
+
+    asyncio.run(main())

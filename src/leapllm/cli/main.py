@@ -168,9 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from leapllm.cli.bench_cmd import add_bench_parser
     from leapllm.cli.profile_cmd import add_profile_parser
+    from leapllm.cli.serve_cmd import add_serve_parser
 
     add_profile_parser(sub)
     add_bench_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -161,6 +161,22 @@ class AsyncEngine:
         return []
 
     def _run(self) -> None:
+        try:
+            self._loop_forever()
+        except BaseException as exc:  # a bug outside a step: fail everything in flight, refuse new work
+            log.exception("engine thread died")
+            self.dead = exc
+            error = EngineStepError(f"the engine stopped: {exc!r}")
+            try:
+                self._loop.call_soon_threadsafe(self._fail_all, error)
+            except RuntimeError:  # the event loop is already closed
+                pass
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(error)
+
+    def _loop_forever(self) -> None:
         eng = self.engine
         while not self._stop.is_set():
             # Block for work only when there is nothing to step.

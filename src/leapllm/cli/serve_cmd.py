@@ -1,0 +1,102 @@
+"""`leapllm serve`: the OpenAI-compatible HTTP server.
+
+    leapllm serve [--model PATH] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+                  [--max-num-seqs 64] [--kv-cache-gb 1.0] ...
+
+Every setting is checked, and the port bound, before the model loads, so a mistake (a port out of
+range or in use, a negative cache size, a bad model path) is one `leapllm: error: ...` line and
+exit status 2. SIGTERM or Ctrl-C drains: no new connections, requests in flight get
+--shutdown-timeout seconds to finish, the rest are aborted, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from leapllm.cli.main import add_model_args, load_llm
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)",
+        description="Serve the model over an OpenAI-compatible HTTP API, batching concurrent requests.")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
+    p.add_argument("--api-key", default=os.environ.get("LEAPLLM_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LEAPLLM_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and /v1/models lists (default: the model file's name)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once (default: 64)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="tokens per engine step, decodes plus prefill chunks (default: 512)")
+    g.add_argument("--kv-cache-gb", type=float, default=1.0, help="size of the KV cache pool in GB (default: 1.0)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
+    g.add_argument("--max-waiting", type=int, default=256,
+                   help="requests that may wait for a slot; beyond that the server answers 503 (default: 256)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds requests in flight get to finish after SIGTERM; the rest are aborted "
+                        "and answered with 503 (default: 30)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level; info logs one line per request (default: info)")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def engine_config(args):
+    from leapllm.engine.llm_engine import EngineConfig
+    from leapllm.errors import InvalidRequestError
+
+    if not 0 <= args.port <= 65535:
+        raise InvalidRequestError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.max_waiting < 0:
+        raise InvalidRequestError(f"--max-waiting must be at least 0, got {args.max_waiting}")
+    if not args.shutdown_timeout >= 0:
+        raise InvalidRequestError(f"--shutdown-timeout must be at least 0, got {args.shutdown_timeout}")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise InvalidRequestError("--served-model-name must not be empty")
+    if args.api_key is not None and not args.api_key:
+        raise InvalidRequestError("--api-key must not be empty")
+    if not args.kv_cache_gb > 0:  # EngineConfig checks it too, but names the setting differently
+        raise InvalidRequestError(f"--kv-cache-gb must be positive, got {args.kv_cache_gb}")
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          block_size=args.block_size, kv_cache_gb=args.kv_cache_gb,
+                          enable_prefix_caching=not args.no_prefix_caching)
+    config.validate()
+    return config
+
+
+def default_model_name(path: Path) -> str:
+    return path.stem if path.is_file() else path.name
+
+
+def cmd_serve(args) -> int:
+    from leapllm.engine.async_engine import AsyncEngine
+    from leapllm.engine.llm_engine import LLMEngine
+    from leapllm.serving import create_app
+    from leapllm.serving.runner import bind_socket, serve
+
+    config = engine_config(args)
+    sock = bind_socket(args.host, args.port)  # fail on a taken port before the slow model load
+    try:
+        llm = load_llm(args)
+        engine = AsyncEngine(LLMEngine(llm.model, llm.tokenizer, config), max_waiting=args.max_waiting)
+        name = args.served_model_name or default_model_name(Path(llm.path))
+        app = create_app(engine, llm.tokenizer, name, llm.config.context_length, api_key=args.api_key,
+                         shutdown_grace_s=args.shutdown_timeout)
+        port = sock.getsockname()[1]  # the one picked, with --port 0
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"leapllm: serving {name} at http://{host}:{port}/v1 "
+              f"(max {config.max_num_seqs} sequences, {engine.engine.allocator.num_blocks} KV blocks"
+              f"{', API key required' if args.api_key else ''})", file=sys.stderr, flush=True)
+        # uvicorn's hard limit comes after the engine's grace period and its aborts have been answered.
+        started = serve(app, sock, on_shutdown=app.state.drain, log_level=args.log_level,
+                        timeout_graceful_shutdown=args.shutdown_timeout + 10)
+    finally:
+        sock.close()
+    return 0 if started else 1
