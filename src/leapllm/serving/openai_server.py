@@ -308,6 +308,7 @@ class OpenAIServing:
         self.metrics = metrics
         self.tokens = TokenStrings(tokenizer)
         self.draining = False  # set at shutdown: /health turns 503 so that load balancers look elsewhere
+        self.encoder_model_names: list[str] = []  # embedding model / classifier served beside the LLM
         eng = async_engine.engine
         # The most tokens (prompt + output) one sequence can hold: the context, or the KV pool if smaller.
         self.token_capacity = min(context_length, eng.allocator.num_blocks * eng.config.block_size)
@@ -558,7 +559,8 @@ class OpenAIServing:
         return ModelCard(id=self.model_name, max_model_len=self.context_length)
 
     async def list_models(self) -> Response:
-        return JSONResponse(ModelList(data=[self.model_card()]).model_dump())
+        extra = [ModelCard(id=name) for name in self.encoder_model_names]
+        return JSONResponse(ModelList(data=[self.model_card(), *extra]).model_dump())
 
     async def retrieve_model(self, model: str) -> Response:
         self.check_model(model)
@@ -700,12 +702,13 @@ class ApiKeyMiddleware:
 
 
 def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, context_length: int,
-               api_key: str | None = None, *, shutdown_grace_s: float = 5.0) -> FastAPI:
+               api_key: str | None = None, *, shutdown_grace_s: float = 5.0, encoders=None) -> FastAPI:
     """The app owns the engine's lifecycle: its lifespan starts the engine thread and stops it at the end.
 
     `app.state.drain()` is the graceful part, for the server to call as soon as it starts shutting
     down (runner.py does, on SIGTERM): new requests get 503, running ones get shutdown_grace_s
     seconds to finish, and the rest are aborted and answered with a 503 (an error event in a stream).
+    `encoders` (a serving.encoder_api.EncoderServing) adds /v1/embeddings and /v1/classify.
     """
     metrics = ServerMetrics(async_engine, model_name)
     serving = OpenAIServing(async_engine, tokenizer, model_name, context_length, metrics)
@@ -713,10 +716,14 @@ def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, context_le
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         async_engine.start()
+        if encoders is not None:
+            encoders.start()
         try:
             yield
         finally:
             await async_engine.shutdown(shutdown_grace_s)
+            if encoders is not None:
+                encoders.stop()
 
     app = FastAPI(title="leapllm", summary="OpenAI-compatible LLM server", lifespan=lifespan)
     app.state.serving = serving
@@ -735,6 +742,11 @@ def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, context_le
     app.add_api_route("/v1/models", serving.list_models, methods=["GET"], response_model=None)
     app.add_api_route("/v1/models/{model:path}", serving.retrieve_model, methods=["GET"], response_model=None)
     app.add_api_route("/health", serving.health, methods=["GET"], response_model=None)
+    if encoders is not None:
+        from leapllm.serving.encoder_api import add_encoder_routes
+
+        serving.encoder_model_names = encoders.model_names()
+        add_encoder_routes(app, encoders)
     app.add_api_route("/metrics", serving.metrics_text, methods=["GET"], response_model=None)
 
     @app.exception_handler(RequestValidationError)

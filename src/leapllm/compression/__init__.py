@@ -1,0 +1,1 @@
+"""Making models smaller and faster: weight quantization (and, later, pruning and distillation)."""
