@@ -1,0 +1,89 @@
+"""Int4 weights, group-wise asymmetric, run by PyTorch's packed int4 matmul kernels.
+
+Each group of `group_size` consecutive input weights of an output row gets its own scale and
+offset: w ~ q * scale + min, q in [0, 15]. PyTorch's kernels take the offset as
+`zero = min + 8 * scale` (they compute (q - 8) * scale + zero), in a (K / group, N, 2) tensor of
+(scale, zero) pairs, and the 4-bit values packed in a device-specific layout. So the portable form
+that is saved to disk is the unpacked q (uint8, one value per byte) plus scales and minimums, and
+packing happens when a model is loaded onto its device.
+
+At batch 1 a decode step reads every weight once, so 4-bit weights (plus one scale and zero per
+group) cut the bytes read by ~7x against float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from leapllm.errors import InvalidRequestError
+
+GROUP_SIZES = (32, 64, 128)
+
+
+def check_group_size(in_features: int, group_size: int, name: str = "weight") -> None:
+    if group_size not in GROUP_SIZES:
+        raise InvalidRequestError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    if in_features % group_size:
+        raise InvalidRequestError(f"group size {group_size} does not divide {name}'s {in_features} input features")
+
+
+def quantize_int4_groupwise(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight (N, K) float -> (q (N, K) uint8 in [0, 15], scale (N, K/group), minimum (N, K/group)), round to nearest."""
+    n, k = weight.shape
+    w = weight.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.reshape(n, k), scale, lo
+
+
+def dequantize_int4_groupwise(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape
+    groups = scale.shape[1]
+    w = q.reshape(n, groups, k // groups).float() * scale[..., None] + minimum[..., None]
+    return w.reshape(n, k)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ dequant(W).T (+ bias), computed by _weight_int4pack_mm(_for_cpu) on packed weights."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None,
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group_size = self.in_features // scale.shape[1]
+        device = torch.device(device)
+        self.on_cpu = device.type == "cpu"
+        q32 = q.to(torch.int32).to(device)
+        if self.on_cpu:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q32, 2)
+        else:  # CUDA packs two values per byte first, then tiles
+            packed = torch.ops.aten._convert_weight_to_int4pack((q32[:, ::2] << 4 | q32[:, 1::2]).to(torch.uint8), 8)
+        zero = minimum + 8 * scale
+        # (K / group, N, 2): the kernels' layout; CUDA wants bfloat16, the CPU kernel the activation dtype.
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(device))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
+        check_group_size(linear.in_features, group_size)
+        q, scale, minimum = quantize_int4_groupwise(linear.weight, group_size)
+        return cls(q, scale, minimum, linear.bias, linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        if self.on_cpu:
+            sz = self.scales_and_zeros.to(x2.dtype)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, sz)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.packed, self.group_size,
+                                                   self.scales_and_zeros.to(torch.bfloat16)).to(dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"

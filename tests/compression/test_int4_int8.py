@@ -1,0 +1,55 @@
+"""The quantized Linear layers: each matches a float Linear on its dequantized weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from leapllm.compression.int4 import Int4Linear, dequantize_int4_groupwise, quantize_int4_groupwise
+from leapllm.compression.int8 import Int8Linear, quantize_linears_int8
+from leapllm.errors import InvalidRequestError
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_round_to_nearest_error_is_at_most_half_a_step(group_size):
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    q, scale, minimum = quantize_int4_groupwise(w, group_size)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15
+    err = (dequantize_int4_groupwise(q, scale, minimum) - w).abs().reshape(64, -1, group_size)
+    assert (err <= scale[..., None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_int4_linear_equals_a_float_linear_on_the_dequantized_weights(rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 1536, bias=True)
+    q4 = Int4Linear.from_linear(linear, 64)
+    deq = dequantize_int4_groupwise(*quantize_int4_groupwise(linear.weight, 64))
+    x = torch.randn(2, rows, 576)
+    expected = x @ deq.t() + linear.bias
+    assert torch.allclose(q4(x), expected, atol=2e-3, rtol=1e-3)
+
+
+def test_int4_group_size_must_be_supported_and_divide_the_input():
+    with pytest.raises(InvalidRequestError, match="one of"):
+        Int4Linear.from_linear(nn.Linear(256, 8), 48)
+    with pytest.raises(InvalidRequestError, match="does not divide"):
+        Int4Linear.from_linear(nn.Linear(96, 8), 64)
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_int8_linear_stays_within_a_percent_of_float(rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(384, 1536)
+    x = torch.randn(rows, 384)
+    ref, out = linear(x), Int8Linear(linear)(x)
+    assert ((out - ref).norm() / ref.norm()) < 0.01
+
+
+def test_quantize_linears_int8_replaces_every_linear_in_place():
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Sequential(nn.Linear(64, 32)))
+    quantize_linears_int8(model)
+    assert isinstance(model[0], Int8Linear) and isinstance(model[2][0], Int8Linear)
+    assert model(torch.randn(5, 32)).shape == (5, 32)
