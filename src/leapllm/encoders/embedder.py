@@ -7,6 +7,10 @@ Texts are tokenized, sorted by length and cut into batches of similar lengths (a
 `max_batch_size` texts and `max_batch_tokens` padded tokens each), so a batch of one long and
 many short texts does not pad every short one to the long one's length. Results come back in
 the caller's order. `quantize="int8"` swaps every Linear for an int8 x int8 GEMM.
+
+The default budget of 1,024 padded tokens per batch is deliberately small: on CPU a batch whose
+activations stay in cache runs faster per sentence than a big one (all-MiniLM-L6-v2 on 2 Zen 4
+cores: 97 sentences/s at 1,024 tokens against 68 at 16,384; int8 205 against 87).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def length_buckets(lengths: Sequence[int], max_batch_size: int, max_batch_tokens
 
 class Embedder:
     def __init__(self, model: str | Path | None = None, *, dtype: str = "float32", device: str = "cpu",
-                 quantize: str | None = None, max_batch_size: int = 32, max_batch_tokens: int = 16384,
+                 quantize: str | None = None, max_batch_size: int = 32, max_batch_tokens: int = 1024,
                  num_threads: int | None = None, loaded: LoadedEncoder | None = None):
         if num_threads is not None:
             torch.set_num_threads(num_threads)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 import time
 import uuid
 from typing import Any, Literal
@@ -65,6 +66,7 @@ class EncoderServing:
         self.embedding_model_name = embedding_model_name
         self.classifier = classifier
         self.classifier_name = classifier_name
+        self._classify_lock = threading.Lock()  # one prediction at a time: they share the model's threads
 
     def model_names(self) -> list[str]:
         return [n for n in (self.embedding_model_name, self.classifier_name) if n]
@@ -116,6 +118,10 @@ class EncoderServing:
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     # -- /v1/classify ----------------------------------------------------------------------------
+    def _predict(self, texts: list[str], truncate: bool) -> list[dict]:
+        with self._classify_lock:
+            return self.classifier.predict(texts, truncate=truncate)
+
     async def classify(self, body: ClassifyRequest, request: Request) -> JSONResponse:
         check_served(self.classifier is not None, self.classifier_name, body.model, "classifier",
                      "--classifier FOLDER")
@@ -123,8 +129,7 @@ class EncoderServing:
         if not texts:
             raise ApiError(400, "input must not be empty", param="input")
         try:
-            results = await until_disconnected(
-                request, asyncio.to_thread(self.classifier.predict, texts, truncate=bool(body.truncate)))
+            results = await until_disconnected(request, asyncio.to_thread(self._predict, texts, bool(body.truncate)))
         except InvalidRequestError as exc:
             raise ApiError(400, str(exc), param="input") from None
         labels = list(self.classifier.labels)
