@@ -167,14 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     from leapllm.cli.bench_cmd import add_bench_parser
+    from leapllm.cli.classify_cmd import add_classify_parser
     from leapllm.cli.profile_cmd import add_profile_parser
     from leapllm.cli.embed_cmd import add_embed_parser
+    from leapllm.cli.eval_cmd import add_eval_parser
     from leapllm.cli.serve_cmd import add_serve_parser
 
     add_profile_parser(sub)
     add_bench_parser(sub)
     add_serve_parser(sub)
+    add_classify_parser(sub)
     add_embed_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
