@@ -39,6 +39,7 @@ def test_embeddings_match_transformers_within_1e_4(embedder, hf_encoder):
     assert ours.shape == (len(TEXTS), 384) and ours.dtype == np.float32
     assert np.abs(ours - ref).max() < 1e-4
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)  # the Normalize module is applied
+    assert embedder.name == "all-MiniLM-L6-v2"
 
 
 def test_token_ids_match_the_reference_tokenizer(embedder, hf_encoder):

