@@ -22,14 +22,16 @@ def test_int4_round_to_nearest_error_is_at_most_half_a_step(group_size):
 
 
 @pytest.mark.parametrize("rows", [1, 7, 40])
-def test_int4_linear_equals_a_float_linear_on_the_dequantized_weights(rows):
+def test_int4_linear_equals_a_float_linear_on_the_dequantized_weights_up_to_bfloat16(rows):
     torch.manual_seed(0)
     linear = nn.Linear(576, 1536, bias=True)
     q4 = Int4Linear.from_linear(linear, 64)
     deq = dequantize_int4_groupwise(*quantize_int4_groupwise(linear.weight, 64))
     x = torch.randn(2, rows, 576)
     expected = x @ deq.t() + linear.bias
-    assert torch.allclose(q4(x), expected, atol=2e-3, rtol=1e-3)
+    out = q4(x)
+    # The kernels take bfloat16 activations and scales: about 3 significant digits.
+    assert out.dtype == x.dtype and ((out - expected).norm() / expected.norm()) < 5e-3
 
 
 def test_int4_group_size_must_be_supported_and_divide_the_input():
@@ -44,7 +46,7 @@ def test_int8_linear_stays_within_a_percent_of_float(rows):
     torch.manual_seed(0)
     linear = nn.Linear(384, 1536)
     x = torch.randn(rows, 384)
-    ref, out = linear(x), Int8Linear(linear)(x)
+    ref, out = linear(x), Int8Linear.from_linear(linear)(x)
     assert ((out - ref).norm() / ref.norm()) < 0.01
 
 

@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     from leapllm.cli.profile_cmd import add_profile_parser
     from leapllm.cli.embed_cmd import add_embed_parser
     from leapllm.cli.eval_cmd import add_eval_parser
+    from leapllm.cli.quantize_cmd import add_quantize_parser
     from leapllm.cli.serve_cmd import add_serve_parser
 
     add_profile_parser(sub)
@@ -178,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_classify_parser(sub)
     add_embed_parser(sub)
+    add_quantize_parser(sub)
     add_eval_parser(sub)
     return parser
 

@@ -23,13 +23,18 @@ def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        """q (out, in) int8 and scale (out,): weight ~ q * scale[:, None]."""
         super().__init__()
-        q, scale = quantize_per_channel_int8(linear.weight)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = q.shape
         self.register_buffer("weight_t", q.t().contiguous().t())  # (out, in) int8, so .t() is (in, out) contiguous
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.register_buffer("weight_scale", scale.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        q, scale = quantize_per_channel_int8(linear.weight)
+        return cls(q, scale, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
@@ -53,7 +58,7 @@ def quantize_linears_int8(module: nn.Module) -> nn.Module:
     """Replace every nn.Linear inside module by an Int8Linear, in place; returns module."""
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear(child))
+            setattr(module, name, Int8Linear.from_linear(child))
         else:
             quantize_linears_int8(child)
     return module

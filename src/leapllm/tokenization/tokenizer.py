@@ -401,6 +401,23 @@ class Tokenizer:
         stop_ids.update(i for i in by_name.values() if i is not None)
         return frozenset(stop_ids)
 
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and generation_config.json, which
+        `from_pretrained_dir` reads back into an equivalent tokenizer (so a model saved from a GGUF
+        file keeps its tokenizer, chat template and end-of-turn ids)."""
+        folder = Path(folder)
+        self._backend.save(str(folder / "tokenizer.json"))
+        config: dict[str, Any] = {"add_bos_token": self.add_bos}
+        for key, token_id in (("bos_token", self.bos_token_id), ("eos_token", self.eos_token_id),
+                              ("pad_token", self.pad_token_id)):
+            if token_id is not None:
+                config[key] = self.id_to_token(token_id)
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        eos_ids = sorted(self.stop_token_ids)
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_ids}), encoding="utf-8")
+
     # ---------------------------------------------------------------- text <-> ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -1,0 +1,77 @@
+"""`leapllm quantize`: folders that every `--model` path loads, with the quantized layers inside."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leapllm import LLM
+from leapllm.cli.main import main
+from leapllm.compression.int4 import Int4Linear, pack_nibbles, unpack_nibbles
+from leapllm.compression.int8 import Int8Linear
+from leapllm.engine.sampling import SamplingParams
+from leapllm.tokenization import Tokenizer
+from tests.cli_helpers import assert_one_line_error
+
+PROMPT = "The history of the printing press begins in the fifteenth century, when"
+
+
+@pytest.fixture(scope="module")
+def quantized_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantized")
+    for method in ("int4", "int8"):
+        assert main(["quantize", "--method", method, "-o", str(root / method)]) == 0
+    return root
+
+
+def test_nibble_packing_round_trips():
+    q = torch.randint(0, 16, (6, 64), dtype=torch.uint8)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q)), q)
+
+
+def test_saved_tokenizer_reads_back_with_the_same_ids_chat_and_stops(llm, tmp_path):
+    llm.tokenizer.save_pretrained(tmp_path)
+    again = Tokenizer.from_pretrained_dir(tmp_path)
+    text = "Hello, world! 你好 🌦️ def f(x): return x"
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert again.encode(text) == llm.tokenizer.encode(text)
+    assert again.encode_chat(messages) == llm.tokenizer.encode_chat(messages)
+    assert again.stop_token_ids == llm.tokenizer.stop_token_ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, layer_type", [("int4", Int4Linear), ("int8", Int8Linear)])
+def test_quantized_folder_loads_with_quantized_layers_and_stays_close_to_float(llm, quantized_folders, method,
+                                                                                layer_type):
+    q = LLM(quantized_folders / method, dtype="float32", device="cpu")
+    assert isinstance(q.model.layers[0].mlp.gate_up_proj, layer_type) and isinstance(q.model.lm_head, layer_type)
+    ids = llm.encode(PROMPT)
+    with torch.inference_mode():
+        ref = torch.log_softmax(llm.model(torch.tensor([ids])), -1)[0]
+        got = torch.log_softmax(q.model(torch.tensor([ids])), -1)[0]
+    kl = (ref.exp() * (ref - got)).sum(-1).mean()
+    top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean()
+    assert kl < 0.1 and top1 > 0.8, (float(kl), float(top1))
+    out = q.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 8 and out.text.strip()
+    assert q.metadata["quantization"]["method"] == method
+
+
+def test_bad_settings_are_one_line_errors(capsys, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    assert_one_line_error(capsys, ["quantize", "--method", "int4", "-o", str(tmp_path / "taken")], "not an empty")
+    assert_one_line_error(capsys, ["quantize", "--method", "int4", "--group-size", "48", "-o", str(tmp_path / "a")],
+                          "group size")
+    assert_one_line_error(capsys, ["quantize", "--method", "int4", "-o", str(tmp_path / "no" / "x")],
+                          "does not exist")
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_folder_missing_its_tensors_is_a_load_error(quantized_folders, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(quantized_folders / "int8", broken)
+    (broken / "model.safetensors").write_bytes(b"truncated")
+    assert_one_line_error(capsys, ["generate", "hi", "--model", str(broken), "--max-tokens", "2"], "quantized model")
