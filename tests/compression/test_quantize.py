@@ -75,3 +75,16 @@ def test_a_folder_missing_its_tensors_is_a_load_error(quantized_folders, tmp_pat
     shutil.copytree(quantized_folders / "int8", broken)
     (broken / "model.safetensors").write_bytes(b"truncated")
     assert_one_line_error(capsys, ["generate", "hi", "--model", str(broken), "--max-tokens", "2"], "quantized model")
+
+
+@pytest.mark.slow
+def test_profiler_times_quantized_projections_and_counts_their_real_bytes(quantized_folders):
+    from leapllm.profiling.costs import linear_cost
+    from leapllm.profiling.stages import quantized_weight_bytes, stage_modules
+
+    q = LLM(quantized_folders / "int4", dtype="float32", device="cpu")
+    stages = [stage for stage, _, _ in stage_modules(q.model)]
+    assert stages.count("gate_up_proj") == q.config.num_layers and "lm_head" in stages
+    assert quantized_weight_bytes(q.model) == pytest.approx(0.5 + 4 / 32)
+    float_cost, int4_cost = linear_cost(1, 576, 1536, 4), linear_cost(1, 576, 1536, 4, weight_e=0.625)
+    assert int4_cost.weight_bytes == pytest.approx(float_cost.weight_bytes * 0.625 / 4)

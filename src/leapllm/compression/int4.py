@@ -97,5 +97,10 @@ class Int4Linear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
+    @property
+    def bytes_per_weight(self) -> float:
+        """What a matmul reads per weight: half a byte, plus a bfloat16 scale and zero per group."""
+        return 0.5 + 4 / self.group_size
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"

@@ -50,6 +50,11 @@ class Int8Linear(nn.Module):
             out = out + self.bias
         return out.to(dtype).reshape(*shape[:-1], self.out_features)
 
+    @property
+    def bytes_per_weight(self) -> float:
+        """One byte per weight plus a float32 scale per output row."""
+        return 1 + 4 / self.in_features
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel weights"
 

@@ -60,12 +60,13 @@ class Cost:
         return {**asdict(self), "bytes": self.bytes}
 
 
-def linear_cost(rows: int, d_in: int, d_out: int, e: int, bias: bool = False) -> Cost:
+def linear_cost(rows: int, d_in: int, d_out: int, e: int, bias: bool = False, weight_e: float | None = None) -> Cost:
     """y = x W^T (+ b) on `rows` rows: FLOPs 2 * rows * d_in * d_out (+ rows * d_out for the bias);
-    bytes: the weight d_in * d_out * e (+ d_out * e), the input rows * d_in * e, the output rows * d_out * e."""
+    bytes: the weight d_in * d_out * e (+ d_out * e), the input rows * d_in * e, the output rows * d_out * e.
+    weight_e: bytes per weight when the weights are quantized (scales included), else e."""
     return Cost(
         flops=2 * rows * d_in * d_out + (rows * d_out if bias else 0),
-        weight_bytes=(d_in * d_out + (d_out if bias else 0)) * e,
+        weight_bytes=d_in * d_out * (e if weight_e is None else weight_e) + (d_out * e if bias else 0),
         activation_bytes=(rows * d_in + rows * d_out) * e,
     )
 
@@ -128,29 +129,32 @@ def sampling_cost(batch: int, vocab: int) -> Cost:
     return Cost(flops=SAMPLING_FLOPS_PER_ENTRY * batch * vocab, activation_bytes=batch * vocab * LOGITS_BYTES)
 
 
-def layer_costs(c: ModelConfig, batch: int, new: int, cached: int, e: int) -> dict[str, Cost]:
-    """The stages of one transformer block for one step (both of its RMSNorms under "norm")."""
+def layer_costs(c: ModelConfig, batch: int, new: int, cached: int, e: int,
+                weight_e: float | None = None) -> dict[str, Cost]:
+    """The stages of one transformer block for one step (both of its RMSNorms under "norm");
+    weight_e: bytes per projection weight of a quantized model."""
     n = batch * new
     return {
         "norm": 2 * norm_cost(n, c.hidden_size, e),
-        "qkv_proj": linear_cost(n, c.hidden_size, c.q_size + 2 * c.kv_size, e, bias=c.attention_bias),
+        "qkv_proj": linear_cost(n, c.hidden_size, c.q_size + 2 * c.kv_size, e, bias=c.attention_bias, weight_e=weight_e),
         "rotary": rotary_cost(c, batch, new, e),
         "attention": attention_cost(c, batch, new, cached, e),
-        "o_proj": linear_cost(n, c.q_size, c.hidden_size, e),
-        "gate_up_proj": linear_cost(n, c.hidden_size, 2 * c.intermediate_size, e),
+        "o_proj": linear_cost(n, c.q_size, c.hidden_size, e, weight_e=weight_e),
+        "gate_up_proj": linear_cost(n, c.hidden_size, 2 * c.intermediate_size, e, weight_e=weight_e),
         "activation": activation_cost(n, c.intermediate_size, e),
-        "down_proj": linear_cost(n, c.intermediate_size, c.hidden_size, e),
+        "down_proj": linear_cost(n, c.intermediate_size, c.hidden_size, e, weight_e=weight_e),
     }
 
 
-def step_costs(c: ModelConfig, batch: int, new: int, cached: int, e: int) -> dict[str, Cost]:
+def step_costs(c: ModelConfig, batch: int, new: int, cached: int, e: int,
+               weight_e: float | None = None) -> dict[str, Cost]:
     """Every measured stage of one step `model(tokens (B, T), start_pos=C, cache, last_only=True)`
     followed by sampling: all blocks, plus the embedding, the final norm and the output head on the
     last position of each sequence only (B rows), and greedy sampling."""
-    costs = {stage: cost * c.num_layers for stage, cost in layer_costs(c, batch, new, cached, e).items()}
+    costs = {stage: cost * c.num_layers for stage, cost in layer_costs(c, batch, new, cached, e, weight_e).items()}
     costs["norm"] = costs["norm"] + norm_cost(batch, c.hidden_size, e)  # the final norm, last position
     costs["embedding"] = embedding_cost(batch * new, c.hidden_size, e)
-    costs["lm_head"] = linear_cost(batch, c.hidden_size, c.vocab_size, e)
+    costs["lm_head"] = linear_cost(batch, c.hidden_size, c.vocab_size, e, weight_e=weight_e)
     costs["sampling"] = sampling_cost(batch, c.vocab_size)
     return costs
 
@@ -163,10 +167,11 @@ def sum_costs(steps: list[dict[str, Cost]]) -> dict[str, Cost]:
     return total
 
 
-def phase_costs(c: ModelConfig, batch: int, prompt_len: int, gen_len: int, e: int) -> dict[str, dict[str, Cost]]:
+def phase_costs(c: ModelConfig, batch: int, prompt_len: int, gen_len: int, e: int,
+                weight_e: float | None = None) -> dict[str, dict[str, Cost]]:
     """{"prefill": one step of T = prompt_len on an empty cache, "decode": gen_len steps of T = 1,
     summed, the j-th (0-based) with C = prompt_len + j cached tokens}."""
     return {
-        "prefill": step_costs(c, batch, prompt_len, 0, e),
-        "decode": sum_costs([step_costs(c, batch, 1, prompt_len + j, e) for j in range(gen_len)]),
+        "prefill": step_costs(c, batch, prompt_len, 0, e, weight_e),
+        "decode": sum_costs([step_costs(c, batch, 1, prompt_len + j, e, weight_e) for j in range(gen_len)]),
     }

@@ -20,7 +20,11 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from leapllm.compression.int4 import Int4Linear
+from leapllm.compression.int8 import Int8Linear
 from leapllm.model.llama import AttentionCore, RMSNorm, RotaryEmbedding, SiluAndMul
+
+LINEAR_TYPES = (nn.Linear, Int4Linear, Int8Linear)
 
 # In the order they run. "other" is everything the stages do not cover: Python, tensor glue
 # (reshapes, residual adds, building the next step's input), and in a profiled run the hooks' own cost.
@@ -62,9 +66,15 @@ def stage_of(name: str, module: nn.Module) -> str | None:
         return "activation"
     if isinstance(module, nn.Embedding) and leaf == "embed_tokens":
         return "embedding"
-    if isinstance(module, nn.Linear) and leaf in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"):
+    if isinstance(module, LINEAR_TYPES) and leaf in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"):
         return leaf
     return None
+
+
+def quantized_weight_bytes(model: nn.Module) -> float | None:
+    """Bytes per projection weight (scales included) of a `leapllm quantize` model; None for float ones."""
+    layer = model.layers[0].mlp.gate_up_proj
+    return layer.bytes_per_weight if isinstance(layer, (Int4Linear, Int8Linear)) else None
 
 
 def layer_of(name: str) -> int:
