@@ -18,6 +18,17 @@ from leapllm.loading.loader import load_model
 Prompt = str | list[int]
 
 
+def generation_timings(start: float, first: float, end: float, prompt_tokens: int, output_tokens: int) -> dict:
+    """GenerationOutput.timings from the clock at the start, at the first token and at the end."""
+    decode_tokens = output_tokens - 1  # the first token comes out of the prefill
+    return {
+        "time_to_first_token_s": first - start,
+        "total_s": end - start,
+        "prefill_tokens_per_s": prompt_tokens / (first - start) if first > start else 0.0,
+        "decode_tokens_per_s": decode_tokens / (end - first) if decode_tokens > 0 and end > first else 0.0,
+    }
+
+
 class LLM:
     """A loaded model and tokenizer.
 
@@ -79,13 +90,7 @@ class LLM:
             if on_text is not None and chunk.text:
                 on_text(chunk.text)
         end = time.perf_counter()
-        decode_tokens = len(token_ids) - 1  # the first token comes out of the prefill
-        timings = {
-            "time_to_first_token_s": first - start,
-            "total_s": end - start,
-            "prefill_tokens_per_s": len(prompt_ids) / (first - start),
-            "decode_tokens_per_s": decode_tokens / (end - first) if decode_tokens and end > first else 0.0,
-        }
+        timings = generation_timings(start, first, end, len(prompt_ids), len(token_ids))
         return GenerationOutput(
             prompt=prompt if prompt is not None else self.tokenizer.decode(prompt_ids),
             text="".join(pieces), token_ids=token_ids, prompt_token_ids=prompt_ids,
@@ -126,14 +131,7 @@ class LLM:
         for p, request_id, prompt_ids in zip(prompts, ids, encoded):
             outs, last = done[request_id], finals[request_id]
             token_ids = [t for o in outs for t in o.new_token_ids]
-            first = last.first_token_time or end
-            decode_tokens = len(token_ids) - 1
-            timings = {
-                "time_to_first_token_s": first - start,
-                "total_s": end - start,
-                "prefill_tokens_per_s": len(prompt_ids) / (first - start) if first > start else 0.0,
-                "decode_tokens_per_s": decode_tokens / (end - first) if decode_tokens > 0 and end > first else 0.0,
-            }
+            timings = generation_timings(start, last.first_token_time or end, end, len(prompt_ids), len(token_ids))
             results.append(GenerationOutput(
                 prompt=p if isinstance(p, str) else self.tokenizer.decode(prompt_ids),
                 text="".join(o.new_text for o in outs), token_ids=token_ids, prompt_token_ids=prompt_ids,

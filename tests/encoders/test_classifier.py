@@ -11,7 +11,8 @@ import pytest
 
 from leapllm.encoders import classifier as classifier_module
 from leapllm.encoders.classifier import (CONFIG_FILE, WEIGHTS_FILE, TextClassifier, read_labeled_texts,
-                                         train_classifier, write_folder_atomically)
+                                         train_classifier)
+from leapllm.output_files import write_folder_atomically
 from leapllm.errors import InvalidRequestError, ModelLoadError
 from tests.encoders.conftest import write_csv, write_jsonl
 

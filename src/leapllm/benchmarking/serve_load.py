@@ -239,6 +239,8 @@ def run_serve_bench(settings: LoadSettings, *, model: str | None, url: str | Non
                     baseline: bool, dtype: str, threads: int | None, timeout: float,
                     command: str | None = None) -> dict:
     """Measure the batch-1 baseline (unless --url or --no-baseline) and each concurrency level."""
+    import torch
+
     from leapllm.llm import LLM
     from leapllm.profiling.machine import device_name
     from leapllm.reference_text import reference_token_ids
@@ -283,7 +285,7 @@ def run_serve_bench(settings: LoadSettings, *, model: str | None, url: str | Non
                                      if base and base["output_tokens_per_s"] else None)
     return {
         "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "url": url if server is None else None,
-        "machine": {"cpu": device_name(__import__("torch").device("cpu")), "cores": os.cpu_count()},
+        "machine": {"cpu": device_name(torch.device("cpu")), "cores": os.cpu_count()},
         "settings": {"prompt_len": settings.prompt_len, "output_len": settings.output_len,
                      "request_rate": settings.request_rate, "concurrency": settings.concurrency,
                      "serve_args": serve_args if server is not None else None},

@@ -88,7 +88,8 @@ def cmd_bench_serve(args) -> int:
     settings.validate()
     if args.threads is not None and args.threads < 1:
         raise InvalidRequestError("--threads must be at least 1")
-    outputs = [check_writable(p) for p in (args.json, args.markdown) if p is not None]
+    json_path = check_writable(args.json) if args.json else None  # before the long run
+    markdown_path = check_writable(args.markdown) if args.markdown else None
     serve_args = ["--dtype", args.dtype, "--max-num-seqs", str(max(concurrency))]
     if args.model:
         serve_args += ["--model", args.model]
@@ -103,10 +104,10 @@ def cmd_bench_serve(args) -> int:
         baseline=not args.no_baseline and args.url is None, dtype=args.dtype, threads=args.threads,
         timeout=args.timeout, command=typed_command())
     serve_load.print_report(report)
-    if args.json:
-        atomic_write(outputs[0], json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        atomic_write(outputs[-1], serve_load.markdown(report))
+    if json_path is not None:
+        atomic_write(json_path, json.dumps(report, indent=2) + "\n")
+    if markdown_path is not None:
+        atomic_write(markdown_path, serve_load.markdown(report))
     return 1 if any(r["failed"] for r in report["levels"]) else 0
 
 

@@ -25,17 +25,10 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_quantize(args) -> int:
-    from pathlib import Path
-
-    from leapllm.compression.quantize import check_settings, quantize_model, save_quantized
-    from leapllm.errors import InvalidRequestError
+    from leapllm.compression.quantize import check_output_folder, check_settings, quantize_model, save_quantized
     from leapllm.loading.loader import load_model
 
-    out = Path(args.output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InvalidRequestError(f"{out} already exists and is not an empty folder")
-    if not out.parent.is_dir():
-        raise InvalidRequestError(f"cannot write {out}: folder {out.parent} does not exist")
+    out = check_output_folder(args.output)  # before the slow load
     start = time.perf_counter()
     loaded = load_model(args.model, dtype="float32", device="cpu")
     check_settings(args.method, args.group_size, loaded.config)

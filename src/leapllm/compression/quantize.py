@@ -16,9 +16,6 @@ interrupted run never leaves a folder that loads half a model.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,6 +35,7 @@ from leapllm.compression.int8 import Int8Linear, quantize_per_channel_int8
 from leapllm.errors import InvalidRequestError, ModelLoadError
 from leapllm.model.config import ModelConfig
 from leapllm.model.llama import Transformer, rotary_inv_freq
+from leapllm.output_files import write_folder_atomically
 
 METHODS = ("int8", "int4")
 QUANT_FILE = "quantization.json"
@@ -96,16 +94,23 @@ def quantize_model(model: Transformer, method: str, group_size: int = 32) -> dic
     return saved
 
 
-def save_quantized(folder: str | Path, config: ModelConfig, tokenizer, tensors: dict[str, torch.Tensor],
-                   meta: dict) -> Path:
-    """Write the folder atomically: a temporary sibling, renamed into place at the end."""
+def check_output_folder(folder: str | Path) -> Path:
+    """A quantized model goes into a new (or empty) folder whose parent exists."""
     out = Path(folder)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidRequestError(f"{out} already exists and is not an empty folder")
     if not out.parent.is_dir():
         raise InvalidRequestError(f"cannot write {out}: folder {out.parent} does not exist")
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    return out
+
+
+def save_quantized(folder: str | Path, config: ModelConfig, tokenizer, tensors: dict[str, torch.Tensor],
+                   meta: dict) -> Path:
+    """Write the folder atomically (output_files.write_folder_atomically): a temporary sibling, renamed
+    into place at the end."""
+    out = check_output_folder(folder)
+
+    def write_files(staging: Path) -> None:
         cfg = asdict(config)
         cfg["extra"] = {}
         if config.rope_scaling and config.rope_scaling.get("type") == "freq_factors":
@@ -114,12 +119,8 @@ def save_quantized(folder: str | Path, config: ModelConfig, tokenizer, tensors: 
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(staging / "model.safetensors"))
         (staging / QUANT_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         tokenizer.save_pretrained(staging)
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    write_folder_atomically(out, write_files)
     return out
 
 

