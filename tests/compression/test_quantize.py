@@ -74,7 +74,7 @@ def test_a_folder_missing_its_tensors_is_a_load_error(quantized_folders, tmp_pat
     broken = tmp_path / "broken"
     shutil.copytree(quantized_folders / "int8", broken)
     (broken / "model.safetensors").write_bytes(b"truncated")
-    assert_one_line_error(capsys, ["generate", "hi", "--model", str(broken), "--max-tokens", "2"], "quantized model")
+    assert_one_line_error(capsys, ["generate", "hi", "--model", str(broken), "--max-tokens", "2"], "model folder")
 
 
 @pytest.mark.slow

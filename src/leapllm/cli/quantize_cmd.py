@@ -25,17 +25,19 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_quantize(args) -> int:
-    from leapllm.compression.quantize import check_output_folder, check_settings, quantize_model, save_quantized
+    from leapllm.compression.model_folder import check_output_folder, save_model_folder
+    from leapllm.compression.quantize import check_settings, quantize_model
     from leapllm.loading.loader import load_model
 
     out = check_output_folder(args.output)  # before the slow load
     start = time.perf_counter()
     loaded = load_model(args.model, dtype="float32", device="cpu")
-    check_settings(args.method, args.group_size, loaded.config)
+    check_settings(args.method, args.group_size, loaded.model)
     tensors = quantize_model(loaded.model, args.method, args.group_size)
-    meta = {"method": args.method, "group_size": args.group_size if args.method == "int4" else None,
-            "algorithm": "round-to-nearest", "source": loaded.path.name}
-    save_quantized(out, loaded.config, loaded.tokenizer, tensors, meta)
+    quant = {"method": args.method, "group_size": args.group_size if args.method == "int4" else None,
+             "algorithm": "round-to-nearest"}
+    history = loaded.metadata.get("history", []) + [{**quant, "source": loaded.path.name}]
+    save_model_folder(out, loaded.config, loaded.tokenizer, tensors, quant, history)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"leapllm: wrote {args.method} model to {out} ({size / 2**20:.1f} MiB, "
           f"{time.perf_counter() - start:.1f} s)", file=sys.stderr)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from leapllm.compression.quantize import is_quantized_folder, load_quantized
+from leapllm.compression.model_folder import is_model_folder, load_model_folder
 from leapllm.errors import ModelLoadError
 from leapllm.loading.default_model import default_model_path
 from leapllm.loading.gguf_loader import load_gguf
@@ -70,10 +70,10 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None =
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     metadata: dict[str, Any] = {}
-    if is_quantized_folder(path):  # written by `leapllm quantize`
-        model, quant = load_quantized(path, torch_dtype, dev)
+    if is_model_folder(path):  # written by `leapllm quantize`, `prune` or `distill`
+        model, meta = load_model_folder(path, torch_dtype, dev)
         tokenizer = Tokenizer.from_pretrained_dir(path)
-        return LoadedModel(model, tokenizer, path, time.perf_counter() - start, {"quantization": quant})
+        return LoadedModel(model, tokenizer, path, time.perf_counter() - start, meta)
     if path.is_dir():
         config, tensors = load_safetensors_folder(path)
         tokenizer = Tokenizer.from_pretrained_dir(path)
