@@ -55,3 +55,27 @@ def test_quantize_linears_int8_replaces_every_linear_in_place():
     quantize_linears_int8(model)
     assert isinstance(model[0], Int8Linear) and isinstance(model[2][0], Int8Linear)
     assert model(torch.randn(5, 32)).shape == (5, 32)
+
+
+def test_int8_two_activation_digits_reach_weight_only_accuracy_where_one_digit_does_not():
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 512, bias=False)
+    x = torch.randn(8, 576)
+    x[:, 3] *= 60  # an outlier channel, as in real decoder activations, makes the per-token step coarse
+    q, scale = Int8Linear.from_linear(linear).weight_t, Int8Linear.from_linear(linear).weight_scale
+    weight_only = x @ (q.float() * scale[:, None]).t()  # int8 weights, exact float activations
+    one, two = (Int8Linear.from_linear(linear, digits)(x) for digits in (1, 2))
+    err = lambda out: ((out - weight_only).norm() / weight_only.norm()).item()  # noqa: E731
+    assert err(two) < 1e-3 and err(two) < err(one) / 50
+
+
+def test_int8_activation_digits_must_be_one_or_two():
+    with pytest.raises(ValueError, match="1 or 2"):
+        Int8Linear.from_linear(nn.Linear(8, 8), 3)
+
+
+def test_int4_clip_ratio_shrinks_each_groups_range():
+    w = torch.linspace(-1, 1, 64).repeat(2, 1)
+    _, full_scale, full_min = quantize_int4_groupwise(w, 32)
+    _, scale, minimum = quantize_int4_groupwise(w, 32, torch.full((2, 2), 0.5))
+    assert torch.allclose(scale, full_scale * 0.5) and torch.allclose(minimum, full_min * 0.5)

@@ -68,6 +68,32 @@ def test_bad_settings_are_one_line_errors(capsys, tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+def test_calibration_is_for_int4_and_must_be_a_long_enough_readable_text(capsys, tmp_path):
+    out = str(tmp_path / "q")
+    assert_one_line_error(capsys, ["quantize", "--method", "int8", "--calib", "builtin:python-docs", "-o", out],
+                          "--calib is for --method int4")
+    assert_one_line_error(capsys, ["quantize", "--method", "int4", "--calib", str(tmp_path / "none.txt"), "-o", out],
+                          "does not exist")
+    assert_one_line_error(capsys, ["quantize", "--method", "int4", "--calib", "builtin:python-docs",
+                                   "--calib-tokens", "100", "-o", out], "at least 512")
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.slow
+def test_activation_aware_int4_beats_round_to_nearest_on_held_out_text(quantized_folders):
+    from leapllm.evaluation.perplexity import perplexity
+    from leapllm.evaluation.texts import load_text
+
+    awq_folder = quantized_folders / "int4-awq"
+    assert main(["quantize", "--method", "int4", "--calib", "builtin:python-docs", "--calib-tokens", "4096",
+                 "-o", str(awq_folder)]) == 0
+    rtn, awq = (LLM(quantized_folders / name, dtype="float32", device="cpu") for name in ("int4", "int4-awq"))
+    assert awq.metadata["quantization"]["algorithm"] == "activation-aware"
+    assert [step["method"] for step in awq.metadata["history"]] == ["int4"]
+    ids = rtn.tokenizer.encode(load_text("builtin:python-docs-heldout"))[:2048]
+    assert perplexity(awq.model, ids).perplexity < perplexity(rtn.model, ids).perplexity
+
+
 def test_a_folder_missing_its_tensors_is_a_load_error(quantized_folders, tmp_path, capsys):
     import shutil
 

@@ -28,11 +28,17 @@ def check_group_size(in_features: int, group_size: int, name: str = "weight") ->
         raise InvalidRequestError(f"group size {group_size} does not divide {name}'s {in_features} input features")
 
 
-def quantize_int4_groupwise(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """weight (N, K) float -> (q (N, K) uint8 in [0, 15], scale (N, K/group), minimum (N, K/group)), round to nearest."""
+def quantize_int4_groupwise(weight: torch.Tensor, group_size: int, clip: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight (N, K) float -> (q (N, K) uint8 in [0, 15], scale (N, K/group), minimum (N, K/group)), round to nearest.
+
+    clip (N, K/group), optional: shrink each group's [min, max] range by this ratio (<= 1) first,
+    trading a few clipped outliers for finer steps (see awq.py)."""
     n, k = weight.shape
     w = weight.detach().float().reshape(n, k // group_size, group_size)
     lo, hi = w.amin(-1), w.amax(-1)
+    if clip is not None:
+        lo, hi = lo * clip, hi * clip
     scale = ((hi - lo) / 15).clamp(min=1e-8)
     q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
     return q.reshape(n, k), scale, lo

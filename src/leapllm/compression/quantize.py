@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from leapllm.compression.awq import apply_awq
 from leapllm.compression.int4 import (
     Int4Linear,
     check_group_size,
@@ -43,10 +44,11 @@ def quantized_linears(model: Transformer) -> list[tuple[str, nn.Module, str]]:
     return out + [("lm_head", model, "lm_head")]
 
 
-def quantize_tensors(weight: torch.Tensor, method: str, group_size: int) -> dict[str, torch.Tensor]:
+def quantize_tensors(weight: torch.Tensor, method: str, group_size: int,
+                     clip: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     if method == "int4":
         # Saved as two values per byte, scales and minimums in float16: ~0.56 bytes per weight at group 32.
-        q, scale, minimum = quantize_int4_groupwise(weight, group_size)
+        q, scale, minimum = quantize_int4_groupwise(weight, group_size, clip)
         return {"qweight": pack_nibbles(q), "scales": scale.half(), "mins": minimum.half()}
     q, scale = quantize_per_channel_int8(weight)
     return {"qweight": q, "scales": scale}
@@ -55,7 +57,8 @@ def quantize_tensors(weight: torch.Tensor, method: str, group_size: int) -> dict
 def quantized_module(parts: dict[str, torch.Tensor], bias: torch.Tensor | None, method: str, device) -> nn.Module:
     if method == "int4":
         return Int4Linear(unpack_nibbles(parts["qweight"]), parts["scales"].float(), parts["mins"].float(), bias, device)
-    return Int8Linear(parts["qweight"].to(device), parts["scales"].to(device), None if bias is None else bias.to(device))
+    return Int8Linear(parts["qweight"].to(device), parts["scales"].to(device), None if bias is None else bias.to(device),
+                      activation_digits=2)  # weight-only accuracy for decoders, see int8.py
 
 
 def check_settings(method: str, group_size: int, model: Transformer) -> None:
@@ -69,14 +72,23 @@ def check_settings(method: str, group_size: int, model: Transformer) -> None:
             check_group_size(linear.in_features, group_size, name)
 
 
-def quantize_model(model: Transformer, method: str, group_size: int = 32) -> dict[str, torch.Tensor]:
-    """Replace the model's Linear layers in place; returns the tensors to save (quantized and float)."""
+def quantize_model(model: Transformer, method: str, group_size: int = 32,
+                   calibration_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Replace the model's Linear layers in place; returns the tensors to save (quantized and float).
+
+    With calibration token ids, int4 is activation-aware (awq.py): weights are rescaled against the
+    calibration activations and each group's range is searched, instead of plain round to nearest."""
     check_settings(method, group_size, model)
     device = model.device
+    clips: dict[str, torch.Tensor] = {}
+    if calibration_ids is not None:
+        if method != "int4":
+            raise InvalidRequestError("a calibration text is used by int4 (activation-aware); int8 needs none")
+        clips = apply_awq(model, calibration_ids, group_size)
     quantized: dict[str, torch.Tensor] = {}
     for name, parent, attr in quantized_linears(model):
         linear = getattr(parent, attr)
-        parts = quantize_tensors(linear.weight, method, group_size)
+        parts = quantize_tensors(linear.weight, method, group_size, clips.get(name))
         quantized |= {f"{name}.{k}": v for k, v in parts.items()}
         if linear.bias is not None:
             quantized[f"{name}.bias"] = linear.bias.detach()
