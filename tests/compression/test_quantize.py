@@ -80,6 +80,17 @@ def test_calibration_is_for_int4_and_must_be_a_long_enough_readable_text(capsys,
 
 
 @pytest.mark.slow
+def test_the_head_can_be_quantized_apart_from_the_projections(quantized_folders):
+    folder = quantized_folders / "int4-int8-head"
+    assert main(["quantize", "--method", "int4", "--head", "int8", "-o", str(folder)]) == 0
+    q = LLM(folder, dtype="float32", device="cpu")
+    assert isinstance(q.model.layers[0].attn.qkv_proj, Int4Linear) and isinstance(q.model.lm_head, Int8Linear)
+    assert q.metadata["quantization"]["head_method"] == "int8"
+    out = q.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4
+
+
+@pytest.mark.slow
 def test_activation_aware_int4_beats_round_to_nearest_on_held_out_text(quantized_folders):
     from leapllm.evaluation.perplexity import perplexity
     from leapllm.evaluation.texts import load_text

@@ -47,8 +47,52 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write every timing, median, ratio and the machine as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the tables as markdown")
     p.set_defaults(func=cmd_bench)
-    add_bench_serve_parser(p.add_subparsers(dest="bench_command", metavar="{serve}"))
+    sub = p.add_subparsers(dest="bench_command", metavar="{serve,compression}")
+    add_bench_serve_parser(sub)
+    add_bench_compression_parser(sub)
     return p
+
+
+def add_bench_compression_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compression", help="every quantization, pruning and distillation of a model: size, memory, speed, quality",
+        description="Build each compressed variant with leapllm quantize / prune / distill, measure each in a fresh "
+                    "process (folder size, peak memory, batch-1 decode tokens/s, held-out perplexity) and report "
+                    "the ratios to float32 from the same run.")
+    p.add_argument("--model", metavar="PATH", help="the source model (default: the default model)")
+    p.add_argument("--only", help="comma list of variants to run (default: all; see the table for names)")
+    p.add_argument("--work-dir", metavar="DIR", help="where variant folders are built (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the built folders (with --work-dir, reruns reuse them)")
+    p.add_argument("--distill-steps", type=int, default=None, help="distillation steps (default: distill's default)")
+    p.add_argument("--eval-tokens", type=int, default=6000, help="held-out tokens scored for perplexity (default 6000)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens per timed decode (default 64)")
+    p.add_argument("--repeats", type=int, default=3, help="timed decodes per variant; the median is kept")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the measuring processes")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
+    p.set_defaults(func=cmd_bench_compression)
+
+
+def cmd_bench_compression(args) -> int:
+    from leapllm.benchmarking import compression_table as ct
+    from leapllm.benchmarking.harness import names_list
+    from leapllm.output_files import atomic_write, check_writable
+
+    settings = ct.TableSettings(model=args.model, work_dir=args.work_dir, only=names_list(args.only) or None,
+                                distill_steps=args.distill_steps, eval_tokens=args.eval_tokens,
+                                decode_tokens=args.decode_tokens, repeats=args.repeats, threads=args.threads,
+                                keep=args.keep)
+    settings.validate()
+    json_path = check_writable(args.json) if args.json else None  # before the long run
+    markdown_path = check_writable(args.markdown) if args.markdown else None
+    report = ct.run_table(settings, command=typed_command())
+    table = ct.markdown(report)
+    print(table)
+    if json_path is not None:
+        atomic_write(json_path, json.dumps(report, indent=2) + "\n")
+    if markdown_path is not None:
+        atomic_write(markdown_path, table)
+    return 1 if any(r["status"] != "ok" for r in report["rows"]) else 0
 
 
 def add_bench_serve_parser(subparsers) -> None:

@@ -3,7 +3,7 @@
     config.json        {"leapllm_config": ModelConfig as JSON}: the shape, per-layer sizes included
     model.safetensors  the Transformer's tensors under its own parameter names; a quantized layer
                        `<name>` is stored as `<name>.qweight` plus its scales instead of `<name>.weight`
-    leapllm.json       {"quantization": {"method": "int4", "group_size": 32, ...} or null,
+    leapllm.json       {"quantization": {"method": "int4", "group_size": 32, "head_method": "int8", ...} or null,
                         "history": [{"method": "ffn", "sparsity": 0.5, ...}, ...]}: what was done, in order
     tokenizer files    as Tokenizer.save_pretrained writes them
 
@@ -95,17 +95,19 @@ def read_model_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor
 
 def load_model_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[Transformer, dict]:
     """Build the Transformer of a folder written by a compression tool; returns (model, leapllm.json)."""
-    from leapllm.compression.quantize import QUANTIZED_PARTS, quantized_linears, quantized_module
+    from leapllm.compression.quantize import QUANTIZED_PARTS, layer_method, quantized_linears, quantized_module
 
     config, tensors, meta = read_model_folder(folder)
     quant = meta["quantization"]
     with torch.device("meta"):
         model = Transformer(config)
     if quant is not None:
-        method = quant.get("method")
-        if method not in QUANTIZED_PARTS:
-            raise ModelLoadError(f"{folder}: unknown quantization method {method!r}")
+        methods = {quant.get("method"), quant.get("head_method") or quant.get("method")}
+        unknown = sorted(str(m) for m in methods if m not in QUANTIZED_PARTS)
+        if unknown:
+            raise ModelLoadError(f"{folder}: unknown quantization method {unknown[0]!r}")
         for name, parent, attr in quantized_linears(model):
+            method = layer_method(name, quant["method"], quant.get("head_method"))
             keys = QUANTIZED_PARTS[method]
             if any(f"{name}.{k}" not in tensors for k in keys):
                 raise ModelLoadError(f"{folder}: missing quantized tensors of {name}")
