@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     from leapllm.cli.embed_cmd import add_embed_parser
     from leapllm.cli.eval_cmd import add_eval_parser
     from leapllm.cli.quantize_cmd import add_quantize_parser
+    from leapllm.cli.prune_cmd import add_prune_parser
+    from leapllm.cli.distill_cmd import add_distill_parser
     from leapllm.cli.serve_cmd import add_serve_parser
 
     add_profile_parser(sub)
@@ -180,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_classify_parser(sub)
     add_embed_parser(sub)
     add_quantize_parser(sub)
+    add_prune_parser(sub)
+    add_distill_parser(sub)
     add_eval_parser(sub)
     return parser
 

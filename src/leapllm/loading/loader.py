@@ -72,6 +72,10 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None =
     metadata: dict[str, Any] = {}
     if is_model_folder(path):  # written by `leapllm quantize`, `prune` or `distill`
         model, meta = load_model_folder(path, torch_dtype, dev)
+        if dev.type == "cuda" and any(step.get("method") == "2:4" for step in meta.get("history", [])):
+            from leapllm.compression.prune import use_semi_structured_kernels
+
+            use_semi_structured_kernels(model)  # 2:4 weights on NVIDIA's sparse tensor cores
         tokenizer = Tokenizer.from_pretrained_dir(path)
         return LoadedModel(model, tokenizer, path, time.perf_counter() - start, meta)
     if path.is_dir():

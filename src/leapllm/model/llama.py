@@ -93,8 +93,10 @@ class AttentionCore(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_size, self.kv_size = config.q_size, config.kv_size
+        # A pruned model's layers may keep fewer query heads (config.layer_num_heads); kv heads never change.
+        self.num_heads, self.num_kv_heads = config.heads_in_layer(layer_idx), config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = config.layer_q_size(layer_idx), config.kv_size
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.rotary = RotaryEmbedding()
         self.core = AttentionCore(layer_idx, grouped=self.num_heads != self.num_kv_heads)
@@ -120,11 +122,12 @@ class SiluAndMul(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        intermediate = config.intermediate_size_of_layer(layer_idx)  # fewer channels in a pruned layer
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * intermediate, bias=False)
         self.act = SiluAndMul()
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj = nn.Linear(intermediate, config.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -136,7 +139,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = Attention(config, layer_idx)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer_idx)
 
     def forward(self, x, cos, sin, start_pos, kv_cache, mask):
         x = x + self.attn(self.attn_norm(x), cos, sin, start_pos, kv_cache, mask)

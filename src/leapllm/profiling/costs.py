@@ -11,6 +11,9 @@ docstring below:
     d  head dim                       V  vocabulary size
     e  bytes per element of the model dtype (4 for float32, 2 for bfloat16/float16)
 
+H and I are per layer: a structurally pruned model (ModelConfig.layer_num_heads,
+layer_intermediate_sizes) has layers of different widths, and its step costs sum them layer by layer.
+
 A multiply-add counts as 2 FLOPs. Bytes are the minimum a stage must read and write once: its
 weights, its input and output activations, and the KV cache it reads and writes; they ignore what
 caches save or what temporaries an implementation adds. So `flops / bytes` is the stage's
@@ -83,10 +86,10 @@ def norm_cost(rows: int, h: int, e: int) -> Cost:
     return Cost(flops=NORM_FLOPS_PER_ELEMENT * rows * h, weight_bytes=h * e, activation_bytes=2 * rows * h * e)
 
 
-def rotary_cost(c: ModelConfig, batch: int, new: int, e: int) -> Cost:
+def rotary_cost(c: ModelConfig, batch: int, new: int, e: int, layer: int = 0) -> Cost:
     """Rotates q and k: 3 FLOPs per element of q and k (N * (q + kv) elements); reads and writes
     q and k (2 * N * (q + kv) * e) and reads the cos and sin tables (2 * T * d * e)."""
-    elements = batch * new * (c.q_size + c.kv_size)
+    elements = batch * new * (c.layer_q_size(layer) + c.kv_size)
     return Cost(flops=ROTARY_FLOPS_PER_ELEMENT * elements,
                 activation_bytes=2 * elements * e + 2 * new * c.head_dim * e)
 
@@ -97,7 +100,7 @@ def mean_keys_per_query(new: int, cached: int) -> float:
     return cached + (new + 1) / 2
 
 
-def attention_cost(c: ModelConfig, batch: int, new: int, cached: int, e: int) -> Cost:
+def attention_cost(c: ModelConfig, batch: int, new: int, cached: int, e: int, layer: int = 0) -> Cost:
     """Cache write + softmax(q k^T / sqrt(d)) v for the new queries.
 
     FLOPs: q k^T and (scores) v are each 2 * B * H * T * S_eff * d, the softmax 5 per score
@@ -106,12 +109,12 @@ def attention_cost(c: ModelConfig, batch: int, new: int, cached: int, e: int) ->
     the KV cache is written for the new tokens (2 * N * kv * e) and read in full (2 * B * S * kv * e).
     """
     s_eff = mean_keys_per_query(new, cached)
-    scores = batch * c.num_heads * new * s_eff
+    scores = batch * c.heads_in_layer(layer) * new * s_eff
     n = batch * new
     keys = cached + new
     return Cost(
         flops=2 * (2 * scores * c.head_dim) + SOFTMAX_FLOPS_PER_SCORE * scores,
-        activation_bytes=(2 * n * c.q_size + 2 * n * c.kv_size) * e,
+        activation_bytes=(2 * n * c.layer_q_size(layer) + 2 * n * c.kv_size) * e,
         kv_bytes=(2 * n * c.kv_size + 2 * batch * keys * c.kv_size) * e,
     )
 
@@ -130,19 +133,20 @@ def sampling_cost(batch: int, vocab: int) -> Cost:
 
 
 def layer_costs(c: ModelConfig, batch: int, new: int, cached: int, e: int,
-                weight_e: float | None = None) -> dict[str, Cost]:
-    """The stages of one transformer block for one step (both of its RMSNorms under "norm");
+                weight_e: float | None = None, layer: int = 0) -> dict[str, Cost]:
+    """The stages of transformer block `layer` for one step (both of its RMSNorms under "norm");
     weight_e: bytes per projection weight of a quantized model."""
     n = batch * new
+    q, inter = c.layer_q_size(layer), c.intermediate_size_of_layer(layer)
     return {
         "norm": 2 * norm_cost(n, c.hidden_size, e),
-        "qkv_proj": linear_cost(n, c.hidden_size, c.q_size + 2 * c.kv_size, e, bias=c.attention_bias, weight_e=weight_e),
-        "rotary": rotary_cost(c, batch, new, e),
-        "attention": attention_cost(c, batch, new, cached, e),
-        "o_proj": linear_cost(n, c.q_size, c.hidden_size, e, weight_e=weight_e),
-        "gate_up_proj": linear_cost(n, c.hidden_size, 2 * c.intermediate_size, e, weight_e=weight_e),
-        "activation": activation_cost(n, c.intermediate_size, e),
-        "down_proj": linear_cost(n, c.intermediate_size, c.hidden_size, e, weight_e=weight_e),
+        "qkv_proj": linear_cost(n, c.hidden_size, q + 2 * c.kv_size, e, bias=c.attention_bias, weight_e=weight_e),
+        "rotary": rotary_cost(c, batch, new, e, layer),
+        "attention": attention_cost(c, batch, new, cached, e, layer),
+        "o_proj": linear_cost(n, q, c.hidden_size, e, weight_e=weight_e),
+        "gate_up_proj": linear_cost(n, c.hidden_size, 2 * inter, e, weight_e=weight_e),
+        "activation": activation_cost(n, inter, e),
+        "down_proj": linear_cost(n, inter, c.hidden_size, e, weight_e=weight_e),
     }
 
 
@@ -151,7 +155,10 @@ def step_costs(c: ModelConfig, batch: int, new: int, cached: int, e: int,
     """Every measured stage of one step `model(tokens (B, T), start_pos=C, cache, last_only=True)`
     followed by sampling: all blocks, plus the embedding, the final norm and the output head on the
     last position of each sequence only (B rows), and greedy sampling."""
-    costs = {stage: cost * c.num_layers for stage, cost in layer_costs(c, batch, new, cached, e, weight_e).items()}
+    if c.is_uniform:  # every block costs the same
+        costs = {stage: cost * c.num_layers for stage, cost in layer_costs(c, batch, new, cached, e, weight_e).items()}
+    else:
+        costs = sum_costs([layer_costs(c, batch, new, cached, e, weight_e, layer) for layer in range(c.num_layers)])
     costs["norm"] = costs["norm"] + norm_cost(batch, c.hidden_size, e)  # the final norm, last position
     costs["embedding"] = embedding_cost(batch * new, c.hidden_size, e)
     costs["lm_head"] = linear_cost(batch, c.hidden_size, c.vocab_size, e, weight_e=weight_e)
