@@ -2,6 +2,7 @@
 
     leapllm serve [--model PATH] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
                   [--max-num-seqs 64] [--kv-cache-gb 1.0] ...
+                  [--tensor-parallel N | --replicas N [--max-replicas M] [--ray-address auto|ADDR]]
 
 Every setting is checked, and the port bound, before the model loads, so a mistake (a port out of
 range or in use, a negative cache size, a bad model path) is one `leapllm: error: ...` line and
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -41,10 +43,24 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="tokens per engine step, decodes plus prefill chunks (default: 512)")
     g.add_argument("--kv-cache-gb", type=float, default=1.0, help="size of the KV cache pool in GB (default: 1.0)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="auto: the model's dtype; int8: one byte per value plus a scale per token and head "
+                        "(~3.8x the tokens per GB in float32)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     g.add_argument("--max-waiting", type=int, default=256,
                    help="requests that may wait for a slot; beyond that the server answers 503 (default: 256)")
+    s = p.add_argument_group("scale-out (docs/scale-out.md)")
+    s.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N processes (attention heads, MLP columns, vocabulary), started "
+                        "here, or by torchrun across machines (default: 1)")
+    s.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="run N engine replicas behind this endpoint on Ray Serve (needs pip install leapllm[ray])")
+    s.add_argument("--max-replicas", type=int, default=None, metavar="M",
+                   help="with --replicas N: let Ray Serve autoscale between N and M replicas on load")
+    s.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --replicas: the Ray cluster to use (HOST:PORT or ray://HOST:PORT), or auto to start a "
+                        "local Ray instance for this server (default: auto)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds requests in flight get to finish after SIGTERM; the rest are aborted "
                         "and answered with 503 (default: 30)")
@@ -70,11 +86,61 @@ def engine_config(args):
         raise InvalidRequestError("--api-key must not be empty")
     if not args.kv_cache_gb > 0:  # EngineConfig checks it too, but names the setting differently
         raise InvalidRequestError(f"--kv-cache-gb must be positive, got {args.kv_cache_gb}")
+    check_scale_out(args)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           block_size=args.block_size, kv_cache_gb=args.kv_cache_gb,
-                          enable_prefix_caching=not args.no_prefix_caching)
+                          enable_prefix_caching=not args.no_prefix_caching, kv_cache_dtype=args.kv_cache_dtype)
     config.validate()
     return config
+
+
+def check_scale_out(args) -> None:
+    """--tensor-parallel, --replicas and their companions, checked before anything loads."""
+    from leapllm.errors import InvalidRequestError
+
+    if args.tensor_parallel < 1:
+        raise InvalidRequestError(f"--tensor-parallel must be at least 1, got {args.tensor_parallel}")
+    if args.replicas is None:
+        for name, value in (("--max-replicas", args.max_replicas), ("--ray-address", args.ray_address)):
+            if value is not None:
+                raise InvalidRequestError(f"{name} needs --replicas")
+        return
+    if args.replicas < 1:
+        raise InvalidRequestError(f"--replicas must be at least 1, got {args.replicas}")
+    if args.max_replicas is not None and args.max_replicas < args.replicas:
+        raise InvalidRequestError(f"--max-replicas ({args.max_replicas}) must be at least --replicas ({args.replicas})")
+    if args.tensor_parallel > 1:
+        raise InvalidRequestError("--replicas and --tensor-parallel cannot be combined: each replica is one process")
+    if args.embedding_model is not None or args.classifier is not None:
+        raise InvalidRequestError("--embedding-model and --classifier are not served by --replicas; run them in a "
+                                  "separate leapllm serve")
+    if args.ray_address is not None and not args.ray_address.strip():
+        raise InvalidRequestError("--ray-address must not be empty (auto starts a local Ray instance)")
+    args.ray_address = args.ray_address or "auto"
+    from leapllm.serving.ray_replicas import ray_missing
+
+    missing = ray_missing()
+    if missing:
+        raise InvalidRequestError(missing)
+
+
+def load_serving_llm(args):
+    """The model, split over --tensor-parallel processes when asked."""
+    if args.tensor_parallel == 1:
+        return load_llm(args)
+    from leapllm.errors import InvalidRequestError
+    from leapllm.llm import LLM
+
+    if args.threads is not None and args.threads < 1:
+        raise InvalidRequestError(f"--threads must be at least 1, got {args.threads}")
+    return LLM(args.model, dtype=args.dtype, device=args.device, num_threads=args.threads,
+               tensor_parallel=args.tensor_parallel)
+
+
+def stop_on_rank_failure(message: str) -> None:
+    """A tensor-parallel rank died: stop serving (SIGTERM drains, and the requests in flight fail at once)."""
+    print(f"leapllm: {message}; stopping the server", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def default_model_name(path: Path) -> str:
@@ -110,21 +176,42 @@ def cmd_serve(args) -> int:
     from leapllm.serving.runner import bind_socket, serve
 
     config = engine_config(args)
+    if args.replicas is not None:
+        from leapllm.serving.ray_replicas import serve_replicas
+
+        return serve_replicas(args, config)
+    if args.tensor_parallel > 1:
+        from leapllm.distributed import torchrun_rank
+
+        launched = torchrun_rank()
+        if launched is not None and launched[0] != 0:
+            load_serving_llm(args)  # a worker rank under torchrun: serves rank 0, then exits the process
+            return 0
     sock = bind_socket(args.host, args.port)  # fail on a taken port before the slow model load
+    group = None
     try:
-        llm = load_llm(args)
+        llm = load_serving_llm(args)
+        group = getattr(llm.model, "group", None)  # the tensor-parallel group, if any
+        if group is not None:
+            group.on_failure(stop_on_rank_failure)
         engine = AsyncEngine(LLMEngine(llm.model, llm.tokenizer, config), max_waiting=args.max_waiting)
         name = args.served_model_name or default_model_name(Path(llm.path))
         app = create_app(engine, llm.tokenizer, name, llm.config.context_length, api_key=args.api_key,
                          shutdown_grace_s=args.shutdown_timeout, encoders=load_encoders(args))
         port = sock.getsockname()[1]  # the one picked, with --port 0
         host = f"[{args.host}]" if ":" in args.host else args.host
+        tp = f", tensor-parallel over {args.tensor_parallel} ranks" if args.tensor_parallel > 1 else ""
         print(f"leapllm: serving {name} at http://{host}:{port}/v1 "
-              f"(max {config.max_num_seqs} sequences, {engine.engine.allocator.num_blocks} KV blocks"
+              f"(max {config.max_num_seqs} sequences, {engine.engine.allocator.num_blocks} KV blocks{tp}"
               f"{', API key required' if args.api_key else ''})", file=sys.stderr, flush=True)
         # uvicorn's hard limit comes after the engine's grace period and its aborts have been answered.
         started = serve(app, sock, on_shutdown=app.state.drain, log_level=args.log_level,
                         timeout_graceful_shutdown=args.shutdown_timeout + 10)
     finally:
         sock.close()
+        if group is not None:
+            group.close()
+    if group is not None and group.failure is not None:
+        print(f"leapllm: error: {group.failure}; the server stopped", file=sys.stderr, flush=True)
+        return 1
     return 0 if started else 1

@@ -25,7 +25,7 @@ from leapllm.engine.scheduler import ScheduledStep, Scheduler
 from leapllm.engine.sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprob
 from leapllm.errors import InvalidRequestError
 from leapllm.model.llama import Transformer
-from leapllm.model.paged_kv_cache import PagedKVCache, build_paged_batch
+from leapllm.model.paged_kv_cache import KV_DTYPES, PagedKVCache, build_paged_batch
 from leapllm.tokenization import Tokenizer
 
 MAX_LOGPROBS = 20
@@ -39,6 +39,7 @@ class EngineConfig:
     kv_cache_gb: float = 1.0  # size of the KV pool
     num_blocks: int | None = None  # overrides kv_cache_gb (tests use small pools)
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "int8" (~3.8x the tokens per GB in float32)
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:
@@ -49,6 +50,8 @@ class EngineConfig:
                 f"({self.max_num_seqs})")
         if self.block_size < 1:
             raise InvalidRequestError(f"block_size must be at least 1, got {self.block_size}")
+        if self.kv_cache_dtype not in KV_DTYPES:
+            raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.num_blocks is None and not self.kv_cache_gb > 0:
             raise InvalidRequestError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
 
@@ -59,14 +62,16 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         config.validate()
         c = model.config
-        per_block = PagedKVCache.bytes_per_block(c.num_layers, config.block_size, c.num_kv_heads, c.head_dim,
-                                                 model.dtype)
+        # A tensor-parallel rank (distributed/runtime.py) caches only the kv heads of its own shard.
+        num_kv_heads = getattr(model, "num_kv_heads_per_rank", c.num_kv_heads)
+        per_block = PagedKVCache.bytes_per_block(c.num_layers, config.block_size, num_kv_heads, c.head_dim,
+                                                 model.dtype, config.kv_cache_dtype)
         num_blocks = config.num_blocks or int(config.kv_cache_gb * 2**30 // per_block)
         if num_blocks < 1:
             raise InvalidRequestError(f"a KV cache of {config.kv_cache_gb} GB holds no block of "
                                       f"{per_block / 2**20:.2f} MiB")
-        self.cache = PagedKVCache(c.num_layers, num_blocks, config.block_size, c.num_kv_heads, c.head_dim,
-                                  model.dtype, model.device)
+        self.cache = PagedKVCache(c.num_layers, num_blocks, config.block_size, num_kv_heads, c.head_dim,
+                                  model.dtype, model.device, config.kv_cache_dtype)
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}

@@ -24,25 +24,66 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+KV_DTYPES = ("auto", "int8")  # auto: the model's compute dtype
+
 
 class PagedKVCache:
-    """Per layer, a key pool and a value pool of shape (num_blocks * block_size, kv_heads, head_dim)."""
+    """Per layer, a key pool and a value pool of shape (num_blocks * block_size, kv_heads, head_dim).
+
+    kv_dtype "int8" stores keys and values as int8 with one float32 scale per (token, kv head):
+    1 + 4 / head_dim bytes per value instead of 4 (float32), so the same memory holds ~3.8x the
+    tokens. They are dequantized when gathered for attention.
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, kv_dtype: str = "auto"):
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.dtype, self.quantized = dtype, kv_dtype == "int8"
         shape = (num_blocks * block_size, num_kv_heads, head_dim)  # (slots, kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        store = torch.int8 if self.quantized else dtype
+        self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
+        if self.quantized:
+            scale_shape = (num_blocks * block_size, num_kv_heads, 1)
+            self.k_scale = [torch.zeros(scale_shape, device=device) for _ in range(num_layers)]
+            self.v_scale = [torch.zeros(scale_shape, device=device) for _ in range(num_layers)]
         self.batch: PagedAttentionBatch | None = None  # set by the engine before each forward
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+                        dtype: torch.dtype, kv_dtype: str = "auto") -> int:
+        if kv_dtype == "int8":
+            per_value = 1 + 4 / head_dim  # the int8 value plus its share of the float32 scale
+        else:
+            per_value = torch.empty(0, dtype=dtype).element_size()
+        return int(2 * num_layers * block_size * num_kv_heads * head_dim * per_value)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        pools = self.k + self.v + (self.k_scale + self.v_scale if self.quantized else [])
+        return sum(t.numel() * t.element_size() for t in pools)
+
+    def store(self, layer: int, slots: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """k_new, v_new (T, kv_heads, hd) into the pool rows `slots` (T,)."""
+        if not self.quantized:
+            self.k[layer].index_copy_(0, slots, k_new)
+            self.v[layer].index_copy_(0, slots, v_new)
+            return
+        for pool, scales, x in ((self.k[layer], self.k_scale[layer], k_new),
+                                (self.v[layer], self.v_scale[layer], v_new)):
+            x = x.float()
+            scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)  # (T, kv_heads, 1)
+            pool.index_copy_(0, slots, torch.round(x / scale).to(torch.int8))
+            scales.index_copy_(0, slots, scale)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the pool rows `slots` (any shape S) -> (*S, kv_heads, hd) in the compute dtype."""
+        if not self.quantized:
+            return self.k[layer][slots], self.v[layer][slots]
+        k = (self.k[layer][slots].float() * self.k_scale[layer][slots]).to(self.dtype)
+        v = (self.v[layer][slots].float() * self.v_scale[layer][slots]).to(self.dtype)
+        return k, v
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouped: bool) -> torch.Tensor:
         """q (1, heads, T, hd), k/v (1, kv_heads, T, hd) for the step's T flattened tokens -> (1, heads, T, hd).
@@ -50,15 +91,12 @@ class PagedKVCache:
         Writes the new keys/values into their slots, then attends each query over its sequence.
         """
         b = self.batch
-        k_pool, v_pool = self.k[layer], self.v[layer]
-        k_new, v_new = k[0].transpose(0, 1), v[0].transpose(0, 1)  # (T, kv_heads, hd)
-        k_pool.index_copy_(0, b.slot_mapping, k_new)
-        v_pool.index_copy_(0, b.slot_mapping, v_new)
+        self.store(layer, b.slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (T, kv_heads, hd)
         outs = []
         for g in b.decode_groups:
             qd = q[0, :, g.start:g.end].transpose(0, 1).unsqueeze(2)  # (d, heads, 1, hd)
-            kd = k_pool[g.slots].transpose(1, 2)  # (d, kv_heads, max_len, hd)
-            vd = v_pool[g.slots].transpose(1, 2)
+            kd, vd = self.gather(layer, g.slots)  # (d, max_len, kv_heads, hd)
+            kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # (d, kv_heads, max_len, hd)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask, enable_gqa=grouped)
             outs.append(od.squeeze(2).transpose(0, 1))  # (heads, d, hd)
         for chunk in b.prefills:
@@ -69,8 +107,8 @@ class PagedKVCache:
                 oc = F.scaled_dot_product_attention(qc, kc, vc, is_causal=chunk.end - chunk.start > 1,
                                                     enable_gqa=grouped)
             else:
-                kc = k_pool[chunk.slots].transpose(0, 1).unsqueeze(0)  # (1, kv_heads, context, hd)
-                vc = v_pool[chunk.slots].transpose(0, 1).unsqueeze(0)
+                kc, vc = self.gather(layer, chunk.slots)  # (context, kv_heads, hd)
+                kc, vc = kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0)  # (1, kv_heads, context, hd)
                 oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=chunk.mask, enable_gqa=grouped)
             outs.append(oc[0])
         return torch.cat(outs, dim=1).unsqueeze(0) if len(outs) > 1 else outs[0].unsqueeze(0)
