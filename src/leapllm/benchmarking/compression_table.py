@@ -52,6 +52,7 @@ class Variant:
 
 def variants(distill_steps: int | None) -> list[Variant]:
     quantize = ("quantize", "--model", "{src}", "-o", "{out}", "--method")
+    magnitude = ("prune", "--model", "{src}", "-o", "{out}", "--method", "magnitude")  # needs no calibration
     prune = ("prune", "--model", "{src}", "-o", "{out}", "--calib", CALIB_TEXT, "--method")
     distill = ("distill", "--teacher", "{model}", "--student", "{src}", "--text", CALIB_TEXT, "-o", "{out}")
     if distill_steps is not None:
@@ -65,8 +66,8 @@ def variants(distill_steps: int | None) -> list[Variant]:
                 (quantize + ("int4", "--calib", CALIB_TEXT),)),
         Variant("int4-awq+int8-head", "int4-awq projections, int8 output head",
                 (quantize + ("int4", "--calib", CALIB_TEXT, "--head", "int8"),)),
-        Variant("magnitude-0.3", "30% unstructured, smallest |w|", (prune + ("magnitude", "--sparsity", "0.3"),)),
-        Variant("magnitude-0.5", "50% unstructured, smallest |w|", (prune + ("magnitude", "--sparsity", "0.5"),)),
+        Variant("magnitude-0.3", "30% unstructured, smallest |w|", (magnitude + ("--sparsity", "0.3"),)),
+        Variant("magnitude-0.5", "50% unstructured, smallest |w|", (magnitude + ("--sparsity", "0.5"),)),
         Variant("wanda-0.3", "30% unstructured, |w| x activation norm", (prune + ("wanda", "--sparsity", "0.3"),)),
         Variant("wanda-0.5", "50% unstructured, |w| x activation norm", (prune + ("wanda", "--sparsity", "0.5"),)),
         Variant("2:4", "2 of every 4 weights (semi-structured)", (prune + ("2:4",),)),
