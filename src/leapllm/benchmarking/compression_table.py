@@ -125,13 +125,23 @@ def folder_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
+def run_child(argv: list[str], env: dict, what: str) -> str:
+    """Run a child process; its stdout, or RuntimeError with the last line it wrote to stderr."""
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"{what} exited with {proc.returncode}: {tail}")
+    return proc.stdout
+
+
+def this_module(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "leapllm.benchmarking.compression_table", *args]
+
+
 def run_step(step: tuple[str, ...], src: str, out: Path, model: str, env: dict) -> None:
     argv = [a.replace("{src}", src).replace("{out}", str(out)).replace("{model}", model) for a in step]
     log("$ leapllm " + " ".join(argv))
-    proc = subprocess.run(leapllm_command(argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"`leapllm {argv[0]}` exited with {proc.returncode}: {tail}")
+    run_child(leapllm_command(argv), env, f"`leapllm {argv[0]}`")
 
 
 def step_folder(work: Path, steps: tuple[tuple[str, ...], ...]) -> Path:
@@ -146,10 +156,7 @@ def build(variant: Variant, model: str, work: Path, env: dict) -> Path:
         out = work / variant.name
         if not out.is_dir():
             argv = ["--write-float-folder", str(out), "--dtype", variant.float_folder, "--model", model]
-            proc = subprocess.run([sys.executable, "-m", "leapllm.benchmarking.compression_table", *argv],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError((proc.stderr.strip().splitlines() or ["float folder failed"])[-1])
+            run_child(this_module(argv), env, f"writing the {variant.float_folder} folder")
         return out
     src = model
     for i, step in enumerate(variant.steps):
@@ -168,13 +175,10 @@ def remove_unneeded(folder: Path, later: list[Variant], work: Path) -> None:
 
 
 def measure(folder: Path, variant: Variant, settings: TableSettings, env: dict) -> dict:
-    argv = [sys.executable, "-m", "leapllm.benchmarking.compression_table", "--measure", str(folder),
-            "--dtype", variant.dtype, "--eval-tokens", str(settings.eval_tokens),
+    argv = ["--measure", str(folder), "--dtype", variant.dtype, "--eval-tokens", str(settings.eval_tokens),
             "--decode-tokens", str(settings.decode_tokens), "--repeats", str(settings.repeats)]
-    proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError((proc.stderr.strip().splitlines() or ["measurement failed"])[-1])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout = run_child(this_module(argv), env, f"measuring {variant.name}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def run_table(settings: TableSettings, command: str | None = None) -> dict:

@@ -73,25 +73,37 @@ def add_bench_compression_parser(subparsers) -> None:
     p.set_defaults(func=cmd_bench_compression)
 
 
+def report_outputs(args) -> tuple:
+    """(--json path, --markdown path), each None when not asked for, checked writable up front."""
+    from leapllm.output_files import check_writable
+
+    return tuple(check_writable(path) if path else None for path in (args.json, args.markdown))
+
+
+def write_report(outputs: tuple, report: dict, markdown_text: str) -> None:
+    from leapllm.output_files import atomic_write
+
+    json_path, markdown_path = outputs
+    if json_path is not None:
+        atomic_write(json_path, json.dumps(report, indent=2) + "\n")
+    if markdown_path is not None:
+        atomic_write(markdown_path, markdown_text)
+
+
 def cmd_bench_compression(args) -> int:
     from leapllm.benchmarking import compression_table as ct
     from leapllm.benchmarking.harness import names_list
-    from leapllm.output_files import atomic_write, check_writable
 
     settings = ct.TableSettings(model=args.model, work_dir=args.work_dir, only=names_list(args.only) or None,
                                 distill_steps=args.distill_steps, eval_tokens=args.eval_tokens,
                                 decode_tokens=args.decode_tokens, repeats=args.repeats, threads=args.threads,
                                 keep=args.keep)
     settings.validate()
-    json_path = check_writable(args.json) if args.json else None  # before the long run
-    markdown_path = check_writable(args.markdown) if args.markdown else None
+    outputs = report_outputs(args)  # before the long run
     report = ct.run_table(settings, command=typed_command())
     table = ct.markdown(report)
     print(table)
-    if json_path is not None:
-        atomic_write(json_path, json.dumps(report, indent=2) + "\n")
-    if markdown_path is not None:
-        atomic_write(markdown_path, table)
+    write_report(outputs, report, table)
     return 1 if any(r["status"] != "ok" for r in report["rows"]) else 0
 
 
@@ -124,7 +136,6 @@ def cmd_bench_serve(args) -> int:
     from leapllm.benchmarking import serve_load
     from leapllm.benchmarking.harness import int_list
     from leapllm.errors import InvalidRequestError
-    from leapllm.output_files import atomic_write, check_writable
 
     concurrency = int_list(args.concurrency, "--concurrency")
     settings = serve_load.LoadSettings(concurrency, args.prompt_len, args.output_len, args.num_requests,
@@ -132,8 +143,7 @@ def cmd_bench_serve(args) -> int:
     settings.validate()
     if args.threads is not None and args.threads < 1:
         raise InvalidRequestError("--threads must be at least 1")
-    json_path = check_writable(args.json) if args.json else None  # before the long run
-    markdown_path = check_writable(args.markdown) if args.markdown else None
+    outputs = report_outputs(args)  # before the long run
     serve_args = ["--dtype", args.dtype, "--max-num-seqs", str(max(concurrency))]
     if args.model:
         serve_args += ["--model", args.model]
@@ -148,10 +158,7 @@ def cmd_bench_serve(args) -> int:
         baseline=not args.no_baseline and args.url is None, dtype=args.dtype, threads=args.threads,
         timeout=args.timeout, command=typed_command())
     serve_load.print_report(report)
-    if json_path is not None:
-        atomic_write(json_path, json.dumps(report, indent=2) + "\n")
-    if markdown_path is not None:
-        atomic_write(markdown_path, serve_load.markdown(report))
+    write_report(outputs, report, serve_load.markdown(report))
     return 1 if any(r["failed"] for r in report["levels"]) else 0
 
 

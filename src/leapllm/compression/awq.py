@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from leapllm.compression.calibration import calibration_rows
 from leapllm.errors import InvalidRequestError
 
 ALPHAS = tuple(i / 8 for i in range(9))  # 0 = round to nearest
@@ -45,7 +46,7 @@ def collect_activation_stats(model, linears: dict[str, nn.Linear], token_ids: to
     """Run the calibration tokens through the float model, recording each listed Linear's inputs."""
     if len(token_ids) < seq_len:
         raise InvalidRequestError(f"the calibration text has {len(token_ids)} tokens; it needs at least {seq_len}")
-    windows = token_ids[: len(token_ids) // seq_len * seq_len].view(-1, seq_len)  # (windows, seq_len)
+    windows = calibration_rows(token_ids, seq_len, model.config.vocab_size)  # (windows, seq_len)
     gen = torch.Generator().manual_seed(seed)
     keep = torch.randperm(windows.numel(), generator=gen)[:sample_rows].sort().values  # rows to sample
     sums = {name: torch.zeros(lin.in_features) for name, lin in linears.items()}

@@ -46,8 +46,7 @@ def check_output_folder(folder: str | Path) -> Path:
 
 def float_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's tensors to save as they are: every parameter, once (a tied head is not repeated)."""
-    tensors = {name: p.detach() for name, p in model.named_parameters()}  # named_parameters skips tied duplicates
-    return tensors
+    return {name: p.detach() for name, p in model.named_parameters()}  # named_parameters skips tied duplicates
 
 
 def config_to_json(config: ModelConfig) -> dict:
@@ -95,7 +94,12 @@ def read_model_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor
 
 def load_model_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[Transformer, dict]:
     """Build the Transformer of a folder written by a compression tool; returns (model, leapllm.json)."""
-    from leapllm.compression.quantize import QUANTIZED_PARTS, layer_method, quantized_linears, quantized_module
+    from leapllm.compression.quantize import (
+        QUANTIZED_PARTS,
+        layer_method,
+        quantized_linears,
+        quantized_module,
+    )
 
     config, tensors, meta = read_model_folder(folder)
     quant = meta["quantization"]

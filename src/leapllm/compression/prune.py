@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leapllm.compression.calibration import calibration_rows
 from leapllm.errors import InvalidRequestError
 from leapllm.model.llama import Transformer
 
@@ -111,17 +112,6 @@ def check_prunable(model: Transformer, method: str, multiple_of: int = DEFAULT_M
 
 # ---------------------------------------------------------------- calibration statistics
 
-def calibration_rows(calibration_ids, seq_len: int = CALIBRATION_SEQ_LEN) -> torch.Tensor:
-    """Token ids (n,) cut into rows (n // seq_len, seq_len) (one shorter row when n < seq_len)."""
-    ids = torch.as_tensor(calibration_ids, dtype=torch.long).flatten()
-    if ids.numel() < 2:
-        raise InvalidRequestError(f"calibration needs at least 2 tokens, got {ids.numel()}")
-    if ids.numel() < seq_len:
-        return ids[None]
-    rows = ids.numel() // seq_len
-    return ids[:rows * seq_len].view(rows, seq_len)
-
-
 class InputStatistics:
     """Forward pre-hooks that sum what pruning scores need over every calibration token:
     per projection the squared norm of each input feature (Wanda), per attention layer each head's
@@ -163,9 +153,7 @@ class InputStatistics:
 @torch.inference_mode()
 def collect_statistics(model: Transformer, method: str, calibration_ids, seq_len: int = CALIBRATION_SEQ_LEN,
                        rows_per_forward: int = 2) -> InputStatistics:
-    rows = calibration_rows(calibration_ids, seq_len)
-    if int(rows.max()) >= model.config.vocab_size:
-        raise InvalidRequestError(f"calibration token ids must be below the vocabulary size {model.config.vocab_size}")
+    rows = calibration_rows(calibration_ids, seq_len, model.config.vocab_size)
     stats = InputStatistics(model, method)
     try:
         for start in range(0, rows.shape[0], rows_per_forward):
