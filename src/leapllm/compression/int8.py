@@ -11,12 +11,19 @@ activation outliers make the per-token step coarse. So the decoder's int8 splits
 into two digits, x ~ s * (hi + lo / 254) with hi, lo int8: the rounding error drops from s / 2 to
 s / 508 (about 16 bits), which is weight-only int8 accuracy. Both digits go through one GEMM as
 extra rows, so the weights are still read once: at batch 1 the cost is the same as one digit.
+
+On a CPU where leapllm's own kernels build (leapllm/kernels), the layer runs on them instead:
+activations quantized to int8 per block of 32 values (a scale per block, as llama.cpp's Q8 blocks),
+fine enough that one digit keeps weight-only accuracy, and weights read at the memory's speed
+(`torch._int_mm` pads a single row to 17 here and does not reach it).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from leapllm.kernels.packing import kernels_can_run, pack_int8, packed_forward, packed_linear
 
 LO_DIGIT = 254  # the low digit's step is the high digit's / 254, so |lo| <= 127
 
@@ -39,6 +46,14 @@ class Int8Linear(nn.Module):
             raise ValueError(f"activation_digits must be 1 or 2, got {activation_digits}")
         self.out_features, self.in_features = q.shape
         self.activation_digits = activation_digits
+        self.packed_linear = None  # the C++ PackedLinear, when leapllm's kernels run this layer
+        if kernels_can_run(self.in_features, self.out_features, q.device):
+            weight, scales = pack_int8(q, scale)
+            self.register_buffer("packed_weight", weight)
+            self.register_buffer("packed_scales", scales)
+            self.register_buffer("bias", None if bias is None else bias.detach().float())
+            self.packed_linear = packed_linear(weight, scales, None, self.bias, bits=8)
+            return
         self.register_buffer("weight_t", q.t().contiguous().t())  # (out, in) int8, so .t() is (in, out) contiguous
         self.register_buffer("weight_scale", scale.float())
         self.register_buffer("bias", None if bias is None else bias.detach().float())
@@ -49,6 +64,8 @@ class Int8Linear(nn.Module):
         return cls(q, scale, linear.bias, activation_digits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_linear is not None:
+            return packed_forward(self.packed_linear, x)
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, self.in_features).float()  # (rows, in)
         rows = x2.shape[0]
@@ -72,10 +89,14 @@ class Int8Linear(nn.Module):
 
     @property
     def bytes_per_weight(self) -> float:
-        """One byte per weight plus a float32 scale per output row."""
+        """One byte per weight plus a float32 scale per output row (activation scales are not weights)."""
         return 1 + 4 / self.in_features
 
     def extra_repr(self) -> str:
+        if self.packed_linear is not None:
+            kernel = "leapllm VNNI kernel" if self.packed_linear.simd else "leapllm portable kernel"
+            return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel weights, "
+                    f"int8 activations per block of 32 ({kernel})")
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel weights, "
                 f"{self.activation_digits} int8 digit(s) of activation")
 

@@ -102,5 +102,6 @@ def quantize_model(model: Transformer, method: str, group_size: int = 32,
         if linear.bias is not None:
             quantized[f"{name}.bias"] = linear.bias.detach()
         setattr(parent, attr, quantized_module(parts, linear.bias, layer, device))
+    model.reset_fused_decode()  # batch-1 decode can now run fused on the packed weights
     # What is left as parameters (embedding, norms) is saved as it is.
     return float_tensors(model) | quantized

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leapllm.model.config import ModelConfig
+from leapllm.model.fused_decode import FusedDecode
 from leapllm.model.kv_cache import KVCache
 from leapllm.model.paged_kv_cache import PagedKVCache
 
@@ -159,6 +160,10 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # Kept in float32 and out of the state dict: it is derived from the config.
         self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
+        # One C++ call per block for batch-1 decode, when the weights run on leapllm's packed kernels
+        # (model/fused_decode.py); built at the first such step. The profiler turns it off to time stages.
+        self.use_fused_decode = True
+        self.fused_decode: FusedDecode | None = None
 
     @property
     def device(self) -> torch.device:
@@ -187,6 +192,9 @@ class Transformer(nn.Module):
         last_only computes the output head for the last position only (what generation needs).
         """
         batch, seq = tokens.shape
+        if batch == 1 and seq == 1 and isinstance(kv_cache, KVCache) and self.fused_decode_ready():
+            x = self.fused_decode.hidden_states(self.embed_tokens(tokens).reshape(-1), start_pos, kv_cache)
+            return self.lm_head(self.norm(x)).float().reshape(1, 1, -1)
         x = self.embed_tokens(tokens)  # (batch, seq, hidden)
         cos, sin = self.rotary_cos_sin(start_pos, seq)
         mask = None
@@ -200,6 +208,18 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()
+
+    def fused_decode_ready(self) -> bool:
+        if self.fused_decode is None and self.use_fused_decode:
+            self.fused_decode = FusedDecode(self) if FusedDecode.supports(self) else None
+            self.use_fused_decode = self.fused_decode is not None  # not this model: do not look again every step
+        return self.fused_decode is not None
+
+    def reset_fused_decode(self) -> None:
+        """Forget the fused decode layers (they hold the old weights): call after replacing projections,
+        as quantize_model does."""
+        self.fused_decode = None
+        self.use_fused_decode = True
 
     def forward_paged(self, tokens: torch.Tensor, kv_cache: PagedKVCache, logits_indices: torch.Tensor) -> torch.Tensor:
         """One serving step: tokens (T,) of many sequences, flattened as kv_cache.batch describes.

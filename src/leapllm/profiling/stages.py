@@ -200,9 +200,17 @@ class StageHooks:
 
             self.handles.append(module.register_forward_pre_hook(pre))
             self.handles.append(module.register_forward_hook(post))
+        # A fused batch-1 decode step (model/fused_decode.py) runs each block in one C++ call, so its
+        # stages come from clock marks the C++ code takes (CPU only, the same monotonic clock).
+        fused = getattr(self.model, "fused_decode", None)
+        if fused is not None:
+            fused.stage_intervals = pending
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        fused = getattr(self.model, "fused_decode", None)
+        if fused is not None:
+            fused.stage_intervals = None

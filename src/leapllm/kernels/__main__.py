@@ -1,0 +1,5 @@
+import sys
+
+from leapllm.kernels import main
+
+sys.exit(main())

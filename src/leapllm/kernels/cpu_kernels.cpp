@@ -1,0 +1,556 @@
+// leapllm's CPU kernels: int4 / int8 weight matmuls on int8-quantized activations, and a fused
+// batch-1 decoder layer.
+//
+// Why: a batch-1 decode step reads every weight once, so it is bound by memory bandwidth, and at
+// SmolLM2-135M's size the ~15 small PyTorch ops per layer cost as much as the matmuls. Here the
+// activations are quantized to int8 per block of 32 values (a scale each, as llama.cpp's Q8 blocks),
+// so 4-bit or 8-bit weights times activations are VNNI instructions (vpdpbusd: 64 u8 x s8 products
+// summed in fours into 16 int32 lanes), and a whole Llama block runs in one call with one OpenMP
+// region and four barriers.
+//
+// Packed layout (built by leapllm/kernels/packing.py): output rows in tiles of 16, input features in
+// blocks of 32. A 64-byte vector holds 4 consecutive input features ("a quad") of each of a tile's 16
+// rows -- byte 4L + j is row L, feature 4q + j -- so one vpdpbusd with the quad's 4 activation bytes
+// broadcast adds 4 products to each row's own int32 lane: the 16 lanes are 16 outputs and no
+// horizontal sums are ever needed. Scales are stored per (tile, block) as 16 values, one per row.
+//   int4: weight (N, K/2) uint8: per (tile, block) 4 vectors, vector c holding quad c in its low
+//         nibbles and quad c + 4 in its high nibbles; scales and mins (N, K/32) float16 as
+//         (tile, block, row): w = d * q + m, q in [0, 15].
+//   int8: weight (N, K) uint8 = q + 128: per (tile, block) 8 vectors, one per quad; scales (N,)
+//         float32, one per row: w = d * q.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <omp.h>
+#include <time.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define LEAPLLM_VNNI 1
+#else
+#define LEAPLLM_VNNI 0
+#endif
+
+namespace {
+
+constexpr int64_t TILE = 16;   // output rows per tile: one int32 lane each
+constexpr int64_t BLOCK = 32;  // input features per quantization block
+constexpr int MAX_ROWS = 8;    // activation rows computed against one read of a tile
+
+// One activation row quantized to int8 per block of 32 values.
+struct QuantizedRow {
+  std::vector<int8_t> q;          // (K,)
+  std::vector<float> scale;       // (K/32,): x ~ scale * q
+  std::vector<float> block_sum;   // (K/32,): scale * sum(q), the block's sum as quantized
+  float total = 0.f;              // sum of block_sum
+};
+
+void quantize_row(const float* x, int64_t k, QuantizedRow& a) {
+  if ((int64_t)a.q.size() < k) {
+    a.q.resize(k);
+    a.scale.resize(k / BLOCK);
+    a.block_sum.resize(k / BLOCK);
+  }
+  float total = 0.f;
+  for (int64_t b = 0; b < k / BLOCK; ++b) {
+    const float* xb = x + b * BLOCK;
+    float amax = 0.f;
+    for (int i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float d = amax / 127.f;
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int sum = 0;
+    for (int i = 0; i < BLOCK; ++i) {
+      const int v = (int)std::nearbyint(xb[i] * inv);
+      a.q[b * BLOCK + i] = (int8_t)v;
+      sum += v;
+    }
+    a.scale[b] = d;
+    a.block_sum[b] = d * (float)sum;
+    total += a.block_sum[b];
+  }
+  a.total = total;
+}
+
+inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+
+// ---- one tile of 16 weight rows against up to MAX_ROWS activation rows: out[m * ldo + L] ----
+
+void tile_q4_portable(const uint8_t* w, const uint16_t* d, const uint16_t* mins, const QuantizedRow* const* a,
+                      int rows, int64_t blocks, float* out, int64_t ldo) {
+  for (int m = 0; m < rows; ++m) {
+    for (int L = 0; L < TILE; ++L) {
+      float y = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* wb = w + b * 256;
+        const int8_t* x = a[m]->q.data() + b * BLOCK;
+        int s = 0;
+        for (int c = 0; c < 4; ++c) {
+          for (int j = 0; j < 4; ++j) {
+            const uint8_t byte = wb[c * 64 + 4 * L + j];
+            s += (byte & 15) * x[4 * c + j] + (byte >> 4) * x[4 * (c + 4) + j];
+          }
+        }
+        y += (float)s * half_to_float(d[b * TILE + L]) * a[m]->scale[b] +
+             half_to_float(mins[b * TILE + L]) * a[m]->block_sum[b];
+      }
+      out[m * ldo + L] = y;
+    }
+  }
+}
+
+void tile_q8_portable(const uint8_t* w, const float* d, const QuantizedRow* const* a, int rows, int64_t blocks,
+                      float* out, int64_t ldo) {
+  for (int m = 0; m < rows; ++m) {
+    for (int L = 0; L < TILE; ++L) {
+      float y = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* wb = w + b * 512;
+        const int8_t* x = a[m]->q.data() + b * BLOCK;
+        int s = 0;
+        for (int qd = 0; qd < 8; ++qd)
+          for (int j = 0; j < 4; ++j) s += (int)wb[qd * 64 + 4 * L + j] * x[4 * qd + j];
+        y += (float)s * a[m]->scale[b];
+      }
+      out[m * ldo + L] = d[L] * (y - 128.f * a[m]->total);  // the stored weights are q + 128
+    }
+  }
+}
+
+#if LEAPLLM_VNNI
+inline __m512i broadcast_quad(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm512_set1_epi32(v);
+}
+
+template <int MT>
+void tile_q4_vnni(const uint8_t* w, const uint16_t* d, const uint16_t* mins, const QuantizedRow* const* a,
+                  int64_t blocks, float* out, int64_t ldo) {
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* wb = w + b * 256;
+    __m512i wq[8];
+    for (int c = 0; c < 4; ++c) {
+      const __m512i v = _mm512_loadu_si512((const void*)(wb + c * 64));
+      wq[c] = _mm512_and_si512(v, low4);
+      wq[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    }
+    const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(d + b * TILE)));
+    const __m512 mb = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mins + b * TILE)));
+    for (int m = 0; m < MT; ++m) {
+      const int8_t* x = a[m]->q.data() + b * BLOCK;
+      __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();  // two chains: half the latency
+      for (int c = 0; c < 4; ++c) {
+        s0 = _mm512_dpbusd_epi32(s0, wq[c], broadcast_quad(x + 4 * c));
+        s1 = _mm512_dpbusd_epi32(s1, wq[c + 4], broadcast_quad(x + 4 * (c + 4)));
+      }
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+      acc[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(db, _mm512_set1_ps(a[m]->scale[b])), acc[m]);
+      acc[m] = _mm512_fmadd_ps(mb, _mm512_set1_ps(a[m]->block_sum[b]), acc[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) _mm512_storeu_ps(out + m * ldo, acc[m]);
+}
+
+template <int MT>
+void tile_q8_vnni(const uint8_t* w, const float* d, const QuantizedRow* const* a, int64_t blocks, float* out,
+                  int64_t ldo) {
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* wb = w + b * 512;
+    __m512i wq[8];
+    for (int qd = 0; qd < 8; ++qd) wq[qd] = _mm512_loadu_si512((const void*)(wb + qd * 64));
+    for (int m = 0; m < MT; ++m) {
+      const int8_t* x = a[m]->q.data() + b * BLOCK;
+      __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+      for (int qd = 0; qd < 4; ++qd) {
+        s0 = _mm512_dpbusd_epi32(s0, wq[qd], broadcast_quad(x + 4 * qd));
+        s1 = _mm512_dpbusd_epi32(s1, wq[qd + 4], broadcast_quad(x + 4 * (qd + 4)));
+      }
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_set1_ps(a[m]->scale[b]), acc[m]);
+    }
+  }
+  const __m512 dv = _mm512_loadu_ps(d);
+  for (int m = 0; m < MT; ++m) {
+    const __m512 y = _mm512_sub_ps(acc[m], _mm512_set1_ps(128.f * a[m]->total));
+    _mm512_storeu_ps(out + m * ldo, _mm512_mul_ps(dv, y));
+  }
+}
+#endif
+
+// CLOCK_MONOTONIC in nanoseconds: the clock of Python's time.perf_counter_ns on Linux, so stage
+// marks taken here line up with the profiler's own.
+int64_t monotonic_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+// Thread t's share of n rows, in whole tiles.
+std::pair<int64_t, int64_t> split_tiles(int64_t n, int t, int nt) {
+  const int64_t tiles = n / TILE;
+  return {tiles * t / nt * TILE, tiles * (t + 1) / nt * TILE};
+}
+
+std::pair<int64_t, int64_t> split_range(int64_t n, int t, int nt) { return {n * t / nt, n * (t + 1) / nt}; }
+
+}  // namespace
+
+bool vnni_compiled() { return LEAPLLM_VNNI; }
+
+// A linear layer with packed int4 or int8 weights: y = x W^T (+ bias).
+struct PackedLinear {
+  int64_t out_features, in_features, bits;
+  bool simd;
+  at::Tensor weight, scales, mins, bias;
+
+  PackedLinear(at::Tensor weight_, at::Tensor scales_, c10::optional<at::Tensor> mins_, c10::optional<at::Tensor> bias_,
+               int64_t bits_, bool simd_)
+      : bits(bits_), simd(simd_ && LEAPLLM_VNNI), weight(weight_.contiguous()), scales(scales_.contiguous()) {
+    TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+    TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2, "packed weight must be a 2-D uint8 tensor");
+    out_features = weight.size(0);
+    in_features = bits == 4 ? weight.size(1) * 2 : weight.size(1);
+    TORCH_CHECK(in_features % BLOCK == 0, "in_features must be a multiple of 32");
+    TORCH_CHECK(out_features % TILE == 0, "out_features must be a multiple of 16");
+    if (bits == 4) {
+      TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.numel() == out_features * (in_features / BLOCK),
+                  "int4 scales must be float16 (N, K/32)");
+      TORCH_CHECK(mins_.has_value() && mins_->scalar_type() == at::kHalf && mins_->numel() == scales.numel(),
+                  "int4 needs float16 minimums (N, K/32)");
+      mins = mins_->contiguous();
+    } else {
+      TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == out_features, "int8 scales must be float32 (N,)");
+    }
+    if (bias_.has_value() && bias_->defined()) {
+      bias = bias_->to(at::kFloat).contiguous();
+      TORCH_CHECK(bias.numel() == out_features, "bias must have out_features values");
+    }
+  }
+
+  // out[m * ldo + n] = row n . a[m] (+ bias) for n in [n0, n1) (multiples of 16), every m < rows.
+  void compute_rows(const QuantizedRow* const* a, int64_t rows, int64_t n0, int64_t n1, float* out,
+                    int64_t ldo) const {
+    const int64_t blocks = in_features / BLOCK;
+    const uint8_t* w = weight.data_ptr<uint8_t>();
+    const int64_t tile_bytes = TILE * in_features * bits / 8;
+    for (int64_t n = n0; n < n1; n += TILE) {
+      const uint8_t* wt = w + n / TILE * tile_bytes;
+      for (int64_t m0 = 0; m0 < rows; m0 += MAX_ROWS) {
+        const int mt = (int)std::min<int64_t>(MAX_ROWS, rows - m0);
+        tile(wt, n, a + m0, mt, blocks, out + m0 * ldo + n, ldo);
+      }
+      if (bias.defined()) {
+        const float* b = bias.data_ptr<float>() + n;
+        for (int64_t m = 0; m < rows; ++m)
+          for (int L = 0; L < TILE; ++L) out[m * ldo + n + L] += b[L];
+      }
+    }
+  }
+
+  void tile(const uint8_t* wt, int64_t n, const QuantizedRow* const* a, int mt, int64_t blocks, float* out,
+            int64_t ldo) const {
+    if (bits == 4) {
+      const uint16_t* d = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()) + n * blocks;
+      const uint16_t* mn = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()) + n * blocks;
+#if LEAPLLM_VNNI
+      if (simd) {
+        switch (mt) {
+          case 8: return tile_q4_vnni<8>(wt, d, mn, a, blocks, out, ldo);
+          case 7: return tile_q4_vnni<7>(wt, d, mn, a, blocks, out, ldo);
+          case 6: return tile_q4_vnni<6>(wt, d, mn, a, blocks, out, ldo);
+          case 5: return tile_q4_vnni<5>(wt, d, mn, a, blocks, out, ldo);
+          case 4: return tile_q4_vnni<4>(wt, d, mn, a, blocks, out, ldo);
+          case 3: return tile_q4_vnni<3>(wt, d, mn, a, blocks, out, ldo);
+          case 2: return tile_q4_vnni<2>(wt, d, mn, a, blocks, out, ldo);
+          default: return tile_q4_vnni<1>(wt, d, mn, a, blocks, out, ldo);
+        }
+      }
+#endif
+      tile_q4_portable(wt, d, mn, a, mt, blocks, out, ldo);
+    } else {
+      const float* d = scales.data_ptr<float>() + n;
+#if LEAPLLM_VNNI
+      if (simd) {
+        switch (mt) {
+          case 8: return tile_q8_vnni<8>(wt, d, a, blocks, out, ldo);
+          case 7: return tile_q8_vnni<7>(wt, d, a, blocks, out, ldo);
+          case 6: return tile_q8_vnni<6>(wt, d, a, blocks, out, ldo);
+          case 5: return tile_q8_vnni<5>(wt, d, a, blocks, out, ldo);
+          case 4: return tile_q8_vnni<4>(wt, d, a, blocks, out, ldo);
+          case 3: return tile_q8_vnni<3>(wt, d, a, blocks, out, ldo);
+          case 2: return tile_q8_vnni<2>(wt, d, a, blocks, out, ldo);
+          default: return tile_q8_vnni<1>(wt, d, a, blocks, out, ldo);
+        }
+      }
+#endif
+      tile_q8_portable(wt, d, a, mt, blocks, out, ldo);
+    }
+  }
+
+  // The weights as a dense (N, K) float32 or bfloat16 matrix: for many activation rows (prefill) a
+  // GEMM on it beats the dot-product tiles.
+  at::Tensor dequantize(at::ScalarType dtype) const {
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize to float32 or bfloat16");
+    auto out = at::empty({out_features, in_features}, at::TensorOptions().dtype(dtype));
+    const int64_t blocks = in_features / BLOCK, tile_bytes = TILE * in_features * bits / 8;
+    const uint8_t* w = weight.data_ptr<uint8_t>();
+    at::parallel_for(0, out_features / TILE, 4, [&](int64_t t0, int64_t t1) {
+      std::vector<float> rows(TILE * in_features);
+      for (int64_t t = t0; t < t1; ++t) {
+        const uint8_t* wt = w + t * tile_bytes;
+        for (int64_t b = 0; b < blocks; ++b) {
+          for (int L = 0; L < TILE; ++L) {
+            float* r = rows.data() + L * in_features + b * BLOCK;
+            if (bits == 4) {
+              const int64_t at = (t * TILE) * blocks + b * TILE + L;  // (tile, block, row)
+              const float dv = half_to_float(reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>())[at]);
+              const float mv = half_to_float(reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>())[at]);
+              for (int c = 0; c < 4; ++c) {
+                for (int j = 0; j < 4; ++j) {
+                  const uint8_t byte = wt[b * 256 + c * 64 + 4 * L + j];
+                  r[4 * c + j] = (float)(byte & 15) * dv + mv;
+                  r[4 * (c + 4) + j] = (float)(byte >> 4) * dv + mv;
+                }
+              }
+            } else {
+              const float dv = scales.data_ptr<float>()[t * TILE + L];
+              for (int qd = 0; qd < 8; ++qd)
+                for (int j = 0; j < 4; ++j) r[4 * qd + j] = (float)((int)wt[b * 512 + qd * 64 + 4 * L + j] - 128) * dv;
+            }
+          }
+        }
+        if (dtype == at::kFloat) {
+          std::memcpy(out.data_ptr<float>() + t * TILE * in_features, rows.data(), rows.size() * sizeof(float));
+        } else {
+          at::BFloat16* o = out.data_ptr<at::BFloat16>() + t * TILE * in_features;
+          for (size_t i = 0; i < rows.size(); ++i) o[i] = at::BFloat16(rows[i]);
+        }
+      }
+    });
+    return out;
+  }
+
+  // x (..., K) float32 -> (..., N) float32.
+  at::Tensor forward(at::Tensor x) const {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "PackedLinear takes float32 activations");
+    TORCH_CHECK(x.size(-1) == in_features, "expected ", in_features, " input features, got ", x.size(-1));
+    auto x2 = x.reshape({-1, in_features}).contiguous();
+    const int64_t rows = x2.size(0);
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = out_features;
+    auto out = at::empty({rows, out_features}, x.options());
+    std::vector<QuantizedRow> acts(rows);
+    std::vector<const QuantizedRow*> ptrs(rows);
+    const float* xp = x2.data_ptr<float>();
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) quantize_row(xp + r * in_features, in_features, acts[r]);
+    });
+    for (int64_t r = 0; r < rows; ++r) ptrs[r] = &acts[r];
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, out_features / TILE, 1, [&](int64_t t0, int64_t t1) {
+      compute_rows(ptrs.data(), rows, t0 * TILE, t1 * TILE, op, out_features);
+    });
+    return out.view(shape);
+  }
+};
+
+// One Llama block (RMSNorm, fused QKV, rotary, grouped-query attention over a contiguous float32
+// KV cache, output projection, RMSNorm, fused gate/up, SiLU * up, down projection, residuals) for a
+// single token of a single sequence, updating x in place.
+struct DecoderLayer {
+  std::shared_ptr<PackedLinear> qkv, o, gate_up, down;
+  at::Tensor attn_norm, mlp_norm, inv_freq;
+  double eps;
+  int64_t heads, kv_heads, head_dim, hidden, intermediate;
+  // workspace, shared by the threads of one call
+  std::vector<float> qkv_out, attn_out, proj_out, act;
+  std::vector<QuantizedRow> thread_rows;
+  std::vector<std::vector<float>> thread_tmp;
+
+  DecoderLayer(std::shared_ptr<PackedLinear> qkv_, std::shared_ptr<PackedLinear> o_,
+               std::shared_ptr<PackedLinear> gate_up_, std::shared_ptr<PackedLinear> down_, at::Tensor attn_norm_,
+               at::Tensor mlp_norm_, at::Tensor inv_freq_, double eps_, int64_t heads_, int64_t kv_heads_,
+               int64_t head_dim_)
+      : qkv(qkv_), o(o_), gate_up(gate_up_), down(down_), attn_norm(attn_norm_.to(at::kFloat).contiguous()),
+        mlp_norm(mlp_norm_.to(at::kFloat).contiguous()), inv_freq(inv_freq_.to(at::kFloat).contiguous()), eps(eps_),
+        heads(heads_), kv_heads(kv_heads_), head_dim(head_dim_) {
+    hidden = attn_norm.numel();
+    intermediate = gate_up->out_features / 2;
+    TORCH_CHECK(head_dim % 2 == 0 && inv_freq.numel() == head_dim / 2, "inv_freq must have head_dim / 2 values");
+    TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of kv heads");
+    TORCH_CHECK(qkv->in_features == hidden && qkv->out_features == (heads + 2 * kv_heads) * head_dim, "qkv shape");
+    TORCH_CHECK(o->in_features == heads * head_dim && o->out_features == hidden, "o_proj shape");
+    TORCH_CHECK(gate_up->in_features == hidden && gate_up->out_features % 2 == 0, "gate_up shape");
+    TORCH_CHECK(down->in_features == intermediate && down->out_features == hidden, "down_proj shape");
+    TORCH_CHECK(intermediate % TILE == 0, "the MLP width must be a multiple of 16");
+    qkv_out.resize(qkv->out_features);
+    attn_out.resize(heads * head_dim);
+    proj_out.resize(std::max(hidden, gate_up->out_features));
+    act.resize(intermediate);
+  }
+
+  static void rms_norm(const float* x, const float* w, int64_t n, double eps, float* out) {
+    float ss = 0.f;
+    for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+    const float r = 1.f / std::sqrt(ss / (float)n + (float)eps);
+    for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
+  }
+
+  // rotate-half rotary embedding of one head, as model/llama.py's RotaryEmbedding
+  void rotate(const float* in, float* out, int64_t pos) const {
+    const int64_t half = head_dim / 2;
+    const float* f = inv_freq.data_ptr<float>();
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = (float)pos * f[i];
+      const float c = std::cos(angle), s = std::sin(angle);
+      out[i] = in[i] * c - in[i + half] * s;
+      out[i + half] = in[i + half] * c + in[i] * s;
+    }
+  }
+
+  // marks, optional (8,) int64: filled with clock marks between the stages, for the profiler: start,
+  // attention norm, QKV, attention (rotary, cache write, softmax(QK^T)V), output projection, MLP
+  // norm, gate/up with SiLU*up, down projection. A stage's time includes the barrier that ends it,
+  // i.e. the wait for the slowest thread.
+  void forward(at::Tensor x, at::Tensor k_cache, at::Tensor v_cache, int64_t pos, c10::optional<at::Tensor> marks) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() == hidden, "x must be float32 (hidden,)");
+    TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
+                    v_cache.is_contiguous() && k_cache.dim() == 4 && k_cache.size(0) == 1 &&
+                    k_cache.size(1) == kv_heads && k_cache.size(3) == head_dim && v_cache.sizes() == k_cache.sizes(),
+                "caches must be contiguous float32 (1, kv_heads, max_seq, head_dim)");
+    const int64_t max_seq = k_cache.size(2);
+    TORCH_CHECK(pos >= 0 && pos < max_seq, "KV cache holds ", max_seq, " positions, asked to write position ", pos);
+    float* xp = x.data_ptr<float>();
+    float* kc = k_cache.data_ptr<float>();
+    float* vc = v_cache.data_ptr<float>();
+    const int nthreads = at::get_num_threads();
+    if ((int)thread_rows.size() < nthreads) {
+      thread_rows.resize(nthreads);
+      thread_tmp.resize(nthreads);
+    }
+    const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim, group = heads / kv_heads;
+    const float softmax_scale = 1.f / std::sqrt((float)head_dim);
+    int64_t* mark = nullptr;
+    if (marks.has_value() && marks->defined()) {
+      TORCH_CHECK(marks->scalar_type() == at::kLong && marks->numel() == 8 && marks->is_contiguous(), "marks: (8,) int64");
+      mark = marks->data_ptr<int64_t>();
+      mark[0] = monotonic_ns();
+    }
+
+#pragma omp parallel num_threads(nthreads)
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      QuantizedRow& a = thread_rows[t];
+      const QuantizedRow* ap = &a;
+      const bool marking = mark != nullptr && t == 0;
+      std::vector<float>& tmp = thread_tmp[t];
+      tmp.resize(hidden + 2 * kv_size + head_dim + max_seq);
+      float* normed = tmp.data();
+      float* k_rot = normed + hidden;        // (kv_heads, head_dim): this token's rotated keys
+      float* q_rot = k_rot + kv_size;        // (head_dim,)
+      float* scores = q_rot + head_dim;      // (pos + 1,)
+
+      // attention input: every thread normalizes and quantizes x itself (cheaper than a barrier)
+      rms_norm(xp, attn_norm.data_ptr<float>(), hidden, eps, normed);
+      quantize_row(normed, hidden, a);
+      if (marking) mark[1] = monotonic_ns();
+      auto [q0, q1] = split_tiles(qkv->out_features, t, nt);
+      qkv->compute_rows(&ap, 1, q0, q1, qkv_out.data(), 0);
+#pragma omp barrier
+      if (marking) mark[2] = monotonic_ns();
+      const float* q = qkv_out.data();
+      const float* k = q + q_size;
+      const float* v = k + kv_size;
+      for (int64_t g = 0; g < kv_heads; ++g) rotate(k + g * head_dim, k_rot + g * head_dim, pos);
+      for (int64_t g = t; g < kv_heads; g += nt) {  // each kv head's new entry written by one thread
+        std::memcpy(kc + (g * max_seq + pos) * head_dim, k_rot + g * head_dim, head_dim * sizeof(float));
+        std::memcpy(vc + (g * max_seq + pos) * head_dim, v + g * head_dim, head_dim * sizeof(float));
+      }
+      auto [h0, h1] = split_range(heads, t, nt);
+      for (int64_t h = h0; h < h1; ++h) {
+        const int64_t g = h / group;
+        rotate(q + h * head_dim, q_rot, pos);
+        float best = -INFINITY;
+        for (int64_t s = 0; s <= pos; ++s) {  // position pos comes from k_rot: another thread may be writing it
+          const float* key = s == pos ? k_rot + g * head_dim : kc + (g * max_seq + s) * head_dim;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t i = 0; i < head_dim; ++i) dot += q_rot[i] * key[i];
+          scores[s] = dot * softmax_scale;
+          best = std::max(best, scores[s]);
+        }
+        float total = 0.f;
+        for (int64_t s = 0; s <= pos; ++s) total += (scores[s] = std::exp(scores[s] - best));
+        float* out = attn_out.data() + h * head_dim;
+        std::fill(out, out + head_dim, 0.f);
+        for (int64_t s = 0; s <= pos; ++s) {
+          const float* val = s == pos ? v + g * head_dim : vc + (g * max_seq + s) * head_dim;
+          const float p = scores[s] / total;
+#pragma omp simd
+          for (int64_t i = 0; i < head_dim; ++i) out[i] += p * val[i];
+        }
+      }
+#pragma omp barrier
+      if (marking) mark[3] = monotonic_ns();
+      quantize_row(attn_out.data(), q_size, a);
+      auto [o0, o1] = split_tiles(hidden, t, nt);
+      o->compute_rows(&ap, 1, o0, o1, proj_out.data(), 0);
+      for (int64_t n = o0; n < o1; ++n) xp[n] += proj_out[n];
+#pragma omp barrier
+      if (marking) mark[4] = monotonic_ns();
+      rms_norm(xp, mlp_norm.data_ptr<float>(), hidden, eps, normed);
+      quantize_row(normed, hidden, a);
+      if (marking) mark[5] = monotonic_ns();
+      auto [i0, i1] = split_tiles(intermediate, t, nt);  // gate row n and up row n together
+      gate_up->compute_rows(&ap, 1, i0, i1, proj_out.data(), 0);
+      gate_up->compute_rows(&ap, 1, intermediate + i0, intermediate + i1, proj_out.data(), 0);
+      for (int64_t n = i0; n < i1; ++n) {
+        const float g = proj_out[n];
+        act[n] = g / (1.f + std::exp(-g)) * proj_out[intermediate + n];
+      }
+#pragma omp barrier
+      if (marking) mark[6] = monotonic_ns();
+      quantize_row(act.data(), intermediate, a);
+      // proj_out's gate/up values are all read before the barrier above, so it can be reused
+      auto [d0, d1] = split_tiles(hidden, t, nt);
+      down->compute_rows(&ap, 1, d0, d1, proj_out.data(), 0);
+      for (int64_t n = d0; n < d1; ++n) xp[n] += proj_out[n];
+    }
+    if (mark) mark[7] = monotonic_ns();
+  }
+};
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "leapllm CPU kernels: int4/int8 matmuls on int8 activations (AVX-512 VNNI) and a fused decoder layer";
+  m.def("vnni_compiled", &vnni_compiled, "whether the AVX-512 VNNI kernels were compiled in");
+  pybind11::class_<PackedLinear, std::shared_ptr<PackedLinear>>(m, "PackedLinear")
+      .def(pybind11::init<at::Tensor, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, int64_t, bool>(),
+           pybind11::arg("weight"), pybind11::arg("scales"), pybind11::arg("mins"), pybind11::arg("bias"),
+           pybind11::arg("bits"), pybind11::arg("simd") = true)
+      .def("forward", &PackedLinear::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("dequantize", &PackedLinear::dequantize, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def_property_readonly("bias", [](const PackedLinear& l) -> c10::optional<at::Tensor> {
+        return l.bias.defined() ? c10::optional<at::Tensor>(l.bias) : c10::nullopt;
+      })
+      .def_readonly("in_features", &PackedLinear::in_features)
+      .def_readonly("out_features", &PackedLinear::out_features)
+      .def_readonly("bits", &PackedLinear::bits)
+      .def_readonly("simd", &PackedLinear::simd);
+  pybind11::class_<DecoderLayer, std::shared_ptr<DecoderLayer>>(m, "DecoderLayer")
+      .def(pybind11::init<std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>,
+                          std::shared_ptr<PackedLinear>, at::Tensor, at::Tensor, at::Tensor, double, int64_t, int64_t,
+                          int64_t>())
+      .def("forward", &DecoderLayer::forward, pybind11::arg("x"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
+           pybind11::arg("pos"), pybind11::arg("marks") = pybind11::none(),
+           pybind11::call_guard<pybind11::gil_scoped_release>());
+}

@@ -1,0 +1,102 @@
+"""Weights into the layout of cpu_kernels.cpp, and the PackedLinear objects that run them.
+
+Output rows go in tiles of 16 and input features in blocks of 32; within a (tile, block), each
+64-byte vector holds 4 consecutive input features ("a quad") of all 16 rows, row-major by row
+(byte 4 * row + j is feature 4 * quad + j). A VNNI instruction then adds each row's 4 products to its
+own int32 lane (see the C++ file's header).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leapllm.kernels import cpu_kernels
+
+TILE, BLOCK = 16, 32
+
+
+def tile_quads(x: torch.Tensor) -> torch.Tensor:
+    """(N, K) -> (N/16, K/32, 8, 64): per (tile, block), per quad, the 16 rows' 4 values."""
+    n, k = x.shape
+    return x.reshape(n // TILE, TILE, k // BLOCK, 8, 4).permute(0, 2, 3, 1, 4).reshape(n // TILE, k // BLOCK, 8, 64)
+
+
+def untile_quads(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of tile_quads: (N/16, K/32, 8, 64) -> (N, K)."""
+    tiles, blocks = x.shape[:2]
+    return x.reshape(tiles, blocks, 8, TILE, 4).permute(0, 3, 1, 2, 4).reshape(tiles * TILE, blocks * BLOCK)
+
+
+def per_row_blocks(values: torch.Tensor) -> torch.Tensor:
+    """(N, K/32) per-block values -> the same values ordered (tile, block, row) as the kernels read them."""
+    n, blocks = values.shape
+    return values.reshape(n // TILE, TILE, blocks).transpose(1, 2).reshape(n, blocks)
+
+
+def per_row_blocks_inverse(values: torch.Tensor) -> torch.Tensor:
+    n, blocks = values.shape
+    return values.reshape(n // TILE, blocks, TILE).transpose(1, 2).reshape(n, blocks)
+
+
+def blocks_of_32(per_group: torch.Tensor, in_features: int) -> torch.Tensor:
+    """(N, K/group) per-group values -> (N, K/32), each repeated over the 32-blocks of its group."""
+    return per_group.repeat_interleave(in_features // BLOCK // per_group.shape[1], dim=1)
+
+
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (N, K) uint8 in [0, 15], scale and minimum (N, K/group), w = q * scale + minimum
+    -> (weight (N, K/2) uint8, scales (N, K/32) float16, minimums (N, K/32) float16), in the kernels' order."""
+    n, k = q.shape
+    quads = tile_quads(q.to(torch.uint8))  # (tiles, blocks, 8, 64)
+    weight = (quads[:, :, :4] | (quads[:, :, 4:] << 4)).reshape(n, k // 2)  # quad c low, quad c + 4 high
+    scales = per_row_blocks(blocks_of_32(scale.float(), k)).half()
+    mins = per_row_blocks(blocks_of_32(minimum.float(), k)).half()
+    return weight.contiguous(), scales.contiguous(), mins.contiguous()
+
+
+def unpack_int4(weight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """The float32 weight (N, K) that pack_int4's output stands for."""
+    n, k = weight.shape[0], weight.shape[1] * 2
+    packed = weight.reshape(n // TILE, k // BLOCK, 4, 64)
+    q = untile_quads(torch.cat([packed & 15, packed >> 4], dim=2)).float()
+    d = per_row_blocks_inverse(scales.float()).repeat_interleave(BLOCK, dim=1)
+    m = per_row_blocks_inverse(mins.float()).repeat_interleave(BLOCK, dim=1)
+    return q * d + m
+
+
+def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (N, K) int8 and scale (N,), w = q * scale -> (weight (N, K) uint8 = q + 128 in the kernels' order,
+    scales (N,) float32)."""
+    n, k = q.shape
+    shifted = (q.to(torch.int16) + 128).to(torch.uint8)
+    return tile_quads(shifted).reshape(n, k).contiguous(), scale.float().contiguous()
+
+
+def kernels_can_run(in_features: int, out_features: int, device: torch.device | str) -> bool:
+    """Whether a linear layer of this shape on this device can use the packed kernels."""
+    return (torch.device(device).type == "cpu" and in_features % BLOCK == 0 and out_features % TILE == 0
+            and cpu_kernels() is not None)
+
+
+def packed_linear(weight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bias: torch.Tensor | None,
+                  bits: int, simd: bool = True):
+    """The C++ PackedLinear over packed tensors (which it keeps references to); mins only for int4."""
+    return cpu_kernels().PackedLinear(weight, scales, mins, None if bias is None else bias.float(), bits, simd)
+
+
+# Up to this many activation rows (decode steps of up to 32 sequences) the int8 dot-product tiles are
+# fastest; beyond it (prefill) a bfloat16 GEMM on weights dequantized for the call wins.
+DOT_KERNEL_MAX_ROWS = 32
+
+
+def packed_forward(linear, x: torch.Tensor) -> torch.Tensor:
+    """y = x W^T (+ bias) for a C++ PackedLinear, choosing the kernel by the number of rows."""
+    rows = x.numel() // x.shape[-1]
+    if rows <= DOT_KERNEL_MAX_ROWS:
+        return linear.forward(x.float()).to(x.dtype)
+    # bfloat16 activations, as PyTorch's own int4 kernel takes them
+    y = torch.nn.functional.linear(x.to(torch.bfloat16), linear.dequantize(torch.bfloat16))
+    if linear.bias is not None:
+        y = y.float() + linear.bias
+    return y.to(x.dtype)

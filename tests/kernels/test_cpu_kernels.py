@@ -1,0 +1,235 @@
+"""leapllm's C++ CPU kernels: packed layouts, int4/int8 matmuls on int8 activations, the fused decoder layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leapllm.compression.int4 import (
+    Int4Linear,
+    dequantize_int4_groupwise,
+    quantize_int4_groupwise,
+)
+from leapllm.compression.int8 import Int8Linear, quantize_per_channel_int8
+from leapllm.compression.quantize import quantize_model
+from leapllm.kernels import cpu_kernels, why_unavailable
+from leapllm.kernels.packing import (
+    pack_int4,
+    pack_int8,
+    packed_linear,
+    tile_quads,
+    unpack_int4,
+    untile_quads,
+)
+from leapllm.model.config import ModelConfig
+from leapllm.model.llama import Transformer
+
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason=f"leapllm CPU kernels unavailable: {why_unavailable()}")
+
+
+def relative_error(y, ref):
+    return float((y - ref).norm() / ref.norm())
+
+
+def test_tiles_put_four_features_of_sixteen_rows_in_each_64_byte_vector():
+    x = torch.arange(32 * 64).reshape(32, 64)  # value = 64 * row + feature
+    quads = tile_quads(x)
+    assert quads.shape == (2, 2, 8, 64)
+    # tile 1, block 1, quad 2: rows 16..31, features 32 + 8 .. 32 + 11
+    assert quads[1, 1, 2, :8].tolist() == [64 * 16 + 40, 64 * 16 + 41, 64 * 16 + 42, 64 * 16 + 43,
+                                           64 * 17 + 40, 64 * 17 + 41, 64 * 17 + 42, 64 * 17 + 43]
+    assert torch.equal(untile_quads(quads), x)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_packing_keeps_every_weight_scale_and_minimum(group_size):
+    w = torch.randn(48, 256)
+    q, scale, minimum = quantize_int4_groupwise(w, group_size)
+    weight, scales, mins = pack_int4(q, scale, minimum)
+    assert weight.shape == (48, 128) and scales.shape == mins.shape == (48, 8)
+    assert scales.dtype == mins.dtype == torch.float16
+    expected = dequantize_int4_groupwise(q, scale.half().float(), minimum.half().float())
+    torch.testing.assert_close(unpack_int4(weight, scales, mins), expected)
+    # and the C++ side reads the same numbers back
+    dense = packed_linear(weight, scales, mins, None, bits=4).dequantize(torch.float32)
+    torch.testing.assert_close(dense, expected)
+
+
+def test_int8_packing_dequantizes_to_the_per_channel_weights():
+    q, scale = quantize_per_channel_int8(torch.randn(32, 96))
+    dense = packed_linear(*pack_int8(q, scale), None, None, bits=8).dequantize(torch.float32)
+    torch.testing.assert_close(dense, q.float() * scale[:, None])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+def test_packed_matmul_matches_the_dequantized_weights_within_activation_rounding(bits, rows):
+    """Up to 8 activation rows share one read of a weight tile (13: a full group and a remainder);
+    activations are rounded to int8 per block of 32, so ~0.5% error on random data."""
+    torch.manual_seed(0)
+    n, k = 80, 224
+    w, x, bias = torch.randn(n, k), torch.randn(rows, k), torch.randn(n)
+    if bits == 4:
+        q, scale, minimum = quantize_int4_groupwise(w, 32)
+        weight, scales, mins = pack_int4(q, scale, minimum)
+        dense = unpack_int4(weight, scales, mins)
+    else:
+        q, scale = quantize_per_channel_int8(w)
+        (weight, scales), mins = pack_int8(q, scale), None
+        dense = q.float() * scale[:, None]
+    ref = x @ dense.T + bias
+    fast = packed_linear(weight, scales, mins, bias, bits=bits)
+    y = fast.forward(x)
+    assert y.shape == (rows, n)
+    assert relative_error(y, ref) < 0.01
+    # the portable loops compute the same sums as the VNNI instructions
+    portable = packed_linear(weight, scales, mins, bias, bits=bits, simd=False)
+    assert not portable.simd
+    torch.testing.assert_close(portable.forward(x), y, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_matmul_rejects_a_wrong_width_and_non_float32_input():
+    q, scale = quantize_per_channel_int8(torch.randn(16, 64))
+    fast = packed_linear(*pack_int8(q, scale), None, None, bits=8)
+    with pytest.raises(RuntimeError, match="expected 64 input features"):
+        fast.forward(torch.randn(1, 128))
+    with pytest.raises(RuntimeError, match="float32"):
+        fast.forward(torch.randn(1, 64, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        packed_linear(torch.zeros(16, 16, dtype=torch.uint8), torch.zeros(16), None, None, bits=8)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        packed_linear(torch.zeros(8, 32, dtype=torch.uint8), torch.zeros(8), None, None, bits=8)
+
+
+@pytest.mark.parametrize("layer_type", ["int4", "int8"])
+def test_quantized_linear_gives_the_same_result_on_the_dot_kernel_and_the_dequantized_gemm(layer_type):
+    """A few rows go through the int8 dot-product kernel, many through a bfloat16 GEMM on dequantized weights."""
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(256, 96, bias=True)
+    layer = Int4Linear.from_linear(linear, 32) if layer_type == "int4" else Int8Linear.from_linear(linear)
+    assert layer.packed_linear is not None and "leapllm" in layer.extra_repr()
+    x = torch.randn(40, 256)
+    many = layer(x)
+    few = torch.cat([layer(x[i:i + 2]) for i in range(0, 40, 2)])
+    assert relative_error(few, many) < 0.02
+    assert relative_error(many, linear(x).detach()) < 0.1
+
+
+def test_kernels_can_be_switched_off_for_pytorchs_own(monkeypatch):
+    monkeypatch.setenv("LEAPLLM_CPU_KERNELS", "0")
+    assert cpu_kernels() is None and "LEAPLLM_CPU_KERNELS=0" in why_unavailable()
+    layer = Int4Linear.from_linear(torch.nn.Linear(128, 64), 32)
+    assert layer.packed_linear is None and "PyTorch int4pack" in layer.extra_repr()
+    assert layer(torch.randn(2, 128)).shape == (2, 64)
+
+
+def small_decoder(seed: int = 0, bias: bool = False) -> Transformer:
+    torch.manual_seed(seed)
+    config = ModelConfig(architecture="qwen2" if bias else "llama", vocab_size=320, hidden_size=128,
+                         intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32,
+                         context_length=128, attention_bias=bias)
+    model = Transformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+        for layer in model.layers:
+            layer.attn_norm.weight.fill_(1.0)
+            layer.mlp_norm.weight.fill_(1.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method,bias", [("int4", False), ("int8", False), ("int4", True)])
+@torch.inference_mode()
+def test_fused_decode_step_matches_the_module_by_module_step(method, bias):
+    """Same kernels, same math; only float rounding differs (the norms sum in another order), which
+    can move an activation across an int8 rounding boundary now and then: ~1% on this random model,
+    against ~5-40% for the quantization itself."""
+    model = small_decoder(bias=bias)
+    quantize_model(model, method, 32)
+    prompt = torch.randint(0, 320, (1, 20))
+    caches = {}
+    logits = {}
+    for fused in (False, True):
+        model.use_fused_decode, model.fused_decode = fused, None
+        cache = caches[fused] = model.new_kv_cache(1, 40)
+        model(prompt, 0, cache, last_only=True)
+        steps = []
+        for pos in range(20, 30):
+            steps.append(model(torch.tensor([[pos % 320]]), pos, cache))
+        logits[fused] = torch.cat(steps)
+        assert (model.fused_decode is not None) == fused
+    assert relative_error(logits[True][0], logits[False][0]) < 1e-4  # first step: no rounding flip yet
+    for step in range(10):
+        assert relative_error(logits[True][step], logits[False][step]) < 0.05
+    # the fused step wrote the same keys and values into the cache
+    for layer in range(3):
+        for kv in ("k", "v"):
+            fused, modules = (getattr(caches[f], kv)[layer][:, :, :30] for f in (True, False))
+            assert relative_error(fused, modules) < 0.05
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_fused_int4_decode_of_the_default_model_is_as_close_to_float32_as_the_module_path(llm):
+    """Teacher-forced on the float32 model's greedy tokens: the fused step's logits are as close to
+    float32's as the module-by-module int4 step's (both quantize activations to int8 per block of
+    32; they differ only where float rounding moves an activation across a rounding boundary)."""
+    from leapllm import LLM
+
+    prompt = llm.tokenizer.encode("The three primary colors are")
+
+    def decode_logits(model, tokens):
+        cache = model.new_kv_cache(1, 64)
+        out = [model(torch.tensor([prompt]), 0, cache, last_only=True)[0, -1]]
+        for i, token in enumerate(tokens[:-1]):
+            out.append(model(torch.tensor([[token]]), len(prompt) + i, cache)[0, -1])
+        return torch.stack(out)
+
+    cache = llm.model.new_kv_cache(1, 64)
+    tokens = [int(llm.model(torch.tensor([prompt]), 0, cache, last_only=True)[0, -1].argmax())]
+    for i in range(15):
+        tokens.append(int(llm.model(torch.tensor([[tokens[-1]]]), len(prompt) + i, cache)[0, -1].argmax()))
+    reference = decode_logits(llm.model, tokens)
+
+    quantized = LLM(dtype="float32", device="cpu").model
+    quantize_model(quantized, "int4", 32, head_method="int8")
+    errors = {}
+    for fused in (False, True):
+        quantized.use_fused_decode, quantized.fused_decode = fused, None
+        logits = decode_logits(quantized, tokens)
+        assert (quantized.fused_decode is not None) == fused
+        errors[fused] = sum(relative_error(logits[i], reference[i]) for i in range(16)) / 16
+        agree = sum(int(logits[i].argmax()) == tokens[i] for i in range(16))
+        assert agree >= 14, (fused, agree)
+    assert errors[True] < 1.25 * errors[False] + 0.005, errors
+
+
+@torch.inference_mode()
+def test_fused_decode_refuses_a_position_past_the_cache_and_is_rebuilt_after_a_reset():
+    model = small_decoder()
+    quantize_model(model, "int4", 32)
+    cache = model.new_kv_cache(1, 8)
+    model(torch.randint(0, 320, (1, 7)), 0, cache)
+    model(torch.tensor([[1]]), 7, cache)
+    first = model.fused_decode
+    assert first is not None
+    with pytest.raises(ValueError, match="KV cache holds 8 positions"):
+        model(torch.tensor([[1]]), 8, cache)
+    model.layers[0].mlp.down_proj = Int4Linear.from_linear(torch.nn.Linear(256, 128), 32)
+    model.reset_fused_decode()
+    model(torch.tensor([[1]]), 7, cache)
+    assert model.fused_decode is not None and model.fused_decode is not first
+
+
+@torch.inference_mode()
+def test_fused_decode_is_not_used_for_float_models_batches_or_prompts():
+    model = small_decoder()
+    cache = model.new_kv_cache(1, 16)
+    model(torch.randint(0, 320, (1, 5)), 0, cache)
+    model(torch.tensor([[1]]), 5, cache)
+    assert model.fused_decode is None  # float weights: nothing to fuse
+    quantize_model(model, "int4", 32)
+    batch_cache = model.new_kv_cache(2, 16)
+    model(torch.randint(0, 320, (2, 5)), 0, batch_cache)
+    model(torch.tensor([[1], [2]]), 5, batch_cache)
+    assert model.fused_decode is None  # two sequences: the module path
