@@ -16,8 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from leapllm.benchmarking.harness import BenchSettings, resolve, run_bench
+from leapllm.benchmarking.harness import (
+    BenchSettings,
+    resolve,
+    resolve_systems,
+    run_bench,
+)
 from leapllm.benchmarking.report import markdown
+from leapllm.benchmarking.systems import (
+    ALL_SYSTEMS,
+    QUANTIZED,
+    make_system,
+    system_engine_dtype,
+)
 from leapllm.cli.bench_cmd import add_bench_parser
 from leapllm.errors import InvalidRequestError, ModelLoadError
 
@@ -150,6 +161,66 @@ def test_a_float32_system_whose_greedy_tokens_disagree_is_broken_and_gets_no_spe
     assert hf16["status"] == "ok" and hf16["greedy_agreement"] == 0 and hf16["figures"]["decode"] > 0
     assert list(report["ratios"]) == ["leapllm-float32 / hf-bfloat16"]
     assert "| hf-float32 | broken | broken | broken | broken | broken | 0 |" in markdown(report)
+
+
+def test_the_quantized_leapllm_systems_are_known_and_run_by_default():
+    for name, dtype in (("leapllm-int4", "int4"), ("leapllm-int8", "int8")):
+        assert name in ALL_SYSTEMS and system_engine_dtype(name) == ("leapllm", dtype)
+        assert resolve_systems(BenchSettings(systems=name)) == [name]  # on CPU too: no CUDA-only restriction
+    assert QUANTIZED["int4"].args == {"method": "int4", "group_size": 32, "head_method": "int8"}
+    assert QUANTIZED["int8"].args == {"method": "int8"}
+    assert resolve_systems(BenchSettings(peers="llamacpp")) == [
+        "leapllm-float32", "leapllm-bfloat16", "leapllm-int4", "leapllm-int8", "llamacpp"]
+    assert resolve_systems(BenchSettings(peers="none"))[2:] == ["leapllm-int4", "leapllm-int8"]
+
+
+def test_quantized_leapllm_systems_whose_greedy_tokens_differ_are_reported_not_broken():
+    settings = BenchSettings(systems="leapllm-float32,leapllm-int4,leapllm-int8,llamacpp", **TINY_SETTINGS)
+    command = workers_from({"leapllm-float32": "ok", "leapllm-int4": "wrong", "leapllm-int8": "wrong",
+                            "llamacpp": "ok"})
+    report = run_bench(settings, log=lambda _: None, worker_command=command)
+    systems = by_name(report)
+    for name in ("leapllm-int4", "leapllm-int8"):
+        entry = systems[name]
+        assert entry["dtype"] == name.split("-")[1] and entry["greedy_agreement"] == 0
+        assert_all_figures(entry)  # no figure withheld, not even the batched one
+        assert entry["batched_agreement"] == {"decode_b2": 0} and entry["notes"] == {}
+    # Side by side with llama.cpp: a ratio for every quantized system against it.
+    assert list(report["ratios"]) == ["leapllm-float32 / llamacpp", "leapllm-int4 / llamacpp",
+                                      "leapllm-int8 / llamacpp"]
+    text = markdown(report)
+    assert "| leapllm-int4 / llamacpp |" in text and "| leapllm-int8 / llamacpp |" in text
+    assert "leapllm-int4 quantizes the dequantized weights at load" in text
+    assert "the precision llama.cpp has on Q4_1 projections with a Q8_0 output head" in text
+
+
+@pytest.mark.slow
+def test_the_leapllm_int4_system_loads_the_default_model_quantized_and_decodes(default_gguf_path):
+    import torch
+
+    from leapllm.compression.int4 import Int4Linear
+    from leapllm.compression.int8 import Int8Linear
+
+    threads = torch.get_num_threads()  # import_libraries sets it: leave this process's setting as it is
+    system = make_system("leapllm-int4", default_gguf_path, "cpu", threads, 32)
+    system.import_libraries()
+    system.load()
+    model = system.model
+    assert model.dtype == torch.float32  # float32 activations
+    assert all(isinstance(layer.mlp.down_proj, Int4Linear) for layer in model.layers)
+    assert isinstance(model.lm_head, Int8Linear)
+    ids = list(range(1000, 1016))
+    assert system.prefill(ids) > 0
+    seconds, tokens = system.decode(ids, 4)
+    assert seconds > 0 and len(tokens) == 4 and all(0 <= t < model.config.vocab_size for t in tokens)
+    seconds, rows = system.batched_decode([ids, ids], 3)
+    assert seconds > 0 and [len(row) for row in rows] == [3, 3]
+    assert rows[0] == rows[1] and rows[0][0] == tokens[0]  # the same prompt gives the same first token
+    info = system.info()
+    kernel = ("PyTorch kernels" if model.lm_head.packed_linear is None else
+              "leapllm VNNI kernels" if model.lm_head.packed_linear.simd else "leapllm portable kernels")
+    assert info["weights"] == f"int4 groups of 32 (projections), int8 output head; kernel: {kernel}"
+    assert info["compute_dtype"] == "float32" and info["weights_mib"] > 0
 
 
 @pytest.mark.slow

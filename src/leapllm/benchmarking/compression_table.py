@@ -60,8 +60,10 @@ def variants(distill_steps: int | None) -> list[Variant]:
     return [
         Variant("float32", "the model dequantized to float32", dtype="float32", float_folder="float32"),
         Variant("bfloat16", "bfloat16 weights and compute", dtype="bfloat16", float_folder="bfloat16"),
-        Variant("int8", "int8 per-channel weights, two int8 activation digits", (quantize + ("int8",),)),
+        Variant("int8", "int8 per-channel weights", (quantize + ("int8",),)),
         Variant("int4-rtn", "int4 groups of 32, round to nearest", (quantize + ("int4",),)),
+        Variant("int4-rtn+int8-head", "int4-rtn projections, int8 output head (llama.cpp Q4_1's precision)",
+                (quantize + ("int4", "--head", "int8"),)),
         Variant("int4-awq", "int4 groups of 32, activation-aware (calibrated)",
                 (quantize + ("int4", "--calib", CALIB_TEXT),)),
         Variant("int4-awq+int8-head", "int4-awq projections, int8 output head",
@@ -232,23 +234,31 @@ def add_ratios(rows: list[dict]) -> None:
         r["peak_x"] = r["peak_rss_mib"] / base["peak_rss_mib"]
         r["decode_x"] = r["decode_tok_s"] / base["decode_tok_s"]
         r["perplexity_change"] = r["perplexity"] / base["perplexity"] - 1
+        if "perplexity_decode_kernels" in r:
+            r["perplexity_decode_kernels_change"] = r["perplexity_decode_kernels"] / base["perplexity"] - 1
 
 
 def markdown(report: dict) -> str:
-    head = ("| variant | what | size MiB | x f32 | peak MiB | x f32 | decode tok/s | x f32 | perplexity | vs f32 |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| variant | what | size MiB | x f32 | peak MiB | x f32 | decode tok/s | x f32 | perplexity | vs f32 "
+            "| perplexity, decode kernels | vs f32 |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in report["rows"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['name']} | {r['description']} | failed: {r.get('error', '')} |||||||")
+            lines.append(f"| {r['name']} | {r['description']} | failed: {r.get('error', '')} |||||||||")
             continue
         change = r.get("perplexity_change")
+        kernel_ppl, kernel_change = r.get("perplexity_decode_kernels"), r.get("perplexity_decode_kernels_change")
         lines.append(
             f"| {r['name']} | {r['description']} | {r['size_mib']:.0f} | {r.get('size_x', float('nan')):.2f} | "
             f"{r['peak_rss_mib']:.0f} | {r.get('peak_x', float('nan')):.2f} | {r['decode_tok_s']:.1f} | "
             f"{r.get('decode_x', float('nan')):.2f} | {r['perplexity']:.3f} | "
-            f"{'' if change is None else f'{change:+.1%}'} |")
-    notes = (f"\nPerplexity: {report['eval_tokens']} tokens of `{report['eval_text']}`, windows of 512, stride 256. "
+            f"{'' if change is None else f'{change:+.1%}'} | "
+            f"{'' if kernel_ppl is None else f'{kernel_ppl:.3f}'} | "
+            f"{'' if kernel_change is None else f'{kernel_change:+.1%}'} |")
+    notes = (f"\nPerplexity: {report['eval_tokens']} tokens of `{report['eval_text']}`, windows of 512, stride 256; "
+             "for models on leapllm's CPU kernels also through the int8-activation tiles that generation uses "
+             "(scoring's many rows otherwise take their bfloat16 GEMM path). "
              f"Decode: batch 1, greedy, {report['decode_tokens']} tokens after a 128-token prompt, median of "
              f"{report['repeats']}. Calibration and distillation text: `{report['calibration_text']}`. "
              f"{report['cpu_count']} CPUs.\n")
@@ -287,8 +297,16 @@ def measure_in_this_process(folder: str, dtype: str, eval_tokens: int, decode_to
     rates = [llm.run(prompt, params).timings["decode_tokens_per_s"] for _ in range(repeats)]
     peak = memory_snapshot()["peak_rss_mib"]  # before perplexity, whose batched logits would dominate
     ppl = perplexity(llm.model, ids[:eval_tokens], ctx=512, stride=256)
-    return {"load_s": round(load_s, 2), "decode_tok_s": statistics.median(rates), "decode_runs": rates,
-            "peak_rss_mib": peak, "perplexity": ppl.perplexity, "eval_tokens_scored": ppl.tokens}
+    result = {"load_s": round(load_s, 2), "decode_tok_s": statistics.median(rates), "decode_runs": rates,
+              "peak_rss_mib": peak, "perplexity": ppl.perplexity, "eval_tokens_scored": ppl.tokens}
+    if any(getattr(m, "packed_linear", None) is not None for m in llm.model.modules()):
+        # Scoring runs many rows per matmul, which leapllm's kernels compute as a bfloat16 GEMM;
+        # generation runs a few rows at a time through the int8-activation tiles. Score those too.
+        from leapllm.kernels import packing
+
+        packing.DOT_KERNEL_MAX_ROWS = 1 << 30
+        result["perplexity_decode_kernels"] = perplexity(llm.model, ids[:eval_tokens], ctx=512, stride=256).perplexity
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

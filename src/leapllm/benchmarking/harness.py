@@ -8,7 +8,8 @@ untimed warm-up per system; then each repeat runs, for each measurement, every s
 
 Honesty: a system that cannot be loaded is reported as missing with its reason, a worker that dies
 or stops answering as failed, a measurement a peer's API does not offer as unsupported; a float32
-system whose greedy tokens disagree with leapllm-float32's is broken and gets no speed figures.
+system whose greedy tokens disagree with leapllm-float32's is broken and gets no speed figures
+(half precision, quantized weights and llama.cpp only report how far they agree).
 None of these stops the other systems. Workers are always ended, with timeouts, so nothing hangs.
 """
 
@@ -36,6 +37,7 @@ from typing import Any
 from leapllm.benchmarking.systems import (
     ALL_SYSTEMS,
     CUDA_ONLY_SYSTEMS,
+    DEFAULT_LEAPLLM_SYSTEMS,
     PEERS,
     system_engine_dtype,
 )
@@ -150,7 +152,7 @@ def resolve_systems(settings: BenchSettings) -> list[str]:
         for peer in peers:
             if peer not in PEERS:
                 raise InvalidRequestError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)} (or none)")
-        names = ["leapllm-float32", "leapllm-bfloat16"] + [s for p in dict.fromkeys(peers) for s in PEERS[p]]
+        names = DEFAULT_LEAPLLM_SYSTEMS + [s for p in dict.fromkeys(peers) for s in PEERS[p]]
     for name in names:
         if name not in ALL_SYSTEMS:
             raise InvalidRequestError(f"unknown system {name!r}; choose from {', '.join(ALL_SYSTEMS)}")
@@ -437,7 +439,8 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def check_quality(entries: list[dict], reference: list[int] | None, plan: Plan) -> None:
     """Greedy agreement with leapllm-float32. A float32 torch system that disagrees early is broken;
-    llama.cpp (its own Q4_1 kernels) and half precision only report how far they agree."""
+    llama.cpp (its own Q4_1 kernels), half precision and leapllm's quantized systems (dtype "int4",
+    "int8": quantized weights) only report how far they agree."""
     if reference is None:
         return
     gated = {"leapllm", "hf"}

