@@ -24,7 +24,10 @@
 #include <omp.h>
 #include <time.h>
 
+#include <sched.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -364,18 +367,14 @@ struct PackedLinear {
   }
 };
 
-// One Llama block (RMSNorm, fused QKV, rotary, grouped-query attention over a contiguous float32
-// KV cache, output projection, RMSNorm, fused gate/up, SiLU * up, down projection, residuals) for a
-// single token of a single sequence, updating x in place.
+// One Llama block's weights and shapes (RMSNorm, fused QKV, rotary, grouped-query attention over a
+// contiguous float32 KV cache, output projection, RMSNorm, fused gate/up, SiLU * up, down
+// projection, residuals); DecoderStack runs a batch-1 decode step through all of them.
 struct DecoderLayer {
   std::shared_ptr<PackedLinear> qkv, o, gate_up, down;
   at::Tensor attn_norm, mlp_norm, inv_freq;
   double eps;
   int64_t heads, kv_heads, head_dim, hidden, intermediate;
-  // workspace, shared by the threads of one call
-  std::vector<float> qkv_out, attn_out, proj_out, act;
-  std::vector<QuantizedRow> thread_rows;
-  std::vector<std::vector<float>> thread_tmp;
 
   DecoderLayer(std::shared_ptr<PackedLinear> qkv_, std::shared_ptr<PackedLinear> o_,
                std::shared_ptr<PackedLinear> gate_up_, std::shared_ptr<PackedLinear> down_, at::Tensor attn_norm_,
@@ -393,10 +392,6 @@ struct DecoderLayer {
     TORCH_CHECK(gate_up->in_features == hidden && gate_up->out_features % 2 == 0, "gate_up shape");
     TORCH_CHECK(down->in_features == intermediate && down->out_features == hidden, "down_proj shape");
     TORCH_CHECK(intermediate % TILE == 0, "the MLP width must be a multiple of 16");
-    qkv_out.resize(qkv->out_features);
-    attn_out.resize(heads * head_dim);
-    proj_out.resize(std::max(hidden, gate_up->out_features));
-    act.resize(intermediate);
   }
 
   static void rms_norm(const float* x, const float* w, int64_t n, double eps, float* out) {
@@ -417,116 +412,212 @@ struct DecoderLayer {
       out[i + half] = in[i + half] * c + in[i] * s;
     }
   }
+};
 
-  // marks, optional (8,) int64: filled with clock marks between the stages, for the profiler: start,
-  // attention norm, QKV, attention (rotary, cache write, softmax(QK^T)V), output projection, MLP
-  // norm, gate/up with SiLU*up, down projection. A stage's time includes the barrier that ends it,
-  // i.e. the wait for the slowest thread.
-  void forward(at::Tensor x, at::Tensor k_cache, at::Tensor v_cache, int64_t pos, c10::optional<at::Tensor> marks) {
-    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() == hidden, "x must be float32 (hidden,)");
-    TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
-                    v_cache.is_contiguous() && k_cache.dim() == 4 && k_cache.size(0) == 1 &&
-                    k_cache.size(1) == kv_heads && k_cache.size(3) == head_dim && v_cache.sizes() == k_cache.sizes(),
-                "caches must be contiguous float32 (1, kv_heads, max_seq, head_dim)");
-    const int64_t max_seq = k_cache.size(2);
-    TORCH_CHECK(pos >= 0 && pos < max_seq, "KV cache holds ", max_seq, " positions, asked to write position ", pos);
-    float* xp = x.data_ptr<float>();
-    float* kc = k_cache.data_ptr<float>();
-    float* vc = v_cache.data_ptr<float>();
-    const int nthreads = at::get_num_threads();
-    if ((int)thread_rows.size() < nthreads) {
-      thread_rows.resize(nthreads);
-      thread_tmp.resize(nthreads);
+// A batch-1 decode step through every layer, in one OpenMP region.
+//
+// Each layer is five phases: QKV, attention, output projection (+ residual), gate/up (+ SiLU * up),
+// down projection (+ residual). A phase is a list of work items (tiles of 16 output rows, or
+// attention heads) that the threads claim from an atomic counter; a thread moves on to the next
+// phase once every item of this one is done. Nothing waits for a particular thread, only for work:
+// if the OS takes a core away (another process, the server's own threads), the remaining threads
+// do its share, where fixed shares and barriers would stall every phase for a scheduler time slice.
+// A phase's work counters, each on its own cache line.
+struct PhaseCounters {
+  alignas(64) std::atomic<int64_t> claimed{0};
+  alignas(64) std::atomic<int64_t> finished{0};
+};
+
+struct DecoderStack {
+  static constexpr int PHASES = 5;
+  std::vector<std::shared_ptr<DecoderLayer>> layers;
+  int64_t max_hidden = 0, max_qkv = 0, max_q = 0, max_inter = 0, max_kv = 0, max_head_dim = 0;
+  std::vector<float> qkv_out, attn_out, gate_up_out, act;  // shared between the threads of one step
+
+  explicit DecoderStack(std::vector<std::shared_ptr<DecoderLayer>> layers_) : layers(std::move(layers_)) {
+    TORCH_CHECK(!layers.empty(), "no layers");
+    for (auto& l : layers) {
+      TORCH_CHECK(l->hidden == layers[0]->hidden, "every layer must have the same hidden size");
+      max_hidden = std::max(max_hidden, l->hidden);
+      max_qkv = std::max(max_qkv, l->qkv->out_features);
+      max_q = std::max(max_q, l->heads * l->head_dim);
+      max_inter = std::max(max_inter, l->intermediate);
+      max_kv = std::max(max_kv, l->kv_heads * l->head_dim);
+      max_head_dim = std::max(max_head_dim, l->head_dim);
     }
-    const int64_t q_size = heads * head_dim, kv_size = kv_heads * head_dim, group = heads / kv_heads;
-    const float softmax_scale = 1.f / std::sqrt((float)head_dim);
-    int64_t* mark = nullptr;
-    if (marks.has_value() && marks->defined()) {
-      TORCH_CHECK(marks->scalar_type() == at::kLong && marks->numel() == 8 && marks->is_contiguous(), "marks: (8,) int64");
-      mark = marks->data_ptr<int64_t>();
-      mark[0] = monotonic_ns();
+    qkv_out.resize(max_qkv);
+    attn_out.resize(max_q);
+    gate_up_out.resize(2 * max_inter);
+    act.resize(max_inter);
+  }
+
+  static int64_t items(const DecoderLayer& l, int phase) {
+    switch (phase) {
+      case 0: return l.qkv->out_features / TILE;
+      case 1: return l.heads;
+      case 2: return l.hidden / TILE;
+      case 3: return l.intermediate / TILE;
+      default: return l.hidden / TILE;
     }
+  }
 
-#pragma omp parallel num_threads(nthreads)
-    {
-      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-      QuantizedRow& a = thread_rows[t];
-      const QuantizedRow* ap = &a;
-      const bool marking = mark != nullptr && t == 0;
-      std::vector<float>& tmp = thread_tmp[t];
-      tmp.resize(hidden + 2 * kv_size + head_dim + max_seq);
-      float* normed = tmp.data();
-      float* k_rot = normed + hidden;        // (kv_heads, head_dim): this token's rotated keys
-      float* q_rot = k_rot + kv_size;        // (head_dim,)
-      float* scores = q_rot + head_dim;      // (pos + 1,)
+  // Per-thread scratch of a step.
+  struct ThreadWork {
+    QuantizedRow a;
+    std::vector<float> normed, k_rot, q_rot, scores;
+  };
 
-      // attention input: every thread normalizes and quantizes x itself (cheaper than a barrier)
-      rms_norm(xp, attn_norm.data_ptr<float>(), hidden, eps, normed);
-      quantize_row(normed, hidden, a);
-      if (marking) mark[1] = monotonic_ns();
-      auto [q0, q1] = split_tiles(qkv->out_features, t, nt);
-      qkv->compute_rows(&ap, 1, q0, q1, qkv_out.data(), 0);
-#pragma omp barrier
-      if (marking) mark[2] = monotonic_ns();
-      const float* q = qkv_out.data();
-      const float* k = q + q_size;
-      const float* v = k + kv_size;
-      for (int64_t g = 0; g < kv_heads; ++g) rotate(k + g * head_dim, k_rot + g * head_dim, pos);
-      for (int64_t g = t; g < kv_heads; g += nt) {  // each kv head's new entry written by one thread
-        std::memcpy(kc + (g * max_seq + pos) * head_dim, k_rot + g * head_dim, head_dim * sizeof(float));
-        std::memcpy(vc + (g * max_seq + pos) * head_dim, v + g * head_dim, head_dim * sizeof(float));
-      }
-      auto [h0, h1] = split_range(heads, t, nt);
-      for (int64_t h = h0; h < h1; ++h) {
-        const int64_t g = h / group;
-        rotate(q + h * head_dim, q_rot, pos);
+  // One work item of one phase of layer li; `prepared`: this thread already made the phase's input.
+  void run_item(int64_t li, int phase, int64_t item, bool prepared, ThreadWork& w, float* xp, float* const* kc,
+                float* const* vc, int64_t max_seq, int64_t pos) {
+    const DecoderLayer& l = *layers[li];
+    const int64_t q_size = l.heads * l.head_dim, kv_size = l.kv_heads * l.head_dim;
+    const int64_t group = l.heads / l.kv_heads, hd = l.head_dim, inter = l.intermediate;
+    QuantizedRow& a = w.a;
+    const QuantizedRow* ap = &a;
+    std::vector<float>& normed = w.normed;
+    std::vector<float>& k_rot = w.k_rot;
+    std::vector<float>& q_rot = w.q_rot;
+    std::vector<float>& scores = w.scores;
+    const int64_t n = item * TILE;
+    switch (phase) {
+      case 0:  // QKV
+        if (!prepared) {
+          l.rms_norm(xp, l.attn_norm.data_ptr<float>(), l.hidden, l.eps, normed.data());
+          quantize_row(normed.data(), l.hidden, a);
+        }
+        l.qkv->compute_rows(&ap, 1, n, n + TILE, qkv_out.data(), 0);
+        break;
+      case 1: {  // attention, one query head
+        const int64_t h = item, g = h / group;
+        const float* k_new = qkv_out.data() + q_size + g * hd;
+        const float* v_new = qkv_out.data() + q_size + kv_size + g * hd;
+        float* k_cache = kc[li] + g * max_seq * hd;
+        float* v_cache = vc[li] + g * max_seq * hd;
+        l.rotate(k_new, k_rot.data(), pos);
+        if (h % group == 0) {  // the group's first head writes this position's key and value
+          std::memcpy(k_cache + pos * hd, k_rot.data(), hd * sizeof(float));
+          std::memcpy(v_cache + pos * hd, v_new, hd * sizeof(float));
+        }
+        l.rotate(qkv_out.data() + h * hd, q_rot.data(), pos);
+        const float softmax_scale = 1.f / std::sqrt((float)hd);
         float best = -INFINITY;
-        for (int64_t s = 0; s <= pos; ++s) {  // position pos comes from k_rot: another thread may be writing it
-          const float* key = s == pos ? k_rot + g * head_dim : kc + (g * max_seq + s) * head_dim;
+        for (int64_t s = 0; s <= pos; ++s) {  // position pos from k_rot: it may not be written yet
+          const float* key = s == pos ? k_rot.data() : k_cache + s * hd;
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < head_dim; ++i) dot += q_rot[i] * key[i];
+          for (int64_t i = 0; i < hd; ++i) dot += q_rot[i] * key[i];
           scores[s] = dot * softmax_scale;
           best = std::max(best, scores[s]);
         }
-        float total = 0.f;
-        for (int64_t s = 0; s <= pos; ++s) total += (scores[s] = std::exp(scores[s] - best));
-        float* out = attn_out.data() + h * head_dim;
-        std::fill(out, out + head_dim, 0.f);
+        float sum = 0.f;
+        for (int64_t s = 0; s <= pos; ++s) sum += (scores[s] = std::exp(scores[s] - best));
+        float* out = attn_out.data() + h * hd;
+        std::fill(out, out + hd, 0.f);
         for (int64_t s = 0; s <= pos; ++s) {
-          const float* val = s == pos ? v + g * head_dim : vc + (g * max_seq + s) * head_dim;
-          const float p = scores[s] / total;
+          const float* val = s == pos ? v_new : v_cache + s * hd;
+          const float p = scores[s] / sum;
 #pragma omp simd
-          for (int64_t i = 0; i < head_dim; ++i) out[i] += p * val[i];
+          for (int64_t i = 0; i < hd; ++i) out[i] += p * val[i];
+        }
+        break;
+      }
+      case 2:  // output projection, added to the residual stream (each tile its own rows of x)
+        if (!prepared) quantize_row(attn_out.data(), q_size, a);
+        l.o->compute_rows(&ap, 1, n, n + TILE, normed.data(), 0);
+        for (int64_t r = n; r < n + TILE; ++r) xp[r] += normed[r];
+        break;
+      case 3:  // gate and up rows of the same channels, then SiLU(gate) * up
+        if (!prepared) {
+          l.rms_norm(xp, l.mlp_norm.data_ptr<float>(), l.hidden, l.eps, normed.data());
+          quantize_row(normed.data(), l.hidden, a);
+        }
+        l.gate_up->compute_rows(&ap, 1, n, n + TILE, gate_up_out.data(), 0);
+        l.gate_up->compute_rows(&ap, 1, inter + n, inter + n + TILE, gate_up_out.data(), 0);
+        for (int64_t r = n; r < n + TILE; ++r) {
+          const float gv = gate_up_out[r];
+          act[r] = gv / (1.f + std::exp(-gv)) * gate_up_out[inter + r];
+        }
+        break;
+      default:  // down projection, added to the residual stream
+        if (!prepared) quantize_row(act.data(), inter, a);
+        l.down->compute_rows(&ap, 1, n, n + TILE, normed.data(), 0);
+        for (int64_t r = n; r < n + TILE; ++r) xp[r] += normed[r];
+    }
+  }
+
+  // marks, optional (layers, 6) int64: clock marks at the start of each layer and the end of each of
+  // its phases (QKV with the attention norm, attention with rotary, output projection, gate/up with
+  // the MLP norm and SiLU * up, down projection), for the profiler.
+  void forward(at::Tensor x, std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, int64_t pos,
+               c10::optional<at::Tensor> marks) {
+    const int64_t n_layers = layers.size();
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() == max_hidden,
+                "x must be float32 (hidden,)");
+    TORCH_CHECK((int64_t)k_caches.size() == n_layers && (int64_t)v_caches.size() == n_layers, "one cache per layer");
+    std::vector<float*> kc(n_layers), vc(n_layers);
+    int64_t max_seq = 0;
+    for (int64_t i = 0; i < n_layers; ++i) {
+      const auto& k = k_caches[i];
+      const auto& v = v_caches[i];
+      TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.is_contiguous() &&
+                      v.is_contiguous() && k.dim() == 4 && k.size(0) == 1 && k.size(1) == layers[i]->kv_heads &&
+                      k.size(3) == layers[i]->head_dim && v.sizes() == k.sizes(),
+                  "caches must be contiguous float32 (1, kv_heads, max_seq, head_dim)");
+      max_seq = k.size(2);
+      TORCH_CHECK(pos >= 0 && pos < max_seq, "KV cache holds ", max_seq, " positions, asked to write position ", pos);
+      kc[i] = k.data_ptr<float>();
+      vc[i] = v.data_ptr<float>();
+    }
+    int64_t* mark = nullptr;
+    if (marks.has_value() && marks->defined()) {
+      TORCH_CHECK(marks->scalar_type() == at::kLong && marks->numel() == n_layers * (PHASES + 1) &&
+                      marks->is_contiguous(), "marks must be int64 (layers, 6)");
+      mark = marks->data_ptr<int64_t>();
+    }
+    const int64_t total_phases = n_layers * PHASES;
+    std::unique_ptr<PhaseCounters[]> counters(new PhaseCounters[total_phases]);
+    const int nthreads = at::get_num_threads();
+    float* xp = x.data_ptr<float>();
+    if (mark) mark[0] = monotonic_ns();
+
+#pragma omp parallel num_threads(nthreads)
+    {
+      ThreadWork w;
+      w.normed.resize(max_hidden);
+      w.k_rot.resize(max_kv);
+      w.q_rot.resize(max_head_dim);
+      w.scores.resize(max_seq);
+      for (int64_t li = 0; li < n_layers; ++li) {
+        const DecoderLayer& l = *layers[li];
+        for (int phase = 0; phase < PHASES; ++phase) {
+          const int64_t total = items(l, phase);
+          // Claimed a few items at a time: each claim moves a cache line between cores.
+          const int64_t chunk = std::max<int64_t>(1, total / (4 * nthreads));
+          PhaseCounters& counter = counters[li * PHASES + phase];
+          bool prepared = false;  // this thread's quantized input for the phase, made at its first item
+          for (int64_t first; (first = counter.claimed.fetch_add(chunk, std::memory_order_relaxed)) < total;) {
+            const int64_t last = std::min(total, first + chunk);
+            for (int64_t item = first; item < last; ++item, prepared = true)
+              run_item(li, phase, item, prepared, w, xp, kc.data(), vc.data(), max_seq, pos);
+            counter.finished.fetch_add(last - first, std::memory_order_release);
+          }
+          // Wait for the items other threads are still computing; yield now and then, in case the
+          // one we wait for shares our core.
+          for (int spins = 0; counter.finished.load(std::memory_order_acquire) < total; ++spins) {
+            if (spins % 256 == 255) sched_yield();
+#if LEAPLLM_VNNI
+            _mm_pause();
+#endif
+          }
+          if (mark && omp_get_thread_num() == 0) {
+            const int64_t now = monotonic_ns();
+            mark[li * (PHASES + 1) + phase + 1] = now;
+            if (phase == PHASES - 1 && li + 1 < n_layers) mark[(li + 1) * (PHASES + 1)] = now;
+          }
         }
       }
-#pragma omp barrier
-      if (marking) mark[3] = monotonic_ns();
-      quantize_row(attn_out.data(), q_size, a);
-      auto [o0, o1] = split_tiles(hidden, t, nt);
-      o->compute_rows(&ap, 1, o0, o1, proj_out.data(), 0);
-      for (int64_t n = o0; n < o1; ++n) xp[n] += proj_out[n];
-#pragma omp barrier
-      if (marking) mark[4] = monotonic_ns();
-      rms_norm(xp, mlp_norm.data_ptr<float>(), hidden, eps, normed);
-      quantize_row(normed, hidden, a);
-      if (marking) mark[5] = monotonic_ns();
-      auto [i0, i1] = split_tiles(intermediate, t, nt);  // gate row n and up row n together
-      gate_up->compute_rows(&ap, 1, i0, i1, proj_out.data(), 0);
-      gate_up->compute_rows(&ap, 1, intermediate + i0, intermediate + i1, proj_out.data(), 0);
-      for (int64_t n = i0; n < i1; ++n) {
-        const float g = proj_out[n];
-        act[n] = g / (1.f + std::exp(-g)) * proj_out[intermediate + n];
-      }
-#pragma omp barrier
-      if (marking) mark[6] = monotonic_ns();
-      quantize_row(act.data(), intermediate, a);
-      // proj_out's gate/up values are all read before the barrier above, so it can be reused
-      auto [d0, d1] = split_tiles(hidden, t, nt);
-      down->compute_rows(&ap, 1, d0, d1, proj_out.data(), 0);
-      for (int64_t n = d0; n < d1; ++n) xp[n] += proj_out[n];
     }
-    if (mark) mark[7] = monotonic_ns();
   }
 };
 
@@ -549,8 +640,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<DecoderLayer, std::shared_ptr<DecoderLayer>>(m, "DecoderLayer")
       .def(pybind11::init<std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>,
                           std::shared_ptr<PackedLinear>, at::Tensor, at::Tensor, at::Tensor, double, int64_t, int64_t,
-                          int64_t>())
-      .def("forward", &DecoderLayer::forward, pybind11::arg("x"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
+                          int64_t>());
+  pybind11::class_<DecoderStack, std::shared_ptr<DecoderStack>>(m, "DecoderStack")
+      .def(pybind11::init<std::vector<std::shared_ptr<DecoderLayer>>>())
+      .def("forward", &DecoderStack::forward, pybind11::arg("x"), pybind11::arg("k_caches"), pybind11::arg("v_caches"),
            pybind11::arg("pos"), pybind11::arg("marks") = pybind11::none(),
            pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -1,10 +1,10 @@
 """Batch-1 decode with one C++ call per decoder layer.
 
-At batch 1 the default model's matmuls take ~7 ms per token at memory speed, while the ~15 small
+At batch 1 the default model's int4 matmuls take a few milliseconds per token, while the ~15 small
 PyTorch ops of each of its 30 blocks (norms, rotary, cache writes, attention, activation, residuals)
-cost about as much again in dispatch alone. kernels/cpu_kernels.cpp's DecoderLayer runs one whole
-block -- the same math as model/llama.py's Block, on the packed int4/int8 weights and the contiguous
-float32 KV cache -- in one call with one OpenMP region, so a decode step is 30 such calls plus the
+cost about as much again in dispatch alone. kernels/cpu_kernels.cpp's DecoderStack runs every block
+-- the same math as model/llama.py's Block, on the packed int4/int8 weights and the contiguous
+float32 KV cache -- in one call and one OpenMP region, so a decode step is that call plus the
 embedding lookup, the final norm and the output head.
 
 Used automatically by Transformer.forward for a single token of a single sequence when every
@@ -28,13 +28,14 @@ def layer_projections(layer) -> list:
             (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
 
 
-# The stages between the C++ layer's clock marks, named as the profiler names the module stages
-# (profiling/stages.py); rotary runs inside "attention" and SiLU*up inside "gate_up_proj" there.
-MARKED_STAGES = ("norm", "qkv_proj", "attention", "o_proj", "norm", "gate_up_proj", "down_proj")
+# The stages between the C++ clock marks of a layer, named as the profiler names the module stages
+# (profiling/stages.py). The C++ phases fold the small steps into their neighbours: the attention
+# norm into "qkv_proj", rotary into "attention", the MLP norm and SiLU*up into "gate_up_proj".
+MARKED_STAGES = ("qkv_proj", "attention", "o_proj", "gate_up_proj", "down_proj")
 
 
 class FusedDecode:
-    """The C++ DecoderLayer of every block, built from (and holding references to) the model's packed weights."""
+    """The C++ DecoderStack of the model's blocks, built from (and holding references to) its packed weights."""
 
     def __init__(self, model):
         # Set by the profiler while it times a step: a list that gets (stage, layer, start ns, end ns).
@@ -42,15 +43,18 @@ class FusedDecode:
         ext = cpu_kernels()
         config = model.config
         self.projections = [layer_projections(layer) for layer in model.layers]
-        self.layers = [
+        self.stack = ext.DecoderStack([
             ext.DecoderLayer(*packed, layer.attn_norm.weight, layer.mlp_norm.weight, model.inv_freq,
                              layer.attn_norm.eps, layer.attn.num_heads, layer.attn.num_kv_heads, config.head_dim)
             for layer, packed in zip(model.layers, self.projections)
-        ]
+        ])
+        self.num_layers = len(model.layers)
 
     @staticmethod
     def supports(model) -> bool:
         if model.device.type != "cpu" or model.dtype != torch.float32 or cpu_kernels() is None:
+            return False
+        if any(layer.mlp.down_proj.in_features % 16 for layer in model.layers):  # gate/up tiles pair up
             return False
         return all(p is not None for layer in model.layers for p in layer_projections(layer))
 
@@ -59,12 +63,10 @@ class FusedDecode:
         if start_pos >= kv_cache.max_seq_len:
             raise ValueError(f"KV cache holds {kv_cache.max_seq_len} positions, asked to write up to {start_pos + 1}")
         if self.stage_intervals is None:
-            for layer, k, v in zip(self.layers, kv_cache.k, kv_cache.v):
-                layer.forward(x, k, v, start_pos)
+            self.stack.forward(x, kv_cache.k, kv_cache.v, start_pos)
             return x
-        marks = torch.empty(len(self.layers), len(MARKED_STAGES) + 1, dtype=torch.int64)
-        for layer, k, v, m in zip(self.layers, kv_cache.k, kv_cache.v, marks):
-            layer.forward(x, k, v, start_pos, m)
+        marks = torch.empty(self.num_layers, len(MARKED_STAGES) + 1, dtype=torch.int64)
+        self.stack.forward(x, kv_cache.k, kv_cache.v, start_pos, marks)
         for i, m in enumerate(marks.tolist()):
             self.stage_intervals += [(stage, i, m[j], m[j + 1]) for j, stage in enumerate(MARKED_STAGES)]
         return x
