@@ -12,8 +12,8 @@ group) cut the bytes read by ~7x against float32.
 
 On a CPU where leapllm's own kernels build (leapllm/kernels), the layer runs on them instead: the
 weights packed as in kernels/packing.py, activations quantized to int8 per block of 32 on the fly,
-one VNNI instruction per 64 weight x activation products (~1.4x PyTorch's int4 kernel on the
-output head here, and what lets a whole decoder block run fused, model/fused_decode.py).
+and 16-row tiles of VNNI dot products (the 49152 x 576 output head at batch 1: 0.46 ms against
+0.79 ms for PyTorch's int4 kernel here). They also let a decode step run fused (model/fused_decode.py).
 """
 
 from __future__ import annotations

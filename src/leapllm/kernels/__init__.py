@@ -36,7 +36,7 @@ def _build():
         raise RuntimeError("ninja is not installed (pip install ninja)")
     return cpp_extension.load(
         name="leapllm_cpu_kernels", sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"], verbose=False,
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-std=c++17", "-fno-math-errno"], extra_ldflags=["-fopenmp"], verbose=False,
     )
 
 

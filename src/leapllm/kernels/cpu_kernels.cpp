@@ -401,15 +401,22 @@ struct DecoderLayer {
     for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
   }
 
-  // rotate-half rotary embedding of one head, as model/llama.py's RotaryEmbedding
-  void rotate(const float* in, float* out, int64_t pos) const {
-    const int64_t half = head_dim / 2;
+  // cos and sin of position pos's rotary angles (head_dim / 2 each), as model/llama.py computes them
+  void rotary_table(int64_t pos, float* cos_out, float* sin_out) const {
     const float* f = inv_freq.data_ptr<float>();
-    for (int64_t i = 0; i < half; ++i) {
+    for (int64_t i = 0; i < head_dim / 2; ++i) {
       const float angle = (float)pos * f[i];
-      const float c = std::cos(angle), s = std::sin(angle);
-      out[i] = in[i] * c - in[i + half] * s;
-      out[i + half] = in[i + half] * c + in[i] * s;
+      cos_out[i] = std::cos(angle);
+      sin_out[i] = std::sin(angle);
+    }
+  }
+
+  // rotate-half rotary embedding of one head, as model/llama.py's RotaryEmbedding
+  void rotate(const float* in, float* out, const float* c, const float* s) const {
+    const int64_t half = head_dim / 2;
+    for (int64_t i = 0; i < half; ++i) {
+      out[i] = in[i] * c[i] - in[i + half] * s[i];
+      out[i + half] = in[i + half] * c[i] + in[i] * s[i];
     }
   }
 };
@@ -438,6 +445,8 @@ struct DecoderStack {
     TORCH_CHECK(!layers.empty(), "no layers");
     for (auto& l : layers) {
       TORCH_CHECK(l->hidden == layers[0]->hidden, "every layer must have the same hidden size");
+      TORCH_CHECK(l->head_dim == layers[0]->head_dim && at::equal(l->inv_freq, layers[0]->inv_freq),
+                  "every layer must have the same rotary frequencies");
       max_hidden = std::max(max_hidden, l->hidden);
       max_qkv = std::max(max_qkv, l->qkv->out_features);
       max_q = std::max(max_q, l->heads * l->head_dim);
@@ -469,7 +478,7 @@ struct DecoderStack {
 
   // One work item of one phase of layer li; `prepared`: this thread already made the phase's input.
   void run_item(int64_t li, int phase, int64_t item, bool prepared, ThreadWork& w, float* xp, float* const* kc,
-                float* const* vc, int64_t max_seq, int64_t pos) {
+                float* const* vc, int64_t max_seq, int64_t pos, const float* rot_cos, const float* rot_sin) {
     const DecoderLayer& l = *layers[li];
     const int64_t q_size = l.heads * l.head_dim, kv_size = l.kv_heads * l.head_dim;
     const int64_t group = l.heads / l.kv_heads, hd = l.head_dim, inter = l.intermediate;
@@ -494,12 +503,12 @@ struct DecoderStack {
         const float* v_new = qkv_out.data() + q_size + kv_size + g * hd;
         float* k_cache = kc[li] + g * max_seq * hd;
         float* v_cache = vc[li] + g * max_seq * hd;
-        l.rotate(k_new, k_rot.data(), pos);
+        l.rotate(k_new, k_rot.data(), rot_cos, rot_sin);
         if (h % group == 0) {  // the group's first head writes this position's key and value
           std::memcpy(k_cache + pos * hd, k_rot.data(), hd * sizeof(float));
           std::memcpy(v_cache + pos * hd, v_new, hd * sizeof(float));
         }
-        l.rotate(qkv_out.data() + h * hd, q_rot.data(), pos);
+        l.rotate(qkv_out.data() + h * hd, q_rot.data(), rot_cos, rot_sin);
         const float softmax_scale = 1.f / std::sqrt((float)hd);
         float best = -INFINITY;
         for (int64_t s = 0; s <= pos; ++s) {  // position pos from k_rot: it may not be written yet
@@ -511,7 +520,11 @@ struct DecoderStack {
           best = std::max(best, scores[s]);
         }
         float sum = 0.f;
-        for (int64_t s = 0; s <= pos; ++s) sum += (scores[s] = std::exp(scores[s] - best));
+#pragma omp simd reduction(+ : sum)
+        for (int64_t s = 0; s <= pos; ++s) {
+          scores[s] = std::exp(scores[s] - best);
+          sum += scores[s];
+        }
         float* out = attn_out.data() + h * hd;
         std::fill(out, out + hd, 0.f);
         for (int64_t s = 0; s <= pos; ++s) {
@@ -580,6 +593,8 @@ struct DecoderStack {
     const int nthreads = at::get_num_threads();
     float* xp = x.data_ptr<float>();
     if (mark) mark[0] = monotonic_ns();
+    std::vector<float> rot_cos(layers[0]->head_dim / 2), rot_sin(layers[0]->head_dim / 2);
+    layers[0]->rotary_table(pos, rot_cos.data(), rot_sin.data());  // the same in every layer
 
 #pragma omp parallel num_threads(nthreads)
     {
@@ -599,7 +614,8 @@ struct DecoderStack {
           for (int64_t first; (first = counter.claimed.fetch_add(chunk, std::memory_order_relaxed)) < total;) {
             const int64_t last = std::min(total, first + chunk);
             for (int64_t item = first; item < last; ++item, prepared = true)
-              run_item(li, phase, item, prepared, w, xp, kc.data(), vc.data(), max_seq, pos);
+              run_item(li, phase, item, prepared, w, xp, kc.data(), vc.data(), max_seq, pos, rot_cos.data(),
+                       rot_sin.data());
             counter.finished.fetch_add(last - first, std::memory_order_release);
           }
           // Wait for the items other threads are still computing; yield now and then, in case the
