@@ -439,7 +439,9 @@ struct DecoderStack {
   static constexpr int PHASES = 5;
   std::vector<std::shared_ptr<DecoderLayer>> layers;
   int64_t max_hidden = 0, max_qkv = 0, max_q = 0, max_inter = 0, max_kv = 0, max_head_dim = 0;
-  std::vector<float> qkv_out, attn_out, gate_up_out, act;  // shared between the threads of one step
+  std::vector<float> qkv_out, partials, gate_up_out, act;  // shared between the threads of one step
+  int64_t spans = 1;  // attention: positions split in this many spans per kv head, for this step
+  int64_t max_group = 1;
 
   explicit DecoderStack(std::vector<std::shared_ptr<DecoderLayer>> layers_) : layers(std::move(layers_)) {
     TORCH_CHECK(!layers.empty(), "no layers");
@@ -453,17 +455,17 @@ struct DecoderStack {
       max_inter = std::max(max_inter, l->intermediate);
       max_kv = std::max(max_kv, l->kv_heads * l->head_dim);
       max_head_dim = std::max(max_head_dim, l->head_dim);
+      max_group = std::max(max_group, l->heads / l->kv_heads);
     }
     qkv_out.resize(max_qkv);
-    attn_out.resize(max_q);
     gate_up_out.resize(2 * max_inter);
     act.resize(max_inter);
   }
 
-  static int64_t items(const DecoderLayer& l, int phase) {
+  int64_t items(const DecoderLayer& l, int phase) const {
     switch (phase) {
       case 0: return l.qkv->out_features / TILE;
-      case 1: return l.heads;
+      case 1: return l.kv_heads * spans;
       case 2: return l.hidden / TILE;
       case 3: return l.intermediate / TILE;
       default: return l.hidden / TILE;
@@ -473,7 +475,7 @@ struct DecoderStack {
   // Per-thread scratch of a step.
   struct ThreadWork {
     QuantizedRow a;
-    std::vector<float> normed, k_rot, q_rot, scores;
+    std::vector<float> normed, k_rot, q_rot, scores, attn;
   };
 
   // One work item of one phase of layer li; `prepared`: this thread already made the phase's input.
@@ -497,46 +499,77 @@ struct DecoderStack {
         }
         l.qkv->compute_rows(&ap, 1, n, n + TILE, qkv_out.data(), 0);
         break;
-      case 1: {  // attention, one query head
-        const int64_t h = item, g = h / group;
+      case 1: {  // attention: one kv head's query heads over one span of positions
+        const int64_t g = item / spans, span = item % spans;
+        const int64_t s0 = (pos + 1) * span / spans, s1 = (pos + 1) * (span + 1) / spans;
         const float* k_new = qkv_out.data() + q_size + g * hd;
         const float* v_new = qkv_out.data() + q_size + kv_size + g * hd;
-        float* k_cache = kc[li] + g * max_seq * hd;
-        float* v_cache = vc[li] + g * max_seq * hd;
+        const float* k_cache = kc[li] + g * max_seq * hd;
+        const float* v_cache = vc[li] + g * max_seq * hd;
         l.rotate(k_new, k_rot.data(), rot_cos, rot_sin);
-        if (h % group == 0) {  // the group's first head writes this position's key and value
-          std::memcpy(k_cache + pos * hd, k_rot.data(), hd * sizeof(float));
-          std::memcpy(v_cache + pos * hd, v_new, hd * sizeof(float));
+        if (s1 == pos + 1) {  // the span holding this position writes its key and value
+          std::memcpy(kc[li] + (g * max_seq + pos) * hd, k_rot.data(), hd * sizeof(float));
+          std::memcpy(vc[li] + (g * max_seq + pos) * hd, v_new, hd * sizeof(float));
         }
-        l.rotate(qkv_out.data() + h * hd, q_rot.data(), rot_cos, rot_sin);
         const float softmax_scale = 1.f / std::sqrt((float)hd);
-        float best = -INFINITY;
-        for (int64_t s = 0; s <= pos; ++s) {  // position pos from k_rot: it may not be written yet
-          const float* key = s == pos ? k_rot.data() : k_cache + s * hd;
-          float dot = 0.f;
+        for (int64_t j = 0; j < group; ++j)  // the group's queries, rotated and pre-scaled
+          l.rotate(qkv_out.data() + (g * group + j) * hd, q_rot.data() + j * hd, rot_cos, rot_sin);
+        const int64_t len = s1 - s0;
+        for (int64_t s = s0; s < s1; ++s) {  // each key read once for all the group's queries
+          const float* key = s == pos ? k_rot.data() : k_cache + s * hd;  // pos: maybe not written yet
+          for (int64_t j = 0; j < group; ++j) {
+            const float* q = q_rot.data() + j * hd;
+            float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < hd; ++i) dot += q_rot[i] * key[i];
-          scores[s] = dot * softmax_scale;
-          best = std::max(best, scores[s]);
+            for (int64_t i = 0; i < hd; ++i) dot += q[i] * key[i];
+            scores[j * len + s - s0] = dot * softmax_scale;
+          }
         }
-        float sum = 0.f;
+        for (int64_t j = 0; j < group; ++j) {
+          // this span's partial softmax: its max, sum of exp, and unnormalized output (merged in phase 2)
+          float* part = partials.data() + ((g * group + j) * spans + span) * (hd + 2);
+          float* sc = scores.data() + j * len;
+          float best = -INFINITY;
+          for (int64_t s = 0; s < len; ++s) best = std::max(best, sc[s]);
+          float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t s = 0; s <= pos; ++s) {
-          scores[s] = std::exp(scores[s] - best);
-          sum += scores[s];
+          for (int64_t s = 0; s < len; ++s) {
+            sc[s] = std::exp(sc[s] - best);
+            sum += sc[s];
+          }
+          part[0] = best;
+          part[1] = sum;
+          std::fill(part + 2, part + 2 + hd, 0.f);
         }
-        float* out = attn_out.data() + h * hd;
-        std::fill(out, out + hd, 0.f);
-        for (int64_t s = 0; s <= pos; ++s) {
+        for (int64_t s = s0; s < s1; ++s) {
           const float* val = s == pos ? v_new : v_cache + s * hd;
-          const float p = scores[s] / sum;
+          for (int64_t j = 0; j < group; ++j) {
+            float* out = partials.data() + ((g * group + j) * spans + span) * (hd + 2) + 2;
+            const float p = scores[j * len + s - s0];
 #pragma omp simd
-          for (int64_t i = 0; i < hd; ++i) out[i] += p * val[i];
+            for (int64_t i = 0; i < hd; ++i) out[i] += p * val[i];
+          }
         }
         break;
       }
       case 2:  // output projection, added to the residual stream (each tile its own rows of x)
-        if (!prepared) quantize_row(attn_out.data(), q_size, a);
+        if (!prepared) {  // merge the spans' partial softmaxes into this thread's copy of the attention output
+          for (int64_t h = 0; h < l.heads; ++h) {
+            const float* part = partials.data() + h * spans * (hd + 2);
+            float best = -INFINITY, sum = 0.f;
+            for (int64_t c = 0; c < spans; ++c) best = std::max(best, part[c * (hd + 2)]);
+            float* out = w.attn.data() + h * hd;
+            std::fill(out, out + hd, 0.f);
+            for (int64_t c = 0; c < spans; ++c) {
+              const float* pc = part + c * (hd + 2);
+              const float weight = std::exp(pc[0] - best);
+              sum += weight * pc[1];
+              for (int64_t i = 0; i < hd; ++i) out[i] += weight * pc[2 + i];
+            }
+            for (int64_t i = 0; i < hd; ++i) out[i] /= sum;
+          }
+          quantize_row(w.attn.data(), q_size, a);
+        }
         l.o->compute_rows(&ap, 1, n, n + TILE, normed.data(), 0);
         for (int64_t r = n; r < n + TILE; ++r) xp[r] += normed[r];
         break;
@@ -593,6 +626,10 @@ struct DecoderStack {
     const int nthreads = at::get_num_threads();
     float* xp = x.data_ptr<float>();
     if (mark) mark[0] = monotonic_ns();
+    // Attention work items: each kv head's positions in spans of at least 64, up to 4 per thread,
+    // so a short context is not cut finer than it is worth and a long one keeps every thread busy.
+    spans = std::max<int64_t>(1, std::min<int64_t>((pos + 1) / 64, 4 * nthreads));
+    partials.resize(max_q / max_head_dim * spans * (max_head_dim + 2));
     std::vector<float> rot_cos(layers[0]->head_dim / 2), rot_sin(layers[0]->head_dim / 2);
     layers[0]->rotary_table(pos, rot_cos.data(), rot_sin.data());  // the same in every layer
 
@@ -601,8 +638,9 @@ struct DecoderStack {
       ThreadWork w;
       w.normed.resize(max_hidden);
       w.k_rot.resize(max_kv);
-      w.q_rot.resize(max_head_dim);
-      w.scores.resize(max_seq);
+      w.q_rot.resize(max_q);  // a kv head's query heads
+      w.scores.resize(max_group * max_seq);
+      w.attn.resize(max_q);
       for (int64_t li = 0; li < n_layers; ++li) {
         const DecoderLayer& l = *layers[li];
         for (int phase = 0; phase < PHASES; ++phase) {
