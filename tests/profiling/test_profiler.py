@@ -136,3 +136,26 @@ def test_bad_sweep_values_are_invalid_requests():
         check_sweep(TINY, [16, 128], [1])
     with pytest.raises(InvalidRequestError, match="batch"):
         check_sweep(TINY, [16], [0])
+
+
+def test_a_fused_int4_decode_step_is_profiled_stage_by_stage_from_the_kernels_clock_marks():
+    from leapllm.compression.quantize import quantize_model
+    from leapllm.kernels import cpu_kernels
+
+    if cpu_kernels() is None:
+        pytest.skip("leapllm CPU kernels unavailable")
+    config = ModelConfig(architecture="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16, context_length=64)
+    model = Transformer(config).eval()
+    quantize_model(model, "int4", 32)
+
+    class Bytes:
+        def encode(self, text, add_special_tokens=True):
+            return [b % config.vocab_size for b in text.encode("utf-8")]
+
+    data = profile_model(model, Bytes(), prompt_len=8, gen_len=3, batch=1)
+    assert model.fused_decode is not None  # the decode steps ran fused
+    decode = data["phases"]["decode"]["stages"]
+    for stage in ("qkv_proj", "attention", "o_proj", "gate_up_proj", "down_proj", "lm_head"):
+        assert decode[stage]["seconds"] > 0, stage
+    assert model.fused_decode.stage_intervals is None  # recording stops with the hooks
