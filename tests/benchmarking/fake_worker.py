@@ -41,6 +41,11 @@ class FakeSystem(System):
     def batched_decode(self, batch_ids, n):
         return 0.02 * (n - 1), [self.tokens(n) for _ in batch_ids]
 
+    def serve(self, prompts, n):
+        # Request i's first token 10 ms after the one before it; the last finishes 0.1 s after that.
+        ttft = [0.01 * (i + 1) for i in range(len(prompts))]
+        return ttft[-1] + 0.1, ttft, [self.tokens(n) for _ in prompts]
+
     def tokens(self, n):
         return FAKE_TOKENS[::-1][:n] if self.mode == "wrong" else FAKE_TOKENS[:n]
 

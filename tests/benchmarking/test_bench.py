@@ -17,10 +17,14 @@ from pathlib import Path
 import pytest
 
 from leapllm.benchmarking.harness import (
+    DISTINCT_PREFIX,
     BenchSettings,
+    compute_ratios,
+    open_model_file,
     resolve,
     resolve_systems,
     run_bench,
+    serve_prompts,
 )
 from leapllm.benchmarking.report import markdown
 from leapllm.benchmarking.systems import (
@@ -29,17 +33,22 @@ from leapllm.benchmarking.systems import (
     make_system,
     system_engine_dtype,
 )
-from leapllm.cli.bench_cmd import add_bench_parser
+from leapllm.cli.bench_cmd import add_bench_parser, settings_from_args
 from leapllm.errors import InvalidRequestError, ModelLoadError
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
 # One thread: on a small machine shared with other work, two threads waiting on each other at every
 # barrier can make a tiny run many times slower.
 TINY = ["--threads", "1", "--prompt-lens", "16", "--decode-tokens", "4", "--decode-prompt-len", "16", "--batches", "2",
-        "--batch-decode-tokens", "4", "--repeats", "1"]
+        "--batch-decode-tokens", "4", "--serve-batches", "2", "--serve-output-tokens", "3", "--serve-prompt-len", "16",
+        "--repeats", "1"]
 TINY_SETTINGS = dict(threads=1, prompt_lens="16", decode_tokens=4, decode_prompt_len=16, batches="2",
-                     batch_decode_tokens=4, repeats=1)
-KEYS = ["prefill@16", "decode", "decode_b2"]
+                     batch_decode_tokens=4, serve_batches="2", serve_output_tokens=3, serve_prompt_len=16, repeats=1)
+MAIN_KEYS = ["prefill@16", "decode", "decode_b2"]
+SERVE_KEYS = ["serve_b2", "serve_b2_ttft", "serve_b2_ttft_max"]
+KEYS = MAIN_KEYS + SERVE_KEYS
+RATIO_KEYS = MAIN_KEYS + ["serve_b2", "serve_b2_ttft"]  # no ratio of the slowest request's TTFT
+FIGURE_COUNT = len(KEYS)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -91,20 +100,32 @@ def test_bench_runs_end_to_end_with_the_hf_peer_and_writes_json_and_markdown(tmp
     report = json.loads(out_json.read_text())
     systems = by_name(report)
     assert list(systems) == ["leapllm-float32", "hf-float32"]
+    assert_all_figures(systems["leapllm-float32"])
+    assert_all_figures(systems["hf-float32"], MAIN_KEYS)
     for entry in systems.values():
-        assert_all_figures(entry)
         assert len(entry["runs"]["decode"]) == 1 and "decode" in entry["warmup"]
+    # leapllm's serving engine: every request got its 3 tokens, its first one within the total time.
+    serve = systems["leapllm-float32"]["runs"]["serve_b2"][0]
+    assert len(serve["ttft_s"]) == 2 and all(0 < t <= serve["seconds"] for t in serve["ttft_s"])
+    assert [len(row) for row in systems["leapllm-float32"]["tokens"]["serve_b2"]] == [3, 3]
+    assert systems["leapllm-float32"]["serve_peak_memory_mib"] > 0
+    # transformers has no continuous batching: unsupported, not estimated.
+    assert systems["hf-float32"]["notes"]["serve_b2"].startswith("not supported")
+    assert not set(SERVE_KEYS) & set(systems["hf-float32"]["figures"])
     assert systems["hf-float32"]["greedy_agreement"] == 4  # float32 systems agree on the greedy tokens
     assert systems["hf-float32"]["batched_agreement"] == {"decode_b2": 4}
     assert len(report["reference_tokens"]) == 4
     ratios = report["ratios"]["leapllm-float32 / hf-float32"]
-    assert set(ratios) == set(KEYS) | {"peak_memory_mib", "resident_memory_mib"}
-    assert all(v > 0 for v in ratios.values())
+    assert set(ratios) == set(RATIO_KEYS) | {"peak_memory_mib", "resident_memory_mib"}
+    assert all(ratios[k] > 0 for k in MAIN_KEYS + ["peak_memory_mib", "resident_memory_mib"])
+    assert ratios["serve_b2"] is None and ratios["serve_b2_ttft"] is None
     assert report["machine"]["threads"] >= 1 and report["model"].endswith(".gguf")
 
     text = out_md.read_text()
     assert text == markdown(report) + "\n"
-    assert "| system | prefill@16 tok/s | decode b1 tok/s | decode b2 total tok/s | peak MiB | resident MiB |" in text
+    assert ("| system | prefill@16 tok/s | decode b1 tok/s | decode b2 total tok/s | serve b2 tok/s | TTFT b2 ms | "
+            "TTFT max b2 ms | peak MiB | resident MiB |") in text
+    assert "| unsupported | unsupported | unsupported |" in text
     rows = [line for line in text.splitlines() if line.startswith("| leapllm-float32")]
     assert len(rows) == 2  # the main table and the ratio table
     assert "leapllm-float32 / hf-float32" in capsys.readouterr().out  # the terminal table
@@ -160,7 +181,7 @@ def test_a_float32_system_whose_greedy_tokens_disagree_is_broken_and_gets_no_spe
     # Half precision only reports how far it agrees.
     assert hf16["status"] == "ok" and hf16["greedy_agreement"] == 0 and hf16["figures"]["decode"] > 0
     assert list(report["ratios"]) == ["leapllm-float32 / hf-bfloat16"]
-    assert "| hf-float32 | broken | broken | broken | broken | broken | 0 |" in markdown(report)
+    assert "| hf-float32 |" + " broken |" * (FIGURE_COUNT + 2) + " 0 |" in markdown(report)
 
 
 def test_the_quantized_leapllm_systems_are_known_and_run_by_default():
@@ -235,6 +256,122 @@ def test_llamacpp_peer_measures_every_figure_including_batched_decode():
     assert entry["batched_agreement_own"] == {"decode_b2": 4}
 
 
+def test_serve_figures_give_throughput_and_time_to_first_token_with_ratios_that_favour_the_faster():
+    settings = BenchSettings(systems="leapllm-float32,llamacpp", **dict(TINY_SETTINGS, serve_batches="2,3"))
+    logged = []
+    report = run_bench(settings, log=logged.append,
+                       worker_command=workers_from({"leapllm-float32": "ok", "llamacpp": "ok"}))
+    systems = by_name(report)
+    for entry in systems.values():
+        assert_all_figures(entry, KEYS + ["serve_b3", "serve_b3_ttft", "serve_b3_ttft_max"])
+        # The stand-in's requests get their first tokens 10, 20 (, 30) ms in; the last ends 0.1 s later.
+        assert entry["figures"]["serve_b2"] == pytest.approx(2 * 3 / 0.12)
+        assert entry["figures"]["serve_b2_ttft"] == pytest.approx(15.0)
+        assert entry["figures"]["serve_b2_ttft_max"] == pytest.approx(20.0)
+        assert entry["figures"]["serve_b3_ttft"] == pytest.approx(20.0)
+        assert entry["runs"]["serve_b3"][0]["ttft_s"] == pytest.approx([0.01, 0.02, 0.03])
+        assert entry["tokens"]["serve_b3"] == [list(range(100, 103))] * 3
+        # Memory is read before the serve phase and again after it.
+        assert {"end", "after_serve"} <= set(entry["memory"])
+    ratios = report["ratios"]["leapllm-float32 / llamacpp"]
+    assert ratios["serve_b2"] == pytest.approx(1.0) and ratios["serve_b2_ttft"] == pytest.approx(1.0)
+    assert "serve_b2_ttft_max" not in ratios
+    assert logged.index("serve: warm-up") > logged.index("repeat 1/1")  # a second phase
+    keys = [f["key"] for f in report["figures"]]
+    assert keys == KEYS + ["serve_b3", "serve_b3_ttft", "serve_b3_ttft_max"]
+    assert report["settings"]["serve_batches"] == [2, 3] and report["settings"]["serve_output_tokens"] == 3
+
+    text = markdown(report)
+    assert "| serve b2 tok/s | TTFT b2 ms | TTFT max b2 ms | serve b3 tok/s |" in text
+    assert "| serve b2 | TTFT b2 (peer / leapllm) | serve b3 | TTFT b3 (peer / leapllm) | peak memory |" in text
+    assert "| 50.0 | 15.0 | 20.0 |" in text
+    assert "peer's time to first token / leapllm's, so > 1: leapllm answers sooner" in text
+    assert "Serve bN: N requests arrive at once, each with its own 16-token prompt, 3 greedy tokens each" in text
+
+
+def test_the_ttft_ratio_is_peer_over_leapllm_so_above_one_means_leapllm_is_faster():
+    figures = [{"key": "serve_b2", "better": "higher", "ratio": True},
+               {"key": "serve_b2_ttft", "better": "lower", "ratio": True},
+               {"key": "serve_b2_ttft_max", "better": "lower", "ratio": False}]
+    common = {"status": "ok", "peak_memory_mib": 1.0, "resident_memory_mib": 1.0}
+    mine = dict(common, name="leapllm-int4", engine="leapllm",
+                figures={"serve_b2": 300.0, "serve_b2_ttft": 50.0, "serve_b2_ttft_max": 60.0})
+    peer = dict(common, name="llamacpp", engine="llamacpp",
+                figures={"serve_b2": 100.0, "serve_b2_ttft": 100.0, "serve_b2_ttft_max": 120.0})
+    ratios = compute_ratios([mine, peer], figures)["leapllm-int4 / llamacpp"]
+    assert ratios["serve_b2"] == 3.0 and ratios["serve_b2_ttft"] == 2.0 and "serve_b2_ttft_max" not in ratios
+
+
+def test_serve_prompts_are_as_long_as_asked_and_share_no_prefix(default_gguf_path):
+    tokenizer, _ = open_model_file(default_gguf_path)
+    prompts = serve_prompts(tokenizer, 32, 128)
+    assert len(prompts) == 32 and all(len(p) == 128 for p in prompts)
+    assert len({tuple(p[:DISTINCT_PREFIX]) for p in prompts}) == 32
+    # More than the text holds: it repeats shifted, and the windows still start differently.
+    long = serve_prompts(tokenizer, 300, 128)
+    assert len({tuple(p[:DISTINCT_PREFIX]) for p in long}) == 300
+
+
+@pytest.mark.parametrize("value", [None, "none", "", " none ", []])
+def test_serve_batches_none_or_empty_skips_the_serve_figures(value):
+    plan = resolve(BenchSettings(serve_batches=value))
+    assert plan.serve_batches == []
+    assert "--serve-batches none" in plan.canonical_command()
+    # The serve lengths no longer count towards the longest sequence.
+    assert resolve(BenchSettings(serve_batches=value, serve_prompt_len=9000)).max_seq_len == 513
+
+
+def test_serve_options_reach_the_plan_and_the_canonical_command():
+    args = parse(["--serve-batches", "4,2,4", "--serve-output-tokens", "8", "--serve-prompt-len", "600"])
+    plan = resolve(settings_from_args(args))
+    assert (plan.serve_batches, plan.serve_output_tokens, plan.serve_prompt_len) == ([2, 4], 8, 600)
+    assert "--serve-batches 2,4 --serve-output-tokens 8 --serve-prompt-len 600" in plan.canonical_command()
+    assert plan.max_seq_len == 608  # longer than any other figure's sequence
+    defaults = resolve(settings_from_args(parse([])))
+    assert (defaults.serve_batches, defaults.serve_output_tokens, defaults.serve_prompt_len) == ([16, 32], 128, 128)
+
+
+@pytest.mark.parametrize("argv", [["--serve-batches", "0"], ["--serve-batches", "4,x"],
+                                  ["--serve-output-tokens", "0"], ["--serve-prompt-len", "-1"]])
+def test_bad_serve_options_are_one_line_errors(argv, capsys):
+    from leapllm.cli.main import main
+
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("leapllm: error: --serve-"), err
+
+
+@pytest.mark.slow
+def test_the_leapllm_system_serves_concurrent_requests_through_its_engine(default_gguf_path):
+    import torch
+
+    system = make_system("leapllm-float32", default_gguf_path, "cpu", torch.get_num_threads(), 32)
+    system.import_libraries()
+    system.load()
+    prompts = [list(range(1000, 1012)), list(range(2000, 2012))]
+    for _ in range(2):  # the second call gets a fresh engine: nothing of the first is reused
+        seconds, ttft, rows = system.serve(prompts, 4)
+        assert len(ttft) == 2 and all(0 < t <= seconds for t in ttft)
+        assert [len(row) for row in rows] == [4, 4]
+        assert all(0 <= t < system.model.config.vocab_size for row in rows for t in row)
+    assert "continuous batching" in system.info()["serve"]
+
+
+@pytest.mark.slow
+def test_the_llamacpp_system_serves_concurrent_requests_in_one_context(default_gguf_path):
+    pytest.importorskip("llama_cpp")
+    system = make_system("llamacpp", default_gguf_path, "cpu", 1, 32)
+    system.import_libraries()
+    system.load()
+    prompts = [list(range(1000, 1012)), list(range(2000, 2012)), list(range(3000, 3012))]
+    system.SERVE_N_BATCH = 16  # the prompts then take two llama_decode calls: the first request answers first
+    seconds, ttft, rows = system.serve(prompts, 4)
+    assert len(ttft) == 3 and all(0 < t <= seconds for t in ttft) and ttft[0] < ttft[2]
+    assert [len(row) for row in rows] == [4, 4, 4]
+    # Each request's tokens are its own prompt's: the same as the peer's batch-1 decode.
+    assert rows[1] == system.decode(prompts[1], 4)[1]
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(systems="leapllm-float32,vllm"), "unknown system 'vllm'"),
     (dict(peers="hf,vllm"), "unknown peer 'vllm'"),
@@ -246,6 +383,10 @@ def test_llamacpp_peer_measures_every_figure_including_batched_decode():
     (dict(decode_tokens=0), "--decode-tokens must be an integer of at least 2"),
     (dict(batch_decode_tokens=1), "--batch-decode-tokens must be an integer of at least 2"),
     (dict(decode_prompt_len=0), "--decode-prompt-len must be an integer of at least 1"),
+    (dict(serve_batches="0,16"), "--serve-batches values must be positive"),
+    (dict(serve_batches="16,a"), "--serve-batches expects comma-separated integers"),
+    (dict(serve_output_tokens=0), "--serve-output-tokens must be an integer of at least 1"),
+    (dict(serve_prompt_len=0), "--serve-prompt-len must be an integer of at least 1"),
     (dict(repeats=0), "--repeats must be"),
     (dict(threads=0), "--threads must be"),
     (dict(device="tpu"), "--device must be cpu or cuda"),

@@ -5,6 +5,9 @@ leapllm's tokenizer), the same thread count and the same lengths; each system li
 process, so no system's memory or allocator state leaks into another's; every measurement gets one
 untimed warm-up per system; then each repeat runs, for each measurement, every system in turn
 (A B A B ...), so drift in machine speed hits them alike; the median over repeats is reported.
+The batched-serving figures (`serve bN`: N requests with N different prompts at once) run as a
+second phase, with their own warm-up and repeats, after the memory figures are read: a serving
+engine's KV pool is not billed to the model's peak memory (the JSON has it as serve_peak_memory_mib).
 
 Honesty: a system that cannot be loaded is reported as missing with its reason, a worker that dies
 or stops answering as failed, a measurement a peer's API does not offer as unsupported; a float32
@@ -29,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,9 @@ REFERENCE = "leapllm-float32"
 QUALITY_TOKENS = 16  # float32 systems must reproduce the reference's first greedy tokens exactly
 SETTLE_S = 0.05  # pause before each timed request: the previous worker's threads stop spinning
 QUIT_TIMEOUT_S = 10.0
+# Serve prompts must differ within their first this many tokens: leapllm's prefix cache shares whole
+# KV blocks (16 tokens by default), so requests that differ there share no cached prefix.
+DISTINCT_PREFIX = 16
 
 Log = Callable[[str], None]
 
@@ -72,6 +78,9 @@ class BenchSettings:
     decode_prompt_len: int = 128  # the prompt before batch-1 and batched decoding
     batches: str | Sequence[int] = (8, 32)
     batch_decode_tokens: int = 32
+    serve_batches: str | Sequence[int] | None = (16, 32)  # "none" or empty: no serve figures
+    serve_output_tokens: int = 128
+    serve_prompt_len: int = 128
     repeats: int = 3
     timeout: float = 600.0  # seconds one request may take before its worker counts as hung
     load_timeout: float = 900.0  # seconds for every worker to load its system
@@ -97,6 +106,9 @@ class Plan:
     load_timeout: float
     json: Path | None
     markdown: Path | None
+    serve_batches: list[int] = field(default_factory=list)
+    serve_output_tokens: int = 128
+    serve_prompt_len: int = 128
     context_length: int = 0
     max_seq_len: int = 0
 
@@ -108,7 +120,10 @@ class Plan:
                  "--prompt-lens", ",".join(map(str, self.prompt_lens)),
                  "--decode-tokens", str(self.decode_tokens), "--decode-prompt-len", str(self.decode_prompt_len),
                  "--batches", ",".join(map(str, self.batches)),
-                 "--batch-decode-tokens", str(self.batch_decode_tokens), "--repeats", str(self.repeats)]
+                 "--batch-decode-tokens", str(self.batch_decode_tokens),
+                 "--serve-batches", ",".join(map(str, self.serve_batches)) or "none",
+                 "--serve-output-tokens", str(self.serve_output_tokens),
+                 "--serve-prompt-len", str(self.serve_prompt_len), "--repeats", str(self.repeats)]
         for flag, value in (("--json", self.json), ("--markdown", self.markdown)):
             if value is not None:
                 argv += [flag, str(value)]
@@ -132,6 +147,15 @@ def int_list(value: str | Sequence[int], flag: str) -> list[int]:
     if min(items) < 1:
         raise InvalidRequestError(f"{flag} values must be positive, got {min(items)}")
     return sorted(set(items))
+
+
+def optional_int_list(value: str | Sequence[int] | None, flag: str) -> list[int]:
+    """int_list, where None, "none" or an empty list means no value at all."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return []
+    if not isinstance(value, str) and not [v for v in value if str(v).strip()]:
+        return []
+    return int_list(value, flag)
 
 
 def at_least(value: Any, minimum: int, flag: str, why: str = "") -> int:
@@ -184,6 +208,9 @@ def resolve(settings: BenchSettings) -> Plan:
     batch_tokens = at_least(settings.batch_decode_tokens, 2, "--batch-decode-tokens",
                             " (a decode rate needs two tokens)")
     decode_prompt_len = at_least(settings.decode_prompt_len, 1, "--decode-prompt-len")
+    serve_batches = optional_int_list(settings.serve_batches, "--serve-batches")
+    serve_tokens = at_least(settings.serve_output_tokens, 1, "--serve-output-tokens")
+    serve_prompt_len = at_least(settings.serve_prompt_len, 1, "--serve-prompt-len")
     repeats = at_least(settings.repeats, 1, "--repeats")
     threads = torch.get_num_threads() if settings.threads is None else at_least(settings.threads, 1, "--threads")
     for flag, value in (("--timeout", settings.timeout), ("--load-timeout", settings.load_timeout)):
@@ -200,8 +227,10 @@ def resolve(settings: BenchSettings) -> Plan:
                 systems=systems, device=settings.device, threads=threads, prompt_lens=prompt_lens,
                 decode_tokens=decode_tokens, decode_prompt_len=decode_prompt_len, batches=batches,
                 batch_decode_tokens=batch_tokens, repeats=repeats, timeout=float(settings.timeout),
-                load_timeout=float(settings.load_timeout), json=json_path, markdown=md_path)
-    plan.max_seq_len = max(max(prompt_lens) + 1, decode_prompt_len + max(decode_tokens, batch_tokens))
+                load_timeout=float(settings.load_timeout), json=json_path, markdown=md_path,
+                serve_batches=serve_batches, serve_output_tokens=serve_tokens, serve_prompt_len=serve_prompt_len)
+    plan.max_seq_len = max(max(prompt_lens) + 1, decode_prompt_len + max(decode_tokens, batch_tokens),
+                           serve_prompt_len + serve_tokens if serve_batches else 0)
     return plan
 
 
@@ -222,10 +251,24 @@ def open_model_file(path: Path):
 
 @dataclass
 class Measurement:
-    key: str  # "prefill@128", "decode", "decode_b8"
+    key: str  # "prefill@128", "decode", "decode_b8", "serve_b16"
     label: str  # the column header
     request: dict
     tokens: int  # tokens the timed part produces or consumes: tokens/s = tokens / seconds
+    phase: str = "main"  # "serve": run after the memory figures are read
+
+
+def serve_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+    """`count` prompts of `length` tokens: consecutive windows of the reference text, so no two share
+    a prefix (the text repeats when too short, shifted, and the check below makes sure of it)."""
+    ids = reference_token_ids(tokenizer, count * length)
+    prompts = [ids[i * length:(i + 1) * length] for i in range(count)]
+    heads = {tuple(p[:DISTINCT_PREFIX]) for p in prompts}
+    if len(heads) < count:
+        raise InvalidRequestError(f"the reference text gives no {count} prompts of {length} tokens with different "
+                                  f"first {DISTINCT_PREFIX} tokens; ask for fewer --serve-batches requests or a "
+                                  "shorter --serve-prompt-len")
+    return prompts
 
 
 def measurements(plan: Plan, tokenizer) -> list[Measurement]:
@@ -238,6 +281,28 @@ def measurements(plan: Plan, tokenizer) -> list[Measurement]:
         out.append(Measurement(f"decode_b{b}", f"decode b{b} total",
                                {"op": "batched_decode", "ids": ids, "batch": b, "n": plan.batch_decode_tokens},
                                b * (plan.batch_decode_tokens - 1)))
+    for b in plan.serve_batches:
+        out.append(Measurement(f"serve_b{b}", f"serve b{b}",
+                               {"op": "serve", "prompts": serve_prompts(tokenizer, b, plan.serve_prompt_len),
+                                "n": plan.serve_output_tokens},
+                               b * plan.serve_output_tokens, phase="serve"))
+    return out
+
+
+def figure_specs(todo: list[Measurement]) -> list[dict]:
+    """The report's columns. Every measurement gives a tokens/s figure (higher is better); a serve
+    measurement also gives its time to first token, mean and max over the requests, in ms (lower is
+    better: its ratio is peer / leapllm, so > 1 still means leapllm is faster)."""
+    out = []
+    for m in todo:
+        out.append({"key": m.key, "label": m.label, "unit": "tok/s", "better": "higher", "source": m.key,
+                    "ratio": True})
+        if m.phase == "serve":
+            b = m.key.removeprefix("serve_b")
+            out.append({"key": f"{m.key}_ttft", "label": f"TTFT b{b}", "unit": "ms", "better": "lower",
+                        "source": m.key, "ratio": True})
+            out.append({"key": f"{m.key}_ttft_max", "label": f"TTFT max b{b}", "unit": "ms", "better": "lower",
+                        "source": m.key, "ratio": False})
     return out
 
 
@@ -358,7 +423,7 @@ def new_entry(name: str) -> dict:
     engine, dtype = system_engine_dtype(name)
     return {"name": name, "engine": engine, "dtype": dtype, "status": "ok", "reason": None, "load_s": None,
             "info": {}, "memory": {}, "peak_memory_mib": None, "resident_memory_mib": None,
-            "warmup": {}, "runs": {}, "notes": {},
+            "warmup": {}, "runs": {}, "notes": {}, "serve_peak_memory_mib": None,
             "tokens": {}, "greedy_agreement": None, "batched_agreement": {}, "batched_agreement_own": {},
             "figures": {}, "pid": None}
 
@@ -422,6 +487,15 @@ def measure(worker: Worker, entry: dict, m: Measurement, plan: Plan, warmup: boo
         fail(entry, "failed", f"{m.key}: measured {seconds} s", log)
         return
     run = {"seconds": seconds, "tokens_per_s": m.tokens / seconds}
+    if "ttft" in reply:  # a serve measurement: each request's first token, seconds after t0
+        try:
+            ttft = [float(t) for t in reply["ttft"]]
+        except (TypeError, ValueError):
+            ttft = []
+        if len(ttft) != len(m.request["prompts"]) or not all(0 < t <= seconds for t in ttft):
+            fail(entry, "failed", f"{m.key}: first-token times {reply['ttft']} do not fit in {seconds} s", log)
+            return
+        run.update(ttft_s=ttft, ttft_mean_s=statistics.fmean(ttft), ttft_max_s=max(ttft))
     if warmup:
         entry["warmup"][m.key] = run
     else:
@@ -475,6 +549,9 @@ def finish_entry(e: dict, plan: Plan) -> None:
         for key, runs in e["runs"].items():
             if key not in e["notes"]:
                 e["figures"][key] = statistics.median(r["tokens_per_s"] for r in runs)
+                if all("ttft_mean_s" in r for r in runs):
+                    e["figures"][f"{key}_ttft"] = 1000 * statistics.median(r["ttft_mean_s"] for r in runs)
+                    e["figures"][f"{key}_ttft_max"] = 1000 * statistics.median(r["ttft_max_s"] for r in runs)
     mem = e["memory"]
     before, after, end = (mem.get(k) or {} for k in ("before_load", "after_load", "end"))
     # Peak: the most the process (CUDA: torch's allocator) ever held above its state before loading,
@@ -485,6 +562,8 @@ def finish_entry(e: dict, plan: Plan) -> None:
             e["peak_memory_mib"] = end[peak] - before[now]
         if after.get(now) is not None:
             e["resident_memory_mib"] = after[now] - before[now]
+        if (mem.get("after_serve") or {}).get(peak) is not None:
+            e["serve_peak_memory_mib"] = mem["after_serve"][peak] - before[now]
     # One copy of the generated tokens is enough once they are checked.
     e["tokens"] = {k: v[0] for k, v in e["tokens"].items() if v}
 
@@ -493,8 +572,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def compute_ratios(entries: list[dict], keys: list[str]) -> dict[str, dict[str, float | None]]:
-    """Each leapllm system against each peer, for every figure and peak memory."""
+def compute_ratios(entries: list[dict], figures: list[dict]) -> dict[str, dict[str, float | None]]:
+    """Each leapllm system against each peer, for every figure with a ratio (figure_specs) and peak
+    memory: leapllm / peer for speeds and memory, peer / leapllm for times (TTFT), so that a speed
+    ratio above 1 always means leapllm is faster."""
     ratios = {}
     for e in entries:
         if e["engine"] != "leapllm" or e["status"] != "ok":
@@ -502,7 +583,11 @@ def compute_ratios(entries: list[dict], keys: list[str]) -> dict[str, dict[str, 
         for peer in entries:
             if peer["engine"] == "leapllm" or peer["status"] != "ok":
                 continue
-            row = {k: ratio(e["figures"].get(k), peer["figures"].get(k)) for k in keys}
+            row = {}
+            for f in figures:
+                if f["ratio"]:
+                    mine, theirs = e["figures"].get(f["key"]), peer["figures"].get(f["key"])
+                    row[f["key"]] = ratio(mine, theirs) if f["better"] == "higher" else ratio(theirs, mine)
             for k in ("peak_memory_mib", "resident_memory_mib"):
                 row[k] = ratio(e[k], peer[k])
             ratios[f"{e['name']} / {peer['name']}"] = row
@@ -539,7 +624,7 @@ def run_bench(settings: BenchSettings | Plan, *, command: str | None = None, log
         raise InvalidRequestError(f"the longest sequence asked for ({plan.max_seq_len} tokens) exceeds the "
                                   f"model's context of {plan.context_length} tokens")
     todo = measurements(plan, tokenizer)
-    keys = [m.key for m in todo]
+    figures = figure_specs(todo)
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     machine = machine_info(plan)
     log(f"{date}  {machine['gpu'] or machine['cpu']}  threads={plan.threads}  torch {machine['torch']}  "
@@ -562,23 +647,29 @@ def run_bench(settings: BenchSettings | Plan, *, command: str | None = None, log
         if need_reference and REFERENCE in workers:
             measure(workers[REFERENCE], reference_entry, decode, plan, True, log)
             workers.pop(REFERENCE).stop()
-        # Round 0 is the untimed warm-up; then every repeat runs each measurement on every system.
-        for rnd in range(plan.repeats + 1):
-            log("warm-up" if rnd == 0 else f"repeat {rnd}/{plan.repeats}")
-            for m in todo:
-                for name in plan.systems:
-                    e = entries[name]
-                    if e["status"] != "ok" or name not in workers or m.key in e["notes"]:
-                        continue
-                    measure(workers[name], e, m, plan, rnd == 0, log)
-                    if e["status"] != "ok":
-                        workers.pop(name).stop()
-        for name, worker in workers.items():  # memory at the end, while each worker still lives
-            try:
-                reply = worker.request({"op": "memory"}, plan.timeout, "reporting memory")
-                entries[name]["memory"]["end"] = reply.get("memory")
-            except WorkerError as exc:
-                fail(entries[name], "failed", f"memory: {exc}", log)
+        phases = [("", [m for m in todo if m.phase == "main"], "end"),
+                  ("serve: ", [m for m in todo if m.phase == "serve"], "after_serve")]
+        for prefix, phase, snapshot in phases:
+            if not phase:
+                continue
+            # Round 0 is the untimed warm-up; then every repeat runs each measurement on every system.
+            for rnd in range(plan.repeats + 1):
+                log(prefix + ("warm-up" if rnd == 0 else f"repeat {rnd}/{plan.repeats}"))
+                for m in phase:
+                    for name in plan.systems:
+                        e = entries[name]
+                        if e["status"] != "ok" or name not in workers or m.key in e["notes"]:
+                            continue
+                        measure(workers[name], e, m, plan, rnd == 0, log)
+                        if e["status"] != "ok":
+                            workers.pop(name).stop()
+            for name, worker in list(workers.items()):  # memory now, while each worker still lives
+                try:
+                    reply = worker.request({"op": "memory"}, plan.timeout, "reporting memory")
+                    entries[name]["memory"][snapshot] = reply.get("memory")
+                except WorkerError as exc:
+                    fail(entries[name], "failed", f"memory: {exc}", log)
+                    workers.pop(name).stop()
     finally:
         for worker in workers.values():
             worker.stop()
@@ -597,10 +688,12 @@ def run_bench(settings: BenchSettings | Plan, *, command: str | None = None, log
         "settings": {"systems": plan.systems, "device": plan.device, "threads": plan.threads,
                      "prompt_lens": plan.prompt_lens, "decode_tokens": plan.decode_tokens,
                      "decode_prompt_len": plan.decode_prompt_len, "batches": plan.batches,
-                     "batch_decode_tokens": plan.batch_decode_tokens, "repeats": plan.repeats},
-        "figures": [{"key": m.key, "label": m.label} for m in todo],
+                     "batch_decode_tokens": plan.batch_decode_tokens, "serve_batches": plan.serve_batches,
+                     "serve_output_tokens": plan.serve_output_tokens, "serve_prompt_len": plan.serve_prompt_len,
+                     "repeats": plan.repeats},
+        "figures": figures,
         "reference": REFERENCE, "reference_tokens": reference,
         "quality_tokens": min(QUALITY_TOKENS, plan.decode_tokens),
         "notes": quality_note, "load_average_at_end": list(os.getloadavg()),
-        "systems": ordered, "ratios": compute_ratios(ordered, keys),
+        "systems": ordered, "ratios": compute_ratios(ordered, figures),
     }

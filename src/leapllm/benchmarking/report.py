@@ -11,12 +11,21 @@ from pathlib import Path
 from leapllm.benchmarking.systems import QUANTIZED
 from leapllm.output_files import atomic_write
 
-RATIO_CAPTION = "Ratios of medians (speed > 1: leapllm faster; memory < 1: leapllm smaller)"
+RATIO_CAPTION = ("Ratios of medians (speed > 1: leapllm faster; TTFT columns are the peer's time to first token / "
+                 "leapllm's, so > 1: leapllm answers sooner; memory < 1: leapllm smaller)")
 CELL_FOR_STATUS = {"missing": "missing", "failed": "failed", "broken": "broken"}
 
 
 def fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+def figure_unit(f: dict) -> str:
+    return f.get("unit", "tok/s")  # reports written before serve figures have tok/s only
+
+
+def figure_note(e: dict, f: dict) -> str:
+    return e["notes"].get(f.get("source", f["key"]), "")
 
 
 def title(report: dict) -> str:
@@ -32,10 +41,20 @@ def legend(report: dict) -> str:
               if s["device"] == "cuda" else
               "the worker process's RSS above its RSS after importing its libraries: its peak (VmHWM, load "
               "temporaries included), and what stayed resident after loading")
+    serve = ""
+    if s.get("serve_batches"):
+        serve = (f" Serve bN: N requests arrive at once, each with its own {s['serve_prompt_len']}-token prompt, "
+                 f"{s['serve_output_tokens']} greedy tokens each (EOS ignored); tokens/s = N x "
+                 f"{s['serve_output_tokens']} / time until the last request is done, prefill included (leapllm: "
+                 "its continuous-batching engine with the paged KV cache; llama.cpp: one context with a sequence "
+                 "per request, prompts prefilled in batches, then one batch per step). TTFT bN: mean time from "
+                 "arrival to a request's first token, ms (TTFT max bN: the slowest request's); transformers has "
+                 "no continuous batching (unsupported).")
+        memory += "; both read before the serve figures run (the JSON has the peak after them: serve_peak_memory_mib)"
     return (f"Prefill: one prompt of N tokens, tokens/s. Decode b1: {s['decode_tokens']} greedy tokens after a "
             f"{s['decode_prompt_len']}-token prompt, decode time only. Decode bN total: N rows with the same "
             f"{s['decode_prompt_len']}-token prompt, {s['batch_decode_tokens']} greedy tokens each, all rows' "
-            f"tokens/s (decode time only). Peak / resident MiB: {memory}.")
+            f"tokens/s (decode time only).{serve} Peak / resident MiB: {memory}.")
 
 
 def header_line(report: dict) -> str:
@@ -50,7 +69,7 @@ def header_line(report: dict) -> str:
 
 def main_table(report: dict) -> tuple[list[str], list[list[str]]]:
     figures = report["figures"]
-    header = (["system"] + [f"{f['label']} tok/s" for f in figures] + ["peak MiB", "resident MiB"]
+    header = (["system"] + [f"{f['label']} {figure_unit(f)}" for f in figures] + ["peak MiB", "resident MiB"]
               + [f"greedy agree (of {report['settings']['decode_tokens']})"])
     rows = []
     for e in report["systems"]:
@@ -61,7 +80,7 @@ def main_table(report: dict) -> tuple[list[str], list[list[str]]]:
             continue
         cells = []
         for f in figures:
-            note = e["notes"].get(f["key"], "")
+            note = figure_note(e, f)
             if f["key"] in e["figures"]:
                 cells.append(f"{e['figures'][f['key']]:.1f}")
             elif note.startswith("not supported"):
@@ -82,8 +101,10 @@ def main_table(report: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def ratio_table(report: dict) -> tuple[list[str], list[list[str]]]:
-    figures = report["figures"]
-    header = ["leapllm / peer"] + [f["label"] for f in figures] + ["peak memory", "resident memory"]
+    figures = [f for f in report["figures"] if f.get("ratio", True)]
+    header = (["leapllm / peer"]
+              + [f["label"] + (" (peer / leapllm)" if f.get("better") == "lower" else "") for f in figures]
+              + ["peak memory", "resident memory"])
     rows = [[pair] + [fmt(r.get(k), ".2f") for k in [f["key"] for f in figures] + ["peak_memory_mib",
                                                                                    "resident_memory_mib"]]
             for pair, r in report["ratios"].items()]

@@ -5,11 +5,18 @@
     system.prefill(ids) -> seconds
     system.decode(ids, n) -> (seconds, tokens)
     system.batched_decode(batch_ids, n) -> (seconds, tokens per row)
+    system.serve(prompts, n) -> (seconds, first-token seconds per request, tokens per request)
     system.info() -> dict       facts for the report (weights format, library settings)
 
 Decoding is greedy. `decode` and `batched_decode` generate n tokens per row: the first comes out
 of the prompt's prefill, which is not timed; `seconds` is the time of the n - 1 decode steps after
 it. Every row of a batch has the same prompt length, so no padding or attention mask is needed.
+
+`serve` is batched serving: every request (each with its own prompt) arrives at once, at t0, and
+gets n greedy tokens (EOS ignored). `seconds` runs from t0 until the last request has its n tokens,
+prefill included; each request's first-token time is counted from t0 too. Setup (an engine or a
+context with room for every request) is not timed, and is fresh for every call, so nothing of a
+previous call (a prefix cache, a KV cache) is reused.
 
 Peak memory is not a method: each system runs in its own worker process, which reads the process's
 own peak RSS (and, on CUDA, torch's peak allocation) from `memory_snapshot()`.
@@ -17,6 +24,7 @@ own peak RSS (and, on CUDA, torch's peak allocation) from `memory_snapshot()`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 from pathlib import Path
@@ -131,6 +139,9 @@ class System:
     def batched_decode(self, batch_ids: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
         raise NotImplementedError
 
+    def serve(self, prompts: list[list[int]], n: int) -> tuple[float, list[float], list[list[int]]]:
+        raise NotImplementedError
+
     def info(self) -> dict:
         return {}
 
@@ -170,6 +181,13 @@ class TorchSystem(System):
 
     def uses_cuda_allocator(self) -> bool:
         return self.device == "cuda"
+
+
+def check_served(tokens: list[list[int]], rows: int, n: int) -> None:
+    """Every request of a serve call got exactly n tokens."""
+    counts = [len(t) for t in tokens]
+    if len(counts) != rows or any(c != n for c in counts):
+        raise RuntimeError(f"serving {rows} requests of {n} tokens returned {counts} tokens")
 
 
 def weight_mib(model) -> float:
@@ -252,12 +270,62 @@ class LeapllmSystem(TorchSystem):
             seconds = self.now() - start
         return seconds, [list(row) for row in zip(*steps)]
 
+    def serve_engine(self, rows: int, tokens_per_row: int):
+        """A fresh serving engine (continuous batching, paged KV cache, prefix caching) with LLM's engine
+        config, the default one: 64 sequences at once, a 1 GB KV pool. Only when that cannot hold every
+        request at once are max_num_seqs and the pool raised to what they need."""
+        import dataclasses
+        import gc
+
+        from leapllm.engine.llm_engine import LLMEngine
+
+        config = self.llm.engine_config
+        if rows > config.max_num_seqs:
+            config = dataclasses.replace(config, max_num_seqs=rows,
+                                         max_num_batched_tokens=max(config.max_num_batched_tokens, rows))
+        engine = LLMEngine(self.model, self.llm.tokenizer, config)
+        need = rows * engine.allocator.blocks_needed(tokens_per_row)
+        if need > engine.allocator.num_blocks:
+            del engine
+            gc.collect()
+            engine = LLMEngine(self.model, self.llm.tokenizer, dataclasses.replace(config, num_blocks=need))
+        return engine
+
+    def serve(self, prompts: list[list[int]], n: int) -> tuple[float, list[float], list[list[int]]]:
+        from leapllm import SamplingParams
+
+        rows = len(prompts)
+        # A new engine every call (not timed, as llama.cpp's new context): the prefix cache of the
+        # engine that served the previous repeat holds these very prompts.
+        engine = self.serve_engine(rows, max(map(len, prompts)) + n)
+        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        ids = [f"serve-{i}" for i in range(rows)]
+        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+        first: dict[str, float] = {}
+        start = self.now()
+        for rid, prompt in zip(ids, prompts):  # the way LLM.generate drives the engine
+            engine.add_request(rid, list(prompt), params)
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id].extend(out.new_token_ids)
+                if out.first_token_time is not None:  # the engine's clock when it sampled the token
+                    first.setdefault(out.request_id, out.first_token_time)
+        seconds = self.now() - start
+        rows_out = [tokens[rid] for rid in ids]
+        check_served(rows_out, rows, n)
+        return seconds, [first[rid] - start for rid in ids], rows_out
+
     def info(self) -> dict:
+        c = self.llm.engine_config
+        serving = (f"leapllm's engine: continuous batching, max_num_seqs {c.max_num_seqs}, "
+                   f"max_num_batched_tokens {c.max_num_batched_tokens}, paged KV cache of {c.block_size}-token "
+                   f"blocks ({c.kv_cache_gb:g} GB), prefix caching {'on' if c.enable_prefix_caching else 'off'}")
         quantization = QUANTIZED.get(self.dtype)
         if quantization:
             return {"weights": f"{quantization.weights}; kernel: {quantized_kernels(self.model)}",
-                    "compute_dtype": "float32", "weights_mib": round(weight_mib(self.model), 1)}
-        return {"weights": f"dequantized to {self.dtype}", "weights_mib": round(weight_mib(self.model), 1)}
+                    "compute_dtype": "float32", "weights_mib": round(weight_mib(self.model), 1), "serve": serving}
+        return {"weights": f"dequantized to {self.dtype}", "weights_mib": round(weight_mib(self.model), 1),
+                "serve": serving}
 
 
 class HFSystem(TorchSystem):
@@ -314,6 +382,10 @@ class HFSystem(TorchSystem):
             seconds = self.now() - start
         return seconds, [list(row) for row in zip(*steps)]
 
+    def serve(self, prompts: list[list[int]], n: int) -> tuple[float, list[float], list[list[int]]]:
+        raise Unsupported("transformers has no continuous batching (generate() runs one padded batch "
+                          "start to end)")
+
     def info(self) -> dict:
         # Some transformers versions keep GGUF blocks packed (with the `kernels` package) instead of
         # dequantizing: a different computation, so the report says which one ran.
@@ -332,10 +404,13 @@ class LlamaCppSystem(System):
     Batch 1 uses the high-level `Llama` object (`eval`, logits read with `llama_get_logits_ith`).
     Batched decoding uses the low-level API the way llama.cpp's own batched-bench does: a second
     context with one KV sequence per row, and one `llama_batch` per step holding every row's token
-    under its own `seq_id`, decoded by a single `llama_decode` call.
+    under its own `seq_id`, decoded by a single `llama_decode` call. Batched serving does the same
+    after prefilling every request's prompt (each under its own `seq_id`) in `llama_decode` calls of
+    up to SERVE_N_BATCH tokens, as llama-server packs the prompts of its slots into its batches.
     """
 
     N_BATCH = 512
+    SERVE_N_BATCH = 2048  # llama-server's default n_batch (its n_ubatch: 512, N_BATCH)
 
     def import_libraries(self) -> None:
         try:
@@ -381,16 +456,18 @@ class LlamaCppSystem(System):
             tokens.append(self.argmax(self.llm.ctx, -1))
         return time.perf_counter() - start, tokens
 
-    def batched_decode(self, batch_ids: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
+    @contextlib.contextmanager
+    def batched_context(self, rows: int, tokens_per_row: int, n_batch: int):
+        """A fresh context with one KV sequence per row, room for tokens_per_row in each, and a
+        `llama_batch` of n_batch tokens (setup, not timed); both freed on leaving."""
         lib = self.lib
-        rows, length = len(batch_ids), len(batch_ids[0])
         if rows > lib.llama_max_parallel_sequences():
             raise Unsupported(f"llama.cpp supports at most {lib.llama_max_parallel_sequences()} sequences")
-        per_row = -(-(length + n) // 256) * 256  # llama.cpp splits n_ctx evenly between sequences
+        per_row = -(-tokens_per_row // 256) * 256  # llama.cpp splits n_ctx evenly between sequences
         params = lib.llama_context_default_params()
         params.n_ctx = rows * per_row
         params.n_seq_max = rows
-        params.n_batch = max(length, rows)
+        params.n_batch = n_batch
         params.n_ubatch = min(params.n_batch, self.N_BATCH)
         params.n_threads = params.n_threads_batch = self.threads
         params.flash_attn_type = self.llm.context_params.flash_attn_type  # same settings as batch 1
@@ -400,35 +477,69 @@ class LlamaCppSystem(System):
             raise RuntimeError(f"llama.cpp could not create a context for {rows} sequences")
         batch = lib.llama_batch_init(params.n_batch, 0, 1)
         try:
-            def submit(entries):  # [(token, position, sequence, wants logits)]
-                batch.n_tokens = len(entries)
-                for i, (token, pos, seq, logits) in enumerate(entries):
-                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
-                    batch.seq_id[i][0], batch.logits[i] = seq, int(logits)
-                rc = lib.llama_decode(ctx, batch)
-                if rc != 0:
-                    raise RuntimeError(f"llama_decode returned {rc}")
-
-            tokens = []
-            for row, ids in enumerate(batch_ids):  # the prompts (not timed), one sequence each
-                submit([(t, p, row, p == length - 1) for p, t in enumerate(ids)])
-                tokens.append([self.argmax(ctx, length - 1)])
-            start = time.perf_counter()
-            for pos in range(length, length + n - 1):
-                submit([(tokens[row][-1], pos, row, True) for row in range(rows)])
-                for row in range(rows):
-                    tokens[row].append(self.argmax(ctx, row))
-            lib.llama_synchronize(ctx)
-            return time.perf_counter() - start, tokens
+            yield ctx, batch
         finally:
             lib.llama_batch_free(batch)
             lib.llama_free(ctx)
+
+    def submit(self, ctx, batch, entries) -> None:
+        """One `llama_decode` of [(token, position, sequence, wants logits)]."""
+        batch.n_tokens = len(entries)
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, int(logits)
+        rc = self.lib.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def batched_decode(self, batch_ids: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
+        rows, length = len(batch_ids), len(batch_ids[0])
+        with self.batched_context(rows, length + n, max(length, rows)) as (ctx, batch):
+            tokens = []
+            for row, ids in enumerate(batch_ids):  # the prompts (not timed), one sequence each
+                self.submit(ctx, batch, [(t, p, row, p == length - 1) for p, t in enumerate(ids)])
+                tokens.append([self.argmax(ctx, length - 1)])
+            start = time.perf_counter()
+            for pos in range(length, length + n - 1):
+                self.submit(ctx, batch, [(tokens[row][-1], pos, row, True) for row in range(rows)])
+                for row in range(rows):
+                    tokens[row].append(self.argmax(ctx, row))
+            self.lib.llama_synchronize(ctx)
+            return time.perf_counter() - start, tokens
+
+    def serve(self, prompts: list[list[int]], n: int) -> tuple[float, list[float], list[list[int]]]:
+        rows = len(prompts)
+        n_batch = max(self.SERVE_N_BATCH, rows)
+        with self.batched_context(rows, max(map(len, prompts)) + n, n_batch) as (ctx, batch):
+            # Every prompt token in arrival order, under its request's seq_id; logits at each last one.
+            pending = [(t, p, row, p == len(ids) - 1) for row, ids in enumerate(prompts) for p, t in enumerate(ids)]
+            tokens: list[list[int]] = [[] for _ in prompts]
+            first = [0.0] * rows
+            start = time.perf_counter()
+            for lo in range(0, len(pending), n_batch):
+                chunk = pending[lo:lo + n_batch]
+                self.submit(ctx, batch, chunk)
+                for i, (_, _, row, last) in enumerate(chunk):
+                    if last:  # this call held the prompt's last token: its first token is out
+                        tokens[row].append(self.argmax(ctx, i))
+                        first[row] = time.perf_counter() - start
+            for step in range(n - 1):  # then one batch per step with every request's next token
+                self.submit(ctx, batch, [(tokens[row][-1], len(prompts[row]) + step, row, True)
+                                         for row in range(rows)])
+                for row in range(rows):
+                    tokens[row].append(self.argmax(ctx, row))
+            self.lib.llama_synchronize(ctx)
+            seconds = time.perf_counter() - start
+        check_served(tokens, rows, n)
+        return seconds, first, tokens
 
     def info(self) -> dict:
         cp = self.llm.context_params
         return {"weights": "the file's quantized blocks (llama.cpp kernels)",
                 "flash_attn": cp.flash_attn_type == self.lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                 "n_batch": cp.n_batch, "n_ubatch": cp.n_ubatch, "n_ctx": cp.n_ctx,
+                "serve": f"one context with a sequence per request, n_batch {self.SERVE_N_BATCH}, "
+                         f"n_ubatch {self.N_BATCH}",
                 "gpu_offload": self.device == "cuda",
                 "system_info": self.lib.llama_print_system_info().decode(errors="replace").strip()}
 

@@ -12,6 +12,8 @@ then reads requests on stdin and answers each with one line:
     {"op": "prefill", "ids": [...]}                          -> {"ok": true, "seconds": s}
     {"op": "decode", "ids": [...], "n": n}                   -> {"ok": true, "seconds": s, "tokens": [...]}
     {"op": "batched_decode", "ids": [...], "batch": b, "n": n} -> {"ok": true, "seconds": s, "tokens": [[...], ...]}
+    {"op": "serve", "prompts": [[...], ...], "n": n}        -> {"ok": true, "seconds": s, "ttft": [s, ...],
+                                                                "tokens": [[...], ...]}
     {"op": "memory"}                                         -> {"ok": true, "memory": {...}}
     {"op": "quit"}                                           -> {"ok": true}, and exits
     a failed request                                         -> {"ok": false, "error": "...", "unsupported": bool}
@@ -85,6 +87,9 @@ def answer(system: System, request: dict, cuda: bool) -> dict:
     if op == "batched_decode":
         seconds, rows = system.batched_decode([list(request["ids"]) for _ in range(request["batch"])], request["n"])
         return {"seconds": seconds, "tokens": rows}
+    if op == "serve":
+        seconds, ttft, rows = system.serve([list(p) for p in request["prompts"]], request["n"])
+        return {"seconds": seconds, "ttft": ttft, "tokens": rows}
     if op == "memory":
         return {"memory": memory_snapshot(cuda and system.uses_cuda_allocator())}
     raise ValueError(f"unknown request {op!r}")

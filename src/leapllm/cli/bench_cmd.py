@@ -1,7 +1,7 @@
 """`leapllm bench`: leapllm against transformers and llama.cpp on the same model, in one command;
 `leapllm bench serve`: the server under N concurrent streaming clients, next to the batch-1 engine.
 
-    leapllm bench [--model PATH] [--peers hf,llamacpp] [--json out.json] [--markdown out.md]
+    leapllm bench [--model PATH] [--peers hf,llamacpp] [--serve-batches 16,32] [--json out.json] [--markdown out.md]
     leapllm bench serve [--model PATH] [--concurrency 1,8,32] [--prompt-len 128] [--output-len 128]
 
 Bad settings (an unknown system or peer, a zero length, a missing model or output folder) raise
@@ -44,6 +44,13 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batches", default="8,32", help="batch sizes of the batched decode (default: 8,32)")
     p.add_argument("--batch-decode-tokens", type=int, default=32,
                    help="greedy tokens per row of the batched decode (default 32)")
+    p.add_argument("--serve-batches", default="16,32",
+                   help="concurrent requests of the batched-serving figures (throughput and time to first token, "
+                        "every request with its own prompt), or none (default: 16,32)")
+    p.add_argument("--serve-output-tokens", type=int, default=128,
+                   help="greedy tokens per request of the batched-serving figures (default 128)")
+    p.add_argument("--serve-prompt-len", type=int, default=128,
+                   help="prompt tokens per request of the batched-serving figures (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after the warm-up; the median is kept")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds one measurement may take before its worker counts as hung (default 600)")
@@ -171,7 +178,9 @@ def settings_from_args(args):
     return BenchSettings(model=args.model, systems=args.systems, peers=args.peers, device=args.device,
                          threads=args.threads, prompt_lens=args.prompt_lens, decode_tokens=args.decode_tokens,
                          decode_prompt_len=args.decode_prompt_len, batches=args.batches,
-                         batch_decode_tokens=args.batch_decode_tokens, repeats=args.repeats,
+                         batch_decode_tokens=args.batch_decode_tokens, serve_batches=args.serve_batches,
+                         serve_output_tokens=args.serve_output_tokens, serve_prompt_len=args.serve_prompt_len,
+                         repeats=args.repeats,
                          timeout=args.timeout, load_timeout=max(900.0, args.timeout),
                          json=args.json, markdown=args.markdown)
 
