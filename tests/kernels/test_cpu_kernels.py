@@ -22,6 +22,7 @@ from leapllm.kernels.packing import (
     untile_quads,
 )
 from leapllm.model.config import ModelConfig
+from leapllm.model.fused_decode import MAX_TOKENS
 from leapllm.model.llama import Transformer
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason=f"leapllm CPU kernels unavailable: {why_unavailable()}")
@@ -223,9 +224,9 @@ def test_fused_decode_refuses_a_position_past_the_cache_and_is_rebuilt_after_a_r
 
 
 @torch.inference_mode()
-def test_fused_decode_is_not_used_for_float_models_batches_or_prompts():
+def test_fused_decode_is_not_used_for_float_models_batches_or_prompts_longer_than_8_tokens():
     model = small_decoder()
-    cache = model.new_kv_cache(1, 16)
+    cache = model.new_kv_cache(1, 32)
     model(torch.randint(0, 320, (1, 5)), 0, cache)
     model(torch.tensor([[1]]), 5, cache)
     assert model.fused_decode is None  # float weights: nothing to fuse
@@ -234,3 +235,90 @@ def test_fused_decode_is_not_used_for_float_models_batches_or_prompts():
     model(torch.randint(0, 320, (2, 5)), 0, batch_cache)
     model(torch.tensor([[1], [2]]), 5, batch_cache)
     assert model.fused_decode is None  # two sequences: the module path
+    model(torch.randint(0, 320, (1, MAX_TOKENS + 1)), 0, cache)
+    assert model.fused_decode is None  # a 9-token prompt: the module path
+    model(torch.randint(0, 320, (1, MAX_TOKENS)), MAX_TOKENS + 1, cache)
+    assert model.fused_decode is not None  # 8 tokens of one sequence: fused
+
+
+def prefilled(model, prompt, max_seq_len, fused: bool):
+    """A fresh cache holding the module-by-module prefill of `prompt`, with fused steps on or off."""
+    model.use_fused_decode, model.fused_decode = fused, None
+    cache = model.new_kv_cache(1, max_seq_len)
+    model(prompt, 0, cache, last_only=True)  # > 8 tokens: the module path either way
+    return cache
+
+
+@pytest.mark.parametrize("method,bias", [("int4", False), ("int8", False), ("int4", True)])
+@pytest.mark.parametrize("tokens", [2, 5, 8])
+@torch.inference_mode()
+def test_a_fused_step_of_several_tokens_matches_the_module_by_module_step(method, bias, tokens):
+    """T tokens at positions already after cached ones, each attending causally to the cache and
+    to this step's earlier tokens: the same logits and the same keys and values as the module path
+    (tolerances as for one token above). Over 64 cached positions the attention is split in spans."""
+    model = small_decoder(bias=bias)
+    quantize_model(model, method, 32)
+    prompt_len = 70
+    prompt, new = torch.randint(0, 320, (1, prompt_len)), torch.randint(0, 320, (1, 2 * tokens))
+    caches, logits = {}, {}
+    for fused in (False, True):
+        cache = caches[fused] = prefilled(model, prompt, prompt_len + 2 * tokens + 4, fused)
+        # two steps of T tokens: the second one reads keys the first one wrote
+        logits[fused] = torch.cat([model(new[:, :tokens], prompt_len, cache),
+                                   model(new[:, tokens:], prompt_len + tokens, cache)], dim=1)
+        assert logits[fused].shape == (1, 2 * tokens, 320) and logits[fused].dtype == torch.float32
+        assert (model.fused_decode is not None) == fused
+    assert relative_error(logits[True][0, 0], logits[False][0, 0]) < 1e-4
+    for t in range(2 * tokens):
+        assert relative_error(logits[True][0, t], logits[False][0, t]) < 0.05
+    for layer in range(3):
+        for kv in ("k", "v"):
+            fused, modules = (getattr(caches[f], kv)[layer][:, :, :prompt_len + 2 * tokens] for f in (True, False))
+            assert relative_error(fused, modules) < 0.05
+            # nothing written past this step's positions
+            assert not getattr(caches[True], kv)[layer][:, :, prompt_len + 2 * tokens:].any()
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+@torch.inference_mode()
+def test_a_fused_step_of_several_tokens_equals_that_many_single_token_steps(method):
+    """What speculative decoding relies on: verifying T tokens in one step gives the logits (and the
+    greedy choices) that decoding them one at a time would have."""
+    model = small_decoder(seed=1)
+    quantize_model(model, method, 32)
+    prompt_len = 30
+    prompt, new = torch.randint(0, 320, (1, prompt_len)), torch.randint(0, 320, (1, MAX_TOKENS))
+    one_at_a_time = prefilled(model, prompt, 64, fused=True)
+    singles = torch.cat([model(new[:, t:t + 1], prompt_len + t, one_at_a_time) for t in range(MAX_TOKENS)], dim=1)
+    for tokens in (2, 3, MAX_TOKENS):
+        cache = prefilled(model, prompt, 64, fused=True)
+        many = model(new[:, :tokens], prompt_len, cache)
+        assert model.fused_decode is not None
+        for t in range(tokens):
+            assert relative_error(many[0, t], singles[0, t]) < 0.02, (tokens, t)
+        assert torch.equal(many[0].argmax(-1), singles[0, :tokens].argmax(-1))
+        last = model(new[:, :tokens], prompt_len, cache, last_only=True)  # the same positions again
+        assert last.shape == (1, 1, 320)
+        torch.testing.assert_close(last[0, 0], many[0, -1])
+        for layer in range(3):
+            torch.testing.assert_close(cache.k[layer][:, :, :prompt_len + tokens],
+                                       one_at_a_time.k[layer][:, :, :prompt_len + tokens], rtol=0.02, atol=0.02)
+
+
+@torch.inference_mode()
+def test_a_fused_step_of_several_tokens_refuses_to_write_past_the_cache_end():
+    model = small_decoder()
+    quantize_model(model, "int4", 32)
+    cache = model.new_kv_cache(1, 16)
+    model(torch.randint(0, 320, (1, 12)), 0, cache)
+    model(torch.randint(0, 320, (1, 4)), 12, cache)  # positions 12..15: the last four fit
+    assert model.fused_decode is not None
+    before = [k.clone() for k in cache.k]
+    with pytest.raises(ValueError, match="KV cache holds 16 positions, asked to write up to 17"):
+        model(torch.randint(0, 320, (1, 5)), 12, cache)
+    assert all(torch.equal(k, b) for k, b in zip(cache.k, before))  # refused before anything is written
+    x = torch.zeros(5, 128)  # the C++ call checks too
+    with pytest.raises(RuntimeError, match="KV cache holds 16 positions, asked to write up to 17"):
+        model.fused_decode.stack.forward(x, cache.k, cache.v, 12)
+    with pytest.raises(RuntimeError, match="1 to 8 tokens"):
+        model.fused_decode.stack.forward(torch.zeros(9, 128), cache.k, cache.v, 0)

@@ -18,6 +18,7 @@
 //         (tile, block, row): w = d * q + m, q in [0, 15].
 //   int8: weight (N, K) uint8 = q + 128: per (tile, block) 8 vectors, one per quad; scales (N,)
 //         float32, one per row: w = d * q.
+// Without VNNI the portable tiles compute the same integer sums (with AVX2 where the CPU has it).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -34,10 +35,12 @@
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#include <immintrin.h>
 #define LEAPLLM_VNNI 1
 #else
 #define LEAPLLM_VNNI 0
+#endif
+#if LEAPLLM_VNNI || defined(__AVX2__)
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -82,47 +85,130 @@ void quantize_row(const float* x, int64_t k, QuantizedRow& a) {
 
 inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
 
+// ---- the portable tiles (no VNNI) ----
+// Integer sums of one block, s[m][L] = tile row L . activation row m over the block's 32 features:
+// exact in any order. With AVX2 the 16 rows are vector lanes (maddubs, llama.cpp's AVX2 trick) and a
+// block's unpacked weights serve every activation row; else scalar loops.
+
+#if defined(__AVX2__)
+// 16-bit lanes of maddubs(nibbles, activations) hold two products of at most 15 * 127; eight of
+// them summed stay below 2^15, so a block is summed in 16 bits and widened once.
+inline void nibble_block_sums(const __m256i (*nib)[2], const QuantizedRow* const* a, int rows,
+                              int64_t b, int32_t (*s)[TILE]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int m = 0; m < rows; ++m) {
+    const int8_t* x = a[m]->q.data() + b * BLOCK;
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();  // rows 0..7, 8..15
+    for (int c = 0; c < 8; ++c) {  // nibble vector c: feature quad c
+      int32_t quad;
+      std::memcpy(&quad, x + 4 * c, 4);
+      const __m256i xq = _mm256_set1_epi32(quad);
+      acc0 = _mm256_add_epi16(acc0, _mm256_maddubs_epi16(nib[c][0], xq));
+      acc1 = _mm256_add_epi16(acc1, _mm256_maddubs_epi16(nib[c][1], xq));
+    }
+    _mm256_storeu_si256((__m256i*)s[m], _mm256_madd_epi16(acc0, ones));
+    _mm256_storeu_si256((__m256i*)(s[m] + 8), _mm256_madd_epi16(acc1, ones));
+  }
+}
+#endif
+
+// int4: nibble vector c < 4 is quad c (low nibbles), c >= 4 quad c (high nibbles of vector c - 4).
+void block_sums_q4(const uint8_t* wb, const QuantizedRow* const* a, int rows, int64_t b, int32_t (*s)[TILE]) {
+#if defined(__AVX2__)
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256i nib[8][2];
+  for (int c = 0; c < 4; ++c) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + c * 64 + h * 32));
+      nib[c][h] = _mm256_and_si256(v, low4);
+      nib[c + 4][h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    }
+  }
+  nibble_block_sums(nib, a, rows, b, s);
+#else
+  for (int m = 0; m < rows; ++m) {
+    const int8_t* x = a[m]->q.data() + b * BLOCK;
+    for (int L = 0; L < TILE; ++L) {
+      int sum = 0;
+      for (int c = 0; c < 4; ++c) {
+        for (int j = 0; j < 4; ++j) {
+          const uint8_t byte = wb[c * 64 + 4 * L + j];
+          sum += (byte & 15) * x[4 * c + j] + (byte >> 4) * x[4 * (c + 4) + j];
+        }
+      }
+      s[m][L] = sum;
+    }
+  }
+#endif
+}
+
+// int8 (q + 128, 0..255): summed as its low and high nibbles, 16 * high + low, to stay in 16 bits.
+void block_sums_q8(const uint8_t* wb, const QuantizedRow* const* a, int rows, int64_t b, int32_t (*s)[TILE]) {
+#if defined(__AVX2__)
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256i lo[8][2], hi[8][2];
+  for (int qd = 0; qd < 8; ++qd) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + qd * 64 + h * 32));
+      lo[qd][h] = _mm256_and_si256(v, low4);
+      hi[qd][h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    }
+  }
+  int32_t s_hi[MAX_ROWS][TILE];
+  nibble_block_sums(lo, a, rows, b, s);
+  nibble_block_sums(hi, a, rows, b, s_hi);
+  for (int m = 0; m < rows; ++m)
+    for (int L = 0; L < TILE; ++L) s[m][L] += 16 * s_hi[m][L];
+#else
+  for (int m = 0; m < rows; ++m) {
+    const int8_t* x = a[m]->q.data() + b * BLOCK;
+    for (int L = 0; L < TILE; ++L) {
+      int sum = 0;
+      for (int qd = 0; qd < 8; ++qd)
+        for (int j = 0; j < 4; ++j) sum += (int)wb[qd * 64 + 4 * L + j] * x[4 * qd + j];
+      s[m][L] = sum;
+    }
+  }
+#endif
+}
+
 // ---- one tile of 16 weight rows against up to MAX_ROWS activation rows: out[m * ldo + L] ----
+// Block by block, so each block's weights are unpacked once for all the rows; each output adds its
+// blocks in order, so a row's result does not depend on how many rows share the tile.
 
 void tile_q4_portable(const uint8_t* w, const uint16_t* d, const uint16_t* mins, const QuantizedRow* const* a,
                       int rows, int64_t blocks, float* out, int64_t ldo) {
-  for (int m = 0; m < rows; ++m) {
+  float y[MAX_ROWS][TILE] = {};
+  int32_t s[MAX_ROWS][TILE];
+  float dv[TILE], mv[TILE];
+  for (int64_t b = 0; b < blocks; ++b) {
+    block_sums_q4(w + b * 256, a, rows, b, s);
     for (int L = 0; L < TILE; ++L) {
-      float y = 0.f;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* wb = w + b * 256;
-        const int8_t* x = a[m]->q.data() + b * BLOCK;
-        int s = 0;
-        for (int c = 0; c < 4; ++c) {
-          for (int j = 0; j < 4; ++j) {
-            const uint8_t byte = wb[c * 64 + 4 * L + j];
-            s += (byte & 15) * x[4 * c + j] + (byte >> 4) * x[4 * (c + 4) + j];
-          }
-        }
-        y += (float)s * half_to_float(d[b * TILE + L]) * a[m]->scale[b] +
-             half_to_float(mins[b * TILE + L]) * a[m]->block_sum[b];
-      }
-      out[m * ldo + L] = y;
+      dv[L] = half_to_float(d[b * TILE + L]);
+      mv[L] = half_to_float(mins[b * TILE + L]);
+    }
+    for (int m = 0; m < rows; ++m) {
+      const float scale = a[m]->scale[b], block_sum = a[m]->block_sum[b];
+      for (int L = 0; L < TILE; ++L) y[m][L] += (float)s[m][L] * dv[L] * scale + mv[L] * block_sum;
     }
   }
+  for (int m = 0; m < rows; ++m)
+    for (int L = 0; L < TILE; ++L) out[m * ldo + L] = y[m][L];
 }
 
 void tile_q8_portable(const uint8_t* w, const float* d, const QuantizedRow* const* a, int rows, int64_t blocks,
                       float* out, int64_t ldo) {
-  for (int m = 0; m < rows; ++m) {
-    for (int L = 0; L < TILE; ++L) {
-      float y = 0.f;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* wb = w + b * 512;
-        const int8_t* x = a[m]->q.data() + b * BLOCK;
-        int s = 0;
-        for (int qd = 0; qd < 8; ++qd)
-          for (int j = 0; j < 4; ++j) s += (int)wb[qd * 64 + 4 * L + j] * x[4 * qd + j];
-        y += (float)s * a[m]->scale[b];
-      }
-      out[m * ldo + L] = d[L] * (y - 128.f * a[m]->total);  // the stored weights are q + 128
+  float y[MAX_ROWS][TILE] = {};
+  int32_t s[MAX_ROWS][TILE];
+  for (int64_t b = 0; b < blocks; ++b) {
+    block_sums_q8(w + b * 512, a, rows, b, s);
+    for (int m = 0; m < rows; ++m) {
+      const float scale = a[m]->scale[b];
+      for (int L = 0; L < TILE; ++L) y[m][L] += (float)s[m][L] * scale;
     }
   }
+  for (int m = 0; m < rows; ++m)
+    for (int L = 0; L < TILE; ++L) out[m * ldo + L] = d[L] * (y[m][L] - 128.f * a[m]->total);  // stored: q + 128
 }
 
 #if LEAPLLM_VNNI
@@ -421,7 +507,10 @@ struct DecoderLayer {
   }
 };
 
-// A batch-1 decode step through every layer, in one OpenMP region.
+// A batch-1 decode step through every layer, in one OpenMP region: one token, or up to MAX_ROWS
+// tokens at consecutive positions of the same sequence (speculative decoding verifies a few draft
+// tokens at once). The T tokens share every read of the weights: each tile is computed against all
+// T activation rows (compute_rows), so T tokens cost far less than T steps.
 //
 // Each layer is five phases: QKV, attention, output projection (+ residual), gate/up (+ SiLU * up),
 // down projection (+ residual). A phase is a list of work items (tiles of 16 output rows, or
@@ -438,9 +527,17 @@ struct PhaseCounters {
 struct DecoderStack {
   static constexpr int PHASES = 5;
   std::vector<std::shared_ptr<DecoderLayer>> layers;
-  int64_t max_hidden = 0, max_qkv = 0, max_q = 0, max_inter = 0, max_kv = 0, max_head_dim = 0;
-  std::vector<float> qkv_out, partials, gate_up_out, act;  // shared between the threads of one step
-  int64_t spans = 1;  // attention: positions split in this many spans per kv head, for this step
+  int64_t max_hidden = 0, max_qkv = 0, max_q = 0, max_inter = 0, max_head_dim = 0;
+  // Shared between the threads of one step, one row per token: row t of qkv_out at t * max_qkv, of
+  // gate_up_out at t * 2 * max_inter, of act at t * max_inter.
+  std::vector<float> qkv_out, partials, gate_up_out, act;
+  // Attention of this step: token t's positions are split in token_spans[t] spans per kv head, the
+  // number a one-token step at that position would use, so that verifying several tokens at once
+  // sums every token's attention in the same order, and gives the same bits, as decoding them one
+  // by one (speculative decoding's output must be the plain one). Its spans are items
+  // span_offset[t] .. span_offset[t + 1] - 1 of each kv head; partials hold max_spans per head.
+  std::vector<int64_t> token_spans, span_offset;
+  int64_t max_spans = 1;
   int64_t max_group = 1;
 
   explicit DecoderStack(std::vector<std::shared_ptr<DecoderLayer>> layers_) : layers(std::move(layers_)) {
@@ -453,39 +550,49 @@ struct DecoderStack {
       max_qkv = std::max(max_qkv, l->qkv->out_features);
       max_q = std::max(max_q, l->heads * l->head_dim);
       max_inter = std::max(max_inter, l->intermediate);
-      max_kv = std::max(max_kv, l->kv_heads * l->head_dim);
       max_head_dim = std::max(max_head_dim, l->head_dim);
       max_group = std::max(max_group, l->heads / l->kv_heads);
     }
-    qkv_out.resize(max_qkv);
-    gate_up_out.resize(2 * max_inter);
-    act.resize(max_inter);
+    qkv_out.resize(MAX_ROWS * max_qkv);
+    gate_up_out.resize(MAX_ROWS * 2 * max_inter);
+    act.resize(MAX_ROWS * max_inter);
   }
 
-  int64_t items(const DecoderLayer& l, int phase) const {
+  int64_t items(const DecoderLayer& l, int phase, int64_t rows) const {
     switch (phase) {
       case 0: return l.qkv->out_features / TILE;
-      case 1: return l.kv_heads * spans;
+      case 1: return l.kv_heads * span_offset[rows];
       case 2: return l.hidden / TILE;
       case 3: return l.intermediate / TILE;
       default: return l.hidden / TILE;
     }
   }
 
-  // Per-thread scratch of a step.
+  // What every work item of one step reads: the tokens, the caches, the rotary tables.
+  struct Step {
+    float* x;                 // (rows, hidden): the residual stream, updated in place
+    float* const* kc;         // per layer (kv_heads, max_seq, head_dim)
+    float* const* vc;
+    int64_t max_seq, pos, rows;
+    const float* rot_cos;     // (rows, head_dim / 2): token t's rotary angles at t * head_dim / 2
+    const float* rot_sin;
+  };
+
+  // Per-thread scratch of a step, one row per token.
   struct ThreadWork {
-    QuantizedRow a;
+    std::vector<QuantizedRow> a;       // the phase's input, quantized
+    const QuantizedRow* ap[MAX_ROWS];  // &a[t], as compute_rows takes them
     std::vector<float> normed, k_rot, q_rot, scores, attn;
   };
 
   // One work item of one phase of layer li; `prepared`: this thread already made the phase's input.
-  void run_item(int64_t li, int phase, int64_t item, bool prepared, ThreadWork& w, float* xp, float* const* kc,
-                float* const* vc, int64_t max_seq, int64_t pos, const float* rot_cos, const float* rot_sin) {
+  void run_item(int64_t li, int phase, int64_t item, bool prepared, ThreadWork& w, const Step& st) {
     const DecoderLayer& l = *layers[li];
     const int64_t q_size = l.heads * l.head_dim, kv_size = l.kv_heads * l.head_dim;
     const int64_t group = l.heads / l.kv_heads, hd = l.head_dim, inter = l.intermediate;
-    QuantizedRow& a = w.a;
-    const QuantizedRow* ap = &a;
+    const int64_t hidden = max_hidden, rows = st.rows, pos = st.pos;  // x's row stride: every layer's width
+    float* xp = st.x;
+    std::vector<QuantizedRow>& a = w.a;
     std::vector<float>& normed = w.normed;
     std::vector<float>& k_rot = w.k_rot;
     std::vector<float>& q_rot = w.q_rot;
@@ -494,46 +601,66 @@ struct DecoderStack {
     switch (phase) {
       case 0:  // QKV
         if (!prepared) {
-          l.rms_norm(xp, l.attn_norm.data_ptr<float>(), l.hidden, l.eps, normed.data());
-          quantize_row(normed.data(), l.hidden, a);
+          for (int64_t t = 0; t < rows; ++t) {
+            l.rms_norm(xp + t * hidden, l.attn_norm.data_ptr<float>(), l.hidden, l.eps, normed.data() + t * hidden);
+            quantize_row(normed.data() + t * hidden, l.hidden, a[t]);
+          }
         }
-        l.qkv->compute_rows(&ap, 1, n, n + TILE, qkv_out.data(), 0);
+        l.qkv->compute_rows(w.ap, rows, n, n + TILE, qkv_out.data(), max_qkv);
         break;
-      case 1: {  // attention: one kv head's query heads over one span of positions
-        const int64_t g = item / spans, span = item % spans;
-        const int64_t s0 = (pos + 1) * span / spans, s1 = (pos + 1) * (span + 1) / spans;
-        const float* k_new = qkv_out.data() + q_size + g * hd;
-        const float* v_new = qkv_out.data() + q_size + kv_size + g * hd;
-        const float* k_cache = kc[li] + g * max_seq * hd;
-        const float* v_cache = vc[li] + g * max_seq * hd;
-        l.rotate(k_new, k_rot.data(), rot_cos, rot_sin);
-        if (s1 == pos + 1) {  // the span holding this position writes its key and value
-          std::memcpy(kc[li] + (g * max_seq + pos) * hd, k_rot.data(), hd * sizeof(float));
-          std::memcpy(vc[li] + (g * max_seq + pos) * hd, v_new, hd * sizeof(float));
+      case 1: {  // attention: one kv head's query heads, for one token, over one span of its positions
+        const int64_t per_head = span_offset[rows], g = item / per_head, r = item % per_head;
+        int64_t t = 0;
+        while (r >= span_offset[t + 1]) ++t;
+        const int64_t span = r - span_offset[t], spans = token_spans[t];
+        const int64_t len = pos + t + 1;  // token t sees positions 0 .. pos + t
+        const int64_t s0 = len * span / spans, s1 = len * (span + 1) / spans;
+        const int64_t half = hd / 2;
+        // Keys and values of this call's tokens (positions pos ..) come from qkv_out, never from the
+        // cache: the item that writes one into the cache may be running right now. This item rotates
+        // the new keys its span covers itself, each with its own position's angles.
+        const float* k_cache = st.kc[li] + g * st.max_seq * hd;
+        const float* v_cache = st.vc[li] + g * st.max_seq * hd;
+        auto new_key = [&](int64_t s) { return qkv_out.data() + (s - pos) * max_qkv + q_size + g * hd; };
+        auto new_value = [&](int64_t s) { return qkv_out.data() + (s - pos) * max_qkv + q_size + kv_size + g * hd; };
+        for (int64_t s = std::max(s0, pos); s < s1; ++s)
+          l.rotate(new_key(s), k_rot.data() + (s - pos) * hd, st.rot_cos + (s - pos) * half,
+                   st.rot_sin + (s - pos) * half);
+        if (s1 == len) {  // the last span of token t writes its key and value (one item per new position)
+          std::memcpy(st.kc[li] + (g * st.max_seq + pos + t) * hd, k_rot.data() + t * hd, hd * sizeof(float));
+          std::memcpy(st.vc[li] + (g * st.max_seq + pos + t) * hd, new_value(pos + t), hd * sizeof(float));
         }
         const float softmax_scale = 1.f / std::sqrt((float)hd);
+        const float* q_row = qkv_out.data() + t * max_qkv;
         for (int64_t j = 0; j < group; ++j)  // the group's queries, rotated and pre-scaled
-          l.rotate(qkv_out.data() + (g * group + j) * hd, q_rot.data() + j * hd, rot_cos, rot_sin);
-        const int64_t len = s1 - s0;
-        for (int64_t s = s0; s < s1; ++s) {  // each key read once for all the group's queries
-          const float* key = s == pos ? k_rot.data() : k_cache + s * hd;  // pos: maybe not written yet
+          l.rotate(q_row + (g * group + j) * hd, q_rot.data() + j * hd, st.rot_cos + t * half, st.rot_sin + t * half);
+        const int64_t span_len = s1 - s0;
+        // Positions s0 .. split - 1 are cached, split .. s1 - 1 this call's own. Two plain loops rather
+        // than a test per position: the compiler would split that loop itself and lose the simd
+        // reduction in one copy (another summation order than the one-token step's).
+        const int64_t split = std::min(std::max(s0, pos), s1);
+        auto score = [&](int64_t s, const float* key) {  // each key read once for all the group's queries
           for (int64_t j = 0; j < group; ++j) {
             const float* q = q_rot.data() + j * hd;
             float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
             for (int64_t i = 0; i < hd; ++i) dot += q[i] * key[i];
-            scores[j * len + s - s0] = dot * softmax_scale;
+            scores[j * span_len + s - s0] = dot * softmax_scale;
           }
-        }
+        };
+        for (int64_t s = s0; s < split; ++s) score(s, k_cache + s * hd);
+        for (int64_t s = split; s < s1; ++s) score(s, k_rot.data() + (s - pos) * hd);
+        // token t's partial softmaxes, (rows, heads, max_spans, hd + 2)
+        float* token_partials = partials.data() + t * l.heads * max_spans * (hd + 2);
         for (int64_t j = 0; j < group; ++j) {
           // this span's partial softmax: its max, sum of exp, and unnormalized output (merged in phase 2)
-          float* part = partials.data() + ((g * group + j) * spans + span) * (hd + 2);
-          float* sc = scores.data() + j * len;
+          float* part = token_partials + ((g * group + j) * max_spans + span) * (hd + 2);
+          float* sc = scores.data() + j * span_len;
           float best = -INFINITY;
-          for (int64_t s = 0; s < len; ++s) best = std::max(best, sc[s]);
+          for (int64_t s = 0; s < span_len; ++s) best = std::max(best, sc[s]);
           float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-          for (int64_t s = 0; s < len; ++s) {
+          for (int64_t s = 0; s < span_len; ++s) {
             sc[s] = std::exp(sc[s] - best);
             sum += sc[s];
           }
@@ -541,65 +668,82 @@ struct DecoderStack {
           part[1] = sum;
           std::fill(part + 2, part + 2 + hd, 0.f);
         }
-        for (int64_t s = s0; s < s1; ++s) {
-          const float* val = s == pos ? v_new : v_cache + s * hd;
+        auto add_value = [&](int64_t s, const float* val) {
           for (int64_t j = 0; j < group; ++j) {
-            float* out = partials.data() + ((g * group + j) * spans + span) * (hd + 2) + 2;
-            const float p = scores[j * len + s - s0];
+            float* out = token_partials + ((g * group + j) * max_spans + span) * (hd + 2) + 2;
+            const float p = scores[j * span_len + s - s0];
 #pragma omp simd
             for (int64_t i = 0; i < hd; ++i) out[i] += p * val[i];
           }
-        }
+        };
+        for (int64_t s = s0; s < split; ++s) add_value(s, v_cache + s * hd);
+        for (int64_t s = split; s < s1; ++s) add_value(s, new_value(s));
         break;
       }
-      case 2:  // output projection, added to the residual stream (each tile its own rows of x)
+      case 2:  // output projection, added to the residual stream (each tile its own columns of x)
         if (!prepared) {  // merge the spans' partial softmaxes into this thread's copy of the attention output
-          for (int64_t h = 0; h < l.heads; ++h) {
-            const float* part = partials.data() + h * spans * (hd + 2);
-            float best = -INFINITY, sum = 0.f;
-            for (int64_t c = 0; c < spans; ++c) best = std::max(best, part[c * (hd + 2)]);
-            float* out = w.attn.data() + h * hd;
-            std::fill(out, out + hd, 0.f);
-            for (int64_t c = 0; c < spans; ++c) {
-              const float* pc = part + c * (hd + 2);
-              const float weight = std::exp(pc[0] - best);
-              sum += weight * pc[1];
-              for (int64_t i = 0; i < hd; ++i) out[i] += weight * pc[2 + i];
+          for (int64_t t = 0; t < rows; ++t) {
+            const int64_t spans = token_spans[t];
+            for (int64_t h = 0; h < l.heads; ++h) {
+              const float* part = partials.data() + (t * l.heads + h) * max_spans * (hd + 2);
+              float best = -INFINITY, sum = 0.f;
+              for (int64_t c = 0; c < spans; ++c) best = std::max(best, part[c * (hd + 2)]);
+              float* out = w.attn.data() + t * max_q + h * hd;
+              std::fill(out, out + hd, 0.f);
+              for (int64_t c = 0; c < spans; ++c) {
+                const float* pc = part + c * (hd + 2);
+                const float weight = std::exp(pc[0] - best);
+                sum += weight * pc[1];
+                for (int64_t i = 0; i < hd; ++i) out[i] += weight * pc[2 + i];
+              }
+              for (int64_t i = 0; i < hd; ++i) out[i] /= sum;
             }
-            for (int64_t i = 0; i < hd; ++i) out[i] /= sum;
+            quantize_row(w.attn.data() + t * max_q, q_size, a[t]);
           }
-          quantize_row(w.attn.data(), q_size, a);
         }
-        l.o->compute_rows(&ap, 1, n, n + TILE, normed.data(), 0);
-        for (int64_t r = n; r < n + TILE; ++r) xp[r] += normed[r];
+        l.o->compute_rows(w.ap, rows, n, n + TILE, normed.data(), hidden);
+        for (int64_t t = 0; t < rows; ++t)
+          for (int64_t r = n; r < n + TILE; ++r) xp[t * hidden + r] += normed[t * hidden + r];
         break;
       case 3:  // gate and up rows of the same channels, then SiLU(gate) * up
         if (!prepared) {
-          l.rms_norm(xp, l.mlp_norm.data_ptr<float>(), l.hidden, l.eps, normed.data());
-          quantize_row(normed.data(), l.hidden, a);
+          for (int64_t t = 0; t < rows; ++t) {
+            l.rms_norm(xp + t * hidden, l.mlp_norm.data_ptr<float>(), l.hidden, l.eps, normed.data() + t * hidden);
+            quantize_row(normed.data() + t * hidden, l.hidden, a[t]);
+          }
         }
-        l.gate_up->compute_rows(&ap, 1, n, n + TILE, gate_up_out.data(), 0);
-        l.gate_up->compute_rows(&ap, 1, inter + n, inter + n + TILE, gate_up_out.data(), 0);
-        for (int64_t r = n; r < n + TILE; ++r) {
-          const float gv = gate_up_out[r];
-          act[r] = gv / (1.f + std::exp(-gv)) * gate_up_out[inter + r];
+        l.gate_up->compute_rows(w.ap, rows, n, n + TILE, gate_up_out.data(), 2 * max_inter);
+        l.gate_up->compute_rows(w.ap, rows, inter + n, inter + n + TILE, gate_up_out.data(), 2 * max_inter);
+        for (int64_t t = 0; t < rows; ++t) {
+          const float* gate_up = gate_up_out.data() + t * 2 * max_inter;
+          for (int64_t r = n; r < n + TILE; ++r) {
+            const float gv = gate_up[r];
+            act[t * max_inter + r] = gv / (1.f + std::exp(-gv)) * gate_up[inter + r];
+          }
         }
         break;
       default:  // down projection, added to the residual stream
-        if (!prepared) quantize_row(act.data(), inter, a);
-        l.down->compute_rows(&ap, 1, n, n + TILE, normed.data(), 0);
-        for (int64_t r = n; r < n + TILE; ++r) xp[r] += normed[r];
+        if (!prepared)
+          for (int64_t t = 0; t < rows; ++t) quantize_row(act.data() + t * max_inter, inter, a[t]);
+        l.down->compute_rows(w.ap, rows, n, n + TILE, normed.data(), hidden);
+        for (int64_t t = 0; t < rows; ++t)
+          for (int64_t r = n; r < n + TILE; ++r) xp[t * hidden + r] += normed[t * hidden + r];
     }
   }
 
+  // x: (T, hidden) float32, T in 1 .. MAX_ROWS (or (hidden,) for one token), the embedded tokens at
+  // positions pos .. pos + T - 1; updated in place to the last block's output. The keys and values
+  // of those positions are written into the caches; token t attends to positions 0 .. pos + t.
   // marks, optional (layers, 6) int64: clock marks at the start of each layer and the end of each of
   // its phases (QKV with the attention norm, attention with rotary, output projection, gate/up with
   // the MLP norm and SiLU * up, down projection), for the profiler.
   void forward(at::Tensor x, std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, int64_t pos,
                c10::optional<at::Tensor> marks) {
     const int64_t n_layers = layers.size();
-    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() == max_hidden,
-                "x must be float32 (hidden,)");
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && (x.dim() == 1 || x.dim() == 2) &&
+                    x.size(-1) == max_hidden, "x must be float32 contiguous (tokens, hidden) or (hidden,)");
+    const int64_t rows = x.dim() == 1 ? 1 : x.size(0);
+    TORCH_CHECK(rows >= 1 && rows <= MAX_ROWS, "a fused step takes 1 to ", MAX_ROWS, " tokens, got ", rows);
     TORCH_CHECK((int64_t)k_caches.size() == n_layers && (int64_t)v_caches.size() == n_layers, "one cache per layer");
     std::vector<float*> kc(n_layers), vc(n_layers);
     int64_t max_seq = 0;
@@ -611,7 +755,8 @@ struct DecoderStack {
                       k.size(3) == layers[i]->head_dim && v.sizes() == k.sizes(),
                   "caches must be contiguous float32 (1, kv_heads, max_seq, head_dim)");
       max_seq = k.size(2);
-      TORCH_CHECK(pos >= 0 && pos < max_seq, "KV cache holds ", max_seq, " positions, asked to write position ", pos);
+      TORCH_CHECK(pos >= 0 && pos + rows <= max_seq, "KV cache holds ", max_seq, " positions, asked to write up to ",
+                  pos + rows);
       kc[i] = k.data_ptr<float>();
       vc[i] = v.data_ptr<float>();
     }
@@ -624,36 +769,45 @@ struct DecoderStack {
     const int64_t total_phases = n_layers * PHASES;
     std::unique_ptr<PhaseCounters[]> counters(new PhaseCounters[total_phases]);
     const int nthreads = at::get_num_threads();
-    float* xp = x.data_ptr<float>();
     if (mark) mark[0] = monotonic_ns();
-    // Attention work items: each kv head's positions in spans of at least 64, up to 4 per thread,
-    // so a short context is not cut finer than it is worth and a long one keeps every thread busy.
-    spans = std::max<int64_t>(1, std::min<int64_t>((pos + 1) / 64, 4 * nthreads));
-    partials.resize(max_q / max_head_dim * spans * (max_head_dim + 2));
-    std::vector<float> rot_cos(layers[0]->head_dim / 2), rot_sin(layers[0]->head_dim / 2);
-    layers[0]->rotary_table(pos, rot_cos.data(), rot_sin.data());  // the same in every layer
+    // Attention work items: each kv head's positions in spans of at least 64, up to 4 per thread, so
+    // a short context is not cut finer than it is worth and a long one keeps every thread busy; each
+    // token as a one-token step at its position would split them (see token_spans).
+    token_spans.assign(rows, 1);
+    span_offset.assign(rows + 1, 0);
+    for (int64_t t = 0; t < rows; ++t) {
+      token_spans[t] = std::max<int64_t>(1, std::min<int64_t>((pos + t + 1) / 64, 4 * nthreads));
+      span_offset[t + 1] = span_offset[t] + token_spans[t];
+    }
+    max_spans = *std::max_element(token_spans.begin(), token_spans.end());
+    partials.resize(rows * max_q / max_head_dim * max_spans * (max_head_dim + 2));
+    const int64_t half = layers[0]->head_dim / 2;
+    std::vector<float> rot_cos(rows * half), rot_sin(rows * half);
+    for (int64_t t = 0; t < rows; ++t)  // the same in every layer
+      layers[0]->rotary_table(pos + t, rot_cos.data() + t * half, rot_sin.data() + t * half);
+    const Step step{x.data_ptr<float>(), kc.data(), vc.data(), max_seq, pos, rows, rot_cos.data(), rot_sin.data()};
 
 #pragma omp parallel num_threads(nthreads)
     {
       ThreadWork w;
-      w.normed.resize(max_hidden);
-      w.k_rot.resize(max_kv);
+      w.a.resize(rows);
+      for (int64_t t = 0; t < rows; ++t) w.ap[t] = &w.a[t];
+      w.normed.resize(rows * max_hidden);
+      w.k_rot.resize(rows * max_head_dim);  // one kv head's new keys
       w.q_rot.resize(max_q);  // a kv head's query heads
       w.scores.resize(max_group * max_seq);
-      w.attn.resize(max_q);
+      w.attn.resize(rows * max_q);
       for (int64_t li = 0; li < n_layers; ++li) {
         const DecoderLayer& l = *layers[li];
         for (int phase = 0; phase < PHASES; ++phase) {
-          const int64_t total = items(l, phase);
+          const int64_t total = items(l, phase, rows);
           // Claimed a few items at a time: each claim moves a cache line between cores.
           const int64_t chunk = std::max<int64_t>(1, total / (4 * nthreads));
           PhaseCounters& counter = counters[li * PHASES + phase];
           bool prepared = false;  // this thread's quantized input for the phase, made at its first item
           for (int64_t first; (first = counter.claimed.fetch_add(chunk, std::memory_order_relaxed)) < total;) {
             const int64_t last = std::min(total, first + chunk);
-            for (int64_t item = first; item < last; ++item, prepared = true)
-              run_item(li, phase, item, prepared, w, xp, kc.data(), vc.data(), max_seq, pos, rot_cos.data(),
-                       rot_sin.data());
+            for (int64_t item = first; item < last; ++item, prepared = true) run_item(li, phase, item, prepared, w, step);
             counter.finished.fetch_add(last - first, std::memory_order_release);
           }
           // Wait for the items other threads are still computing; yield now and then, in case the

@@ -7,7 +7,11 @@ cost about as much again in dispatch alone. kernels/cpu_kernels.cpp's DecoderSta
 float32 KV cache -- in one call and one OpenMP region, so a decode step is that call plus the
 embedding lookup, the final norm and the output head.
 
-Used automatically by Transformer.forward for a single token of a single sequence when every
+The same call also takes up to MAX_TOKENS tokens at consecutive positions of the sequence (the
+target model verifying a speculative draft, a short prompt): every weight tile is read once for all
+of them, so a few tokens cost little more than one.
+
+Used automatically by Transformer.forward for 1 to MAX_TOKENS tokens of a single sequence when every
 projection of every layer runs on leapllm's packed kernels (a model quantized with `leapllm
 quantize`, on a CPU where the kernels build) and the model computes in float32. The layers are built
 at the first such step; code that replaces projections afterwards calls
@@ -20,6 +24,10 @@ import torch
 
 from leapllm.kernels import cpu_kernels
 from leapllm.model.kv_cache import KVCache
+
+# The most tokens one fused call takes (MAX_ROWS in kernels/cpu_kernels.cpp: the activation rows
+# computed against one read of a weight tile).
+MAX_TOKENS = 8
 
 
 def layer_projections(layer) -> list:
@@ -59,9 +67,17 @@ class FusedDecode:
         return all(p is not None for layer in model.layers for p in layer_projections(layer))
 
     def hidden_states(self, x: torch.Tensor, start_pos: int, kv_cache: KVCache) -> torch.Tensor:
-        """x (hidden,) float32, the embedded token at start_pos -> the last block's output (hidden,), in place."""
-        if start_pos >= kv_cache.max_seq_len:
-            raise ValueError(f"KV cache holds {kv_cache.max_seq_len} positions, asked to write up to {start_pos + 1}")
+        """x (T, hidden) float32 contiguous, T = 1 .. MAX_TOKENS, the embedded tokens at positions
+        start_pos .. start_pos + T - 1 (or (hidden,) for one token) -> the last block's output, same
+        shape, in place.
+
+        Their keys and values are written into kv_cache; token t attends to positions 0 .. start_pos + t.
+        """
+        tokens = 1 if x.dim() == 1 else x.shape[0]
+        if not 1 <= tokens <= MAX_TOKENS:
+            raise ValueError(f"a fused step takes 1 to {MAX_TOKENS} tokens, got {tokens}")
+        if start_pos + tokens > kv_cache.max_seq_len:
+            raise ValueError(f"KV cache holds {kv_cache.max_seq_len} positions, asked to write up to {start_pos + tokens}")
         if self.stage_intervals is None:
             self.stack.forward(x, kv_cache.k, kv_cache.v, start_pos)
             return x

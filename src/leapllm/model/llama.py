@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leapllm.model.config import ModelConfig
-from leapllm.model.fused_decode import FusedDecode
+from leapllm.model.fused_decode import MAX_TOKENS, FusedDecode
 from leapllm.model.kv_cache import KVCache
 from leapllm.model.paged_kv_cache import PagedKVCache
 
@@ -192,9 +192,12 @@ class Transformer(nn.Module):
         last_only computes the output head for the last position only (what generation needs).
         """
         batch, seq = tokens.shape
-        if batch == 1 and seq == 1 and isinstance(kv_cache, KVCache) and self.fused_decode_ready():
-            x = self.fused_decode.hidden_states(self.embed_tokens(tokens).reshape(-1), start_pos, kv_cache)
-            return self.lm_head(self.norm(x)).float().reshape(1, 1, -1)
+        if batch == 1 and 1 <= seq <= MAX_TOKENS and isinstance(kv_cache, KVCache) and self.fused_decode_ready():
+            # A decode step or a few tokens to verify: one C++ call for every block (model/fused_decode.py).
+            x = self.fused_decode.hidden_states(self.embed_tokens(tokens)[0], start_pos, kv_cache)  # (seq, hidden)
+            if last_only:
+                x = x[-1:]
+            return self.lm_head(self.norm(x)).float()[None]
         x = self.embed_tokens(tokens)  # (batch, seq, hidden)
         cos, sin = self.rotary_cos_sin(start_pos, seq)
         mask = None
