@@ -12,6 +12,7 @@ import torch
 from leapllm.engine.generate import GenerationChunk, GenerationOutput, generate_stream
 from leapllm.engine.llm_engine import EngineConfig, LLMEngine
 from leapllm.engine.sampling import SamplingParams
+from leapllm.engine.speculative import SpeculativeConfig, check_draft_model
 from leapllm.errors import InvalidRequestError
 from leapllm.loading.loader import load_model
 
@@ -38,9 +39,16 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
                  device: str | torch.device = "auto", num_threads: int | None = None,
-                 engine_config: EngineConfig | None = None, tensor_parallel: int = 1):
+                 engine_config: EngineConfig | None = None, tensor_parallel: int = 1,
+                 speculative: str | None = None, draft_model: str | Path | None = None,
+                 num_speculative_tokens: int = 4):
         """tensor_parallel=N splits the model over N processes (this one is rank 0; it starts the
-        others, or joins them under torchrun): see leapllm.distributed and docs/scale-out.md."""
+        others, or joins them under torchrun): see leapllm.distributed and docs/scale-out.md.
+
+        speculative="ngram" (prompt lookup) or draft_model=PATH (a smaller model with the same
+        tokenizer, loaded with the same dtype and device) turn on speculative decoding with up to
+        num_speculative_tokens proposals a step, in `run`/`stream`/`chat` and in the engine behind
+        `generate`: the output stays what the model alone gives (engine/speculative.py)."""
         if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
             raise InvalidRequestError(f"tensor_parallel must be a positive integer, got {tensor_parallel!r}")
         if num_threads is not None:
@@ -60,7 +68,30 @@ class LLM:
         self.metadata = loaded.metadata
         self.load_seconds = loaded.load_seconds
         self.engine_config = engine_config or EngineConfig()
+        self.speculative = self._speculative_config(speculative, draft_model, num_speculative_tokens, dtype, device)
+        if self.speculative is not None and self.engine_config.speculative is None:
+            self.engine_config.speculative = self.speculative
+        self.speculation_stats: dict[str, int] = {}  # proposed / accepted tokens of run, stream and chat
         self._engine: LLMEngine | None = None  # the batching engine, built on first use (it owns the KV pool)
+
+    def _speculative_config(self, method, draft_model, k, dtype, device) -> SpeculativeConfig | None:
+        if method is None and draft_model is None:
+            return None
+        method = method or "draft"
+        if method == "ngram" and draft_model is not None:
+            raise InvalidRequestError("n-gram speculation takes no draft model; give one or the other")
+        if self.tensor_parallel > 1:
+            raise InvalidRequestError("speculative decoding is not supported with tensor parallelism")
+        draft = None
+        if method == "draft":
+            if draft_model is None:
+                raise InvalidRequestError("speculative decoding with a draft model needs a draft model path")
+            loaded = load_model(draft_model, dtype=dtype, device=device)
+            check_draft_model(self.model, self.tokenizer, loaded.model, loaded.tokenizer)
+            draft = loaded.model
+        config = SpeculativeConfig(method=method, num_speculative_tokens=k, draft_model=draft)
+        config.validate()
+        return config
 
     @property
     def engine(self) -> LLMEngine:
@@ -91,7 +122,8 @@ class LLM:
 
     # -- generation ----------------------------------------------------------------------------
     def stream_chunks(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[GenerationChunk]:
-        return generate_stream(self.model, self.tokenizer, prompt_ids, params or SamplingParams())
+        return generate_stream(self.model, self.tokenizer, prompt_ids, params or SamplingParams(), self.speculative,
+                               self.speculation_stats)
 
     def run(self, prompt_ids: list[int], params: SamplingParams | None = None, *, prompt: str | None = None,
             on_text: Callable[[str], Any] | None = None) -> GenerationOutput:

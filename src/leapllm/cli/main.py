@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 EXIT_USAGE = 2
 
@@ -39,6 +40,39 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
                    help="drop the oldest prompt tokens when prompt + max tokens exceed the context")
 
 
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (the output stays the model's own)")
+    g.add_argument("--speculative", choices=["ngram", "draft"], default=None,
+                   help="ngram: propose tokens by prompt lookup (no model needed); draft: a draft model proposes "
+                        "(implied by --draft-model)")
+    g.add_argument("--draft-model", metavar="PATH", default=None,
+                   help="a smaller model with the same tokenizer (GGUF file or folder) that proposes tokens")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="tokens proposed per step, 1 to 7 (default: 4)")
+
+
+def speculative_kwargs(args) -> dict:
+    """LLM(...) keyword arguments for the speculative options; one clear error for a wrong mix."""
+    from leapllm.engine.speculative import MAX_SPECULATIVE_TOKENS
+    from leapllm.errors import InvalidRequestError
+
+    method, draft, k = getattr(args, "speculative", None), getattr(args, "draft_model", None), \
+        getattr(args, "num_speculative_tokens", None)
+    if method is None and draft is None:
+        if k is not None:
+            raise InvalidRequestError("--num-speculative-tokens needs --speculative ngram or --draft-model")
+        return {}
+    if method == "ngram" and draft is not None:
+        raise InvalidRequestError("--speculative ngram takes no --draft-model")
+    if method == "draft" and draft is None:
+        raise InvalidRequestError("--speculative draft needs --draft-model PATH")
+    if k is not None and not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+        raise InvalidRequestError(f"--num-speculative-tokens must be from 1 to {MAX_SPECULATIVE_TOKENS}, got {k}")
+    if draft is not None and not Path(draft).exists():
+        raise InvalidRequestError(f"draft model not found: {draft}")
+    return {"speculative": method or "draft", "draft_model": draft, "num_speculative_tokens": k or 4}
+
+
 def sampling_params(args):
     from leapllm.engine.sampling import SamplingParams
 
@@ -56,14 +90,18 @@ def load_llm(args):
     if args.threads is not None and args.threads < 1:
         from leapllm.errors import InvalidRequestError
         raise InvalidRequestError(f"--threads must be at least 1, got {args.threads}")
-    return LLM(args.model, dtype=args.dtype, device=args.device, num_threads=args.threads)
+    return LLM(args.model, dtype=args.dtype, device=args.device, num_threads=args.threads, **speculative_kwargs(args))
 
 
-def print_stats(out, file=sys.stderr) -> None:
+def print_stats(out, file=sys.stderr, speculation: dict | None = None) -> None:
     t = out.timings
+    spec = ""
+    if speculation and speculation.get("proposed"):
+        spec = (f", speculative: {speculation['accepted']} of {speculation['proposed']} proposed tokens kept "
+                f"({speculation['accepted'] / speculation['proposed']:.0%})")
     print(f"\n[{len(out.prompt_token_ids)} prompt tokens at {t['prefill_tokens_per_s']:.1f} tok/s, "
           f"{len(out.token_ids)} generated at {t['decode_tokens_per_s']:.1f} tok/s, "
-          f"first token {t['time_to_first_token_s'] * 1000:.0f} ms, finish: {out.finish_reason}]", file=file)
+          f"first token {t['time_to_first_token_s'] * 1000:.0f} ms, finish: {out.finish_reason}{spec}]", file=file)
 
 
 def write_stdout(text: str) -> None:
@@ -82,7 +120,7 @@ def cmd_generate(args) -> int:
     out = llm.run(ids, params, prompt=prompt, on_text=write_stdout)
     sys.stdout.write("\n")
     if args.stats:
-        print_stats(out)
+        print_stats(out, speculation=llm.speculation_stats)
     return 0
 
 
@@ -114,7 +152,7 @@ def cmd_chat(args) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         if args.stats:
-            print_stats(out)
+            print_stats(out, speculation=llm.speculation_stats)
         messages.append({"role": "assistant", "content": out.text})
 
 
@@ -152,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
     add_model_args(p)
     add_sampling_args(p, max_tokens=256)
+    add_speculative_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with the model's chat template")
@@ -159,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
     add_model_args(p)
     add_sampling_args(p, max_tokens=512)
+    add_speculative_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="model facts: architecture, shapes, parameters, bytes by dtype")

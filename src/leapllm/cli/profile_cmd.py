@@ -15,7 +15,7 @@ from leapllm.errors import InvalidRequestError
 
 def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `profile` subcommand to the `leapllm` parser's subparsers."""
-    from leapllm.cli.main import add_model_args
+    from leapllm.cli.main import add_model_args, add_speculative_args
 
     p = subparsers.add_parser(
         "profile", help="time every stage of prefill and decode; FLOPs, bytes, roofline, HTML report",
@@ -40,6 +40,7 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--machine", action="store_true",
                    help="measure this device's peak bandwidth and matmul FLOP/s again, cache and print them, exit")
     add_model_args(p)
+    add_speculative_args(p)
     p.set_defaults(func=cmd_profile)
     return p
 
@@ -131,7 +132,16 @@ def cmd_profile(args) -> int:
     if do_sweep:
         data["sweep"] = sweep_model(model, llm.tokenizer, prompt_lens=sweep_lens, batches=sweep_batches,
                                     repeats=args.repeats, machine=machine, progress=_say)
+    if llm.speculative is not None:
+        from leapllm.profiling.profiler import prompt_rows
+        from leapllm.profiling.speculation import describe, profile_speculation
+
+        _say("speculative decoding: the same prompt, plain and speculating")
+        data["speculative"] = profile_speculation(model, llm.tokenizer, llm.speculative,
+                                                  prompt_rows(llm.tokenizer, args.prompt_len, 1)[0], args.gen_len)
     print_tables(data, per_layer=args.per_layer)
+    if "speculative" in data:
+        print("\n" + describe(data["speculative"]))
     if args.json:
         write_json(data, args.json)
         _say(f"wrote {args.json}")

@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from leapllm.cli.main import add_model_args, load_llm
+from leapllm.cli.main import add_model_args, add_speculative_args, load_llm, speculative_kwargs
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -26,6 +26,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         "serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)",
         description="Serve the model over an OpenAI-compatible HTTP API, batching concurrent requests.")
     add_model_args(p)
+    add_speculative_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
     p.add_argument("--api-key", default=os.environ.get("LEAPLLM_API_KEY") or None,
@@ -87,6 +88,8 @@ def engine_config(args):
     if not args.kv_cache_gb > 0:  # EngineConfig checks it too, but names the setting differently
         raise InvalidRequestError(f"--kv-cache-gb must be positive, got {args.kv_cache_gb}")
     check_scale_out(args)
+    if speculative_kwargs(args) and (args.replicas is not None or args.tensor_parallel > 1):
+        raise InvalidRequestError("speculative decoding is not supported with --replicas or --tensor-parallel")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           block_size=args.block_size, kv_cache_gb=args.kv_cache_gb,
                           enable_prefix_caching=not args.no_prefix_caching, kv_cache_dtype=args.kv_cache_dtype)
@@ -194,6 +197,7 @@ def cmd_serve(args) -> int:
         group = getattr(llm.model, "group", None)  # the tensor-parallel group, if any
         if group is not None:
             group.on_failure(stop_on_rank_failure)
+        config.speculative = llm.speculative  # --speculative / --draft-model, loaded next to the model
         engine = AsyncEngine(LLMEngine(llm.model, llm.tokenizer, config), max_waiting=args.max_waiting)
         name = args.served_model_name or default_model_name(Path(llm.path))
         app = create_app(engine, llm.tokenizer, name, llm.config.context_length, api_key=args.api_key,

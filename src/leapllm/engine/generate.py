@@ -4,12 +4,15 @@ KV cache, detokenizing incrementally and watching for stop tokens and stop strin
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from leapllm.engine.sampling import Sampler, SamplingParams
+from leapllm.engine.speculative import (DraftModelProposer, NgramProposer, SpeculationController,
+                                        SpeculativeConfig, verify_proposals)
 from leapllm.errors import InvalidRequestError
 from leapllm.model.llama import Transformer
 from leapllm.tokenization import IncrementalDetokenizer, Tokenizer
@@ -90,6 +93,11 @@ class StopStringWatcher:
         return out
 
 
+def add_counts(stats: dict, **counts) -> None:
+    for key, value in counts.items():
+        stats[key] = stats.get(key, 0) + value
+
+
 def _drain(watcher: StopStringWatcher, detok: IncrementalDetokenizer) -> tuple[str, str | None]:
     """At the end: the text still held back by the detokenizer and the stop-string watcher."""
     text, stop = watcher.add(detok.flush())
@@ -98,8 +106,17 @@ def _drain(watcher: StopStringWatcher, detok: IncrementalDetokenizer) -> tuple[s
 
 @torch.inference_mode()
 def generate_stream(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int],
-                    params: SamplingParams) -> Iterator[GenerationChunk]:
-    """Yield GenerationChunks for one prompt; the last one carries finish_reason and stop_reason."""
+                    params: SamplingParams, speculative: SpeculativeConfig | None = None,
+                    stats: dict | None = None) -> Iterator[GenerationChunk]:
+    """Yield GenerationChunks for one prompt; the last one carries finish_reason and stop_reason.
+
+    With `speculative`, proposals (n-gram lookup or a draft model) are verified by the target in one
+    pass over several positions (engine/speculative.py): the output is what plain decoding gives
+    (greedy: the same tokens; sampled: the same distribution). `stats`, if given, accumulates what
+    speculation did: tokens proposed and accepted, verification and plain steps, and the seconds
+    spent proposing (propose_s), verifying (verify_s: the target's pass over k + 1 positions and the
+    acceptance rule) and in plain steps (plain_s).
+    """
     config = model.config
     prompt_ids = fit_prompt(prompt_ids, params, config.context_length)
     bad = [t for t in prompt_ids if not 0 <= t < config.vocab_size]
@@ -109,28 +126,74 @@ def generate_stream(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[i
     if not params.ignore_eos:
         stop_ids |= set(tokenizer.stop_token_ids)
     device = model.device
-    cache = model.new_kv_cache(1, len(prompt_ids) + params.max_tokens)
+    max_len = len(prompt_ids) + params.max_tokens
+    cache = model.new_kv_cache(1, max_len)
     sampler = Sampler(params, prompt_ids, config.vocab_size, device)
     detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
     watcher = StopStringWatcher(params.stop)
+    proposer = controller = None
+    if speculative is not None:
+        speculative.validate()
+        controller = SpeculationController(speculative.num_speculative_tokens, speculative.adaptive)
+        if speculative.method == "ngram":
+            proposer = NgramProposer(speculative.ngram_max, speculative.ngram_min)
+        else:
+            proposer = DraftModelProposer(speculative.draft_model, params, sampler, max_len)
 
     logits = model(torch.tensor([prompt_ids], device=device), 0, cache, last_only=True)
-    pos = len(prompt_ids)
-    for step in range(params.max_tokens):
-        token = sampler.sample(logits[0, -1])
-        sampler.record(token)
-        if token in stop_ids:
-            tail, stop = _drain(watcher, detok)
-            yield GenerationChunk(tail, token, "stop", stop or token)
-            return
-        text, stop = watcher.add(detok.push(token))
-        if stop is not None:
-            yield GenerationChunk(text, token, "stop", stop)
-            return
-        if step == params.max_tokens - 1:
-            tail, stop = _drain(watcher, detok)
-            yield GenerationChunk(text + tail, token, "stop" if stop else "length", stop)
-            return
-        yield GenerationChunk(text, token)
-        logits = model(torch.tensor([[token]], device=device), pos, cache, last_only=True)
-        pos += 1
+    if isinstance(proposer, DraftModelProposer):
+        proposer.prefill(prompt_ids)
+    token = sampler.sample(logits[0, -1])
+    sampler.record(token)
+    pending = [token]  # sampled (and recorded), not yet emitted
+    ids = list(prompt_ids)
+    pos = len(prompt_ids)  # the cache holds positions < pos; the last pending token is not in it
+    while True:
+        for token in pending:
+            ids.append(token)
+            if token in stop_ids:
+                tail, stop = _drain(watcher, detok)
+                yield GenerationChunk(tail, token, "stop", stop or token)
+                return
+            text, stop = watcher.add(detok.push(token))
+            if stop is not None:
+                yield GenerationChunk(text, token, "stop", stop)
+                return
+            if len(ids) - len(prompt_ids) == params.max_tokens:
+                tail, stop = _drain(watcher, detok)
+                yield GenerationChunk(text + tail, token, "stop" if stop else "length", stop)
+                return
+            yield GenerationChunk(text, token)
+        started = time.perf_counter()
+        proposals, draft_probs = [], None
+        if controller is not None:
+            # Never propose past max_tokens: the step emits at most k + 1 tokens.
+            k = min(controller.num_tokens(), params.max_tokens - (len(ids) - len(prompt_ids)) - 1)
+            if k > 0 and isinstance(proposer, NgramProposer):
+                proposals = proposer.propose(ids, k)
+            elif k > 0:
+                proposals, draft_probs = proposer.propose(ids, k)
+        proposed_at = time.perf_counter()
+        if proposals:
+            step = torch.tensor([[ids[-1]] + proposals], device=device)
+            logits = model(step, pos, cache)  # (1, k + 1, vocab): the target at every proposed position
+            pending = verify_proposals(sampler, logits[0], proposals, draft_probs)
+            kept = len(pending) - 1
+            if isinstance(proposer, DraftModelProposer):
+                proposer.accepted(kept)
+            done = time.perf_counter()
+            controller.record_speculative(done - started, len(proposals), kept)
+            if stats is not None:
+                add_counts(stats, proposed=len(proposals), accepted=kept, speculative_steps=1,
+                           propose_s=proposed_at - started, verify_s=done - proposed_at)
+        else:
+            logits = model(torch.tensor([[ids[-1]]], device=device), pos, cache, last_only=True)
+            token = sampler.sample(logits[0, -1])
+            sampler.record(token)
+            pending = [token]
+            done = time.perf_counter()
+            if controller is not None:
+                controller.record_plain(done - started)
+                if stats is not None:
+                    add_counts(stats, plain_steps=1, plain_s=done - proposed_at, propose_s=proposed_at - started)
+        pos += len(pending)

@@ -23,6 +23,8 @@ from leapllm.engine.generate import _drain, fit_prompt
 from leapllm.engine.sampling import SamplingParams
 from leapllm.engine.scheduler import ScheduledStep, Scheduler
 from leapllm.engine.sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprob
+from leapllm.engine.speculative import (NgramProposer, SpeculationController, SpeculativeConfig, draft_sampler,
+                                        verify_proposals)
 from leapllm.errors import InvalidRequestError
 from leapllm.model.llama import Transformer
 from leapllm.model.paged_kv_cache import KV_DTYPES, PagedKVCache, build_paged_batch
@@ -40,6 +42,7 @@ class EngineConfig:
     num_blocks: int | None = None  # overrides kv_cache_gb (tests use small pools)
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "int8" (~3.8x the tokens per GB in float32)
+    speculative: SpeculativeConfig | None = None  # speculative decoding of small batches (engine/speculative.py)
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:
@@ -54,6 +57,8 @@ class EngineConfig:
             raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.num_blocks is None and not self.kv_cache_gb > 0:
             raise InvalidRequestError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
+        if self.speculative is not None:
+            self.speculative.validate()
 
 
 class LLMEngine:
@@ -77,6 +82,15 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
+        self.speculative = config.speculative
+        self.draft_cache: PagedKVCache | None = None
+        if self.speculative is not None and self.speculative.method == "draft":
+            # The draft's keys and values live in a pool of its own shape, indexed by the same block
+            # tables as the target's: a sequence's blocks hold both models' entries for its positions.
+            d = self.speculative.draft_model
+            self.draft_cache = PagedKVCache(d.config.num_layers, num_blocks, config.block_size, d.config.num_kv_heads,
+                                            d.config.head_dim, d.dtype, d.device)
+        self.num_spec_proposed = self.num_spec_accepted = self.num_spec_steps = 0
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
@@ -88,6 +102,13 @@ class LLMEngine:
         c = self.model.config
         seq = Sequence(request_id, prompt_ids, params, self.tokenizer, c.vocab_size, self.model.device,
                        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        spec = self.speculative
+        if spec is not None:
+            seq.controller = SpeculationController(spec.num_speculative_tokens, spec.adaptive)
+            if spec.method == "ngram":
+                seq.ngram = NgramProposer(spec.ngram_max, spec.ngram_min)
+            else:
+                seq.draft_sampler = draft_sampler(params, seq.sampler, spec.draft_model)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
         self.num_prompt_tokens += len(prompt_ids)
@@ -135,14 +156,132 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one batched forward pass; return a delta for every request that produced a token or finished."""
+        started = time.perf_counter()
         step = self.scheduler.schedule()
         if step.empty:
             return []
+        for seq in step.preempted:
+            seq.draft_computed = 0
+        proposals = self._propose(step) if self.speculative is not None else {}
+        if proposals:  # verified as chunks of [last token, proposals...], after the plain decodes
+            step.decodes = [seq for seq in step.decodes if id(seq) not in proposals]
         step.decodes.sort(key=lambda seq: seq.num_computed, reverse=True)  # attention groups by length
-        logits, rows = self._forward(step)
-        return self._process(step, logits, rows)
+        logits, rows = self._forward(step, proposals)
+        outputs = self._process(step, logits, rows)
+        if proposals:
+            outputs += self._process_speculative(proposals, logits, rows)
+        if self.speculative is not None:
+            self._record_step_time(step, proposals, time.perf_counter() - started)
+        return outputs
 
-    def _forward(self, step: ScheduledStep):
+    # -- speculative decoding ------------------------------------------------------------------
+    def _propose(self, step: ScheduledStep) -> dict[int, tuple]:
+        """id(seq) -> (seq, proposals, draft distributions or None) for the decodes that speculate now."""
+        spec = self.speculative
+        if not step.decodes or len(step.decodes) > spec.max_batch_size:
+            return {}
+        spare = self.config.max_num_batched_tokens - step.num_tokens
+        bs = self.config.block_size
+        wanted: list[tuple[Sequence, int]] = []
+        for seq in step.decodes:
+            if seq.logprobs is not None or seq.controller is None:
+                continue  # per-token logprobs are reported from single-token steps only
+            k = min(seq.controller.num_tokens(), spare, seq.params.max_tokens - len(seq.output_ids) - 1)
+            if k <= 0:
+                continue
+            # Room for k more positions: grow into free blocks, never preempting anyone for it.
+            if not self.scheduler.reserve(seq, seq.num_computed + 1 + k):
+                k = min(k, len(seq.blocks) * bs - seq.num_computed - 1)
+            if k > 0:
+                wanted.append((seq, k))
+                spare -= k
+        if not wanted:
+            return {}
+        if spec.method == "ngram":
+            out = {}
+            for seq, k in wanted:
+                tokens = seq.ngram.propose(seq.all_ids, k)
+                if tokens:
+                    out[id(seq)] = (seq, tokens, None)
+            return out
+        return self._propose_with_draft(wanted)
+
+    def _propose_with_draft(self, wanted: list[tuple[Sequence, int]]) -> dict[int, tuple]:
+        """k_i proposals for each sequence from the draft model: one pass that catches the draft up
+        on everything it has not seen (a whole prompt the first time), then one batched pass per
+        further proposal."""
+        draft, device, bs = self.speculative.draft_model, self.model.device, self.config.block_size
+        tokens = {id(seq): [] for seq, _ in wanted}
+        probs = {id(seq): [] for seq, _ in wanted}
+        for j in range(max(k for _, k in wanted)):
+            active = [(seq, k) for seq, k in wanted if k > j]
+            ids, chunks, last_rows = [], [], []
+            for seq, _ in active:
+                if j == 0:
+                    new = seq.all_ids[seq.draft_computed:]
+                    first = seq.draft_computed
+                else:
+                    new = tokens[id(seq)][-1:]
+                    first = seq.num_tokens + j - 1
+                ids.extend(new)
+                chunks.append((seq.blocks, first, len(new)))
+                last_rows.append(len(ids) - 1)
+            self.draft_cache.batch = build_paged_batch([], chunks, bs, device)
+            logits = draft.forward_paged(torch.tensor(ids, device=device), self.draft_cache,
+                                         torch.tensor(last_rows, dtype=torch.long, device=device))
+            self.draft_cache.batch = None
+            for r, (seq, _) in enumerate(active):
+                if seq.params.greedy:
+                    tokens[id(seq)].append(int(torch.argmax(logits[r])))
+                else:
+                    q = seq.draft_sampler.filtered_probs(logits[r])
+                    tokens[id(seq)].append(int(torch.multinomial(q, 1, generator=seq.draft_sampler.generator)))
+                    probs[id(seq)].append(q)
+        out = {}
+        for seq, k in wanted:
+            seq.draft_computed = seq.num_tokens  # the context; its proposals' entries count once kept
+            out[id(seq)] = (seq, tokens[id(seq)], torch.stack(probs[id(seq)]) if probs[id(seq)] else None)
+        return out
+
+    def _process_speculative(self, proposals: dict[int, tuple], logits: torch.Tensor, rows) -> list[RequestOutput]:
+        outputs = []
+        now = time.perf_counter()
+        for key, (seq, tokens, draft_probs) in proposals.items():
+            first, count = rows[key]
+            emitted = verify_proposals(seq.sampler, logits[first:first + count], tokens, draft_probs)
+            kept = len(emitted) - 1
+            seq.num_computed += 1 + kept  # the last token and the kept proposals are in the cache now
+            if self.draft_cache is not None:
+                seq.draft_computed += min(kept, len(tokens) - 1)
+            seq.spec_step = (len(tokens), kept)
+            self.num_spec_proposed += len(tokens)
+            self.num_spec_accepted += kept
+            self.num_spec_steps += 1
+            deltas = []
+            for token in emitted:
+                out = self._append_token(seq, token, None, now, record=False)
+                if out is not None:
+                    deltas.append(out)
+                if out is not None and out.finished:
+                    break
+            if seq.status is not SequenceStatus.FINISHED and \
+                    seq.num_computed // self.config.block_size > len(seq.block_hashes):
+                self.allocator.register_full_blocks(seq.blocks, seq.all_ids, seq.block_hashes, seq.num_computed)
+            if deltas:
+                outputs.append(merge_outputs(deltas))
+        return outputs
+
+    def _record_step_time(self, step: ScheduledStep, proposals: dict, seconds: float) -> None:
+        """Every decoding sequence's controller learns what this step cost it (speculating or not)."""
+        comparable = not step.prefills  # a step that also prefilled says little about decoding
+        for seq in step.decodes:
+            if seq.controller is not None and comparable:
+                seq.controller.record_plain(seconds)
+        for seq, _, _ in proposals.values():
+            proposed, kept = seq.spec_step
+            seq.controller.record_speculative(seconds if comparable else None, proposed, kept)
+
+    def _forward(self, step: ScheduledStep, proposals: dict | None = None):
         """Flatten the step into tokens, run the model, return logits and which rows belong to whom."""
         bs = self.config.block_size
         device = self.model.device
@@ -165,6 +304,14 @@ class LLMEngine:
             elif seq.num_computed + n == seq.num_tokens:  # the chunk reaches the end: sample
                 rows[id(seq)] = (len(logits_indices), 1)
                 logits_indices.append(offset + n - 1)
+        for key, (seq, proposed, _) in (proposals or {}).items():  # verify: every row's logits
+            offset = len(tokens)
+            tokens.append(seq.token_slice(seq.num_computed, seq.num_computed + 1)[0])
+            tokens.extend(proposed)
+            n = 1 + len(proposed)
+            prefills.append((seq.blocks, seq.num_computed, n))
+            rows[key] = (len(logits_indices), n)
+            logits_indices.extend(range(offset, offset + n))
         self.cache.batch = build_paged_batch(decodes, prefills, bs, device)
         logits = self.model.forward_paged(torch.tensor(tokens, device=device), self.cache,
                                           torch.tensor(logits_indices, dtype=torch.long, device=device))
@@ -240,10 +387,12 @@ class LLMEngine:
         values = self._logprobs(rows[want], chosen, [seq.prompt_logprobs] * len(want))
         seq.prompt_logprob_values.extend(values)
 
-    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> RequestOutput | None:
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float,
+                      record: bool = True) -> RequestOutput | None:
         if seq.first_token_time is None:
             seq.first_token_time = now
-        seq.sampler.record(token)
+        if record:
+            seq.sampler.record(token)
         seq.output_ids.append(token)
         self.num_generated_tokens += 1
         logprobs = [logprob] if logprob is not None else None
@@ -290,4 +439,25 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "generated_tokens": self.num_generated_tokens,
             "prompt_tokens": self.num_prompt_tokens,
+            "spec_decode_draft_tokens": self.num_spec_proposed,
+            "spec_decode_accepted_tokens": self.num_spec_accepted,
+            "spec_decode_steps": self.num_spec_steps,
         }
+
+
+def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:
+    """One request's several deltas of a step (kept proposals) as one delta."""
+    last = deltas[-1]
+    if len(deltas) == 1:
+        return last
+    logprobs = None
+    if any(d.new_logprobs for d in deltas):
+        logprobs = [lp for d in deltas for lp in (d.new_logprobs or [])]
+    prompt_lp = next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None)
+    return RequestOutput(
+        request_id=last.request_id, new_token_ids=[t for d in deltas for t in d.new_token_ids],
+        new_text="".join(d.new_text for d in deltas), prompt_token_ids=last.prompt_token_ids,
+        num_output_tokens=last.num_output_tokens, finished=last.finished, finish_reason=last.finish_reason,
+        stop_reason=last.stop_reason, new_logprobs=logprobs, prompt_logprobs=prompt_lp,
+        arrival_time=last.arrival_time, first_token_time=last.first_token_time,
+        num_cached_tokens=last.num_cached_tokens)

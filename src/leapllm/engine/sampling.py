@@ -109,6 +109,12 @@ class Sampler:
         logits = self.apply_penalties(logits)
         if p.greedy:
             return int(torch.argmax(logits))
+        return int(torch.multinomial(self.filtered_probs(logits), 1, generator=self.generator))
+
+    def filtered_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution sampling draws from, after penalties were applied: (vocab,) logits ->
+        (vocab,) probabilities with temperature, top-k, top-p and min-p applied (not for greedy)."""
+        p = self.params
         logits = logits / p.temperature
         if p.top_k > 0 and p.top_k < logits.shape[-1]:
             kth = torch.topk(logits, p.top_k).values[-1]
@@ -122,4 +128,13 @@ class Sampler:
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         if p.min_p > 0.0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return probs
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """What `sample` would draw from given these (vocab,) logits and the tokens recorded so far,
+        as (vocab,) float32 probabilities (one-hot at the argmax when greedy). Unnormalized after
+        top-p / min-p filtering, as torch.multinomial accepts."""
+        logits = self.apply_penalties(logits)
+        if self.params.greedy:
+            return torch.zeros_like(logits).scatter_(0, torch.argmax(logits).reshape(1), 1.0)
+        return self.filtered_probs(logits)

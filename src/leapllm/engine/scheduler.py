@@ -82,6 +82,11 @@ class Scheduler:
         seq.blocks.extend(self.allocator.allocate(need))
         return True
 
+    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow a running sequence's blocks to num_tokens positions from free blocks only (speculative
+        tokens may use room nobody needs; they never preempt); False if there are too few."""
+        return self._grow(seq, num_tokens)
+
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep()
         budget = self.max_num_batched_tokens

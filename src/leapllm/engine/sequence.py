@@ -67,6 +67,13 @@ class Sequence:
         self.first_token_time: float | None = None
         self.num_preemptions = 0
         self.prompt_logprobs_sent = False
+        # Speculative decoding (set by the engine when it speculates): when and how many tokens to
+        # propose, the n-gram index or the draft model's sampler, and how far the draft has read.
+        self.controller = None
+        self.ngram = None
+        self.draft_sampler = None
+        self.draft_computed = 0
+        self.spec_step: tuple[int, int] = (0, 0)  # (proposed, kept) in the last verification
 
     @property
     def num_tokens(self) -> int:

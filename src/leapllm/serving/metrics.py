@@ -43,6 +43,10 @@ ENGINE_COUNTERS = {
     "prefix_cache_hits": ("prefix_cache_hit_tokens", "Prompt tokens served by the prefix cache."),
     "prefix_cache_queries": ("prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache."),
     "num_preemptions": ("num_preemptions", "Sequences preempted (their KV blocks freed, to recompute later)."),
+    "spec_decode_num_draft_tokens": ("spec_decode_draft_tokens", "Tokens proposed by speculative decoding."),
+    "spec_decode_num_accepted_tokens": ("spec_decode_accepted_tokens",
+                                        "Proposed tokens the target kept (speculative decoding)."),
+    "spec_decode_num_steps": ("spec_decode_steps", "Verification steps of speculative decoding."),
 }
 
 
@@ -64,6 +68,11 @@ class EngineStatsCollector(Collector):
                                   labels=["model_name"])
         usage.add_metric(label, stats["kv_blocks_used"] / max(stats["kv_blocks_total"], 1))
         yield usage
+        rate = GaugeMetricFamily(PREFIX + "spec_decode_acceptance_rate",
+                                 "Fraction of proposed tokens kept since the start (0 without speculation).",
+                                 labels=["model_name"])
+        rate.add_metric(label, stats["spec_decode_accepted_tokens"] / max(stats["spec_decode_draft_tokens"], 1))
+        yield rate
         for name, (key, doc) in ENGINE_COUNTERS.items():
             c = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])  # exposed as NAME_total
             c.add_metric(label, stats[key])

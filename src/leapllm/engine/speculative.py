@@ -1,0 +1,271 @@
+"""Speculative decoding: cheap guesses of the next k tokens, checked by the target in one pass.
+
+A batch-1 decode step reads every weight of the target to produce one token. If something cheap
+proposes k tokens d_1..d_k, one forward pass of the target over [last token, d_1, .., d_k] gives
+its distributions p_1..p_{k+1} at all k+1 positions for about the price of one step (the weights
+are read once for all rows). The standard rule (Leviathan et al. 2023, Chen et al. 2023) then
+keeps d_i with probability min(1, p_i(d_i) / q_i(d_i)), where q_i is the distribution d_i was
+drawn from; at the first rejection it draws a replacement from the residual max(0, p_i - q_i)
+(normalized) and stops; if all k are kept it draws a bonus token from p_{k+1}. Every emitted token
+is then distributed exactly as if the target had sampled alone. Greedy requests are the special
+case p_i = one-hot(argmax): a draft is kept iff it is the target's argmax, so the output is
+token-identical to plain greedy decoding.
+
+Two proposers:
+- `NgramProposer` (prompt lookup decoding): the tokens that followed the latest earlier
+  occurrence of the context's last n tokens. Costs nothing, needs no model, and is right often
+  in repetitive output (code, summaries, edits, a small model's loops). q is a point mass.
+- `DraftModelProposer`: a smaller model with the same vocabulary (for example a pruned and
+  distilled student of the target from `leapllm prune` / `leapllm distill`) decodes k tokens
+  from its own KV cache; q is its (filtered) distribution.
+
+`SpeculationController` measures what speculation costs and gains and turns it off (and back on
+to probe now and then) when it does not pay, so a poor draft costs little.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from leapllm.engine.sampling import Sampler, SamplingParams
+from leapllm.errors import InvalidRequestError
+
+MAX_SPECULATIVE_TOKENS = 7  # k + 1 verified rows fit the fused kernels' 8-row tiles
+FIRST_BACKOFF = 8  # plain steps after the first speculative step that did not pay
+METHODS = ("ngram", "draft")
+
+
+@dataclass
+class SpeculativeConfig:
+    method: str = "ngram"  # "ngram" (prompt lookup) or "draft" (a draft model)
+    num_speculative_tokens: int = 4  # k: tokens proposed per step at most
+    draft_model: object | None = None  # a Transformer (method "draft")
+    ngram_max: int = 4  # prompt lookup matches the last ngram_max .. ngram_min tokens, longest first
+    ngram_min: int = 1
+    adaptive: bool = True  # measure, and stop speculating while it does not pay
+    max_batch_size: int = 4  # the serving engine speculates only while at most this many sequences decode
+
+    def validate(self) -> None:
+        k = self.num_speculative_tokens
+        if self.method not in METHODS:
+            raise InvalidRequestError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise InvalidRequestError(
+                f"num_speculative_tokens must be an integer from 1 to {MAX_SPECULATIVE_TOKENS}, got {k!r}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise InvalidRequestError(f"ngram sizes need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+        if self.method == "draft" and self.draft_model is None:
+            raise InvalidRequestError("speculative method 'draft' needs a draft model")
+        if self.max_batch_size < 1:
+            raise InvalidRequestError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+
+
+def check_draft_model(target, target_tokenizer, draft, draft_tokenizer) -> None:
+    """Raise InvalidRequestError unless the draft speaks the target's vocabulary token for token."""
+    from leapllm.compression.distill import check_same_vocabulary
+
+    try:
+        check_same_vocabulary(target, draft, target_tokenizer, draft_tokenizer)
+    except InvalidRequestError as e:
+        raise InvalidRequestError(f"the draft model cannot propose for this model: {e} "
+                                  "(teacher = the target, student = the draft)") from None
+
+
+# -- verification ------------------------------------------------------------------------------
+
+def verify_proposals(sampler: Sampler, target_logits: torch.Tensor, proposals: list[int],
+                     draft_probs: torch.Tensor | None) -> list[int]:
+    """The tokens to emit after one verification pass: the kept proposals, then one more.
+
+    target_logits (len(proposals) + 1, vocab) float32: row i is the target's next-token logits
+    after the context and proposals[:i]. draft_probs (len(proposals), vocab), or None when each
+    proposal was certain (n-gram lookup, or a greedy draft): the distribution proposal i was
+    drawn from. Records every returned token in the sampler (penalties of later rows see earlier
+    kept tokens, as in plain decoding), so the caller must not record them again.
+    """
+    out: list[int] = []
+    gen = sampler.generator
+    for i, d in enumerate(proposals):
+        p = sampler.distribution(target_logits[i])
+        if sampler.params.greedy:
+            t = int(torch.argmax(p))
+            sampler.record(t)
+            out.append(t)
+            if t != d:
+                return out
+            continue
+        p = p / p.sum()
+        q_d = 1.0 if draft_probs is None else float(draft_probs[i, d] / draft_probs[i].sum())
+        u = float(torch.rand(1, generator=gen, device=p.device))
+        if u * q_d < float(p[d]):  # keep with probability min(1, p(d) / q(d))
+            sampler.record(d)
+            out.append(d)
+            continue
+        if draft_probs is None:
+            residual = p.clone()
+            residual[d] = 0.0
+        else:
+            residual = (p - draft_probs[i] / draft_probs[i].sum()).clamp(min=0.0)
+        if not float(residual.sum()) > 0.0:  # p == q: rejection had probability 0
+            residual = p
+        t = int(torch.multinomial(residual, 1, generator=gen))
+        sampler.record(t)
+        out.append(t)
+        return out
+    p = sampler.distribution(target_logits[len(proposals)])
+    t = int(torch.argmax(p)) if sampler.params.greedy else int(torch.multinomial(p, 1, generator=gen))
+    sampler.record(t)
+    out.append(t)
+    return out
+
+
+# -- proposers ---------------------------------------------------------------------------------
+
+class NgramProposer:
+    """Prompt lookup over one growing token list: an index of every n-gram's latest start.
+
+    The index covers n-grams that end before the last token, so looking up the context's tail
+    finds its latest *earlier* occurrence; proposals are the tokens that followed it.
+    """
+
+    def __init__(self, ngram_max: int = 4, ngram_min: int = 1):
+        self.sizes = range(ngram_max, ngram_min - 1, -1)
+        self.latest: dict[int, dict[tuple, int]] = {n: {} for n in self.sizes}
+        self.indexed = 0  # n-grams ending at positions < indexed are in the index
+
+    def propose(self, ids: list[int], k: int) -> list[int]:
+        end = len(ids) - 1  # index every n-gram ending at positions < end
+        for pos in range(self.indexed, end):
+            for n in self.sizes:
+                if pos + 1 >= n:
+                    self.latest[n][tuple(ids[pos + 1 - n:pos + 1])] = pos + 1 - n
+        self.indexed = max(self.indexed, end)
+        for n in self.sizes:
+            if len(ids) < n + 1:
+                continue
+            start = self.latest[n].get(tuple(ids[-n:]))
+            if start is not None:
+                follow = ids[start + n:start + n + k]
+                if follow:
+                    return follow
+        return []
+
+
+def draft_sampler(params: SamplingParams, target_sampler: Sampler, draft) -> Sampler:
+    """The sampler a draft model proposes with: the request's temperature and filters without its
+    penalties (q may be any distribution; the verification corrects for it), drawing from the
+    target sampler's generator so that the two never use the same random numbers."""
+    sampler = Sampler(dataclasses.replace(params, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                                          stop=[], stop_token_ids=[]), [], draft.config.vocab_size, draft.device)
+    sampler.generator = target_sampler.generator
+    return sampler
+
+
+class DraftModelProposer:
+    """A draft model with its own contiguous KV cache, decoding k tokens per call (single sequence)."""
+
+    def __init__(self, draft, params: SamplingParams, target_sampler: Sampler, max_len: int):
+        self.draft = draft
+        self.cache = draft.new_kv_cache(1, max_len)
+        self.computed = 0  # context positions whose keys/values the draft cache holds
+        self.sampler = draft_sampler(params, target_sampler, draft)
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: list[int]) -> None:
+        """Read the prompt now, with the target's prefill (its cost belongs to the time to first token)."""
+        self.draft(torch.tensor([prompt_ids], device=self.draft.device), 0, self.cache, last_only=True)
+        self.computed = len(prompt_ids)
+
+    @torch.inference_mode()
+    def propose(self, ids: list[int], k: int) -> tuple[list[int], torch.Tensor | None]:
+        """k proposals after ids, and the distributions they were drawn from (None when greedy)."""
+        device = self.draft.device
+        logits = self.draft(torch.tensor([ids[self.computed:]], device=device), self.computed, self.cache,
+                            last_only=True)[0, -1]
+        pos = len(ids)
+        tokens, probs = [], []
+        for i in range(k):
+            if self.sampler.params.greedy:
+                t = int(torch.argmax(logits))
+            else:
+                q = self.sampler.filtered_probs(logits)
+                t = int(torch.multinomial(q, 1, generator=self.sampler.generator))
+                probs.append(q)
+            tokens.append(t)
+            if i + 1 < k:
+                logits = self.draft(torch.tensor([[t]], device=device), pos, self.cache, last_only=True)[0, -1]
+                pos += 1
+        self.pending = (len(ids), k)
+        return tokens, (torch.stack(probs) if probs else None)
+
+    def accepted(self, num_kept: int) -> None:
+        """After verification: num_kept of the last proposals were kept; the cache holds the context
+        and the kept proposals the draft has seen (it never saw its own last proposal)."""
+        context_len, k = self.pending
+        self.computed = context_len + min(num_kept, k - 1)
+
+
+# -- when to speculate -------------------------------------------------------------------------
+
+class SpeculationController:
+    """Chooses k for the next step of one sequence, from measured step times and acceptance.
+
+    It keeps a running mean of the time of a plain decode step and of the time per emitted token
+    of a speculative step (proposing included). While speculation is slower per token than plain
+    decoding it is switched off for a number of steps that doubles at each failed probe (8, 16, ...
+    up to `max_backoff`: a draft that never pays costs a handful of probes per request); k itself
+    grows by one after a step that kept every proposal and shrinks by one after a step that kept none.
+    """
+
+    def __init__(self, k_max: int, adaptive: bool = True, max_backoff: int = 512):
+        self.k_max, self.k = k_max, k_max
+        self.adaptive = adaptive
+        self.max_backoff = max_backoff
+        self.plain_s: float | None = None  # running mean seconds of a plain step
+        self.spec_s_per_token: float | None = None
+        self.off_steps, self.backoff = 0, FIRST_BACKOFF
+        self.proposed = self.kept = self.steps = 0  # totals, for metrics
+
+    def num_tokens(self) -> int:
+        """k for the next step; 0: decode plainly."""
+        if not self.adaptive:
+            return self.k_max
+        if self.plain_s is None:
+            return 0  # measure a plain step first
+        if self.off_steps > 0:
+            self.off_steps -= 1
+            return 0
+        return self.k
+
+    def record_plain(self, seconds: float) -> None:
+        self.plain_s = seconds if self.plain_s is None else 0.8 * self.plain_s + 0.2 * seconds
+
+    def record_speculative(self, seconds: float | None, proposed: int, kept: int) -> None:
+        """A verification step kept `kept` of `proposed` tokens; seconds None: its time is not
+        comparable (it also prefilled other requests), so only k learns from it."""
+        self.proposed += proposed
+        self.kept += kept
+        self.steps += 1
+        if kept == proposed:
+            self.k = min(self.k_max, self.k + 1)
+        elif kept == 0:
+            self.k = max(1, self.k - 1)
+        if seconds is None:
+            return
+        per_token = seconds / (kept + 1)
+        self.spec_s_per_token = per_token if self.spec_s_per_token is None else (
+            0.7 * self.spec_s_per_token + 0.3 * per_token)
+        if self.adaptive and self.plain_s is not None and self.spec_s_per_token > self.plain_s:
+            self.off_steps = self.backoff
+            self.backoff = min(self.max_backoff, 2 * self.backoff)
+            self.spec_s_per_token = None  # the next probe starts afresh
+        elif self.adaptive and kept > 0:
+            self.backoff = FIRST_BACKOFF
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.kept / self.proposed if self.proposed else 0.0
+

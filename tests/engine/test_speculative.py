@@ -1,0 +1,263 @@
+"""Speculative decoding: verification keeps the target's output (greedy: the same tokens; sampled: the
+same distribution), in the single-sequence path and in the continuous-batching engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leapllm.compression.distill import student_from_teacher_layers
+from leapllm.engine.generate import generate_stream
+from leapllm.engine.llm_engine import EngineConfig, LLMEngine
+from leapllm.engine.sampling import Sampler, SamplingParams
+from leapllm.engine.speculative import (NgramProposer, SpeculationController, SpeculativeConfig,
+                                        check_draft_model, verify_proposals)
+from leapllm.errors import InvalidRequestError
+from leapllm.llm import LLM
+from tests.cli_helpers import assert_one_line_error
+from tests.engine_helpers import run_to_completion
+from tests.tiny_models import TINY_VOCAB, tiny_hf_state, write_tiny_gguf
+
+# Chat prompts of the kinds the benchmark uses: code (repetitive), a summary of given text, free prose.
+MESSAGES = [
+    "Write a Python function that returns the squares of a list of numbers, then show how to call it.",
+    "Repeat this sentence three times: The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? Answer in one sentence.",
+]
+
+
+@pytest.fixture(scope="module")
+def prompts(llm):
+    return [llm.encode_chat([{"role": "user", "content": m}]) for m in MESSAGES]
+
+
+@pytest.fixture(scope="module")
+def draft(llm):
+    """A shallow student of the default model (6 of its 30 blocks, untrained): nearly always wrong,
+    so every rejection path runs."""
+    return student_from_teacher_layers(llm.model, 6).eval()
+
+
+# (method, draft): n-gram lookup; the target as its own draft (every proposal kept: multi-token
+# steps and bonus tokens); the shallow student (nearly every proposal rejected).
+PROPOSERS = [("ngram", None), ("draft", "self"), ("draft", "shallow")]
+
+
+def speculative_config(llm, draft, method, which, k=4, **kwargs):
+    model = {"self": llm.model, "shallow": draft, None: None}[which]
+    return SpeculativeConfig(method, k, model, adaptive=False, **kwargs)
+
+
+def plain_tokens(llm, ids, params):
+    return [c.token_id for c in generate_stream(llm.model, llm.tokenizer, ids, params)]
+
+
+# -- the verification rule ---------------------------------------------------------------------
+
+def sampler_for(params: SamplingParams, vocab: int, seed: int = 0) -> Sampler:
+    s = Sampler(params, [], vocab, torch.device("cpu"))
+    s.generator = torch.Generator().manual_seed(seed)
+    return s
+
+
+def test_greedy_verification_keeps_proposals_up_to_the_first_that_is_not_the_argmax():
+    logits = torch.full((4, 5), -1.0)
+    for row, best in enumerate([2, 3, 1, 4]):
+        logits[row, best] = 1.0
+    s = sampler_for(SamplingParams(temperature=0, max_tokens=8), 5)
+    assert verify_proposals(s, logits, [2, 3, 1], None) == [2, 3, 1, 4]  # all kept, then the bonus token
+    assert verify_proposals(s, logits, [2, 0, 1], None) == [2, 3]  # the second is wrong: the target's instead
+    assert verify_proposals(s, logits, [4, 3, 1], None) == [2]
+
+
+def emitted_distribution(target_probs, draft_probs, n, use_draft_probs, seed=0):
+    """Run the rule n times on fixed per-position target and draft distributions; the empirical
+    distribution of the first and second emitted tokens."""
+    vocab = target_probs.shape[1]
+    k = draft_probs.shape[0]
+    params = SamplingParams(temperature=1.0, max_tokens=8)
+    s = sampler_for(params, vocab, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    counts = torch.zeros(2, vocab)
+    logits = target_probs.log()
+    for _ in range(n):
+        proposals = [int(torch.multinomial(draft_probs[i], 1, generator=g)) for i in range(k)]
+        out = verify_proposals(s, logits, proposals, draft_probs if use_draft_probs else None)
+        counts[0, out[0]] += 1
+        if len(out) > 1:  # a second token only after a kept first one
+            counts[1, out[1]] += 1
+    return counts[0] / counts[0].sum(), counts[1] / counts[1].sum()
+
+
+def test_sampled_verification_with_a_draft_distribution_emits_the_targets_distribution():
+    target = torch.tensor([[0.50, 0.20, 0.15, 0.10, 0.05], [0.05, 0.05, 0.30, 0.30, 0.30],
+                           [0.20, 0.20, 0.20, 0.20, 0.20]])
+    draft = torch.tensor([[0.10, 0.10, 0.10, 0.30, 0.40], [0.60, 0.10, 0.10, 0.10, 0.10]])
+    first, second = emitted_distribution(target, draft, 20000, use_draft_probs=True)
+    assert (first - target[0]).abs().sum() / 2 < 0.02, first
+    # The second token is emitted after a kept first one or as a resample; either way it is p_1's.
+    assert (second - target[1]).abs().sum() / 2 < 0.03, second
+
+
+def test_sampled_verification_of_certain_proposals_emits_the_targets_distribution():
+    """n-gram proposals are point masses: the rule keeps one with probability p(d)."""
+    target = torch.tensor([[0.40, 0.30, 0.20, 0.10], [0.25, 0.25, 0.25, 0.25]])
+    point = torch.tensor([[0.0, 0.0, 1.0, 0.0]])  # always proposes token 2
+    first, _ = emitted_distribution(target, point, 20000, use_draft_probs=False)
+    assert (first - target[0]).abs().sum() / 2 < 0.02, first
+
+
+def test_ngram_proposer_continues_the_latest_earlier_occurrence_of_the_longest_matching_tail():
+    p = NgramProposer(ngram_max=3, ngram_min=1)
+    ids = [5, 6, 7, 8, 9, 1, 6, 7, 8, 2, 3, 6, 7]
+    assert p.propose(ids, 3) == [8, 2, 3]  # "6 7" last seen at 6..7, followed by 8 2 3
+    assert p.propose(ids + [4], 2) == []  # 4 never appeared before
+    assert p.propose(ids + [4, 6, 7], 2) == [4, 6]  # the index grows with the list
+
+
+def test_controller_stops_speculating_while_it_is_slower_than_plain_decoding_and_probes_again():
+    c = SpeculationController(4)
+    assert c.num_tokens() == 0  # a plain step is measured first
+    c.record_plain(0.010)
+    assert c.num_tokens() == 4
+    c.record_speculative(0.030, 4, 0)  # 30 ms for one token: worse than 10 ms
+    assert [c.num_tokens() for _ in range(8)] == [0] * 8
+    assert c.num_tokens() == 3  # probing again, with a smaller k
+    c.record_speculative(0.030, 3, 0)
+    assert [c.num_tokens() for _ in range(16)] == [0] * 16  # twice as long before the next probe
+    assert c.num_tokens() == 2
+    c.record_speculative(0.012, 2, 2)  # 3 tokens in 12 ms
+    assert c.num_tokens() == 3 and c.acceptance_rate == 2 / 9
+
+
+# -- single sequence ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,which", PROPOSERS)
+def test_greedy_speculative_generation_gives_the_same_tokens_as_plain_decoding(llm, prompts, draft, method, which):
+    params = SamplingParams(max_tokens=48, temperature=0)
+    spec = speculative_config(llm, draft, method, which)
+    stats = {}
+    for ids in prompts:
+        got = [c.token_id for c in generate_stream(llm.model, llm.tokenizer, ids, params, spec, stats)]
+        assert got == plain_tokens(llm, ids, params)
+    assert stats["speculative_steps"] > 0
+    if which == "self":
+        assert stats["accepted"] == stats["proposed"]
+    elif method == "ngram":
+        assert 0 < stats["accepted"] < stats["proposed"]
+
+
+@pytest.mark.slow
+def test_speculation_honours_penalties_stop_strings_and_max_tokens(llm, prompts, draft):
+    params = SamplingParams(max_tokens=37, temperature=0, repetition_penalty=1.3, frequency_penalty=0.5,
+                            stop=["\n\n"])
+    spec = speculative_config(llm, draft, "draft", "self", k=7)
+    for ids in prompts:
+        plain = list(generate_stream(llm.model, llm.tokenizer, ids, params))
+        got = list(generate_stream(llm.model, llm.tokenizer, ids, params, spec))
+        assert [(c.token_id, c.text, c.finish_reason) for c in got] == \
+            [(c.token_id, c.text, c.finish_reason) for c in plain]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, default_gguf_path):
+    """A 2-block random model with a 512-token vocabulary, fast enough to sample hundreds of times."""
+    from leapllm.loading.loader import load_model
+
+    path = write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", default_gguf_path,
+                           tiny_hf_state(TINY_VOCAB))
+    return load_model(path)
+
+
+def test_sampled_speculative_generation_keeps_the_distribution_of_the_next_tokens(tiny):
+    """Tokens 2 to 4 (which go through verification) have the same joint distribution with and
+    without speculation: over 400 seeds, the speculative histogram is as close to a plain one as
+    two plain ones of different seeds are to each other."""
+    model, tokenizer = tiny.model, tiny.tokenizer
+    ids = tokenizer.encode("the cat sat on the mat and the cat sat on the")
+    spec = SpeculativeConfig("draft", 3, student_from_teacher_layers(model, 1).eval(), adaptive=False)
+
+    def histogram(config, seeds):
+        counts: dict[tuple, int] = {}
+        for seed in seeds:
+            params = SamplingParams(max_tokens=4, temperature=1.0, top_k=3, seed=seed, ignore_eos=True)
+            toks = tuple(c.token_id for c in generate_stream(model, tokenizer, ids, params, config))[1:3]
+            counts[toks] = counts.get(toks, 0) + 1
+        return counts
+
+    def distance(a, b):
+        na, nb = sum(a.values()), sum(b.values())
+        return sum(abs(a.get(k, 0) / na - b.get(k, 0) / nb) for k in set(a) | set(b)) / 2
+
+    plain_a, plain_b = histogram(None, range(400)), histogram(None, range(10_000, 10_400))
+    speculative = histogram(spec, range(20_000, 20_400))
+    assert distance(speculative, plain_a) < max(0.12, 1.5 * distance(plain_a, plain_b)), (speculative, plain_a)
+
+
+# -- the continuous-batching engine ------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,which", PROPOSERS)
+def test_engine_speculation_gives_every_request_the_tokens_it_gets_alone(llm, prompts, draft, method, which):
+    params = SamplingParams(max_tokens=40, temperature=0)
+    spec = speculative_config(llm, draft, method, which, max_batch_size=4)
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(speculative=spec, max_num_batched_tokens=256))
+    batch = prompts + [prompts[0][:-3]]  # four at once: all of them speculate
+    got = run_to_completion(engine, batch, params)
+    assert got == [plain_tokens(llm, ids, params) for ids in batch]
+    stats = engine.stats()
+    assert stats["spec_decode_steps"] > 0 and stats["spec_decode_accepted_tokens"] <= stats["spec_decode_draft_tokens"]
+    if which == "self":
+        assert stats["spec_decode_accepted_tokens"] == stats["spec_decode_draft_tokens"]
+    elif method == "ngram":
+        assert stats["spec_decode_accepted_tokens"] > 0
+    assert stats["kv_blocks_used"] == 0
+
+
+@pytest.mark.slow
+def test_engine_speculation_survives_preemption_and_a_full_pool(llm, prompts, draft):
+    """A pool of 12 blocks cannot hold three requests and their proposals: sequences are preempted
+    and proposals shrink to the room left, and the tokens still match."""
+    params = SamplingParams(max_tokens=40, temperature=0)
+    spec = speculative_config(llm, draft, "draft", "self", k=6)
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(speculative=spec, num_blocks=12,
+                                                              max_num_batched_tokens=128))
+    got = run_to_completion(engine, prompts, params)
+    assert got == [plain_tokens(llm, ids, params) for ids in prompts]
+    assert engine.stats()["num_preemptions"] > 0 and engine.stats()["kv_blocks_used"] == 0
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+def test_a_draft_with_another_vocabulary_is_refused(llm, tmp_path, default_gguf_path):
+    from leapllm.loading.loader import load_model
+
+    tiny = load_model(write_tiny_gguf(tmp_path / "tiny.gguf", default_gguf_path, tiny_hf_state(TINY_VOCAB)))
+    with pytest.raises(InvalidRequestError, match="draft model cannot propose.*vocabulary mismatch"):
+        check_draft_model(llm.model, llm.tokenizer, tiny.model, tiny.tokenizer)
+    with pytest.raises(InvalidRequestError, match="vocabulary mismatch"):
+        LLM(draft_model=tmp_path / "tiny.gguf")
+
+
+def test_cli_refuses_bad_speculative_settings_in_one_line(capsys, tmp_path):
+    assert_one_line_error(capsys, ["generate", "hi", "--num-speculative-tokens", "9", "--speculative", "ngram"],
+                          "num-speculative-tokens must be from 1 to 7")
+    assert_one_line_error(capsys, ["generate", "hi", "--speculative", "draft"], "needs --draft-model")
+    assert_one_line_error(capsys, ["generate", "hi", "--num-speculative-tokens", "3"], "needs --speculative")
+    assert_one_line_error(capsys, ["serve", "--draft-model", str(tmp_path / "missing.gguf")], "draft model not found")
+    assert_one_line_error(capsys, ["chat", "--speculative", "ngram", "--draft-model", str(tmp_path)],
+                          "takes no --draft-model")
+
+
+@pytest.mark.parametrize("k", [0, 8, -1, True])
+def test_an_out_of_range_number_of_speculative_tokens_is_refused(k):
+    with pytest.raises(InvalidRequestError, match="num_speculative_tokens"):
+        SpeculativeConfig("ngram", k).validate()
+
+
+def test_an_unknown_method_or_a_draft_method_without_a_model_is_refused():
+    with pytest.raises(InvalidRequestError, match="method"):
+        SpeculativeConfig("medusa").validate()
+    with pytest.raises(InvalidRequestError, match="needs a draft model"):
+        SpeculativeConfig("draft").validate()
