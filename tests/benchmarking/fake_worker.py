@@ -4,8 +4,11 @@ error replies) around a system that misbehaves on cue, so no model has to be loa
     python fake_worker.py MODE <the worker's usual arguments>
 
 MODE: ok (instant fake timings), wrong (the same, with other greedy tokens), crash (dies at its
-first timed decode), hang (never answers its first timed decode), no-llama-cpp (the real system,
-with `llama_cpp` made unimportable).
+second decode call: the warm-up's batch-1 decode goes fine), hang (never answers its second decode
+call), no-llama-cpp (the real system, with `llama_cpp` made unimportable).
+
+A speculative system name (leapllm-int4+ngram) plays a speculative system: every decode proposes 4
+tokens and keeps 3, and its info echoes the speculation options the worker was given.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class FakeSystem(System):
         return 0.001 * len(ids)
 
     def decode(self, ids, n):
-        self.decodes += 1
+        self.decodes += 1  # decode_many calls this once per prompt
         if self.decodes > 1:  # the warm-up went fine; the first timed run does not
             if self.mode == "crash":
                 os._exit(3)
@@ -49,6 +52,17 @@ class FakeSystem(System):
     def tokens(self, n):
         return FAKE_TOKENS[::-1][:n] if self.mode == "wrong" else FAKE_TOKENS[:n]
 
+    def speculation_counts(self):
+        if self.speculative is None:
+            return None
+        return {"proposed": 4 * self.decodes, "accepted": 3 * self.decodes, "speculative_steps": self.decodes}
+
+    def info(self):
+        if self.speculative is None:
+            return {}
+        return {"draft_model": str(self.draft_model) if self.draft_model else None,
+                "num_speculative_tokens": self.num_speculative_tokens}
+
 
 def main() -> int:
     mode, argv = sys.argv[1], sys.argv[2:]
@@ -56,8 +70,8 @@ def main() -> int:
         sys.modules["llama_cpp"] = None  # `import llama_cpp` now raises ImportError
         return worker.main(argv)
     FakeSystem.mode = mode
-    return worker.main(argv, make=lambda name, path, device, threads, max_seq_len:
-                       FakeSystem(name, path, device, threads, max_seq_len))
+    return worker.main(argv, make=lambda name, path, device, threads, max_seq_len, **options:
+                       FakeSystem(name, path, device, threads, max_seq_len, **options))
 
 
 if __name__ == "__main__":

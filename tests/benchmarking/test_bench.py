@@ -19,32 +19,41 @@ import pytest
 from leapllm.benchmarking.harness import (
     DISTINCT_PREFIX,
     BenchSettings,
+    check_speculation,
     compute_ratios,
+    fit_chat_prompts,
+    measurements,
     open_model_file,
     resolve,
     resolve_systems,
     run_bench,
     serve_prompts,
+    worker_argv,
 )
 from leapllm.benchmarking.report import markdown
 from leapllm.benchmarking.systems import (
     ALL_SYSTEMS,
     QUANTIZED,
+    base_system,
     make_system,
+    speculation_method,
     system_engine_dtype,
 )
 from leapllm.cli.bench_cmd import add_bench_parser, settings_from_args
 from leapllm.errors import InvalidRequestError, ModelLoadError
+from leapllm.reference_text import CHAT_PROMPTS, chat_prompt_ids
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
 # One thread: on a small machine shared with other work, two threads waiting on each other at every
 # barrier can make a tiny run many times slower.
-TINY = ["--threads", "1", "--prompt-lens", "16", "--decode-tokens", "4", "--decode-prompt-len", "16", "--batches", "2",
+TINY = ["--threads", "1", "--prompt-lens", "16", "--decode-tokens", "4", "--decode-prompt-len", "16",
+        "--chat-decode-tokens", "4", "--batches", "2",
         "--batch-decode-tokens", "4", "--serve-batches", "2", "--serve-output-tokens", "3", "--serve-prompt-len", "16",
         "--repeats", "1"]
-TINY_SETTINGS = dict(threads=1, prompt_lens="16", decode_tokens=4, decode_prompt_len=16, batches="2",
-                     batch_decode_tokens=4, serve_batches="2", serve_output_tokens=3, serve_prompt_len=16, repeats=1)
-MAIN_KEYS = ["prefill@16", "decode", "decode_b2"]
+TINY_SETTINGS = dict(threads=1, prompt_lens="16", decode_tokens=4, decode_prompt_len=16, chat_decode_tokens=4,
+                     batches="2", batch_decode_tokens=4, serve_batches="2", serve_output_tokens=3, serve_prompt_len=16,
+                     repeats=1)
+MAIN_KEYS = ["prefill@16", "decode", "decode_chat", "decode_b2"]
 SERVE_KEYS = ["serve_b2", "serve_b2_ttft", "serve_b2_ttft_max"]
 KEYS = MAIN_KEYS + SERVE_KEYS
 RATIO_KEYS = MAIN_KEYS + ["serve_b2", "serve_b2_ttft"]  # no ratio of the slowest request's TTFT
@@ -123,8 +132,10 @@ def test_bench_runs_end_to_end_with_the_hf_peer_and_writes_json_and_markdown(tmp
 
     text = out_md.read_text()
     assert text == markdown(report) + "\n"
-    assert ("| system | prefill@16 tok/s | decode b1 tok/s | decode b2 total tok/s | serve b2 tok/s | TTFT b2 ms | "
-            "TTFT max b2 ms | peak MiB | resident MiB |") in text
+    assert ("| system | prefill@16 tok/s | decode b1 tok/s | chat decode b1 tok/s | decode b2 total tok/s | "
+            "serve b2 tok/s | TTFT b2 ms | TTFT max b2 ms | peak MiB | resident MiB |") in text
+    # Every chat prompt got its 4 greedy tokens, from both systems.
+    assert [len(row) for row in systems["hf-float32"]["tokens"]["decode_chat"]] == [4] * len(CHAT_PROMPTS)
     assert "| unsupported | unsupported | unsupported |" in text
     rows = [line for line in text.splitlines() if line.startswith("| leapllm-float32")]
     assert len(rows) == 2  # the main table and the ratio table
@@ -213,6 +224,209 @@ def test_quantized_leapllm_systems_whose_greedy_tokens_differ_are_reported_not_b
     assert "| leapllm-int4 / llamacpp |" in text and "| leapllm-int8 / llamacpp |" in text
     assert "leapllm-int4 quantizes the dequantized weights at load" in text
     assert "the precision llama.cpp has on Q4_1 projections with a Q8_0 output head" in text
+
+
+# -- speculative systems and chat decoding -------------------------------------------------------
+
+NO_BATCHES = dict(TINY_SETTINGS, batches="none", serve_batches="none")
+SPEC_KEYS = ["prefill@16", "decode", "decode_chat"]
+
+
+def test_speculative_systems_are_their_base_system_with_a_method_and_not_run_by_default():
+    for name, method in (("leapllm-int4+ngram", "ngram"), ("leapllm-int4+draft", "draft")):
+        assert name in ALL_SYSTEMS
+        assert system_engine_dtype(name) == ("leapllm", "int4")  # QUANTIZED and the notes key on the base dtype
+        assert base_system(name) == "leapllm-int4" and speculation_method(name) == method
+        assert resolve_systems(BenchSettings(systems=f"leapllm-int4,{name}")) == ["leapllm-int4", name]
+    assert speculation_method("leapllm-int4") is None and base_system("llamacpp") == "llamacpp"
+    assert not any("+" in name for name in resolve_systems(BenchSettings()))
+    with pytest.raises(InvalidRequestError, match="needs --device cuda"):
+        resolve_systems(BenchSettings(systems="leapllm-float16+ngram"))
+    with pytest.raises(InvalidRequestError, match="unknown system 'hf-float32\\+ngram'"):
+        resolve_systems(BenchSettings(systems="hf-float32+ngram"))
+
+
+def test_the_speculation_options_reach_the_plan_the_workers_and_the_canonical_command(tmp_path):
+    draft = tmp_path / "draft.gguf"
+    draft.write_bytes(b"")
+    args = parse(["--systems", "leapllm-int4,leapllm-int4+ngram,leapllm-int4+draft", "--draft-model", str(draft),
+                  "--num-speculative-tokens", "6", "--chat-decode-tokens", "64", "--batches", "none"])
+    plan = resolve(settings_from_args(args))
+    assert (plan.draft_model, plan.num_speculative_tokens, plan.chat_decode_tokens, plan.batches) == (draft, 6, 64, [])
+    command = plan.canonical_command()
+    assert "--chat-decode-tokens 64 --batches none" in command
+    assert f"--draft-model {draft} --num-speculative-tokens 6" in command
+    command_of = workers_from({})
+    assert worker_argv(plan, "leapllm-int4", command_of)[-2:] == ["--max-seq-len", str(plan.max_seq_len)]
+    assert worker_argv(plan, "leapllm-int4+ngram", command_of)[-2:] == ["--num-speculative-tokens", "6"]
+    assert worker_argv(plan, "leapllm-int4+draft", command_of)[-4:] == ["--num-speculative-tokens", "6",
+                                                                        "--draft-model", str(draft)]
+    defaults = resolve(settings_from_args(parse([])))
+    assert (defaults.draft_model, defaults.num_speculative_tokens, defaults.chat_decode_tokens) == (None, 4, 128)
+    assert defaults.batches == [8, 32]
+
+
+def test_chat_decode_and_speculative_systems_give_figures_ratios_and_acceptance_per_prompt_kind():
+    settings = BenchSettings(systems="leapllm-int4,leapllm-int4+ngram,leapllm-int8+ngram,leapllm-int4+draft,llamacpp",
+                             **NO_BATCHES)
+    modes = {name: "ok" for name in ("leapllm-float32", "leapllm-int4", "leapllm-int4+ngram", "leapllm-int8+ngram",
+                                     "leapllm-int4+draft", "llamacpp")}
+    report = run_bench(settings, log=lambda _: None, worker_command=workers_from(modes))
+    systems = by_name(report)
+    assert [f["key"] for f in report["figures"]] == SPEC_KEYS  # --batches none, --serve-batches none
+    assert [f["label"] for f in report["figures"]][2] == "chat decode b1"
+    prompts = len(CHAT_PROMPTS)
+    assert [p["kind"] for p in report["chat_prompts"]] == [kind for kind, _ in CHAT_PROMPTS]
+    assert all(p["prompt_tokens"] > 0 for p in report["chat_prompts"])
+    for name in ("leapllm-int4", "leapllm-int4+ngram", "leapllm-int8+ngram", "llamacpp"):
+        entry = systems[name]
+        assert_all_figures(entry, SPEC_KEYS)
+        # The stand-in decodes at 10 ms a token: every prompt's 3 decode steps, summed.
+        assert entry["runs"]["decode_chat"][0]["seconds"] == pytest.approx(prompts * 0.03)
+        assert entry["figures"]["decode_chat"] == pytest.approx(100.0)
+        assert entry["tokens"]["decode_chat"] == [list(range(100, 104))] * prompts
+    spec, unchecked = systems["leapllm-int4+ngram"], systems["leapllm-int8+ngram"]
+    assert spec["identical_to_base"] == {"decode": True, "decode_chat": True} and spec["base"] == "leapllm-int4"
+    assert spec["info"] == {"draft_model": None, "num_speculative_tokens": 4}
+    # Each prompt's own counts: what its decode proposed and kept, not the worker's running totals.
+    assert spec["runs"]["decode_chat"][0]["speculation"] == [
+        {"proposed": 4, "accepted": 3, "speculative_steps": 1}] * prompts
+    assert spec["runs"]["decode"][0]["speculation"] == {"proposed": 4, "accepted": 3, "speculative_steps": 1}
+    assert spec["speedup_over_base"] == {"decode": pytest.approx(1.0), "decode_chat": pytest.approx(1.0)}
+    assert "speculation" not in systems["leapllm-int4"]["runs"]["decode_chat"][0]
+    # Its base is not in the run: not checked, and not broken either.
+    assert unchecked["identical_to_base"] == {"decode": None, "decode_chat": None}
+    assert "leapllm-int8 is not in this run" in unchecked["speculation_check"]
+    missing = systems["leapllm-int4+draft"]
+    assert missing["status"] == "missing" and "--draft-model PATH" in missing["reason"]
+    assert missing["pid"] is None  # no worker was started for it
+    # Side by side with llama.cpp, chat decode included.
+    ratios = report["ratios"]
+    assert list(ratios) == ["leapllm-int4 / llamacpp", "leapllm-int4+ngram / llamacpp", "leapllm-int8+ngram / llamacpp"]
+    assert ratios["leapllm-int4+ngram / llamacpp"]["decode_chat"] == pytest.approx(1.0)
+    assert set(ratios["leapllm-int4+ngram / llamacpp"]) == set(SPEC_KEYS) | {"peak_memory_mib", "resident_memory_mib"}
+
+    text = markdown(report)
+    assert "| system | prefill@16 tok/s | decode b1 tok/s | chat decode b1 tok/s | peak MiB |" in text
+    assert "| leapllm-int4+ngram / llamacpp |" in text
+    assert "leapllm-int4+ngram: greedy tokens identical to leapllm-int4's on decode b1 and chat decode b1" in text
+    assert ("leapllm-int4+ngram acceptance (accepted / proposed, last repeat): decode b1 0.75 (3/4); chat decode b1: "
+            "code 0.75 (3/4), code-edit 0.75 (3/4)") in text
+    assert f"all prompts 0.75 ({3 * prompts}/{4 * prompts})" in text
+    assert "leapllm-int4+ngram over leapllm-int4 (same run, ratio of medians): decode b1 x1.00, chat decode b1 x1.00" \
+        in text
+    assert "leapllm-int8+ngram: greedy tokens not checked on decode b1 and chat decode b1" in text
+    assert "leapllm-int4+draft missing: needs a draft model: give --draft-model PATH" in text
+    assert "Chat decode b1: 4 greedy tokens (EOS ignored) after each of 7 chat prompts (code, code-edit," in text
+    assert "Decode bN total" not in text and "plain batched loop" not in text
+
+
+def test_a_speculative_system_whose_tokens_differ_from_its_base_is_broken_and_chat_decode_can_be_off(tmp_path):
+    draft = tmp_path / "draft-folder"
+    draft.mkdir()
+    settings = BenchSettings(systems="leapllm-int4,leapllm-int4+ngram,leapllm-int4+draft,llamacpp",
+                             draft_model=draft, num_speculative_tokens=2, **dict(NO_BATCHES, chat_decode_tokens=0))
+    modes = {"leapllm-float32": "ok", "leapllm-int4": "ok", "leapllm-int4+ngram": "wrong", "leapllm-int4+draft": "ok",
+             "llamacpp": "ok"}
+    report = run_bench(settings, log=lambda _: None, worker_command=workers_from(modes))
+    systems = by_name(report)
+    assert [f["key"] for f in report["figures"]] == ["prefill@16", "decode"]  # --chat-decode-tokens 0
+    assert report["settings"]["chat_decode_tokens"] == 0 and report["chat_prompts"] == []
+    broken, drafted = systems["leapllm-int4+ngram"], systems["leapllm-int4+draft"]
+    assert broken["status"] == "broken" and broken["figures"] == {}
+    assert "greedy tokens differ from its base leapllm-int4's: decode b1: from token 0 on (of 4)" in broken["reason"]
+    assert broken["identical_to_base"] == {"decode": False}
+    assert drafted["status"] == "ok" and drafted["identical_to_base"] == {"decode": True}
+    assert drafted["info"] == {"draft_model": str(draft), "num_speculative_tokens": 2}  # what its worker was given
+    assert list(report["ratios"]) == ["leapllm-int4 / llamacpp", "leapllm-int4+draft / llamacpp"]
+    assert "| leapllm-int4+ngram |" + " broken |" * 4 in markdown(report)
+
+
+def test_one_differing_chat_token_makes_a_speculative_system_broken():
+    def entry(name, chat_rows):
+        method = name.partition("+")[2] or None
+        return {"name": name, "status": "ok", "reason": None, "speculative": method,
+                "base": name.partition("+")[0] if method else None, "identical_to_base": {},
+                "speculation_check": None, "tokens": {"decode": [[1, 2, 3]], "decode_chat": chat_rows}}
+    rows = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    base = entry("leapllm-int4", [rows])
+    same = entry("leapllm-int4+ngram", [rows, rows])
+    other = entry("leapllm-int4+draft", [rows, [rows[0], rows[1], [7, 8, 0]]])  # its second run parts at the end
+    check_speculation([base, same, other])
+    assert same["status"] == "ok" and same["identical_to_base"] == {"decode": True, "decode_chat": True}
+    assert other["status"] == "broken" and other["identical_to_base"] == {"decode": True, "decode_chat": False}
+    assert other["reason"] == ("greedy tokens differ from its base leapllm-int4's: chat decode b1: chat prompt 2 "
+                               f"({CHAT_PROMPTS[2][0]}): from token 2 on (of 3)")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--draft-model", "/no/such/draft.gguf"], "--draft-model /no/such/draft.gguf: no such file or folder"),
+    (["--num-speculative-tokens", "0"], "--num-speculative-tokens must be an integer from 1 to 7, got 0"),
+    (["--num-speculative-tokens", "8"], "--num-speculative-tokens must be an integer from 1 to 7, got 8"),
+    (["--chat-decode-tokens", "1"], "--chat-decode-tokens must be an integer of at least 2"),
+    (["--batches", ""], "--batches is empty"),
+])
+def test_bad_speculation_and_chat_options_are_one_line_errors(argv, message, capsys):
+    from leapllm.cli.main import main
+
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"leapllm: error: {message}"), err
+
+
+def test_chat_prompts_are_the_chat_template_around_each_message_and_fit_in_the_plan(default_gguf_path):
+    tokenizer, _ = open_model_file(default_gguf_path)
+    plan = resolve(BenchSettings(chat_decode_tokens=100, prompt_lens="16", decode_prompt_len=16, decode_tokens=4,
+                                 batches="none", serve_batches="none"))
+    assert plan.max_seq_len == 20
+    chat = fit_chat_prompts(plan, tokenizer)
+    assert [kind for kind, _ in chat] == [kind for kind, _ in CHAT_PROMPTS]
+    assert len({kind for kind, _ in chat}) == len(chat) >= 6
+    for (kind, message), (_, ids) in zip(CHAT_PROMPTS, chat):
+        assert ids == tokenizer.encode_chat([{"role": "user", "content": message}], add_generation_prompt=True)
+        assert message.split()[0] in tokenizer.decode(ids)
+    assert plan.max_seq_len == max(len(ids) for _, ids in chat) + 100  # the longest chat prompt and its answer
+    todo = {m.key: m for m in measurements(plan, tokenizer, chat)}
+    assert todo["decode_chat"].request == {"op": "decode_many", "prompts": [ids for _, ids in chat], "n": 100}
+    assert todo["decode_chat"].tokens == len(chat) * 99
+    plan.chat_decode_tokens = 0
+    assert "decode_chat" not in {m.key for m in measurements(plan, tokenizer)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["leapllm-float32+ngram", "leapllm-int4+draft"])
+def test_a_speculative_leapllm_system_speculates_and_decodes_its_base_tokens(name, default_gguf_path):
+    import torch
+
+    from leapllm.benchmarking.worker import decode as worker_decode
+    from leapllm.compression.int4 import Int4Linear
+
+    tokenizer, _ = open_model_file(default_gguf_path)
+    (_, ids), = [c for c in chat_prompt_ids(tokenizer) if c[0] == "rewrite"]
+    # The default model drafts for itself: the same tokenizer, and proposals it often agrees with.
+    system = make_system(name, default_gguf_path, "cpu", torch.get_num_threads(), len(ids) + 24,
+                         draft_model=default_gguf_path, num_speculative_tokens=3)
+    system.import_libraries()
+    system.load()
+    assert system.llm.speculative.method == speculation_method(name)
+    assert system.llm.speculative.num_speculative_tokens == 3
+    seconds, tokens, counts = worker_decode(system, ids, 24)
+    assert seconds > 0 and len(tokens) == 24
+    assert set(counts) == {"proposed", "accepted", "speculative_steps"}
+    assert 0 <= counts["accepted"] <= counts["proposed"]
+    info = system.info()
+    assert "up to 3 tokens a step" in info["speculation"]
+    if name.endswith("+draft"):
+        assert counts["proposed"] > 0  # a draft always has proposals
+        draft = system.llm.speculative.draft_model
+        assert isinstance(system.model.layers[0].mlp.down_proj, Int4Linear)  # the target is quantized ...
+        assert not any(isinstance(m, Int4Linear) for m in draft.modules())  # ... the draft is loaded as given
+        assert info["draft_dtype"] == "float32" and info["draft_weights_mib"] > 0
+    # The same loaded model without speculation: the base system's tokens, exactly.
+    spec, system.llm.speculative = system.llm.speculative, None
+    assert system.speculation_counts() is None
+    assert system.decode(ids, 24)[1] == tokens
+    system.llm.speculative = spec
 
 
 @pytest.mark.slow

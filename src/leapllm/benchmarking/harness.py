@@ -12,7 +12,9 @@ engine's KV pool is not billed to the model's peak memory (the JSON has it as se
 Honesty: a system that cannot be loaded is reported as missing with its reason, a worker that dies
 or stops answering as failed, a measurement a peer's API does not offer as unsupported; a float32
 system whose greedy tokens disagree with leapllm-float32's is broken and gets no speed figures
-(half precision, quantized weights and llama.cpp only report how far they agree).
+(half precision, quantized weights and llama.cpp only report how far they agree). A speculative
+system (leapllm-int4+ngram, leapllm-int4+draft) must give exactly its base system's greedy tokens
+(leapllm-int4's) on batch-1 and chat decoding, or it is broken too: speculation is checked, not trusted.
 None of these stops the other systems. Workers are always ended, with timeouts, so nothing hangs.
 """
 
@@ -42,14 +44,18 @@ from leapllm.benchmarking.systems import (
     CUDA_ONLY_SYSTEMS,
     DEFAULT_LEAPLLM_SYSTEMS,
     PEERS,
+    base_system,
+    speculation_method,
     system_engine_dtype,
 )
-from leapllm.errors import InvalidRequestError, ModelLoadError
+from leapllm.errors import InvalidRequestError, ModelLoadError, TokenizerError
 from leapllm.output_files import check_writable
-from leapllm.reference_text import reference_token_ids
+from leapllm.reference_text import CHAT_PROMPTS, chat_prompt_ids, reference_token_ids
 
 REFERENCE = "leapllm-float32"
 QUALITY_TOKENS = 16  # float32 systems must reproduce the reference's first greedy tokens exactly
+# The greedy tokens a speculative system must reproduce exactly, all of them, from its base system.
+SPECULATION_CHECKED = ("decode", "decode_chat")
 SETTLE_S = 0.05  # pause before each timed request: the previous worker's threads stop spinning
 QUIT_TIMEOUT_S = 10.0
 # Serve prompts must differ within their first this many tokens: leapllm's prefix cache shares whole
@@ -76,12 +82,15 @@ class BenchSettings:
     prompt_lens: str | Sequence[int] = (128, 512)
     decode_tokens: int = 128
     decode_prompt_len: int = 128  # the prompt before batch-1 and batched decoding
-    batches: str | Sequence[int] = (8, 32)
+    chat_decode_tokens: int = 128  # greedy tokens after each chat prompt; 0: no chat decode figure
+    batches: str | Sequence[int] = (8, 32)  # "none": no batched decode figures
     batch_decode_tokens: int = 32
     serve_batches: str | Sequence[int] | None = (16, 32)  # "none" or empty: no serve figures
     serve_output_tokens: int = 128
     serve_prompt_len: int = 128
     repeats: int = 3
+    draft_model: str | Path | None = None  # the draft of the leapllm-<dtype>+draft systems
+    num_speculative_tokens: int = 4  # proposals per step of the speculative systems, at most
     timeout: float = 600.0  # seconds one request may take before its worker counts as hung
     load_timeout: float = 900.0  # seconds for every worker to load its system
     json: str | Path | None = None
@@ -109,6 +118,9 @@ class Plan:
     serve_batches: list[int] = field(default_factory=list)
     serve_output_tokens: int = 128
     serve_prompt_len: int = 128
+    chat_decode_tokens: int = 128
+    draft_model: Path | None = None
+    num_speculative_tokens: int = 4
     context_length: int = 0
     max_seq_len: int = 0
 
@@ -119,11 +131,15 @@ class Plan:
         argv += ["--systems", ",".join(self.systems), "--device", self.device, "--threads", str(self.threads),
                  "--prompt-lens", ",".join(map(str, self.prompt_lens)),
                  "--decode-tokens", str(self.decode_tokens), "--decode-prompt-len", str(self.decode_prompt_len),
-                 "--batches", ",".join(map(str, self.batches)),
+                 "--chat-decode-tokens", str(self.chat_decode_tokens),
+                 "--batches", ",".join(map(str, self.batches)) or "none",
                  "--batch-decode-tokens", str(self.batch_decode_tokens),
                  "--serve-batches", ",".join(map(str, self.serve_batches)) or "none",
                  "--serve-output-tokens", str(self.serve_output_tokens),
                  "--serve-prompt-len", str(self.serve_prompt_len), "--repeats", str(self.repeats)]
+        if self.draft_model is not None:
+            argv += ["--draft-model", str(self.draft_model)]
+        argv += ["--num-speculative-tokens", str(self.num_speculative_tokens)]
         for flag, value in (("--json", self.json), ("--markdown", self.markdown)):
             if value is not None:
                 argv += [flag, str(value)]
@@ -158,9 +174,35 @@ def optional_int_list(value: str | Sequence[int] | None, flag: str) -> list[int]
     return int_list(value, flag)
 
 
+def batch_list(value: str | Sequence[int]) -> list[int]:
+    """--batches: int_list, where "none" (or an empty list) means no batched decode figures; an empty
+    string stays an error, as a typo is likelier than a wish."""
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return []
+    if not isinstance(value, str) and not [v for v in value if str(v).strip()]:
+        return []
+    return int_list(value, "--batches")
+
+
 def at_least(value: Any, minimum: int, flag: str, why: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidRequestError(f"{flag} must be an integer of at least {minimum}{why}, got {value!r}")
+    return value
+
+
+def zero_or_at_least(value: Any, minimum: int, flag: str, why: str = "") -> int:
+    """0 (the figure is off) or an integer of at least `minimum`."""
+    if isinstance(value, int) and not isinstance(value, bool) and value == 0:
+        return 0
+    return at_least(value, minimum, flag, why)
+
+
+def speculative_tokens(value: Any) -> int:
+    from leapllm.engine.speculative import MAX_SPECULATIVE_TOKENS
+
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SPECULATIVE_TOKENS:
+        raise InvalidRequestError(f"--num-speculative-tokens must be an integer from 1 to {MAX_SPECULATIVE_TOKENS}, "
+                                  f"got {value!r}")
     return value
 
 
@@ -185,6 +227,16 @@ def resolve_systems(settings: BenchSettings) -> list[str]:
     return list(dict.fromkeys(names))  # keep the order, drop repeats
 
 
+def draft_model_path(value: str | Path | None) -> Path | None:
+    """--draft-model: a file (GGUF) or a model folder that exists; loaded as given by the +draft systems."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"--draft-model {path}: no such file or folder")
+    return path
+
+
 def output_path(value: str | Path | None, flag: str) -> Path | None:
     if value is None:
         return None
@@ -203,8 +255,11 @@ def resolve(settings: BenchSettings) -> Plan:
         raise InvalidRequestError("--device cuda was asked for, but torch sees no CUDA GPU")
     systems = resolve_systems(settings)
     prompt_lens = int_list(settings.prompt_lens, "--prompt-lens")
-    batches = int_list(settings.batches, "--batches")
+    batches = batch_list(settings.batches)
     decode_tokens = at_least(settings.decode_tokens, 2, "--decode-tokens", " (a decode rate needs two tokens)")
+    chat_tokens = zero_or_at_least(settings.chat_decode_tokens, 2, "--chat-decode-tokens",
+                                   " (a decode rate needs two tokens; 0: no chat decode figure)")
+    num_speculative = speculative_tokens(settings.num_speculative_tokens)
     batch_tokens = at_least(settings.batch_decode_tokens, 2, "--batch-decode-tokens",
                             " (a decode rate needs two tokens)")
     decode_prompt_len = at_least(settings.decode_prompt_len, 1, "--decode-prompt-len")
@@ -223,13 +278,16 @@ def resolve(settings: BenchSettings) -> Plan:
         raise ModelLoadError(f"{path}: no such file")
     if not path.is_file() or path.suffix != ".gguf":
         raise ModelLoadError(f"{path}: bench needs a GGUF file (every system loads the same file)")
+    draft = draft_model_path(settings.draft_model)
     plan = Plan(path=path, model_given=str(settings.model) if settings.model is not None else None,
                 systems=systems, device=settings.device, threads=threads, prompt_lens=prompt_lens,
                 decode_tokens=decode_tokens, decode_prompt_len=decode_prompt_len, batches=batches,
                 batch_decode_tokens=batch_tokens, repeats=repeats, timeout=float(settings.timeout),
                 load_timeout=float(settings.load_timeout), json=json_path, markdown=md_path,
-                serve_batches=serve_batches, serve_output_tokens=serve_tokens, serve_prompt_len=serve_prompt_len)
-    plan.max_seq_len = max(max(prompt_lens) + 1, decode_prompt_len + max(decode_tokens, batch_tokens),
+                serve_batches=serve_batches, serve_output_tokens=serve_tokens, serve_prompt_len=serve_prompt_len,
+                chat_decode_tokens=chat_tokens, draft_model=draft, num_speculative_tokens=num_speculative)
+    # The chat prompts' lengths are only known with the tokenizer: run_bench adds them (fit_chat_prompts).
+    plan.max_seq_len = max(max(prompt_lens) + 1, decode_prompt_len + max(decode_tokens, batch_tokens if batches else 0),
                            serve_prompt_len + serve_tokens if serve_batches else 0)
     return plan
 
@@ -249,9 +307,27 @@ def open_model_file(path: Path):
     return Tokenizer.from_gguf_metadata(meta), context
 
 
+def chat_prompts(tokenizer) -> list[tuple[str, list[int]]]:
+    """(kind, ids) of every chat prompt (reference_text.CHAT_PROMPTS in the model's chat template)."""
+    try:
+        return chat_prompt_ids(tokenizer)
+    except TokenizerError as exc:
+        raise InvalidRequestError(f"the chat decode figure needs the model's chat template: {exc} "
+                                  "(--chat-decode-tokens 0 skips it)") from None
+
+
+def fit_chat_prompts(plan: Plan, tokenizer) -> list[tuple[str, list[int]]]:
+    """The chat prompts, with the plan's longest sequence raised to hold each and its answer."""
+    if not plan.chat_decode_tokens:
+        return []
+    chat = chat_prompts(tokenizer)
+    plan.max_seq_len = max(plan.max_seq_len, max(len(ids) for _, ids in chat) + plan.chat_decode_tokens)
+    return chat
+
+
 @dataclass
 class Measurement:
-    key: str  # "prefill@128", "decode", "decode_b8", "serve_b16"
+    key: str  # "prefill@128", "decode", "decode_chat", "decode_b8", "serve_b16"
     label: str  # the column header
     request: dict
     tokens: int  # tokens the timed part produces or consumes: tokens/s = tokens / seconds
@@ -271,12 +347,19 @@ def serve_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     return prompts
 
 
-def measurements(plan: Plan, tokenizer) -> list[Measurement]:
+def measurements(plan: Plan, tokenizer, chat: list[tuple[str, list[int]]] | None = None) -> list[Measurement]:
     out = [Measurement(f"prefill@{n}", f"prefill@{n}", {"op": "prefill", "ids": reference_token_ids(tokenizer, n)}, n)
            for n in plan.prompt_lens]
     ids = reference_token_ids(tokenizer, plan.decode_prompt_len)
     out.append(Measurement("decode", "decode b1", {"op": "decode", "ids": ids, "n": plan.decode_tokens},
                            plan.decode_tokens - 1))
+    if plan.chat_decode_tokens:
+        # Batch-1 decoding of chat answers: what speculative decoding is judged on. One request runs
+        # every prompt in turn; the tokens/s is over their summed decode times.
+        chat = chat if chat is not None else chat_prompts(tokenizer)
+        n = plan.chat_decode_tokens
+        out.append(Measurement("decode_chat", "chat decode b1",
+                               {"op": "decode_many", "prompts": [p for _, p in chat], "n": n}, len(chat) * (n - 1)))
     for b in plan.batches:
         out.append(Measurement(f"decode_b{b}", f"decode b{b} total",
                                {"op": "batched_decode", "ids": ids, "batch": b, "n": plan.batch_decode_tokens},
@@ -421,11 +504,16 @@ class Worker:
 
 def new_entry(name: str) -> dict:
     engine, dtype = system_engine_dtype(name)
+    method = speculation_method(name)
     return {"name": name, "engine": engine, "dtype": dtype, "status": "ok", "reason": None, "load_s": None,
             "info": {}, "memory": {}, "peak_memory_mib": None, "resident_memory_mib": None,
             "warmup": {}, "runs": {}, "notes": {}, "serve_peak_memory_mib": None,
             "tokens": {}, "greedy_agreement": None, "batched_agreement": {}, "batched_agreement_own": {},
-            "figures": {}, "pid": None}
+            "figures": {}, "pid": None,
+            # A speculative system: its method, its base system, and whether its greedy tokens were
+            # those of the base (per measurement: True, False, or None when not checked, and why).
+            "speculative": method, "base": base_system(name) if method else None,
+            "identical_to_base": {}, "speculation_check": None, "speedup_over_base": {}}
 
 
 def fail(entry: dict, status: str, reason: str, log: Log) -> None:
@@ -434,8 +522,22 @@ def fail(entry: dict, status: str, reason: str, log: Log) -> None:
 
 
 def worker_argv(plan: Plan, name: str, worker_command: Callable[[str], list[str]]) -> list[str]:
-    return worker_command(name) + ["--system", name, "--model", str(plan.path), "--device", plan.device,
+    argv = worker_command(name) + ["--system", name, "--model", str(plan.path), "--device", plan.device,
                                    "--threads", str(plan.threads), "--max-seq-len", str(plan.max_seq_len)]
+    method = speculation_method(name)
+    if method is not None:
+        argv += ["--num-speculative-tokens", str(plan.num_speculative_tokens)]
+    if method == "draft" and plan.draft_model is not None:
+        argv += ["--draft-model", str(plan.draft_model)]
+    return argv
+
+
+def unloadable_reason(plan: Plan, name: str) -> str | None:
+    """Why a system cannot be loaded with these settings, known before starting its worker."""
+    if speculation_method(name) == "draft" and plan.draft_model is None:
+        return ("needs a draft model: give --draft-model PATH (a smaller model with the same tokenizer, "
+                "GGUF file or folder)")
+    return None
 
 
 def start_workers(plan: Plan, names: list[str], entries: dict[str, dict], log: Log,
@@ -443,6 +545,10 @@ def start_workers(plan: Plan, names: list[str], entries: dict[str, dict], log: L
     """Start every worker at once (they load in parallel), then wait for each to be ready.
     `workers` is the caller's, so an interrupted start still leaves every started worker to end."""
     for name in names:
+        reason = unloadable_reason(plan, name)
+        if reason is not None:
+            fail(entries[name], "missing", reason, log)
+            continue
         try:
             workers[name] = Worker(name, worker_argv(plan, name, worker_command))
         except OSError as exc:
@@ -496,6 +602,12 @@ def measure(worker: Worker, entry: dict, m: Measurement, plan: Plan, warmup: boo
             fail(entry, "failed", f"{m.key}: first-token times {reply['ttft']} do not fit in {seconds} s", log)
             return
         run.update(ttft_s=ttft, ttft_mean_s=statistics.fmean(ttft), ttft_max_s=max(ttft))
+    if m.request["op"] == "decode_many" and len(reply.get("tokens") or []) != len(m.request["prompts"]):
+        fail(entry, "failed", f"{m.key}: tokens for {len(reply.get('tokens') or [])} of "
+                              f"{len(m.request['prompts'])} prompts", log)
+        return
+    if "speculation" in reply:  # what a speculative system proposed and kept in this call
+        run["speculation"] = reply["speculation"]
     if warmup:
         entry["warmup"][m.key] = run
     else:
@@ -540,6 +652,73 @@ def check_quality(entries: list[dict], reference: list[int] | None, plan: Plan) 
             need_b = min(need, plan.batch_decode_tokens)
             if e["engine"] in gated and e["dtype"] == "float32" and agree < need_b:
                 e["notes"][key] = f"withheld: batched rows agree with {REFERENCE} for {agree} < {need_b} tokens"
+
+
+def first_difference(tokens, base) -> str | None:
+    """Where one run's greedy tokens part from the base's: None when identical. A decode_chat run is
+    a list of rows, one per chat prompt."""
+    if tokens and isinstance(tokens[0], list):
+        for i, (row, base_row) in enumerate(zip(tokens, base)):
+            where = first_difference(row, base_row)
+            if where is not None:
+                kind = CHAT_PROMPTS[i][0] if i < len(CHAT_PROMPTS) else str(i)
+                return f"chat prompt {i} ({kind}): {where}"
+        return None if len(tokens) == len(base) else f"{len(tokens)} rows instead of {len(base)}"
+    if list(tokens) == list(base):
+        return None
+    n = common_prefix(tokens, base)
+    return f"from token {n} on (of {len(base)})" if len(tokens) == len(base) else \
+        f"{len(tokens)} tokens instead of {len(base)}"
+
+
+def check_speculation(entries: list[dict]) -> None:
+    """A speculative system must give its base system's greedy tokens, all of them, on every run of
+    batch-1 and chat decoding: verification keeps a proposal only when it is the model's own argmax.
+    One differing token makes it broken (no speed figures). Without its base in the run (or without
+    the base's tokens) nothing is checked, and the report says so."""
+    by_name = {e["name"]: e for e in entries}
+    labels = {"decode": "decode b1", "decode_chat": "chat decode b1"}
+    for e in entries:
+        if e["speculative"] is None or e["status"] != "ok":
+            continue
+        base = by_name.get(e["base"])
+        unchecked, differences = [], []
+        for key in SPECULATION_CHECKED:
+            runs = e["tokens"].get(key)
+            if not runs:
+                continue
+            base_runs = (base or {}).get("tokens", {}).get(key)
+            if not base_runs:
+                e["identical_to_base"][key] = None
+                unchecked.append(labels[key])
+                continue
+            wheres = [w for w in (first_difference(t, base_runs[0]) for t in runs) if w is not None]
+            e["identical_to_base"][key] = not wheres
+            if wheres:
+                differences.append(f"{labels[key]}: {wheres[0]}")
+        checked = [labels[k] for k, same in e["identical_to_base"].items() if same]
+        if differences:
+            e["speculation_check"] = f"differ from {e['base']}'s ({'; '.join(differences)})"
+            e.update(status="broken", reason=f"greedy tokens differ from its base {e['base']}'s: "
+                                             f"{'; '.join(differences)}")
+            continue
+        why = (f"{e['base']} is not in this run (add it to --systems to check)" if base is None else
+               f"{e['base']} gave no tokens to compare ({base['status']}: {base['reason']})")
+        parts = ([f"identical to {e['base']}'s on {' and '.join(checked)}"] if checked else []) + \
+                ([f"not checked on {' and '.join(unchecked)}: {why}"] if unchecked else [])
+        e["speculation_check"] = "; ".join(parts) or None
+
+
+def speculation_speedups(entries: list[dict]) -> None:
+    """What speculation gains: each speculative system's decode figures over its base's, same run."""
+    by_name = {e["name"]: e for e in entries}
+    for e in entries:
+        base = by_name.get(e["base"]) if e["speculative"] else None
+        if base is None or e["status"] != "ok" or base["status"] != "ok":
+            continue
+        for key in SPECULATION_CHECKED:
+            if key in e["figures"] and base["figures"].get(key):
+                e["speedup_over_base"][key] = e["figures"][key] / base["figures"][key]
 
 
 def finish_entry(e: dict, plan: Plan) -> None:
@@ -623,7 +802,11 @@ def run_bench(settings: BenchSettings | Plan, *, command: str | None = None, log
     if plan.max_seq_len > plan.context_length:
         raise InvalidRequestError(f"the longest sequence asked for ({plan.max_seq_len} tokens) exceeds the "
                                   f"model's context of {plan.context_length} tokens")
-    todo = measurements(plan, tokenizer)
+    chat = fit_chat_prompts(plan, tokenizer)
+    if plan.max_seq_len > plan.context_length:
+        raise InvalidRequestError(f"a chat prompt and its {plan.chat_decode_tokens} tokens ({plan.max_seq_len} tokens) "
+                                  f"exceed the model's context of {plan.context_length} tokens")
+    todo = measurements(plan, tokenizer, chat)
     figures = figure_specs(todo)
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     machine = machine_info(plan)
@@ -680,18 +863,25 @@ def run_bench(settings: BenchSettings | Plan, *, command: str | None = None, log
         f"quality check skipped: {REFERENCE} gave no greedy tokens ({reference_entry['reason']})"]
     ordered = [entries[n] for n in plan.systems]
     check_quality(ordered, reference, plan)
+    check_speculation(ordered)
     for e in ordered:
         finish_entry(e, plan)
+    speculation_speedups(ordered)
     return {
         "date": date, "command": command or plan.canonical_command(), "canonical_command": plan.canonical_command(),
         "machine": machine, "model": plan.path.name,
         "settings": {"systems": plan.systems, "device": plan.device, "threads": plan.threads,
                      "prompt_lens": plan.prompt_lens, "decode_tokens": plan.decode_tokens,
-                     "decode_prompt_len": plan.decode_prompt_len, "batches": plan.batches,
+                     "decode_prompt_len": plan.decode_prompt_len, "chat_decode_tokens": plan.chat_decode_tokens,
+                     "batches": plan.batches,
                      "batch_decode_tokens": plan.batch_decode_tokens, "serve_batches": plan.serve_batches,
                      "serve_output_tokens": plan.serve_output_tokens, "serve_prompt_len": plan.serve_prompt_len,
-                     "repeats": plan.repeats},
+                     "draft_model": str(plan.draft_model) if plan.draft_model is not None else None,
+                     "num_speculative_tokens": plan.num_speculative_tokens, "repeats": plan.repeats},
         "figures": figures,
+        # The chat decode prompts, in the order of every per-prompt list (tokens, speculation counts).
+        "chat_prompts": [{"kind": kind, "message": message, "prompt_tokens": len(ids)}
+                         for (kind, message), (_, ids) in zip(CHAT_PROMPTS, chat)],
         "reference": REFERENCE, "reference_tokens": reference,
         "quality_tokens": min(QUALITY_TOKENS, plan.decode_tokens),
         "notes": quality_note, "load_average_at_end": list(os.getloadavg()),

@@ -51,10 +51,26 @@ def legend(report: dict) -> str:
                  "arrival to a request's first token, ms (TTFT max bN: the slowest request's); transformers has "
                  "no continuous batching (unsupported).")
         memory += "; both read before the serve figures run (the JSON has the peak after them: serve_peak_memory_mib)"
+    chat = ""
+    if s.get("chat_decode_tokens"):
+        prompts = report.get("chat_prompts") or []
+        n = s["chat_decode_tokens"]
+        chat = (f" Chat decode b1: {n} greedy tokens (EOS ignored) after each of {len(prompts)} chat prompts "
+                f"({', '.join(p['kind'] for p in prompts)}: one user message in the model's chat template), one "
+                f"prompt after another; tokens/s = {len(prompts)} x {n - 1} / their summed decode time.")
+    batched = ""
+    if s.get("batches", True):  # reports written before --batches none always had them
+        batched = (f" Decode bN total: N rows with the same {s['decode_prompt_len']}-token prompt, "
+                   f"{s['batch_decode_tokens']} greedy tokens each, all rows' tokens/s (decode time only).")
+    speculative = ""
+    if any(e.get("speculative") for e in report["systems"]):
+        speculative = (f" A +ngram / +draft system is its base system (the name before the +) with speculative "
+                       f"decoding: prompt lookup or the draft model proposes up to "
+                       f"{s.get('num_speculative_tokens', 4)} tokens a step, which the model checks in one pass; "
+                       "its greedy tokens must be its base's, token for token, or it is broken.")
     return (f"Prefill: one prompt of N tokens, tokens/s. Decode b1: {s['decode_tokens']} greedy tokens after a "
-            f"{s['decode_prompt_len']}-token prompt, decode time only. Decode bN total: N rows with the same "
-            f"{s['decode_prompt_len']}-token prompt, {s['batch_decode_tokens']} greedy tokens each, all rows' "
-            f"tokens/s (decode time only).{serve} Peak / resident MiB: {memory}.")
+            f"{s['decode_prompt_len']}-token prompt, decode time only.{chat}{batched}{serve}{speculative} "
+            f"Peak / resident MiB: {memory}.")
 
 
 def header_line(report: dict) -> str:
@@ -111,6 +127,48 @@ def ratio_table(report: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def acceptance(counts: dict) -> str:
+    proposed, accepted = counts.get("proposed", 0), counts.get("accepted", 0)
+    if not proposed:
+        return "none proposed"
+    return f"{accepted / proposed:.2f} ({accepted}/{proposed})"
+
+
+def summed(counts: list[dict]) -> dict:
+    return {k: sum(c.get(k, 0) for c in counts) for k in ("proposed", "accepted")}
+
+
+def speculation_notes(report: dict, e: dict) -> list[str]:
+    """A speculative system's check against its base, what it gained over it, and its acceptance
+    rates (accepted / proposed): per chat prompt kind, from the last repeat (the controller turns
+    speculation off and on from measured times, so repeats may propose differently)."""
+    if not e.get("speculative") or e["status"] != "ok":
+        return []
+    name, labels = e["name"], {f["key"]: f["label"] for f in report["figures"]}
+    out = []
+    if e.get("speculation_check"):
+        out.append(f"{name}: greedy tokens {e['speculation_check']}")
+    if e.get("speedup_over_base"):
+        gains = ", ".join(f"{labels.get(k, k)} x{v:.2f}" for k, v in e["speedup_over_base"].items())
+        out.append(f"{name} over {e['base']} (same run, ratio of medians): {gains}")
+    parts = []
+    decode = (e["runs"].get("decode") or [{}])[-1].get("speculation")
+    if isinstance(decode, dict):
+        parts.append(f"{labels.get('decode', 'decode')} {acceptance(decode)}")
+    chat = (e["runs"].get("decode_chat") or [{}])[-1].get("speculation")
+    if isinstance(chat, list) and chat:
+        kinds = [p["kind"] for p in report.get("chat_prompts") or []]
+        per_kind = ", ".join(f"{kinds[i] if i < len(kinds) else i} {acceptance(c)}" for i, c in enumerate(chat))
+        parts.append(f"{labels.get('decode_chat', 'decode_chat')}: {per_kind}; all prompts {acceptance(summed(chat))}")
+    if parts:
+        out.append(f"{name} acceptance (accepted / proposed, last repeat): {'; '.join(parts)}")
+    if report["settings"].get("batches", True) or report["settings"].get("serve_batches"):
+        out.append(f"{name}: its decode bN figures are the plain batched loop (no speculation), and its serving "
+                   "engine speculates only while few sequences decode (the JSON's info.speculation says how few), "
+                   "so its serve bN figures with more requests are its base's engine at work")
+    return out
+
+
 def notes(report: dict) -> list[str]:
     out = list(report.get("notes") or [])
     for e in report["systems"]:
@@ -118,6 +176,7 @@ def notes(report: dict) -> list[str]:
             out.append(f"{e['name']} {e['status']}: {e['reason']}")
         for key, note in e["notes"].items():
             out.append(f"{e['name']} {key}: {note}")
+        out += speculation_notes(report, e)
         if e["engine"] == "llamacpp" and e["status"] == "ok":
             out.append(f"{e['name']} runs the file's quantized weights with its own kernels (leapllm's float "
                        "systems and transformers dequantize them at load), so its greedy tokens may part from "
@@ -125,9 +184,12 @@ def notes(report: dict) -> list[str]:
         weights = (e.get("info") or {}).get("weights", "")
         quantization = QUANTIZED.get(e["dtype"]) if e["engine"] == "leapllm" else None
         if quantization and e["status"] == "ok":
+            # A speculative system's tokens are held to its base's exactly (speculation_notes), not to float32's.
+            against = (f" against {report['reference']}'s (against its base {e['base']}'s they must be identical)"
+                       if e.get("speculative") else "")
             out.append(f"{e['name']} quantizes the dequantized weights at load ({weights or quantization.weights}; "
                        f"float32 activations), the precision llama.cpp has on {quantization.llamacpp}: its greedy "
-                       "tokens are reported, not failed")
+                       f"tokens are reported{against}, not failed")
         if e["engine"] == "hf" and "packed" in weights:
             out.append(f"{e['name']} ran with {weights}, not dequantized weights")
     return out

