@@ -217,14 +217,15 @@ def test_engine_speculation_gives_every_request_the_tokens_it_gets_alone(llm, pr
 
 @pytest.mark.slow
 def test_engine_speculation_survives_preemption_and_a_full_pool(llm, prompts, draft):
-    """A pool of 12 blocks cannot hold three requests and their proposals: sequences are preempted
-    and proposals shrink to the room left, and the tokens still match."""
+    """A pool of 10 blocks cannot hold four ~90-token requests and their proposals: sequences are
+    preempted and proposals shrink to the room left, and the tokens still match."""
     params = SamplingParams(max_tokens=40, temperature=0)
     spec = speculative_config(llm, draft, "draft", "self", k=6)
-    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(speculative=spec, num_blocks=12,
-                                                              max_num_batched_tokens=128))
-    got = run_to_completion(engine, prompts, params)
-    assert got == [plain_tokens(llm, ids, params) for ids in prompts]
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(
+        speculative=spec, num_blocks=10, max_num_seqs=4, max_num_batched_tokens=64, enable_prefix_caching=False))
+    batch = prompts + [prompts[0][:-3]]
+    got = run_to_completion(engine, batch, params)
+    assert got == [plain_tokens(llm, ids, params) for ids in batch]
     assert engine.stats()["num_preemptions"] > 0 and engine.stats()["kv_blocks_used"] == 0
 
 

@@ -268,7 +268,9 @@ def test_a_fused_step_of_several_tokens_matches_the_module_by_module_step(method
                                    model(new[:, tokens:], prompt_len + tokens, cache)], dim=1)
         assert logits[fused].shape == (1, 2 * tokens, 320) and logits[fused].dtype == torch.float32
         assert (model.fused_decode is not None) == fused
-    assert relative_error(logits[True][0, 0], logits[False][0, 0]) < 1e-4
+    # No tighter bound for the first row than for the others: with T rows the norms and attention
+    # round differently from the module path's batched ops, which can move an activation across an
+    # int8 rounding boundary already in the first layer (~1% on this random model, as above).
     for t in range(2 * tokens):
         assert relative_error(logits[True][0, t], logits[False][0, t]) < 0.05
     for layer in range(3):
