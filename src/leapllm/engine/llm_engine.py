@@ -24,7 +24,7 @@ from leapllm.engine.sampling import SamplingParams
 from leapllm.engine.scheduler import ScheduledStep, Scheduler
 from leapllm.engine.sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprob
 from leapllm.engine.speculative import (NgramProposer, SpeculationController, SpeculativeConfig, draft_sampler,
-                                        verify_proposals)
+                                        draw_proposal, verify_proposals)
 from leapllm.errors import InvalidRequestError
 from leapllm.model.llama import Transformer
 from leapllm.model.paged_kv_cache import KV_DTYPES, PagedKVCache, build_paged_batch
@@ -231,11 +231,9 @@ class LLMEngine:
                                          torch.tensor(last_rows, dtype=torch.long, device=device))
             self.draft_cache.batch = None
             for r, (seq, _) in enumerate(active):
-                if seq.params.greedy:
-                    tokens[id(seq)].append(int(torch.argmax(logits[r])))
-                else:
-                    q = seq.draft_sampler.filtered_probs(logits[r])
-                    tokens[id(seq)].append(int(torch.multinomial(q, 1, generator=seq.draft_sampler.generator)))
+                t, q = draw_proposal(seq.draft_sampler, logits[r])
+                tokens[id(seq)].append(t)
+                if q is not None:
                     probs[id(seq)].append(q)
         out = {}
         for seq, k in wanted:
@@ -264,9 +262,8 @@ class LLMEngine:
                     deltas.append(out)
                 if out is not None and out.finished:
                     break
-            if seq.status is not SequenceStatus.FINISHED and \
-                    seq.num_computed // self.config.block_size > len(seq.block_hashes):
-                self.allocator.register_full_blocks(seq.blocks, seq.all_ids, seq.block_hashes, seq.num_computed)
+            if seq.status is not SequenceStatus.FINISHED:
+                self._register_filled_blocks(seq)
             if deltas:
                 outputs.append(merge_outputs(deltas))
         return outputs
@@ -324,8 +321,7 @@ class LLMEngine:
         for seq, n in [(s, 1) for s in step.decodes] + step.prefills:
             start = seq.num_computed
             seq.num_computed += n
-            if seq.num_computed // self.config.block_size > len(seq.block_hashes):  # a block just filled up
-                self.allocator.register_full_blocks(seq.blocks, seq.all_ids, seq.block_hashes, seq.num_computed)
+            self._register_filled_blocks(seq)
             if id(seq) not in rows:
                 continue  # a prompt chunk that does not reach the end yet
             first, count = rows[id(seq)]
@@ -349,6 +345,11 @@ class LLMEngine:
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    def _register_filled_blocks(self, seq: Sequence) -> None:
+        """Give the prefix cache every block of seq that filled up since the last call."""
+        if seq.num_computed // self.config.block_size > len(seq.block_hashes):
+            self.allocator.register_full_blocks(seq.blocks, seq.all_ids, seq.block_hashes, seq.num_computed)
 
     def _sample(self, samplers, logits: torch.Tensor) -> list[int]:
         """Greedy rows without penalties in one argmax; every other row through its own Sampler."""

@@ -164,6 +164,15 @@ def draft_sampler(params: SamplingParams, target_sampler: Sampler, draft) -> Sam
     return sampler
 
 
+def draw_proposal(sampler: Sampler, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """One draft token from (vocab,) logits through a draft_sampler: (token, the distribution q it
+    was drawn from), q None when greedy (the argmax is certain)."""
+    if sampler.params.greedy:
+        return int(torch.argmax(logits)), None
+    q = sampler.filtered_probs(logits)
+    return int(torch.multinomial(q, 1, generator=sampler.generator)), q
+
+
 class DraftModelProposer:
     """A draft model with its own contiguous KV cache, decoding k tokens per call (single sequence)."""
 
@@ -188,13 +197,10 @@ class DraftModelProposer:
         pos = len(ids)
         tokens, probs = [], []
         for i in range(k):
-            if self.sampler.params.greedy:
-                t = int(torch.argmax(logits))
-            else:
-                q = self.sampler.filtered_probs(logits)
-                t = int(torch.multinomial(q, 1, generator=self.sampler.generator))
-                probs.append(q)
+            t, q = draw_proposal(self.sampler, logits)
             tokens.append(t)
+            if q is not None:
+                probs.append(q)
             if i + 1 < k:
                 logits = self.draft(torch.tensor([[t]], device=device), pos, self.cache, last_only=True)[0, -1]
                 pos += 1
