@@ -452,8 +452,8 @@ def test_the_leapllm_int4_system_loads_the_default_model_quantized_and_decodes(d
     assert seconds > 0 and [len(row) for row in rows] == [3, 3]
     assert rows[0] == rows[1] and rows[0][0] == tokens[0]  # the same prompt gives the same first token
     info = system.info()
-    kernel = ("PyTorch kernels" if model.lm_head.packed_linear is None else
-              "leapllm VNNI kernels" if model.lm_head.packed_linear.simd else "leapllm portable kernels")
+    packed = model.lm_head.packed_linear
+    kernel = "PyTorch kernels" if packed is None else f"leapllm {packed.kernel} kernels"
     assert info["weights"] == f"int4 groups of 32 (projections), int8 output head; kernel: {kernel}"
     assert info["compute_dtype"] == "float32" and info["weights_mib"] > 0
 

@@ -233,8 +233,8 @@ def weight_mib(model) -> float:
 
 
 def quantized_kernels(model) -> str:
-    """Which kernels run the model's quantized layers: "leapllm VNNI kernels", "leapllm portable
-    kernels" or "PyTorch kernels" (with layer counts when they differ from layer to layer)."""
+    """Which kernels run the model's quantized layers: "leapllm VNNI kernels", "leapllm AVX2 kernels",
+    "leapllm portable kernels" or "PyTorch kernels" (with layer counts when they differ from layer to layer)."""
     from leapllm.compression.int4 import Int4Linear
     from leapllm.compression.int8 import Int8Linear
 
@@ -242,8 +242,7 @@ def quantized_kernels(model) -> str:
     for m in model.modules():
         if isinstance(m, (Int4Linear, Int8Linear)):
             packed = m.packed_linear
-            kind = ("PyTorch kernels" if packed is None else
-                    "leapllm VNNI kernels" if packed.simd else "leapllm portable kernels")
+            kind = "PyTorch kernels" if packed is None else f"leapllm {packed.kernel} kernels"
             counts[kind] = counts.get(kind, 0) + 1
     if len(counts) <= 1:
         return next(iter(counts), "none (no quantized layer)")

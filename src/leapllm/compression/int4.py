@@ -128,7 +128,7 @@ class Int4Linear(nn.Module):
         return 0.5 + 4 / (32 if self.packed_linear is not None else self.group_size)
 
     def extra_repr(self) -> str:
-        kernel = "leapllm VNNI kernel" if self.packed_linear is not None and self.packed_linear.simd else (
-            "leapllm portable kernel" if self.packed_linear is not None else "PyTorch int4pack kernel")
+        kernel = (f"leapllm {self.packed_linear.kernel} kernel" if self.packed_linear is not None
+                  else "PyTorch int4pack kernel")
         return (f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}, "
                 f"{kernel}")

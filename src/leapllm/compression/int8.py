@@ -94,7 +94,7 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         if self.packed_linear is not None:
-            kernel = "leapllm VNNI kernel" if self.packed_linear.simd else "leapllm portable kernel"
+            kernel = f"leapllm {self.packed_linear.kernel} kernel"
             return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel weights, "
                     f"int8 activations per block of 32 ({kernel})")
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel weights, "

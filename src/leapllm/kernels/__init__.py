@@ -64,5 +64,6 @@ def main() -> int:
     if ext is None:
         print(f"leapllm CPU kernels unavailable: {why_unavailable()}; PyTorch's kernels will be used", file=sys.stderr)
         return 0  # not fatal: everything runs without them
-    print(f"leapllm CPU kernels built (AVX-512 VNNI: {'yes' if ext.vnni_compiled() else 'no, portable loops'})")
+    tiles = "AVX-512 VNNI" if ext.vnni_compiled() else "AVX2" if ext.avx2_compiled() else "portable loops"
+    print(f"leapllm CPU kernels built ({tiles} tiles)")
     return 0

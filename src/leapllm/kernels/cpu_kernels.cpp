@@ -18,7 +18,9 @@
 //         (tile, block, row): w = d * q + m, q in [0, 15].
 //   int8: weight (N, K) uint8 = q + 128: per (tile, block) 8 vectors, one per quad; scales (N,)
 //         float32, one per row: w = d * q.
-// Without VNNI the portable tiles compute the same integer sums (with AVX2 where the CPU has it).
+// Without VNNI, the AVX2 tiles compute the same integer sums with maddubs on unpacked nibbles (and
+// then the same float operations, so they give the VNNI tiles' bits); the portable tiles, the
+// reference both are tested against, do the sums with AVX2 where it exists and the rest in scalar code.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -32,12 +34,19 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define LEAPLLM_VNNI 1
 #else
 #define LEAPLLM_VNNI 0
+#endif
+#if !LEAPLLM_VNNI && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LEAPLLM_AVX2 1
+#else
+#define LEAPLLM_AVX2 0
 #endif
 #if LEAPLLM_VNNI || defined(__AVX2__)
 #include <immintrin.h>
@@ -211,6 +220,89 @@ void tile_q8_portable(const uint8_t* w, const float* d, const QuantizedRow* cons
     for (int L = 0; L < TILE; ++L) out[m * ldo + L] = d[L] * (y[m][L] - 128.f * a[m]->total);  // stored: q + 128
 }
 
+#if LEAPLLM_AVX2
+// ---- the SIMD tiles with AVX2 (no VNNI): as the VNNI ones, on half a tile at a time ----
+// A 256-bit vector holds one quad of 8 rows, so rows 8h .. 8h + 7 are the h-th 32 bytes of every
+// 64-byte vector of the layout; the tile's bytes stay in L1 between the two halves. Each row's
+// integer block sum is exact (the 16-bit partial sums cannot overflow, see nibble_block_sums), and the
+// float steps are the VNNI tiles' own, lane for lane.
+inline __m256i broadcast_quad8(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// sum over the 8 quads of maddubs(nib[c], x's quad c), in 16 bits: 8 x 2 x 15 x 127 < 2^15.
+inline __m256i nibble_dot16(const __m256i* nib, const int8_t* x) {
+  __m256i s0 = _mm256_maddubs_epi16(nib[0], broadcast_quad8(x));
+  __m256i s1 = _mm256_maddubs_epi16(nib[4], broadcast_quad8(x + 16));
+  for (int c = 1; c < 4; ++c) {  // two chains: half the latency
+    s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(nib[c], broadcast_quad8(x + 4 * c)));
+    s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(nib[c + 4], broadcast_quad8(x + 4 * (c + 4))));
+  }
+  return _mm256_add_epi16(s0, s1);
+}
+
+template <int MT>
+void tile_q4_simd(const uint8_t* w, const uint16_t* d, const uint16_t* mins, const QuantizedRow* const* a,
+                  int64_t blocks, float* out, int64_t ldo) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* wb = w + b * 256 + h * 32;
+      __m256i nib[8];  // nib[c]: quad c of the 8 rows, c < 4 the low nibbles, c >= 4 the high ones
+      for (int c = 0; c < 4; ++c) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + c * 64));
+        nib[c] = _mm256_and_si256(v, low4);
+        nib[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      }
+      const __m256 db = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + b * TILE + h * 8)));
+      const __m256 mb = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mins + b * TILE + h * 8)));
+      for (int m = 0; m < MT; ++m) {
+        const __m256i s = _mm256_madd_epi16(nibble_dot16(nib, a[m]->q.data() + b * BLOCK), ones);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(db, _mm256_set1_ps(a[m]->scale[b])), acc[m]);
+        acc[m] = _mm256_fmadd_ps(mb, _mm256_set1_ps(a[m]->block_sum[b]), acc[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) _mm256_storeu_ps(out + m * ldo + h * 8, acc[m]);
+  }
+}
+
+// int8 (q + 128): the sum is low nibbles + 16 x high nibbles, each half in 16 bits.
+template <int MT>
+void tile_q8_simd(const uint8_t* w, const float* d, const QuantizedRow* const* a, int64_t blocks, float* out,
+                  int64_t ldo) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* wb = w + b * 512 + h * 32;
+      __m256i lo[8], hi[8];  // quad qd's low and high nibbles, in nibble_dot16's order
+      for (int qd = 0; qd < 8; ++qd) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + qd * 64));
+        lo[qd] = _mm256_and_si256(v, low4);
+        hi[qd] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      }
+      for (int m = 0; m < MT; ++m) {
+        const int8_t* x = a[m]->q.data() + b * BLOCK;
+        const __m256i s_lo = _mm256_madd_epi16(nibble_dot16(lo, x), ones);
+        const __m256i s_hi = _mm256_madd_epi16(nibble_dot16(hi, x), ones);
+        const __m256i s = _mm256_add_epi32(s_lo, _mm256_slli_epi32(s_hi, 4));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(a[m]->scale[b]), acc[m]);
+      }
+    }
+    const __m256 dv = _mm256_loadu_ps(d + h * 8);
+    for (int m = 0; m < MT; ++m) {
+      const __m256 y = _mm256_sub_ps(acc[m], _mm256_set1_ps(128.f * a[m]->total));
+      _mm256_storeu_ps(out + m * ldo + h * 8, _mm256_mul_ps(dv, y));
+    }
+  }
+}
+#endif
+
 #if LEAPLLM_VNNI
 inline __m512i broadcast_quad(const int8_t* x) {
   int32_t v;
@@ -219,7 +311,7 @@ inline __m512i broadcast_quad(const int8_t* x) {
 }
 
 template <int MT>
-void tile_q4_vnni(const uint8_t* w, const uint16_t* d, const uint16_t* mins, const QuantizedRow* const* a,
+void tile_q4_simd(const uint8_t* w, const uint16_t* d, const uint16_t* mins, const QuantizedRow* const* a,
                   int64_t blocks, float* out, int64_t ldo) {
   __m512 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
@@ -250,7 +342,7 @@ void tile_q4_vnni(const uint8_t* w, const uint16_t* d, const uint16_t* mins, con
 }
 
 template <int MT>
-void tile_q8_vnni(const uint8_t* w, const float* d, const QuantizedRow* const* a, int64_t blocks, float* out,
+void tile_q8_simd(const uint8_t* w, const float* d, const QuantizedRow* const* a, int64_t blocks, float* out,
                   int64_t ldo) {
   __m512 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
@@ -276,6 +368,22 @@ void tile_q8_vnni(const uint8_t* w, const float* d, const QuantizedRow* const* a
 }
 #endif
 
+// f(std::integral_constant<int, mt>()) for mt = 1 .. MAX_ROWS: the SIMD tiles are templates on their
+// row count, so that their accumulators are registers.
+template <class F>
+void with_rows(int mt, F&& f) {
+  switch (mt) {
+    case 8: return f(std::integral_constant<int, 8>());
+    case 7: return f(std::integral_constant<int, 7>());
+    case 6: return f(std::integral_constant<int, 6>());
+    case 5: return f(std::integral_constant<int, 5>());
+    case 4: return f(std::integral_constant<int, 4>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 2: return f(std::integral_constant<int, 2>());
+    default: return f(std::integral_constant<int, 1>());
+  }
+}
+
 // CLOCK_MONOTONIC in nanoseconds: the clock of Python's time.perf_counter_ns on Linux, so stage
 // marks taken here line up with the profiler's own.
 int64_t monotonic_ns() {
@@ -295,16 +403,20 @@ std::pair<int64_t, int64_t> split_range(int64_t n, int t, int nt) { return {n * 
 }  // namespace
 
 bool vnni_compiled() { return LEAPLLM_VNNI; }
+bool avx2_compiled() { return LEAPLLM_AVX2; }
 
 // A linear layer with packed int4 or int8 weights: y = x W^T (+ bias).
 struct PackedLinear {
   int64_t out_features, in_features, bits;
-  bool simd;
+  bool simd;  // the VNNI or AVX2 tiles (whichever this build has); else the portable ones
   at::Tensor weight, scales, mins, bias;
+
+  std::string kernel() const { return !simd ? "portable" : LEAPLLM_VNNI ? "VNNI" : "AVX2"; }
 
   PackedLinear(at::Tensor weight_, at::Tensor scales_, c10::optional<at::Tensor> mins_, c10::optional<at::Tensor> bias_,
                int64_t bits_, bool simd_)
-      : bits(bits_), simd(simd_ && LEAPLLM_VNNI), weight(weight_.contiguous()), scales(scales_.contiguous()) {
+      : bits(bits_), simd(simd_ && (LEAPLLM_VNNI || LEAPLLM_AVX2)), weight(weight_.contiguous()),
+        scales(scales_.contiguous()) {
     TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
     TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2, "packed weight must be a 2-D uint8 tensor");
     out_features = weight.size(0);
@@ -332,10 +444,13 @@ struct PackedLinear {
     const int64_t blocks = in_features / BLOCK;
     const uint8_t* w = weight.data_ptr<uint8_t>();
     const int64_t tile_bytes = TILE * in_features * bits / 8;
+    // The AVX2 tiles have 16 registers for their unpacked weights and accumulators: 4 rows at a time,
+    // the tile read again (from L1) for the next 4. A row's result is the same in any group.
+    const int64_t group = simd && LEAPLLM_AVX2 ? 4 : MAX_ROWS;
     for (int64_t n = n0; n < n1; n += TILE) {
       const uint8_t* wt = w + n / TILE * tile_bytes;
-      for (int64_t m0 = 0; m0 < rows; m0 += MAX_ROWS) {
-        const int mt = (int)std::min<int64_t>(MAX_ROWS, rows - m0);
+      for (int64_t m0 = 0; m0 < rows; m0 += group) {
+        const int mt = (int)std::min<int64_t>(group, rows - m0);
         tile(wt, n, a + m0, mt, blocks, out + m0 * ldo + n, ldo);
       }
       if (bias.defined()) {
@@ -351,36 +466,15 @@ struct PackedLinear {
     if (bits == 4) {
       const uint16_t* d = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()) + n * blocks;
       const uint16_t* mn = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()) + n * blocks;
-#if LEAPLLM_VNNI
-      if (simd) {
-        switch (mt) {
-          case 8: return tile_q4_vnni<8>(wt, d, mn, a, blocks, out, ldo);
-          case 7: return tile_q4_vnni<7>(wt, d, mn, a, blocks, out, ldo);
-          case 6: return tile_q4_vnni<6>(wt, d, mn, a, blocks, out, ldo);
-          case 5: return tile_q4_vnni<5>(wt, d, mn, a, blocks, out, ldo);
-          case 4: return tile_q4_vnni<4>(wt, d, mn, a, blocks, out, ldo);
-          case 3: return tile_q4_vnni<3>(wt, d, mn, a, blocks, out, ldo);
-          case 2: return tile_q4_vnni<2>(wt, d, mn, a, blocks, out, ldo);
-          default: return tile_q4_vnni<1>(wt, d, mn, a, blocks, out, ldo);
-        }
-      }
+#if LEAPLLM_VNNI || LEAPLLM_AVX2
+      if (simd)
+        return with_rows(mt, [&](auto r) { tile_q4_simd<decltype(r)::value>(wt, d, mn, a, blocks, out, ldo); });
 #endif
       tile_q4_portable(wt, d, mn, a, mt, blocks, out, ldo);
     } else {
       const float* d = scales.data_ptr<float>() + n;
-#if LEAPLLM_VNNI
-      if (simd) {
-        switch (mt) {
-          case 8: return tile_q8_vnni<8>(wt, d, a, blocks, out, ldo);
-          case 7: return tile_q8_vnni<7>(wt, d, a, blocks, out, ldo);
-          case 6: return tile_q8_vnni<6>(wt, d, a, blocks, out, ldo);
-          case 5: return tile_q8_vnni<5>(wt, d, a, blocks, out, ldo);
-          case 4: return tile_q8_vnni<4>(wt, d, a, blocks, out, ldo);
-          case 3: return tile_q8_vnni<3>(wt, d, a, blocks, out, ldo);
-          case 2: return tile_q8_vnni<2>(wt, d, a, blocks, out, ldo);
-          default: return tile_q8_vnni<1>(wt, d, a, blocks, out, ldo);
-        }
-      }
+#if LEAPLLM_VNNI || LEAPLLM_AVX2
+      if (simd) return with_rows(mt, [&](auto r) { tile_q8_simd<decltype(r)::value>(wt, d, a, blocks, out, ldo); });
 #endif
       tile_q8_portable(wt, d, a, mt, blocks, out, ldo);
     }
@@ -814,7 +908,7 @@ struct DecoderStack {
           // one we wait for shares our core.
           for (int spins = 0; counter.finished.load(std::memory_order_acquire) < total; ++spins) {
             if (spins % 256 == 255) sched_yield();
-#if LEAPLLM_VNNI
+#if defined(__AVX2__) || LEAPLLM_VNNI
             _mm_pause();
 #endif
           }
@@ -832,6 +926,7 @@ struct DecoderStack {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "leapllm CPU kernels: int4/int8 matmuls on int8 activations (AVX-512 VNNI) and a fused decoder layer";
   m.def("vnni_compiled", &vnni_compiled, "whether the AVX-512 VNNI kernels were compiled in");
+  m.def("avx2_compiled", &avx2_compiled, "whether the AVX2 tiles were compiled in (CPUs with AVX2 but no VNNI)");
   pybind11::class_<PackedLinear, std::shared_ptr<PackedLinear>>(m, "PackedLinear")
       .def(pybind11::init<at::Tensor, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, int64_t, bool>(),
            pybind11::arg("weight"), pybind11::arg("scales"), pybind11::arg("mins"), pybind11::arg("bias"),
@@ -844,7 +939,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("in_features", &PackedLinear::in_features)
       .def_readonly("out_features", &PackedLinear::out_features)
       .def_readonly("bits", &PackedLinear::bits)
-      .def_readonly("simd", &PackedLinear::simd);
+      .def_readonly("simd", &PackedLinear::simd)
+      .def_property_readonly("kernel", &PackedLinear::kernel);
   pybind11::class_<DecoderLayer, std::shared_ptr<DecoderLayer>>(m, "DecoderLayer")
       .def(pybind11::init<std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>,
                           std::shared_ptr<PackedLinear>, at::Tensor, at::Tensor, at::Tensor, double, int64_t, int64_t,
