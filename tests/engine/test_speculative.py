@@ -115,19 +115,79 @@ def test_ngram_proposer_continues_the_latest_earlier_occurrence_of_the_longest_m
     assert p.propose(ids + [4, 6, 7], 2) == [4, 6]  # the index grows with the list
 
 
-def test_controller_stops_speculating_while_it_is_slower_than_plain_decoding_and_probes_again():
-    c = SpeculationController(4)
+def simulate(controller, steps: int, plain_s: float, step_s, kept) -> list[int]:
+    """Decode `steps` steps under the controller: a plain step takes plain_s, one with k proposals
+    step_s(k, plain steps since the last speculative one) and keeps kept(k) of them. Returns the k
+    of every step."""
+    ks, run = [], 0
+    for _ in range(steps):
+        k = controller.num_tokens()
+        ks.append(k)
+        if k == 0:
+            controller.record_plain(plain_s)
+            run += 1
+        else:
+            controller.record_speculative(step_s(k, run), k, kept(k))
+            run = 0
+    return ks
+
+
+def test_controller_stops_speculating_while_it_is_slower_than_plain_decoding_and_probes_with_one_token():
+    c = SpeculationController(4, catches_up=True)
     assert c.num_tokens() == 0  # a plain step is measured first
     c.record_plain(0.010)
-    assert c.num_tokens() == 4
-    c.record_speculative(0.030, 4, 0)  # 30 ms for one token: worse than 10 ms
-    assert [c.num_tokens() for _ in range(8)] == [0] * 8
-    assert c.num_tokens() == 3  # probing again, with a smaller k
-    c.record_speculative(0.030, 3, 0)
-    assert [c.num_tokens() for _ in range(16)] == [0] * 16  # twice as long before the next probe
-    assert c.num_tokens() == 2
-    c.record_speculative(0.012, 2, 2)  # 3 tokens in 12 ms
-    assert c.num_tokens() == 3 and c.acceptance_rate == 2 / 9
+    assert c.num_tokens() == 1  # the prior (alpha 1/2, 30% per proposal) favours one proposal
+    c.record_speculative(0.030, 1, 0)  # 30 ms for one token: worse than 10 ms
+    assert simulate(c, 8, 0.010, None, None) == [0] * 8
+    assert c.num_tokens() == 1  # the probe: one proposal
+    c.record_speculative(0.030, 1, 0)
+    # at least four times as long before the next probe (32 steps), here longer: the probe lost
+    # 20 ms, and the next is expected to lose that much per 8 plain steps since (a draft catches
+    # up on them), so probing again would take the loss beyond 2% of the decode time
+    assert simulate(c, 500, 0.010, None, None) == [0] * 500
+    assert c.probe_loss_s == pytest.approx(0.020) and c.acceptance_rate == 0.0
+
+
+@pytest.mark.parametrize("catch_up_s", [0.0, 0.0006, 0.005])
+@pytest.mark.parametrize("verify_s", [0.012, 0.030])
+def test_controller_keeps_a_useless_proposer_within_its_probe_budget(catch_up_s, verify_s):
+    """However long the request, probing a proposer that is never right costs about 2% of the
+    time: a draft model that also catches up on every token since its last step (catch_up_s per
+    token), or a proposer that costs nothing but the verification (n-gram lookup)."""
+    c = SpeculationController(4, catches_up=catch_up_s > 0)
+    ks = simulate(c, 5000, 0.010, lambda k, run: verify_s + catch_up_s * run, lambda k: 0)
+    assert c.elapsed_s / (5000 * 0.010) - 1 < 0.03
+    assert ks.count(1) >= (5 if catch_up_s == 0 else 2)  # probes go on where they cost little
+
+
+def test_controller_picks_the_k_with_the_most_expected_tokens_per_second():
+    c = SpeculationController(7)
+    c.record_plain(0.010)
+    for _ in range(30):  # every proposal kept, 1 ms per proposal: alpha -> 1, so the longest k pays best
+        k = c.num_tokens()
+        assert k >= 1
+        c.record_speculative(0.010 + 0.001 * k, k, k)
+    assert c.num_tokens() == 7
+    # alpha 0.6 and 2 ms per proposal: E(k) / cost(k) peaks at k = 2 (1.96 tokens in 14 ms, against
+    # 1.6 in 12 and 2.18 in 16)
+    c = SpeculationController(7)
+    c.record_plain(0.010)
+    c.kept_w, c.tested_w = 6.0, 10.0
+    for k in range(1, 8):
+        c.cost_s[k] = 0.010 + 0.002 * k
+    assert abs(c.alpha - 0.6) < 1e-9
+    assert c.best_k()[0] == 2 and c.num_tokens() == 2
+    # measured k's set the per-proposal cost of the others: 4 ms here, so k = 3 costs 22 ms
+    c.cost_s = {1: 0.014}
+    assert abs(c.cost(3) - 0.022) < 1e-9
+
+
+def test_controller_counts_kept_proposals_up_to_the_first_rejection_as_tested():
+    c = SpeculationController(4)
+    c.kept_w, c.tested_w = 0.0, 1e-9  # no prior
+    c.record_speculative(None, 4, 2)  # kept 2, the third rejected, the fourth never tested
+    assert abs(c.alpha - 2 / 3) < 1e-6
+    assert c.cost_s == {}  # a time that is not comparable is not a cost
 
 
 # -- single sequence ---------------------------------------------------------------------------

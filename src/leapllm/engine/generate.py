@@ -134,7 +134,8 @@ def generate_stream(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[i
     proposer = controller = None
     if speculative is not None:
         speculative.validate()
-        controller = SpeculationController(speculative.num_speculative_tokens, speculative.adaptive)
+        controller = SpeculationController(speculative.num_speculative_tokens, speculative.adaptive,
+                                            catches_up=speculative.method == "draft")
         if speculative.method == "ngram":
             proposer = NgramProposer(speculative.ngram_max, speculative.ngram_min)
         else:

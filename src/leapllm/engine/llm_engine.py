@@ -104,7 +104,8 @@ class LLMEngine:
                        logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         spec = self.speculative
         if spec is not None:
-            seq.controller = SpeculationController(spec.num_speculative_tokens, spec.adaptive)
+            seq.controller = SpeculationController(spec.num_speculative_tokens, spec.adaptive,
+                                                    catches_up=spec.method == "draft")
             if spec.method == "ngram":
                 seq.ngram = NgramProposer(spec.ngram_max, spec.ngram_min)
             else:
@@ -272,7 +273,7 @@ class LLMEngine:
         """Every decoding sequence's controller learns what this step cost it (speculating or not)."""
         comparable = not step.prefills  # a step that also prefilled says little about decoding
         for seq in step.decodes:
-            if seq.controller is not None and comparable:
+            if seq.controller is not None and comparable and id(seq) not in proposals:
                 seq.controller.record_plain(seconds)
         for seq, _, _ in proposals.values():
             proposed, kept = seq.spec_step

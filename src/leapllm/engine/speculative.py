@@ -34,7 +34,16 @@ from leapllm.engine.sampling import Sampler, SamplingParams
 from leapllm.errors import InvalidRequestError
 
 MAX_SPECULATIVE_TOKENS = 7  # k + 1 verified rows fit the fused kernels' 8-row tiles
-FIRST_BACKOFF = 8  # plain steps after the first speculative step that did not pay
+FIRST_BACKOFF = 8  # plain steps after speculation stopped paying, before the first probe
+# Each probe that does not pay multiplies the next wait by this (8, 32, 128, 512 plain steps).
+BACKOFF_GROWTH = 4
+# What probes may cost, at most, as a fraction of the sequence's decode time so far: a draft model's
+# probe also reads every token since its previous step (its cache catches up, ~0.6 ms a token for a
+# 4-layer int4 draft here, a tenth of a target step), so a fixed schedule of probes would cost a
+# poor draft a fixed share of the time. A probe is made only if the loss so far plus the next
+# probe's expected loss (the last probe's; for a proposer that catches up, scaled by the tokens to
+# catch up) stays within it.
+PROBE_BUDGET = 0.02
 METHODS = ("ngram", "draft")
 
 
@@ -44,7 +53,9 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4  # k: tokens proposed per step at most
     draft_model: object | None = None  # a Transformer (method "draft")
     ngram_max: int = 4  # prompt lookup matches the last ngram_max .. ngram_min tokens, longest first
-    ngram_min: int = 1
+    # Not 1: on the bench's chat answers the token after a single matching token was right 18% of
+    # the time (a verification lost), after two 48%, after four or more 76-90%.
+    ngram_min: int = 2
     adaptive: bool = True  # measure, and stop speculating while it does not pay
     max_batch_size: int = 4  # the serving engine speculates only while at most this many sequences decode
 
@@ -217,23 +228,72 @@ class DraftModelProposer:
 # -- when to speculate -------------------------------------------------------------------------
 
 class SpeculationController:
-    """Chooses k for the next step of one sequence, from measured step times and acceptance.
+    """Chooses k for the next step of one sequence: the k with the most expected tokens per second.
 
-    It keeps a running mean of the time of a plain decode step and of the time per emitted token
-    of a speculative step (proposing included). While speculation is slower per token than plain
-    decoding it is switched off for a number of steps that doubles at each failed probe (8, 16, ...
-    up to `max_backoff`: a draft that never pays costs a handful of probes per request); k itself
-    grows by one after a step that kept every proposal and shrinks by one after a step that kept none.
+    The model (Leviathan et al. 2023, section 3.4): each proposal is kept with probability alpha
+    until the first rejection, so a step with k proposals emits E(k) = (1 - alpha^(k+1)) / (1 - alpha)
+    tokens and costs cost(k) seconds, proposing included. alpha is the kept fraction of the
+    proposals that were put to the test (everything up to and including the first rejection), as a
+    running count that forgets old steps, starting from a prior of 1/2. cost(k) is a running mean of
+    measured steps with k proposals, and where k has not been measured yet, a plain step plus k times
+    the per-proposal cost the measured steps show (PRIOR_MARGINAL of a plain step before any).
+
+    It speculates with the best k while E(k) / cost(k) beats a plain step's 1 / plain_s. Otherwise it
+    decodes plainly and, after FIRST_BACKOFF plain steps (growing BACKOFF_GROWTH-fold at each probe
+    that does not pay, up to max_backoff), probes with one proposal, the cheapest test; only while
+    what the probes lost so far is within PROBE_BUDGET of the decode time, so a useless draft costs
+    about that.
     """
 
-    def __init__(self, k_max: int, adaptive: bool = True, max_backoff: int = 512):
-        self.k_max, self.k = k_max, k_max
+    PRIOR_ALPHA = (1.0, 2.0)  # kept, tested: alpha = 1/2 with the weight of two proposals
+    FORGET = 0.9  # each step's weight in the acceptance counts decays by this per later step
+    PRIOR_MARGINAL = 0.3  # seconds per proposal / seconds of a plain step, until measured
+
+    def __init__(self, k_max: int, adaptive: bool = True, max_backoff: int = 512, catches_up: bool = False):
+        """catches_up: the proposer reads every token since its last proposal first (a draft model)."""
+        self.k_max = k_max
+        self.catches_up = catches_up
         self.adaptive = adaptive
         self.max_backoff = max_backoff
         self.plain_s: float | None = None  # running mean seconds of a plain step
-        self.spec_s_per_token: float | None = None
+        self.cost_s: dict[int, float] = {}  # k -> running mean seconds of a step with k proposals
+        self.kept_w, self.tested_w = self.PRIOR_ALPHA
+        self.off = False  # speculation stopped paying; probing now and then
         self.off_steps, self.backoff = 0, FIRST_BACKOFF
+        self.probing = False  # the last k returned was a probe's
+        self.elapsed_s = 0.0  # decode time measured so far
+        self.probe_loss_s = 0.0  # what probes cost beyond plain steps for the same tokens
+        self.plain_run = 0  # plain steps since the last speculative one
+        self.last_probe = (0.0, 1)  # (loss, plain_run before it) of the last probe
         self.proposed = self.kept = self.steps = 0  # totals, for metrics
+
+    @property
+    def alpha(self) -> float:
+        return self.kept_w / self.tested_w
+
+    def expected_tokens(self, k: int) -> float:
+        a = min(self.alpha, 0.999)
+        return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+    def cost(self, k: int) -> float:
+        if k in self.cost_s:
+            return self.cost_s[k]
+        marginals = [(c - self.plain_s) / j for j, c in self.cost_s.items()]
+        per_proposal = (sum(marginals) / len(marginals) if marginals else self.PRIOR_MARGINAL * self.plain_s)
+        return self.plain_s + k * max(per_proposal, 0.0)
+
+    def best_k(self) -> tuple[int, float]:
+        """(k, expected tokens per second) of the best k >= 1."""
+        return max(((k, self.expected_tokens(k) / self.cost(k)) for k in range(1, self.k_max + 1)),
+                   key=lambda kr: kr[1])
+
+    def pays(self) -> bool:
+        return self.best_k()[1] * self.plain_s > 1.0
+
+    def _back_off(self) -> None:
+        self.off = True
+        self.off_steps = self.backoff
+        self.backoff = min(self.max_backoff, BACKOFF_GROWTH * self.backoff)
 
     def num_tokens(self) -> int:
         """k for the next step; 0: decode plainly."""
@@ -241,37 +301,52 @@ class SpeculationController:
             return self.k_max
         if self.plain_s is None:
             return 0  # measure a plain step first
-        if self.off_steps > 0:
-            self.off_steps -= 1
-            return 0
-        return self.k
+        if self.off:
+            if self.off_steps > 0:
+                self.off_steps -= 1
+                return 0
+            loss, run = self.last_probe
+            expected = loss * max(1.0, self.plain_run / run) if self.catches_up else loss
+            if self.probe_loss_s + expected > PROBE_BUDGET * self.elapsed_s:
+                return 0
+            self.probing = True
+            return 1
+        if self.pays():
+            return self.best_k()[0]
+        self._back_off()
+        self.off_steps -= 1  # this step is the first plain one
+        return 0
 
     def record_plain(self, seconds: float) -> None:
+        self.elapsed_s += seconds
+        self.plain_run += 1
         self.plain_s = seconds if self.plain_s is None else 0.8 * self.plain_s + 0.2 * seconds
 
     def record_speculative(self, seconds: float | None, proposed: int, kept: int) -> None:
         """A verification step kept `kept` of `proposed` tokens; seconds None: its time is not
-        comparable (it also prefilled other requests), so only k learns from it."""
+        comparable (it also prefilled other requests), so only the acceptance learns from it."""
         self.proposed += proposed
         self.kept += kept
         self.steps += 1
-        if kept == proposed:
-            self.k = min(self.k_max, self.k + 1)
-        elif kept == 0:
-            self.k = max(1, self.k - 1)
-        if seconds is None:
-            return
-        per_token = seconds / (kept + 1)
-        self.spec_s_per_token = per_token if self.spec_s_per_token is None else (
-            0.7 * self.spec_s_per_token + 0.3 * per_token)
-        if self.adaptive and self.plain_s is not None and self.spec_s_per_token > self.plain_s:
-            self.off_steps = self.backoff
-            self.backoff = min(self.max_backoff, 2 * self.backoff)
-            self.spec_s_per_token = None  # the next probe starts afresh
-        elif self.adaptive and kept > 0:
-            self.backoff = FIRST_BACKOFF
+        tested = kept + (1 if kept < proposed else 0)
+        self.kept_w = self.FORGET * self.kept_w + kept
+        self.tested_w = self.FORGET * self.tested_w + tested
+        if seconds is not None and proposed > 0:
+            self.elapsed_s += seconds
+            old = self.cost_s.get(proposed)
+            self.cost_s[proposed] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        if self.probing:
+            self.probing = False
+            if seconds is not None and self.plain_s is not None:
+                loss = max(0.0, seconds - (kept + 1) * self.plain_s)
+                self.probe_loss_s += loss
+                self.last_probe = (loss, max(1, self.plain_run))
+            if self.pays():
+                self.off, self.backoff = False, FIRST_BACKOFF
+            else:
+                self._back_off()
+        self.plain_run = 0
 
     @property
     def acceptance_rate(self) -> float:
         return self.kept / self.proposed if self.proposed else 0.0
-
