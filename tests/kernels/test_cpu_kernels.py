@@ -324,3 +324,51 @@ def test_a_fused_step_of_several_tokens_refuses_to_write_past_the_cache_end():
         model.fused_decode.stack.forward(x, cache.k, cache.v, 12)
     with pytest.raises(RuntimeError, match="1 to 8 tokens"):
         model.fused_decode.stack.forward(torch.zeros(9, 128), cache.k, cache.v, 0)
+
+
+def test_paged_decode_attention_reads_the_pool_in_place_as_sdpa_over_the_gathered_keys():
+    """One query token per sequence, grouped-query heads, sequences of different lengths whose slots
+    are scattered over the pool (past a sequence's length, its slots are ignored)."""
+    import math
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    heads, kv_heads, hd, pool_rows = 9, 3, 64, 640
+    k, v = torch.randn(pool_rows, kv_heads, hd), torch.randn(pool_rows, kv_heads, hd)
+    lengths = torch.tensor([37, 30, 20, 1])
+    slots = torch.randint(0, pool_rows, (4, 37))
+    q = torch.randn(4, heads, hd)
+    out = cpu_kernels().paged_decode_attention(q, k, v, slots, lengths, 1 / math.sqrt(hd))
+    mask = (torch.arange(37)[None] < lengths[:, None])[:, None, None, :]
+    ref = F.scaled_dot_product_attention(q.unsqueeze(2), k[slots].transpose(1, 2), v[slots].transpose(1, 2),
+                                         attn_mask=mask, enable_gqa=True).squeeze(2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        cpu_kernels().paged_decode_attention(q, k, v, slots + pool_rows, lengths, 0.125)
+    with pytest.raises(RuntimeError, match="outside 1 .. max_len"):
+        cpu_kernels().paged_decode_attention(q, k, v, slots, lengths + 1, 0.125)
+
+
+def test_paged_cache_attention_on_the_kernel_equals_the_gathered_sdpa_path(monkeypatch):
+    """PagedKVCache.attend for a step of two decodes and a prefill chunk after cached tokens: the
+    decode group read in place by the kernel, or gathered for PyTorch's SDPA, gives the same output."""
+    from leapllm.model.paged_kv_cache import PagedKVCache, build_paged_batch
+
+    torch.manual_seed(1)
+    heads, kv_heads, hd, bs = 6, 2, 32, 4
+    cache = PagedKVCache(1, 16, bs, kv_heads, hd, torch.float32, "cpu")
+    cache.k[0].normal_()
+    cache.v[0].normal_()
+    assert cache.decode_kernels() is not None
+    decodes = [([3, 7, 1], 9), ([5, 2], 6)]  # (block table, position of the new token)
+    prefills = [([8, 9], 2, 3)]  # positions 2 .. 4 of a sequence with 2 cached
+    cache.batch = build_paged_batch(decodes, prefills, bs, torch.device("cpu"))
+    q, k_new, v_new = torch.randn(1, heads, 5, hd), torch.randn(1, kv_heads, 5, hd), torch.randn(1, kv_heads, 5, hd)
+    pools = [t.clone() for t in cache.k + cache.v]
+    fast = cache.attend(0, q, k_new, v_new, grouped=True)
+    cache.k[0].copy_(pools[0])
+    cache.v[0].copy_(pools[1])
+    monkeypatch.setattr(PagedKVCache, "decode_kernels", lambda self: None)
+    slow = cache.attend(0, q, k_new, v_new, grouped=True)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)

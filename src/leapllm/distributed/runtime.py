@@ -122,7 +122,7 @@ def batch_message(batch: PagedAttentionBatch, block_size: int) -> tuple[dict, li
     decode_groups, prefills = [], []
     for g in batch.decode_groups:
         decode_groups.append([g.start, g.end, g.slots.shape[1]])
-        tensors += [g.slots[:, ::block_size] // block_size, g.mask.flatten(1).sum(dim=1)]  # block tables, lengths
+        tensors += [g.slots[:, ::block_size] // block_size, g.lengths]  # block tables, lengths
     for c in batch.prefills:
         prefills.append([c.start, c.end, c.slots is not None])
         if c.slots is not None:
@@ -142,7 +142,8 @@ def batch_from_message(header: dict, tensors: list[torch.Tensor], block_size: in
     for start, end, max_len in header["decode_groups"]:
         tables, lengths = next(it), next(it)
         mask = torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
-        groups.append(DecodeGroup(start, end, slots_of(tables, max_len, block_size), mask[:, None, None, :]))
+        groups.append(DecodeGroup(start, end, slots_of(tables, max_len, block_size), mask[:, None, None, :],
+                                  lengths.long()))
     prefills = []
     for start, end, cached in header["prefills"]:
         if not cached:

@@ -923,10 +923,89 @@ struct DecoderStack {
   }
 };
 
+// Attention of one new token per sequence over its keys and values in a paged pool (the serving
+// engine's decode steps), read where they lie in the pool instead of gathered into a padded copy
+// first: q (d, heads, hd); k_pool, v_pool (slots, kv_heads, hd); slots (d, max_len) int64, the pool
+// rows of each sequence's positions (anything past its length is ignored); lengths (d,) int64.
+// All float32 -> (d, heads, hd). Query head h reads kv head h / (heads / kv_heads).
+at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, at::Tensor slots,
+                                  at::Tensor lengths, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_pool.scalar_type() == at::kFloat &&
+                  v_pool.scalar_type() == at::kFloat, "paged_decode_attention takes float32 queries and pools");
+  TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && v_pool.sizes() == k_pool.sizes() && k_pool.size(2) == q.size(2),
+              "q must be (d, heads, hd) and the pools (slots, kv_heads, hd)");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 2 && slots.size(0) == q.size(0) &&
+                  lengths.scalar_type() == at::kLong && lengths.numel() == q.size(0),
+              "slots must be int64 (d, max_len) and lengths int64 (d,)");
+  const int64_t d = q.size(0), heads = q.size(1), hd = q.size(2), kv_heads = k_pool.size(1);
+  TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of kv heads");
+  const int64_t group = heads / kv_heads, max_len = slots.size(1), pool_rows = k_pool.size(0);
+  q = q.contiguous();
+  k_pool = k_pool.contiguous();
+  v_pool = v_pool.contiguous();
+  slots = slots.contiguous();
+  lengths = lengths.contiguous();
+  const int64_t* len_p = lengths.data_ptr<int64_t>();
+  const int64_t* slot_p = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < d; ++b) {
+    TORCH_CHECK(len_p[b] >= 1 && len_p[b] <= max_len, "a length is outside 1 .. max_len");
+    for (int64_t t = 0; t < len_p[b]; ++t)
+      TORCH_CHECK(slot_p[b * max_len + t] >= 0 && slot_p[b * max_len + t] < pool_rows, "a slot is outside the pool");
+  }
+  auto out = at::empty_like(q);
+  const float *qp = q.data_ptr<float>(), *kp = k_pool.data_ptr<float>(), *vp = v_pool.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, d * kv_heads, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(group * max_len);
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t b = item / kv_heads, g = item % kv_heads, len = len_p[b];
+      const int64_t* sl = slot_p + b * max_len;
+      const float* qg = qp + (b * heads + g * group) * hd;  // the group's queries, one after another
+      float* og = op + (b * heads + g * group) * hd;
+      for (int64_t t = 0; t < len; ++t) {  // each key read once for all the group's queries
+        const float* key = kp + (sl[t] * kv_heads + g) * hd;
+        for (int64_t j = 0; j < group; ++j) {
+          const float* qj = qg + j * hd;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t i = 0; i < hd; ++i) dot += qj[i] * key[i];
+          scores[j * max_len + t] = dot * (float)scale;
+        }
+      }
+      for (int64_t j = 0; j < group; ++j) {
+        float* sc = scores.data() + j * max_len;
+        float best = -INFINITY, sum = 0.f;
+        for (int64_t t = 0; t < len; ++t) best = std::max(best, sc[t]);
+        for (int64_t t = 0; t < len; ++t) {
+          sc[t] = std::exp(sc[t] - best);
+          sum += sc[t];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < len; ++t) sc[t] *= inv;
+        std::fill(og + j * hd, og + (j + 1) * hd, 0.f);
+      }
+      for (int64_t t = 0; t < len; ++t) {
+        const float* val = vp + (sl[t] * kv_heads + g) * hd;
+        for (int64_t j = 0; j < group; ++j) {
+          const float p = scores[j * max_len + t];
+          float* o = og + j * hd;
+#pragma omp simd
+          for (int64_t i = 0; i < hd; ++i) o[i] += p * val[i];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "leapllm CPU kernels: int4/int8 matmuls on int8 activations (AVX-512 VNNI) and a fused decoder layer";
   m.def("vnni_compiled", &vnni_compiled, "whether the AVX-512 VNNI kernels were compiled in");
   m.def("avx2_compiled", &avx2_compiled, "whether the AVX2 tiles were compiled in (CPUs with AVX2 but no VNNI)");
+  m.def("paged_decode_attention", &paged_decode_attention, pybind11::arg("q"), pybind11::arg("k_pool"),
+        pybind11::arg("v_pool"), pybind11::arg("slots"), pybind11::arg("lengths"), pybind11::arg("scale"),
+        "attention of one new token per sequence over its keys and values in a paged pool",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<PackedLinear, std::shared_ptr<PackedLinear>>(m, "PackedLinear")
       .def(pybind11::init<at::Tensor, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, int64_t, bool>(),
            pybind11::arg("weight"), pybind11::arg("scales"), pybind11::arg("mins"), pybind11::arg("bias"),

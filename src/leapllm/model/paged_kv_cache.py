@@ -19,6 +19,7 @@ make every short one pay for their padding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,16 @@ class PagedKVCache:
         v = (self.v[layer][slots].float() * self.v_scale[layer][slots]).to(self.dtype)
         return k, v
 
+    def decode_kernels(self):
+        """leapllm's CPU kernels when decode attention can read this pool in place (float32 on the
+        CPU, kernels built); else None, and decode groups are gathered and padded for PyTorch's SDPA.
+        The in-place read skips copying every sequence's keys and values each layer and step, which
+        took more time than the attention itself at 16 sequences."""
+        if self.quantized or self.dtype != torch.float32 or self.k[0].device.type != "cpu":
+            return None
+        from leapllm.kernels import cpu_kernels
+        return cpu_kernels()
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouped: bool) -> torch.Tensor:
         """q (1, heads, T, hd), k/v (1, kv_heads, T, hd) for the step's T flattened tokens -> (1, heads, T, hd).
 
@@ -93,7 +104,14 @@ class PagedKVCache:
         b = self.batch
         self.store(layer, b.slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (T, kv_heads, hd)
         outs = []
+        kernels = self.decode_kernels()
         for g in b.decode_groups:
+            if kernels is not None:
+                qd = q[0, :, g.start:g.end].transpose(0, 1).contiguous()  # (d, heads, hd)
+                od = kernels.paged_decode_attention(qd, self.k[layer], self.v[layer], g.slots, g.lengths,
+                                                    1.0 / math.sqrt(q.shape[-1]))
+                outs.append(od.transpose(0, 1))  # (heads, d, hd)
+                continue
             qd = q[0, :, g.start:g.end].transpose(0, 1).unsqueeze(2)  # (d, heads, 1, hd)
             kd, vd = self.gather(layer, g.slots)  # (d, max_len, kv_heads, hd)
             kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # (d, kv_heads, max_len, hd)
@@ -120,6 +138,7 @@ class DecodeGroup:
     end: int
     slots: torch.Tensor  # (end - start, max_len) slots of each sequence's positions, padded
     mask: torch.Tensor  # (end - start, 1, 1, max_len) bool, True where a key is real
+    lengths: torch.Tensor  # (end - start,) int64: how many of each row's slots are real
 
 
 @dataclass
@@ -174,9 +193,9 @@ def build_paged_batch(decodes: list[tuple[list[int], int]], prefills: list[tuple
             slot_mapping.append(table[pos // block_size] * block_size + pos % block_size)
             positions.append(pos)
         slots = slot_table([table for table, _ in decodes[start:end]], max_len, block_size, device)
-        lengths_t = torch.tensor(lengths[start:end], device=device)
+        lengths_t = torch.tensor(lengths[start:end], dtype=torch.long, device=device)
         mask = (torch.arange(max_len, device=device)[None, :] < lengths_t[:, None])[:, None, None, :]
-        groups.append(DecodeGroup(start, end, slots, mask))
+        groups.append(DecodeGroup(start, end, slots, mask, lengths_t))
         start = end
     chunks = []
     offset = len(decodes)
