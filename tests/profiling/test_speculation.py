@@ -10,7 +10,8 @@ REPETITIVE = "one two three four five six seven eight nine ten. one two three fo
 
 def test_speculation_profile_counts_acceptance_and_times_and_checks_the_output(llm):
     ids = llm.encode(REPETITIVE)
-    spec = SpeculativeConfig("ngram", 4, adaptive=False)
+    # ngram_min=1: the lookup must find something within 12 tokens; what is pinned here is the counts
+    spec = SpeculativeConfig("ngram", 4, adaptive=False, ngram_min=1)
     s = profile_speculation(llm.model, llm.tokenizer, spec, ids, 12)
     assert s["identical_to_plain"] is True
     assert s["verification_steps"] > 0 and 0 <= s["accepted_tokens"] <= s["proposed_tokens"]
