@@ -287,8 +287,9 @@ class SpeculationController:
         return max(((k, self.expected_tokens(k) / self.cost(k)) for k in range(1, self.k_max + 1)),
                    key=lambda kr: kr[1])
 
-    def pays(self) -> bool:
-        return self.best_k()[1] * self.plain_s > 1.0
+    def pays(self, rate: float) -> bool:
+        """Whether `rate` expected tokens per second beat a plain step."""
+        return rate * self.plain_s > 1.0
 
     def _back_off(self) -> None:
         self.off = True
@@ -311,8 +312,9 @@ class SpeculationController:
                 return 0
             self.probing = True
             return 1
-        if self.pays():
-            return self.best_k()[0]
+        k, rate = self.best_k()
+        if self.pays(rate):
+            return k
         self._back_off()
         self.off_steps -= 1  # this step is the first plain one
         return 0
@@ -341,7 +343,7 @@ class SpeculationController:
                 loss = max(0.0, seconds - (kept + 1) * self.plain_s)
                 self.probe_loss_s += loss
                 self.last_probe = (loss, max(1, self.plain_run))
-            if self.pays():
+            if self.pays(self.best_k()[1]):
                 self.off, self.backoff = False, FIRST_BACKOFF
             else:
                 self._back_off()
