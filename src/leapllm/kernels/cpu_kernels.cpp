@@ -547,6 +547,161 @@ struct PackedLinear {
   }
 };
 
+// ---- attention of one query token over n positions ----
+// The fused decode step (a contiguous cache, cut in spans) and paged_decode_attention (rows scattered
+// in a pool) share these three steps; key(s) and value(s) give position s's row of hd floats. Each
+// position's score and each output lane are computed by the same instructions wherever the position
+// falls in the loop, so a token's attention has the same bits in a one-token step and in a
+// multi-token verification (speculative decoding relies on it).
+#if defined(__AVX2__) && defined(__FMA__)
+// exp(x) for a vector (Cephes' single-precision exp: a polynomial on x - n ln 2, times 2^n), within
+// 2 ulp of std::exp; 0 below -87.3 (where exp leaves the normal floats).
+inline __m256 exp_ps(__m256 x) {
+  const __m256 low = _mm256_set1_ps(-87.3365478515625f);
+  const __m256 in_range = _mm256_cmp_ps(x, low, _CMP_GE_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), low);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow2n)), in_range);
+}
+
+// The 8 lane sums of v[0..7], as one vector (lane p: v[p]'s sum, always in the same order).
+inline __m256 lane_sums8(const __m256* v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+inline float lane_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// out[0 .. 8 NV) = sum over s of p[s] * row(s)[0 .. 8 NV), NV vectors kept in registers.
+template <int NV, class Row>
+void weighted_rows(const float* p, int64_t n, Row row, int64_t offset, float* out) {
+  __m256 acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < n; ++s) {
+    const float* r = row(s) + offset;
+    const __m256 ps = _mm256_set1_ps(p[s]);
+    for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(ps, _mm256_loadu_ps(r + 8 * v), acc[v]);
+  }
+  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + 8 * v, acc[v]);
+}
+#endif
+
+// scores[j * n + s] = scale * (q_j . key(s)) for the group's query rows q (group, hd), s < n.
+template <class Row>
+void attention_scores(const float* q, int64_t group, int64_t hd, int64_t n, Row key, float scale, float* scores) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (hd % 8 == 0) {
+    const __m256 sv = _mm256_set1_ps(scale);
+    for (int64_t s0 = 0; s0 < n; s0 += 8) {  // 8 positions at a time: their 8 dot products reduce together
+      const int64_t count = std::min<int64_t>(8, n - s0);
+      const float* k[8];
+      for (int64_t p = 0; p < count; ++p) k[p] = key(s0 + p);
+      for (int64_t j = 0; j < group; ++j) {
+        const float* qj = q + j * hd;
+        __m256 acc[8];
+        for (int p = 0; p < 8; ++p) acc[p] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < hd; i += 8) {
+          const __m256 qv = _mm256_loadu_ps(qj + i);
+          for (int64_t p = 0; p < count; ++p) acc[p] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[p] + i), acc[p]);
+        }
+        const __m256 dots = _mm256_mul_ps(lane_sums8(acc), sv);
+        if (count == 8) {
+          _mm256_storeu_ps(scores + j * n + s0, dots);
+        } else {
+          alignas(32) float tail[8];
+          _mm256_store_ps(tail, dots);
+          std::memcpy(scores + j * n + s0, tail, count * sizeof(float));
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t s = 0; s < n; ++s) {  // each key read once for all the group's queries
+    const float* k = key(s);
+    for (int64_t j = 0; j < group; ++j) {
+      const float* qj = q + j * hd;
+      float dot = 0.f;
+      for (int64_t i = 0; i < hd; ++i) dot += qj[i] * k[i];
+      scores[j * n + s] = dot * scale;
+    }
+  }
+}
+
+// sc[0 .. n) -> exp(sc - max); returns (max, sum of the exps).
+std::pair<float, float> exp_shifted(float* sc, int64_t n) {
+  float best = -INFINITY;
+  for (int64_t s = 0; s < n; ++s) best = std::max(best, sc[s]);
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 bv = _mm256_set1_ps(best);
+  __m256 sum = _mm256_setzero_ps();
+  int64_t s = 0;
+  for (; s + 8 <= n; s += 8) {
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sc + s), bv));
+    _mm256_storeu_ps(sc + s, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  if (s < n) {  // the tail through the same vector code, its unused lanes left out of the sum
+    alignas(32) float tail[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    std::memcpy(tail, sc + s, (n - s) * sizeof(float));
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_load_ps(tail), bv));
+    _mm256_store_ps(tail, e);
+    std::memcpy(sc + s, tail, (n - s) * sizeof(float));
+    const __m256 used = _mm256_cmp_ps(_mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f),
+                                      _mm256_set1_ps((float)(n - s)), _CMP_LT_OQ);
+    sum = _mm256_add_ps(sum, _mm256_and_ps(e, used));
+  }
+  return {best, lane_sum(sum)};
+#else
+  float sum = 0.f;
+  for (int64_t s = 0; s < n; ++s) {
+    sc[s] = std::exp(sc[s] - best);
+    sum += sc[s];
+  }
+  return {best, sum};
+#endif
+}
+
+// out[0 .. hd) = sum over s < n of p[s] * value(s).
+template <class Row>
+void weighted_value_sum(const float* p, int64_t n, Row value, int64_t hd, float* out) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (hd % 64 == 0) {
+    for (int64_t c = 0; c < hd; c += 64) weighted_rows<8>(p, n, value, c, out + c);
+    return;
+  }
+  if (hd % 32 == 0) {
+    for (int64_t c = 0; c < hd; c += 32) weighted_rows<4>(p, n, value, c, out + c);
+    return;
+  }
+  if (hd % 8 == 0) {
+    for (int64_t c = 0; c < hd; c += 8) weighted_rows<1>(p, n, value, c, out + c);
+    return;
+  }
+#endif
+  std::fill(out, out + hd, 0.f);
+  for (int64_t s = 0; s < n; ++s) {
+    const float* v = value(s);
+    for (int64_t i = 0; i < hd; ++i) out[i] += p[s] * v[i];
+  }
+}
+
 // One Llama block's weights and shapes (RMSNorm, fused QKV, rotary, grouped-query attention over a
 // contiguous float32 KV cache, output projection, RMSNorm, fused gate/up, SiLU * up, down
 // projection, residuals); DecoderStack runs a batch-1 decode step through all of them.
@@ -726,52 +881,31 @@ struct DecoderStack {
         }
         const float softmax_scale = 1.f / std::sqrt((float)hd);
         const float* q_row = qkv_out.data() + t * max_qkv;
-        for (int64_t j = 0; j < group; ++j)  // the group's queries, rotated and pre-scaled
+        for (int64_t j = 0; j < group; ++j)  // the group's queries, rotated
           l.rotate(q_row + (g * group + j) * hd, q_rot.data() + j * hd, st.rot_cos + t * half, st.rot_sin + t * half);
         const int64_t span_len = s1 - s0;
-        // Positions s0 .. split - 1 are cached, split .. s1 - 1 this call's own. Two plain loops rather
-        // than a test per position: the compiler would split that loop itself and lose the simd
-        // reduction in one copy (another summation order than the one-token step's).
+        // Positions s0 .. split - 1 are cached, split .. s1 - 1 this call's own.
         const int64_t split = std::min(std::max(s0, pos), s1);
-        auto score = [&](int64_t s, const float* key) {  // each key read once for all the group's queries
-          for (int64_t j = 0; j < group; ++j) {
-            const float* q = q_rot.data() + j * hd;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < hd; ++i) dot += q[i] * key[i];
-            scores[j * span_len + s - s0] = dot * softmax_scale;
-          }
+        auto key = [&](int64_t i) {
+          const int64_t s = s0 + i;
+          return s < split ? k_cache + s * hd : k_rot.data() + (s - pos) * hd;
         };
-        for (int64_t s = s0; s < split; ++s) score(s, k_cache + s * hd);
-        for (int64_t s = split; s < s1; ++s) score(s, k_rot.data() + (s - pos) * hd);
+        auto value = [&](int64_t i) {
+          const int64_t s = s0 + i;
+          return s < split ? v_cache + s * hd : new_value(s);
+        };
+        attention_scores(q_rot.data(), group, hd, span_len, key, softmax_scale, scores.data());
         // token t's partial softmaxes, (rows, heads, max_spans, hd + 2)
         float* token_partials = partials.data() + t * l.heads * max_spans * (hd + 2);
         for (int64_t j = 0; j < group; ++j) {
           // this span's partial softmax: its max, sum of exp, and unnormalized output (merged in phase 2)
           float* part = token_partials + ((g * group + j) * max_spans + span) * (hd + 2);
           float* sc = scores.data() + j * span_len;
-          float best = -INFINITY;
-          for (int64_t s = 0; s < span_len; ++s) best = std::max(best, sc[s]);
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t s = 0; s < span_len; ++s) {
-            sc[s] = std::exp(sc[s] - best);
-            sum += sc[s];
-          }
+          const auto [best, sum] = exp_shifted(sc, span_len);
           part[0] = best;
           part[1] = sum;
-          std::fill(part + 2, part + 2 + hd, 0.f);
+          weighted_value_sum(sc, span_len, value, hd, part + 2);
         }
-        auto add_value = [&](int64_t s, const float* val) {
-          for (int64_t j = 0; j < group; ++j) {
-            float* out = token_partials + ((g * group + j) * max_spans + span) * (hd + 2) + 2;
-            const float p = scores[j * span_len + s - s0];
-#pragma omp simd
-            for (int64_t i = 0; i < hd; ++i) out[i] += p * val[i];
-          }
-        };
-        for (int64_t s = s0; s < split; ++s) add_value(s, v_cache + s * hd);
-        for (int64_t s = split; s < s1; ++s) add_value(s, new_value(s));
         break;
       }
       case 2:  // output projection, added to the residual stream (each tile its own columns of x)
@@ -962,36 +1096,14 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_
       const int64_t* sl = slot_p + b * max_len;
       const float* qg = qp + (b * heads + g * group) * hd;  // the group's queries, one after another
       float* og = op + (b * heads + g * group) * hd;
-      for (int64_t t = 0; t < len; ++t) {  // each key read once for all the group's queries
-        const float* key = kp + (sl[t] * kv_heads + g) * hd;
-        for (int64_t j = 0; j < group; ++j) {
-          const float* qj = qg + j * hd;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < hd; ++i) dot += qj[i] * key[i];
-          scores[j * max_len + t] = dot * (float)scale;
-        }
-      }
+      auto key = [&](int64_t t) { return kp + (sl[t] * kv_heads + g) * hd; };
+      auto value = [&](int64_t t) { return vp + (sl[t] * kv_heads + g) * hd; };
+      attention_scores(qg, group, hd, len, key, (float)scale, scores.data());
       for (int64_t j = 0; j < group; ++j) {
-        float* sc = scores.data() + j * max_len;
-        float best = -INFINITY, sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) best = std::max(best, sc[t]);
-        for (int64_t t = 0; t < len; ++t) {
-          sc[t] = std::exp(sc[t] - best);
-          sum += sc[t];
-        }
-        const float inv = 1.f / sum;
+        float* sc = scores.data() + j * len;
+        const float inv = 1.f / exp_shifted(sc, len).second;
         for (int64_t t = 0; t < len; ++t) sc[t] *= inv;
-        std::fill(og + j * hd, og + (j + 1) * hd, 0.f);
-      }
-      for (int64_t t = 0; t < len; ++t) {
-        const float* val = vp + (sl[t] * kv_heads + g) * hd;
-        for (int64_t j = 0; j < group; ++j) {
-          const float p = scores[j * max_len + t];
-          float* o = og + j * hd;
-#pragma omp simd
-          for (int64_t i = 0; i < hd; ++i) o[i] += p * val[i];
-        }
+        weighted_value_sum(sc, len, value, hd, og + j * hd);
       }
     }
   });
