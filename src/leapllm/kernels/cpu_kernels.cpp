@@ -786,6 +786,21 @@ void weighted_value_sum(const float* p, int64_t n, Row value, int64_t hd, float*
   }
 }
 
+// out[r] = SiLU(gate[r]) * gate[inter + r] for the TILE channels of one tile (gate: its gate rows;
+// the up rows are inter further on).
+inline void silu_times(const float* gate, int64_t inter, float* out) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (int r = 0; r < TILE; r += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + r);
+    const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(out + r, _mm256_mul_ps(silu, _mm256_loadu_ps(gate + inter + r)));
+  }
+#else
+  for (int r = 0; r < TILE; ++r) out[r] = gate[r] / (1.f + std::exp(-gate[r])) * gate[inter + r];
+#endif
+}
+
 // One Llama block's weights and shapes (RMSNorm, fused QKV, rotary, grouped-query attention over a
 // contiguous float32 KV cache, output projection, RMSNorm, fused gate/up, SiLU * up, down
 // projection, residuals); DecoderStack runs a batch-1 decode step through all of them.
@@ -1026,13 +1041,8 @@ struct DecoderStack {
         }
         l.gate_up->compute_rows(w.ap, rows, n, n + TILE, gate_up_out.data(), 2 * max_inter);
         l.gate_up->compute_rows(w.ap, rows, inter + n, inter + n + TILE, gate_up_out.data(), 2 * max_inter);
-        for (int64_t t = 0; t < rows; ++t) {
-          const float* gate_up = gate_up_out.data() + t * 2 * max_inter;
-          for (int64_t r = n; r < n + TILE; ++r) {
-            const float gv = gate_up[r];
-            act[t * max_inter + r] = gv / (1.f + std::exp(-gv)) * gate_up[inter + r];
-          }
-        }
+        for (int64_t t = 0; t < rows; ++t) silu_times(gate_up_out.data() + t * 2 * max_inter + n, inter,
+                                                      act.data() + t * max_inter + n);
         break;
       default:  // down projection, added to the residual stream
         if (!prepared)
