@@ -762,27 +762,21 @@ std::pair<float, float> exp_shifted(float* sc, int64_t n) {
 #endif
 }
 
-// out[0 .. hd) = sum over s < n of p[s] * value(s).
+// out[0 .. hd) = sum over s < n of p[s] * value(s): the widest register blocks first (64, 32, 8
+// lanes: one pass over the positions each), the last hd % 8 lanes in scalar code.
 template <class Row>
 void weighted_value_sum(const float* p, int64_t n, Row value, int64_t hd, float* out) {
+  int64_t c = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  if (hd % 64 == 0) {
-    for (int64_t c = 0; c < hd; c += 64) weighted_rows<8>(p, n, value, c, out + c);
-    return;
-  }
-  if (hd % 32 == 0) {
-    for (int64_t c = 0; c < hd; c += 32) weighted_rows<4>(p, n, value, c, out + c);
-    return;
-  }
-  if (hd % 8 == 0) {
-    for (int64_t c = 0; c < hd; c += 8) weighted_rows<1>(p, n, value, c, out + c);
-    return;
-  }
+  for (; c + 64 <= hd; c += 64) weighted_rows<8>(p, n, value, c, out + c);
+  for (; c + 32 <= hd; c += 32) weighted_rows<4>(p, n, value, c, out + c);
+  for (; c + 8 <= hd; c += 8) weighted_rows<1>(p, n, value, c, out + c);
 #endif
-  std::fill(out, out + hd, 0.f);
+  if (c == hd) return;
+  std::fill(out + c, out + hd, 0.f);
   for (int64_t s = 0; s < n; ++s) {
     const float* v = value(s);
-    for (int64_t i = 0; i < hd; ++i) out[i] += p[s] * v[i];
+    for (int64_t i = c; i < hd; ++i) out[i] += p[s] * v[i];
   }
 }
 
