@@ -14,6 +14,7 @@ from leapllm.compression.int8 import Int8Linear, quantize_per_channel_int8
 from leapllm.compression.quantize import quantize_model
 from leapllm.kernels import cpu_kernels, why_unavailable
 from leapllm.kernels.packing import (
+    move_to_huge_pages,
     pack_int4,
     pack_int8,
     packed_linear,
@@ -324,6 +325,67 @@ def test_a_fused_step_of_several_tokens_refuses_to_write_past_the_cache_end():
         model.fused_decode.stack.forward(x, cache.k, cache.v, 12)
     with pytest.raises(RuntimeError, match="1 to 8 tokens"):
         model.fused_decode.stack.forward(torch.zeros(9, 128), cache.k, cache.v, 0)
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+@torch.inference_mode()
+def test_a_fused_step_gives_the_same_bits_on_any_number_of_threads(method):
+    """Each thread streams its own range of every phase's items and takes over the others' leftovers:
+    whichever thread computes an item, it computes it the same way, so 1, 2 or 3 threads (the step
+    cut into other ranges) give bit-identical logits and caches, one token or several."""
+    model = small_decoder(seed=2)
+    quantize_model(model, method, 32)
+    prompt_len = 150  # two attention spans per kv head, whatever the thread count
+    prefill = prefilled(model, torch.randint(0, 320, (1, prompt_len)), prompt_len + 8, fused=True)
+    new = torch.randint(0, 320, (1, 4))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            cache = model.new_kv_cache(1, prompt_len + 8)
+            for mine, source in zip(cache.k + cache.v, prefill.k + prefill.v):
+                mine.copy_(source)
+            logits = torch.cat([model(new[:, :1], prompt_len, cache), model(new[:, 1:], prompt_len + 1, cache)], dim=1)
+            results.append((logits, cache))
+    finally:
+        torch.set_num_threads(threads)
+    assert model.fused_decode is not None and model.fused_decode.computes_logits
+    for logits, cache in results[1:]:
+        assert torch.equal(logits, results[0][0])
+        assert all(torch.equal(a, b) for a, b in zip(cache.k + cache.v, results[0][1].k + results[0][1].v))
+
+
+def test_tensors_copied_into_huge_pages_keep_their_values_and_outlive_the_originals():
+    import gc
+
+    torch.manual_seed(0)
+    tensors = [torch.randint(0, 256, (1000,), dtype=torch.uint8), torch.randn(3, 5).half(), torch.randn(7)]
+    copies = cpu_kernels().copy_into_huge_pages(tensors)
+    for t, c in zip(tensors, copies):
+        assert c.dtype == t.dtype and c.shape == t.shape and torch.equal(c, t)
+        assert c.data_ptr() != t.data_ptr() and c.data_ptr() % 64 == 0
+    expected = [t.clone() for t in tensors]
+    copies[2].zero_()  # a copy of its own: the original is untouched
+    assert torch.equal(tensors[2], expected[2])
+    del tensors
+    gc.collect()
+    assert torch.equal(copies[0], expected[0]) and torch.equal(copies[1], expected[1])
+
+
+@torch.inference_mode()
+def test_layers_moved_to_huge_pages_compute_what_they_computed_before():
+    torch.manual_seed(0)
+    layers = [Int4Linear.from_linear(torch.nn.Linear(64, 48), 32), Int8Linear.from_linear(torch.nn.Linear(96, 32))]
+    inputs = [torch.randn(3, 64), torch.randn(3, 96)]
+    before = [layer(x) for layer, x in zip(layers, inputs)]
+    old = [(layer.packed_linear, layer.packed_weight.data_ptr()) for layer in layers]
+    move_to_huge_pages(layers)
+    for layer, (linear, pointer), x, y in zip(layers, old, inputs, before):
+        assert layer.packed_linear is not linear and layer.packed_weight.data_ptr() != pointer
+        assert torch.equal(layer(x), y)
+    assert "packed_mins" in layers[0].state_dict() and torch.equal(layers[0].state_dict()["packed_weight"],
+                                                                   layers[0].packed_weight)
 
 
 # Head sizes through each of the kernel's vector widths (64, 32 and 8 floats at a time) and its

@@ -155,6 +155,7 @@ def test_a_fused_int4_decode_step_is_profiled_stage_by_stage_from_the_kernels_cl
 
     data = profile_model(model, Bytes(), prompt_len=8, gen_len=3, batch=1)
     assert model.fused_decode is not None  # the decode steps ran fused
+    assert model.fused_decode.computes_logits  # the final norm and the head in the same call
     decode = data["phases"]["decode"]["stages"]
     for stage in ("qkv_proj", "attention", "o_proj", "gate_up_proj", "down_proj", "lm_head"):
         assert decode[stage]["seconds"] > 0, stage

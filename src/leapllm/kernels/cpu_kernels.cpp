@@ -28,6 +28,9 @@
 #include <time.h>
 
 #include <sched.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -73,6 +76,41 @@ void quantize_row(const float* x, int64_t k, QuantizedRow& a) {
     a.block_sum.resize(k / BLOCK);
   }
   float total = 0.f;
+#if defined(__AVX2__)
+  // The same values as the scalar loop below (max, products and round-to-nearest-even are exact
+  // lane by lane, integer sums in any order): a decode step quantizes 4 rows per layer on each thread
+  // before its first tile, so this is on the critical path.
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t b = 0; b < k / BLOCK; ++b) {
+    const float* xb = x + b * BLOCK;
+    __m256 v[4], m = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float amax = _mm_cvtss_f32(m4);
+    const float d = amax / 127.f;
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i)
+      q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    // int32 -> int8, back in order (packs interleave the 128-bit lanes)
+    const __m256i q16 = _mm256_packs_epi32(q[0], q[1]), q16b = _mm256_packs_epi32(q[2], q[3]);
+    const __m256i q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16, q16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i*)(a.q.data() + b * BLOCK), q8);
+    __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    const int sum = _mm_cvtsi128_si32(s4);
+    a.scale[b] = d;
+    a.block_sum[b] = d * (float)sum;
+    total += a.block_sum[b];
+  }
+#else
   for (int64_t b = 0; b < k / BLOCK; ++b) {
     const float* xb = x + b * BLOCK;
     float amax = 0.f;
@@ -89,6 +127,7 @@ void quantize_row(const float* x, int64_t k, QuantizedRow& a) {
     a.block_sum[b] = d * (float)sum;
     total += a.block_sum[b];
   }
+#endif
   a.total = total;
 }
 
@@ -486,6 +525,47 @@ std::pair<int64_t, int64_t> split_range(int64_t n, int t, int nt) { return {n * 
 
 }  // namespace
 
+// Copies of `tensors`, one after another (64-byte aligned) in one block of memory that Linux backs
+// with 2 MiB pages where it can (transparent huge pages, asked for with madvise). A decode step
+// streams ~100 MB of packed weights: on 4 KiB pages that is a TLB miss, and a page walk, every 4 KiB
+// of every stream, which the kernels' prefetches stall on (measured: a decode step x0.93-0.94 of
+// the time on 2 MiB pages). Elsewhere the copies are plain.
+std::vector<at::Tensor> copy_into_huge_pages(const std::vector<at::Tensor>& tensors) {
+  constexpr size_t ALIGN = 64, PAGE = 2 << 20;
+  size_t total = 0;
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu(), "copy_into_huge_pages takes CPU tensors");
+    total += (t.nbytes() + ALIGN - 1) / ALIGN * ALIGN;
+  }
+  std::shared_ptr<char> block;
+  char* base = nullptr;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const size_t size = std::max<size_t>(PAGE, (total + PAGE - 1) / PAGE * PAGE) + PAGE;  // + PAGE: room to align
+  void* raw = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw != MAP_FAILED) {
+    block = std::shared_ptr<char>(static_cast<char*>(raw), [size](char* p) { munmap(p, size); });
+    base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(raw) + PAGE - 1) / PAGE * PAGE);
+    madvise(base, size - PAGE, MADV_HUGEPAGE);  // before the pages are first touched; a no-op where THP is off
+  }
+#endif
+  if (!base) {
+    block = std::shared_ptr<char>(static_cast<char*>(std::aligned_alloc(ALIGN, std::max<size_t>(ALIGN, total))),
+                                  [](char* p) { std::free(p); });
+    TORCH_CHECK(block, "out of memory");
+    base = block.get();
+  }
+  std::vector<at::Tensor> out;
+  size_t offset = 0;
+  for (const auto& t : tensors) {
+    const at::Tensor c = t.contiguous();
+    std::memcpy(base + offset, c.data_ptr(), c.nbytes());
+    // every copy keeps the whole block alive
+    out.push_back(at::from_blob(base + offset, c.sizes(), [block](void*) {}, c.options()));
+    offset += (c.nbytes() + ALIGN - 1) / ALIGN * ALIGN;
+  }
+  return out;
+}
+
 bool vnni_compiled() { return LEAPLLM_VNNI; }
 bool avx2_compiled() { return LEAPLLM_AVX2; }
 
@@ -494,6 +574,11 @@ struct PackedLinear {
   int64_t out_features, in_features, bits;
   bool simd;  // the VNNI or AVX2 tiles (whichever this build has); else the portable ones
   at::Tensor weight, scales, mins, bias;
+  // Their data, read once here: the tiles are called ~10^4 times a step, and a checked data_ptr<T>()
+  // per call cost ~5% of it. scale16 (int4: float16 scales, mins16 their minimums) or scale32 (int8).
+  const uint8_t* weight_data = nullptr;
+  const uint16_t *scale16 = nullptr, *mins16 = nullptr;
+  const float *scale32 = nullptr, *bias_data = nullptr;
 
   std::string kernel() const { return !simd ? "portable" : LEAPLLM_VNNI ? "VNNI" : "AVX2"; }
 
@@ -519,6 +604,14 @@ struct PackedLinear {
     if (bias_.has_value() && bias_->defined()) {
       bias = bias_->to(at::kFloat).contiguous();
       TORCH_CHECK(bias.numel() == out_features, "bias must have out_features values");
+      bias_data = bias.data_ptr<float>();
+    }
+    weight_data = weight.data_ptr<uint8_t>();
+    if (bits == 4) {
+      scale16 = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+      mins16 = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
+    } else {
+      scale32 = scales.data_ptr<float>();
     }
   }
 
@@ -526,7 +619,7 @@ struct PackedLinear {
   void compute_rows(const QuantizedRow* const* a, int64_t rows, int64_t n0, int64_t n1, float* out,
                     int64_t ldo) const {
     const int64_t blocks = in_features / BLOCK;
-    const uint8_t* w = weight.data_ptr<uint8_t>();
+    const uint8_t* w = weight_data;
     const int64_t tile_bytes = TILE * in_features * bits / 8;
     // The AVX2 tiles have 16 registers for their unpacked weights and accumulators: 4 rows at a time,
     // the tile read again (from L1) for the next 4. A row's result is the same in any group.
@@ -537,10 +630,29 @@ struct PackedLinear {
         const int mt = (int)std::min<int64_t>(group, rows - m0);
         tile(wt, n, a + m0, mt, blocks, out + m0 * ldo + n, ldo);
       }
-      if (bias.defined()) {
-        const float* b = bias.data_ptr<float>() + n;
+      if (bias_data) {
+        const float* b = bias_data + n;
         for (int64_t m = 0; m < rows; ++m)
           for (int L = 0; L < TILE; ++L) out[m * ldo + n + L] += b[L];
+      }
+    }
+  }
+
+  // Asks for the first `bytes` of tile n's weights and of its scales (and minimums): what a tile needs
+  // before its own prefetches, which run a few KB ahead of the block being summed, pay off. Issued
+  // by a thread that has finished its share of a phase, for its first tile of a phase to come, so a
+  // phase does not begin with a wait on DRAM.
+  void prefetch_tile(int64_t n, int64_t bytes) const {
+    const int64_t blocks = in_features / BLOCK, tile_bytes = TILE * in_features * bits / 8;
+    const char* wt = reinterpret_cast<const char*>(weight_data) + n / TILE * tile_bytes;
+    for (int64_t c = 0; c < std::min(bytes, tile_bytes); c += 64) __builtin_prefetch(wt + c, 0, 3);
+    if (bits == 4) {
+      const int64_t scale_bytes = std::min(bytes / 8, TILE * blocks * 2);  // 32 bytes per 256-byte block
+      const char* d = reinterpret_cast<const char*>(scale16 + n * blocks);
+      const char* mn = reinterpret_cast<const char*>(mins16 + n * blocks);
+      for (int64_t c = 0; c < scale_bytes; c += 64) {
+        __builtin_prefetch(d + c, 0, 3);
+        __builtin_prefetch(mn + c, 0, 3);
       }
     }
   }
@@ -548,15 +660,15 @@ struct PackedLinear {
   void tile(const uint8_t* wt, int64_t n, const QuantizedRow* const* a, int mt, int64_t blocks, float* out,
             int64_t ldo) const {
     if (bits == 4) {
-      const uint16_t* d = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()) + n * blocks;
-      const uint16_t* mn = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()) + n * blocks;
+      const uint16_t* d = scale16 + n * blocks;
+      const uint16_t* mn = mins16 + n * blocks;
 #if LEAPLLM_VNNI || LEAPLLM_AVX2
       if (simd)
         return with_rows(mt, [&](auto r) { tile_q4_simd<decltype(r)::value>(wt, d, mn, a, blocks, out, ldo); });
 #endif
       tile_q4_portable(wt, d, mn, a, mt, blocks, out, ldo);
     } else {
-      const float* d = scales.data_ptr<float>() + n;
+      const float* d = scale32 + n;
 #if LEAPLLM_VNNI || LEAPLLM_AVX2
       if (simd) return with_rows(mt, [&](auto r) { tile_q8_simd<decltype(r)::value>(wt, d, a, blocks, out, ldo); });
 #endif
@@ -695,14 +807,16 @@ void attention_scores(const float* q, int64_t group, int64_t hd, int64_t n, Row 
     for (int64_t s0 = 0; s0 < n; s0 += 8) {  // 8 positions at a time: their 8 dot products reduce together
       const int64_t count = std::min<int64_t>(8, n - s0);
       const float* k[8];
-      for (int64_t p = 0; p < count; ++p) k[p] = key(s0 + p);
+      for (int64_t p = 0; p < 8; ++p) k[p] = key(s0 + std::min<int64_t>(p, count - 1));  // a short block repeats its last row
       for (int64_t j = 0; j < group; ++j) {
         const float* qj = q + j * hd;
+        // 8 accumulators in registers: every block computes 8 dot products (the fixed trip count
+        // keeps them out of memory); a short block's extra ones are dropped below
         __m256 acc[8];
         for (int p = 0; p < 8; ++p) acc[p] = _mm256_setzero_ps();
         for (int64_t i = 0; i < hd; i += 8) {
           const __m256 qv = _mm256_loadu_ps(qj + i);
-          for (int64_t p = 0; p < count; ++p) acc[p] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[p] + i), acc[p]);
+          for (int p = 0; p < 8; ++p) acc[p] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[p] + i), acc[p]);
         }
         const __m256 dots = _mm256_mul_ps(lane_sums8(acc), sv);
         if (count == 8) {
@@ -824,9 +938,21 @@ struct DecoderLayer {
 
   static void rms_norm(const float* x, const float* w, int64_t n, double eps, float* out) {
     float ss = 0.f;
-    for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+    int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    // the squares summed in 8 lanes (each thread runs every norm before its first tile)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + i);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    a4 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
+    ss = _mm_cvtss_f32(_mm_add_ss(a4, _mm_shuffle_ps(a4, a4, 1)));
+#endif
+    for (; i < n; ++i) ss += x[i] * x[i];
     const float r = 1.f / std::sqrt(ss / (float)n + (float)eps);
-    for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
+    for (i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
   }
 
   // cos and sin of position pos's rotary angles (head_dim / 2 each), as model/llama.py computes them
@@ -856,14 +982,20 @@ struct DecoderLayer {
 //
 // Each layer is five phases: QKV, attention, output projection (+ residual), gate/up (+ SiLU * up),
 // down projection (+ residual). A phase is a list of work items (tiles of 16 output rows, or
-// attention heads) that the threads claim from an atomic counter; a thread moves on to the next
-// phase once every item of this one is done. Nothing waits for a particular thread, only for work:
-// if the OS takes a core away (another process, the server's own threads), the remaining threads
-// do its share, where fixed shares and barriers would stall every phase for a scheduler time slice.
-// A phase's work counters, each on its own cache line.
-struct PhaseCounters {
-  alignas(64) std::atomic<int64_t> claimed{0};
-  alignas(64) std::atomic<int64_t> finished{0};
+// attention heads), cut in one contiguous range per thread; a thread moves on to the next phase
+// once every item of this one is done. Each thread streams its own range of every weight matrix, so
+// its reads are long runs through memory (what the hardware prefetchers and the TLB are good at) and
+// it knows which weights it reads next, before the phase starts. Yet nothing waits for a particular
+// thread, only for work: the items of a range are claimed one by one from its counter, and a thread
+// that has finished its own range claims from the others', so if the OS takes a core away (another
+// process, the server's own threads), the remaining threads do its share, where fixed shares would
+// stall every phase for a scheduler time slice.
+struct alignas(64) RangeCounter {
+  std::atomic<int64_t> next{0};  // the range's first unclaimed item
+  int64_t end = 0;
+};
+struct alignas(64) PhaseCounter {
+  std::atomic<int64_t> finished{0};
 };
 
 struct DecoderStack {
@@ -881,6 +1013,12 @@ struct DecoderStack {
   std::vector<int64_t> token_spans, span_offset;
   int64_t max_spans = 1;
   int64_t max_group = 1;
+  // The model's final RMSNorm and output head, when set_output_head gave them: then forward can also
+  // compute the logits, as one more phase of the same parallel region (work items: tiles of the
+  // vocabulary), instead of a second parallel region and the small PyTorch ops of the norm.
+  at::Tensor final_norm;
+  double final_eps = 0.;
+  std::shared_ptr<PackedLinear> head;
 
   explicit DecoderStack(std::vector<std::shared_ptr<DecoderLayer>> layers_) : layers(std::move(layers_)) {
     TORCH_CHECK(!layers.empty(), "no layers");
@@ -898,6 +1036,14 @@ struct DecoderStack {
     qkv_out.resize(MAX_ROWS * max_qkv);
     gate_up_out.resize(MAX_ROWS * 2 * max_inter);
     act.resize(MAX_ROWS * max_inter);
+  }
+
+  void set_output_head(at::Tensor norm_weight, double eps, std::shared_ptr<PackedLinear> head_) {
+    TORCH_CHECK(norm_weight.numel() == max_hidden, "the final norm must have hidden values");
+    TORCH_CHECK(head_->in_features == max_hidden && !head_->bias.defined(), "the output head takes hidden features, no bias");
+    final_norm = norm_weight.to(at::kFloat).contiguous();
+    final_eps = eps;
+    head = std::move(head_);
   }
 
   int64_t items(const DecoderLayer& l, int phase, int64_t rows) const {
@@ -1047,14 +1193,49 @@ struct DecoderStack {
     }
   }
 
+  // Phase p of a step: p / PHASES is the layer and p % PHASES its phase, p == layers * PHASES the head.
+  // Asks for the weights that item `item` of phase p starts with (PackedLinear::prefetch_tile); the
+  // attention phase reads no weights.
+  void prefetch_item(int64_t p, int64_t item) const {
+    constexpr int64_t AHEAD = 4096;  // about the tiles' own prefetch distance
+    const int64_t li = p / PHASES, n = item * TILE;
+    if (li == (int64_t)layers.size()) return head->prefetch_tile(n, AHEAD);
+    const DecoderLayer& l = *layers[li];
+    switch (p % PHASES) {
+      case 0: return l.qkv->prefetch_tile(n, AHEAD);
+      case 2: return l.o->prefetch_tile(n, AHEAD);
+      case 3:
+        l.gate_up->prefetch_tile(n, AHEAD / 2);
+        return l.gate_up->prefetch_tile(l.intermediate + n, AHEAD / 2);
+      case 4: return l.down->prefetch_tile(n, AHEAD);
+      default: return;
+    }
+  }
+
+  // One tile of the output head for the last `out_rows` of the step's tokens, after the final norm.
+  void run_head_item(int64_t item, bool prepared, int64_t out_rows, ThreadWork& w, const Step& st, float* logits) {
+    const int64_t hidden = max_hidden, first = st.rows - out_rows, n = item * TILE;
+    if (!prepared) {
+      for (int64_t r = 0; r < out_rows; ++r) {
+        DecoderLayer::rms_norm(st.x + (first + r) * hidden, final_norm.data_ptr<float>(), hidden, final_eps,
+                               w.normed.data() + r * hidden);
+        quantize_row(w.normed.data() + r * hidden, hidden, w.a[r]);
+      }
+    }
+    head->compute_rows(w.ap, out_rows, n, n + TILE, logits, head->out_features);
+  }
+
   // x: (T, hidden) float32, T in 1 .. MAX_ROWS (or (hidden,) for one token), the embedded tokens at
   // positions pos .. pos + T - 1; updated in place to the last block's output. The keys and values
   // of those positions are written into the caches; token t attends to positions 0 .. pos + t.
   // marks, optional (layers, 6) int64: clock marks at the start of each layer and the end of each of
   // its phases (QKV with the attention norm, attention with rotary, output projection, gate/up with
-  // the MLP norm and SiLU * up, down projection), for the profiler.
+  // the MLP norm and SiLU * up, down projection), for the profiler; with logits, one more value at the
+  // end: when the output head finished.
+  // logits, optional (R, vocab) float32, R <= T, needs set_output_head: filled with the output head of
+  // the final norm of the last R tokens.
   void forward(at::Tensor x, std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, int64_t pos,
-               c10::optional<at::Tensor> marks) {
+               c10::optional<at::Tensor> marks, c10::optional<at::Tensor> logits) {
     const int64_t n_layers = layers.size();
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && (x.dim() == 1 || x.dim() == 2) &&
                     x.size(-1) == max_hidden, "x must be float32 contiguous (tokens, hidden) or (hidden,)");
@@ -1076,15 +1257,27 @@ struct DecoderStack {
       kc[i] = k.data_ptr<float>();
       vc[i] = v.data_ptr<float>();
     }
+    float* logit = nullptr;
+    int64_t out_rows = 0;
+    if (logits.has_value() && logits->defined()) {
+      TORCH_CHECK(head, "logits need the output head (set_output_head)");
+      TORCH_CHECK(logits->scalar_type() == at::kFloat && logits->is_contiguous() && logits->dim() == 2 &&
+                      logits->size(0) >= 1 && logits->size(0) <= rows && logits->size(1) == head->out_features,
+                  "logits must be contiguous float32 (1 .. tokens, vocab)");
+      logit = logits->data_ptr<float>();
+      out_rows = logits->size(0);
+    }
     int64_t* mark = nullptr;
     if (marks.has_value() && marks->defined()) {
-      TORCH_CHECK(marks->scalar_type() == at::kLong && marks->numel() == n_layers * (PHASES + 1) &&
-                      marks->is_contiguous(), "marks must be int64 (layers, 6)");
+      TORCH_CHECK(marks->scalar_type() == at::kLong && marks->numel() == n_layers * (PHASES + 1) + (logit ? 1 : 0) &&
+                      marks->is_contiguous(), "marks must be int64 (layers, 6), plus one value with logits");
       mark = marks->data_ptr<int64_t>();
     }
-    const int64_t total_phases = n_layers * PHASES;
-    std::unique_ptr<PhaseCounters[]> counters(new PhaseCounters[total_phases]);
+    const int64_t total_phases = n_layers * PHASES + (logit ? 1 : 0);
     const int nthreads = at::get_num_threads();
+    std::unique_ptr<PhaseCounter[]> finished(new PhaseCounter[total_phases]);
+    std::unique_ptr<RangeCounter[]> ranges(new RangeCounter[total_phases * nthreads]);  // phase p's at p * nthreads
+    std::vector<int64_t> phase_items(total_phases);
     if (mark) mark[0] = monotonic_ns();
     // Attention work items: each kv head's positions in spans of at least 64, up to 4 per thread, so
     // a short context is not cut finer than it is worth and a long one keeps every thread busy; each
@@ -1102,6 +1295,15 @@ struct DecoderStack {
     for (int64_t t = 0; t < rows; ++t)  // the same in every layer
       layers[0]->rotary_table(pos + t, rot_cos.data() + t * half, rot_sin.data() + t * half);
     const Step step{x.data_ptr<float>(), kc.data(), vc.data(), max_seq, pos, rows, rot_cos.data(), rot_sin.data()};
+    for (int64_t p = 0; p < total_phases; ++p) {
+      const int64_t total = phase_items[p] =
+          p < n_layers * PHASES ? items(*layers[p / PHASES], p % PHASES, rows) : head->out_features / TILE;
+      for (int t = 0; t < nthreads; ++t) {
+        const auto [r0, r1] = split_range(total, t, nthreads);
+        ranges[p * nthreads + t].next.store(r0, std::memory_order_relaxed);
+        ranges[p * nthreads + t].end = r1;
+      }
+    }
 
 #pragma omp parallel num_threads(nthreads)
     {
@@ -1113,33 +1315,54 @@ struct DecoderStack {
       w.q_rot.resize(max_q);  // a kv head's query heads
       w.scores.resize(max_group * max_seq);
       w.attn.resize(rows * max_q);
-      for (int64_t li = 0; li < n_layers; ++li) {
-        const DecoderLayer& l = *layers[li];
-        for (int phase = 0; phase < PHASES; ++phase) {
-          const int64_t total = items(l, phase, rows);
-          // Claimed a few items at a time: each claim moves a cache line between cores.
-          const int64_t chunk = std::max<int64_t>(1, total / (4 * nthreads));
-          PhaseCounters& counter = counters[li * PHASES + phase];
-          bool prepared = false;  // this thread's quantized input for the phase, made at its first item
-          for (int64_t first; (first = counter.claimed.fetch_add(chunk, std::memory_order_relaxed)) < total;) {
-            const int64_t last = std::min(total, first + chunk);
-            for (int64_t item = first; item < last; ++item, prepared = true) run_item(li, phase, item, prepared, w, step);
-            counter.finished.fetch_add(last - first, std::memory_order_release);
+      const int tid = omp_get_thread_num();
+      // Runs the items of phase p, item(i, prepared) each, and returns once all are done.
+      auto run_phase = [&](int64_t p, auto&& item_fn) {
+        const int64_t total = phase_items[p];
+        bool prepared = false;  // this thread's quantized input for the phase, made at its first item
+        // Its own range first, then the others' leftovers (and the ranges of threads that the team
+        // lacks, if it is smaller than asked for), each from its own counter: uncontended while its
+        // owner claims alone, and the last items go one by one.
+        for (int k = 0; k < nthreads; ++k) {
+          RangeCounter& range = ranges[p * nthreads + (tid + k) % nthreads];
+          int64_t done = 0;
+          for (int64_t item; (item = range.next.fetch_add(1, std::memory_order_relaxed)) < range.end; ++done) {
+            item_fn(item, prepared);
+            prepared = true;
           }
-          // Wait for the items other threads are still computing; yield now and then, in case the
-          // one we wait for shares our core.
-          for (int spins = 0; counter.finished.load(std::memory_order_acquire) < total; ++spins) {
-            if (spins % 256 == 255) sched_yield();
+          if (done) finished[p].finished.fetch_add(done, std::memory_order_release);
+        }
+        // Nothing left to claim: ask for the weights that this thread's range of the next phase with
+        // any starts with, while the other threads finish.
+        for (int64_t next = p + 1; next < total_phases && next <= p + 2; ++next) {
+          if (next % PHASES == 1 && next < n_layers * PHASES) continue;  // attention: no weights
+          const RangeCounter& own = ranges[next * nthreads + tid];
+          const int64_t start = own.next.load(std::memory_order_relaxed);
+          if (start < own.end) prefetch_item(next, start);
+          break;
+        }
+        // Wait for the items other threads are still computing; yield now and then, in case the
+        // one we wait for shares our core.
+        for (int spins = 0; finished[p].finished.load(std::memory_order_acquire) < total; ++spins) {
+          if (spins % 256 == 255) sched_yield();
 #if defined(__AVX2__) || LEAPLLM_VNNI
-            _mm_pause();
+          _mm_pause();
 #endif
-          }
-          if (mark && omp_get_thread_num() == 0) {
+        }
+      };
+      for (int64_t li = 0; li < n_layers; ++li) {
+        for (int phase = 0; phase < PHASES; ++phase) {
+          run_phase(li * PHASES + phase, [&](int64_t item, bool prepared) { run_item(li, phase, item, prepared, w, step); });
+          if (mark && tid == 0) {
             const int64_t now = monotonic_ns();
             mark[li * (PHASES + 1) + phase + 1] = now;
             if (phase == PHASES - 1 && li + 1 < n_layers) mark[(li + 1) * (PHASES + 1)] = now;
           }
         }
+      }
+      if (logit) {
+        run_phase(n_layers * PHASES, [&](int64_t item, bool prepared) { run_head_item(item, prepared, out_rows, w, step, logit); });
+        if (mark && tid == 0) mark[n_layers * (PHASES + 1)] = monotonic_ns();
       }
     }
   }
@@ -1202,6 +1425,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "leapllm CPU kernels: int4/int8 matmuls on int8 activations (AVX-512 VNNI) and a fused decoder layer";
   m.def("vnni_compiled", &vnni_compiled, "whether the AVX-512 VNNI kernels were compiled in");
   m.def("avx2_compiled", &avx2_compiled, "whether the AVX2 tiles were compiled in (CPUs with AVX2 but no VNNI)");
+  m.def("copy_into_huge_pages", &copy_into_huge_pages, pybind11::arg("tensors"),
+        "copies of the tensors in one block of memory on 2 MiB pages where Linux gives them");
   m.def("paged_decode_attention", &paged_decode_attention, pybind11::arg("q"), pybind11::arg("k_pool"),
         pybind11::arg("v_pool"), pybind11::arg("slots"), pybind11::arg("lengths"), pybind11::arg("scale"),
         "attention of one new token per sequence over its keys and values in a paged pool",
@@ -1226,7 +1451,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           int64_t>());
   pybind11::class_<DecoderStack, std::shared_ptr<DecoderStack>>(m, "DecoderStack")
       .def(pybind11::init<std::vector<std::shared_ptr<DecoderLayer>>>())
+      .def("set_output_head", &DecoderStack::set_output_head, pybind11::arg("norm_weight"), pybind11::arg("eps"),
+           pybind11::arg("head"))
       .def("forward", &DecoderStack::forward, pybind11::arg("x"), pybind11::arg("k_caches"), pybind11::arg("v_caches"),
-           pybind11::arg("pos"), pybind11::arg("marks") = pybind11::none(),
+           pybind11::arg("pos"), pybind11::arg("marks") = pybind11::none(), pybind11::arg("logits") = pybind11::none(),
            pybind11::call_guard<pybind11::gil_scoped_release>());
 }

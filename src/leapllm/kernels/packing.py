@@ -87,6 +87,27 @@ def packed_linear(weight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
     return cpu_kernels().PackedLinear(weight, scales, mins, None if bias is None else bias.float(), bits, simd)
 
 
+PACKED_BUFFERS = ("packed_weight", "packed_scales", "packed_mins")
+
+
+def move_to_huge_pages(layers: list) -> None:
+    """Move the packed weights of these layers (Int4Linear / Int8Linear modules running on the packed
+    kernels) into one block of memory on 2 MiB pages, in the order given, and rebuild their PackedLinear.
+
+    A batch-1 decode step streams every weight once; on 4 KiB pages each stream needs a page walk
+    every 4 KiB (cpu_kernels.cpp's copy_into_huge_pages). Give the layers in the order a step reads
+    them. The copies replace the modules' buffers, so the old memory is freed.
+    """
+    names = [[n for n in PACKED_BUFFERS if getattr(layer, n, None) is not None] for layer in layers]
+    copies = iter(cpu_kernels().copy_into_huge_pages([getattr(layer, n) for layer, ns in zip(layers, names) for n in ns]))
+    for layer, ns in zip(layers, names):
+        for n in ns:
+            setattr(layer, n, next(copies))
+        old = layer.packed_linear
+        layer.packed_linear = packed_linear(layer.packed_weight, layer.packed_scales, getattr(layer, "packed_mins", None),
+                                            layer.bias, bits=old.bits, simd=old.simd)
+
+
 # Up to this many activation rows (decode steps of up to 32 sequences) the int8 dot-product tiles are
 # fastest; beyond it (prefill) a GEMM on weights dequantized for the call wins.
 DOT_KERNEL_MAX_ROWS = 32

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from leapllm.kernels import cpu_kernels
+from leapllm.kernels.packing import move_to_huge_pages
 from leapllm.model.kv_cache import KVCache
 
 # The most tokens one fused call takes (MAX_ROWS in kernels/cpu_kernels.cpp: the activation rows
@@ -30,16 +31,22 @@ from leapllm.model.kv_cache import KVCache
 MAX_TOKENS = 8
 
 
+def layer_modules(layer) -> tuple:
+    """A block's four projection modules, in the order a step runs them."""
+    return layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
+
+
 def layer_projections(layer) -> list:
     """The C++ PackedLinear of each of a block's four projections (None where a layer has none)."""
-    return [getattr(m, "packed_linear", None) for m in
-            (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    return [getattr(m, "packed_linear", None) for m in layer_modules(layer)]
 
 
 # The stages between the C++ clock marks of a layer, named as the profiler names the module stages
 # (profiling/stages.py). The C++ phases fold the small steps into their neighbours: the attention
-# norm into "qkv_proj", rotary into "attention", the MLP norm and SiLU*up into "gate_up_proj".
+# norm into "qkv_proj", rotary into "attention", the MLP norm and SiLU*up into "gate_up_proj", and
+# (when the call computes the logits) the final norm into "lm_head".
 MARKED_STAGES = ("qkv_proj", "attention", "o_proj", "gate_up_proj", "down_proj")
+OUTSIDE_LAYERS = -1  # the layer index of the output head's interval (profiling/stages.py's)
 
 
 class FusedDecode:
@@ -50,6 +57,11 @@ class FusedDecode:
         self.stage_intervals: list | None = None
         ext = cpu_kernels()
         config = model.config
+        # Every packed weight a step reads, in the order it reads them, on 2 MiB pages.
+        modules = [m for layer in model.layers for m in layer_modules(layer)]
+        if getattr(model.lm_head, "packed_linear", None) is not None:
+            modules.append(model.lm_head)
+        move_to_huge_pages(modules)
         self.projections = [layer_projections(layer) for layer in model.layers]
         self.stack = ext.DecoderStack([
             ext.DecoderLayer(*packed, layer.attn_norm.weight, layer.mlp_norm.weight, model.inv_freq,
@@ -57,6 +69,12 @@ class FusedDecode:
             for layer, packed in zip(model.layers, self.projections)
         ])
         self.num_layers = len(model.layers)
+        # The final norm and the output head join the same C++ call when the head is packed too.
+        head = getattr(model.lm_head, "packed_linear", None)
+        self.vocab_size = model.config.vocab_size
+        self.computes_logits = head is not None and head.bias is None
+        if self.computes_logits:
+            self.stack.set_output_head(model.norm.weight, model.norm.eps, head)
 
     @staticmethod
     def supports(model) -> bool:
@@ -73,16 +91,33 @@ class FusedDecode:
 
         Their keys and values are written into kv_cache; token t attends to positions 0 .. start_pos + t.
         """
+        self._run(x, start_pos, kv_cache, None)
+        return x
+
+    def logits(self, x: torch.Tensor, start_pos: int, kv_cache: KVCache, last_only: bool) -> torch.Tensor:
+        """As hidden_states, then the final norm and the output head in the same call (needs
+        computes_logits): x (T, hidden) -> float32 logits (T, vocab), or (1, vocab) of the last token
+        with last_only. x is left as the last block's output."""
+        tokens = 1 if x.dim() == 1 else x.shape[0]
+        logits = torch.empty(1 if last_only else tokens, self.vocab_size, dtype=torch.float32)
+        self._run(x, start_pos, kv_cache, logits)
+        return logits
+
+    def _run(self, x: torch.Tensor, start_pos: int, kv_cache: KVCache, logits: torch.Tensor | None) -> None:
         tokens = 1 if x.dim() == 1 else x.shape[0]
         if not 1 <= tokens <= MAX_TOKENS:
             raise ValueError(f"a fused step takes 1 to {MAX_TOKENS} tokens, got {tokens}")
         if start_pos + tokens > kv_cache.max_seq_len:
             raise ValueError(f"KV cache holds {kv_cache.max_seq_len} positions, asked to write up to {start_pos + tokens}")
         if self.stage_intervals is None:
-            self.stack.forward(x, kv_cache.k, kv_cache.v, start_pos)
-            return x
-        marks = torch.empty(self.num_layers, len(MARKED_STAGES) + 1, dtype=torch.int64)
-        self.stack.forward(x, kv_cache.k, kv_cache.v, start_pos, marks)
-        for i, m in enumerate(marks.tolist()):
-            self.stage_intervals += [(stage, i, m[j], m[j + 1]) for j, stage in enumerate(MARKED_STAGES)]
-        return x
+            self.stack.forward(x, kv_cache.k, kv_cache.v, start_pos, None, logits)
+            return
+        per_layer = len(MARKED_STAGES) + 1
+        marks = torch.empty(self.num_layers * per_layer + (logits is not None), dtype=torch.int64)
+        self.stack.forward(x, kv_cache.k, kv_cache.v, start_pos, marks, logits)
+        m = marks.tolist()
+        for i in range(self.num_layers):
+            row = m[i * per_layer:(i + 1) * per_layer]
+            self.stage_intervals += [(stage, i, row[j], row[j + 1]) for j, stage in enumerate(MARKED_STAGES)]
+        if logits is not None:  # the final norm runs inside the head's phase, as the layers' norms do
+            self.stage_intervals.append(("lm_head", OUTSIDE_LAYERS, m[-2], m[-1]))

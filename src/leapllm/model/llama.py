@@ -193,8 +193,12 @@ class Transformer(nn.Module):
         """
         batch, seq = tokens.shape
         if batch == 1 and 1 <= seq <= MAX_TOKENS and isinstance(kv_cache, KVCache) and self.fused_decode_ready():
-            # A decode step or a few tokens to verify: one C++ call for every block (model/fused_decode.py).
-            x = self.fused_decode.hidden_states(self.embed_tokens(tokens)[0], start_pos, kv_cache)  # (seq, hidden)
+            # A decode step or a few tokens to verify: one C++ call for every block (model/fused_decode.py),
+            # and for the final norm and the output head too when the head is packed.
+            x = self.embed_tokens(tokens)[0]  # (seq, hidden)
+            if self.fused_decode.computes_logits:
+                return self.fused_decode.logits(x, start_pos, kv_cache, last_only)[None]
+            x = self.fused_decode.hidden_states(x, start_pos, kv_cache)
             if last_only:
                 x = x[-1:]
             return self.lm_head(self.norm(x)).float()[None]

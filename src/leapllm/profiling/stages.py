@@ -22,6 +22,7 @@ from torch import nn
 
 from leapllm.compression.int4 import Int4Linear
 from leapllm.compression.int8 import Int8Linear
+from leapllm.model.fused_decode import OUTSIDE_LAYERS
 from leapllm.model.llama import AttentionCore, RMSNorm, RotaryEmbedding, SiluAndMul
 
 LINEAR_TYPES = (nn.Linear, Int4Linear, Int8Linear)
@@ -49,7 +50,7 @@ STAGE_LABELS = {
     "other": "other (Python, glue)",
 }
 
-OUTSIDE_LAYERS = -1  # layer index of stages that are not in a block (embedding, final norm, head, sampling)
+# OUTSIDE_LAYERS (-1): the layer index of stages that are not in a block (embedding, final norm, head, sampling)
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
