@@ -65,6 +65,15 @@ def test_whole_step_adds_embedding_final_norm_head_and_sampling():
     assert got["gate_up_proj"].bytes == 2 * (65536 + 7680)
 
 
+def test_a_head_quantized_otherwise_than_the_projections_is_counted_at_its_own_bytes():
+    """`leapllm quantize --method int4 --head int8`: the head's weights at a byte each (plus scales),
+    the projections' at 0.625."""
+    both = step_costs(TINY, B, T, C, E, weight_e=0.625)
+    head8 = step_costs(TINY, B, T, C, E, weight_e=0.625, head_weight_e=1.0)
+    assert head8["lm_head"].weight_bytes == 64 * 100 * 1.0 and both["lm_head"].weight_bytes == 64 * 100 * 0.625
+    assert all(head8[s] == both[s] for s in both if s != "lm_head")
+
+
 def test_decode_phase_sums_steps_with_a_growing_cache():
     # prompt 5, 3 decode steps of T = 1 at C = 5, 6, 7: S_eff = S = 6, 7, 8 keys, 21 in all.
     costs = phase_costs(TINY, B, 5, 3, E)

@@ -94,6 +94,18 @@ def test_terminal_table_lists_every_stage_and_the_check(small_profile):
     assert "sweep: prefill" in text and "sweep: one decode step" in text
 
 
+def test_the_decode_step_is_set_against_its_bandwidth_floor(small_profile):
+    """The bytes a decode step reads at the measured streaming bandwidth: the fastest a memory-bound
+    step can be, and how near the measured step comes to it."""
+    console = Console(record=True, width=200)
+    print_tables(small_profile, console=console)
+    line = next(t for t in console.export_text().splitlines() if t.startswith("decode floor:"))
+    phase, bandwidth = small_profile["phases"]["decode"], small_profile["machine"]["bandwidth"]
+    floor = phase["bytes"] / phase["steps"] / bandwidth
+    assert f"= {floor * 1e3:.2f} ms" in line
+    assert f"{floor / phase['seconds_per_step'] * 100:.0f}% of the floor's speed" in line
+
+
 def test_a_stage_above_the_measured_peak_asks_to_measure_the_machine_again(small_profile):
     data = copy.deepcopy(small_profile)
     assert "above the measured peak" not in render_html(data)

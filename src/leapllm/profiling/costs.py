@@ -151,17 +151,19 @@ def layer_costs(c: ModelConfig, batch: int, new: int, cached: int, e: int,
 
 
 def step_costs(c: ModelConfig, batch: int, new: int, cached: int, e: int,
-               weight_e: float | None = None) -> dict[str, Cost]:
+               weight_e: float | None = None, head_weight_e: float | None = None) -> dict[str, Cost]:
     """Every measured stage of one step `model(tokens (B, T), start_pos=C, cache, last_only=True)`
     followed by sampling: all blocks, plus the embedding, the final norm and the output head on the
-    last position of each sequence only (B rows), and greedy sampling."""
+    last position of each sequence only (B rows), and greedy sampling. head_weight_e: bytes per
+    output-head weight where it differs from weight_e (`leapllm quantize --head int8`)."""
     if c.is_uniform:  # every block costs the same
         costs = {stage: cost * c.num_layers for stage, cost in layer_costs(c, batch, new, cached, e, weight_e).items()}
     else:
         costs = sum_costs([layer_costs(c, batch, new, cached, e, weight_e, layer) for layer in range(c.num_layers)])
     costs["norm"] = costs["norm"] + norm_cost(batch, c.hidden_size, e)  # the final norm, last position
     costs["embedding"] = embedding_cost(batch * new, c.hidden_size, e)
-    costs["lm_head"] = linear_cost(batch, c.hidden_size, c.vocab_size, e, weight_e=weight_e)
+    costs["lm_head"] = linear_cost(batch, c.hidden_size, c.vocab_size, e,
+                                   weight_e=weight_e if head_weight_e is None else head_weight_e)
     costs["sampling"] = sampling_cost(batch, c.vocab_size)
     return costs
 
@@ -175,10 +177,11 @@ def sum_costs(steps: list[dict[str, Cost]]) -> dict[str, Cost]:
 
 
 def phase_costs(c: ModelConfig, batch: int, prompt_len: int, gen_len: int, e: int,
-                weight_e: float | None = None) -> dict[str, dict[str, Cost]]:
+                weight_e: float | None = None, head_weight_e: float | None = None) -> dict[str, dict[str, Cost]]:
     """{"prefill": one step of T = prompt_len on an empty cache, "decode": gen_len steps of T = 1,
     summed, the j-th (0-based) with C = prompt_len + j cached tokens}."""
     return {
-        "prefill": step_costs(c, batch, prompt_len, 0, e, weight_e),
-        "decode": sum_costs([step_costs(c, batch, 1, prompt_len + j, e, weight_e) for j in range(gen_len)]),
+        "prefill": step_costs(c, batch, prompt_len, 0, e, weight_e, head_weight_e),
+        "decode": sum_costs([step_costs(c, batch, 1, prompt_len + j, e, weight_e, head_weight_e)
+                             for j in range(gen_len)]),
     }

@@ -24,7 +24,7 @@ from leapllm.engine.sampling import Sampler, SamplingParams
 from leapllm.errors import InvalidRequestError
 from leapllm.model.llama import Transformer
 from leapllm.profiling.costs import Cost, phase_costs, step_costs
-from leapllm.profiling.stages import quantized_weight_bytes
+from leapllm.profiling.stages import head_weight_bytes, quantized_weight_bytes
 from leapllm.profiling.machine import MachineLimits
 from leapllm.profiling.stages import (
     LAYER_STAGES,
@@ -280,7 +280,8 @@ def profile_model(model: Transformer, tokenizer, *, prompt_len: int = 512, gen_l
                                                               hooked_first=j % 2 == 1)
         decode.add(hooked, free, stages, pairs)
     dtype = _dtype_name(model.dtype)
-    costs = phase_costs(config, batch, prompt_len, gen_len, model.dtype.itemsize, quantized_weight_bytes(model))
+    costs = phase_costs(config, batch, prompt_len, gen_len, model.dtype.itemsize, quantized_weight_bytes(model),
+                        head_weight_bytes(model))
     return {
         "settings": {"prompt_len": prompt_len, "gen_len": gen_len, "batch": batch, "repeats": repeats,
                      "max_repeats": max_repeats, "sampling": "greedy"},
@@ -364,7 +365,7 @@ def sweep_model(model: Transformer, tokenizer, *, prompt_lens=DEFAULT_SWEEP_PROM
         tokens = torch.tensor(rows, device=model.device)
         stepper.step(tokens, 0)  # warm-up for this shape
         seconds, stage_s, _ = _fastest_hooked(stepper, tokens, 0, repeats)
-        costs = step_costs(config, 1, p, 0, e, quantized_weight_bytes(model))
+        costs = step_costs(config, 1, p, 0, e, quantized_weight_bytes(model), head_weight_bytes(model))
         prefill_points.append({
             "prompt_len": p, "total_s": seconds, "seconds": stage_s,
             "attention_share": stage_s["attention"] / seconds if seconds > 0 else 0.0,
@@ -379,7 +380,7 @@ def sweep_model(model: Transformer, tokenizer, *, prompt_lens=DEFAULT_SWEEP_PROM
         tokens = torch.tensor([[row[-1]] for row in rows], device=model.device)
         stepper.step(tokens, decode_context)  # warm-up for this shape
         step_s, stage_s, _ = _fastest_hooked(stepper, tokens, decode_context, decode_steps)
-        costs = step_costs(config, b, 1, decode_context, e, quantized_weight_bytes(model))
+        costs = step_costs(config, b, 1, decode_context, e, quantized_weight_bytes(model), head_weight_bytes(model))
         decode_points.append({
             "batch": b, "step_s": step_s, "seconds": stage_s, "seconds_per_token": step_s / b,
             "attention_share": stage_s["attention"] / step_s if step_s > 0 else 0.0,

@@ -112,6 +112,18 @@ def check_line(name: str, phase: dict) -> str:
     return line
 
 
+def floor_line(phase: dict, machine: dict | None) -> str | None:
+    """Decode against its bandwidth floor: the bytes one step reads (weights, KV cache, activations)
+    at the measured streaming bandwidth, the fastest a memory-bound step can be."""
+    if not machine or not phase["steps"] or not phase["seconds_per_step"]:
+        return None
+    step_bytes = phase["bytes"] / phase["steps"]
+    floor = step_bytes / machine["bandwidth"]
+    return (f"decode floor: {step_bytes / 1e6:,.1f} MB read per step at {_rate(machine['bandwidth'], 'B/s')} = "
+            f"{_ms(floor)} ms; a step takes {_ms(phase['seconds_per_step'])} ms, "
+            f"{floor / phase['seconds_per_step'] * 100:.0f}% of the floor's speed")
+
+
 def beyond_peak(data: dict) -> list[str]:
     """Stages that ran faster than the measured peak (the measurement was disturbed)."""
     found = []
@@ -190,6 +202,9 @@ def print_tables(data: dict, console=None, per_layer: bool = False) -> None:
             table.add_row(*row, end_section=i == len(rows) - 2, style="bold" if i == len(rows) - 1 else None)
         console.print(table)
         console.print(check_line(name, phase), markup=False)
+        floor = floor_line(phase, data.get("machine")) if name == "decode" else None
+        if floor:
+            console.print(floor, markup=False)
         if per_layer:
             lt = Table(title=f"{name}: ms per layer", title_justify="left")
             for col in ("layer",) + tuple(SHORT_LABELS[s] for s in LAYER_STAGES) + ("total",):

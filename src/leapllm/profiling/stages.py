@@ -78,6 +78,13 @@ def quantized_weight_bytes(model: nn.Module) -> float | None:
     return layer.bytes_per_weight if isinstance(layer, (Int4Linear, Int8Linear)) else None
 
 
+def head_weight_bytes(model: nn.Module) -> float | None:
+    """Bytes per output-head weight of a quantized head (which `--head` may quantize otherwise than the
+    projections); None for a float one."""
+    head = model.lm_head
+    return head.bytes_per_weight if isinstance(head, (Int4Linear, Int8Linear)) else None
+
+
 def layer_of(name: str) -> int:
     """The block index in a module name like `layers.12.attn.core`, or OUTSIDE_LAYERS."""
     m = _LAYER_RE.search(name)
