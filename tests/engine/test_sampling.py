@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leapllm.engine.sampling import Sampler, SamplingParams
+from leapllm.engine.sampling import Sampler, SamplingParams, greedy_token, greedy_tokens
 from leapllm.errors import InvalidRequestError
 
 VOCAB = 8
@@ -81,3 +81,16 @@ def test_frequency_and_presence_penalties_count_only_output_tokens():
     penalized = s.apply_penalties(LOGITS.clone())
     assert penalized[0].item() == pytest.approx(4.0 - 2 * 0.5 - 0.25)
     assert penalized[1].item() == 3.0  # in the prompt only: untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_greedy_tokens_are_torch_argmax_first_on_ties_in_every_dtype(dtype):
+    """NumPy's argmax on the CPU (torch's is ~13x slower on a 49152-wide row), torch's for bfloat16."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 1000).to(dtype)
+    logits[1, [7, 300]] = 50.0  # a tie: the first wins
+    logits[2, 20] = float("nan")  # NaN counts as the largest, as in torch.argmax
+    assert greedy_tokens(logits) == logits.argmax(dim=-1).tolist()
+    assert greedy_tokens(logits)[1] == 7 and greedy_tokens(logits)[2] == 20
+    assert [greedy_token(row) for row in logits] == logits.argmax(dim=-1).tolist()
+    assert greedy_token(logits[3, ::2]) == int(logits[3, ::2].argmax())  # a strided view

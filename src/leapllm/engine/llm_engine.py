@@ -20,7 +20,7 @@ import torch
 
 from leapllm.engine.block_allocator import BlockAllocator
 from leapllm.engine.generate import _drain, fit_prompt
-from leapllm.engine.sampling import SamplingParams
+from leapllm.engine.sampling import SamplingParams, greedy_tokens
 from leapllm.engine.scheduler import ScheduledStep, Scheduler
 from leapllm.engine.sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprob
 from leapllm.engine.speculative import (NgramProposer, SpeculationController, SpeculativeConfig, draft_sampler,
@@ -358,7 +358,7 @@ class LLMEngine:
         plain = [i for i, (seq, _) in enumerate(samplers) if seq.params.greedy and not seq.sampler.needs_counts]
         if plain:
             idx = torch.tensor([samplers[i][1] for i in plain], device=logits.device)
-            for i, t in zip(plain, logits[idx].argmax(dim=-1).tolist()):
+            for i, t in zip(plain, greedy_tokens(logits[idx])):
                 tokens[i] = t
         plain_set = set(plain)
         for i, (seq, row) in enumerate(samplers):

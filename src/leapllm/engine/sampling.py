@@ -14,6 +14,25 @@ import torch
 from leapllm.errors import InvalidRequestError
 
 
+# dtypes NumPy holds as they are (no bfloat16)
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """The argmax of each row of (rows, vocab) logits, the first on ties (as torch.argmax).
+
+    On the CPU through NumPy: torch.argmax over one 49152-wide float32 row takes ~120 us there (one
+    thread or two), NumPy's ~9 us, which is 2-3% of a batch-1 decode step of the default model."""
+    if logits.device.type == "cpu" and logits.dtype in _NUMPY_DTYPES:
+        return logits.detach().numpy().argmax(axis=-1).tolist()
+    return logits.argmax(dim=-1).tolist()
+
+
+def greedy_token(logits: torch.Tensor) -> int:
+    """The argmax of (vocab,) logits (see greedy_tokens)."""
+    return greedy_tokens(logits[None])[0]
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
@@ -108,7 +127,7 @@ class Sampler:
         p = self.params
         logits = self.apply_penalties(logits)
         if p.greedy:
-            return int(torch.argmax(logits))
+            return greedy_token(logits)
         return int(torch.multinomial(self.filtered_probs(logits), 1, generator=self.generator))
 
     def filtered_probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -136,5 +155,7 @@ class Sampler:
         top-p / min-p filtering, as torch.multinomial accepts."""
         logits = self.apply_penalties(logits)
         if self.params.greedy:
-            return torch.zeros_like(logits).scatter_(0, torch.argmax(logits).reshape(1), 1.0)
+            one_hot = torch.zeros_like(logits)
+            one_hot[greedy_token(logits)] = 1.0
+            return one_hot
         return self.filtered_probs(logits)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leapllm.engine.sampling import Sampler, SamplingParams
+from leapllm.engine.sampling import Sampler, SamplingParams, greedy_token
 from leapllm.errors import InvalidRequestError
 
 MAX_SPECULATIVE_TOKENS = 7  # k + 1 verified rows fit the fused kernels' 8-row tiles
@@ -100,14 +100,14 @@ def verify_proposals(sampler: Sampler, target_logits: torch.Tensor, proposals: l
     out: list[int] = []
     gen = sampler.generator
     for i, d in enumerate(proposals):
-        p = sampler.distribution(target_logits[i])
-        if sampler.params.greedy:
-            t = int(torch.argmax(p))
+        if sampler.params.greedy:  # the distribution is one-hot at the argmax: no need to build it
+            t = greedy_token(sampler.apply_penalties(target_logits[i]))
             sampler.record(t)
             out.append(t)
             if t != d:
                 return out
             continue
+        p = sampler.distribution(target_logits[i])
         p = p / p.sum()
         q_d = 1.0 if draft_probs is None else float(draft_probs[i, d] / draft_probs[i].sum())
         u = float(torch.rand(1, generator=gen, device=p.device))
@@ -126,8 +126,10 @@ def verify_proposals(sampler: Sampler, target_logits: torch.Tensor, proposals: l
         sampler.record(t)
         out.append(t)
         return out
-    p = sampler.distribution(target_logits[len(proposals)])
-    t = int(torch.argmax(p)) if sampler.params.greedy else int(torch.multinomial(p, 1, generator=gen))
+    if sampler.params.greedy:
+        t = greedy_token(sampler.apply_penalties(target_logits[len(proposals)]))
+    else:
+        t = int(torch.multinomial(sampler.distribution(target_logits[len(proposals)]), 1, generator=gen))
     sampler.record(t)
     out.append(t)
     return out
@@ -179,7 +181,7 @@ def draw_proposal(sampler: Sampler, logits: torch.Tensor) -> tuple[int, torch.Te
     """One draft token from (vocab,) logits through a draft_sampler: (token, the distribution q it
     was drawn from), q None when greedy (the argmax is certain)."""
     if sampler.params.greedy:
-        return int(torch.argmax(logits)), None
+        return greedy_token(logits), None
     q = sampler.filtered_probs(logits)
     return int(torch.multinomial(q, 1, generator=sampler.generator)), q
 
