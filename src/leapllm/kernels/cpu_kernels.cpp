@@ -638,25 +638,6 @@ struct PackedLinear {
     }
   }
 
-  // Asks for the first `bytes` of tile n's weights and of its scales (and minimums): what a tile needs
-  // before its own prefetches, which run a few KB ahead of the block being summed, pay off. Issued
-  // by a thread that has finished its share of a phase, for its first tile of a phase to come, so a
-  // phase does not begin with a wait on DRAM.
-  void prefetch_tile(int64_t n, int64_t bytes) const {
-    const int64_t blocks = in_features / BLOCK, tile_bytes = TILE * in_features * bits / 8;
-    const char* wt = reinterpret_cast<const char*>(weight_data) + n / TILE * tile_bytes;
-    for (int64_t c = 0; c < std::min(bytes, tile_bytes); c += 64) __builtin_prefetch(wt + c, 0, 3);
-    if (bits == 4) {
-      const int64_t scale_bytes = std::min(bytes / 8, TILE * blocks * 2);  // 32 bytes per 256-byte block
-      const char* d = reinterpret_cast<const char*>(scale16 + n * blocks);
-      const char* mn = reinterpret_cast<const char*>(mins16 + n * blocks);
-      for (int64_t c = 0; c < scale_bytes; c += 64) {
-        __builtin_prefetch(d + c, 0, 3);
-        __builtin_prefetch(mn + c, 0, 3);
-      }
-    }
-  }
-
   void tile(const uint8_t* wt, int64_t n, const QuantizedRow* const* a, int mt, int64_t blocks, float* out,
             int64_t ldo) const {
     if (bits == 4) {
@@ -984,8 +965,8 @@ struct DecoderLayer {
 // down projection (+ residual). A phase is a list of work items (tiles of 16 output rows, or
 // attention heads), cut in one contiguous range per thread; a thread moves on to the next phase
 // once every item of this one is done. Each thread streams its own range of every weight matrix, so
-// its reads are long runs through memory (what the hardware prefetchers and the TLB are good at) and
-// it knows which weights it reads next, before the phase starts. Yet nothing waits for a particular
+// its reads are long runs through memory (what the hardware prefetchers are good at; measured: a
+// step x0.94 of the time of claiming chunks from one shared counter). Yet nothing waits for a particular
 // thread, only for work: the items of a range are claimed one by one from its counter, and a thread
 // that has finished its own range claims from the others', so if the OS takes a core away (another
 // process, the server's own threads), the remaining threads do its share, where fixed shares would
@@ -1193,25 +1174,6 @@ struct DecoderStack {
     }
   }
 
-  // Phase p of a step: p / PHASES is the layer and p % PHASES its phase, p == layers * PHASES the head.
-  // Asks for the weights that item `item` of phase p starts with (PackedLinear::prefetch_tile); the
-  // attention phase reads no weights.
-  void prefetch_item(int64_t p, int64_t item) const {
-    constexpr int64_t AHEAD = 4096;  // about the tiles' own prefetch distance
-    const int64_t li = p / PHASES, n = item * TILE;
-    if (li == (int64_t)layers.size()) return head->prefetch_tile(n, AHEAD);
-    const DecoderLayer& l = *layers[li];
-    switch (p % PHASES) {
-      case 0: return l.qkv->prefetch_tile(n, AHEAD);
-      case 2: return l.o->prefetch_tile(n, AHEAD);
-      case 3:
-        l.gate_up->prefetch_tile(n, AHEAD / 2);
-        return l.gate_up->prefetch_tile(l.intermediate + n, AHEAD / 2);
-      case 4: return l.down->prefetch_tile(n, AHEAD);
-      default: return;
-    }
-  }
-
   // One tile of the output head for the last `out_rows` of the step's tokens, after the final norm.
   void run_head_item(int64_t item, bool prepared, int64_t out_rows, ThreadWork& w, const Step& st, float* logits) {
     const int64_t hidden = max_hidden, first = st.rows - out_rows, n = item * TILE;
@@ -1331,15 +1293,6 @@ struct DecoderStack {
             prepared = true;
           }
           if (done) finished[p].finished.fetch_add(done, std::memory_order_release);
-        }
-        // Nothing left to claim: ask for the weights that this thread's range of the next phase with
-        // any starts with, while the other threads finish.
-        for (int64_t next = p + 1; next < total_phases && next <= p + 2; ++next) {
-          if (next % PHASES == 1 && next < n_layers * PHASES) continue;  // attention: no weights
-          const RangeCounter& own = ranges[next * nthreads + tid];
-          const int64_t start = own.next.load(std::memory_order_relaxed);
-          if (start < own.end) prefetch_item(next, start);
-          break;
         }
         // Wait for the items other threads are still computing; yield now and then, in case the
         // one we wait for shares our core.
