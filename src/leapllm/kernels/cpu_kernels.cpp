@@ -927,9 +927,7 @@ struct DecoderLayer {
       const __m256 v = _mm256_loadu_ps(x + i);
       acc = _mm256_fmadd_ps(v, v, acc);
     }
-    __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    a4 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
-    ss = _mm_cvtss_f32(_mm_add_ss(a4, _mm_shuffle_ps(a4, a4, 1)));
+    ss = lane_sum(acc);
 #endif
     for (; i < n; ++i) ss += x[i] * x[i];
     const float r = 1.f / std::sqrt(ss / (float)n + (float)eps);
@@ -1054,6 +1052,16 @@ struct DecoderStack {
     std::vector<float> normed, k_rot, q_rot, scores, attn;
   };
 
+  // A phase's input on this thread: the RMSNorm (weight, eps) of `rows` rows of x (the residual
+  // stream's row stride) into w.normed, each row then quantized into w.a.
+  void norm_and_quantize(const float* x, int64_t rows, const float* weight, int64_t n, double eps,
+                         ThreadWork& w) const {
+    for (int64_t t = 0; t < rows; ++t) {
+      DecoderLayer::rms_norm(x + t * max_hidden, weight, n, eps, w.normed.data() + t * max_hidden);
+      quantize_row(w.normed.data() + t * max_hidden, n, w.a[t]);
+    }
+  }
+
   // One work item of one phase of layer li; `prepared`: this thread already made the phase's input.
   void run_item(int64_t li, int phase, int64_t item, bool prepared, ThreadWork& w, const Step& st) {
     const DecoderLayer& l = *layers[li];
@@ -1070,10 +1078,7 @@ struct DecoderStack {
     switch (phase) {
       case 0:  // QKV
         if (!prepared) {
-          for (int64_t t = 0; t < rows; ++t) {
-            l.rms_norm(xp + t * hidden, l.attn_norm.data_ptr<float>(), l.hidden, l.eps, normed.data() + t * hidden);
-            quantize_row(normed.data() + t * hidden, l.hidden, a[t]);
-          }
+          norm_and_quantize(xp, rows, l.attn_norm.data_ptr<float>(), l.hidden, l.eps, w);
         }
         l.qkv->compute_rows(w.ap, rows, n, n + TILE, qkv_out.data(), max_qkv);
         break;
@@ -1155,10 +1160,7 @@ struct DecoderStack {
         break;
       case 3:  // gate and up rows of the same channels, then SiLU(gate) * up
         if (!prepared) {
-          for (int64_t t = 0; t < rows; ++t) {
-            l.rms_norm(xp + t * hidden, l.mlp_norm.data_ptr<float>(), l.hidden, l.eps, normed.data() + t * hidden);
-            quantize_row(normed.data() + t * hidden, l.hidden, a[t]);
-          }
+          norm_and_quantize(xp, rows, l.mlp_norm.data_ptr<float>(), l.hidden, l.eps, w);
         }
         l.gate_up->compute_rows(w.ap, rows, n, n + TILE, gate_up_out.data(), 2 * max_inter);
         l.gate_up->compute_rows(w.ap, rows, inter + n, inter + n + TILE, gate_up_out.data(), 2 * max_inter);
@@ -1177,13 +1179,7 @@ struct DecoderStack {
   // One tile of the output head for the last `out_rows` of the step's tokens, after the final norm.
   void run_head_item(int64_t item, bool prepared, int64_t out_rows, ThreadWork& w, const Step& st, float* logits) {
     const int64_t hidden = max_hidden, first = st.rows - out_rows, n = item * TILE;
-    if (!prepared) {
-      for (int64_t r = 0; r < out_rows; ++r) {
-        DecoderLayer::rms_norm(st.x + (first + r) * hidden, final_norm.data_ptr<float>(), hidden, final_eps,
-                               w.normed.data() + r * hidden);
-        quantize_row(w.normed.data() + r * hidden, hidden, w.a[r]);
-      }
-    }
+    if (!prepared) norm_and_quantize(st.x + first * hidden, out_rows, final_norm.data_ptr<float>(), hidden, final_eps, w);
     head->compute_rows(w.ap, out_rows, n, n + TILE, logits, head->out_features);
   }
 
