@@ -399,7 +399,7 @@ def test_a_speculative_leapllm_system_speculates_and_decodes_its_base_tokens(nam
     import torch
 
     from leapllm.benchmarking.worker import decode as worker_decode
-    from leapllm.compression.int4 import Int4Linear
+    from leapllm.model.quantized.int4 import Int4Linear
 
     tokenizer, _ = open_model_file(default_gguf_path)
     (_, ids), = [c for c in chat_prompt_ids(tokenizer) if c[0] == "rewrite"]
@@ -433,8 +433,8 @@ def test_a_speculative_leapllm_system_speculates_and_decodes_its_base_tokens(nam
 def test_the_leapllm_int4_system_loads_the_default_model_quantized_and_decodes(default_gguf_path):
     import torch
 
-    from leapllm.compression.int4 import Int4Linear
-    from leapllm.compression.int8 import Int8Linear
+    from leapllm.model.quantized.int4 import Int4Linear
+    from leapllm.model.quantized.int8 import Int8Linear
 
     threads = torch.get_num_threads()  # import_libraries sets it: leave this process's setting as it is
     system = make_system("leapllm-int4", default_gguf_path, "cpu", threads, 32)

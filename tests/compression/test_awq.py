@@ -82,7 +82,7 @@ def test_calibration_text_must_fill_one_window():
 
 
 def test_fake_quantization_equals_quantize_then_dequantize():
-    from leapllm.compression.int4 import dequantize_int4_groupwise, quantize_int4_groupwise
+    from leapllm.model.quantized.int4 import dequantize_int4_groupwise, quantize_int4_groupwise
 
     torch.manual_seed(0)
     w, clip = torch.randn(16, 128), 0.8 + 0.2 * torch.rand(16, 4)

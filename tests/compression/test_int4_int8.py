@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from leapllm.compression.int4 import Int4Linear, dequantize_int4_groupwise, quantize_int4_groupwise
-from leapllm.compression.int8 import Int8Linear, quantize_linears_int8, quantize_per_channel_int8
+from leapllm.model.quantized.int4 import Int4Linear, dequantize_int4_groupwise, quantize_int4_groupwise
+from leapllm.model.quantized.int8 import Int8Linear, quantize_linears_int8, quantize_per_channel_int8
 from leapllm.errors import InvalidRequestError
 
 

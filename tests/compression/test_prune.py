@@ -12,22 +12,17 @@ import torch
 
 from leapllm import LLM
 from leapllm.cli.main import main
-from leapllm.compression.model_folder import (
+from leapllm.loading.model_folder import (
     float_tensors,
     read_model_folder,
     save_model_folder,
 )
-from leapllm.compression.prune import (
-    is_2_of_4,
-    prune_model,
-    shrink_attention,
-    shrink_mlp,
-    use_semi_structured_kernels,
-)
+from leapllm.compression.prune import prune_model, shrink_attention, shrink_mlp
 from leapllm.engine.sampling import SamplingParams
 from leapllm.errors import InvalidRequestError, ModelLoadError
 from leapllm.loading.loader import load_model
 from leapllm.model.config import ModelConfig
+from leapllm.model.sparse import is_2_of_4, use_semi_structured_kernels
 from leapllm.model.llama import Transformer
 from leapllm.profiling.costs import step_costs
 from tests.cli_helpers import assert_one_line_error
@@ -317,7 +312,8 @@ def test_ffn_pruning_of_the_default_model_is_smaller_faster_and_still_fluent(llm
 
 
 def test_a_model_with_fewer_heads_in_one_layer_serves_through_the_paged_engine(tiny_gguf):
-    from leapllm.engine.llm_engine import EngineConfig, LLMEngine
+    from leapllm.config import EngineConfig
+    from leapllm.engine.llm_engine import LLMEngine
 
     llm = LLM(tiny_gguf, dtype="float32", device="cpu")
     shrink_attention(llm.model.layers[1].attn, [1, 3])

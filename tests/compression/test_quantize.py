@@ -7,8 +7,8 @@ import torch
 
 from leapllm import LLM
 from leapllm.cli.main import main
-from leapllm.compression.int4 import Int4Linear, pack_nibbles, unpack_nibbles
-from leapllm.compression.int8 import Int8Linear
+from leapllm.model.quantized.int4 import Int4Linear, pack_nibbles, unpack_nibbles
+from leapllm.model.quantized.int8 import Int8Linear
 from leapllm.engine.sampling import SamplingParams
 from leapllm.tokenization import Tokenizer
 from tests.cli_helpers import assert_one_line_error

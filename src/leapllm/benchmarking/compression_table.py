@@ -271,7 +271,7 @@ def markdown(report: dict) -> str:
 def write_float_folder(model: str, dtype: str, out: Path) -> None:
     import torch
 
-    from leapllm.compression.model_folder import float_tensors, save_model_folder
+    from leapllm.loading.model_folder import float_tensors, save_model_folder
     from leapllm.loading.loader import load_model
 
     loaded = load_model(model, dtype=dtype, device="cpu")
@@ -285,6 +285,7 @@ def measure_in_this_process(folder: str, dtype: str, eval_tokens: int, decode_to
     from leapllm.benchmarking.systems import memory_snapshot
     from leapllm.evaluation.perplexity import perplexity
     from leapllm.evaluation.texts import load_text
+    from leapllm.model.quantized.layers import packed_linear_of
 
     threads = os.environ.get("LEAPLLM_THREADS")
     start = time.perf_counter()
@@ -299,7 +300,7 @@ def measure_in_this_process(folder: str, dtype: str, eval_tokens: int, decode_to
     ppl = perplexity(llm.model, ids[:eval_tokens], ctx=512, stride=256)
     result = {"load_s": round(load_s, 2), "decode_tok_s": statistics.median(rates), "decode_runs": rates,
               "peak_rss_mib": peak, "perplexity": ppl.perplexity, "eval_tokens_scored": ppl.tokens}
-    if any(getattr(m, "packed_linear", None) is not None for m in llm.model.modules()):
+    if any(packed_linear_of(m) is not None for m in llm.model.modules()):
         # Scoring runs many rows per matmul, which leapllm's kernels compute as a bfloat16 GEMM;
         # generation runs a few rows at a time through the int8-activation tiles. Score those too.
         from leapllm.kernels import packing

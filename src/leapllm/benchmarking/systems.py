@@ -235,8 +235,8 @@ def weight_mib(model) -> float:
 def quantized_kernels(model) -> str:
     """Which kernels run the model's quantized layers: "leapllm VNNI kernels", "leapllm AVX2 kernels",
     "leapllm portable kernels" or "PyTorch kernels" (with layer counts when they differ from layer to layer)."""
-    from leapllm.compression.int4 import Int4Linear
-    from leapllm.compression.int8 import Int8Linear
+    from leapllm.model.quantized.int4 import Int4Linear
+    from leapllm.model.quantized.int8 import Int8Linear
 
     counts: dict[str, int] = {}
     for m in model.modules():

@@ -17,7 +17,7 @@ Methods (all in place on a float `Transformer`, see `prune_model`):
 - 2:4: in every group of 4 consecutive inputs of a row keep the 2 with the largest Wanda score
   (or |W| without calibration data): the pattern NVIDIA's sparse tensor cores run at up to 2x.
   On CUDA a loaded 2:4 folder runs through torch's semi-structured sparse kernels
-  (`use_semi_structured_kernels`). These three keep every shape: the saved folder is no smaller
+  (`model.sparse.use_semi_structured_kernels`). These three keep every shape: the saved folder is no smaller
   and a CPU runs it no faster; they show how much of a model can be zero.
 - heads: remove query heads. Head h's score is the mean norm of its contribution to the block's
   output, ||W_o[:, h] z_h||_2 over the calibration tokens. Every kv group of a layer keeps the same
@@ -41,12 +41,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from leapllm.compression.calibration import calibration_rows
 from leapllm.errors import InvalidRequestError
 from leapllm.model.llama import Transformer
+from leapllm.model.sparse import PROJECTIONS
 
 METHODS = ("magnitude", "wanda", "2:4", "heads", "ffn")
 UNSTRUCTURED = ("magnitude", "wanda", "2:4")
@@ -55,7 +55,6 @@ ALLOCATIONS = ("uniform", "global")
 DEFAULT_ALLOCATION = {"heads": "uniform", "ffn": "uniform"}
 DEFAULT_MULTIPLE_OF = 128
 CALIBRATION_SEQ_LEN = 512
-PROJECTIONS = (("attn", "qkv_proj"), ("attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
 
 
 def check_settings(method: str, sparsity: float | None, allocation: str | None = None,
@@ -204,43 +203,6 @@ def prune_unstructured(model: Transformer, method: str, sparsity: float, stats: 
                 prune_2_of_4(weight, score)
             else:
                 prune_rows(weight, score, sparsity)
-
-
-def is_2_of_4(weight: torch.Tensor) -> bool:
-    """True when every group of 4 consecutive inputs of every row has at most 2 nonzeros."""
-    if weight.dim() != 2 or weight.shape[1] % 4:
-        return False
-    return bool(((weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
-
-
-def use_semi_structured_kernels(model: Transformer) -> int:
-    """On CUDA, turn every block projection whose weight has the 2:4 pattern into a
-    `torch.sparse.SparseSemiStructuredTensor`, so its matmuls run on the sparse tensor cores.
-    Returns how many were converted. A weight the kernels refuse (shape or dtype unsupported by
-    the GPU's cuSPARSELt/CUTLASS) stays dense. Nothing happens off CUDA.
-    Not exercised by the CPU test suite (this project's CI machines have no GPU)."""
-    if model.device.type != "cuda":
-        return 0
-    from torch.sparse import to_sparse_semi_structured
-
-    converted = 0
-    for layer in model.layers:
-        for part, attr in PROJECTIONS:
-            linear = getattr(getattr(layer, part), attr)
-            if not isinstance(linear, nn.Linear) or not is_2_of_4(linear.weight):
-                continue
-            dense = linear.weight.detach()
-            probe = torch.randn(1, 3, linear.in_features, device=dense.device, dtype=dense.dtype)
-            try:
-                sparse = to_sparse_semi_structured(dense)
-                # Keep it only if it computes what the dense weight does on a small input.
-                if not torch.allclose(F.linear(probe, sparse), F.linear(probe, dense), rtol=2e-2, atol=2e-2):
-                    continue
-            except (RuntimeError, ValueError, TypeError, NotImplementedError):
-                continue
-            linear.weight = nn.Parameter(sparse, requires_grad=False)
-            converted += 1
-    return converted
 
 
 # ---------------------------------------------------------------- structured: allocation

@@ -7,7 +7,7 @@ Every projection (fused Q/K/V, output, fused gate/up, down) and the output head 
 embedding table and the norms stay in the compute dtype. A tied output head gets its own quantized
 copy, since the embedding lookup still needs the float table.
 
-The output is the folder of compression/model_folder.py: per quantized layer `<name>.qweight`
+The output is the folder of loading/model_folder.py: per quantized layer `<name>.qweight`
 and its scales, `leapllm.json` naming the method and its parameters.
 """
 
@@ -17,31 +17,22 @@ import torch
 from torch import nn
 
 from leapllm.compression.awq import apply_awq
-from leapllm.compression.int4 import (
-    Int4Linear,
+from leapllm.errors import InvalidRequestError
+from leapllm.loading.model_folder import float_tensors
+from leapllm.model.llama import Transformer
+from leapllm.model.quantized.int4 import (
     check_group_size,
     pack_nibbles,
     quantize_int4_groupwise,
-    unpack_nibbles,
 )
-from leapllm.compression.int8 import Int8Linear, quantize_per_channel_int8
-from leapllm.compression.model_folder import float_tensors
-from leapllm.errors import InvalidRequestError
-from leapllm.model.llama import Transformer
+from leapllm.model.quantized.int8 import quantize_per_channel_int8
+from leapllm.model.quantized.layers import (
+    layer_method,
+    quantized_linears,
+    quantized_module,
+)
 
 METHODS = ("int8", "int4")
-# The tensors a quantized layer `<name>` is saved as: `<name>.qweight`, `<name>.scales`, ...
-QUANTIZED_PARTS = {"int4": ("qweight", "scales", "mins"), "int8": ("qweight", "scales")}
-
-
-def quantized_linears(model: Transformer) -> list[tuple[str, nn.Module, str]]:
-    """(name, parent module, attribute) of every Linear that quantization replaces."""
-    out = []
-    for i, layer in enumerate(model.layers):
-        out += [(f"layers.{i}.attn.qkv_proj", layer.attn, "qkv_proj"), (f"layers.{i}.attn.o_proj", layer.attn, "o_proj"),
-                (f"layers.{i}.mlp.gate_up_proj", layer.mlp, "gate_up_proj"),
-                (f"layers.{i}.mlp.down_proj", layer.mlp, "down_proj")]
-    return out + [("lm_head", model, "lm_head")]
 
 
 def quantize_tensors(weight: torch.Tensor, method: str, group_size: int,
@@ -52,17 +43,6 @@ def quantize_tensors(weight: torch.Tensor, method: str, group_size: int,
         return {"qweight": pack_nibbles(q), "scales": scale.half(), "mins": minimum.half()}
     q, scale = quantize_per_channel_int8(weight)
     return {"qweight": q, "scales": scale}
-
-
-def quantized_module(parts: dict[str, torch.Tensor], bias: torch.Tensor | None, method: str, device) -> nn.Module:
-    if method == "int4":
-        return Int4Linear(unpack_nibbles(parts["qweight"]), parts["scales"].float(), parts["mins"].float(), bias, device)
-    return Int8Linear(parts["qweight"].to(device), parts["scales"].to(device), None if bias is None else bias.to(device),
-                      activation_digits=2)  # weight-only accuracy for decoders, see int8.py
-
-
-def layer_method(name: str, method: str, head_method: str | None) -> str:
-    return head_method if name == "lm_head" and head_method else method
 
 
 def check_settings(method: str, group_size: int, model: Transformer, head_method: str | None = None) -> None:

@@ -61,7 +61,7 @@ class Embedder:
         if quantize is not None:
             if quantize != "int8":
                 raise InvalidRequestError(f"unknown quantization {quantize!r}; the encoder supports int8")
-            from leapllm.compression.int8 import quantize_linears_int8
+            from leapllm.model.quantized.int8 import quantize_linears_int8
 
             quantize_linears_int8(self.model)
             self.quantization = "int8"

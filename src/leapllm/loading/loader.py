@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from leapllm.compression.model_folder import is_model_folder, load_model_folder
 from leapllm.errors import ModelLoadError
 from leapllm.loading.default_model import default_model_path
 from leapllm.loading.gguf_loader import load_gguf
+from leapllm.loading.model_folder import is_model_folder, load_model_folder
 from leapllm.loading.safetensors_loader import load_safetensors_folder
 from leapllm.loading.weights import build_model
 from leapllm.model.config import ModelConfig
@@ -73,7 +73,7 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None =
     if is_model_folder(path):  # written by `leapllm quantize`, `prune` or `distill`
         model, meta = load_model_folder(path, torch_dtype, dev)
         if dev.type == "cuda" and any(step.get("method") == "2:4" for step in meta.get("history", [])):
-            from leapllm.compression.prune import use_semi_structured_kernels
+            from leapllm.model.sparse import use_semi_structured_kernels
 
             use_semi_structured_kernels(model)  # 2:4 weights on NVIDIA's sparse tensor cores
         tokenizer = Tokenizer.from_pretrained_dir(path)

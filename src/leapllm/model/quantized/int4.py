@@ -12,8 +12,8 @@ group) cut the bytes read by ~7x against float32.
 
 On a CPU where leapllm's own kernels build (leapllm/kernels), the layer runs on them instead: the
 weights packed as in kernels/packing.py, activations quantized to int8 per block of 32 on the fly,
-and 16-row tiles of VNNI dot products (the 49152 x 576 output head at batch 1: 0.46 ms against
-0.79 ms for PyTorch's int4 kernel here). They also let a decode step run fused (model/fused_decode.py).
+and 16-row tiles of VNNI dot products, faster than PyTorch's int4 kernel at batch 1
+(benchmarks/README.md). They also let a decode step run fused (model/fused_decode.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ import torch
 from torch import nn
 
 from leapllm.errors import InvalidRequestError
-from leapllm.kernels.packing import kernels_can_run, pack_int4, packed_forward, packed_linear
+from leapllm.kernels.packing import (
+    kernels_can_run,
+    pack_int4,
+    packed_forward,
+    packed_linear,
+)
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -93,8 +98,7 @@ class Int4Linear(nn.Module):
             packed = torch.ops.aten._convert_weight_to_int4pack((q32[:, ::2] << 4 | q32[:, 1::2]).to(torch.uint8), 8)
         zero = minimum.float() + 8 * scale.float()
         # (K / group, N, 2): the kernels' layout, in bfloat16: both kernels' fast path takes bfloat16
-        # activations (on this CPU the float32 path is ~30x slower: 24 ms against 0.8 ms for the
-        # 49152 x 576 output head).
+        # activations (their float32 path is an order of magnitude slower; benchmarks/README.md).
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", torch.stack([scale.float(), zero], dim=-1).transpose(0, 1)
                              .contiguous().to(device=device, dtype=torch.bfloat16))

@@ -23,7 +23,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leapllm.kernels.packing import kernels_can_run, pack_int8, packed_forward, packed_linear
+from leapllm.kernels.packing import (
+    kernels_can_run,
+    pack_int8,
+    packed_forward,
+    packed_linear,
+)
 
 LO_DIGIT = 254  # the low digit's step is the high digit's / 254, so |lo| <= 127
 

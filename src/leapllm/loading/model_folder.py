@@ -25,6 +25,12 @@ from safetensors.torch import load_file, save_file
 from leapllm.errors import InvalidRequestError, ModelLoadError
 from leapllm.model.config import ModelConfig
 from leapllm.model.llama import Transformer, rotary_inv_freq
+from leapllm.model.quantized.layers import (
+    QUANTIZED_PARTS,
+    layer_method,
+    quantized_linears,
+    quantized_module,
+)
 from leapllm.output_files import write_folder_atomically
 
 MODEL_FOLDER_FILE = "leapllm.json"
@@ -94,13 +100,6 @@ def read_model_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor
 
 def load_model_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[Transformer, dict]:
     """Build the Transformer of a folder written by a compression tool; returns (model, leapllm.json)."""
-    from leapllm.compression.quantize import (
-        QUANTIZED_PARTS,
-        layer_method,
-        quantized_linears,
-        quantized_module,
-    )
-
     config, tensors, meta = read_model_folder(folder)
     quant = meta["quantization"]
     with torch.device("meta"):

@@ -1,0 +1,41 @@
+"""Which of a decoder's Linear layers quantization replaces, and how a quantized layer's saved
+tensors (`<name>.qweight`, `<name>.scales`, ...) become the runtime module again."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from leapllm.model.quantized.int4 import Int4Linear, unpack_nibbles
+from leapllm.model.quantized.int8 import Int8Linear
+
+# The tensors a quantized layer `<name>` is saved as: `<name>.qweight`, `<name>.scales`, ...
+QUANTIZED_PARTS = {"int4": ("qweight", "scales", "mins"), "int8": ("qweight", "scales")}
+
+
+def quantized_linears(model) -> list[tuple[str, nn.Module, str]]:
+    """(name, parent module, attribute) of every Linear of a Transformer that quantization replaces."""
+    out = []
+    for i, layer in enumerate(model.layers):
+        out += [(f"layers.{i}.attn.qkv_proj", layer.attn, "qkv_proj"), (f"layers.{i}.attn.o_proj", layer.attn, "o_proj"),
+                (f"layers.{i}.mlp.gate_up_proj", layer.mlp, "gate_up_proj"),
+                (f"layers.{i}.mlp.down_proj", layer.mlp, "down_proj")]
+    return out + [("lm_head", model, "lm_head")]
+
+
+def quantized_module(parts: dict[str, torch.Tensor], bias: torch.Tensor | None, method: str, device) -> nn.Module:
+    if method == "int4":
+        return Int4Linear(unpack_nibbles(parts["qweight"]), parts["scales"].float(), parts["mins"].float(), bias, device)
+    return Int8Linear(parts["qweight"].to(device), parts["scales"].to(device), None if bias is None else bias.to(device),
+                      activation_digits=2)  # weight-only accuracy for decoders, see int8.py
+
+
+def packed_linear_of(module: nn.Module):
+    """The C++ PackedLinear a quantized layer runs on (leapllm's CPU kernels), or None: a float layer,
+    or a quantized one on PyTorch's kernels."""
+    return module.packed_linear if isinstance(module, (Int4Linear, Int8Linear)) else None
+
+
+def layer_method(name: str, method: str, head_method: str | None) -> str:
+    """The method of layer `name`: the output head may be quantized differently (head_method)."""
+    return head_method if name == "lm_head" and head_method else method
