@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leapllm.compression.int4 import (
-    Int4Linear,
-    dequantize_int4_groupwise,
-    quantize_int4_groupwise,
-)
-from leapllm.compression.int8 import Int8Linear, quantize_per_channel_int8
 from leapllm.compression.quantize import quantize_model
-from leapllm.kernels import cpu_kernels, why_unavailable
+from leapllm.kernels import cpu_kernels, source_hash, why_unavailable
 from leapllm.kernels.packing import (
     move_to_huge_pages,
     pack_int4,
@@ -25,8 +19,14 @@ from leapllm.kernels.packing import (
 from leapllm.model.config import ModelConfig
 from leapllm.model.fused_decode import MAX_TOKENS
 from leapllm.model.llama import Transformer
+from leapllm.model.quantized.int4 import (
+    Int4Linear,
+    dequantize_int4_groupwise,
+    quantize_int4_groupwise,
+)
+from leapllm.model.quantized.int8 import Int8Linear, quantize_per_channel_int8
 
-pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason=f"leapllm CPU kernels unavailable: {why_unavailable()}")
+pytestmark = pytest.mark.usefixtures("built_kernels")  # skips, or fails if a compiler is there (conftest.py)
 
 
 def relative_error(y, ref):
@@ -115,6 +115,20 @@ def test_quantized_linear_gives_the_same_result_on_the_dot_kernel_and_the_dequan
     few = torch.cat([layer(x[i:i + 2]) for i in range(0, 40, 2)])
     assert relative_error(few, many) < 0.02
     assert relative_error(many, linear(x).detach()) < 0.1
+
+
+def test_the_loaded_kernels_were_built_from_the_sources_here():
+    assert cpu_kernels().source_hash == source_hash()
+
+
+def test_the_fused_steps_phases_are_named_as_the_profilers_stages():
+    """The extension names the stages its clock marks separate; the profiler must know them."""
+    from leapllm.profiling.stages import LAYER_STAGES, STAGES
+
+    ext = cpu_kernels()
+    assert ext.phase_names() == ("qkv_proj", "attention", "o_proj", "gate_up_proj", "down_proj")
+    assert set(ext.phase_names()) <= set(LAYER_STAGES)
+    assert ext.output_head_phase_name() == "lm_head" and "lm_head" in STAGES
 
 
 def test_kernels_can_be_switched_off_for_pytorchs_own(monkeypatch):
@@ -428,12 +442,12 @@ def test_paged_cache_attention_on_the_kernel_equals_the_gathered_sdpa_path(monke
     assert cache.decode_kernels() is not None
     decodes = [([3, 7, 1], 9), ([5, 2], 6)]  # (block table, position of the new token)
     prefills = [([8, 9], 2, 3)]  # positions 2 .. 4 of a sequence with 2 cached
-    cache.batch = build_paged_batch(decodes, prefills, bs, torch.device("cpu"))
+    batch = build_paged_batch(decodes, prefills, bs, torch.device("cpu"))
     q, k_new, v_new = torch.randn(1, heads, 5, hd), torch.randn(1, kv_heads, 5, hd), torch.randn(1, kv_heads, 5, hd)
     pools = [t.clone() for t in cache.k + cache.v]
-    fast = cache.attend(0, q, k_new, v_new, grouped=True)
+    fast = cache.attend(0, q, k_new, v_new, True, batch)
     cache.k[0].copy_(pools[0])
     cache.v[0].copy_(pools[1])
     monkeypatch.setattr(PagedKVCache, "decode_kernels", lambda self: None)
-    slow = cache.attend(0, q, k_new, v_new, grouped=True)
+    slow = cache.attend(0, q, k_new, v_new, True, batch)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)

@@ -1,27 +1,57 @@
-"""leapllm's own CPU kernels (cpu_kernels.cpp), compiled on this machine the first time they are used.
+"""leapllm's own CPU kernels (the C++ in cpu/), compiled on this machine the first time they are used.
 
     from leapllm.kernels import cpu_kernels
     ext = cpu_kernels()          # the compiled module, or None (then `why_unavailable()` says why)
 
-The C++ source is built with PyTorch's extension builder for the CPU it runs on (-march=native), so
-the AVX-512 VNNI paths are used where the CPU has them and portable loops elsewhere; the build is
-cached (PyTorch's extension folder, TORCH_EXTENSIONS_DIR) and redone only when the source changes.
-`python -m leapllm.kernels` builds it ahead of time (setup.sh does). Set LEAPLLM_CPU_KERNELS=0 to
-run PyTorch's own kernels instead, e.g. to measure the difference.
+The C++ is built with PyTorch's extension builder for the CPU it runs on (-march=native), so the
+AVX-512 VNNI paths are used where the CPU has them and portable loops elsewhere. cpu/bindings.cpp is
+the one translation unit; it includes every header of cpu/. The build is cached (PyTorch's extension
+folder, TORCH_EXTENSIONS_DIR) and redone when any of those files changes: their hash is one of the
+compiler flags, and a changed compile command is rebuilt.
+`python -m leapllm.kernels` builds it ahead of time (setup.sh does), and fails if a C++ compiler is
+there but the build does not succeed. Set LEAPLLM_CPU_KERNELS=0 to run PyTorch's own kernels
+instead, e.g. to measure the difference.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import sys
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCE_DIR = Path(__file__).with_name("cpu")
+SOURCE = SOURCE_DIR / "bindings.cpp"  # the translation unit the builder compiles
 DISABLE_VARIABLE = "LEAPLLM_CPU_KERNELS"
 
-_failure: list[str] = []  # why the last build attempt failed, for messages
+_failure: list[str] = []  # the last build attempt's error: its last line, then all of it
+
+
+def source_files() -> list[Path]:
+    """Every file the extension is compiled from: bindings.cpp and the headers it includes."""
+    return sorted(SOURCE_DIR.glob("*.h")) + sorted(SOURCE_DIR.glob("*.cpp"))
+
+
+def source_hash() -> str:
+    """A hash of the sources' names and contents: a changed header changes it, and so the build."""
+    digest = hashlib.sha256()
+    for path in source_files():
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def disabled() -> bool:
+    return os.environ.get(DISABLE_VARIABLE, "1") == "0"
+
+
+def find_compiler() -> str | None:
+    """The C++ compiler PyTorch's builder runs ($CXX, else c++), or g++ or clang++; None if there is none."""
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and (path := shutil.which(name)):
+            return path
+    return None
 
 
 @functools.cache
@@ -34,36 +64,58 @@ def _build():
         pass
     if shutil.which("ninja") is None:
         raise RuntimeError("ninja is not installed (pip install ninja)")
+    if find_compiler() is None:
+        raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++)")
+    # The builder hashes only the files in `sources`, and ninja follows headers by their times alone:
+    # with the hash of every file among the flags, any change to any of them rebuilds.
     return cpp_extension.load(
         name="leapllm_cpu_kernels", sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-std=c++17", "-fno-math-errno"], extra_ldflags=["-fopenmp"], verbose=False,
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-std=c++17", "-fno-math-errno",
+                      f"-DLEAPLLM_SOURCE_HASH={source_hash()}"],
+        extra_ldflags=["-fopenmp"], verbose=False,
     )
 
 
 def cpu_kernels():
     """The compiled kernels module, or None if disabled or not buildable here."""
-    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+    if disabled():
         return None
     try:
         return _build()
     except Exception as e:  # no compiler, no ninja, a build error: PyTorch's kernels still work
-        _failure[:] = [f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"]
+        message = str(e).strip()
+        _failure[:] = [f"{type(e).__name__}: {message.splitlines()[-1] if message else ''}",
+                       f"{type(e).__name__}: {message}"]
         return None
 
 
 def why_unavailable() -> str | None:
-    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+    if disabled():
         return f"disabled by {DISABLE_VARIABLE}=0"
     if cpu_kernels() is None:
         return _failure[0] if _failure else "not built"
     return None
 
 
+def build_error() -> str | None:
+    """The whole error of the last failed build (the compiler's output included), or None."""
+    return _failure[1] if _failure and not disabled() and cpu_kernels() is None else None
+
+
 def main() -> int:
+    """Builds the kernels: 0 when built, disabled, or with no C++ compiler to build them (everything
+    runs on PyTorch's kernels then); 1 when a compiler is there and the build fails, which CI must see."""
+    if disabled():
+        print(f"leapllm CPU kernels disabled by {DISABLE_VARIABLE}=0; PyTorch's kernels will be used", file=sys.stderr)
+        return 0
     ext = cpu_kernels()
     if ext is None:
-        print(f"leapllm CPU kernels unavailable: {why_unavailable()}; PyTorch's kernels will be used", file=sys.stderr)
-        return 0  # not fatal: everything runs without them
+        compiler = find_compiler()
+        if compiler is None:
+            print("leapllm CPU kernels not built: no C++ compiler found; PyTorch's kernels will be used", file=sys.stderr)
+            return 0
+        print(f"leapllm CPU kernels failed to build with {compiler}:\n{build_error()}", file=sys.stderr)
+        return 1
     tiles = "AVX-512 VNNI" if ext.vnni_compiled() else "AVX2" if ext.avx2_compiled() else "portable loops"
     print(f"leapllm CPU kernels built ({tiles} tiles)")
     return 0

@@ -1,9 +1,9 @@
-"""Weights into the layout of cpu_kernels.cpp, and the PackedLinear objects that run them.
+"""Weights into the layout of the C++ kernels (cpu/), and the PackedLinear objects that run them.
 
 Output rows go in tiles of 16 and input features in blocks of 32; within a (tile, block), each
 64-byte vector holds 4 consecutive input features ("a quad") of all 16 rows, row-major by row
 (byte 4 * row + j is feature 4 * quad + j). A VNNI instruction then adds each row's 4 products to its
-own int32 lane (see the C++ file's header).
+own int32 lane (see cpu/common.h).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def move_to_huge_pages(layers: list) -> None:
     kernels) into one block of memory on 2 MiB pages, in the order given, and rebuild their PackedLinear.
 
     A batch-1 decode step streams every weight once; on 4 KiB pages each stream needs a page walk
-    every 4 KiB (cpu_kernels.cpp's copy_into_huge_pages). Give the layers in the order a step reads
+    every 4 KiB (copy_into_huge_pages in cpu/huge_pages.h). Give the layers in the order a step reads
     them. The copies replace the modules' buffers, so the old memory is freed.
     """
     names = [[n for n in PACKED_BUFFERS if getattr(layer, n, None) is not None] for layer in layers]
@@ -117,7 +117,7 @@ DOT_KERNEL_MAX_ROWS = 32
 def gemm_dtype() -> torch.dtype:
     """The dtype of that GEMM: bfloat16 where the CPU multiplies it natively (AVX-512 BF16: twice the
     float32 rate and half the bytes), float32 elsewhere, where oneDNN emulates bfloat16 several times
-    slower than float32 (measured 53 ms against 8 ms for a 512 x 576 x 1536 matmul on an AVX2 CPU)."""
+    slower than float32."""
     return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
 
 

@@ -2,7 +2,7 @@
 
 At batch 1 the default model's int4 matmuls take a few milliseconds per token, while the ~15 small
 PyTorch ops of each of its 30 blocks (norms, rotary, cache writes, attention, activation, residuals)
-cost about as much again in dispatch alone. kernels/cpu_kernels.cpp's DecoderStack runs every block
+cost about as much again in dispatch alone. kernels/cpu/decoder_stack.h's DecoderStack runs every block
 -- the same math as model/llama.py's Block, on the packed int4/int8 weights and the contiguous
 float32 KV cache -- in one call and one OpenMP region, so a decode step is that call plus the
 embedding lookup, the final norm and the output head.
@@ -20,13 +20,16 @@ Transformer.reset_fused_decode() (quantize_model does).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from leapllm.kernels import cpu_kernels
 from leapllm.kernels.packing import move_to_huge_pages
 from leapllm.model.kv_cache import KVCache
+from leapllm.model.quantized.layers import packed_linear_of
 
-# The most tokens one fused call takes (MAX_ROWS in kernels/cpu_kernels.cpp: the activation rows
+# The most tokens one fused call takes (MAX_ROWS in kernels/cpu/common.h: the activation rows
 # computed against one read of a weight tile).
 MAX_TOKENS = 8
 
@@ -38,14 +41,14 @@ def layer_modules(layer) -> tuple:
 
 def layer_projections(layer) -> list:
     """The C++ PackedLinear of each of a block's four projections (None where a layer has none)."""
-    return [getattr(m, "packed_linear", None) for m in layer_modules(layer)]
+    return [packed_linear_of(m) for m in layer_modules(layer)]
 
 
-# The stages between the C++ clock marks of a layer, named as the profiler names the module stages
-# (profiling/stages.py). The C++ phases fold the small steps into their neighbours: the attention
-# norm into "qkv_proj", rotary into "attention", the MLP norm and SiLU*up into "gate_up_proj", and
-# (when the call computes the logits) the final norm into "lm_head".
-MARKED_STAGES = ("qkv_proj", "attention", "o_proj", "gate_up_proj", "down_proj")
+# The stages between the C++ clock marks of a layer are the fused step's phases, named by the
+# extension (phase_names, output_head_phase_name) as the profiler names the module stages
+# (profiling/stages.py). The phases fold the small steps into their neighbours: the attention norm
+# into "qkv_proj", rotary into "attention", the MLP norm and SiLU*up into "gate_up_proj", and (when
+# the call computes the logits) the final norm into the output head's.
 OUTSIDE_LAYERS = -1  # the layer index of the output head's interval (profiling/stages.py's)
 
 
@@ -53,13 +56,12 @@ class FusedDecode:
     """The C++ DecoderStack of the model's blocks, built from (and holding references to) its packed weights."""
 
     def __init__(self, model):
-        # Set by the profiler while it times a step: a list that gets (stage, layer, start ns, end ns).
-        self.stage_intervals: list | None = None
+        self._stage_intervals: list | None = None  # see recording_stages
         ext = cpu_kernels()
         config = model.config
         # Every packed weight a step reads, in the order it reads them, on 2 MiB pages.
         modules = [m for layer in model.layers for m in layer_modules(layer)]
-        if getattr(model.lm_head, "packed_linear", None) is not None:
+        if packed_linear_of(model.lm_head) is not None:
             modules.append(model.lm_head)
         move_to_huge_pages(modules)
         self.projections = [layer_projections(layer) for layer in model.layers]
@@ -70,11 +72,21 @@ class FusedDecode:
         ])
         self.num_layers = len(model.layers)
         # The final norm and the output head join the same C++ call when the head is packed too.
-        head = getattr(model.lm_head, "packed_linear", None)
+        head = packed_linear_of(model.lm_head)
         self.vocab_size = model.config.vocab_size
         self.computes_logits = head is not None and head.bias is None
         if self.computes_logits:
             self.stack.set_output_head(model.norm.weight, model.norm.eps, head)
+
+    @contextmanager
+    def recording_stages(self, intervals: list):
+        """While inside, every fused step appends (stage, layer, start ns, end ns) of each of its phases
+        to `intervals`, from clock marks the C++ code takes (the profiler's stage timing)."""
+        self._stage_intervals = intervals
+        try:
+            yield
+        finally:
+            self._stage_intervals = None
 
     @staticmethod
     def supports(model) -> bool:
@@ -109,15 +121,17 @@ class FusedDecode:
             raise ValueError(f"a fused step takes 1 to {MAX_TOKENS} tokens, got {tokens}")
         if start_pos + tokens > kv_cache.max_seq_len:
             raise ValueError(f"KV cache holds {kv_cache.max_seq_len} positions, asked to write up to {start_pos + tokens}")
-        if self.stage_intervals is None:
+        if self._stage_intervals is None:
             self.stack.forward(x, kv_cache.k, kv_cache.v, start_pos, None, logits)
             return
-        per_layer = len(MARKED_STAGES) + 1
+        ext = cpu_kernels()
+        marked_stages = ext.phase_names()
+        per_layer = len(marked_stages) + 1
         marks = torch.empty(self.num_layers * per_layer + (logits is not None), dtype=torch.int64)
         self.stack.forward(x, kv_cache.k, kv_cache.v, start_pos, marks, logits)
         m = marks.tolist()
         for i in range(self.num_layers):
             row = m[i * per_layer:(i + 1) * per_layer]
-            self.stage_intervals += [(stage, i, row[j], row[j + 1]) for j, stage in enumerate(MARKED_STAGES)]
+            self._stage_intervals += [(stage, i, row[j], row[j + 1]) for j, stage in enumerate(marked_stages)]
         if logits is not None:  # the final norm runs inside the head's phase, as the layers' norms do
-            self.stage_intervals.append(("lm_head", OUTSIDE_LAYERS, m[-2], m[-1]))
+            self._stage_intervals.append((ext.output_head_phase_name(), OUTSIDE_LAYERS, m[-2], m[-1]))

@@ -1,0 +1,88 @@
+// leapllm's CPU kernels: int4 / int8 weight matmuls on int8-quantized activations, and a fused
+// batch-1 decode step.
+//
+// Why: a batch-1 decode step reads every weight once, so it is bound by memory bandwidth, and for a
+// small model the many small PyTorch ops of each layer cost as much as its matmuls. Here the
+// activations are quantized to int8 per block of 32 values (a scale each, as llama.cpp's Q8 blocks),
+// so 4-bit or 8-bit weights times activations are integer dot-product instructions, and a whole
+// Llama block runs in one call within one OpenMP region.
+//
+// The parts, one header each, all compiled as this one translation unit (so the compiler sees every
+// call, and inlines across the parts as if they were one file):
+//   common.h          instruction-set switches, the packed layout's sizes, activation quantization
+//   tiles_portable.h  one tile of 16 weight rows against the activations, on any CPU (the reference)
+//   tiles_avx2.h      the same tile with AVX2 (CPUs without AVX-512 VNNI)
+//   tiles_vnni.h      the same tile with AVX-512 VNNI
+//   packed_linear.h   PackedLinear: a linear layer on packed weights, through the best tile built
+//   huge_pages.h      packed weights copied onto 2 MiB pages
+//   attention.h       attention of one token over its positions; paged_decode_attention
+//   scheduler.h       how a step's threads share each phase's work items
+//   decoder_stack.h   DecoderLayer, DecoderStack: the fused decode step, phase by phase
+// leapllm/kernels/__init__.py builds it for the CPU it runs on (-march=native).
+
+// The headers' classes hold and take types of the unnamed namespace (QuantizedRow), which gives the
+// functions that take them internal linkage: called directly and inlined as the compiler sees fit,
+// where a shared library's exported functions are called through its symbol table. GCC warns about
+// such classes when they are defined in a header, as it cannot know that only one file includes it.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wsubobject-linkage"
+#endif
+
+#include "attention.h"
+#include "common.h"
+#include "decoder_stack.h"
+#include "huge_pages.h"
+#include "packed_linear.h"
+
+// A hash of these sources, which the build passes in: the module tells which sources it was built from.
+#ifndef LEAPLLM_SOURCE_HASH
+#define LEAPLLM_SOURCE_HASH unknown
+#endif
+#define LEAPLLM_STRINGIFY(x) #x
+#define LEAPLLM_STRING(x) LEAPLLM_STRINGIFY(x)
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "leapllm CPU kernels: int4/int8 matmuls on int8 activations (AVX-512 VNNI) and a fused decoder layer";
+  m.def("vnni_compiled", &vnni_compiled, "whether the AVX-512 VNNI kernels were compiled in");
+  m.def("avx2_compiled", &avx2_compiled, "whether the AVX2 tiles were compiled in (CPUs with AVX2 but no VNNI)");
+  m.attr("source_hash") = LEAPLLM_STRING(LEAPLLM_SOURCE_HASH);
+  m.def("phase_names", [] {
+    pybind11::tuple names(LAYER_PHASES);
+    for (int p = 0; p < LAYER_PHASES; ++p) names[p] = PHASE_NAMES[p];
+    return names;
+  }, "the stage names of a layer's phases in a fused step, in the order of DecoderStack.forward's marks");
+  m.def("output_head_phase_name", [] { return std::string(PHASE_NAMES[LAYER_PHASES]); },
+        "the stage name of the fused step's output-head phase");
+  m.def("copy_into_huge_pages", &copy_into_huge_pages, pybind11::arg("tensors"),
+        "copies of the tensors in one block of memory on 2 MiB pages where Linux gives them");
+  m.def("paged_decode_attention", &paged_decode_attention, pybind11::arg("q"), pybind11::arg("k_pool"),
+        pybind11::arg("v_pool"), pybind11::arg("slots"), pybind11::arg("lengths"), pybind11::arg("scale"),
+        "attention of one new token per sequence over its keys and values in a paged pool",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  pybind11::class_<PackedLinear, std::shared_ptr<PackedLinear>>(m, "PackedLinear")
+      .def(pybind11::init<at::Tensor, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, int64_t, bool>(),
+           pybind11::arg("weight"), pybind11::arg("scales"), pybind11::arg("mins"), pybind11::arg("bias"),
+           pybind11::arg("bits"), pybind11::arg("simd") = true)
+      .def("forward", &PackedLinear::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("dequantize", &PackedLinear::dequantize, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def_property_readonly("bias", [](const PackedLinear& l) -> c10::optional<at::Tensor> {
+        return l.bias.defined() ? c10::optional<at::Tensor>(l.bias) : c10::nullopt;
+      })
+      .def_readonly("in_features", &PackedLinear::in_features)
+      .def_readonly("out_features", &PackedLinear::out_features)
+      .def_readonly("bits", &PackedLinear::bits)
+      .def_readonly("simd", &PackedLinear::simd)
+      .def_property_readonly("kernel", &PackedLinear::kernel);
+  pybind11::class_<DecoderLayer, std::shared_ptr<DecoderLayer>>(m, "DecoderLayer")
+      .def(pybind11::init<std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>,
+                          std::shared_ptr<PackedLinear>, at::Tensor, at::Tensor, at::Tensor, double, int64_t, int64_t,
+                          int64_t>());
+  pybind11::class_<DecoderStack, std::shared_ptr<DecoderStack>>(m, "DecoderStack")
+      .def(pybind11::init<std::vector<std::shared_ptr<DecoderLayer>>>())
+      .def("set_output_head", &DecoderStack::set_output_head, pybind11::arg("norm_weight"), pybind11::arg("eps"),
+           pybind11::arg("head"))
+      .def("forward", &DecoderStack::forward, pybind11::arg("x"), pybind11::arg("k_caches"), pybind11::arg("v_caches"),
+           pybind11::arg("pos"), pybind11::arg("marks") = pybind11::none(), pybind11::arg("logits") = pybind11::none(),
+           pybind11::call_guard<pybind11::gil_scoped_release>());
+}
+

@@ -1,0 +1,185 @@
+// PackedLinear: a linear layer on packed int4 or int8 weights, running whichever tiles this build has.
+#pragma once
+
+#include <string>
+#include <type_traits>
+
+#include "common.h"
+#include "tiles_avx2.h"
+#include "tiles_portable.h"
+#include "tiles_vnni.h"
+
+namespace {
+
+// f(std::integral_constant<int, mt>()) for mt = 1 .. MAX_ROWS: the SIMD tiles are templates on their
+// row count, so that their accumulators are registers.
+template <class F>
+void with_rows(int mt, F&& f) {
+  switch (mt) {
+    case 8: return f(std::integral_constant<int, 8>());
+    case 7: return f(std::integral_constant<int, 7>());
+    case 6: return f(std::integral_constant<int, 6>());
+    case 5: return f(std::integral_constant<int, 5>());
+    case 4: return f(std::integral_constant<int, 4>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 2: return f(std::integral_constant<int, 2>());
+    default: return f(std::integral_constant<int, 1>());
+  }
+}
+
+}  // namespace
+
+// A linear layer with packed int4 or int8 weights: y = x W^T (+ bias).
+struct PackedLinear {
+  int64_t out_features, in_features, bits;
+  bool simd;  // the VNNI or AVX2 tiles (whichever this build has); else the portable ones
+  at::Tensor weight, scales, mins, bias;
+  // Their data, read once here rather than through a checked data_ptr<T>() at each of a step's many
+  // tile calls. scale16 (int4: float16 scales, mins16 their minimums) or scale32 (int8).
+  const uint8_t* weight_data = nullptr;
+  const uint16_t *scale16 = nullptr, *mins16 = nullptr;
+  const float *scale32 = nullptr, *bias_data = nullptr;
+
+  std::string kernel() const { return !simd ? "portable" : LEAPLLM_VNNI ? "VNNI" : "AVX2"; }
+
+  PackedLinear(at::Tensor weight_, at::Tensor scales_, c10::optional<at::Tensor> mins_, c10::optional<at::Tensor> bias_,
+               int64_t bits_, bool simd_)
+      : bits(bits_), simd(simd_ && (LEAPLLM_VNNI || LEAPLLM_AVX2)), weight(weight_.contiguous()),
+        scales(scales_.contiguous()) {
+    TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+    TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2, "packed weight must be a 2-D uint8 tensor");
+    out_features = weight.size(0);
+    in_features = bits == 4 ? weight.size(1) * 2 : weight.size(1);
+    TORCH_CHECK(in_features % BLOCK == 0, "in_features must be a multiple of 32");
+    TORCH_CHECK(out_features % TILE == 0, "out_features must be a multiple of 16");
+    if (bits == 4) {
+      TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.numel() == out_features * (in_features / BLOCK),
+                  "int4 scales must be float16 (N, K/32)");
+      TORCH_CHECK(mins_.has_value() && mins_->scalar_type() == at::kHalf && mins_->numel() == scales.numel(),
+                  "int4 needs float16 minimums (N, K/32)");
+      mins = mins_->contiguous();
+    } else {
+      TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == out_features, "int8 scales must be float32 (N,)");
+    }
+    if (bias_.has_value() && bias_->defined()) {
+      bias = bias_->to(at::kFloat).contiguous();
+      TORCH_CHECK(bias.numel() == out_features, "bias must have out_features values");
+      bias_data = bias.data_ptr<float>();
+    }
+    weight_data = weight.data_ptr<uint8_t>();
+    if (bits == 4) {
+      scale16 = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+      mins16 = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
+    } else {
+      scale32 = scales.data_ptr<float>();
+    }
+  }
+
+  // out[m * ldo + n] = row n . a[m] (+ bias) for n in [n0, n1) (multiples of 16), every m < rows.
+  void compute_rows(const QuantizedRow* const* a, int64_t rows, int64_t n0, int64_t n1, float* out,
+                    int64_t ldo) const {
+    const int64_t blocks = in_features / BLOCK;
+    const uint8_t* w = weight_data;
+    const int64_t tile_bytes = TILE * in_features * bits / 8;
+    // The AVX2 tiles have 16 registers for their unpacked weights and accumulators: 4 rows at a time,
+    // the tile read again (from L1) for the next 4. A row's result is the same in any group.
+    const int64_t group = simd && LEAPLLM_AVX2 ? 4 : MAX_ROWS;
+    for (int64_t n = n0; n < n1; n += TILE) {
+      const uint8_t* wt = w + n / TILE * tile_bytes;
+      for (int64_t m0 = 0; m0 < rows; m0 += group) {
+        const int mt = (int)std::min<int64_t>(group, rows - m0);
+        tile(wt, n, a + m0, mt, blocks, out + m0 * ldo + n, ldo);
+      }
+      if (bias_data) {
+        const float* b = bias_data + n;
+        for (int64_t m = 0; m < rows; ++m)
+          for (int L = 0; L < TILE; ++L) out[m * ldo + n + L] += b[L];
+      }
+    }
+  }
+
+  void tile(const uint8_t* wt, int64_t n, const QuantizedRow* const* a, int mt, int64_t blocks, float* out,
+            int64_t ldo) const {
+    if (bits == 4) {
+      const uint16_t* d = scale16 + n * blocks;
+      const uint16_t* mn = mins16 + n * blocks;
+#if LEAPLLM_VNNI || LEAPLLM_AVX2
+      if (simd)
+        return with_rows(mt, [&](auto r) { tile_q4_simd<decltype(r)::value>(wt, d, mn, a, blocks, out, ldo); });
+#endif
+      tile_q4_portable(wt, d, mn, a, mt, blocks, out, ldo);
+    } else {
+      const float* d = scale32 + n;
+#if LEAPLLM_VNNI || LEAPLLM_AVX2
+      if (simd) return with_rows(mt, [&](auto r) { tile_q8_simd<decltype(r)::value>(wt, d, a, blocks, out, ldo); });
+#endif
+      tile_q8_portable(wt, d, a, mt, blocks, out, ldo);
+    }
+  }
+
+  // The weights as a dense (N, K) float32 or bfloat16 matrix: for many activation rows (prefill) a
+  // GEMM on it beats the dot-product tiles.
+  at::Tensor dequantize(at::ScalarType dtype) const {
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize to float32 or bfloat16");
+    auto out = at::empty({out_features, in_features}, at::TensorOptions().dtype(dtype));
+    const int64_t blocks = in_features / BLOCK, tile_bytes = TILE * in_features * bits / 8;
+    const uint8_t* w = weight.data_ptr<uint8_t>();
+    at::parallel_for(0, out_features / TILE, 4, [&](int64_t t0, int64_t t1) {
+      std::vector<float> rows(TILE * in_features);
+      for (int64_t t = t0; t < t1; ++t) {
+        const uint8_t* wt = w + t * tile_bytes;
+        for (int64_t b = 0; b < blocks; ++b) {
+          for (int L = 0; L < TILE; ++L) {
+            float* r = rows.data() + L * in_features + b * BLOCK;
+            if (bits == 4) {
+              const int64_t at = (t * TILE) * blocks + b * TILE + L;  // (tile, block, row)
+              const float dv = half_to_float(reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>())[at]);
+              const float mv = half_to_float(reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>())[at]);
+              for (int c = 0; c < 4; ++c) {
+                for (int j = 0; j < 4; ++j) {
+                  const uint8_t byte = wt[b * 256 + c * 64 + 4 * L + j];
+                  r[4 * c + j] = (float)(byte & 15) * dv + mv;
+                  r[4 * (c + 4) + j] = (float)(byte >> 4) * dv + mv;
+                }
+              }
+            } else {
+              const float dv = scales.data_ptr<float>()[t * TILE + L];
+              for (int qd = 0; qd < 8; ++qd)
+                for (int j = 0; j < 4; ++j) r[4 * qd + j] = (float)((int)wt[b * 512 + qd * 64 + 4 * L + j] - 128) * dv;
+            }
+          }
+        }
+        if (dtype == at::kFloat) {
+          std::memcpy(out.data_ptr<float>() + t * TILE * in_features, rows.data(), rows.size() * sizeof(float));
+        } else {
+          at::BFloat16* o = out.data_ptr<at::BFloat16>() + t * TILE * in_features;
+          for (size_t i = 0; i < rows.size(); ++i) o[i] = at::BFloat16(rows[i]);
+        }
+      }
+    });
+    return out;
+  }
+
+  // x (..., K) float32 -> (..., N) float32.
+  at::Tensor forward(at::Tensor x) const {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "PackedLinear takes float32 activations");
+    TORCH_CHECK(x.size(-1) == in_features, "expected ", in_features, " input features, got ", x.size(-1));
+    auto x2 = x.reshape({-1, in_features}).contiguous();
+    const int64_t rows = x2.size(0);
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = out_features;
+    auto out = at::empty({rows, out_features}, x.options());
+    std::vector<QuantizedRow> acts(rows);
+    std::vector<const QuantizedRow*> ptrs(rows);
+    const float* xp = x2.data_ptr<float>();
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) quantize_row(xp + r * in_features, in_features, acts[r]);
+    });
+    for (int64_t r = 0; r < rows; ++r) ptrs[r] = &acts[r];
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, out_features / TILE, 1, [&](int64_t t0, int64_t t1) {
+      compute_rows(ptrs.data(), rows, t0 * TILE, t1 * TILE, op, out_features);
+    });
+    return out.view(shape);
+  }
+};

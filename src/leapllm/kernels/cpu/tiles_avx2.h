@@ -1,0 +1,175 @@
+// The SIMD tiles for CPUs with AVX2 but no AVX-512 VNNI: the integer sums come from maddubs on
+// unpacked nibbles, then the VNNI tiles' float steps, so both give the same bits.
+#pragma once
+
+#include "common.h"
+
+#if LEAPLLM_AVX2
+namespace {
+
+// As the VNNI tiles, on half a tile at a time. A 256-bit vector holds one quad of 8 rows, so rows
+// 8h .. 8h + 7 are the h-th 32 bytes of every 64-byte vector of the layout; the tile's bytes stay in
+// L1 between the two halves. Each row's integer block sum is exact (the 16-bit partial sums cannot
+// overflow, see nibble_block_sums), and the float steps are the VNNI tiles' own, lane for lane.
+inline __m256i broadcast_quad8(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// sum over the 8 quads of maddubs(nib[c], x's quad c), in 16 bits: 8 x 2 x 15 x 127 < 2^15.
+inline __m256i nibble_dot16(const __m256i* nib, const int8_t* x) {
+  __m256i s0 = _mm256_maddubs_epi16(nib[0], broadcast_quad8(x));
+  __m256i s1 = _mm256_maddubs_epi16(nib[4], broadcast_quad8(x + 16));
+  for (int c = 1; c < 4; ++c) {  // two chains: half the latency
+    s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(nib[c], broadcast_quad8(x + 4 * c)));
+    s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(nib[c + 4], broadcast_quad8(x + 4 * (c + 4))));
+  }
+  return _mm256_add_epi16(s0, s1);
+}
+
+// How far ahead of the block being summed the tiles ask for weights (about 12 int4 or 8 int8
+// blocks). Decode reads every weight once, from DRAM, and the hardware prefetcher alone does not
+// keep a core's stream busy.
+constexpr int64_t PREFETCH_Q4 = 3072, PREFETCH_Q8 = 4096;
+
+inline void prefetch_lines(const uint8_t* p, int lines) {
+  for (int c = 0; c < lines; ++c) _mm_prefetch((const char*)(p + 64 * c), _MM_HINT_T0);
+}
+
+// The 64-byte vector at p (both halves of a tile): lo_h += maddubs(its low nibbles in half h, xl),
+// hi_h += maddubs(its high nibbles in half h, xh).
+inline void add_nibble_products(const uint8_t* p, __m256i xl, __m256i xh, __m256i& lo0, __m256i& hi0,
+                                __m256i& lo1, __m256i& hi1) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i v0 = _mm256_loadu_si256((const __m256i*)p), v1 = _mm256_loadu_si256((const __m256i*)(p + 32));
+  lo0 = _mm256_add_epi16(lo0, _mm256_maddubs_epi16(_mm256_and_si256(v0, low4), xl));
+  hi0 = _mm256_add_epi16(hi0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low4), xh));
+  lo1 = _mm256_add_epi16(lo1, _mm256_maddubs_epi16(_mm256_and_si256(v1, low4), xl));
+  hi1 = _mm256_add_epi16(hi1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low4), xh));
+}
+
+// One activation row (a decode step): both halves in one pass over the blocks, each activation quad
+// broadcast once for both, and the nibbles unpacked as they are used rather than kept in registers.
+inline void tile_q4_one_row(const uint8_t* w, const uint16_t* d, const uint16_t* mins, const QuantizedRow& r,
+                            int64_t blocks, float* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();  // rows 0..7, 8..15
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* wb = w + b * 256;
+    prefetch_lines(wb + PREFETCH_Q4, 4);
+    const int8_t* x = r.q.data() + b * BLOCK;
+    // 16-bit sums of half 0 / 1 over the low nibbles (quads 0..3) and the high ones (quads 4..7)
+    __m256i lo0 = _mm256_setzero_si256(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
+    for (int c = 0; c < 4; ++c)
+      add_nibble_products(wb + c * 64, broadcast_quad8(x + 4 * c), broadcast_quad8(x + 4 * (c + 4)), lo0, hi0, lo1, hi1);
+    const __m256 scale = _mm256_set1_ps(r.scale[b]), block_sum = _mm256_set1_ps(r.block_sum[b]);
+    const __m256 db0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + b * TILE)));
+    const __m256 db1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + b * TILE + 8)));
+    const __m256 mb0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mins + b * TILE)));
+    const __m256 mb1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mins + b * TILE + 8)));
+    const __m256i s0 = _mm256_madd_epi16(_mm256_add_epi16(lo0, hi0), ones);
+    const __m256i s1 = _mm256_madd_epi16(_mm256_add_epi16(lo1, hi1), ones);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(db0, scale), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(db1, scale), acc1);
+    acc0 = _mm256_fmadd_ps(mb0, block_sum, acc0);
+    acc1 = _mm256_fmadd_ps(mb1, block_sum, acc1);
+  }
+  _mm256_storeu_ps(out, acc0);
+  _mm256_storeu_ps(out + 8, acc1);
+}
+
+template <int MT>
+void tile_q4_simd(const uint8_t* w, const uint16_t* d, const uint16_t* mins, const QuantizedRow* const* a,
+                  int64_t blocks, float* out, int64_t ldo) {
+  if constexpr (MT == 1) {
+    tile_q4_one_row(w, d, mins, *a[0], blocks, out);
+    return;
+  }
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* wb = w + b * 256 + h * 32;
+      if (h == 0) prefetch_lines(wb + PREFETCH_Q4, 4);
+      __m256i nib[8];  // nib[c]: quad c of the 8 rows, c < 4 the low nibbles, c >= 4 the high ones
+      for (int c = 0; c < 4; ++c) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + c * 64));
+        nib[c] = _mm256_and_si256(v, low4);
+        nib[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      }
+      const __m256 db = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + b * TILE + h * 8)));
+      const __m256 mb = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mins + b * TILE + h * 8)));
+      for (int m = 0; m < MT; ++m) {
+        const __m256i s = _mm256_madd_epi16(nibble_dot16(nib, a[m]->q.data() + b * BLOCK), ones);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(db, _mm256_set1_ps(a[m]->scale[b])), acc[m]);
+        acc[m] = _mm256_fmadd_ps(mb, _mm256_set1_ps(a[m]->block_sum[b]), acc[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) _mm256_storeu_ps(out + m * ldo + h * 8, acc[m]);
+  }
+}
+
+// int8 (q + 128): the sum is low nibbles + 16 x high nibbles, each half in 16 bits.
+inline void tile_q8_one_row(const uint8_t* w, const float* d, const QuantizedRow& r, int64_t blocks, float* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* wb = w + b * 512;
+    prefetch_lines(wb + PREFETCH_Q8, 8);
+    const int8_t* x = r.q.data() + b * BLOCK;
+    __m256i lo0 = _mm256_setzero_si256(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
+    for (int qd = 0; qd < 8; ++qd) {
+      const __m256i xq = broadcast_quad8(x + 4 * qd);
+      add_nibble_products(wb + qd * 64, xq, xq, lo0, hi0, lo1, hi1);
+    }
+    const __m256 scale = _mm256_set1_ps(r.scale[b]);
+    const __m256i s0 = _mm256_add_epi32(_mm256_madd_epi16(lo0, ones), _mm256_slli_epi32(_mm256_madd_epi16(hi0, ones), 4));
+    const __m256i s1 = _mm256_add_epi32(_mm256_madd_epi16(lo1, ones), _mm256_slli_epi32(_mm256_madd_epi16(hi1, ones), 4));
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), scale, acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), scale, acc1);
+  }
+  const __m256 offset = _mm256_set1_ps(128.f * r.total);
+  _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_loadu_ps(d), _mm256_sub_ps(acc0, offset)));
+  _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_loadu_ps(d + 8), _mm256_sub_ps(acc1, offset)));
+}
+
+template <int MT>
+void tile_q8_simd(const uint8_t* w, const float* d, const QuantizedRow* const* a, int64_t blocks, float* out,
+                  int64_t ldo) {
+  if constexpr (MT == 1) {
+    tile_q8_one_row(w, d, *a[0], blocks, out);
+    return;
+  }
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* wb = w + b * 512 + h * 32;
+      if (h == 0) prefetch_lines(wb + PREFETCH_Q8, 8);
+      __m256i lo[8], hi[8];  // quad qd's low and high nibbles, in nibble_dot16's order
+      for (int qd = 0; qd < 8; ++qd) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + qd * 64));
+        lo[qd] = _mm256_and_si256(v, low4);
+        hi[qd] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      }
+      for (int m = 0; m < MT; ++m) {
+        const int8_t* x = a[m]->q.data() + b * BLOCK;
+        const __m256i s_lo = _mm256_madd_epi16(nibble_dot16(lo, x), ones);
+        const __m256i s_hi = _mm256_madd_epi16(nibble_dot16(hi, x), ones);
+        const __m256i s = _mm256_add_epi32(s_lo, _mm256_slli_epi32(s_hi, 4));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(a[m]->scale[b]), acc[m]);
+      }
+    }
+    const __m256 dv = _mm256_loadu_ps(d + h * 8);
+    for (int m = 0; m < MT; ++m) {
+      const __m256 y = _mm256_sub_ps(acc[m], _mm256_set1_ps(128.f * a[m]->total));
+      _mm256_storeu_ps(out + m * ldo + h * 8, _mm256_mul_ps(dv, y));
+    }
+  }
+}
+
+}  // namespace
+#endif

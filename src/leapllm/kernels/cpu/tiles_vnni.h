@@ -1,0 +1,74 @@
+// The SIMD tiles for CPUs with AVX-512 VNNI: one vpdpbusd adds 4 products (a quad of the layout) to
+// each of a tile's 16 row lanes.
+#pragma once
+
+#include "common.h"
+
+#if LEAPLLM_VNNI
+namespace {
+
+inline __m512i broadcast_quad(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm512_set1_epi32(v);
+}
+
+template <int MT>
+void tile_q4_simd(const uint8_t* w, const uint16_t* d, const uint16_t* mins, const QuantizedRow* const* a,
+                  int64_t blocks, float* out, int64_t ldo) {
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* wb = w + b * 256;
+    __m512i wq[8];
+    for (int c = 0; c < 4; ++c) {
+      const __m512i v = _mm512_loadu_si512((const void*)(wb + c * 64));
+      wq[c] = _mm512_and_si512(v, low4);
+      wq[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    }
+    const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(d + b * TILE)));
+    const __m512 mb = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mins + b * TILE)));
+    for (int m = 0; m < MT; ++m) {
+      const int8_t* x = a[m]->q.data() + b * BLOCK;
+      __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();  // two chains: half the latency
+      for (int c = 0; c < 4; ++c) {
+        s0 = _mm512_dpbusd_epi32(s0, wq[c], broadcast_quad(x + 4 * c));
+        s1 = _mm512_dpbusd_epi32(s1, wq[c + 4], broadcast_quad(x + 4 * (c + 4)));
+      }
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+      acc[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(db, _mm512_set1_ps(a[m]->scale[b])), acc[m]);
+      acc[m] = _mm512_fmadd_ps(mb, _mm512_set1_ps(a[m]->block_sum[b]), acc[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) _mm512_storeu_ps(out + m * ldo, acc[m]);
+}
+
+template <int MT>
+void tile_q8_simd(const uint8_t* w, const float* d, const QuantizedRow* const* a, int64_t blocks, float* out,
+                  int64_t ldo) {
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* wb = w + b * 512;
+    __m512i wq[8];
+    for (int qd = 0; qd < 8; ++qd) wq[qd] = _mm512_loadu_si512((const void*)(wb + qd * 64));
+    for (int m = 0; m < MT; ++m) {
+      const int8_t* x = a[m]->q.data() + b * BLOCK;
+      __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+      for (int qd = 0; qd < 4; ++qd) {
+        s0 = _mm512_dpbusd_epi32(s0, wq[qd], broadcast_quad(x + 4 * qd));
+        s1 = _mm512_dpbusd_epi32(s1, wq[qd + 4], broadcast_quad(x + 4 * (qd + 4)));
+      }
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_set1_ps(a[m]->scale[b]), acc[m]);
+    }
+  }
+  const __m512 dv = _mm512_loadu_ps(d);
+  for (int m = 0; m < MT; ++m) {
+    const __m512 y = _mm512_sub_ps(acc[m], _mm512_set1_ps(128.f * a[m]->total));
+    _mm512_storeu_ps(out + m * ldo, _mm512_mul_ps(dv, y));
+  }
+}
+
+}  // namespace
+#endif

@@ -1,0 +1,88 @@
+"""Building the kernels: `python -m leapllm.kernels` fails where a C++ compiler could have built them
+and did not, and rebuilds when any of the C++ files changes."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+from leapllm import kernels
+
+
+@pytest.fixture
+def build(monkeypatch):
+    """Stands in for PyTorch's builder: `build(ext)` or `build(error=...)` sets what it gives."""
+    monkeypatch.delenv(kernels.DISABLE_VARIABLE, raising=False)
+    monkeypatch.setattr(kernels, "_failure", [])
+
+    def set_result(ext=None, error=None):
+        def fake_build():
+            if error is not None:
+                raise error
+            return ext
+        monkeypatch.setattr(kernels, "_build", fake_build)
+
+    return set_result
+
+
+def test_main_fails_when_a_compiler_is_there_but_the_build_fails(build, monkeypatch, capsys):
+    build(error=RuntimeError("Error building extension 'leapllm_cpu_kernels':\nbindings.cpp:1: error: boom"))
+    monkeypatch.setattr(kernels, "find_compiler", lambda: "/usr/bin/c++")
+    assert kernels.main() == 1
+    err = capsys.readouterr().err
+    assert "failed to build with /usr/bin/c++" in err and "bindings.cpp:1: error: boom" in err
+
+
+def test_main_succeeds_without_a_compiler_and_says_so_in_one_line(build, monkeypatch, capsys):
+    build(error=RuntimeError("Error building extension: c++: not found"))
+    monkeypatch.setattr(kernels, "find_compiler", lambda: None)
+    assert kernels.main() == 0
+    err = capsys.readouterr().err
+    assert "no C++ compiler" in err and len(err.strip().splitlines()) == 1
+
+
+def test_main_succeeds_when_disabled_and_when_built(build, monkeypatch, capsys):
+    build(error=RuntimeError("never built"))
+    monkeypatch.setattr(kernels, "find_compiler", lambda: "/usr/bin/c++")
+    monkeypatch.setenv(kernels.DISABLE_VARIABLE, "0")
+    assert kernels.main() == 0
+    assert f"{kernels.DISABLE_VARIABLE}=0" in capsys.readouterr().err
+    monkeypatch.delenv(kernels.DISABLE_VARIABLE)
+    build(ext=SimpleNamespace(vnni_compiled=lambda: False, avx2_compiled=lambda: True))
+    assert kernels.main() == 0
+    assert capsys.readouterr().out.strip() == "leapllm CPU kernels built (AVX2 tiles)"
+
+
+def test_the_compiler_looked_for_first_is_the_one_pytorch_runs(monkeypatch):
+    monkeypatch.setenv("CXX", "leapllm-no-such-compiler")
+    assert kernels.find_compiler() in (None, shutil.which("c++"), shutil.which("g++"), shutil.which("clang++"))
+    monkeypatch.setenv("CXX", "sh")  # any program on PATH
+    assert kernels.find_compiler() == shutil.which("sh")
+
+
+def test_every_header_is_compiled_and_hashed():
+    """bindings.cpp includes every header of the folder (so the hash of the folder's files is the
+    hash of what is compiled), and the hash changes with any of them."""
+    included, todo = set(), ["bindings.cpp"]
+    while todo:
+        text = (kernels.SOURCE_DIR / todo.pop()).read_text()
+        for name in re.findall(r'^#include "([^"]+)"', text, flags=re.MULTILINE):
+            if name not in included:
+                included.add(name)
+                todo.append(name)
+    assert included == {p.name for p in kernels.SOURCE_DIR.glob("*.h")}
+    assert {p.name for p in kernels.source_files()} == included | {"bindings.cpp"}
+
+
+def test_a_changed_header_changes_the_source_hash(tmp_path, monkeypatch):
+    copy = tmp_path / "cpu"
+    shutil.copytree(kernels.SOURCE_DIR, copy)
+    monkeypatch.setattr(kernels, "SOURCE_DIR", copy)
+    before = kernels.source_hash()
+    assert before == kernels.source_hash()
+    header = copy / "attention.h"
+    header.write_text(header.read_text() + "\n")
+    assert kernels.source_hash() != before
