@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from leapllm.cli import main as cli_main
+from leapllm.cli import common as cli_common
 from leapllm.cli.main import main
 from leapllm.evaluation import builtin_text
 from tests.cli_helpers import assert_one_line_error
@@ -22,12 +22,12 @@ from tests.tiny_models import TINY_VOCAB, tiny_hf_state, write_tiny_gguf
 @pytest.fixture
 def session_model(monkeypatch, llm, default_gguf_path):
     """The default model, asked for by default or by path, is the session's: no second load."""
-    real_load_llm = cli_main.load_llm
+    real_load_llm = cli_common.load_llm
 
     def load_llm(args):
         return llm if args.model in (None, str(default_gguf_path)) else real_load_llm(args)
 
-    monkeypatch.setattr(cli_main, "load_llm", load_llm)
+    monkeypatch.setattr(cli_common, "load_llm", load_llm)
 
 
 @pytest.fixture

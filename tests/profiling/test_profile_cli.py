@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from leapllm.cli import common as cli_common
 from leapllm.cli import main as cli_main
 from leapllm.cli.profile_cmd import add_profile_parser
 from leapllm.errors import LeapLLMError
@@ -62,7 +63,7 @@ def test_an_unwritable_output_path_fails_before_the_run(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_a_small_profile_prints_the_table_and_writes_json_and_html(capsys, tmp_path, monkeypatch, llm):
-    monkeypatch.setattr(cli_main, "load_llm", lambda args: llm)  # the session's model, not a second load
+    monkeypatch.setattr(cli_common, "load_llm", lambda args: llm)  # the session's model, not a second load
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # never the user's cache
     # Seed the cache so the run does not spend seconds measuring the machine.
     save_machine(MachineLimits(device="cpu", name=device_name(torch.device("cpu")), threads=torch.get_num_threads(),
@@ -87,7 +88,7 @@ def test_machine_flag_measures_prints_and_caches_without_loading_a_model(capsys,
     real = machine_mod.measure_machine
     monkeypatch.setattr(machine_mod, "measure_machine",
                         lambda device, **kw: real(device, bandwidth_bytes=8 << 20, matmul_n=128, repeats=2))
-    monkeypatch.setattr(cli_main, "load_llm", lambda args: pytest.fail("--machine loaded a model"))
+    monkeypatch.setattr(cli_common, "load_llm", lambda args: pytest.fail("--machine loaded a model"))
     assert run(["profile", "--machine", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "float32 matmul" in out and "bandwidth" in out and str(tmp_path) in out

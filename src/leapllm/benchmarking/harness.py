@@ -198,7 +198,7 @@ def zero_or_at_least(value: Any, minimum: int, flag: str, why: str = "") -> int:
 
 
 def speculative_tokens(value: Any) -> int:
-    from leapllm.engine.speculative import MAX_SPECULATIVE_TOKENS
+    from leapllm.config import MAX_SPECULATIVE_TOKENS
 
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SPECULATIVE_TOKENS:
         raise InvalidRequestError(f"--num-speculative-tokens must be an integer from 1 to {MAX_SPECULATIVE_TOKENS}, "

@@ -20,6 +20,7 @@ import sys
 from leapllm.benchmarking.systems import (
     DEFAULT_LEAPLLM_SYSTEMS, HF_SYSTEMS, LEAPLLM_SYSTEMS, LLAMACPP_SYSTEMS, PEERS, SPECULATIVE_METHODS,
 )
+from leapllm.cli.args import threads_from_args
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -161,14 +162,12 @@ def add_bench_serve_parser(subparsers) -> None:
 def cmd_bench_serve(args) -> int:
     from leapllm.benchmarking import serve_load
     from leapllm.benchmarking.harness import int_list
-    from leapllm.errors import InvalidRequestError
 
     concurrency = int_list(args.concurrency, "--concurrency")
     settings = serve_load.LoadSettings(concurrency, args.prompt_len, args.output_len, args.num_requests,
                                        args.request_rate)
     settings.validate()
-    if args.threads is not None and args.threads < 1:
-        raise InvalidRequestError("--threads must be at least 1")
+    threads_from_args(args)
     outputs = report_outputs(args)  # before the long run
     serve_args = ["--dtype", args.dtype, "--max-num-seqs", str(max(concurrency))]
     if args.model:

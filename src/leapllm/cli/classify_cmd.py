@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from leapllm.cli.args import threads_from_args
 from leapllm.errors import InvalidRequestError
 
 
@@ -82,11 +83,10 @@ def add_classify_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _set_threads(threads: int | None) -> None:
+def _set_threads(args) -> None:
+    threads = threads_from_args(args)
     if threads is None:
         return
-    if threads < 1:
-        raise InvalidRequestError(f"--threads must be at least 1, got {threads}")
     import torch
 
     torch.set_num_threads(threads)
@@ -114,7 +114,7 @@ def cmd_classify_train(args) -> int:
 
     from leapllm.encoders.classifier import train_classifier
 
-    _set_threads(args.threads)
+    _set_threads(args)
     report = train_classifier(
         args.data, args.text_col, args.label_col, args.output, encoder=args.encoder, epochs=args.epochs,
         lr=args.lr, encoder_lr=args.encoder_lr, batch_size=args.batch_size,
@@ -169,7 +169,7 @@ def cmd_classify_predict(args) -> int:
     from leapllm.encoders.classifier import TextClassifier, check_known_labels, classification_metrics
     from leapllm.output_files import atomic_write, check_writable
 
-    _set_threads(args.threads)
+    _set_threads(args)
     if args.output:
         check_writable(args.output, "predictions")
     texts, true_labels, source = _read_input(args)

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from leapllm.cli.args import threads_from_args
 from leapllm.compression.distill import DistillSettings
 
 DEFAULTS = DistillSettings()
@@ -70,7 +71,7 @@ def parse_student_config(spec: str) -> int:
 def check_float_student(model, where: str) -> None:
     from torch import nn
 
-    from leapllm.compression.quantize import quantized_linears
+    from leapllm.model.quantized.layers import quantized_linears
     from leapllm.errors import InvalidRequestError
 
     if any(not isinstance(getattr(parent, attr), nn.Linear) for _, parent, attr in quantized_linears(model)):
@@ -80,12 +81,9 @@ def check_float_student(model, where: str) -> None:
 def cmd_distill(args) -> int:
     import torch
 
-    from leapllm.compression.distill import (
-        check_same_vocabulary,
-        distill,
-        student_from_teacher_layers,
-    )
-    from leapllm.compression.model_folder import (
+    from leapllm.compression.distill import distill, student_from_teacher_layers
+    from leapllm.tokenization.vocabulary import check_same_vocabulary
+    from leapllm.loading.model_folder import (
         check_output_folder,
         float_tensors,
         save_model_folder,
@@ -98,9 +96,7 @@ def cmd_distill(args) -> int:
                                seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
                                train_embeddings=args.train_embeddings)
     settings.check()
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InvalidRequestError(f"--threads must be at least 1, got {args.threads}")
+    if threads_from_args(args) is not None:
         torch.set_num_threads(args.threads)
     out = check_output_folder(args.output)
     checkpoint = Path(args.checkpoint_dir) if args.checkpoint_dir else out.parent / f"{out.name}.checkpoints"

@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from leapllm.cli.args import threads_from_args
+
 
 def add_embed_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("embed", help="sentence embeddings (BERT-family encoder) of text lines",
@@ -66,8 +68,7 @@ def cmd_embed(args) -> int:
         check_writable(args.output)
         if not args.output.endswith((".npy", ".jsonl")):
             raise InvalidRequestError(f"--output must end in .npy or .jsonl, got {args.output}")
-    if args.threads is not None and args.threads < 1:
-        raise InvalidRequestError(f"--threads must be at least 1, got {args.threads}")
+    threads_from_args(args)
     lines = read_lines(args)
     embedder = Embedder(args.model, device=args.device, quantize="int8" if args.int8 else None,
                         max_batch_size=args.batch_size, num_threads=args.threads)

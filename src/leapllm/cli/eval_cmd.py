@@ -19,7 +19,9 @@ import json
 import platform
 import sys
 
-from leapllm.cli import main as cli_main
+from leapllm.cli import common
+from leapllm.cli.args import add_model_args
+from leapllm.config import DTYPES
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,17 +34,17 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                         description="Perplexity = exp(mean NLL) of the text's tokens, in windows of --ctx "
                                     "tokens advanced by --stride; each token is scored once.")
     add_text_args(pp)
-    cli_main.add_model_args(pp)
+    add_model_args(pp)
     pp.set_defaults(func=cmd_perplexity)
 
     pa = sub.add_parser("agree", help="agreement of a model with a reference model on a text",
                         description="Top-1 agreement (same greedy next token), mean KL(reference || model) "
                                     "and top-5 overlap, over the same windows as perplexity.")
     add_text_args(pa)
-    cli_main.add_model_args(pa)
+    add_model_args(pa)
     pa.add_argument("--reference", metavar="PATH", required=True,
                     help="the reference model (GGUF file or safetensors folder), with the same tokenizer")
-    pa.add_argument("--reference-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    pa.add_argument("--reference-dtype", default="auto", choices=list(DTYPES),
                     help="the reference's compute dtype (auto: float32 on CPU, bfloat16 on CUDA)")
     pa.set_defaults(func=cmd_agree)
     return p
@@ -124,7 +126,7 @@ def cmd_perplexity(args) -> int:
     from leapllm.evaluation.perplexity import perplexity
 
     text = read_inputs(args)
-    llm = cli_main.load_llm(args)
+    llm = common.load_llm(args)
     ids = tokenize(llm, text, args.max_tokens)
     result = perplexity(llm.model, ids, ctx=args.ctx, stride=args.stride, batch_size=args.batch_size, progress=True)
     report = {"command": "eval perplexity", **run_facts(args, llm, text, ids), **result.summary()}
@@ -142,9 +144,9 @@ def cmd_agree(args) -> int:
     from leapllm.evaluation.agreement import agreement, check_same_vocab
 
     text = read_inputs(args)
-    llm = cli_main.load_llm(args)
-    reference = cli_main.load_llm(argparse.Namespace(model=args.reference, dtype=args.reference_dtype,
-                                                     device=args.device, threads=args.threads))
+    llm = common.load_llm(args)
+    reference = common.load_llm(argparse.Namespace(model=args.reference, dtype=args.reference_dtype,
+                                                   device=args.device, threads=args.threads))
     check_same_vocab(llm.config.vocab_size, reference.config.vocab_size)
     ids = tokenize(llm, text, args.max_tokens)
     if tokenize(reference, text, args.max_tokens) != ids:

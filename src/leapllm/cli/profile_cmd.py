@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from leapllm.cli import common
+from leapllm.cli.args import add_model_args, add_speculative_args, model_settings_from_args
 from leapllm.errors import InvalidRequestError
 
 
 def add_profile_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `profile` subcommand to the `leapllm` parser's subparsers."""
-    from leapllm.cli.main import add_model_args, add_speculative_args
-
     p = subparsers.add_parser(
         "profile", help="time every stage of prefill and decode; FLOPs, bytes, roofline, HTML report",
         description="Time each stage (embedding, norms, projections, rotary, attention, MLP, head, sampling, "
@@ -65,8 +65,7 @@ def _check_args(args) -> tuple[list[int] | None, list[int] | None]:
                         ("--repeats", args.repeats)):
         if value < 1:
             raise InvalidRequestError(f"{flag} must be at least 1, got {value}")
-    if args.threads is not None and args.threads < 1:
-        raise InvalidRequestError(f"--threads must be at least 1, got {args.threads}")
+    model_settings_from_args(args)  # --threads and --dtype, before --machine uses them
     if args.json:
         check_writable(args.json, "JSON")
     if args.report:
@@ -111,13 +110,12 @@ def cmd_profile(args) -> int:
     if args.machine:
         return cmd_machine(args)
 
-    from leapllm.cli.main import load_llm
     from leapllm.profiling.machine import machine_limits
     from leapllm.profiling.profiler import (DEFAULT_SWEEP_BATCHES, check_run, check_sweep,
                                             default_sweep_prompt_lens, profile_model, sweep_model)
     from leapllm.profiling.report import print_tables, write_html, write_json
 
-    llm = load_llm(args)
+    llm = common.load_llm(args)
     model = llm.model
     check_run(model.config, args.prompt_len, args.gen_len, args.batch, args.repeats)
     do_sweep = args.sweep or sweep_lens is not None or sweep_batches is not None

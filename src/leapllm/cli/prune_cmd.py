@@ -58,7 +58,7 @@ def calibration_spec(method: str, calib: str | None) -> str | None:
 
 
 def cmd_prune(args) -> int:
-    from leapllm.compression.model_folder import (
+    from leapllm.loading.model_folder import (
         check_output_folder,
         float_tensors,
         save_model_folder,

@@ -51,7 +51,7 @@ def calibration_ids(tokenizer, spec: str, max_tokens: int):
 
 
 def cmd_quantize(args) -> int:
-    from leapllm.compression.model_folder import check_output_folder, save_model_folder
+    from leapllm.loading.model_folder import check_output_folder, save_model_folder
     from leapllm.compression.quantize import check_settings, quantize_model
     from leapllm.errors import InvalidRequestError
     from leapllm.loading.loader import load_model
