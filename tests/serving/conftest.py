@@ -16,7 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from leapllm.engine.async_engine import AsyncEngine
-from leapllm.engine.llm_engine import EngineConfig, LLMEngine
+from leapllm.config import EngineConfig
+from leapllm.engine.llm_engine import LLMEngine
 from leapllm.serving import create_app
 from leapllm.serving.runner import ServerThread
 

@@ -11,9 +11,10 @@ import pytest
 
 from leapllm.encoders.embedding_batcher import EmbeddingBatcher
 from leapllm.engine.async_engine import AsyncEngine
-from leapllm.engine.llm_engine import EngineConfig, LLMEngine
+from leapllm.config import EngineConfig
+from leapllm.engine.llm_engine import LLMEngine
 from leapllm.serving import create_app
-from leapllm.serving.encoder_api import EncoderServing
+from leapllm.serving.embeddings import EncoderServing
 from leapllm.serving.runner import ServerThread
 from tests.serving.conftest import MODEL_NAME, RunningServer, assert_openai_error
 

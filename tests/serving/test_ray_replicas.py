@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from leapllm import SamplingParams
-from leapllm.engine.llm_engine import EngineConfig
+from leapllm.config import EngineConfig
 from leapllm.serving.ray_replicas import (
     REPLICA_HEADER,
     REPLICA_PID_HEADER,

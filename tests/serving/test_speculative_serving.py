@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from leapllm.engine.generate import generate_stream
-from leapllm.engine.llm_engine import EngineConfig
+from leapllm.config import EngineConfig
 from leapllm.engine.sampling import SamplingParams
-from leapllm.engine.speculative import SpeculativeConfig
+from leapllm.config import SpeculativeConfig
 from tests.serving.conftest import MODEL_NAME, read_metrics, start_server
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n" \
@@ -27,8 +26,7 @@ def speculative_server(llm):
 @pytest.mark.slow
 def test_speculative_server_completes_and_streams_the_plain_greedy_text_and_counts_acceptance(llm, speculative_server):
     client = speculative_server.openai()
-    plain = [c.token_id for c in generate_stream(llm.model, llm.tokenizer, llm.encode(PROMPT),
-                                                 SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))]
+    plain = llm.run(llm.encode(PROMPT), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)).token_ids
     expected = llm.tokenizer.decode(plain)
     r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=40, temperature=0,
                                   extra_body={"ignore_eos": True})

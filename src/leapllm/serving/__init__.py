@@ -3,10 +3,14 @@
     from leapllm.serving import create_app
     app = create_app(async_engine, tokenizer, model_name="smollm2", context_length=8192)
 
-protocol.py holds the request/response models, openai_server.py the app and its handlers,
-metrics.py the Prometheus metrics, runner.py the uvicorn plumbing (socket, signals, threads).
+app.py builds the app; protocol.py holds the request/response models and errors.py the OpenAI
+error JSON; completions.py and chat.py the two generation endpoints over what they share
+(generation.py), with logprobs.py and streaming.py (server-sent events); embeddings.py the
+encoder endpoints; auth.py the API key, disconnect.py clients that go away, metrics.py the
+Prometheus metrics, runner.py the uvicorn plumbing (socket, signals, threads) and
+ray_replicas.py `--replicas` on Ray Serve.
 """
 
-from leapllm.serving.openai_server import create_app
+from leapllm.serving.app import create_app
 
 __all__ = ["create_app"]

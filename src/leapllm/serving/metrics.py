@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from leapllm.engine.sequence import RequestOutput
+from leapllm.engine.request import RequestOutput
 
 PREFIX = "leapllm:"
 

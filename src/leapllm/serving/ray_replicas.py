@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leapllm.engine.llm_engine import EngineConfig
+from leapllm.config import EngineConfig, ModelSettings, ServerSettings
 from leapllm.errors import InvalidRequestError
 
 APP_NAME = "leapllm"
@@ -89,7 +89,7 @@ class LeapLLMReplica:
         from leapllm.engine.async_engine import AsyncEngine
         from leapllm.engine.llm_engine import LLMEngine
         from leapllm.llm import LLM
-        from leapllm.serving import create_app
+        from leapllm.serving.app import create_app
 
         llm = LLM(settings.model, dtype=settings.dtype, device=settings.device, num_threads=settings.threads)
         self.engine = AsyncEngine(LLMEngine(llm.model, llm.tokenizer, settings.engine),
@@ -196,30 +196,30 @@ class RayReplicas:
             ray.shutdown()
 
 
-def serve_replicas(args, config: EngineConfig) -> int:
+def serve_replicas(server: ServerSettings, model: ModelSettings, config: EngineConfig) -> int:
     """`leapllm serve --replicas N`: deploy, print the address, wait for SIGTERM / Ctrl-C, undeploy."""
     import sys
 
-    from leapllm.cli.serve_cmd import default_model_name
-    from leapllm.loading.default_model import default_model_path
+    from leapllm.loading.default_model import default_model_name, default_model_path
     from leapllm.serving.runner import bind_socket
 
-    path = Path(args.model).expanduser() if args.model else default_model_path()
+    path = Path(model.model).expanduser() if model.model else default_model_path()
     if not path.exists():
         raise InvalidRequestError(f"{path}: no such file or folder")
-    bind_socket(args.host, args.port).close()  # a taken port is a one-line error now, not a Ray traceback later
-    port = args.port
+    bind_socket(server.host, server.port).close()  # a taken port is a one-line error now, not a Ray traceback later
+    port = server.port
     if port == 0:
-        with bind_socket(args.host, 0) as sock:
+        with bind_socket(server.host, 0) as sock:
             port = sock.getsockname()[1]
+    address = server.ray_address or "auto"
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = args.threads or (max(1, cpus // args.replicas) if args.ray_address == "auto" else 1)
+    threads = model.threads or (max(1, cpus // server.replicas) if address == "auto" else 1)
     settings = ReplicaSettings(
-        model=str(path.resolve()), model_name=args.served_model_name or default_model_name(path), dtype=args.dtype,
-        device=args.device, threads=threads, engine=config, max_waiting=args.max_waiting, api_key=args.api_key,
-        shutdown_timeout=args.shutdown_timeout)
-    replicas = RayReplicas(settings, args.replicas, max_replicas=args.max_replicas, address=args.ray_address,
-                           host=args.host, port=port)
+        model=str(path.resolve()), model_name=server.served_model_name or default_model_name(path),
+        dtype=model.dtype, device=model.device, threads=threads, engine=config, max_waiting=server.max_waiting,
+        api_key=server.api_key, shutdown_timeout=server.shutdown_timeout)
+    replicas = RayReplicas(settings, server.replicas, max_replicas=server.max_replicas, address=address,
+                           host=server.host, port=port)
     stop = threading.Event()
 
     def interrupt(*_):
@@ -231,10 +231,11 @@ def serve_replicas(args, config: EngineConfig) -> int:
         replicas.start()
         for sig in previous:  # set after ray.init, which may install handlers of its own
             signal.signal(sig, lambda *_: stop.set())
-        scaling = (f"{args.replicas} to {args.max_replicas} replicas" if args.max_replicas
-                   and args.max_replicas > args.replicas else f"{args.replicas} replicas")
+        scaling = (f"{server.replicas} to {server.max_replicas} replicas" if server.max_replicas
+                   and server.max_replicas > server.replicas else f"{server.replicas} replicas")
         print(f"leapllm: serving {settings.model_name} at {replicas.url}/v1 ({scaling} on Ray Serve, "
-              f"{threads} threads each{', API key required' if args.api_key else ''})", file=sys.stderr, flush=True)
+              f"{threads} threads each{', API key required' if server.api_key else ''})", file=sys.stderr,
+              flush=True)
         while not stop.wait(0.5):
             pass
         print("leapllm: stopping the replicas", file=sys.stderr, flush=True)

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 from leapllm.encoders.embedding_batcher import EmbedderBusyError, EmbeddingBatcher
 from leapllm.errors import InvalidRequestError
-from leapllm.serving.openai_server import ApiError, until_disconnected
+from leapllm.serving.disconnect import until_disconnected
+from leapllm.serving.errors import ApiError
 
 Input = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
