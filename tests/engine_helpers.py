@@ -12,3 +12,15 @@ def run_to_completion(engine, prompt_ids: list[list[int]], params) -> list[list[
         for out in engine.step():
             tokens[out.request_id] += out.new_token_ids
     return [tokens[str(i)] for i in range(len(prompt_ids))]
+
+
+def generate_one(model, tokenizer, prompt_ids: list[int], params, speculative=None):
+    """One request through a single-sequence engine (what LLM.run uses): (its deltas, the engine)."""
+    from leapllm.engine.llm_engine import LLMEngine, single_sequence_config
+
+    engine = LLMEngine(model, tokenizer, single_sequence_config(model.config.context_length, speculative))
+    return list(engine.stream("0", prompt_ids, params)), engine
+
+
+def output_tokens(outputs) -> list[int]:
+    return [t for out in outputs for t in out.new_token_ids]

@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from leapllm.engine.generate import GenerationChunk, GenerationOutput, generate_stream
-from leapllm.engine.llm_engine import EngineConfig, LLMEngine
+from leapllm.config import EngineConfig, SpeculativeConfig
+from leapllm.engine.llm_engine import LLMEngine, single_sequence_config
+from leapllm.engine.request import RequestOutput
 from leapllm.engine.sampling import SamplingParams
-from leapllm.engine.speculative import SpeculativeConfig, check_draft_model
+from leapllm.engine.speculative import check_draft_model
 from leapllm.errors import InvalidRequestError
 from leapllm.loading.loader import load_model
 
 Prompt = str | list[int]
+
+
+@dataclass
+class GenerationOutput:
+    prompt: str
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def generation_timings(start: float, first: float, end: float, prompt_tokens: int, output_tokens: int) -> dict:
@@ -71,8 +85,9 @@ class LLM:
         self.speculative = self._speculative_config(speculative, draft_model, num_speculative_tokens, dtype, device)
         if self.speculative is not None and self.engine_config.speculative is None:
             self.engine_config.speculative = self.speculative
-        self.speculation_stats: dict[str, int] = {}  # proposed / accepted tokens of run, stream and chat
         self._engine: LLMEngine | None = None  # the batching engine, built on first use (it owns the KV pool)
+        self._single: LLMEngine | None = None  # the same engine, one request at a time, for run/stream/chat
+        self._request_ids = itertools.count()
 
     def _speculative_config(self, method, draft_model, k, dtype, device) -> SpeculativeConfig | None:
         if method is None and draft_model is None:
@@ -100,6 +115,26 @@ class LLM:
         return self._engine
 
     @property
+    def single_sequence_engine(self) -> LLMEngine:
+        """The engine behind run, stream and chat: one request at a time on a contiguous cache."""
+        if self._single is None:
+            self._single = LLMEngine(self.model, self.tokenizer,
+                                     single_sequence_config(self.model.config.context_length, self.speculative))
+        return self._single
+
+    @property
+    def speculation_stats(self) -> dict[str, float]:
+        """What speculation did in run, stream and chat so far: tokens proposed and accepted,
+        verification and plain steps, and the seconds spent proposing, verifying and in plain steps;
+        empty until something was proposed."""
+        engine = self._single
+        if engine is None or not engine.num_spec_proposed:
+            return {}
+        return {"proposed": engine.num_spec_proposed, "accepted": engine.num_spec_accepted,
+                "speculative_steps": engine.num_spec_steps, "plain_steps": engine.num_plain_steps,
+                **engine.spec_seconds}
+
+    @property
     def config(self):
         return self.model.config
 
@@ -121,37 +156,37 @@ class LLM:
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
     # -- generation ----------------------------------------------------------------------------
-    def stream_chunks(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[GenerationChunk]:
-        return generate_stream(self.model, self.tokenizer, prompt_ids, params or SamplingParams(), self.speculative,
-                               self.speculation_stats)
+    def stream_outputs(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """The request's deltas as the single-sequence engine produces them; the last is `finished`."""
+        request_id = f"run-{next(self._request_ids)}"
+        return self.single_sequence_engine.stream(request_id, prompt_ids, params or SamplingParams())
 
     def run(self, prompt_ids: list[int], params: SamplingParams | None = None, *, prompt: str | None = None,
             on_text: Callable[[str], Any] | None = None) -> GenerationOutput:
         """Generate for one tokenized prompt, calling on_text with each new piece of text as it comes."""
         start = time.perf_counter()
-        first = None
         pieces, token_ids = [], []
-        chunk = None
-        for chunk in self.stream_chunks(prompt_ids, params):
-            if first is None:
-                first = time.perf_counter()
-            pieces.append(chunk.text)
-            token_ids.append(chunk.token_id)
-            if on_text is not None and chunk.text:
-                on_text(chunk.text)
+        out = None
+        for out in self.stream_outputs(prompt_ids, params):
+            pieces.append(out.new_text)
+            token_ids.extend(out.new_token_ids)
+            if on_text is not None and out.new_text:
+                on_text(out.new_text)
         end = time.perf_counter()
-        timings = generation_timings(start, first, end, len(prompt_ids), len(token_ids))
+        timings = generation_timings(start, out.first_token_time or end, end, len(out.prompt_token_ids),
+                                     len(token_ids))
         return GenerationOutput(
-            prompt=prompt if prompt is not None else self.tokenizer.decode(prompt_ids),
-            text="".join(pieces), token_ids=token_ids, prompt_token_ids=prompt_ids,
-            finish_reason=chunk.finish_reason, stop_reason=chunk.stop_reason, timings=timings,
+            prompt=prompt if prompt is not None else self.tokenizer.decode(out.prompt_token_ids),
+            text="".join(pieces), token_ids=token_ids, prompt_token_ids=out.prompt_token_ids,
+            finish_reason=out.finish_reason, stop_reason=out.stop_reason, timings=timings,
         )
 
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None) -> list[GenerationOutput]:
         """Complete each prompt (a string or token ids); one output per prompt, in order.
 
         All prompts run together through the continuous-batching engine (paged KV cache, chunked
-        prefill, prefix caching); `run` and `stream` are the single-sequence path.
+        prefill, prefix caching); `run` and `stream` run one request at a time on the same engine
+        code, on a contiguous cache (engine/model_runner.py).
         """
         params = params or SamplingParams()
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
@@ -190,9 +225,9 @@ class LLM:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the completion's text piece by piece as it is generated."""
-        for chunk in self.stream_chunks(self.encode(prompt), params):
-            if chunk.text:
-                yield chunk.text
+        for out in self.stream_outputs(self.encode(prompt), params):
+            if out.new_text:
+                yield out.new_text
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> GenerationOutput:
         """Answer a conversation ([{"role": ..., "content": ...}, ...]) using the model's chat template."""
@@ -200,9 +235,9 @@ class LLM:
         return self.run(ids, params)
 
     def stream_chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> Iterator[str]:
-        for chunk in self.stream_chunks(self.encode_chat(messages), params):
-            if chunk.text:
-                yield chunk.text
+        for out in self.stream_outputs(self.encode_chat(messages), params):
+            if out.new_text:
+                yield out.new_text
 
     def info(self) -> dict[str, Any]:
         """Facts about the loaded model: shape, parameter count, bytes by dtype on disk and in memory."""

@@ -27,7 +27,7 @@ from leapllm.distributed import TensorParallelError
 from leapllm.distributed.communicator import Communicator
 from leapllm.distributed.runtime import batch_from_message, batch_message
 from leapllm.distributed.tensor_parallel import check_tensor_parallel, shard_heads, shard_model
-from leapllm.engine.llm_engine import EngineConfig
+from leapllm.config import EngineConfig
 from leapllm.errors import InvalidRequestError
 from leapllm.model.config import ModelConfig
 from leapllm.model.kv_cache import KVCache
@@ -133,10 +133,10 @@ def paged_pass(model: Transformer, kv_heads: int) -> list[torch.Tensor]:
     a = torch.randint(0, c.vocab_size, (7,), generator=g).tolist()
     b = torch.randint(0, c.vocab_size, (9,), generator=g).tolist()
     table_a, table_b = [0, 1], [2, 3, 4]
-    cache.batch = build_paged_batch([], [(table_a, 0, 6), (table_b, 0, 5)], 4, torch.device("cpu"))
-    first = model.forward_paged(torch.tensor(a[:6] + b[:5]), cache, torch.tensor([5, 10]))
-    cache.batch = build_paged_batch([(table_a, 6)], [(table_b, 5, 4)], 4, torch.device("cpu"))
-    second = model.forward_paged(torch.tensor(a[6:] + b[5:]), cache, torch.tensor([0, 2, 4]))
+    batch = build_paged_batch([], [(table_a, 0, 6), (table_b, 0, 5)], 4, torch.device("cpu"))
+    first = model.forward_paged(torch.tensor(a[:6] + b[:5]), cache, batch, torch.tensor([5, 10]))
+    batch = build_paged_batch([(table_a, 6)], [(table_b, 5, 4)], 4, torch.device("cpu"))
+    second = model.forward_paged(torch.tensor(a[6:] + b[5:]), cache, batch, torch.tensor([0, 2, 4]))
     return [first, second]
 
 

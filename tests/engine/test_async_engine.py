@@ -6,8 +6,14 @@ import asyncio
 
 import pytest
 
-from leapllm.engine.async_engine import AsyncEngine, EngineOverloadedError, EngineStepError, EngineStoppedError
-from leapllm.engine.llm_engine import EngineConfig, LLMEngine
+from leapllm.config import EngineConfig
+from leapllm.engine.async_engine import (
+    AsyncEngine,
+    EngineOverloadedError,
+    EngineStepError,
+    EngineStoppedError,
+)
+from leapllm.engine.llm_engine import LLMEngine
 from leapllm.engine.sampling import SamplingParams
 from leapllm.errors import InvalidRequestError
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leapllm.engine.llm_engine import EngineConfig, LLMEngine
+from leapllm.config import EngineConfig
+from leapllm.engine.llm_engine import LLMEngine
 from leapllm.engine.sampling import SamplingParams
 from leapllm.errors import InvalidRequestError
 from leapllm.model.paged_kv_cache import PagedKVCache

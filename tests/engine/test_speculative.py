@@ -7,15 +7,19 @@ import pytest
 import torch
 
 from leapllm.compression.distill import student_from_teacher_layers
-from leapllm.engine.generate import generate_stream
-from leapllm.engine.llm_engine import EngineConfig, LLMEngine
+from leapllm.config import EngineConfig, SpeculativeConfig
+from leapllm.engine.llm_engine import LLMEngine
 from leapllm.engine.sampling import Sampler, SamplingParams
-from leapllm.engine.speculative import (NgramProposer, SpeculationController, SpeculativeConfig,
-                                        check_draft_model, verify_proposals)
+from leapllm.engine.speculative import (
+    NgramProposer,
+    SpeculationController,
+    check_draft_model,
+    verify_proposals,
+)
 from leapllm.errors import InvalidRequestError
 from leapllm.llm import LLM
 from tests.cli_helpers import assert_one_line_error
-from tests.engine_helpers import run_to_completion
+from tests.engine_helpers import generate_one, output_tokens, run_to_completion
 from tests.tiny_models import TINY_VOCAB, tiny_hf_state, write_tiny_gguf
 
 # Chat prompts of the kinds the benchmark uses: code (repetitive), a summary of given text, free prose.
@@ -49,7 +53,7 @@ def speculative_config(llm, draft, method, which, k=4, **kwargs):
 
 
 def plain_tokens(llm, ids, params):
-    return [c.token_id for c in generate_stream(llm.model, llm.tokenizer, ids, params)]
+    return output_tokens(generate_one(llm.model, llm.tokenizer, ids, params)[0])
 
 
 # -- the verification rule ---------------------------------------------------------------------
@@ -197,15 +201,18 @@ def test_controller_counts_kept_proposals_up_to_the_first_rejection_as_tested():
 def test_greedy_speculative_generation_gives_the_same_tokens_as_plain_decoding(llm, prompts, draft, method, which):
     params = SamplingParams(max_tokens=48, temperature=0)
     spec = speculative_config(llm, draft, method, which)
-    stats = {}
+    steps = proposed = accepted = 0
     for ids in prompts:
-        got = [c.token_id for c in generate_stream(llm.model, llm.tokenizer, ids, params, spec, stats)]
-        assert got == plain_tokens(llm, ids, params)
-    assert stats["speculative_steps"] > 0
+        outs, engine = generate_one(llm.model, llm.tokenizer, ids, params, spec)
+        assert output_tokens(outs) == plain_tokens(llm, ids, params)
+        steps += engine.num_spec_steps
+        proposed += engine.num_spec_proposed
+        accepted += engine.num_spec_accepted
+    assert steps > 0
     if which == "self":
-        assert stats["accepted"] == stats["proposed"]
+        assert accepted == proposed
     elif method == "ngram":
-        assert 0 < stats["accepted"] < stats["proposed"]
+        assert 0 < accepted < proposed
 
 
 @pytest.mark.slow
@@ -214,10 +221,12 @@ def test_speculation_honours_penalties_stop_strings_and_max_tokens(llm, prompts,
                             stop=["\n\n"])
     spec = speculative_config(llm, draft, "draft", "self", k=7)
     for ids in prompts:
-        plain = list(generate_stream(llm.model, llm.tokenizer, ids, params))
-        got = list(generate_stream(llm.model, llm.tokenizer, ids, params, spec))
-        assert [(c.token_id, c.text, c.finish_reason) for c in got] == \
-            [(c.token_id, c.text, c.finish_reason) for c in plain]
+        plain = generate_one(llm.model, llm.tokenizer, ids, params)[0]
+        got = generate_one(llm.model, llm.tokenizer, ids, params, spec)[0]
+        # Kept proposals arrive as one delta, so compare the tokens, the text and how it ended.
+        assert output_tokens(got) == output_tokens(plain)
+        assert "".join(o.new_text for o in got) == "".join(o.new_text for o in plain)
+        assert (got[-1].finish_reason, got[-1].stop_reason) == (plain[-1].finish_reason, plain[-1].stop_reason)
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +251,7 @@ def test_sampled_speculative_generation_keeps_the_distribution_of_the_next_token
         counts: dict[tuple, int] = {}
         for seed in seeds:
             params = SamplingParams(max_tokens=4, temperature=1.0, top_k=3, seed=seed, ignore_eos=True)
-            toks = tuple(c.token_id for c in generate_stream(model, tokenizer, ids, params, config))[1:3]
+            toks = tuple(output_tokens(generate_one(model, tokenizer, ids, params, config)[0]))[1:3]
             counts[toks] = counts.get(toks, 0) + 1
         return counts
 

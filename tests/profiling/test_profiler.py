@@ -164,4 +164,4 @@ def test_a_fused_int4_decode_step_is_profiled_stage_by_stage_from_the_kernels_cl
     decode = data["phases"]["decode"]["stages"]
     for stage in ("qkv_proj", "attention", "o_proj", "gate_up_proj", "down_proj", "lm_head"):
         assert decode[stage]["seconds"] > 0, stage
-    assert model.fused_decode.stage_intervals is None  # recording stops with the hooks
+    assert model.fused_decode._stage_intervals is None  # recording stops with the hooks

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from leapllm.engine.speculative import SpeculativeConfig
+from leapllm.config import SpeculativeConfig
 from leapllm.profiling.speculation import describe, profile_speculation
 
 REPETITIVE = "one two three four five six seven eight nine ten. one two three four five six seven eight nine ten."

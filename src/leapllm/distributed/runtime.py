@@ -36,12 +36,21 @@ import torch.distributed as dist
 from torch import nn
 
 from leapllm.distributed.communicator import COLLECTIVE_TIMEOUT, Communicator
-from leapllm.distributed.tensor_parallel import check_tensor_parallel, local_kv_heads, shard_model
+from leapllm.distributed.tensor_parallel import (
+    check_tensor_parallel,
+    local_kv_heads,
+    shard_model,
+)
 from leapllm.errors import InvalidRequestError, LeapLLMError
 from leapllm.loading.loader import LoadedModel, load_model, resolve_device
 from leapllm.model.kv_cache import KVCache
 from leapllm.model.llama import Transformer
-from leapllm.model.paged_kv_cache import DecodeGroup, PagedAttentionBatch, PagedKVCache, PrefillChunk
+from leapllm.model.paged_kv_cache import (
+    DecodeGroup,
+    PagedAttentionBatch,
+    PagedKVCache,
+    PrefillChunk,
+)
 
 STARTUP_TIMEOUT_S = 900.0  # for the workers to load the model
 
@@ -241,14 +250,14 @@ class TensorParallelModel(nn.Module):
 
     It stands in for a Transformer wherever the engine and LLM use one (forward, forward_paged,
     new_kv_cache, config, device, dtype). `config` is the full model's; the KV caches hold only
-    this rank's kv heads (`num_kv_heads_per_rank`, which LLMEngine reads when it sizes its pool).
+    this rank's kv heads (`num_cached_kv_heads`, which the model runner reads when it sizes its pool).
     """
 
     def __init__(self, shard: Transformer, group: TensorParallelGroup):
         super().__init__()
         self.shard, self.group = shard, group
         self.config = shard.config
-        self.num_kv_heads_per_rank = local_kv_heads(shard)
+        self.num_cached_kv_heads = local_kv_heads(shard)
         self._cache_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._next_cache_id = itertools.count()
         self._freed: list[int] = []  # ids of caches garbage-collected here; the workers drop theirs next time
@@ -264,7 +273,7 @@ class TensorParallelModel(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
         c = self.config
-        return KVCache(c.num_layers, batch_size, self.num_kv_heads_per_rank, max_seq_len, c.head_dim, self.dtype,
+        return KVCache(c.num_layers, batch_size, self.num_cached_kv_heads, max_seq_len, c.head_dim, self.dtype,
                        self.device)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, kv_cache: KVCache | None = None,
@@ -274,12 +283,13 @@ class TensorParallelModel(nn.Module):
                       "last_only": last_only}
             return self._run(header, [tokens], lambda: self.shard(tokens, start_pos, kv_cache, last_only))
 
-    def forward_paged(self, tokens: torch.Tensor, kv_cache: PagedKVCache, logits_indices: torch.Tensor) -> torch.Tensor:
+    def forward_paged(self, tokens: torch.Tensor, kv_cache: PagedKVCache, batch: PagedAttentionBatch,
+                      logits_indices: torch.Tensor) -> torch.Tensor:
         with self._lock:
-            header, batch_tensors = batch_message(kv_cache.batch, kv_cache.block_size)
+            header, batch_tensors = batch_message(batch, kv_cache.block_size)
             header.update(op="paged", cache=self._worker_cache(kv_cache))
             return self._run(header, [tokens, logits_indices, *batch_tensors],
-                             lambda: self.shard.forward_paged(tokens, kv_cache, logits_indices))
+                             lambda: self.shard.forward_paged(tokens, kv_cache, batch, logits_indices))
 
     def _worker_cache(self, cache: KVCache | PagedKVCache | None) -> int | None:
         """The id the other ranks know `cache` by; the first time, they allocate their own part of it."""
@@ -349,9 +359,8 @@ def run_worker(shard: Transformer, comm: Communicator) -> None:
         elif op == "paged":
             cache = caches[header["cache"]]
             tokens, logits_indices, *batch_tensors = tensors
-            cache.batch = batch_from_message(header, batch_tensors, cache.block_size)
-            shard.forward_paged(tokens, cache, logits_indices)
-            cache.batch = None
+            batch = batch_from_message(header, batch_tensors, cache.block_size)
+            shard.forward_paged(tokens, cache, batch, logits_indices)
         else:
             raise ValueError(f"unknown tensor-parallel message {op!r}")
 

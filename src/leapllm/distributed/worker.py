@@ -17,7 +17,13 @@ import torch
 import torch.distributed as dist
 
 from leapllm.distributed.communicator import COLLECTIVE_TIMEOUT, Communicator
-from leapllm.distributed.runtime import RankSettings, first_line, load_rank_model, rank_device, run_worker
+from leapllm.distributed.runtime import (
+    RankSettings,
+    first_line,
+    load_rank_model,
+    rank_device,
+    run_worker,
+)
 from leapllm.distributed.tensor_parallel import shard_model
 
 

@@ -22,8 +22,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from leapllm.engine.llm_engine import LLMEngine
+from leapllm.engine.request import RequestOutput
 from leapllm.engine.sampling import SamplingParams
-from leapllm.engine.sequence import RequestOutput
 from leapllm.errors import LeapLLMError
 
 log = logging.getLogger("leapllm.engine")

@@ -1,96 +1,90 @@
-"""The serving engine: requests in, one batched forward pass per step, token deltas out.
+"""The engine: requests in, one batched forward pass per step, token deltas out.
 
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=32))
     engine.add_request("a", prompt_ids, SamplingParams(max_tokens=64))
     while engine.has_unfinished():
         for out in engine.step(): ...
 
-The scheduler decides who runs; the paged KV cache holds every sequence's keys and values;
-this file turns a scheduled step into one flattened forward pass, samples, detokenizes, checks
-stop conditions and returns finished sequences' blocks. It is synchronous and single-threaded:
-async_engine.py runs it in a background thread for the server.
+The one decode loop of leapllm: every path that generates (`LLM.run`/`stream`/`chat`, `LLM.generate`,
+the server) adds requests here and calls step(). The scheduler decides who runs and counts KV
+blocks; the model runner (model_runner.py) owns the caches and turns the step into forward passes;
+this file proposes speculative tokens, samples, appends each token to its request (request.py
+decides when a request ends) and returns finished requests' blocks. It is synchronous and
+single-threaded: async_engine.py runs it in a background thread for the server.
+
+`LLM.run` uses an engine with EngineConfig(single_sequence=True) (see `single_sequence_config`):
+one request at a time on a contiguous cache, where a quantized model's decode step is one fused
+C++ call.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import torch
 
+from leapllm.config import EngineConfig, SpeculativeConfig
 from leapllm.engine.block_allocator import BlockAllocator
-from leapllm.engine.generate import _drain, fit_prompt
+from leapllm.engine.model_runner import ModelRunner
+from leapllm.engine.request import (
+    Request,
+    RequestOutput,
+    RequestStatus,
+    TokenLogprob,
+    check_token_ids,
+    fit_prompt,
+)
 from leapllm.engine.sampling import SamplingParams, greedy_tokens
 from leapllm.engine.scheduler import ScheduledStep, Scheduler
-from leapllm.engine.sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprob
-from leapllm.engine.speculative import (NgramProposer, SpeculationController, SpeculativeConfig, draft_sampler,
-                                        draw_proposal, verify_proposals)
+from leapllm.engine.speculative import (
+    NgramProposer,
+    SpeculationController,
+    draft_sampler,
+    verify_proposals,
+)
 from leapllm.errors import InvalidRequestError
-from leapllm.model.llama import Transformer
-from leapllm.model.paged_kv_cache import KV_DTYPES, PagedKVCache, build_paged_batch
+from leapllm.model.paged_kv_cache import PagedKVCache
 from leapllm.tokenization import Tokenizer
 
 MAX_LOGPROBS = 20
 
 
-@dataclass
-class EngineConfig:
-    max_num_seqs: int = 64  # sequences running at once
-    max_num_batched_tokens: int = 512  # tokens per step (decode tokens + prefill chunks)
-    block_size: int = 16  # tokens per KV-cache block
-    kv_cache_gb: float = 1.0  # size of the KV pool
-    num_blocks: int | None = None  # overrides kv_cache_gb (tests use small pools)
-    enable_prefix_caching: bool = True
-    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "int8" (~3.8x the tokens per GB in float32)
-    speculative: SpeculativeConfig | None = None  # speculative decoding of small batches (engine/speculative.py)
-
-    def validate(self) -> None:
-        if self.max_num_seqs < 1:
-            raise InvalidRequestError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise InvalidRequestError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
-                f"({self.max_num_seqs})")
-        if self.block_size < 1:
-            raise InvalidRequestError(f"block_size must be at least 1, got {self.block_size}")
-        if self.kv_cache_dtype not in KV_DTYPES:
-            raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_cache_dtype!r}")
-        if self.num_blocks is None and not self.kv_cache_gb > 0:
-            raise InvalidRequestError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
-        if self.speculative is not None:
-            self.speculative.validate()
+def single_sequence_config(context_length: int, speculative: SpeculativeConfig | None = None,
+                           block_size: int = 16) -> EngineConfig:
+    """The engine settings of `LLM.run`: one request at a time, its whole prompt in one pass, on a
+    contiguous cache (the blocks are only counted, so that a request that fits the context fits)."""
+    return EngineConfig(max_num_seqs=1, max_num_batched_tokens=context_length, block_size=block_size,
+                        num_blocks=-(-context_length // block_size), enable_prefix_caching=False,
+                        single_sequence=True, speculative=speculative)
 
 
 class LLMEngine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None):
+    def __init__(self, model, tokenizer: Tokenizer, config: EngineConfig | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.config = config = config or EngineConfig()
         config.validate()
         c = model.config
-        # A tensor-parallel rank (distributed/runtime.py) caches only the kv heads of its own shard.
-        num_kv_heads = getattr(model, "num_kv_heads_per_rank", c.num_kv_heads)
-        per_block = PagedKVCache.bytes_per_block(c.num_layers, config.block_size, num_kv_heads, c.head_dim,
-                                                 model.dtype, config.kv_cache_dtype)
-        num_blocks = config.num_blocks or int(config.kv_cache_gb * 2**30 // per_block)
-        if num_blocks < 1:
-            raise InvalidRequestError(f"a KV cache of {config.kv_cache_gb} GB holds no block of "
-                                      f"{per_block / 2**20:.2f} MiB")
-        self.cache = PagedKVCache(c.num_layers, num_blocks, config.block_size, num_kv_heads, c.head_dim,
-                                  model.dtype, model.device, config.kv_cache_dtype)
+        num_blocks = config.num_blocks
+        if num_blocks is None:
+            # A tensor-parallel rank (distributed/runtime.py) caches only the kv heads of its own shard.
+            per_block = PagedKVCache.bytes_per_block(c.num_layers, config.block_size, model.num_cached_kv_heads,
+                                                     c.head_dim, model.dtype, config.kv_cache_dtype)
+            num_blocks = int(config.kv_cache_gb * 2**30 // per_block)
+            if num_blocks < 1:
+                raise InvalidRequestError(f"a KV cache of {config.kv_cache_gb} GB holds no block of "
+                                          f"{per_block / 2**20:.2f} MiB")
+        self.runner = ModelRunner(model, config, num_blocks)
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
-        self.sequences: dict[str, Sequence] = {}
+        self.sequences: dict[str, Request] = {}
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         self.speculative = config.speculative
-        self.draft_cache: PagedKVCache | None = None
-        if self.speculative is not None and self.speculative.method == "draft":
-            # The draft's keys and values live in a pool of its own shape, indexed by the same block
-            # tables as the target's: a sequence's blocks hold both models' entries for its positions.
-            d = self.speculative.draft_model
-            self.draft_cache = PagedKVCache(d.config.num_layers, num_blocks, config.block_size, d.config.num_kv_heads,
-                                            d.config.head_dim, d.dtype, d.device)
         self.num_spec_proposed = self.num_spec_accepted = self.num_spec_steps = 0
+        # Where speculation's time goes (seconds): proposing, verification steps, plain decode steps.
+        self.spec_seconds = {"propose_s": 0.0, "verify_s": 0.0, "plain_s": 0.0}
+        self.num_plain_steps = 0  # decode steps without proposals while speculation is on
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
@@ -100,8 +94,8 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         prompt_ids = self.check_request(prompt_ids, params, logprobs, prompt_logprobs)
         c = self.model.config
-        seq = Sequence(request_id, prompt_ids, params, self.tokenizer, c.vocab_size, self.model.device,
-                       logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        seq = Request(request_id, prompt_ids, params, self.tokenizer, c.vocab_size, self.model.device,
+                      logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         spec = self.speculative
         if spec is not None:
             seq.controller = SpeculationController(spec.num_speculative_tokens, spec.adaptive,
@@ -120,9 +114,7 @@ class LLMEngine:
         if it can never run. Reads only fixed settings, so any thread may call it."""
         c = self.model.config
         prompt_ids = fit_prompt(list(prompt_ids), params, c.context_length)
-        bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < c.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary (0..{c.vocab_size - 1})")
+        check_token_ids(prompt_ids, c.vocab_size)
         for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
                 raise InvalidRequestError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
@@ -139,7 +131,8 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.free(seq)
-        seq.status = SequenceStatus.FINISHED
+        self.runner.free(seq)
+        seq.status = RequestStatus.FINISHED
         return self._output(seq, [], "", None, finish=("abort", None))
 
     def has_unfinished(self) -> bool:
@@ -163,17 +156,39 @@ class LLMEngine:
             return []
         for seq in step.preempted:
             seq.draft_computed = 0
+            self.runner.free(seq)
         proposals = self._propose(step) if self.speculative is not None else {}
+        proposed = time.perf_counter()
         if proposals:  # verified as chunks of [last token, proposals...], after the plain decodes
             step.decodes = [seq for seq in step.decodes if id(seq) not in proposals]
         step.decodes.sort(key=lambda seq: seq.num_computed, reverse=True)  # attention groups by length
-        logits, rows = self._forward(step, proposals)
+        logits, rows = self.runner.execute(step, proposals)
         outputs = self._process(step, logits, rows)
         if proposals:
             outputs += self._process_speculative(proposals, logits, rows)
         if self.speculative is not None:
-            self._record_step_time(step, proposals, time.perf_counter() - started)
+            done = time.perf_counter()
+            self._record_step_time(step, proposals, done - started)
+            if proposals or step.decodes:
+                self.spec_seconds["propose_s"] += proposed - started
+                self.spec_seconds["verify_s" if proposals else "plain_s"] += done - proposed
+                self.num_plain_steps += not proposals
         return outputs
+
+    def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        """Add one request and step until it finishes, yielding its deltas: `LLM.run` and `stream` on a
+        single-sequence engine. Closing the iterator early aborts the request."""
+        self.add_request(request_id, prompt_ids, params)
+        finished = False
+        try:
+            while not finished:
+                for out in self.step():
+                    if out.request_id == request_id:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.abort_request(request_id)
 
     # -- speculative decoding ------------------------------------------------------------------
     def _propose(self, step: ScheduledStep) -> dict[int, tuple]:
@@ -183,7 +198,7 @@ class LLMEngine:
             return {}
         spare = self.config.max_num_batched_tokens - step.num_tokens
         bs = self.config.block_size
-        wanted: list[tuple[Sequence, int]] = []
+        wanted: list[tuple[Request, int]] = []
         for seq in step.decodes:
             if seq.logprobs is not None or seq.controller is None:
                 continue  # per-token logprobs are reported from single-token steps only
@@ -205,42 +220,7 @@ class LLMEngine:
                 if tokens:
                     out[id(seq)] = (seq, tokens, None)
             return out
-        return self._propose_with_draft(wanted)
-
-    def _propose_with_draft(self, wanted: list[tuple[Sequence, int]]) -> dict[int, tuple]:
-        """k_i proposals for each sequence from the draft model: one pass that catches the draft up
-        on everything it has not seen (a whole prompt the first time), then one batched pass per
-        further proposal."""
-        draft, device, bs = self.speculative.draft_model, self.model.device, self.config.block_size
-        tokens = {id(seq): [] for seq, _ in wanted}
-        probs = {id(seq): [] for seq, _ in wanted}
-        for j in range(max(k for _, k in wanted)):
-            active = [(seq, k) for seq, k in wanted if k > j]
-            ids, chunks, last_rows = [], [], []
-            for seq, _ in active:
-                if j == 0:
-                    new = seq.all_ids[seq.draft_computed:]
-                    first = seq.draft_computed
-                else:
-                    new = tokens[id(seq)][-1:]
-                    first = seq.num_tokens + j - 1
-                ids.extend(new)
-                chunks.append((seq.blocks, first, len(new)))
-                last_rows.append(len(ids) - 1)
-            self.draft_cache.batch = build_paged_batch([], chunks, bs, device)
-            logits = draft.forward_paged(torch.tensor(ids, device=device), self.draft_cache,
-                                         torch.tensor(last_rows, dtype=torch.long, device=device))
-            self.draft_cache.batch = None
-            for r, (seq, _) in enumerate(active):
-                t, q = draw_proposal(seq.draft_sampler, logits[r])
-                tokens[id(seq)].append(t)
-                if q is not None:
-                    probs[id(seq)].append(q)
-        out = {}
-        for seq, k in wanted:
-            seq.draft_computed = seq.num_tokens  # the context; its proposals' entries count once kept
-            out[id(seq)] = (seq, tokens[id(seq)], torch.stack(probs[id(seq)]) if probs[id(seq)] else None)
-        return out
+        return self.runner.propose_with_draft(wanted)
 
     def _process_speculative(self, proposals: dict[int, tuple], logits: torch.Tensor, rows) -> list[RequestOutput]:
         outputs = []
@@ -250,7 +230,7 @@ class LLMEngine:
             emitted = verify_proposals(seq.sampler, logits[first:first + count], tokens, draft_probs)
             kept = len(emitted) - 1
             seq.num_computed += 1 + kept  # the last token and the kept proposals are in the cache now
-            if self.draft_cache is not None:
+            if self.runner.draft is not None:
                 seq.draft_computed += min(kept, len(tokens) - 1)
             seq.spec_step = (len(tokens), kept)
             self.num_spec_proposed += len(tokens)
@@ -263,7 +243,7 @@ class LLMEngine:
                     deltas.append(out)
                 if out is not None and out.finished:
                     break
-            if seq.status is not SequenceStatus.FINISHED:
+            if seq.status is not RequestStatus.FINISHED:
                 self._register_filled_blocks(seq)
             if deltas:
                 outputs.append(merge_outputs(deltas))
@@ -278,43 +258,6 @@ class LLMEngine:
         for seq, _, _ in proposals.values():
             proposed, kept = seq.spec_step
             seq.controller.record_speculative(seconds if comparable else None, proposed, kept)
-
-    def _forward(self, step: ScheduledStep, proposals: dict | None = None):
-        """Flatten the step into tokens, run the model, return logits and which rows belong to whom."""
-        bs = self.config.block_size
-        device = self.model.device
-        tokens: list[int] = []
-        decodes, prefills = [], []
-        rows: dict[int, tuple[int, int]] = {}  # id(seq) -> (first logits row, number of rows)
-        logits_indices: list[int] = []
-        for seq in step.decodes:
-            tokens.append(seq.token_slice(seq.num_computed, seq.num_computed + 1)[0])
-            decodes.append((seq.blocks, seq.num_computed))
-            rows[id(seq)] = (len(logits_indices), 1)
-            logits_indices.append(len(tokens) - 1)
-        for seq, n in step.prefills:
-            offset = len(tokens)
-            tokens.extend(seq.token_slice(seq.num_computed, seq.num_computed + n))
-            prefills.append((seq.blocks, seq.num_computed, n))
-            if seq.needs_prompt_logprobs:  # every row: each predicts the next prompt token
-                rows[id(seq)] = (len(logits_indices), n)
-                logits_indices.extend(range(offset, offset + n))
-            elif seq.num_computed + n == seq.num_tokens:  # the chunk reaches the end: sample
-                rows[id(seq)] = (len(logits_indices), 1)
-                logits_indices.append(offset + n - 1)
-        for key, (seq, proposed, _) in (proposals or {}).items():  # verify: every row's logits
-            offset = len(tokens)
-            tokens.append(seq.token_slice(seq.num_computed, seq.num_computed + 1)[0])
-            tokens.extend(proposed)
-            n = 1 + len(proposed)
-            prefills.append((seq.blocks, seq.num_computed, n))
-            rows[key] = (len(logits_indices), n)
-            logits_indices.extend(range(offset, offset + n))
-        self.cache.batch = build_paged_batch(decodes, prefills, bs, device)
-        logits = self.model.forward_paged(torch.tensor(tokens, device=device), self.cache,
-                                          torch.tensor(logits_indices, dtype=torch.long, device=device))
-        self.cache.batch = None
-        return logits, rows
 
     def _process(self, step: ScheduledStep, logits: torch.Tensor, rows) -> list[RequestOutput]:
         outputs = []
@@ -347,7 +290,7 @@ class LLMEngine:
                 outputs.append(out)
         return outputs
 
-    def _register_filled_blocks(self, seq: Sequence) -> None:
+    def _register_filled_blocks(self, seq: Request) -> None:
         """Give the prefix cache every block of seq that filled up since the last call."""
         if seq.num_computed // self.config.block_size > len(seq.block_hashes):
             self.allocator.register_full_blocks(seq.blocks, seq.all_ids, seq.block_hashes, seq.num_computed)
@@ -379,7 +322,7 @@ class LLMEngine:
             out.append(TokenLogprob(int(chosen[r]), picked[r], top))
         return out
 
-    def _record_prompt_logprobs(self, seq: Sequence, rows: torch.Tensor, start: int) -> None:
+    def _record_prompt_logprobs(self, seq: Request, rows: torch.Tensor, start: int) -> None:
         # Row j (position start + j) predicts the prompt token at start + j + 1.
         n_prompt = len(seq.prompt_ids)
         want = [j for j in range(rows.shape[0]) if len(seq.prompt_logprob_values) <= start + j + 1 < n_prompt]
@@ -389,33 +332,23 @@ class LLMEngine:
         values = self._logprobs(rows[want], chosen, [seq.prompt_logprobs] * len(want))
         seq.prompt_logprob_values.extend(values)
 
-    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float,
+    def _append_token(self, seq: Request, token: int, logprob: TokenLogprob | None, now: float,
                       record: bool = True) -> RequestOutput | None:
         if seq.first_token_time is None:
             seq.first_token_time = now
         if record:
             seq.sampler.record(token)
-        seq.output_ids.append(token)
         self.num_generated_tokens += 1
         logprobs = [logprob] if logprob is not None else None
-        if token in seq.stop_ids:
-            tail, stop = _drain(seq.watcher, seq.detok)
-            return self._finish(seq, [token], tail, logprobs, "stop", stop if stop is not None else token)
-        text, stop = seq.watcher.add(seq.detok.push(token))
-        if stop is not None:
-            return self._finish(seq, [token], text, logprobs, "stop", stop)
-        if len(seq.output_ids) >= seq.params.max_tokens:
-            tail, stop = _drain(seq.watcher, seq.detok)
-            return self._finish(seq, [token], text + tail, logprobs, "stop" if stop else "length", stop)
-        return self._output(seq, [token], text, logprobs)
+        text, finish = seq.append_token(token)
+        if finish is not None:
+            self.scheduler.free(seq)
+            self.runner.free(seq)
+            seq.status = RequestStatus.FINISHED
+            self.sequences.pop(seq.request_id, None)
+        return self._output(seq, [token], text, logprobs, finish)
 
-    def _finish(self, seq, tokens, text, logprobs, reason, stop_reason) -> RequestOutput:
-        self.scheduler.free(seq)
-        seq.status = SequenceStatus.FINISHED
-        self.sequences.pop(seq.request_id, None)
-        return self._output(seq, tokens, text, logprobs, finish=(reason, stop_reason))
-
-    def _output(self, seq: Sequence, tokens, text, logprobs, finish=None) -> RequestOutput:
+    def _output(self, seq: Request, tokens, text, logprobs, finish=None) -> RequestOutput:
         prompt_lp = None
         if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent and (tokens or finish):
             prompt_lp, seq.prompt_logprobs_sent = seq.prompt_logprob_values, True

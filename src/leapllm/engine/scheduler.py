@@ -18,14 +18,14 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from leapllm.engine.block_allocator import BlockAllocator
-from leapllm.engine.sequence import Sequence, SequenceStatus
+from leapllm.engine.request import Request, RequestStatus
 
 
 @dataclass
 class ScheduledStep:
-    decodes: list[Sequence] = field(default_factory=list)  # one new token each
-    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens in this chunk)
-    preempted: list[Sequence] = field(default_factory=list)
+    decodes: list[Request] = field(default_factory=list)  # one new token each
+    prefills: list[tuple[Request, int]] = field(default_factory=list)  # (sequence, tokens in this chunk)
+    preempted: list[Request] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -43,17 +43,17 @@ class Scheduler:
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Request) -> None:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: Request) -> None:
         """Return a sequence's blocks and drop it from the queues (finished or aborted)."""
         self.allocator.release(seq.blocks)
         seq.blocks = []
@@ -62,17 +62,17 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
-    def _preempt(self, seq: Sequence, step: ScheduledStep) -> None:
+    def _preempt(self, seq: Request, step: ScheduledStep) -> None:
         self.allocator.release(seq.blocks)
         seq.blocks, seq.block_hashes, seq.num_computed = [], [], 0
-        seq.status = SequenceStatus.WAITING
+        seq.status = RequestStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         step.preempted.append(seq)
 
-    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+    def _grow(self, seq: Request, num_tokens: int) -> bool:
         """Make seq's blocks cover num_tokens positions; False if the pool has too few free blocks."""
         need = self.allocator.blocks_needed(num_tokens) - len(seq.blocks)
         if need <= 0:
@@ -82,7 +82,7 @@ class Scheduler:
         seq.blocks.extend(self.allocator.allocate(need))
         return True
 
-    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
+    def reserve(self, seq: Request, num_tokens: int) -> bool:
         """Grow a running sequence's blocks to num_tokens positions from free blocks only (speculative
         tokens may use room nobody needs; they never preempt); False if there are too few."""
         return self._grow(seq, num_tokens)
@@ -101,7 +101,7 @@ class Scheduler:
                 self._preempt(victim, step)
                 if victim is seq:
                     break
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not RequestStatus.RUNNING:
                 break  # it preempted itself: everything after it is gone too
             (step.decodes.append(seq) if n == 1 else step.prefills.append((seq, n)))
             budget -= n
@@ -122,7 +122,7 @@ class Scheduler:
                 seq.blocks, seq.block_hashes, seq.num_computed = [], [], 0
                 break
             self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
+            seq.status = RequestStatus.RUNNING
             self.running.append(seq)
             (step.decodes.append(seq) if n == 1 else step.prefills.append((seq, n)))
             budget -= n

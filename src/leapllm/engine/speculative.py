@@ -15,9 +15,9 @@ Two proposers:
 - `NgramProposer` (prompt lookup decoding): the tokens that followed the latest earlier
   occurrence of the context's last n tokens. Costs nothing, needs no model, and is right often
   in repetitive output (code, summaries, edits, a small model's loops). q is a point mass.
-- `DraftModelProposer`: a smaller model with the same vocabulary (for example a pruned and
-  distilled student of the target from `leapllm prune` / `leapllm distill`) decodes k tokens
-  from its own KV cache; q is its (filtered) distribution.
+- a draft model: a smaller model with the same vocabulary (for example a pruned and distilled
+  student of the target from `leapllm prune` / `leapllm distill`) decodes k tokens from its own
+  KV cache (engine/model_runner.py runs it); q is its (filtered) distribution.
 
 `SpeculationController` measures what speculation costs and gains and turns it off (and back on
 to probe now and then) when it does not pay, so a poor draft costs little.
@@ -26,57 +26,26 @@ to probe now and then) when it does not pay, so a poor draft costs little.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 
 from leapllm.engine.sampling import Sampler, SamplingParams, greedy_token
 from leapllm.errors import InvalidRequestError
 
-MAX_SPECULATIVE_TOKENS = 7  # k + 1 verified rows fit the fused kernels' 8-row tiles
 FIRST_BACKOFF = 8  # plain steps after speculation stopped paying, before the first probe
 # Each probe that does not pay multiplies the next wait by this (8, 32, 128, 512 plain steps).
 BACKOFF_GROWTH = 4
 # What probes may cost, at most, as a fraction of the sequence's decode time so far: a draft model's
-# probe also reads every token since its previous step (its cache catches up, ~0.6 ms a token for a
-# 4-layer int4 draft here, a tenth of a target step), so a fixed schedule of probes would cost a
-# poor draft a fixed share of the time. A probe is made only if the loss so far plus the next
+# probe also reads every token since its previous step (its cache catches up), so a fixed schedule
+# of probes would cost a poor draft a fixed share of the time. A probe is made only if the loss so far plus the next
 # probe's expected loss (the last probe's; for a proposer that catches up, scaled by the tokens to
 # catch up) stays within it.
 PROBE_BUDGET = 0.02
-METHODS = ("ngram", "draft")
-
-
-@dataclass
-class SpeculativeConfig:
-    method: str = "ngram"  # "ngram" (prompt lookup) or "draft" (a draft model)
-    num_speculative_tokens: int = 4  # k: tokens proposed per step at most
-    draft_model: object | None = None  # a Transformer (method "draft")
-    ngram_max: int = 4  # prompt lookup matches the last ngram_max .. ngram_min tokens, longest first
-    # Not 1: on the bench's chat answers the token after a single matching token was right 18% of
-    # the time (a verification lost), after two 48%, after four or more 76-90%.
-    ngram_min: int = 2
-    adaptive: bool = True  # measure, and stop speculating while it does not pay
-    max_batch_size: int = 4  # the serving engine speculates only while at most this many sequences decode
-
-    def validate(self) -> None:
-        k = self.num_speculative_tokens
-        if self.method not in METHODS:
-            raise InvalidRequestError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
-            raise InvalidRequestError(
-                f"num_speculative_tokens must be an integer from 1 to {MAX_SPECULATIVE_TOKENS}, got {k!r}")
-        if not 1 <= self.ngram_min <= self.ngram_max:
-            raise InvalidRequestError(f"ngram sizes need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
-        if self.method == "draft" and self.draft_model is None:
-            raise InvalidRequestError("speculative method 'draft' needs a draft model")
-        if self.max_batch_size < 1:
-            raise InvalidRequestError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
 
 
 def check_draft_model(target, target_tokenizer, draft, draft_tokenizer) -> None:
     """Raise InvalidRequestError unless the draft speaks the target's vocabulary token for token."""
-    from leapllm.compression.distill import check_same_vocabulary
+    from leapllm.tokenization.vocabulary import check_same_vocabulary
 
     try:
         check_same_vocabulary(target, draft, target_tokenizer, draft_tokenizer)
@@ -184,47 +153,6 @@ def draw_proposal(sampler: Sampler, logits: torch.Tensor) -> tuple[int, torch.Te
         return greedy_token(logits), None
     q = sampler.filtered_probs(logits)
     return int(torch.multinomial(q, 1, generator=sampler.generator)), q
-
-
-class DraftModelProposer:
-    """A draft model with its own contiguous KV cache, decoding k tokens per call (single sequence)."""
-
-    def __init__(self, draft, params: SamplingParams, target_sampler: Sampler, max_len: int):
-        self.draft = draft
-        self.cache = draft.new_kv_cache(1, max_len)
-        self.computed = 0  # context positions whose keys/values the draft cache holds
-        self.sampler = draft_sampler(params, target_sampler, draft)
-
-    @torch.inference_mode()
-    def prefill(self, prompt_ids: list[int]) -> None:
-        """Read the prompt now, with the target's prefill (its cost belongs to the time to first token)."""
-        self.draft(torch.tensor([prompt_ids], device=self.draft.device), 0, self.cache, last_only=True)
-        self.computed = len(prompt_ids)
-
-    @torch.inference_mode()
-    def propose(self, ids: list[int], k: int) -> tuple[list[int], torch.Tensor | None]:
-        """k proposals after ids, and the distributions they were drawn from (None when greedy)."""
-        device = self.draft.device
-        logits = self.draft(torch.tensor([ids[self.computed:]], device=device), self.computed, self.cache,
-                            last_only=True)[0, -1]
-        pos = len(ids)
-        tokens, probs = [], []
-        for i in range(k):
-            t, q = draw_proposal(self.sampler, logits)
-            tokens.append(t)
-            if q is not None:
-                probs.append(q)
-            if i + 1 < k:
-                logits = self.draft(torch.tensor([[t]], device=device), pos, self.cache, last_only=True)[0, -1]
-                pos += 1
-        self.pending = (len(ids), k)
-        return tokens, (torch.stack(probs) if probs else None)
-
-    def accepted(self, num_kept: int) -> None:
-        """After verification: num_kept of the last proposals were kept; the cache holds the context
-        and the kept proposals the draft has seen (it never saw its own last proposal)."""
-        context_len, k = self.pending
-        self.computed = context_len + min(num_kept, k - 1)
 
 
 # -- when to speculate -------------------------------------------------------------------------

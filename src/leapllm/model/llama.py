@@ -17,7 +17,7 @@ from torch import nn
 from leapllm.model.config import ModelConfig
 from leapllm.model.fused_decode import MAX_TOKENS, FusedDecode
 from leapllm.model.kv_cache import KVCache
-from leapllm.model.paged_kv_cache import PagedKVCache
+from leapllm.model.paged_kv_cache import PagedAttentionBatch, PagedKVCache
 
 
 class RMSNorm(nn.Module):
@@ -79,10 +79,11 @@ class AttentionCore(nn.Module):
         self.layer_idx = layer_idx
         self.grouped = grouped  # grouped-query attention: several query heads share a kv head
 
-    def forward(self, q, k, v, start_pos: int, kv_cache: KVCache | PagedKVCache | None, mask):
-        if isinstance(kv_cache, PagedKVCache):
+    def forward(self, q, k, v, start_pos: int, kv_cache: KVCache | PagedKVCache | None, mask,
+                paged_batch: PagedAttentionBatch | None = None):
+        if paged_batch is not None:
             # The serving engine's step: many sequences flattened into one row of tokens.
-            return kv_cache.attend(self.layer_idx, q, k, v, self.grouped)
+            return kv_cache.attend(self.layer_idx, q, k, v, self.grouped, paged_batch)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, start_pos, k, v)
         # is_causal only lines up when queries and keys start together; otherwise `mask` says it.
@@ -103,14 +104,14 @@ class Attention(nn.Module):
         self.core = AttentionCore(layer_idx, grouped=self.num_heads != self.num_kv_heads)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, start_pos: int, kv_cache: KVCache | None, mask):
+    def forward(self, x, cos, sin, start_pos: int, kv_cache: KVCache | None, mask, paged_batch=None):
         batch, seq, _ = x.shape
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # (batch, heads, seq, head_dim)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (batch, kv_heads, seq, hd)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.rotary(q, k, cos, sin)
-        out = self.core(q, k, v, start_pos, kv_cache, mask)  # (batch, heads, seq, head_dim)
+        out = self.core(q, k, v, start_pos, kv_cache, mask, paged_batch)  # (batch, heads, seq, head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.q_size))
 
 
@@ -142,8 +143,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, layer_idx)
 
-    def forward(self, x, cos, sin, start_pos, kv_cache, mask):
-        x = x + self.attn(self.attn_norm(x), cos, sin, start_pos, kv_cache, mask)
+    def forward(self, x, cos, sin, start_pos, kv_cache, mask, paged_batch=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, start_pos, kv_cache, mask, paged_batch)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -172,6 +173,11 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
+
+    @property
+    def num_cached_kv_heads(self) -> int:
+        """The kv heads a KV cache holds for this model (a tensor-parallel rank holds only its own)."""
+        return self.config.num_kv_heads
 
     def new_kv_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
         c = self.config
@@ -228,15 +234,16 @@ class Transformer(nn.Module):
         self.fused_decode = None
         self.use_fused_decode = True
 
-    def forward_paged(self, tokens: torch.Tensor, kv_cache: PagedKVCache, logits_indices: torch.Tensor) -> torch.Tensor:
-        """One serving step: tokens (T,) of many sequences, flattened as kv_cache.batch describes.
+    def forward_paged(self, tokens: torch.Tensor, kv_cache: PagedKVCache, batch: PagedAttentionBatch,
+                      logits_indices: torch.Tensor) -> torch.Tensor:
+        """One serving step: tokens (T,) of many sequences, flattened as `batch` describes.
 
         Returns float32 logits (len(logits_indices), vocab) for the rows asked for (typically the
         last token of each sequence that samples this step).
         """
         x = self.embed_tokens(tokens)[None]  # (1, T, hidden)
-        cos, sin = self.rotary_cos_sin(0, tokens.shape[0], kv_cache.batch.positions)
+        cos, sin = self.rotary_cos_sin(0, tokens.shape[0], batch.positions)
         for layer in self.layers:
-            x = layer(x, cos, sin, 0, kv_cache, None)
+            x = layer(x, cos, sin, 0, kv_cache, None, batch)
         x = x[0, logits_indices]  # (rows, hidden)
         return self.lm_head(self.norm(x)).float()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-KV_DTYPES = ("auto", "int8")  # auto: the model's compute dtype
+from leapllm.config import KV_DTYPES
 
 
 class PagedKVCache:
@@ -50,7 +50,6 @@ class PagedKVCache:
             scale_shape = (num_blocks * block_size, num_kv_heads, 1)
             self.k_scale = [torch.zeros(scale_shape, device=device) for _ in range(num_layers)]
             self.v_scale = [torch.zeros(scale_shape, device=device) for _ in range(num_layers)]
-        self.batch: PagedAttentionBatch | None = None  # set by the engine before each forward
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -96,12 +95,12 @@ class PagedKVCache:
         from leapllm.kernels import cpu_kernels
         return cpu_kernels()
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouped: bool) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouped: bool,
+               b: PagedAttentionBatch) -> torch.Tensor:
         """q (1, heads, T, hd), k/v (1, kv_heads, T, hd) for the step's T flattened tokens -> (1, heads, T, hd).
 
-        Writes the new keys/values into their slots, then attends each query over its sequence.
+        Writes the new keys/values into the slots `b` names, then attends each query over its sequence.
         """
-        b = self.batch
         self.store(layer, b.slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (T, kv_heads, hd)
         outs = []
         kernels = self.decode_kernels()

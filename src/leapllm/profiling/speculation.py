@@ -1,7 +1,7 @@
 """What speculative decoding does on one prompt: acceptance, and where its time goes.
 
 `leapllm profile --speculative ngram` (or `--draft-model PATH`) runs, after the stage profile, the
-same prompt twice through the single-sequence generator (engine/generate.py), greedy: once plainly
+same prompt twice through a single-sequence engine (what `LLM.run` uses), greedy: once plainly
 and once speculating, and reports the proposals' acceptance rate, the tokens each verification
 step emits, the mean time of proposing, of a verification pass (k + 1 positions through the
 target) and of a plain step, and the decode speed of both runs. Greedy output must be identical;
@@ -14,20 +14,28 @@ import time
 
 import torch
 
-from leapllm.engine.generate import generate_stream
+from leapllm.engine.llm_engine import LLMEngine, single_sequence_config
 from leapllm.engine.sampling import SamplingParams
 
 
 def _decode(model, tokenizer, ids, gen_len, speculative, stats):
+    """Greedy tokens, decode seconds after the first token, seconds to the first token; `stats`
+    (a dict, or None) gets what speculation did."""
     params = SamplingParams(max_tokens=gen_len, temperature=0, ignore_eos=True)
+    engine = LLMEngine(model, tokenizer, single_sequence_config(model.config.context_length, speculative))
     first = None
     tokens = []
     start = time.perf_counter()
-    for chunk in generate_stream(model, tokenizer, ids, params, speculative, stats):
+    for out in engine.stream("profile", ids, params):
         if first is None:
             first = time.perf_counter()
-        tokens.append(chunk.token_id)
-    return tokens, time.perf_counter() - first, first - start
+        tokens.extend(out.new_token_ids)
+    end = time.perf_counter()
+    if stats is not None:
+        stats.update(proposed=engine.num_spec_proposed, accepted=engine.num_spec_accepted,
+                     speculative_steps=engine.num_spec_steps, plain_steps=engine.num_plain_steps,
+                     **engine.spec_seconds)
+    return tokens, end - first, first - start
 
 
 @torch.inference_mode()

@@ -16,14 +16,15 @@ from __future__ import annotations
 import re
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 
 import torch
 from torch import nn
 
-from leapllm.compression.int4 import Int4Linear
-from leapllm.compression.int8 import Int8Linear
 from leapllm.model.fused_decode import OUTSIDE_LAYERS
 from leapllm.model.llama import AttentionCore, RMSNorm, RotaryEmbedding, SiluAndMul
+from leapllm.model.quantized.int4 import Int4Linear
+from leapllm.model.quantized.int8 import Int8Linear
 
 LINEAR_TYPES = (nn.Linear, Int4Linear, Int8Linear)
 
@@ -210,15 +211,14 @@ class StageHooks:
             self.handles.append(module.register_forward_hook(post))
         # A fused batch-1 decode step (model/fused_decode.py) runs each block in one C++ call, so its
         # stages come from clock marks the C++ code takes (CPU only, the same monotonic clock).
-        fused = getattr(self.model, "fused_decode", None)
+        self.fused_recording = ExitStack()
+        fused = getattr(self.model, "fused_decode", None)  # a tensor-parallel model has none
         if fused is not None:
-            fused.stage_intervals = pending
+            self.fused_recording.enter_context(fused.recording_stages(pending))
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        fused = getattr(self.model, "fused_decode", None)
-        if fused is not None:
-            fused.stage_intervals = None
+        self.fused_recording.close()

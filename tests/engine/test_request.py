@@ -1,11 +1,13 @@
-"""Generation with the default model: stop tokens, stop strings, lengths, context limits."""
+"""The state of a request (engine/request.py) and generation with the default model: stop tokens,
+stop strings, lengths, context limits."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from leapllm import SamplingParams
-from leapllm.engine.generate import StopStringWatcher, fit_prompt
+from leapllm.engine.request import Request, StopStringWatcher, fit_prompt
 from leapllm.errors import InvalidRequestError
 
 
@@ -113,3 +115,51 @@ def test_generate_returns_one_output_per_prompt_in_order(llm):
     outs = llm.generate(["Hello", "Bonjour"], params)
     assert [o.prompt for o in outs] == ["Hello", "Bonjour"]
     assert outs[0].text == llm.generate("Hello", params)[0].text
+
+
+# -- the request state every path shares -------------------------------------------------------
+
+def new_request(llm, **params) -> Request:
+    return Request("r", [1, 2, 3], SamplingParams(**params), llm.tokenizer, llm.config.vocab_size,
+                   torch.device("cpu"))
+
+
+def test_a_request_ends_after_max_tokens_with_length_and_all_its_text(llm):
+    ids = llm.tokenizer.encode(" red green blue")
+    request = new_request(llm, max_tokens=len(ids), ignore_eos=True)
+    pieces, finish = [], None
+    for t in ids:
+        assert finish is None
+        text, finish = request.append_token(t)
+        pieces.append(text)
+    assert finish == ("length", None)
+    assert "".join(pieces) == llm.tokenizer.decode(ids)
+
+
+def test_a_stop_token_ends_a_request_and_is_not_in_its_text(llm):
+    eos = min(llm.tokenizer.stop_token_ids)
+    request = new_request(llm, max_tokens=10)
+    first, finish = request.append_token(llm.tokenizer.encode(" sky")[0])
+    assert finish is None
+    text, finish = request.append_token(eos)
+    assert finish == ("stop", eos)
+    assert llm.tokenizer.decode([eos], skip_special_tokens=False) not in first + text
+
+
+def test_a_stop_string_is_held_back_then_dropped_with_what_follows(llm):
+    ids = llm.tokenizer.encode(" one two three four")
+    request = new_request(llm, max_tokens=20, stop=["three"], ignore_eos=True)
+    emitted, finish = "", None
+    for t in ids:
+        text, finish = request.append_token(t)
+        emitted += text
+        if finish is not None:
+            break
+    assert finish == ("stop", "three")
+    assert emitted == " one two "
+
+
+def test_ignore_eos_keeps_going_past_the_end_of_turn_token(llm):
+    eos = min(llm.tokenizer.stop_token_ids)
+    request = new_request(llm, max_tokens=5, ignore_eos=True)
+    assert request.append_token(eos)[1] is None

@@ -1,0 +1,181 @@
+"""The model runner: turns a scheduled step into forward passes and returns the logits rows the
+engine samples from. It owns the KV caches; the scheduler only counts blocks.
+
+Two layouts, chosen by EngineConfig.single_sequence:
+- paged (the serving engine): every sequence's keys and values live in one pool of blocks; a step's
+  tokens (decodes, prefill chunks, speculative verification chunks) are flattened into one forward
+  pass, with a PagedAttentionBatch that says where each token's keys go and what it attends to.
+- single sequence (`LLM.run`, `stream`, `chat`, `leapllm generate`): one request at a time on a
+  contiguous cache of its own, so that a decode step of a quantized model on the CPU is one fused
+  C++ call (model/fused_decode.py), the fastest batch-1 path.
+
+A draft model's proposals (speculative decoding) run here too, on a draft cache of the same layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leapllm.config import EngineConfig
+from leapllm.engine.request import Request
+from leapllm.engine.scheduler import ScheduledStep
+from leapllm.engine.speculative import draw_proposal
+from leapllm.model.kv_cache import KVCache
+from leapllm.model.paged_kv_cache import PagedKVCache, build_paged_batch
+
+# key -> (first logits row, number of rows) of each sequence that gets logits this step; the key is
+# id(seq), as the engine's proposals are keyed.
+Rows = dict[int, tuple[int, int]]
+
+
+class ModelRunner:
+    def __init__(self, model, config: EngineConfig, num_blocks: int):
+        self.model = model
+        self.config = config
+        self.single_sequence = config.single_sequence
+        self.draft = config.speculative.draft_model if config.speculative is not None else None
+        c = model.config
+        if self.single_sequence:
+            self.caches: dict[str, KVCache] = {}  # request id -> its contiguous cache
+            self.draft_caches: dict[str, KVCache] = {}
+            return
+        self.cache = PagedKVCache(c.num_layers, num_blocks, config.block_size, model.num_cached_kv_heads, c.head_dim,
+                                  model.dtype, model.device, config.kv_cache_dtype)
+        self.draft_cache: PagedKVCache | None = None
+        if self.draft is not None:
+            # The draft's keys and values live in a pool of its own shape, indexed by the same block
+            # tables as the target's: a sequence's blocks hold both models' entries for its positions.
+            d = self.draft
+            self.draft_cache = PagedKVCache(d.config.num_layers, num_blocks, config.block_size,
+                                            d.num_cached_kv_heads, d.config.head_dim, d.dtype, d.device)
+
+    def free(self, seq: Request) -> None:
+        """Forget a request's caches (finished, aborted or preempted); paged blocks are the allocator's."""
+        if self.single_sequence:
+            self.caches.pop(seq.request_id, None)
+            self.draft_caches.pop(seq.request_id, None)
+
+    # -- the target's forward pass -------------------------------------------------------------
+    def execute(self, step: ScheduledStep, proposals: dict[int, tuple]) -> tuple[torch.Tensor, Rows]:
+        """Logits for the step: one row for a decode or for a prompt chunk that reaches the end of its
+        prompt, every row of a chunk that asked for prompt logprobs, and every row of a verification
+        chunk [last token, proposals...]."""
+        if self.single_sequence:
+            return self._execute_contiguous(step, proposals)
+        bs = self.config.block_size
+        device = self.model.device
+        tokens: list[int] = []
+        decodes, prefills = [], []
+        rows: Rows = {}
+        logits_indices: list[int] = []
+        for seq in step.decodes:
+            tokens.append(seq.token_slice(seq.num_computed, seq.num_computed + 1)[0])
+            decodes.append((seq.blocks, seq.num_computed))
+            rows[id(seq)] = (len(logits_indices), 1)
+            logits_indices.append(len(tokens) - 1)
+        for seq, n in step.prefills:
+            offset = len(tokens)
+            tokens.extend(seq.token_slice(seq.num_computed, seq.num_computed + n))
+            prefills.append((seq.blocks, seq.num_computed, n))
+            if seq.needs_prompt_logprobs:  # every row: each predicts the next prompt token
+                rows[id(seq)] = (len(logits_indices), n)
+                logits_indices.extend(range(offset, offset + n))
+            elif seq.num_computed + n == seq.num_tokens:  # the chunk reaches the end: sample
+                rows[id(seq)] = (len(logits_indices), 1)
+                logits_indices.append(offset + n - 1)
+        for key, (seq, proposed, _) in proposals.items():  # verify: every row's logits
+            offset = len(tokens)
+            tokens.append(seq.token_slice(seq.num_computed, seq.num_computed + 1)[0])
+            tokens.extend(proposed)
+            n = 1 + len(proposed)
+            prefills.append((seq.blocks, seq.num_computed, n))
+            rows[key] = (len(logits_indices), n)
+            logits_indices.extend(range(offset, offset + n))
+        batch = build_paged_batch(decodes, prefills, bs, device)
+        logits = self.model.forward_paged(torch.tensor(tokens, device=device), self.cache, batch,
+                                          torch.tensor(logits_indices, dtype=torch.long, device=device))
+        return logits, rows
+
+    def _contiguous_cache(self, seq: Request) -> KVCache:
+        cache = self.caches.get(seq.request_id)
+        if cache is None:
+            cache = self.model.new_kv_cache(1, len(seq.prompt_ids) + seq.params.max_tokens)
+            self.caches[seq.request_id] = cache
+        return cache
+
+    def _execute_contiguous(self, step: ScheduledStep, proposals: dict[int, tuple]) -> tuple[torch.Tensor, Rows]:
+        # (sequence, its tokens this step, whether every row's logits are wanted, whether the last is)
+        chunks = [(seq, seq.token_slice(seq.num_computed, seq.num_computed + 1), False, True) for seq in step.decodes]
+        for seq, n in step.prefills:
+            chunks.append((seq, seq.token_slice(seq.num_computed, seq.num_computed + n), seq.needs_prompt_logprobs,
+                           seq.num_computed + n == seq.num_tokens))
+        for seq, proposed, _ in proposals.values():
+            chunks.append((seq, seq.token_slice(seq.num_computed, seq.num_computed + 1) + proposed, True, True))
+        device = self.model.device
+        parts, rows = [], {}
+        num_rows = 0
+        for seq, tokens, every_row, last_row in chunks:
+            logits = self.model(torch.tensor([tokens], device=device), seq.num_computed, self._contiguous_cache(seq),
+                                last_only=not every_row)[0]  # (rows, vocab)
+            if every_row or last_row:
+                rows[id(seq)] = (num_rows, logits.shape[0])
+                parts.append(logits)
+                num_rows += logits.shape[0]
+        if not parts:
+            return torch.empty(0), rows
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), rows
+
+    # -- the draft model's proposals -----------------------------------------------------------
+    def propose_with_draft(self, wanted: list[tuple[Request, int]]) -> dict[int, tuple]:
+        """k_i proposals for each (sequence, k_i) from the draft model: one pass that catches the draft
+        up on everything it has not seen (a whole prompt the first time), then one pass per further
+        proposal. Returns id(seq) -> (seq, tokens, the distributions they were drawn from or None)."""
+        tokens = {id(seq): [] for seq, _ in wanted}
+        probs = {id(seq): [] for seq, _ in wanted}
+        for j in range(max(k for _, k in wanted)):
+            active = [(seq, k) for seq, k in wanted if k > j]
+            if self.single_sequence:
+                logits = self._draft_contiguous(active, tokens, j)
+            else:
+                logits = self._draft_paged(active, tokens, j)
+            for r, (seq, _) in enumerate(active):
+                t, q = draw_proposal(seq.draft_sampler, logits[r])
+                tokens[id(seq)].append(t)
+                if q is not None:
+                    probs[id(seq)].append(q)
+        out = {}
+        for seq, k in wanted:
+            seq.draft_computed = seq.num_tokens  # the context; its proposals' entries count once kept
+            out[id(seq)] = (seq, tokens[id(seq)], torch.stack(probs[id(seq)]) if probs[id(seq)] else None)
+        return out
+
+    def _draft_inputs(self, seq: Request, tokens: dict, j: int) -> tuple[list[int], int]:
+        """The draft's new tokens for proposal j of seq and the position of the first of them."""
+        if j == 0:
+            return seq.all_ids[seq.draft_computed:], seq.draft_computed
+        return tokens[id(seq)][-1:], seq.num_tokens + j - 1
+
+    def _draft_paged(self, active, tokens: dict, j: int) -> torch.Tensor:
+        device = self.model.device
+        ids, chunks, last_rows = [], [], []
+        for seq, _ in active:
+            new, first = self._draft_inputs(seq, tokens, j)
+            ids.extend(new)
+            chunks.append((seq.blocks, first, len(new)))
+            last_rows.append(len(ids) - 1)
+        batch = build_paged_batch([], chunks, self.config.block_size, device)
+        return self.draft.forward_paged(torch.tensor(ids, device=device), self.draft_cache, batch,
+                                        torch.tensor(last_rows, dtype=torch.long, device=device))
+
+    def _draft_contiguous(self, active, tokens: dict, j: int) -> torch.Tensor:
+        device = self.draft.device
+        rows = []
+        for seq, _ in active:
+            new, first = self._draft_inputs(seq, tokens, j)
+            cache = self.draft_caches.get(seq.request_id)
+            if cache is None:
+                cache = self.draft.new_kv_cache(1, len(seq.prompt_ids) + seq.params.max_tokens)
+                self.draft_caches[seq.request_id] = cache
+            rows.append(self.draft(torch.tensor([new], device=device), first, cache, last_only=True)[0, -1])
+        return torch.stack(rows)
+

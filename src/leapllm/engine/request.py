@@ -1,0 +1,182 @@
+"""One request's state, the same for every path: `LLM.run`/`stream`/`chat`, `LLM.generate`, the
+server. It holds the prompt, the sampler, where its keys and values are, and the one copy of the
+rules that end a request: stop tokens, stop strings (held back until they cannot be one), the
+incremental detokenizer and max_tokens. The engine appends each sampled token with `append_token`
+and reports the text and finish reason it returns.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from leapllm.engine.sampling import Sampler, SamplingParams
+from leapllm.errors import InvalidRequestError
+from leapllm.tokenization import IncrementalDetokenizer, Tokenizer
+
+
+def fit_prompt(prompt_ids: list[int], params: SamplingParams, context_length: int) -> list[int]:
+    """Check that prompt + max_tokens fits the context; truncate from the left only when asked."""
+    if not prompt_ids:
+        raise InvalidRequestError("the prompt is empty (no tokens)")
+    if params.max_tokens >= context_length:
+        raise InvalidRequestError(
+            f"max_tokens {params.max_tokens} leaves no room for the prompt in a context of {context_length} tokens"
+        )
+    if len(prompt_ids) + params.max_tokens <= context_length:
+        return prompt_ids
+    if params.truncate_prompt:
+        return prompt_ids[len(prompt_ids) + params.max_tokens - context_length:]
+    raise InvalidRequestError(
+        f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context length "
+        f"of {context_length} tokens; shorten the prompt, lower max_tokens, or allow truncation"
+    )
+
+
+def check_token_ids(prompt_ids: list[int], vocab_size: int) -> None:
+    bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+class StopStringWatcher:
+    """Holds back text that might be the start of a stop string, so a stop string is never emitted."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.text = ""
+        self.emitted = 0
+        self.longest = max((len(s) for s in stops), default=0)
+
+    def add(self, piece: str) -> tuple[str, str | None]:
+        """Append decoded text; return (text safe to emit now, the stop string hit or None)."""
+        self.text += piece
+        if not self.stops:
+            out, self.emitted = self.text[self.emitted:], len(self.text)
+            return out, None
+        search_from = max(0, self.emitted - self.longest)
+        hits = [(i, s) for s in self.stops if (i := self.text.find(s, search_from)) != -1]
+        if hits:
+            idx, stop = min(hits)
+            out = self.text[self.emitted:idx]
+            self.emitted = len(self.text)
+            return out, stop
+        hold = 0
+        for s in self.stops:  # longest suffix of text that is a proper prefix of a stop string
+            for n in range(min(len(s) - 1, len(self.text)), hold, -1):
+                if self.text.endswith(s[:n]):
+                    hold = n
+                    break
+        safe_end = max(self.emitted, len(self.text) - hold)
+        out, self.emitted = self.text[self.emitted:safe_end], safe_end
+        return out, None
+
+    def flush(self) -> str:
+        out, self.emitted = self.text[self.emitted:], len(self.text)
+        return out
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # the most likely tokens and their logprobs
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step added to one request (a delta); `finished` on its last one."""
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    prompt_token_ids: list[int]
+    num_output_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string
+    new_logprobs: list[TokenLogprob] | None = None  # one per new token, when logprobs were asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first output, when asked for
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
+                 vocab_size: int, device, *, logprobs: int | None = None, prompt_logprobs: int | None = None):
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.output_ids: list[int] = []
+        self.params = params
+        self.sampler = Sampler(params, prompt_ids, vocab_size, device)
+        self.stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            self.stop_ids |= set(tokenizer.stop_token_ids)
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        self.watcher = StopStringWatcher(params.stop)
+        self.logprobs = logprobs
+        self.prompt_logprobs = prompt_logprobs
+        self.prompt_logprob_values: list[TokenLogprob | None] = [None]  # the first token has no context
+        self.status = RequestStatus.WAITING
+        self.blocks: list[int] = []
+        self.block_hashes: list[int] = []
+        self.num_computed = 0  # tokens whose keys/values are in the cache
+        self.num_cached_tokens = 0  # of those, served by the prefix cache at admission
+        self.arrival_time = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.num_preemptions = 0
+        self.prompt_logprobs_sent = False
+        # Speculative decoding (set by the engine when it speculates): when and how many tokens to
+        # propose, and the proposer (an n-gram index, or the draft model's sampler and progress).
+        self.controller = None
+        self.ngram = None
+        self.draft_sampler = None
+        self.draft_computed = 0
+        self.spec_step: tuple[int, int] = (0, 0)  # (proposed, kept) in the last verification
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return (self.prompt_ids + self.output_ids)[start:end]
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        return self.prompt_logprobs is not None and len(self.prompt_logprob_values) < len(self.prompt_ids)
+
+    def append_token(self, token: int) -> tuple[str, tuple[str, int | str | None] | None]:
+        """Add a sampled token: (the text it makes safe to emit, (finish_reason, stop_reason) or None).
+
+        The one place that decides when a request ends: a stop token, a stop string (never emitted,
+        nor anything after it), or max_tokens reached."""
+        self.output_ids.append(token)
+        if token in self.stop_ids:
+            tail, stop = self._drain()
+            return tail, ("stop", stop if stop is not None else token)
+        text, stop = self.watcher.add(self.detok.push(token))
+        if stop is not None:
+            return text, ("stop", stop)
+        if len(self.output_ids) >= self.params.max_tokens:
+            tail, stop = self._drain()
+            return text + tail, ("stop" if stop else "length", stop)
+        return text, None
+
+    def _drain(self) -> tuple[str, str | None]:
+        """At the end: the text still held back by the detokenizer and the stop-string watcher."""
+        text, stop = self.watcher.add(self.detok.flush())
+        return (text, stop) if stop is not None else (text + self.watcher.flush(), None)
