@@ -88,9 +88,7 @@ class ChatServing(GenerationServing):
                               logprobs=self.tokens.chat_logprobs(st.logprobs) if logprobs is not None else None,
                               finish_reason=st.finish_reason)
                    for sub, st in zip(subs, states)]
-        completion_tokens = sum(st.num_output_tokens for st in states)
-        usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
-                          total_tokens=len(prompt_ids) + completion_tokens)
+        usage = UsageInfo.of(len(prompt_ids), sum(st.num_output_tokens for st in states))
         response = ChatCompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
                                           usage=usage)
         return JSONResponse(response.model_dump())

@@ -88,9 +88,7 @@ class CompletionServing(GenerationServing):
             text = prompt_text + st.text
             choices.append(CompletionChoice(index=sub.index, text=text, logprobs=logprobs,
                                             finish_reason=st.finish_reason))
-        completion_tokens = sum(st.num_output_tokens for st in states)
-        usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
-                          total_tokens=num_prompt_tokens + completion_tokens)
+        usage = UsageInfo.of(num_prompt_tokens, sum(st.num_output_tokens for st in states))
         response = CompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
                                       usage=usage)
         return JSONResponse(response.model_dump())

@@ -58,9 +58,7 @@ class StreamRenderer:
         raise NotImplementedError
 
     def usage_chunk(self):
-        completion = sum(self.num_output_tokens)
-        return self.chunk([], UsageInfo(prompt_tokens=self.num_prompt_tokens, completion_tokens=completion,
-                                        total_tokens=self.num_prompt_tokens + completion))
+        return self.chunk([], UsageInfo.of(self.num_prompt_tokens, sum(self.num_output_tokens)))
 
 
 async def stream_response(request: Request, outputs: AsyncIterator[tuple[int, RequestOutput]],
