@@ -299,7 +299,10 @@ class LLMEngine:
         """Greedy rows without penalties in one argmax; every other row through its own Sampler."""
         tokens = [0] * len(samplers)
         plain = [i for i, (seq, _) in enumerate(samplers) if seq.params.greedy and not seq.sampler.needs_counts]
-        if plain:
+        if len(plain) == 1:  # batch 1: a view of the row, not a gathered copy
+            row = samplers[plain[0]][1]
+            tokens[plain[0]] = greedy_tokens(logits[row:row + 1])[0]
+        elif plain:
             idx = torch.tensor([samplers[i][1] for i in plain], device=logits.device)
             for i, t in zip(plain, greedy_tokens(logits[idx])):
                 tokens[i] = t

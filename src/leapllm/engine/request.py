@@ -149,6 +149,8 @@ class Request:
         n = len(self.prompt_ids)
         if end <= n:
             return self.prompt_ids[start:end]
+        if start >= n:  # a decode step: no copy of the whole sequence
+            return self.output_ids[start - n:end - n]
         return (self.prompt_ids + self.output_ids)[start:end]
 
     @property
