@@ -223,11 +223,13 @@ class LLM:
                 finish_reason=last.finish_reason, stop_reason=last.stop_reason, timings=timings))
         return results
 
+    def stream_text(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """The completion's text piece by piece as it is generated (no empty pieces)."""
+        return (out.new_text for out in self.stream_outputs(prompt_ids, params) if out.new_text)
+
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the completion's text piece by piece as it is generated."""
-        for out in self.stream_outputs(self.encode(prompt), params):
-            if out.new_text:
-                yield out.new_text
+        yield from self.stream_text(self.encode(prompt), params)
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> GenerationOutput:
         """Answer a conversation ([{"role": ..., "content": ...}, ...]) using the model's chat template."""
@@ -235,9 +237,7 @@ class LLM:
         return self.run(ids, params)
 
     def stream_chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> Iterator[str]:
-        for out in self.stream_outputs(self.encode_chat(messages), params):
-            if out.new_text:
-                yield out.new_text
+        yield from self.stream_text(self.encode_chat(messages), params)
 
     def info(self) -> dict[str, Any]:
         """Facts about the loaded model: shape, parameter count, bytes by dtype on disk and in memory."""

@@ -15,23 +15,25 @@ from leapllm.cli.args import add_model_args, add_sampling_args, add_speculative_
 from leapllm.cli.common import print_stats, write_stdout
 
 
+def add_generation_args(p, max_tokens: int) -> None:
+    """What `generate` and `chat` share: --stats, the model, sampling and speculative flags."""
+    p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+    add_model_args(p)
+    add_sampling_args(p, max_tokens=max_tokens)
+    add_speculative_args(p)
+
+
 def add_generate_parsers(subparsers) -> None:
     """Add `generate`, `chat` and `info` to the `leapllm` parser's subparsers."""
     p = subparsers.add_parser("generate", help="complete a prompt, streaming the text")
     p.add_argument("prompt", help="prompt text, or - to read it from stdin")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
-    add_model_args(p)
-    add_sampling_args(p, max_tokens=256)
-    add_speculative_args(p)
+    add_generation_args(p, max_tokens=256)
     p.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("chat", help="interactive chat with the model's chat template")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
-    add_model_args(p)
-    add_sampling_args(p, max_tokens=512)
-    add_speculative_args(p)
+    add_generation_args(p, max_tokens=512)
     p.set_defaults(func=cmd_chat)
 
     p = subparsers.add_parser("info", help="model facts: architecture, shapes, parameters, bytes by dtype")

@@ -238,15 +238,12 @@ class LLMEngine:
             self.num_spec_steps += 1
             deltas = []
             for token in emitted:
-                out = self._append_token(seq, token, None, now, record=False)
-                if out is not None:
-                    deltas.append(out)
-                if out is not None and out.finished:
+                deltas.append(self._append_token(seq, token, None, now, record=False))
+                if deltas[-1].finished:
                     break
             if seq.status is not RequestStatus.FINISHED:
                 self._register_filled_blocks(seq)
-            if deltas:
-                outputs.append(merge_outputs(deltas))
+            outputs.append(merge_outputs(deltas))
         return outputs
 
     def _record_step_time(self, step: ScheduledStep, proposals: dict, seconds: float) -> None:
@@ -285,9 +282,7 @@ class LLMEngine:
                 token_logprobs[i] = tl
         now = time.perf_counter()
         for i, (seq, _) in enumerate(samplers):
-            out = self._append_token(seq, tokens[i], token_logprobs.get(i), now)
-            if out is not None:
-                outputs.append(out)
+            outputs.append(self._append_token(seq, tokens[i], token_logprobs.get(i), now))
         return outputs
 
     def _register_filled_blocks(self, seq: Request) -> None:
@@ -336,7 +331,7 @@ class LLMEngine:
         seq.prompt_logprob_values.extend(values)
 
     def _append_token(self, seq: Request, token: int, logprob: TokenLogprob | None, now: float,
-                      record: bool = True) -> RequestOutput | None:
+                      record: bool = True) -> RequestOutput:
         if seq.first_token_time is None:
             seq.first_token_time = now
         if record:

@@ -56,42 +56,46 @@ class ModelRunner:
             self.draft_caches.pop(seq.request_id, None)
 
     # -- the target's forward pass -------------------------------------------------------------
+    @staticmethod
+    def step_chunks(step: ScheduledStep, proposals: dict[int, tuple]) -> list[tuple]:
+        """The step's pieces in forward order, as (key, sequence, tokens, whether it is a decode, whether
+        every row's logits are wanted, whether the last row's is): decodes (the last row, to sample);
+        prompt chunks (every row when they asked for prompt logprobs, else the last row if the chunk
+        reaches the end of the prompt); verification chunks [last token, proposals...] (every row)."""
+        chunks = [(id(seq), seq, seq.token_slice(seq.num_computed, seq.num_computed + 1), True, False, True)
+                  for seq in step.decodes]
+        for seq, n in step.prefills:
+            chunks.append((id(seq), seq, seq.token_slice(seq.num_computed, seq.num_computed + n), False,
+                           seq.needs_prompt_logprobs, seq.num_computed + n == seq.num_tokens))
+        for key, (seq, proposed, _) in proposals.items():
+            chunks.append((key, seq, seq.token_slice(seq.num_computed, seq.num_computed + 1) + proposed, False,
+                           True, True))
+        return chunks
+
     def execute(self, step: ScheduledStep, proposals: dict[int, tuple]) -> tuple[torch.Tensor, Rows]:
-        """Logits for the step: one row for a decode or for a prompt chunk that reaches the end of its
-        prompt, every row of a chunk that asked for prompt logprobs, and every row of a verification
-        chunk [last token, proposals...]."""
+        """Logits for the rows step_chunks asks for, and which rows belong to whom."""
+        chunks = self.step_chunks(step, proposals)
         if self.single_sequence:
-            return self._execute_contiguous(step, proposals)
-        bs = self.config.block_size
+            return self._execute_contiguous(chunks)
         device = self.model.device
         tokens: list[int] = []
         decodes, prefills = [], []
         rows: Rows = {}
         logits_indices: list[int] = []
-        for seq in step.decodes:
-            tokens.append(seq.token_slice(seq.num_computed, seq.num_computed + 1)[0])
-            decodes.append((seq.blocks, seq.num_computed))
-            rows[id(seq)] = (len(logits_indices), 1)
-            logits_indices.append(len(tokens) - 1)
-        for seq, n in step.prefills:
-            offset = len(tokens)
-            tokens.extend(seq.token_slice(seq.num_computed, seq.num_computed + n))
-            prefills.append((seq.blocks, seq.num_computed, n))
-            if seq.needs_prompt_logprobs:  # every row: each predicts the next prompt token
-                rows[id(seq)] = (len(logits_indices), n)
+        for key, seq, chunk, is_decode, every_row, last_row in chunks:
+            offset, n = len(tokens), len(chunk)
+            tokens.extend(chunk)
+            if is_decode:
+                decodes.append((seq.blocks, seq.num_computed))
+            else:
+                prefills.append((seq.blocks, seq.num_computed, n))
+            if every_row:
+                rows[key] = (len(logits_indices), n)
                 logits_indices.extend(range(offset, offset + n))
-            elif seq.num_computed + n == seq.num_tokens:  # the chunk reaches the end: sample
-                rows[id(seq)] = (len(logits_indices), 1)
+            elif last_row:
+                rows[key] = (len(logits_indices), 1)
                 logits_indices.append(offset + n - 1)
-        for key, (seq, proposed, _) in proposals.items():  # verify: every row's logits
-            offset = len(tokens)
-            tokens.append(seq.token_slice(seq.num_computed, seq.num_computed + 1)[0])
-            tokens.extend(proposed)
-            n = 1 + len(proposed)
-            prefills.append((seq.blocks, seq.num_computed, n))
-            rows[key] = (len(logits_indices), n)
-            logits_indices.extend(range(offset, offset + n))
-        batch = build_paged_batch(decodes, prefills, bs, device)
+        batch = build_paged_batch(decodes, prefills, self.config.block_size, device)
         logits = self.model.forward_paged(torch.tensor(tokens, device=device), self.cache, batch,
                                           torch.tensor(logits_indices, dtype=torch.long, device=device))
         return logits, rows
@@ -103,22 +107,15 @@ class ModelRunner:
             self.caches[seq.request_id] = cache
         return cache
 
-    def _execute_contiguous(self, step: ScheduledStep, proposals: dict[int, tuple]) -> tuple[torch.Tensor, Rows]:
-        # (sequence, its tokens this step, whether every row's logits are wanted, whether the last is)
-        chunks = [(seq, seq.token_slice(seq.num_computed, seq.num_computed + 1), False, True) for seq in step.decodes]
-        for seq, n in step.prefills:
-            chunks.append((seq, seq.token_slice(seq.num_computed, seq.num_computed + n), seq.needs_prompt_logprobs,
-                           seq.num_computed + n == seq.num_tokens))
-        for seq, proposed, _ in proposals.values():
-            chunks.append((seq, seq.token_slice(seq.num_computed, seq.num_computed + 1) + proposed, True, True))
+    def _execute_contiguous(self, chunks: list[tuple]) -> tuple[torch.Tensor, Rows]:
         device = self.model.device
         parts, rows = [], {}
         num_rows = 0
-        for seq, tokens, every_row, last_row in chunks:
+        for key, seq, tokens, _, every_row, last_row in chunks:
             logits = self.model(torch.tensor([tokens], device=device), seq.num_computed, self._contiguous_cache(seq),
                                 last_only=not every_row)[0]  # (rows, vocab)
             if every_row or last_row:
-                rows[id(seq)] = (num_rows, logits.shape[0])
+                rows[key] = (num_rows, logits.shape[0])
                 parts.append(logits)
                 num_rows += logits.shape[0]
         if not parts:
