@@ -11,6 +11,7 @@ from leapllm.kernels.packing import (
     move_to_huge_pages,
     pack_int4,
     pack_int8,
+    pack_int8_blocks,
     packed_linear,
     tile_quads,
     unpack_int4,
@@ -61,6 +62,58 @@ def test_int8_packing_dequantizes_to_the_per_channel_weights():
     q, scale = quantize_per_channel_int8(torch.randn(32, 96))
     dense = packed_linear(*pack_int8(q, scale), None, None, bits=8).dequantize(torch.float32)
     torch.testing.assert_close(dense, q.float() * scale[:, None])
+
+
+def int8_blocks_weights(n: int, k: int, seed: int = 0):
+    """Random int8 weights with a float16 scale per block of 32 (GGUF's Q8_0 form): (q, scale, dense)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = (torch.rand(n, k // 32, generator=g) * 0.02 + 1e-3).half()
+    dense = (q.float().reshape(n, k // 32, 32) * scale.float()[..., None]).reshape(n, k)
+    return q, scale, dense
+
+
+def test_int8_block_packing_dequantizes_every_weight_exactly():
+    q, scale, dense = int8_blocks_weights(48, 160)
+    weight, scales = pack_int8_blocks(q, scale)
+    assert weight.shape == (48, 160) and scales.shape == (48, 5) and scales.dtype == torch.float16
+    fast = packed_linear(weight, scales, None, None, bits=8)
+    assert fast.block_scales
+    assert torch.equal(fast.dequantize(torch.float32), dense)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rows_of_a_packed_layer_are_looked_up_exactly_and_out_of_range_rows_refused(bits):
+    n, k = 64, 96
+    if bits == 4:
+        q, scale, minimum = quantize_int4_groupwise(torch.randn(n, k), 32)
+        fast = packed_linear(*pack_int4(q, scale, minimum), None, bits=4)
+    else:
+        q, scale, _ = int8_blocks_weights(n, k)
+        fast = packed_linear(*pack_int8_blocks(q, scale), None, None, bits=8)
+    dense = fast.dequantize(torch.float32)
+    rows = torch.tensor([[0, 63, 17], [17, 5, 40]])
+    looked_up = fast.dequantize_rows(rows)
+    assert looked_up.shape == (2, 3, k)
+    assert torch.equal(looked_up, dense[rows])
+    with pytest.raises(RuntimeError, match="out of range"):
+        fast.dequantize_rows(torch.tensor([64]))
+    with pytest.raises(RuntimeError, match="out of range"):
+        fast.dequantize_rows(torch.tensor([-1]))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+def test_int8_block_matmul_matches_the_dequantized_weights_on_simd_and_portable_tiles(rows):
+    torch.manual_seed(0)
+    n, k = 80, 224
+    q, scale, dense = int8_blocks_weights(n, k, seed=rows)
+    x, bias = torch.randn(rows, k), torch.randn(n)
+    ref = x @ dense.T + bias
+    fast = packed_linear(*pack_int8_blocks(q, scale), None, bias, bits=8)
+    y = fast.forward(x)
+    assert relative_error(y, ref) < 0.01
+    portable = packed_linear(*pack_int8_blocks(q, scale), None, bias, bits=8, simd=False)
+    torch.testing.assert_close(portable.forward(x), y, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

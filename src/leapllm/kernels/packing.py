@@ -71,8 +71,16 @@ def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch
     """q (N, K) int8 and scale (N,), w = q * scale -> (weight (N, K) uint8 = q + 128 in the kernels' order,
     scales (N,) float32)."""
     n, k = q.shape
-    shifted = (q.to(torch.int16) + 128).to(torch.uint8)
+    shifted = q.to(torch.int8).view(torch.uint8) ^ 128  # flipping the sign bit adds 128 to two's complement
     return tile_quads(shifted).reshape(n, k).contiguous(), scale.float().contiguous()
+
+
+def pack_int8_blocks(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (N, K) int8 and scale (N, K/32) float16, w = q * scale per block of 32 (GGUF's Q8_0)
+    -> (weight (N, K) uint8 = q + 128, scales (N, K/32) float16), in the kernels' order."""
+    n, k = q.shape
+    weight, _ = pack_int8(q, torch.ones(n))
+    return weight, per_row_blocks(scale.to(torch.float16)).contiguous()
 
 
 def kernels_can_run(in_features: int, out_features: int, device: torch.device | str) -> bool:

@@ -65,6 +65,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("bits"), pybind11::arg("simd") = true)
       .def("forward", &PackedLinear::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("dequantize", &PackedLinear::dequantize, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("dequantize_rows", &PackedLinear::dequantize_rows, pybind11::arg("indices"),
+           pybind11::call_guard<pybind11::gil_scoped_release>())
       .def_property_readonly("bias", [](const PackedLinear& l) -> c10::optional<at::Tensor> {
         return l.bias.defined() ? c10::optional<at::Tensor>(l.bias) : c10::nullopt;
       })
@@ -72,6 +74,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("out_features", &PackedLinear::out_features)
       .def_readonly("bits", &PackedLinear::bits)
       .def_readonly("simd", &PackedLinear::simd)
+      .def_readonly("block_scales", &PackedLinear::block_scales)
       .def_property_readonly("kernel", &PackedLinear::kernel);
   pybind11::class_<DecoderLayer, std::shared_ptr<DecoderLayer>>(m, "DecoderLayer")
       .def(pybind11::init<std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>,

@@ -9,8 +9,9 @@
 //   int4: weight (N, K/2) uint8: per (tile, block) 4 vectors, vector c holding quad c in its low
 //         nibbles and quad c + 4 in its high nibbles; scales and mins (N, K/32) float16 as
 //         (tile, block, row): w = d * q + m, q in [0, 15].
-//   int8: weight (N, K) uint8 = q + 128: per (tile, block) 8 vectors, one per quad; scales (N,)
-//         float32, one per row: w = d * q.
+//   int8: weight (N, K) uint8 = q + 128: per (tile, block) 8 vectors, one per quad; scales either
+//         (N,) float32, one per row, or (N, K/32) float16 as (tile, block, row), one per block
+//         (GGUF's Q8_0 blocks, kept exact): w = d * q.
 //
 // Like every header here, included only by bindings.cpp: the kernels are one translation unit, so
 // what the unnamed namespaces hold is local to it, and the compiler free to inline it anywhere.

@@ -32,10 +32,11 @@ void with_rows(int mt, F&& f) {
 // A linear layer with packed int4 or int8 weights: y = x W^T (+ bias).
 struct PackedLinear {
   int64_t out_features, in_features, bits;
-  bool simd;  // the VNNI or AVX2 tiles (whichever this build has); else the portable ones
+  bool simd;
+  bool block_scales = false;  // int8 with a float16 scale per block of 32 (GGUF Q8_0) instead of one per row  // the VNNI or AVX2 tiles (whichever this build has); else the portable ones
   at::Tensor weight, scales, mins, bias;
   // Their data, read once here rather than through a checked data_ptr<T>() at each of a step's many
-  // tile calls. scale16 (int4: float16 scales, mins16 their minimums) or scale32 (int8).
+  // tile calls. scale16 (int4 and int8 blocks: float16 scales; mins16 int4's minimums) or scale32 (int8 rows).
   const uint8_t* weight_data = nullptr;
   const uint16_t *scale16 = nullptr, *mins16 = nullptr;
   const float *scale32 = nullptr, *bias_data = nullptr;
@@ -58,8 +59,12 @@ struct PackedLinear {
       TORCH_CHECK(mins_.has_value() && mins_->scalar_type() == at::kHalf && mins_->numel() == scales.numel(),
                   "int4 needs float16 minimums (N, K/32)");
       mins = mins_->contiguous();
+    } else if (scales.scalar_type() == at::kHalf) {
+      TORCH_CHECK(scales.numel() == out_features * (in_features / BLOCK), "int8 block scales must be float16 (N, K/32)");
+      block_scales = true;
     } else {
-      TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == out_features, "int8 scales must be float32 (N,)");
+      TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == out_features,
+                  "int8 scales must be float32 (N,) or float16 (N, K/32)");
     }
     if (bias_.has_value() && bias_->defined()) {
       bias = bias_->to(at::kFloat).contiguous();
@@ -67,10 +72,10 @@ struct PackedLinear {
       bias_data = bias.data_ptr<float>();
     }
     weight_data = weight.data_ptr<uint8_t>();
+    if (bits == 4 || block_scales) scale16 = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
     if (bits == 4) {
-      scale16 = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
       mins16 = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
-    } else {
+    } else if (!block_scales) {
       scale32 = scales.data_ptr<float>();
     }
   }
@@ -107,7 +112,14 @@ struct PackedLinear {
       if (simd)
         return with_rows(mt, [&](auto r) { tile_q4_simd<decltype(r)::value>(wt, d, mn, a, blocks, out, ldo); });
 #endif
-      tile_q4_portable(wt, d, mn, a, mt, blocks, out, ldo);
+      tile_blocks_portable<4>(wt, d, mn, a, mt, blocks, out, ldo);
+    } else if (block_scales) {
+      const uint16_t* d = scale16 + n * blocks;
+#if LEAPLLM_VNNI || LEAPLLM_AVX2
+      if (simd)
+        return with_rows(mt, [&](auto r) { tile_q8_blocks_simd<decltype(r)::value>(wt, d, a, blocks, out, ldo); });
+#endif
+      tile_blocks_portable<8>(wt, d, nullptr, a, mt, blocks, out, ldo);
     } else {
       const float* d = scale32 + n;
 #if LEAPLLM_VNNI || LEAPLLM_AVX2
@@ -117,38 +129,41 @@ struct PackedLinear {
     }
   }
 
+  // Row n's block b as 32 floats: row L = n % 16 of tile n / 16.
+  void dequantize_block(int64_t n, int64_t b, float* r) const {
+    const int64_t blocks = in_features / BLOCK, t = n / TILE, L = n % TILE;
+    const uint8_t* wb = weight_data + t * (TILE * in_features * bits / 8) + b * (bits == 4 ? 256 : 512);
+    if (bits == 4) {
+      const int64_t at = t * TILE * blocks + b * TILE + L;  // (tile, block, row)
+      const float dv = half_to_float(scale16[at]), mv = half_to_float(mins16[at]);
+      for (int c = 0; c < 4; ++c) {
+        for (int j = 0; j < 4; ++j) {
+          const uint8_t byte = wb[c * 64 + 4 * L + j];
+          r[4 * c + j] = (float)(byte & 15) * dv + mv;
+          r[4 * (c + 4) + j] = (float)(byte >> 4) * dv + mv;
+        }
+      }
+      return;
+    }
+    const float dv = block_scales ? half_to_float(scale16[t * TILE * blocks + b * TILE + L]) : scale32[n];
+    for (int qd = 0; qd < 8; ++qd)
+      for (int j = 0; j < 4; ++j) r[4 * qd + j] = (float)((int)wb[qd * 64 + 4 * L + j] - 128) * dv;
+  }
+
+  // Row n of the weights as float32 values (K,).
+  void dequantize_row(int64_t n, float* r) const {
+    for (int64_t b = 0; b < in_features / BLOCK; ++b) dequantize_block(n, b, r + b * BLOCK);
+  }
+
   // The weights as a dense (N, K) float32 or bfloat16 matrix: for many activation rows (prefill) a
   // GEMM on it beats the dot-product tiles.
   at::Tensor dequantize(at::ScalarType dtype) const {
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize to float32 or bfloat16");
     auto out = at::empty({out_features, in_features}, at::TensorOptions().dtype(dtype));
-    const int64_t blocks = in_features / BLOCK, tile_bytes = TILE * in_features * bits / 8;
-    const uint8_t* w = weight.data_ptr<uint8_t>();
     at::parallel_for(0, out_features / TILE, 4, [&](int64_t t0, int64_t t1) {
       std::vector<float> rows(TILE * in_features);
       for (int64_t t = t0; t < t1; ++t) {
-        const uint8_t* wt = w + t * tile_bytes;
-        for (int64_t b = 0; b < blocks; ++b) {
-          for (int L = 0; L < TILE; ++L) {
-            float* r = rows.data() + L * in_features + b * BLOCK;
-            if (bits == 4) {
-              const int64_t at = (t * TILE) * blocks + b * TILE + L;  // (tile, block, row)
-              const float dv = half_to_float(reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>())[at]);
-              const float mv = half_to_float(reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>())[at]);
-              for (int c = 0; c < 4; ++c) {
-                for (int j = 0; j < 4; ++j) {
-                  const uint8_t byte = wt[b * 256 + c * 64 + 4 * L + j];
-                  r[4 * c + j] = (float)(byte & 15) * dv + mv;
-                  r[4 * (c + 4) + j] = (float)(byte >> 4) * dv + mv;
-                }
-              }
-            } else {
-              const float dv = scales.data_ptr<float>()[t * TILE + L];
-              for (int qd = 0; qd < 8; ++qd)
-                for (int j = 0; j < 4; ++j) r[4 * qd + j] = (float)((int)wt[b * 512 + qd * 64 + 4 * L + j] - 128) * dv;
-            }
-          }
-        }
+        for (int L = 0; L < TILE; ++L) dequantize_row(t * TILE + L, rows.data() + L * in_features);
         if (dtype == at::kFloat) {
           std::memcpy(out.data_ptr<float>() + t * TILE * in_features, rows.data(), rows.size() * sizeof(float));
         } else {
@@ -156,6 +171,25 @@ struct PackedLinear {
           for (size_t i = 0; i < rows.size(); ++i) o[i] = at::BFloat16(rows[i]);
         }
       }
+    });
+    return out;
+  }
+
+  // The rows of the weights that `indices` (int64, any shape) name, as float32 (..., K): an embedding
+  // lookup on a quantized table, which then never exists as floats.
+  at::Tensor dequantize_rows(at::Tensor indices) const {
+    TORCH_CHECK(indices.scalar_type() == at::kLong, "row indices must be int64");
+    auto idx = indices.contiguous();
+    const int64_t count = idx.numel();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    for (int64_t i = 0; i < count; ++i)
+      TORCH_CHECK(ip[i] >= 0 && ip[i] < out_features, "row index ", ip[i], " out of range [0, ", out_features, ")");
+    std::vector<int64_t> shape(idx.sizes().begin(), idx.sizes().end());
+    shape.push_back(in_features);
+    auto out = at::empty(shape, at::TensorOptions().dtype(at::kFloat));
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, count, 8, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) dequantize_row(ip[i], op + i * in_features);
     });
     return out;
   }

@@ -112,21 +112,44 @@ void tile_q4_simd(const uint8_t* w, const uint16_t* d, const uint16_t* mins, con
 }
 
 // int8 (q + 128): the sum is low nibbles + 16 x high nibbles, each half in 16 bits.
-inline void tile_q8_one_row(const uint8_t* w, const float* d, const QuantizedRow& r, int64_t blocks, float* out) {
+// One block's integer sums against one activation row: rows 0..7 in s0, rows 8..15 in s1.
+inline void q8_block_sums_one_row(const uint8_t* wb, const int8_t* x, __m256i& s0, __m256i& s1) {
   const __m256i ones = _mm256_set1_epi16(1);
+  __m256i lo0 = _mm256_setzero_si256(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
+  for (int qd = 0; qd < 8; ++qd) {
+    const __m256i xq = broadcast_quad8(x + 4 * qd);
+    add_nibble_products(wb + qd * 64, xq, xq, lo0, hi0, lo1, hi1);
+  }
+  s0 = _mm256_add_epi32(_mm256_madd_epi16(lo0, ones), _mm256_slli_epi32(_mm256_madd_epi16(hi0, ones), 4));
+  s1 = _mm256_add_epi32(_mm256_madd_epi16(lo1, ones), _mm256_slli_epi32(_mm256_madd_epi16(hi1, ones), 4));
+}
+
+// Half h of one block (wb already offset by 32 h): its 8 quads' low and high nibbles.
+inline void unpack_q8_half(const uint8_t* wb, __m256i* lo, __m256i* hi) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int qd = 0; qd < 8; ++qd) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + qd * 64));
+    lo[qd] = _mm256_and_si256(v, low4);
+    hi[qd] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+  }
+}
+
+// The integer sums of an unpacked half block against activation quads x: 8 rows, int32.
+inline __m256i q8_half_sums(const __m256i* lo, const __m256i* hi, const int8_t* x) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i s_lo = _mm256_madd_epi16(nibble_dot16(lo, x), ones);
+  const __m256i s_hi = _mm256_madd_epi16(nibble_dot16(hi, x), ones);
+  return _mm256_add_epi32(s_lo, _mm256_slli_epi32(s_hi, 4));
+}
+
+inline void tile_q8_one_row(const uint8_t* w, const float* d, const QuantizedRow& r, int64_t blocks, float* out) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* wb = w + b * 512;
     prefetch_lines(wb + PREFETCH_Q8, 8);
-    const int8_t* x = r.q.data() + b * BLOCK;
-    __m256i lo0 = _mm256_setzero_si256(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
-    for (int qd = 0; qd < 8; ++qd) {
-      const __m256i xq = broadcast_quad8(x + 4 * qd);
-      add_nibble_products(wb + qd * 64, xq, xq, lo0, hi0, lo1, hi1);
-    }
+    __m256i s0, s1;
+    q8_block_sums_one_row(wb, r.q.data() + b * BLOCK, s0, s1);
     const __m256 scale = _mm256_set1_ps(r.scale[b]);
-    const __m256i s0 = _mm256_add_epi32(_mm256_madd_epi16(lo0, ones), _mm256_slli_epi32(_mm256_madd_epi16(hi0, ones), 4));
-    const __m256i s1 = _mm256_add_epi32(_mm256_madd_epi16(lo1, ones), _mm256_slli_epi32(_mm256_madd_epi16(hi1, ones), 4));
     acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), scale, acc0);
     acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), scale, acc1);
   }
@@ -142,7 +165,6 @@ void tile_q8_simd(const uint8_t* w, const float* d, const QuantizedRow* const* a
     tile_q8_one_row(w, d, *a[0], blocks, out);
     return;
   }
-  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (int h = 0; h < 2; ++h) {
     __m256 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
@@ -150,16 +172,9 @@ void tile_q8_simd(const uint8_t* w, const float* d, const QuantizedRow* const* a
       const uint8_t* wb = w + b * 512 + h * 32;
       if (h == 0) prefetch_lines(wb + PREFETCH_Q8, 8);
       __m256i lo[8], hi[8];  // quad qd's low and high nibbles, in nibble_dot16's order
-      for (int qd = 0; qd < 8; ++qd) {
-        const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + qd * 64));
-        lo[qd] = _mm256_and_si256(v, low4);
-        hi[qd] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-      }
+      unpack_q8_half(wb, lo, hi);
       for (int m = 0; m < MT; ++m) {
-        const int8_t* x = a[m]->q.data() + b * BLOCK;
-        const __m256i s_lo = _mm256_madd_epi16(nibble_dot16(lo, x), ones);
-        const __m256i s_hi = _mm256_madd_epi16(nibble_dot16(hi, x), ones);
-        const __m256i s = _mm256_add_epi32(s_lo, _mm256_slli_epi32(s_hi, 4));
+        const __m256i s = q8_half_sums(lo, hi, a[m]->q.data() + b * BLOCK);
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(a[m]->scale[b]), acc[m]);
       }
     }
@@ -168,6 +183,57 @@ void tile_q8_simd(const uint8_t* w, const float* d, const QuantizedRow* const* a
       const __m256 y = _mm256_sub_ps(acc[m], _mm256_set1_ps(128.f * a[m]->total));
       _mm256_storeu_ps(out + m * ldo + h * 8, _mm256_mul_ps(dv, y));
     }
+  }
+}
+
+// int8 with a float16 scale per (block, row) (see tiles_vnni.h): the int8 tiles' integer sums, scaled
+// per block as the int4 tiles do, with minimum -128 * d.
+inline void tile_q8_blocks_one_row(const uint8_t* w, const uint16_t* d, const QuantizedRow& r, int64_t blocks,
+                                   float* out) {
+  const __m256 minus128 = _mm256_set1_ps(-128.f);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* wb = w + b * 512;
+    prefetch_lines(wb + PREFETCH_Q8, 8);
+    __m256i s0, s1;
+    q8_block_sums_one_row(wb, r.q.data() + b * BLOCK, s0, s1);
+    const __m256 scale = _mm256_set1_ps(r.scale[b]), block_sum = _mm256_set1_ps(r.block_sum[b]);
+    const __m256 db0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + b * TILE)));
+    const __m256 db1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + b * TILE + 8)));
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(db0, scale), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(db1, scale), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_mul_ps(db0, minus128), block_sum, acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_mul_ps(db1, minus128), block_sum, acc1);
+  }
+  _mm256_storeu_ps(out, acc0);
+  _mm256_storeu_ps(out + 8, acc1);
+}
+
+template <int MT>
+void tile_q8_blocks_simd(const uint8_t* w, const uint16_t* d, const QuantizedRow* const* a, int64_t blocks,
+                         float* out, int64_t ldo) {
+  if constexpr (MT == 1) {
+    tile_q8_blocks_one_row(w, d, *a[0], blocks, out);
+    return;
+  }
+  const __m256 minus128 = _mm256_set1_ps(-128.f);
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* wb = w + b * 512 + h * 32;
+      if (h == 0) prefetch_lines(wb + PREFETCH_Q8, 8);
+      __m256i lo[8], hi[8];
+      unpack_q8_half(wb, lo, hi);
+      const __m256 db = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + b * TILE + h * 8)));
+      const __m256 mb = _mm256_mul_ps(db, minus128);
+      for (int m = 0; m < MT; ++m) {
+        const __m256i s = q8_half_sums(lo, hi, a[m]->q.data() + b * BLOCK);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(db, _mm256_set1_ps(a[m]->scale[b])), acc[m]);
+        acc[m] = _mm256_fmadd_ps(mb, _mm256_set1_ps(a[m]->block_sum[b]), acc[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) _mm256_storeu_ps(out + m * ldo + h * 8, acc[m]);
   }
 }
 
