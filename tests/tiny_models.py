@@ -102,8 +102,10 @@ def gguf_name(hf_name: str) -> str:
 
 def write_tiny_gguf(path: Path, tokenizer_gguf: Path, state: dict[str, np.ndarray], *, arch: str = "llama",
                     qtype: GGMLQuantizationType = GGMLQuantizationType.F32, drop: str | None = None,
-                    reshape: str | None = None, extra_metadata: dict | None = None) -> Path:
-    """Write `state` (HF names) as a GGUF of architecture `arch`, matrices stored as `qtype`.
+                    reshape: str | None = None, extra_metadata: dict | None = None,
+                    qtypes: dict[str, GGMLQuantizationType] | None = None) -> Path:
+    """Write `state` (HF names) as a GGUF of architecture `arch`, matrices stored as `qtype`, or as
+    qtypes[GGUF name] for the tensors it names.
 
     drop / reshape name a GGUF tensor to leave out / store with a wrong shape, to test errors.
     """
@@ -139,8 +141,9 @@ def write_tiny_gguf(path: Path, tokenizer_gguf: Path, state: dict[str, np.ndarra
                 array = permute_qk(array, TINY["kv_heads"])
         if name == reshape:
             array = array[:-1]
-        if array.ndim == 2 and qtype != GGMLQuantizationType.F32:
-            w.add_tensor(name, quants.quantize(array, qtype), raw_dtype=qtype)
+        stored = (qtypes or {}).get(name, qtype)
+        if array.ndim == 2 and stored != GGMLQuantizationType.F32:
+            w.add_tensor(name, quants.quantize(array, stored), raw_dtype=stored)
         else:
             w.add_tensor(name, array)
     w.write_header_to_file()

@@ -18,6 +18,7 @@ from leapllm.engine.sampling import SamplingParams
 from leapllm.engine.speculative import check_draft_model
 from leapllm.errors import InvalidRequestError
 from leapllm.loading.loader import load_model
+from leapllm.model.quantized.layers import parameter_count as model_parameter_count
 
 Prompt = str | list[int]
 
@@ -240,13 +241,14 @@ class LLM:
         yield from self.stream_text(self.encode_chat(messages), params)
 
     def info(self) -> dict[str, Any]:
-        """Facts about the loaded model: shape, parameter count, bytes by dtype on disk and in memory."""
+        """Facts about the loaded model: shape, parameter count, bytes by dtype on disk and in memory,
+        and what runs each stored tensor type (leapllm's kernels, or dequantized floats)."""
         c = self.config
-        params = {id(p): p for p in self.model.parameters()}.values()  # tied weights once
+        tensors = {t.data_ptr(): t for t in [*self.model.parameters(), *self.model.buffers()]}  # shared ones once
         in_memory: dict[str, int] = {}
-        for p in params:
-            key = str(p.dtype).removeprefix("torch.")
-            in_memory[key] = in_memory.get(key, 0) + p.numel() * p.element_size()
+        for t in tensors.values():
+            key = str(t.dtype).removeprefix("torch.")
+            in_memory[key] = in_memory.get(key, 0) + t.numel() * t.element_size()
         return {
             "path": str(self.path),
             "name": c.name,
@@ -261,8 +263,9 @@ class LLM:
             "context_length": c.context_length,
             "rope_theta": c.rope_theta,
             "tied_embeddings": c.tie_word_embeddings,
-            "parameters": sum(p.numel() for p in params),
+            "parameters": model_parameter_count(self.model),
             "stored_dtypes": c.extra.get("stored_dtypes", {}),
+            "kernels_by_type": c.extra.get("kernels_by_type", {}),
             "memory_bytes_by_dtype": in_memory,
             "device": str(self.model.device),
             "chat_template": self.tokenizer.chat_template is not None,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from leapllm.cli.main import main
+from leapllm.kernels import cpu_kernels
 from tests.cli_helpers import assert_one_line_error
 
 
@@ -26,8 +27,10 @@ def test_generate_streams_a_greedy_completion():
 
 
 @pytest.mark.slow
-def test_chat_answers_the_capital_of_france_with_paris():
-    result = run_cli("chat", "--temperature", "0", stdin="What is the capital of France?\n")
+def test_chat_answers_the_capital_of_france_with_paris_in_float32():
+    # The default runs the file's Q4_1 blocks on int8 activations and, like llama.cpp on the same
+    # file, answers this prompt with "L'Étoile, ..."; the float32 reference answers Paris.
+    result = run_cli("chat", "--temperature", "0", "--dtype", "float32", stdin="What is the capital of France?\n")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
 
@@ -41,6 +44,13 @@ def test_info_reports_the_default_model_facts_as_json():
     assert (info["vocab_size"], info["context_length"]) == (49152, 8192)
     assert 134_000_000 < info["parameters"] < 136_000_000
     assert set(info["stored_dtypes"]) == {"Q4_1", "Q8_0", "F32"}
+    if cpu_kernels() is not None:  # the default: the file's blocks run as stored, nothing else in float32
+        assert info["kernels_by_type"] == {"F32": ["float32"], "Q4_1": ["leapllm int4 kernels"],
+                                           "Q8_0": ["leapllm int8 kernels"]}
+        assert info["memory_bytes_by_dtype"]["float32"] < 2**20
+    float_info = json.loads(run_cli("info", "--json", "--dtype", "float32").stdout)
+    assert float_info["kernels_by_type"]["Q4_1"] == ["dequantized to float32"]
+    assert float_info["parameters"] == info["parameters"]
 
 
 def test_missing_model_path(capsys, tmp_path):

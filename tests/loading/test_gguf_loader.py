@@ -31,7 +31,7 @@ def test_f32_gguf_round_trips_weights_exactly_undoing_the_qk_permutation(tmp_pat
     assert (config.architecture, config.num_layers, config.num_heads, config.num_kv_heads) == ("llama", 2, 4, 2)
     assert not config.tie_word_embeddings
     for hf_name, array in tiny_state.items():
-        np.testing.assert_array_equal(tensors[canonical(hf_name)].numpy(), array, err_msg=hf_name)
+        np.testing.assert_array_equal(tensors[canonical(hf_name)].dequantize().numpy(), array, err_msg=hf_name)
 
 
 def test_qwen2_gguf_keeps_qk_rows_unpermuted_and_loads_qkv_bias(tmp_path, default_gguf_path):
@@ -40,7 +40,7 @@ def test_qwen2_gguf_keeps_qk_rows_unpermuted_and_loads_qkv_bias(tmp_path, defaul
     config, tensors, _ = load_gguf(path)
     assert config.attention_bias
     for hf_name, array in state.items():
-        np.testing.assert_array_equal(tensors[canonical(hf_name)].numpy(), array, err_msg=hf_name)
+        np.testing.assert_array_equal(tensors[canonical(hf_name)].dequantize().numpy(), array, err_msg=hf_name)
 
 
 @pytest.mark.parametrize("qtype,tol", [(Q.F16, 2e-3), (Q.BF16, 2e-2), (Q.Q8_0, 0.01), (Q.Q5_1, 0.05),
@@ -49,7 +49,7 @@ def test_quantized_gguf_dequantizes_close_to_the_original_weights(tmp_path, defa
     path = write_tiny_gguf(tmp_path / f"tiny-{qtype.name}.gguf", default_gguf_path, tiny_state, qtype=qtype)
     _, tensors, _ = load_gguf(path)
     for hf_name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
-        err = np.abs(tensors[canonical(hf_name)].numpy() - tiny_state[hf_name]).max()
+        err = np.abs(tensors[canonical(hf_name)].dequantize().numpy() - tiny_state[hf_name]).max()
         assert err < tol, (qtype.name, hf_name, err)
 
 

@@ -40,7 +40,9 @@ from typing import NamedTuple
 
 MiB = 2**20
 
-LEAPLLM_SYSTEMS = ["leapllm-float32", "leapllm-bfloat16", "leapllm-float16", "leapllm-int4", "leapllm-int8"]
+# "leapllm": exactly what the CLI does with no flags (dtype auto: a GGUF's Q4_0/Q4_1/Q8_0 weights run as
+# stored); leapllm-int4 / -int8: a float32 load re-quantized by quantize_model (QUANTIZED).
+LEAPLLM_SYSTEMS = ["leapllm", "leapllm-float32", "leapllm-bfloat16", "leapllm-float16", "leapllm-int4", "leapllm-int8"]
 HF_SYSTEMS = ["hf-float32", "hf-bfloat16", "hf-float16"]
 LLAMACPP_SYSTEMS = ["llamacpp"]
 # leapllm-int4+ngram: leapllm-int4 with prompt-lookup speculation; leapllm-int4+draft: with a draft model.
@@ -49,7 +51,7 @@ SPECULATIVE_SYSTEMS = [f"{base}+{method}" for base in LEAPLLM_SYSTEMS for method
 ALL_SYSTEMS = LEAPLLM_SYSTEMS + HF_SYSTEMS + LLAMACPP_SYSTEMS + SPECULATIVE_SYSTEMS
 CUDA_ONLY_SYSTEMS = {"leapllm-float16", "hf-float16"}  # float16 matmuls on CPU are not a real use case
 CUDA_ONLY_SYSTEMS |= {f"leapllm-float16+{method}" for method in SPECULATIVE_METHODS}
-DEFAULT_LEAPLLM_SYSTEMS = ["leapllm-float32", "leapllm-bfloat16", "leapllm-int4", "leapllm-int8"]
+DEFAULT_LEAPLLM_SYSTEMS = ["leapllm", "leapllm-float32", "leapllm-bfloat16", "leapllm-int4", "leapllm-int8"]
 PEERS = {"hf": ["hf-float32", "hf-bfloat16"], "llamacpp": ["llamacpp"]}
 
 
@@ -101,6 +103,8 @@ def system_engine_dtype(name: str) -> tuple[str, str]:
     name = base_system(name)
     if name == "llamacpp":
         return "llamacpp", "gguf"
+    if name == "leapllm":
+        return "leapllm", "auto"
     engine, dtype = name.split("-", 1)
     return engine, dtype
 
@@ -133,13 +137,8 @@ def memory_snapshot(cuda: bool = False) -> dict:
 
 def release_freed_memory() -> None:
     """Hand freed heap back to the OS, so the RSS baseline is not inflated by import temporaries."""
-    import ctypes
-    import gc
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    from leapllm.loading.loader import release_freed_memory as release
+    release()
 
 
 # -- the systems -------------------------------------------------------------------------------
@@ -379,6 +378,12 @@ class LeapllmSystem(TorchSystem):
         if quantization:
             out = {"weights": f"{quantization.weights}; kernel: {quantized_kernels(self.model)}",
                    "compute_dtype": "float32", "weights_mib": round(weight_mib(self.model), 1), "serve": serving}
+        elif self.dtype == "auto":
+            kinds = self.model.config.extra.get("kernels_by_type", {})
+            stored = "; ".join(f"{t}: {', '.join(how)}" for t, how in kinds.items())
+            out = {"weights": f"as the file stores them ({stored}); kernel: {quantized_kernels(self.model)}",
+                   "compute_dtype": str(self.model.dtype).removeprefix("torch."),
+                   "weights_mib": round(weight_mib(self.model), 1), "serve": serving}
         else:
             out = {"weights": f"dequantized to {self.dtype}", "weights_mib": round(weight_mib(self.model), 1),
                    "serve": serving}

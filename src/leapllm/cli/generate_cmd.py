@@ -106,6 +106,8 @@ def cmd_info(args) -> int:
     for dtype, row in info["stored_dtypes"].items():
         table.add_row(f"stored {dtype}", f"{row['tensors']} tensors, {row['params']:,} params, "
                       f"{row['bytes'] / 2**20:.1f} MiB")
+    for dtype, how in info["kernels_by_type"].items():  # what each stored type runs on
+        table.add_row(f"runs {dtype} on", ", ".join(how))
     for dtype, nbytes in info["memory_bytes_by_dtype"].items():
         table.add_row(f"in memory {dtype}", f"{nbytes / 2**20:.1f} MiB")
     table.add_row("load time", f"{llm.load_seconds:.1f} s")

@@ -1,28 +1,25 @@
 """Reading a Llama-family model from a GGUF file (llama.cpp's format).
 
-Metadata becomes a `ModelConfig`; every tensor is dequantized by the `gguf` package (all the types
-it implements: F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, K-quants, ...) into float32 and renamed to
-leapllm's canonical names. llama.cpp's converter permutes the rows of the Q and K projections
-of llama/mistral so that its rotary kernel can rotate adjacent pairs; we undo that, exactly as the
-Hugging Face GGUF loader does, so the weights match the original checkpoint and its
+Metadata becomes a `ModelConfig`; every tensor becomes a `GGUFTensor` (gguf_tensors.py) under
+leapllm's canonical name: still the file's bytes, memory-mapped, read when the model is built --
+repacked as they are for the types the kernels run, dequantized by the `gguf` package otherwise.
+llama.cpp's converter permutes the rows of the Q and K projections of llama/mistral so that its
+rotary kernel can rotate adjacent pairs; we undo that (on whole rows, so quantized rows too),
+exactly as the Hugging Face GGUF loader does, so the weights match the original checkpoint and its
 rotate-half rotary embedding.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from gguf import GGMLQuantizationType, GGUFReader
-from gguf.quants import dequantize
-from tqdm import tqdm
+from gguf import GGMLQuantizationType
 
 from leapllm.errors import ModelLoadError
 from leapllm.loading.gguf_file import open_gguf
+from leapllm.loading.gguf_tensors import GGUFTensor
 from leapllm.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
 
 # Architectures whose GGUF converter permutes Q/K rows (qwen2 is stored unpermuted).
@@ -105,29 +102,6 @@ def config_from_gguf_metadata(metadata: dict[str, Any], tensor_names: set[str]) 
     )
 
 
-def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's interleaving of each head's rotary halves (rows of a Q or K weight)."""
-    half = weight.shape[0] // n_heads // 2
-    return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def _check_file_extent(reader: GGUFReader, path: Path) -> None:
-    size = os.path.getsize(path)
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise ModelLoadError(f"{path}: truncated file: tensor {t.name!r} runs past the end of the file")
-
-
-def dequantize_tensor(t, path: Path) -> np.ndarray:
-    try:
-        return dequantize(t.data, t.tensor_type)
-    except NotImplementedError:
-        raise ModelLoadError(
-            f"{path}: tensor {t.name!r} uses quantization {GGMLQuantizationType(t.tensor_type).name}, "
-            "which the gguf package cannot dequantize"
-        ) from None
-
-
 def stored_dtype_summary(entries) -> dict[str, dict[str, int]]:
     """(dtype name, elements, bytes) per tensor -> {dtype: {"tensors", "params", "bytes"}}."""
     summary: dict[str, dict[str, int]] = {}
@@ -139,31 +113,30 @@ def stored_dtype_summary(entries) -> dict[str, dict[str, int]]:
     return summary
 
 
-def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a GGUF file: (config, canonical float32 tensors, metadata)."""
+def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, GGUFTensor], dict[str, Any]]:
+    """Read a GGUF file: (config, canonical tensors, not yet read from the memory map, metadata)."""
     path = Path(path)
     reader, metadata = open_gguf(path)
-    _check_file_extent(reader, path)
     names = {t.name for t in reader.tensors}
     config = config_from_gguf_metadata(metadata, names)
     config.extra["stored_dtypes"] = stored_dtype_summary(
         (GGMLQuantizationType(t.tensor_type).name, int(t.n_elements), int(t.n_bytes)) for t in reader.tensors
     )
-    tensors: dict[str, torch.Tensor] = {}
-    # The bar only appears when loading takes longer than a second.
-    for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", delay=1.0, leave=False):
+    tensors: dict[str, GGUFTensor] = {}
+    for t in reader.tensors:
+        # GGUF lists dimensions fastest first: (in_features, out_features) is PyTorch's (out, in).
+        tensor = GGUFTensor(t.name, GGMLQuantizationType(t.tensor_type), tuple(int(d) for d in reversed(t.shape)),
+                            t.data, path)
         name = canonical_name(t.name)
         if name is None:
             if t.name == "rope_freqs.weight":  # Llama 3.1 frequency divisors
-                factors = torch.from_numpy(np.array(dequantize_tensor(t, path), dtype=np.float32).reshape(-1))
+                factors = tensor.dequantize().reshape(-1)
                 config = ModelConfig(**{**config.to_dict(), "rope_scaling": {"type": "freq_factors", "factors": factors}})
             continue
-        array = dequantize_tensor(t, path)
         if config.architecture in PERMUTED_QK_ARCHITECTURES:
             if name.endswith("q_proj.weight"):
-                array = unpermute_qk(array, config.num_heads)
+                tensor.unpermute_heads = config.num_heads
             elif name.endswith("k_proj.weight"):
-                array = unpermute_qk(array, config.num_kv_heads)
-        # np.array copies out of the read-only memory map into memory torch may own.
-        tensors[name] = torch.from_numpy(np.array(array, dtype=np.float32))
+                tensor.unpermute_heads = config.num_kv_heads
+        tensors[name] = tensor
     return config, tensors, metadata

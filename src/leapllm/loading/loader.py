@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 import torch
 
 from leapllm.errors import ModelLoadError
+from leapllm.kernels import cpu_kernels
 from leapllm.loading.default_model import default_model_path
 from leapllm.loading.gguf_loader import load_gguf
 from leapllm.loading.model_folder import is_model_folder, load_model_folder
@@ -62,13 +65,34 @@ class LoadedModel:
         return self.model.config
 
 
+def release_freed_memory() -> None:
+    """Hand the heap that loading freed (per-tensor repacking temporaries) back to the OS: glibc keeps
+    freed blocks for reuse, which would leave the process ~50 MB above what the model holds."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def keeps_file_quantization(dtype: str | torch.dtype | None, device: torch.device) -> bool:
+    """Whether a quantized GGUF's weights run as stored: with dtype "auto" on a CPU where leapllm's
+    kernels build. An explicit dtype asks for every weight dequantized to it (the float reference)."""
+    return dtype in (None, "auto") and device.type == "cpu" and cpu_kernels() is not None
+
+
 def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None = "auto",
                device: str | torch.device | None = "auto") -> LoadedModel:
-    """Load a GGUF file or a Hugging Face safetensors folder (default: SmolLM2-135M-Instruct)."""
+    """Load a GGUF file or a Hugging Face safetensors folder (default: SmolLM2-135M-Instruct).
+
+    A GGUF's Q4_0 / Q4_1 / Q8_0 weights stay as stored and run on leapllm's CPU kernels with
+    dtype="auto" on CPU (keeps_file_quantization); other types, and every weight with an explicit
+    dtype, are dequantized to the compute dtype."""
     start = time.perf_counter()
     path = Path(path).expanduser() if path is not None else default_model_path()
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    keep_quantized = False
     metadata: dict[str, Any] = {}
     if is_model_folder(path):  # written by `leapllm quantize`, `prune` or `distill`
         model, meta = load_model_folder(path, torch_dtype, dev)
@@ -84,13 +108,16 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None =
     elif path.is_file():
         config, tensors, metadata = load_gguf(path)
         tokenizer = Tokenizer.from_gguf_metadata(metadata)
+        keep_quantized = keeps_file_quantization(dtype, dev)
     else:
         raise ModelLoadError(f"{path}: no such file or folder")
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelLoadError(
             f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
         )
-    model = build_model(config, tensors, torch_dtype, dev, str(path))
+    model = build_model(config, tensors, torch_dtype, dev, str(path), keep_quantized)
     # Large metadata arrays (the vocabulary) are already inside the tokenizer.
     metadata = {k: v for k, v in metadata.items() if not isinstance(v, list) or len(v) < 64}
+    del tensors  # the file's memory map with them
+    release_freed_memory()
     return LoadedModel(model, tokenizer, path, time.perf_counter() - start, metadata)

@@ -2,16 +2,29 @@
 
 Both loaders (GGUF, safetensors) produce tensors under one naming scheme, the "canonical" names
 below, in PyTorch's (out_features, in_features) layout. Here the shapes are checked against the
-config, Q/K/V and gate/up are fused, and the model is built without a throw-away random init.
+config, Q/K/V and gate/up are fused, and the model is built without a throw-away random init --
+with the weights a GGUF file stores in a block type the CPU kernels run kept as they are stored.
 """
 
 from __future__ import annotations
 
 import torch
+from gguf import GGMLQuantizationType
+from torch import nn
 
 from leapllm.errors import ModelLoadError
+from leapllm.kernels.packing import kernels_can_run
+from leapllm.loading.gguf_tensors import GGUFTensor, as_float
 from leapllm.model.config import ModelConfig
 from leapllm.model.llama import Transformer, rotary_inv_freq
+from leapllm.model.quantized.embedding import (
+    BlockQuantizedEmbedding,
+    PackedRowsEmbedding,
+)
+from leapllm.model.quantized.int4 import Int4Linear
+from leapllm.model.quantized.int8 import Int8Linear
+
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -55,36 +68,98 @@ def check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], source:
             )
 
 
-def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: torch.device | str, source: str) -> Transformer:
-    """Check, fuse and load canonical tensors into a Transformer on `device` in `dtype`."""
+def _note(kernels_by_type: dict[str, set[str]], tensor, how: str) -> None:
+    if isinstance(tensor, GGUFTensor):
+        kernels_by_type.setdefault(tensor.type_name, set()).add(how)
+
+
+def _quantized_projection(parts: list, bias: torch.Tensor | None, device: torch.device) -> nn.Module | None:
+    """The stored tensors `parts` (concatenated by rows) as one Int4Linear / Int8Linear on leapllm's
+    kernels, exactly as stored; None where they are not all of one block type the kernels run here."""
+    formats = {getattr(t, "kernel_format", None) for t in parts}
+    if len(formats) != 1 or None in formats:
+        return None
+    out_features, in_features = sum(t.shape[0] for t in parts), parts[0].shape[1]
+    if not kernels_can_run(in_features, out_features, device):
+        return None
+    if formats == {"int4"}:
+        q, scale, minimum = (torch.cat(x) for x in zip(*(t.int4_parts() for t in parts)))
+        return Int4Linear(q, scale, minimum, bias, device)
+    q, scale = (torch.cat(x) for x in zip(*(t.int8_parts() for t in parts)))
+    return Int8Linear(q, scale, bias)
+
+
+def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype, device: torch.device | str, source: str,
+                keep_quantized: bool = False) -> Transformer:
+    """Check, fuse and load canonical tensors (torch tensors or a file's GGUFTensors) into a
+    Transformer on `device` in `dtype`.
+
+    keep_quantized: projections stored in a block type that leapllm's CPU kernels run (Q4_0, Q4_1,
+    Q8_0) become Int4Linear / Int8Linear modules holding the stored values exactly, and a quantized
+    embedding table stays quantized; every other tensor is dequantized to `dtype`, one at a time.
+    config.extra["kernels_by_type"] records, per stored type, what runs it.
+    """
     check_tensors(config, tensors, source)
+    device = torch.device(device)
+    kernels_by_type: dict[str, set[str]] = {}
+    dtype_name = str(dtype).removeprefix("torch.")
 
     def get(name: str) -> torch.Tensor:
-        return tensors[name].to(device=device, dtype=dtype)
+        stored = tensors[name]
+        is_float = getattr(stored, "ggml_type", None) in FLOAT_TYPES
+        _note(kernels_by_type, stored, dtype_name if is_float else f"dequantized to {dtype_name}")
+        return as_float(tensors[name]).to(device=device, dtype=dtype)
 
-    state = {
-        "embed_tokens.weight": get("embed_tokens.weight"),
-        "norm.weight": get("norm.weight"),
-    }
-    state["lm_head.weight"] = state["embed_tokens.weight"] if config.tie_word_embeddings else get("lm_head.weight")
+    with torch.device("meta"):
+        model = Transformer(config)
+    modules: dict[str, nn.Module] = {}  # module path -> its quantized replacement
+    state: dict[str, torch.Tensor] = {"norm.weight": get("norm.weight")}
+
+    def projection(path: str, names: list[str], bias_names: list[str] | None = None) -> None:
+        bias = torch.cat([get(n) for n in bias_names]).float() if bias_names else None
+        parts = [tensors[n] for n in names]
+        module = _quantized_projection(parts, bias, device) if keep_quantized else None
+        if module is None:
+            state[path + ".weight"] = torch.cat([get(n) for n in names])
+            if bias is not None:
+                state[path + ".bias"] = bias.to(dtype)
+            return
+        for t in parts:
+            _note(kernels_by_type, t, f"leapllm {t.kernel_format} kernels")
+        modules[path] = module
+
     for i in range(config.num_layers):
         p = f"layers.{i}."
         state[p + "attn_norm.weight"] = get(p + "attn_norm.weight")
         state[p + "mlp_norm.weight"] = get(p + "mlp_norm.weight")
-        state[p + "attn.qkv_proj.weight"] = torch.cat([get(p + f"attn.{x}_proj.weight") for x in "qkv"])
-        if config.attention_bias:
-            state[p + "attn.qkv_proj.bias"] = torch.cat([get(p + f"attn.{x}_proj.bias") for x in "qkv"])
-        state[p + "attn.o_proj.weight"] = get(p + "attn.o_proj.weight")
-        state[p + "mlp.gate_up_proj.weight"] = torch.cat(
-            [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]
-        )
-        state[p + "mlp.down_proj.weight"] = get(p + "mlp.down_proj.weight")
+        projection(p + "attn.qkv_proj", [p + f"attn.{x}_proj.weight" for x in "qkv"],
+                   [p + f"attn.{x}_proj.bias" for x in "qkv"] if config.attention_bias else None)
+        projection(p + "attn.o_proj", [p + "attn.o_proj.weight"])
+        projection(p + "mlp.gate_up_proj", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
+        projection(p + "mlp.down_proj", [p + "mlp.down_proj.weight"])
+    head_name = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    projection("lm_head", [head_name])
 
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.load_state_dict(state, assign=True, strict=True)
-    if config.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie them again
-        model.lm_head.weight = model.embed_tokens.weight
+    embedding = tensors["embed_tokens.weight"]
+    if "lm_head" in modules and config.tie_word_embeddings:
+        modules["embed_tokens"] = PackedRowsEmbedding(modules["lm_head"])  # one table for both uses
+    elif keep_quantized and isinstance(embedding, GGUFTensor) and embedding.ggml_type not in FLOAT_TYPES:
+        modules["embed_tokens"] = BlockQuantizedEmbedding(embedding.raw_rows(), embedding.ggml_type, config.hidden_size)
+        _note(kernels_by_type, embedding, "rows dequantized at lookup")
+    elif config.tie_word_embeddings:
+        state["embed_tokens.weight"] = state.pop("lm_head.weight")
+    else:
+        state["embed_tokens.weight"] = get("embed_tokens.weight")
+
+    for path, module in modules.items():
+        parent, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, module)
+    model.load_state_dict(state, assign=True, strict=False)
+    if config.tie_word_embeddings and "lm_head.weight" not in state and "embed_tokens.weight" in state:
+        model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter: tie again
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n != "inv_freq"]
+    if left:
+        raise ModelLoadError(f"{source}: no weights for {left[0]}")
     model.inv_freq = rotary_inv_freq(config).to(device)
+    config.extra["kernels_by_type"] = {k: sorted(v) for k, v in sorted(kernels_by_type.items())}
     return model.eval().requires_grad_(False)

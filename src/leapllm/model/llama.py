@@ -166,13 +166,14 @@ class Transformer(nn.Module):
         self.use_fused_decode = True
         self.fused_decode: FusedDecode | None = None
 
+    # The final norm's weight is float in every form of the model (the embedding may be quantized).
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        return self.norm.weight.dtype
 
     @property
     def num_cached_kv_heads(self) -> int:

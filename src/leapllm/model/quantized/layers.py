@@ -39,3 +39,22 @@ def packed_linear_of(module: nn.Module):
 def layer_method(name: str, method: str, head_method: str | None) -> str:
     """The method of layer `name`: the output head may be quantized differently (head_method)."""
     return head_method if name == "lm_head" and head_method else method
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The number of weights the model stands for, whatever form they are held in: a quantized layer
+    counts its in x out weights (not its packed bytes), a table shared by the embedding and the head once."""
+    from leapllm.model.quantized.embedding import BlockQuantizedEmbedding
+
+    total, seen = 0, set()
+    for module in model.modules():
+        if isinstance(module, (Int4Linear, Int8Linear)):
+            total += module.in_features * module.out_features + (0 if module.bias is None else module.bias.numel())
+        elif isinstance(module, BlockQuantizedEmbedding):
+            total += module.num_embeddings * module.embedding_dim
+        else:
+            for p in module.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel()
+    return total

@@ -1,0 +1,177 @@
+"""GGUF block formats kept as stored: Q4_0 / Q4_1 / Q8_0 repacked for leapllm's kernels bit for bit
+(against the gguf package's own dequantization), quantized embedding tables, and the default
+quantized path of a GGUF model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, quants
+from gguf import GGMLQuantizationType as Q
+from torch import nn
+
+from leapllm.kernels import cpu_kernels
+from leapllm.loading.gguf_loader import load_gguf
+from leapllm.loading.gguf_tensors import GGUFTensor, unpermute_qk
+from leapllm.loading.loader import load_model
+from leapllm.model.quantized.embedding import (
+    BlockQuantizedEmbedding,
+    PackedRowsEmbedding,
+)
+from leapllm.model.quantized.int4 import Int4Linear
+from leapllm.model.quantized.int8 import Int8Linear
+from tests.tiny_models import TINY_VOCAB, tiny_hf_state, write_tiny_gguf
+
+needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="leapllm CPU kernels unavailable here")
+
+KERNEL_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
+
+
+def weights_with_outliers(n: int, k: int, seed: int = 0) -> np.ndarray:
+    g = np.random.default_rng(seed)
+    w = g.standard_normal((n, k)).astype(np.float32) * 0.05
+    w[g.random((n, k)) < 0.01] *= 40  # a few large weights, as real checkpoints have
+    w[0, :32] = 0  # an all-zero block: scale 0
+    return w
+
+
+def gguf_tensor(w: np.ndarray, qtype: Q, unpermute_heads: int | None = None) -> GGUFTensor:
+    data = quants.quantize(w, qtype)
+    return GGUFTensor("synthetic", qtype, w.shape, data, "synthetic.gguf", unpermute_heads)
+
+
+def reference(t: GGUFTensor) -> torch.Tensor:
+    """What the gguf package itself dequantizes the stored bytes to (rows in PyTorch's order)."""
+    values = quants.dequantize(t.data, t.ggml_type)
+    if t.unpermute_heads:
+        values = unpermute_qk(values, t.unpermute_heads)
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+
+
+def packed_module(t: GGUFTensor) -> nn.Module:
+    if t.kernel_format == "int4":
+        return Int4Linear(*t.int4_parts(), None)
+    return Int8Linear(*t.int8_parts())
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", KERNEL_TYPES)
+@pytest.mark.parametrize("unpermute_heads", [None, 4])
+def test_block_types_repack_into_the_kernels_layout_bit_for_bit(qtype, unpermute_heads):
+    t = gguf_tensor(weights_with_outliers(64, 320, seed=int(qtype)), qtype, unpermute_heads)
+    module = packed_module(t)
+    assert module.packed_linear is not None
+    assert torch.equal(module.packed_linear.dequantize(torch.float32), reference(t))
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", KERNEL_TYPES)
+def test_repacked_block_types_multiply_like_their_dequantized_weights(qtype):
+    t = gguf_tensor(weights_with_outliers(48, 256, seed=3), qtype)
+    x = torch.randn(5, 256)
+    ref = x @ reference(t).T
+    y = packed_module(t)(x)
+    assert float((y - ref).norm() / ref.norm()) < 0.01  # activations rounded to int8 per block of 32
+
+
+def random_blocks(qtype: Q, rows: int, k: int, seed: int = 0) -> np.ndarray:
+    """Random bytes in qtype's block layout with sane float16 scales: any bytes are valid blocks
+    once the scale fields hold finite numbers (how K-quants are tested without llama-quantize)."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    g = np.random.default_rng(seed)
+    data = g.integers(0, 256, (rows, k // block, size), dtype=np.uint8)
+    scale_offsets = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
+                     Q.Q5_0: (0,), Q.Q5_1: (0, 2)}[qtype]
+    for off in scale_offsets:
+        data[..., off:off + 2] = np.ascontiguousarray(
+            (g.random((rows, k // block)) * 0.01 + 1e-4).astype(np.float16)[..., None]).view(np.uint8)
+    return data.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K])
+def test_types_without_a_kernel_dequantize_as_the_gguf_package_does(qtype):
+    t = GGUFTensor("synthetic", qtype, (32, 512), random_blocks(qtype, 32, 512), "synthetic.gguf")
+    assert t.kernel_format is None
+    assert torch.equal(t.dequantize(), reference(t))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1, Q.Q6_K, Q.Q4_K])
+def test_a_block_quantized_embedding_looks_up_exactly_the_stored_rows(qtype):
+    t = GGUFTensor("token_embd.weight", qtype, (40, 256), random_blocks(qtype, 40, 256, seed=1)
+                   if qtype in (Q.Q6_K, Q.Q4_K) else quants.quantize(weights_with_outliers(40, 256), qtype),
+                   "synthetic.gguf")
+    embedding = BlockQuantizedEmbedding(t.raw_rows(), qtype, 256)
+    tokens = torch.tensor([[3, 39, 3], [0, 7, 20]])
+    assert torch.equal(embedding(tokens), reference(t)[tokens])
+
+
+@pytest.fixture(scope="module")
+def tiny_state():
+    return tiny_hf_state(TINY_VOCAB, bias=False)
+
+
+def stored_reference(path, name: str) -> torch.Tensor:
+    _, tensors, _ = load_gguf(path)
+    return tensors[name].dequantize()
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", KERNEL_TYPES)
+def test_a_quantized_gguf_runs_as_stored_by_default_and_as_floats_on_request(tmp_path, default_gguf_path,
+                                                                            tiny_state, qtype):
+    path = write_tiny_gguf(tmp_path / f"tiny-{qtype.name}.gguf", default_gguf_path, tiny_state, qtype=qtype)
+    quantized, floats = load_model(path, device="cpu"), load_model(path, dtype="float32", device="cpu")
+    qmodel, fmodel = quantized.model, floats.model
+    layer = qmodel.layers[1]
+    assert isinstance(layer.attn.qkv_proj, Int8Linear if qtype == Q.Q8_0 else Int4Linear)
+    assert isinstance(fmodel.layers[1].attn.qkv_proj, nn.Linear)
+    # every stored weight is what the gguf package reads from the file, bit for bit (Q/K unpermuted too)
+    for module, names in [("layers.1.attn.qkv_proj", [f"layers.1.attn.{x}_proj.weight" for x in "qkv"]),
+                          ("layers.1.mlp.down_proj", ["layers.1.mlp.down_proj.weight"]),
+                          ("lm_head", ["lm_head.weight"])]:
+        expected = torch.cat([stored_reference(path, n) for n in names])
+        assert torch.equal(qmodel.get_submodule(module).packed_linear.dequantize(torch.float32), expected)
+        assert torch.equal(fmodel.get_submodule(module).weight, expected)  # the float path reads the same values
+    assert isinstance(qmodel.embed_tokens, BlockQuantizedEmbedding)  # untied: the file's rows
+    tokens = torch.tensor([quantized.tokenizer.encode("Hello world, this is a test.")])
+    assert torch.equal(qmodel.embed_tokens(tokens), fmodel.embed_tokens(tokens))
+    a, b = qmodel(tokens), fmodel(tokens)
+    assert float((a - b).norm() / b.norm()) < 0.05  # only the int8 rounding of activations differs
+    kernels = quantized.config.extra["kernels_by_type"]
+    assert kernels[qtype.name] == [f"leapllm {'int8' if qtype == Q.Q8_0 else 'int4'} kernels",
+                                   "rows dequantized at lookup"]
+    assert floats.config.extra["kernels_by_type"][qtype.name] == ["dequantized to float32"]
+
+
+@needs_kernels
+def test_projections_of_mixed_types_fall_back_to_floats_and_say_so(tmp_path, default_gguf_path, tiny_state):
+    path = write_tiny_gguf(tmp_path / "mixed.gguf", default_gguf_path, tiny_state, qtype=Q.Q4_1,
+                           qtypes={"blk.0.attn_v.weight": Q.Q8_0, "blk.1.ffn_down.weight": Q.Q5_0})
+    loaded = load_model(path, device="cpu")
+    model = loaded.model
+    assert isinstance(model.layers[0].attn.qkv_proj, nn.Linear)  # Q4_1 q/k with a Q8_0 v: no one kernel
+    assert isinstance(model.layers[1].attn.qkv_proj, Int4Linear)
+    assert isinstance(model.layers[1].mlp.down_proj, nn.Linear)  # Q5_0: no kernel yet
+    kernels = loaded.config.extra["kernels_by_type"]
+    assert kernels["Q5_0"] == ["dequantized to float32"]
+    assert kernels["Q8_0"] == ["dequantized to float32"]
+    assert "leapllm int4 kernels" in kernels["Q4_1"] and "dequantized to float32" in kernels["Q4_1"]
+    tokens = torch.tensor([loaded.tokenizer.encode("Mixed types still run.")])
+    assert torch.isfinite(model(tokens)).all()
+
+
+@needs_kernels
+def test_the_default_model_keeps_its_q4_1_weights_and_q8_0_table_once(default_gguf_path):
+    loaded = load_model(device="cpu")
+    model = loaded.model
+    assert all(isinstance(m, Int4Linear) for layer in model.layers
+               for m in (layer.attn.qkv_proj, layer.attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj))
+    assert isinstance(model.lm_head, Int8Linear) and model.lm_head.packed_linear.block_scales
+    assert isinstance(model.embed_tokens, PackedRowsEmbedding) and model.embed_tokens.table is model.lm_head
+    stored = {id(t): t.numel() * t.element_size() for t in [*model.buffers(), *model.parameters()]}
+    file_bytes = sum(row["bytes"] for row in loaded.config.extra["stored_dtypes"].values())
+    assert sum(stored.values()) <= 1.01 * file_bytes  # the file's size: nothing held as float32 but the norms
+    table = stored_reference(default_gguf_path, "embed_tokens.weight")
+    tokens = torch.tensor([[1, 200, 49151]])
+    assert torch.equal(model.embed_tokens(tokens), table[tokens])
