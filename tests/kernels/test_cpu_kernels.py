@@ -12,6 +12,7 @@ from leapllm.kernels.packing import (
     pack_int4,
     pack_int8,
     pack_int8_blocks,
+    pack_int8_sub_blocks,
     packed_linear,
     tile_quads,
     unpack_int4,
@@ -113,6 +114,26 @@ def test_int8_block_matmul_matches_the_dequantized_weights_on_simd_and_portable_
     y = fast.forward(x)
     assert relative_error(y, ref) < 0.01
     portable = packed_linear(*pack_int8_blocks(q, scale), None, bias, bits=8, simd=False)
+    torch.testing.assert_close(portable.forward(x), y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+def test_int8_sub_block_matmul_matches_the_dequantized_weights_on_simd_and_portable_tiles(rows):
+    """A float32 scale and minimum per 16 features (GGUF's K-quants): each half of a block of 32 is
+    scaled on its own, and the minimum multiplies the half's activation sum."""
+    g = torch.Generator().manual_seed(rows)
+    n, k = 48, 224
+    values = torch.randint(0, 64, (n, k), dtype=torch.uint8, generator=g)
+    scale, minimum = torch.rand(n, k // 16, generator=g) * 0.01, -torch.rand(n, k // 16, generator=g) * 0.3
+    dense = values.float() * scale.repeat_interleave(16, 1) + minimum.repeat_interleave(16, 1)
+    packed = pack_int8_sub_blocks(values, scale, minimum)
+    fast = packed_linear(*packed, None, bits=8)
+    assert fast.sub_blocks
+    torch.testing.assert_close(fast.dequantize(torch.float32), dense, rtol=0, atol=1e-6)
+    x = torch.randn(rows, k, generator=g)
+    y = fast.forward(x)
+    assert relative_error(y, x @ dense.T) < 0.01
+    portable = packed_linear(*packed, None, bits=8, simd=False)
     torch.testing.assert_close(portable.forward(x), y, rtol=1e-4, atol=1e-4)
 
 

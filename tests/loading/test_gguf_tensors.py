@@ -1,6 +1,6 @@
-"""GGUF block formats kept as stored: Q4_0 / Q4_1 / Q8_0 repacked for leapllm's kernels bit for bit
-(against the gguf package's own dequantization), quantized embedding tables, and the default
-quantized path of a GGUF model."""
+"""GGUF block formats kept as stored: Q4_0 / Q4_1 / Q8_0 and the K-quants repacked for leapllm's
+kernels bit for bit (against the gguf package's own dequantization), quantized embedding tables,
+and the default quantized path of a GGUF model."""
 
 from __future__ import annotations
 
@@ -52,6 +52,9 @@ def reference(t: GGUFTensor) -> torch.Tensor:
 def packed_module(t: GGUFTensor) -> nn.Module:
     if t.kernel_format == "int4":
         return Int4Linear(*t.int4_parts(), None)
+    if t.kernel_format == "int8-16":
+        u, scale, minimum = t.sub_block_parts()
+        return Int8Linear(u, scale, minimum=minimum)
     return Int8Linear(*t.int8_parts())
 
 
@@ -89,10 +92,49 @@ def random_blocks(qtype: Q, rows: int, k: int, seed: int = 0) -> np.ndarray:
     return data.reshape(rows, -1)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K])
-def test_types_without_a_kernel_dequantize_as_the_gguf_package_does(qtype):
+K_QUANTS = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", K_QUANTS)
+@pytest.mark.parametrize("unpermute_heads", [None, 2])
+def test_k_quants_repack_into_int8_sub_blocks_bit_for_bit(qtype, unpermute_heads):
+    t = GGUFTensor("synthetic", qtype, (48, 512), random_blocks(qtype, 48, 512, seed=int(qtype)), "synthetic.gguf",
+                   unpermute_heads)
+    assert t.kernel_format == "int8-16"
+    module = packed_module(t)
+    assert module.packed_linear.sub_blocks
+    expected = reference(t)
+    assert torch.equal(module.packed_linear.dequantize(torch.float32), expected)
+    assert torch.equal(module.packed_linear.dequantize_rows(torch.tensor([5, 47])), expected[[5, 47]])
+    x = torch.randn(3, 512)
+    ref = x @ expected.T
+    assert float((module(x) - ref).norm() / ref.norm()) < 0.02  # activations rounded to int8 per block of 32
+
+
+@needs_kernels
+def test_a_q4_k_m_layers_q4_k_and_q6_k_parts_fuse_into_one_exact_projection():
+    from leapllm.loading.weights import _quantized_projection
+
+    parts = [GGUFTensor(name, qtype, (64, 256), random_blocks(qtype, 64, 256, seed=i), "synthetic.gguf")
+             for i, (name, qtype) in enumerate([("q", Q.Q4_K), ("k", Q.Q4_K), ("v", Q.Q6_K)])]
+    module = _quantized_projection(parts, None, torch.device("cpu"))
+    assert isinstance(module, Int8Linear)
+    assert torch.equal(module.packed_linear.dequantize(torch.float32), torch.cat([reference(t) for t in parts]))
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q5_1])
+def test_every_kernel_type_also_takes_the_int8_sub_block_form_bit_for_bit(qtype):
+    t = gguf_tensor(weights_with_outliers(32, 256, seed=7), qtype)
+    u, scale, minimum = t.sub_block_parts()
+    module = Int8Linear(u, scale, minimum=minimum)
+    assert torch.equal(module.packed_linear.dequantize(torch.float32), reference(t))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q5_1, *K_QUANTS])
+def test_the_float_path_dequantizes_every_type_as_the_gguf_package_does(qtype):
     t = GGUFTensor("synthetic", qtype, (32, 512), random_blocks(qtype, 32, 512), "synthetic.gguf")
-    assert t.kernel_format is None
     assert torch.equal(t.dequantize(), reference(t))
 
 
@@ -145,17 +187,24 @@ def test_a_quantized_gguf_runs_as_stored_by_default_and_as_floats_on_request(tmp
 
 
 @needs_kernels
-def test_projections_of_mixed_types_fall_back_to_floats_and_say_so(tmp_path, default_gguf_path, tiny_state):
+def test_projections_of_mixed_types_run_as_int8_sub_blocks_and_types_without_kernels_as_floats(
+        tmp_path, default_gguf_path, tiny_state):
     path = write_tiny_gguf(tmp_path / "mixed.gguf", default_gguf_path, tiny_state, qtype=Q.Q4_1,
-                           qtypes={"blk.0.attn_v.weight": Q.Q8_0, "blk.1.ffn_down.weight": Q.Q5_0})
+                           qtypes={"blk.0.attn_v.weight": Q.Q8_0, "blk.1.ffn_down.weight": Q.Q5_0,
+                                   "blk.1.ffn_up.weight": Q.F16})
     loaded = load_model(path, device="cpu")
     model = loaded.model
-    assert isinstance(model.layers[0].attn.qkv_proj, nn.Linear)  # Q4_1 q/k with a Q8_0 v: no one kernel
+    mixed = model.layers[0].attn.qkv_proj  # Q4_1 q/k with a Q8_0 v: one int8 layer, still exact
+    assert isinstance(mixed, Int8Linear) and mixed.packed_linear.sub_blocks
+    expected = torch.cat([stored_reference(path, f"layers.0.attn.{x}_proj.weight") for x in "qkv"])
+    assert torch.equal(mixed.packed_linear.dequantize(torch.float32), expected)
     assert isinstance(model.layers[1].attn.qkv_proj, Int4Linear)
-    assert isinstance(model.layers[1].mlp.down_proj, nn.Linear)  # Q5_0: no kernel yet
+    assert isinstance(model.layers[1].mlp.down_proj, Int8Linear)  # Q5_0
+    assert isinstance(model.layers[1].mlp.gate_up_proj, nn.Linear)  # an F16 part: floats
     kernels = loaded.config.extra["kernels_by_type"]
-    assert kernels["Q5_0"] == ["dequantized to float32"]
-    assert kernels["Q8_0"] == ["dequantized to float32"]
+    assert kernels["Q5_0"] == ["leapllm int8 kernels, a scale and minimum per 16 weights"]
+    assert kernels["Q8_0"] == ["leapllm int8 kernels, a scale and minimum per 16 weights"]
+    assert kernels["F16"] == ["float32"]
     assert "leapllm int4 kernels" in kernels["Q4_1"] and "dequantized to float32" in kernels["Q4_1"]
     tokens = torch.tensor([loaded.tokenizer.encode("Mixed types still run.")])
     assert torch.isfinite(model(tokens)).all()

@@ -83,6 +83,15 @@ def pack_int8_blocks(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor
     return weight, per_row_blocks(scale.to(torch.float16)).contiguous()
 
 
+def pack_int8_sub_blocks(values: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """values (N, K) uint8, scale and minimum (N, K/16) float32, w = values * scale + minimum per 16
+    features (GGUF's K-quants) -> (weight (N, K) uint8, scales, minimums (N, K/16) float32), in the
+    kernels' order: (tile, half block, row)."""
+    return (tile_quads(values.to(torch.uint8)).reshape(values.shape).contiguous(),
+            per_row_blocks(scale.float()).contiguous(), per_row_blocks(minimum.float()).contiguous())
+
+
 def kernels_can_run(in_features: int, out_features: int, device: torch.device | str) -> bool:
     """Whether a linear layer of this shape on this device can use the packed kernels."""
     return (torch.device(device).type == "cpu" and in_features % BLOCK == 0 and out_features % TILE == 0

@@ -6,7 +6,14 @@ float16 minimum for Q4_1): exactly the blocks of leapllm's packed int4 / int8 la
     Q4_1  w = d * q + m           q in [0, 15]      -> int4 (scale d, minimum m)
     Q4_0  w = d * (q - 8)         q in [0, 15]      -> int4 (scale d, minimum -8 d, exact in float16)
     Q8_0  w = d * q               q in [-127, 127]  -> int8 with a scale per block
-Every other type (F16, BF16, Q5_*, the K-quants, ...) has no kernel yet: it is dequantized by the
+The K-quants (Q2_K .. Q6_K) store super-blocks of 256 with 4- to 8-bit sub-block scales (and
+minimums) under a float16 super-scale: each sub-block's d = super-scale * sub-scale is exact in
+float32, so they become int8 values with a float32 scale and minimum per 16 features ("int8-16"),
+w = d * u + m, which dequantizes to the gguf package's values bit for bit; so do Q5_0 and Q5_1
+(5-bit values in blocks of 32). That holds 12 bits per weight (a Q4_K file has 4.5): exact, 2.7x
+smaller than float32, not yet the file's size. Every type above can take that form, so a fused
+projection whose parts differ (a Q4_K_M layer's Q4_K q/k and Q6_K v) runs as one int8-16 layer.
+Every other type (F16, BF16, IQ*, ...) has no kernel yet: it is dequantized by the
 `gguf` package (llama.cpp's own reference code) to float32 when the model is built, one tensor at a
 time, and `leapllm info` says so.
 """
@@ -28,8 +35,19 @@ KERNEL_FORMATS = {
     GGMLQuantizationType.Q4_0: "int4",
     GGMLQuantizationType.Q4_1: "int4",
     GGMLQuantizationType.Q8_0: "int8",
+    GGMLQuantizationType.Q5_0: "int8-16",
+    GGMLQuantizationType.Q5_1: "int8-16",
+    GGMLQuantizationType.Q2_K: "int8-16",
+    GGMLQuantizationType.Q3_K: "int8-16",
+    GGMLQuantizationType.Q4_K: "int8-16",
+    GGMLQuantizationType.Q5_K: "int8-16",
+    GGMLQuantizationType.Q6_K: "int8-16",
 }
+# What `leapllm info` says runs each format.
+KERNEL_DESCRIPTIONS = {"int4": "leapllm int4 kernels", "int8": "leapllm int8 kernels",
+                       "int8-16": "leapllm int8 kernels, a scale and minimum per 16 weights"}
 BLOCK = 32
+SUPER_BLOCK = 256
 
 
 def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -120,6 +138,93 @@ class GGUFTensor:
         scale = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
         q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(self.shape)
         return torch.from_numpy(q), torch.from_numpy(scale)
+
+    def sub_block_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Any type with a kernel format -> (u (N, K) uint8, scale (N, K/16), minimum (N, K/16)
+        float32) with w = u * scale + minimum per 16 values, exact (dequantized with one fused
+        multiply-add, as the gguf package's d * (q - offset))."""
+        n, k = self.shape
+        t = self.ggml_type
+        if t in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
+            q, scale, minimum = self.int4_parts()
+            return q, scale.repeat_interleave(2, dim=1), minimum.repeat_interleave(2, dim=1)
+        if t == GGMLQuantizationType.Q8_0:
+            q, scale = self.int8_parts()
+            scale = scale.float().repeat_interleave(2, dim=1)
+            return q.view(torch.uint8) ^ 128, scale, -128 * scale  # u = q + 128
+        if t in (GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1):
+            has_min = t == GGMLQuantizationType.Q5_1
+            blocks = self._blocks(24 if has_min else 22)
+            scale = _float16_field(blocks, 0)
+            minimum = _float16_field(blocks, 2) if has_min else -16 * scale  # Q5_0: w = d * (q - 16)
+            start = 4 if has_min else 2
+            qh = np.ascontiguousarray(blocks[..., start:start + 4]).view("<u4")  # (rows, blocks, 1): bit j -> value j
+            high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # (rows, blocks, 32)
+            u = _nibbles(blocks[..., start + 4:start + 20]).reshape(high.shape) | (high << 4)
+            return (torch.from_numpy(u.reshape(n, k)), torch.from_numpy(scale).repeat_interleave(2, dim=1),
+                    torch.from_numpy(minimum).repeat_interleave(2, dim=1))
+        from gguf import GGML_QUANT_SIZES
+
+        _, type_size = GGML_QUANT_SIZES[t]
+        sb = np.asarray(self._rows()).reshape(n, k // SUPER_BLOCK, type_size)
+        u, scale, minimum = _k_quant_parts(t, sb)
+        return (torch.from_numpy(np.ascontiguousarray(u).reshape(n, k)),
+                torch.from_numpy(np.ascontiguousarray(scale, np.float32).reshape(n, k // 16)),
+                torch.from_numpy(np.ascontiguousarray(minimum, np.float32).reshape(n, k // 16)))
+
+
+def _k_scales_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K's 12 bytes of 6-bit scales and minimums (..., 12) -> two (..., 8) arrays (ggml's
+    get_scale_min_k4)."""
+    d, m, m_d = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
+    sc = np.concatenate([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc, mn
+
+
+def _k_quant_parts(qtype: GGMLQuantizationType, sb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Super-blocks (rows, n, bytes) of a K-quant -> (u (rows, n, 256) uint8, d, m (rows, n, 16) float32)
+    with w = d * u + m per 16 values, computed as the gguf package computes each sub-block's factors."""
+    rows, n = sb.shape[:2]
+    f16 = _float16_field
+    if qtype in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K):
+        d, dmin = f16(sb, 0)[..., None], f16(sb, 2)[..., None]
+        sc, mn = _k_scales_mins(sb[..., 4:16])
+        if qtype == GGMLQuantizationType.Q4_K:
+            qs = sb[..., 16:144]
+            u = ((qs.reshape(rows, n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)) & 15).reshape(rows, n, 8, 32)
+        else:
+            qh, qs = sb[..., 16:48], sb[..., 48:176]
+            low = ((qs.reshape(rows, n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)) & 15).reshape(rows, n, 8, 32)
+            high = (qh.reshape(rows, n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
+            u = low | (high << 4)
+        scale = d * sc.astype(np.float32)  # (rows, n, 8) per 32
+        minimum = -(dmin * mn.astype(np.float32))
+        return u.reshape(rows, n, 256), np.repeat(scale, 2, axis=-1), np.repeat(minimum, 2, axis=-1)
+    if qtype == GGMLQuantizationType.Q6_K:
+        ql, qh, scales = sb[..., 0:128], sb[..., 128:192], sb[..., 192:208]
+        d = f16(sb, 208)[..., None]
+        low = ((ql.reshape(rows, n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)) & 15).reshape(rows, n, 8, 32)
+        high = ((qh.reshape(rows, n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3).reshape(rows, n, 8, 32)
+        scale = d * np.ascontiguousarray(scales).view(np.int8).astype(np.float32)  # (rows, n, 16)
+        return (low | (high << 4)).reshape(rows, n, 256), scale, -32 * scale  # w = d * (u - 32)
+    if qtype == GGMLQuantizationType.Q3_K:
+        hmask, qs, packed = sb[..., 0:32], sb[..., 32:96], sb[..., 96:108]
+        d = f16(sb, 108)[..., None]
+        low4 = (packed[..., 0:8].reshape(rows, n, 1, 8) >> np.array([0, 4], np.uint8).reshape(2, 1)).reshape(rows, n, 16)
+        high2 = (packed[..., 8:12].reshape(rows, n, 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)).reshape(rows, n, 16)
+        sc = ((low4 & 15) | ((high2 & 3) << 4)).astype(np.int8) - np.int8(32)
+        low = (qs.reshape(rows, n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
+        high = (hmask.reshape(rows, n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
+        scale = d * sc.astype(np.float32)
+        return (low.reshape(rows, n, 256) | (high.reshape(rows, n, 256) << 2)), scale, -4 * scale  # w = d * (u - 4)
+    if qtype == GGMLQuantizationType.Q2_K:
+        scales, qs = sb[..., 0:16], sb[..., 16:80]
+        d, dmin = f16(sb, 80)[..., None], f16(sb, 82)[..., None]
+        u = (qs.reshape(rows, n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
+        return (u.reshape(rows, n, 256), d * (scales & 15).astype(np.float32),
+                -(dmin * (scales >> 4).astype(np.float32)))
+    raise ValueError(f"{qtype.name} is not a K-quant")
 
 
 def as_float(tensor: GGUFTensor | torch.Tensor) -> torch.Tensor:

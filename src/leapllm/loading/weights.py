@@ -14,7 +14,7 @@ from torch import nn
 
 from leapllm.errors import ModelLoadError
 from leapllm.kernels.packing import kernels_can_run
-from leapllm.loading.gguf_tensors import GGUFTensor, as_float
+from leapllm.loading.gguf_tensors import KERNEL_DESCRIPTIONS, GGUFTensor, as_float
 from leapllm.model.config import ModelConfig
 from leapllm.model.llama import Transformer, rotary_inv_freq
 from leapllm.model.quantized.embedding import (
@@ -73,18 +73,31 @@ def _note(kernels_by_type: dict[str, set[str]], tensor, how: str) -> None:
         kernels_by_type.setdefault(tensor.type_name, set()).add(how)
 
 
+def projection_format(parts: list) -> str | None:
+    """The packed format the stored tensors `parts` run in as one layer: their kernel format when
+    they share one, int8-16 when they differ, None when one of them has no kernel format."""
+    formats = {getattr(t, "kernel_format", None) for t in parts}
+    if None in formats:
+        return None
+    return formats.pop() if len(formats) == 1 else "int8-16"
+
+
 def _quantized_projection(parts: list, bias: torch.Tensor | None, device: torch.device) -> nn.Module | None:
     """The stored tensors `parts` (concatenated by rows) as one Int4Linear / Int8Linear on leapllm's
-    kernels, exactly as stored; None where they are not all of one block type the kernels run here."""
-    formats = {getattr(t, "kernel_format", None) for t in parts}
-    if len(formats) != 1 or None in formats:
+    kernels, exactly as stored; None where one of them has no kernel format or the kernels do not
+    run here. Parts of different formats all take the int8-16 form."""
+    fmt = projection_format(parts)
+    if fmt is None:
         return None
     out_features, in_features = sum(t.shape[0] for t in parts), parts[0].shape[1]
     if not kernels_can_run(in_features, out_features, device):
         return None
-    if formats == {"int4"}:
+    if fmt == "int4":
         q, scale, minimum = (torch.cat(x) for x in zip(*(t.int4_parts() for t in parts)))
         return Int4Linear(q, scale, minimum, bias, device)
+    if fmt == "int8-16":
+        u, scale, minimum = (torch.cat(x) for x in zip(*(t.sub_block_parts() for t in parts)))
+        return Int8Linear(u, scale, bias, minimum=minimum)
     q, scale = (torch.cat(x) for x in zip(*(t.int8_parts() for t in parts)))
     return Int8Linear(q, scale, bias)
 
@@ -95,7 +108,7 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype, device: 
     Transformer on `device` in `dtype`.
 
     keep_quantized: projections stored in a block type that leapllm's CPU kernels run (Q4_0, Q4_1,
-    Q8_0) become Int4Linear / Int8Linear modules holding the stored values exactly, and a quantized
+    Q8_0, the K-quants: gguf_tensors.KERNEL_FORMATS) become Int4Linear / Int8Linear modules holding the stored values exactly, and a quantized
     embedding table stays quantized; every other tensor is dequantized to `dtype`, one at a time.
     config.extra["kernels_by_type"] records, per stored type, what runs it.
     """
@@ -125,7 +138,7 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype, device: 
                 state[path + ".bias"] = bias.to(dtype)
             return
         for t in parts:
-            _note(kernels_by_type, t, f"leapllm {t.kernel_format} kernels")
+            _note(kernels_by_type, t, KERNEL_DESCRIPTIONS[projection_format(parts)])
         modules[path] = module
 
     for i in range(config.num_layers):

@@ -12,6 +12,9 @@
 //   int8: weight (N, K) uint8 = q + 128: per (tile, block) 8 vectors, one per quad; scales either
 //         (N,) float32, one per row, or (N, K/32) float16 as (tile, block, row), one per block
 //         (GGUF's Q8_0 blocks, kept exact): w = d * q.
+//   int8 sub-blocks (GGUF's K-quants, kept exact): weight (N, K) uint8 values u as stored (not
+//         shifted), in the int8 order; scales and mins (N, K/16) float32 as (tile, half block, row):
+//         w = d * u + m per 16 features.
 //
 // Like every header here, included only by bindings.cpp: the kernels are one translation unit, so
 // what the unnamed namespaces hold is local to it, and the compiler free to inline it anywhere.
@@ -54,6 +57,7 @@ struct QuantizedRow {
   std::vector<int8_t> q;          // (K,)
   std::vector<float> scale;       // (K/32,): x ~ scale * q
   std::vector<float> block_sum;   // (K/32,): scale * sum(q), the block's sum as quantized
+  std::vector<float> half_sum;    // (K/16,): the same for each half block (features 0..15, 16..31)
   float total = 0.f;              // sum of block_sum
 };
 
@@ -62,6 +66,7 @@ void quantize_row(const float* x, int64_t k, QuantizedRow& a) {
     a.q.resize(k);
     a.scale.resize(k / BLOCK);
     a.block_sum.resize(k / BLOCK);
+    a.half_sum.resize(2 * (k / BLOCK));
   }
   float total = 0.f;
 #if defined(__AVX2__)
@@ -89,12 +94,18 @@ void quantize_row(const float* x, int64_t k, QuantizedRow& a) {
     const __m256i q16 = _mm256_packs_epi32(q[0], q[1]), q16b = _mm256_packs_epi32(q[2], q[3]);
     const __m256i q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16, q16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256((__m256i*)(a.q.data() + b * BLOCK), q8);
-    __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-    const int sum = _mm_cvtsi128_si32(s4);
+    int halves[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m256i s = _mm256_add_epi32(q[2 * h], q[2 * h + 1]);
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+      halves[h] = _mm_cvtsi128_si32(s4);
+    }
+    const int sum = halves[0] + halves[1];
     a.scale[b] = d;
+    a.half_sum[2 * b] = d * (float)halves[0];
+    a.half_sum[2 * b + 1] = d * (float)halves[1];
     a.block_sum[b] = d * (float)sum;
     total += a.block_sum[b];
   }
@@ -105,13 +116,16 @@ void quantize_row(const float* x, int64_t k, QuantizedRow& a) {
     for (int i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(xb[i]));
     const float d = amax / 127.f;
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    int sum = 0;
+    int halves[2] = {0, 0};
     for (int i = 0; i < BLOCK; ++i) {
       const int v = (int)std::nearbyint(xb[i] * inv);
       a.q[b * BLOCK + i] = (int8_t)v;
-      sum += v;
+      halves[i / 16] += v;
     }
+    const int sum = halves[0] + halves[1];
     a.scale[b] = d;
+    a.half_sum[2 * b] = d * (float)halves[0];
+    a.half_sum[2 * b + 1] = d * (float)halves[1];
     a.block_sum[b] = d * (float)sum;
     total += a.block_sum[b];
   }

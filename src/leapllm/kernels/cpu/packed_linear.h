@@ -33,15 +33,19 @@ void with_rows(int mt, F&& f) {
 struct PackedLinear {
   int64_t out_features, in_features, bits;
   bool simd;
-  bool block_scales = false;  // int8 with a float16 scale per block of 32 (GGUF Q8_0) instead of one per row  // the VNNI or AVX2 tiles (whichever this build has); else the portable ones
+  bool block_scales = false;  // int8 with a float16 scale per block of 32 (GGUF Q8_0) instead of one per row
+  bool sub_blocks = false;    // int8 values with a float32 scale and minimum per 16 features (GGUF K-quants)  // the VNNI or AVX2 tiles (whichever this build has); else the portable ones
   at::Tensor weight, scales, mins, bias;
   // Their data, read once here rather than through a checked data_ptr<T>() at each of a step's many
   // tile calls. scale16 (int4 and int8 blocks: float16 scales; mins16 int4's minimums) or scale32 (int8 rows).
   const uint8_t* weight_data = nullptr;
   const uint16_t *scale16 = nullptr, *mins16 = nullptr;
-  const float *scale32 = nullptr, *bias_data = nullptr;
+  const float *scale32 = nullptr, *mins32 = nullptr, *bias_data = nullptr;
 
-  std::string kernel() const { return !simd ? "portable" : LEAPLLM_VNNI ? "VNNI" : "AVX2"; }
+  // (int8 sub-blocks have VNNI and portable tiles only: AVX2 builds run the portable ones.)
+  std::string kernel() const {
+    return !simd || (sub_blocks && !LEAPLLM_VNNI) ? "portable" : LEAPLLM_VNNI ? "VNNI" : "AVX2";
+  }
 
   PackedLinear(at::Tensor weight_, at::Tensor scales_, c10::optional<at::Tensor> mins_, c10::optional<at::Tensor> bias_,
                int64_t bits_, bool simd_)
@@ -59,6 +63,13 @@ struct PackedLinear {
       TORCH_CHECK(mins_.has_value() && mins_->scalar_type() == at::kHalf && mins_->numel() == scales.numel(),
                   "int4 needs float16 minimums (N, K/32)");
       mins = mins_->contiguous();
+    } else if (mins_.has_value() && mins_->defined()) {
+      TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == out_features * (in_features / 16),
+                  "int8 sub-block scales must be float32 (N, K/16)");
+      TORCH_CHECK(mins_->scalar_type() == at::kFloat && mins_->numel() == scales.numel(),
+                  "int8 sub-block minimums must be float32 (N, K/16)");
+      mins = mins_->contiguous();
+      sub_blocks = true;
     } else if (scales.scalar_type() == at::kHalf) {
       TORCH_CHECK(scales.numel() == out_features * (in_features / BLOCK), "int8 block scales must be float16 (N, K/32)");
       block_scales = true;
@@ -75,6 +86,9 @@ struct PackedLinear {
     if (bits == 4 || block_scales) scale16 = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
     if (bits == 4) {
       mins16 = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
+    } else if (sub_blocks) {
+      scale32 = scales.data_ptr<float>();
+      mins32 = mins.data_ptr<float>();
     } else if (!block_scales) {
       scale32 = scales.data_ptr<float>();
     }
@@ -113,6 +127,13 @@ struct PackedLinear {
         return with_rows(mt, [&](auto r) { tile_q4_simd<decltype(r)::value>(wt, d, mn, a, blocks, out, ldo); });
 #endif
       tile_blocks_portable<4>(wt, d, mn, a, mt, blocks, out, ldo);
+    } else if (sub_blocks) {
+      const float* d = scale32 + 2 * n * blocks;
+      const float* mn = mins32 + 2 * n * blocks;
+#if LEAPLLM_VNNI
+      if (simd) return with_rows(mt, [&](auto r) { tile_q8_sub_blocks_simd<decltype(r)::value>(wt, d, mn, a, blocks, out, ldo); });
+#endif
+      tile_q8_sub_blocks_portable(wt, d, mn, a, mt, blocks, out, ldo);
     } else if (block_scales) {
       const uint16_t* d = scale16 + n * blocks;
 #if LEAPLLM_VNNI || LEAPLLM_AVX2
@@ -142,6 +163,14 @@ struct PackedLinear {
           r[4 * c + j] = (float)(byte & 15) * dv + mv;
           r[4 * (c + 4) + j] = (float)(byte >> 4) * dv + mv;
         }
+      }
+      return;
+    }
+    if (sub_blocks) {  // fma: one rounding of d * u + m, as the gguf package's d * (q - offset)
+      for (int h = 0; h < 2; ++h) {
+        const int64_t at = t * TILE * 2 * blocks + (2 * b + h) * TILE + L;  // (tile, half block, row)
+        for (int qd = 4 * h; qd < 4 * h + 4; ++qd)
+          for (int j = 0; j < 4; ++j) r[4 * qd + j] = std::fma((float)wb[qd * 64 + 4 * L + j], scale32[at], mins32[at]);
       }
       return;
     }

@@ -134,4 +134,31 @@ void tile_q8_portable(const uint8_t* w, const float* d, const QuantizedRow* cons
     for (int L = 0; L < TILE; ++L) out[m * ldo + L] = d[L] * (y[m][L] - 128.f * a[m]->total);  // stored: q + 128
 }
 
+// int8 sub-blocks (K-quants): w = d * u + m per (16 features, row), float32 d and m; u the stored
+// byte. Scalar integer sums per half block (AVX2 builds run these too).
+void tile_q8_sub_blocks_portable(const uint8_t* w, const float* d, const float* mins, const QuantizedRow* const* a,
+                                 int rows, int64_t blocks, float* out, int64_t ldo) {
+  float y[MAX_ROWS][TILE] = {};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* wb = w + b * 512;
+    const float *d0 = d + 2 * b * TILE, *d1 = d0 + TILE, *m0 = mins + 2 * b * TILE, *m1 = m0 + TILE;
+    for (int m = 0; m < rows; ++m) {
+      const int8_t* x = a[m]->q.data() + b * BLOCK;
+      const float scale = a[m]->scale[b], h0 = a[m]->half_sum[2 * b], h1 = a[m]->half_sum[2 * b + 1];
+      for (int L = 0; L < TILE; ++L) {
+        int s0 = 0, s1 = 0;
+        for (int qd = 0; qd < 4; ++qd) {
+          for (int j = 0; j < 4; ++j) {
+            s0 += (int)wb[qd * 64 + 4 * L + j] * x[4 * qd + j];
+            s1 += (int)wb[(qd + 4) * 64 + 4 * L + j] * x[4 * (qd + 4) + j];
+          }
+        }
+        y[m][L] += (float)s0 * d0[L] * scale + (float)s1 * d1[L] * scale + m0[L] * h0 + m1[L] * h1;
+      }
+    }
+  }
+  for (int m = 0; m < rows; ++m)
+    for (int L = 0; L < TILE; ++L) out[m * ldo + L] = y[m][L];
+}
+
 }  // namespace

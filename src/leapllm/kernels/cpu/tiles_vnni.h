@@ -90,5 +90,34 @@ void tile_q8_simd(const uint8_t* w, const float* d, const QuantizedRow* const* a
   }
 }
 
+// int8 sub-blocks (K-quants): w = d * u + m per (16 features, row), float32 d and m. The two chains
+// of the dot products are exactly the two halves of a block (quads 0..3 and 4..7).
+template <int MT>
+void tile_q8_sub_blocks_simd(const uint8_t* w, const float* d, const float* mins, const QuantizedRow* const* a,
+                             int64_t blocks, float* out, int64_t ldo) {
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i wq[8];
+    for (int qd = 0; qd < 8; ++qd) wq[qd] = _mm512_loadu_si512((const void*)(w + b * 512 + qd * 64));
+    const __m512 d0 = _mm512_loadu_ps(d + 2 * b * TILE), d1 = _mm512_loadu_ps(d + (2 * b + 1) * TILE);
+    const __m512 m0 = _mm512_loadu_ps(mins + 2 * b * TILE), m1 = _mm512_loadu_ps(mins + (2 * b + 1) * TILE);
+    for (int m = 0; m < MT; ++m) {
+      const int8_t* x = a[m]->q.data() + b * BLOCK;
+      __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+      for (int c = 0; c < 4; ++c) {
+        s0 = _mm512_dpbusd_epi32(s0, wq[c], broadcast_quad(x + 4 * c));
+        s1 = _mm512_dpbusd_epi32(s1, wq[c + 4], broadcast_quad(x + 4 * (c + 4)));
+      }
+      const __m512 xs = _mm512_set1_ps(a[m]->scale[b]);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, xs), acc[m]);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(d1, xs), acc[m]);
+      acc[m] = _mm512_fmadd_ps(m0, _mm512_set1_ps(a[m]->half_sum[2 * b]), acc[m]);
+      acc[m] = _mm512_fmadd_ps(m1, _mm512_set1_ps(a[m]->half_sum[2 * b + 1]), acc[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) _mm512_storeu_ps(out + m * ldo, acc[m]);
+}
+
 }  // namespace
 #endif

@@ -27,6 +27,7 @@ from leapllm.kernels.packing import (
     kernels_can_run,
     pack_int8,
     pack_int8_blocks,
+    pack_int8_sub_blocks,
     packed_forward,
     packed_linear,
 )
@@ -44,10 +45,12 @@ def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch
 
 class Int8Linear(nn.Module):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                 activation_digits: int = 1):
+                 activation_digits: int = 1, minimum: torch.Tensor | None = None):
         """q (out, in) int8 and scale (out,): weight ~ q * scale[:, None]; or scale (out, in / 32)
-        float16, one per block of 32 (GGUF's Q8_0; leapllm's kernels only). activation_digits: 1
-        (W8A8) or 2 (activation precision of ~16 bits, see the module docstring)."""
+        float16, one per block of 32 (GGUF's Q8_0); or q uint8 values with scale and minimum
+        (out, in / 16) float32, w = q * scale + minimum per 16 (GGUF's K-quants). The block forms run
+        on leapllm's kernels only. activation_digits: 1 (W8A8) or 2 (activation precision of ~16
+        bits, see the module docstring)."""
         super().__init__()
         if activation_digits not in (1, 2):
             raise ValueError(f"activation_digits must be 1 or 2, got {activation_digits}")
@@ -58,11 +61,16 @@ class Int8Linear(nn.Module):
         if block_scales and not kernels_can_run(self.in_features, self.out_features, q.device):
             raise ValueError("int8 weights with a scale per block run only on leapllm's CPU kernels")
         if kernels_can_run(self.in_features, self.out_features, q.device):
-            weight, scales = pack_int8_blocks(q, scale) if block_scales else pack_int8(q, scale)
+            mins = None
+            if minimum is not None:
+                weight, scales, mins = pack_int8_sub_blocks(q, scale, minimum)
+            else:
+                weight, scales = pack_int8_blocks(q, scale) if block_scales else pack_int8(q, scale)
             self.register_buffer("packed_weight", weight)
             self.register_buffer("packed_scales", scales)
+            self.register_buffer("packed_mins", mins)
             self.register_buffer("bias", None if bias is None else bias.detach().float())
-            self.packed_linear = packed_linear(weight, scales, None, self.bias, bits=8)
+            self.packed_linear = packed_linear(weight, scales, mins, self.bias, bits=8)
             return
         self.register_buffer("weight_t", q.t().contiguous().t())  # (out, in) int8, so .t() is (in, out) contiguous
         self.register_buffer("weight_scale", scale.float())
@@ -101,6 +109,8 @@ class Int8Linear(nn.Module):
     def bytes_per_weight(self) -> float:
         """One byte per weight plus a float32 scale per output row or a float16 one per block of 32
         (activation scales are not weights)."""
+        if self.packed_linear is not None and self.packed_linear.sub_blocks:
+            return 1 + 8 / 16
         if self.packed_linear is not None and self.packed_linear.block_scales:
             return 1 + 2 / 32
         return 1 + 4 / self.in_features
@@ -108,7 +118,9 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         if self.packed_linear is not None:
             kernel = f"leapllm {self.packed_linear.kernel} kernel"
-            weights = "int8 weights, a scale per block of 32" if self.packed_linear.block_scales else "int8 per-channel weights"
+            weights = ("int8 weights, a scale and minimum per 16" if self.packed_linear.sub_blocks
+                       else "int8 weights, a scale per block of 32" if self.packed_linear.block_scales
+                       else "int8 per-channel weights")
             return (f"in_features={self.in_features}, out_features={self.out_features}, {weights}, "
                     f"int8 activations per block of 32 ({kernel})")
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel weights, "
