@@ -202,8 +202,14 @@ def test_the_quantized_leapllm_systems_are_known_and_run_by_default():
     assert QUANTIZED["int4"].args == {"method": "int4", "group_size": 32, "head_method": "int8"}
     assert QUANTIZED["int8"].args == {"method": "int8"}
     assert resolve_systems(BenchSettings(peers="llamacpp")) == [
-        "leapllm-float32", "leapllm-bfloat16", "leapllm-int4", "leapllm-int8", "llamacpp"]
-    assert resolve_systems(BenchSettings(peers="none"))[2:] == ["leapllm-int4", "leapllm-int8"]
+        "leapllm", "leapllm-float32", "leapllm-bfloat16", "leapllm-int4", "leapllm-int8", "llamacpp"]
+    assert resolve_systems(BenchSettings(peers="none"))[3:] == ["leapllm-int4", "leapllm-int8"]
+
+
+def test_the_leapllm_system_is_the_cli_with_no_flags():
+    assert system_engine_dtype("leapllm") == ("leapllm", "auto")
+    assert system_engine_dtype("leapllm+ngram") == ("leapllm", "auto")
+    assert resolve_systems(BenchSettings(peers="none"))[0] == "leapllm"
 
 
 def test_quantized_leapllm_systems_whose_greedy_tokens_differ_are_reported_not_broken():
