@@ -47,6 +47,16 @@ class GGUFTensorInfo:
     n_elements: int
     n_bytes: int
     data: np.ndarray  # F32 / F16: the values, shape reversed (PyTorch's order); else uint8 (rows, bytes per row)
+    file_map: np.memmap | None = None  # the whole file, mapped read-only
+
+    def release_pages(self) -> None:
+        """Drop this tensor's pages of the map from the process's memory once it has been read: the
+        file's bytes need not stay resident beside the weights built from them. A later read pages
+        them in again from the page cache, so a page shared with the next tensor is safe to drop."""
+        if self.file_map is None or self.n_bytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = self.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+        self.file_map._mmap.madvise(mmap.MADV_DONTNEED, start, self.data_offset + self.n_bytes - start)
 
 
 @dataclass
@@ -123,7 +133,7 @@ def _tensor_view(file_map: np.ndarray, info: tuple, start: int, path: Path) -> G
     else:
         rows = n_elements // dims[0]
         data = raw.reshape(rows, n_bytes // rows)
-    return GGUFTensorInfo(name, int(qtype), tuple(dims), begin, n_elements, n_bytes, data)
+    return GGUFTensorInfo(name, int(qtype), tuple(dims), begin, n_elements, n_bytes, data, file_map)
 
 
 def open_gguf(path: str | Path) -> tuple[GGUFContents, dict[str, Any]]:

@@ -126,7 +126,7 @@ def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, GGUFTensor], dic
     for t in reader.tensors:
         # GGUF lists dimensions fastest first: (in_features, out_features) is PyTorch's (out, in).
         tensor = GGUFTensor(t.name, GGMLQuantizationType(t.tensor_type), tuple(int(d) for d in reversed(t.shape)),
-                            t.data, path)
+                            t.data, path, release_pages=t.release_pages)
         name = canonical_name(t.name)
         if name is None:
             if t.name == "rope_freqs.weight":  # Llama 3.1 frequency divisors

@@ -20,6 +20,7 @@ time, and `leapllm info` says so.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,7 @@ class GGUFTensor:
     data: np.ndarray  # the reader's memory-mapped view: (rows, bytes per row) for block types
     source: Path
     unpermute_heads: int | None = None  # undo llama.cpp's Q/K row interleaving over this many heads
+    release_pages: Callable[[], None] | None = None  # drop the file's pages once the tensor is built
 
     @property
     def type_name(self) -> str:

@@ -69,8 +69,11 @@ def check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], source:
 
 
 def _note(kernels_by_type: dict[str, set[str]], tensor, how: str) -> None:
+    """Record what runs a stored tensor; it has been read, so its file pages may go."""
     if isinstance(tensor, GGUFTensor):
         kernels_by_type.setdefault(tensor.type_name, set()).add(how)
+        if tensor.release_pages is not None:
+            tensor.release_pages()
 
 
 def projection_format(parts: list) -> str | None:
@@ -92,13 +95,16 @@ def _quantized_projection(parts: list, bias: torch.Tensor | None, device: torch.
     out_features, in_features = sum(t.shape[0] for t in parts), parts[0].shape[1]
     if not kernels_can_run(in_features, out_features, device):
         return None
+    def joined(per_part):  # each part's tensors, concatenated by rows (no copy for a single part)
+        return [x[0] if len(x) == 1 else torch.cat(x) for x in zip(*per_part)]
+
     if fmt == "int4":
-        q, scale, minimum = (torch.cat(x) for x in zip(*(t.int4_parts() for t in parts)))
+        q, scale, minimum = joined(t.int4_parts() for t in parts)
         return Int4Linear(q, scale, minimum, bias, device)
     if fmt == "int8-16":
-        u, scale, minimum = (torch.cat(x) for x in zip(*(t.sub_block_parts() for t in parts)))
+        u, scale, minimum = joined(t.sub_block_parts() for t in parts)
         return Int8Linear(u, scale, bias, minimum=minimum)
-    q, scale = (torch.cat(x) for x in zip(*(t.int8_parts() for t in parts)))
+    q, scale = joined(t.int8_parts() for t in parts)
     return Int8Linear(q, scale, bias)
 
 

@@ -34,9 +34,10 @@ class RMSNorm(nn.Module):
 
 
 def rotary_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,) with the model's rope scaling applied."""
+    """Inverse frequencies (head_dim/2,) with the model's rope scaling applied, on the CPU (also
+    inside a meta-device context, where PyTorch would import its compiler stack for these ops)."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     scaling = config.rope_scaling or {}
     kind = scaling.get("type")
     if kind == "linear":
@@ -153,7 +154,12 @@ class Transformer(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # nn.Embedding's own init.normal_ on a meta tensor (loaders build the model on the meta device,
+        # then assign the real weights) imports ~800 modules of PyTorch's compiler stack, 74 MB.
+        table = torch.empty(config.vocab_size, config.hidden_size)
+        if table.device.type != "meta":
+            nn.init.normal_(table)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=table)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
