@@ -118,6 +118,25 @@ def test_int8_block_matmul_matches_the_dequantized_weights_on_simd_and_portable_
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 13])
+def test_int4_with_float32_scales_dequantizes_exactly_and_matches_on_simd_and_portable_tiles(rows):
+    """GGUF's Q4_K: a sub-block's scale (float16 super-scale x 6-bit scale) needs float32."""
+    g = torch.Generator().manual_seed(rows)
+    n, k = 48, 256
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scale = torch.rand(n, k // 32, generator=g) * 0.01 + 1e-5  # not float16 values
+    minimum = -torch.rand(n, k // 32, generator=g) * 0.1
+    dense = dequantize_int4_groupwise(q, scale, minimum)
+    packed = pack_int4(q, scale, minimum, torch.float32)
+    fast = packed_linear(*packed, None, bits=4)
+    assert fast.float_scales and packed[1].dtype == torch.float32
+    torch.testing.assert_close(fast.dequantize(torch.float32), dense, rtol=0, atol=1e-7)
+    x = torch.randn(rows, k, generator=g)
+    y = fast.forward(x)
+    assert relative_error(y, x @ dense.T) < 0.01
+    torch.testing.assert_close(packed_linear(*packed, None, bits=4, simd=False).forward(x), y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
 def test_int8_sub_block_matmul_matches_the_dequantized_weights_on_simd_and_portable_tiles(rows):
     """A float32 scale and minimum per 16 features (GGUF's K-quants): each half of a block of 32 is
     scaled on its own, and the minimum multiplies the half's activation sum."""

@@ -25,7 +25,7 @@ from tests.tiny_models import TINY_VOCAB, tiny_hf_state, write_tiny_gguf
 
 needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="leapllm CPU kernels unavailable here")
 
-KERNEL_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
+KERNEL_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0]
 
 
 def weights_with_outliers(n: int, k: int, seed: int = 0) -> np.ndarray:
@@ -51,7 +51,7 @@ def reference(t: GGUFTensor) -> torch.Tensor:
 
 def packed_module(t: GGUFTensor) -> nn.Module:
     if t.kernel_format == "int4":
-        return Int4Linear(*t.int4_parts(), None)
+        return Int4Linear(*t.int4_parts(), None, float32_scales=not t.float16_scales)
     if t.kernel_format == "int8-16":
         u, scale, minimum = t.sub_block_parts()
         return Int8Linear(u, scale, minimum=minimum)
@@ -98,12 +98,14 @@ K_QUANTS = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 @needs_kernels
 @pytest.mark.parametrize("qtype", K_QUANTS)
 @pytest.mark.parametrize("unpermute_heads", [None, 2])
-def test_k_quants_repack_into_int8_sub_blocks_bit_for_bit(qtype, unpermute_heads):
+def test_k_quants_repack_bit_for_bit_q4_k_as_int4_the_others_as_int8_sub_blocks(qtype, unpermute_heads):
     t = GGUFTensor("synthetic", qtype, (48, 512), random_blocks(qtype, 48, 512, seed=int(qtype)), "synthetic.gguf",
                    unpermute_heads)
-    assert t.kernel_format == "int8-16"
     module = packed_module(t)
-    assert module.packed_linear.sub_blocks
+    if qtype == Q.Q4_K:  # sub-blocks of 32: int4, with float32 scales (float16 cannot hold d x sub-scale)
+        assert t.kernel_format == "int4" and isinstance(module, Int4Linear) and module.packed_linear.float_scales
+    else:
+        assert t.kernel_format == "int8-16" and module.packed_linear.sub_blocks
     expected = reference(t)
     assert torch.equal(module.packed_linear.dequantize(torch.float32), expected)
     assert torch.equal(module.packed_linear.dequantize_rows(torch.tensor([5, 47])), expected[[5, 47]])
@@ -124,9 +126,10 @@ def test_a_q4_k_m_layers_q4_k_and_q6_k_parts_fuse_into_one_exact_projection():
 
 
 @needs_kernels
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q5_1])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_K])
 def test_every_kernel_type_also_takes_the_int8_sub_block_form_bit_for_bit(qtype):
-    t = gguf_tensor(weights_with_outliers(32, 256, seed=7), qtype)
+    t = (GGUFTensor("synthetic", qtype, (32, 256), random_blocks(qtype, 32, 256), "synthetic.gguf")
+         if qtype == Q.Q4_K else gguf_tensor(weights_with_outliers(32, 256, seed=7), qtype))
     u, scale, minimum = t.sub_block_parts()
     module = Int8Linear(u, scale, minimum=minimum)
     assert torch.equal(module.packed_linear.dequantize(torch.float32), reference(t))
@@ -166,7 +169,7 @@ def test_a_quantized_gguf_runs_as_stored_by_default_and_as_floats_on_request(tmp
     quantized, floats = load_model(path, device="cpu"), load_model(path, dtype="float32", device="cpu")
     qmodel, fmodel = quantized.model, floats.model
     layer = qmodel.layers[1]
-    assert isinstance(layer.attn.qkv_proj, Int8Linear if qtype == Q.Q8_0 else Int4Linear)
+    assert isinstance(layer.attn.qkv_proj, Int8Linear if qtype in (Q.Q8_0, Q.Q5_0) else Int4Linear)
     assert isinstance(fmodel.layers[1].attn.qkv_proj, nn.Linear)
     # every stored weight is what the gguf package reads from the file, bit for bit (Q/K unpermuted too)
     for module, names in [("layers.1.attn.qkv_proj", [f"layers.1.attn.{x}_proj.weight" for x in "qkv"]),
@@ -181,7 +184,7 @@ def test_a_quantized_gguf_runs_as_stored_by_default_and_as_floats_on_request(tmp
     a, b = qmodel(tokens), fmodel(tokens)
     assert float((a - b).norm() / b.norm()) < 0.05  # only the int8 rounding of activations differs
     kernels = quantized.config.extra["kernels_by_type"]
-    assert kernels[qtype.name] == [f"leapllm {'int8' if qtype == Q.Q8_0 else 'int4'} kernels",
+    assert kernels[qtype.name] == [f"leapllm {'int8' if qtype in (Q.Q8_0, Q.Q5_0) else 'int4'} kernels",
                                    "rows dequantized at lookup"]
     assert floats.config.extra["kernels_by_type"][qtype.name] == ["dequantized to float32"]
 
@@ -200,9 +203,10 @@ def test_projections_of_mixed_types_run_as_int8_sub_blocks_and_types_without_ker
     assert torch.equal(mixed.packed_linear.dequantize(torch.float32), expected)
     assert isinstance(model.layers[1].attn.qkv_proj, Int4Linear)
     assert isinstance(model.layers[1].mlp.down_proj, Int8Linear)  # Q5_0
+    assert model.layers[1].mlp.down_proj.packed_linear.block_scales
     assert isinstance(model.layers[1].mlp.gate_up_proj, nn.Linear)  # an F16 part: floats
     kernels = loaded.config.extra["kernels_by_type"]
-    assert kernels["Q5_0"] == ["leapllm int8 kernels, a scale and minimum per 16 weights"]
+    assert kernels["Q5_0"] == ["leapllm int8 kernels"]  # as int8 blocks: q - 16
     assert kernels["Q8_0"] == ["leapllm int8 kernels, a scale and minimum per 16 weights"]
     assert kernels["F16"] == ["float32"]
     assert "leapllm int4 kernels" in kernels["Q4_1"] and "dequantized to float32" in kernels["Q4_1"]

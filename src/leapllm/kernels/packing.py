@@ -45,15 +45,16 @@ def blocks_of_32(per_group: torch.Tensor, in_features: int) -> torch.Tensor:
     return per_group.repeat_interleave(in_features // BLOCK // per_group.shape[1], dim=1)
 
 
-def pack_int4(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, scale_dtype: torch.dtype = torch.float16
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (N, K) uint8 in [0, 15], scale and minimum (N, K/group), w = q * scale + minimum
-    -> (weight (N, K/2) uint8, scales (N, K/32) float16, minimums (N, K/32) float16), in the kernels' order."""
+    -> (weight (N, K/2) uint8, scales (N, K/32), minimums (N, K/32)), in the kernels' order; scales
+    and minimums in float16, or float32 where float16 cannot hold them (GGUF's Q4_K)."""
     n, k = q.shape
     quads = tile_quads(q.to(torch.uint8))  # (tiles, blocks, 8, 64)
     weight = (quads[:, :, :4] | (quads[:, :, 4:] << 4)).reshape(n, k // 2)  # quad c low, quad c + 4 high
-    scales = per_row_blocks(blocks_of_32(scale.float(), k)).half()
-    mins = per_row_blocks(blocks_of_32(minimum.float(), k)).half()
+    scales = per_row_blocks(blocks_of_32(scale.float(), k)).to(scale_dtype)
+    mins = per_row_blocks(blocks_of_32(minimum.float(), k)).to(scale_dtype)
     return weight.contiguous(), scales.contiguous(), mins.contiguous()
 
 

@@ -6,13 +6,15 @@ float16 minimum for Q4_1): exactly the blocks of leapllm's packed int4 / int8 la
     Q4_1  w = d * q + m           q in [0, 15]      -> int4 (scale d, minimum m)
     Q4_0  w = d * (q - 8)         q in [0, 15]      -> int4 (scale d, minimum -8 d, exact in float16)
     Q8_0  w = d * q               q in [-127, 127]  -> int8 with a scale per block
+    Q5_0  w = d * (q - 16)        q in [0, 31]      -> int8 with a scale per block (q - 16 as the int8)
 The K-quants (Q2_K .. Q6_K) store super-blocks of 256 with 4- to 8-bit sub-block scales (and
 minimums) under a float16 super-scale: each sub-block's d = super-scale * sub-scale is exact in
-float32, so they become int8 values with a float32 scale and minimum per 16 features ("int8-16"),
-w = d * u + m, which dequantizes to the gguf package's values bit for bit; so do Q5_0 and Q5_1
-(5-bit values in blocks of 32). That holds 12 bits per weight (a Q4_K file has 4.5): exact, 2.7x
-smaller than float32, not yet the file's size. Every type above can take that form, so a fused
-projection whose parts differ (a Q4_K_M layer's Q4_K q/k and Q6_K v) runs as one int8-16 layer.
+float32. Q4_K (sub-blocks of 32) becomes int4 with float32 scales and minimums (6 bits per weight,
+its file 4.5); the others become int8 values with a float32 scale and minimum per 16 features
+("int8-16", 12 bits per weight), w = d * u + m, as does Q5_1 (5-bit values with a minimum).
+Both dequantize to the gguf package's values bit for bit: exact, 2.7x to 5x smaller than float32,
+not yet the file's size. Every type above can take the int8-16 form, so a fused projection whose
+parts differ (a Q4_K_M layer's Q4_K q/k and Q6_K v) runs as one int8-16 layer.
 Every other type (F16, BF16, IQ*, ...) has no kernel yet: it is dequantized by the
 `gguf` package (llama.cpp's own reference code) to float32 when the model is built, one tensor at a
 time, and `leapllm info` says so.
@@ -36,11 +38,11 @@ KERNEL_FORMATS = {
     GGMLQuantizationType.Q4_0: "int4",
     GGMLQuantizationType.Q4_1: "int4",
     GGMLQuantizationType.Q8_0: "int8",
-    GGMLQuantizationType.Q5_0: "int8-16",
+    GGMLQuantizationType.Q5_0: "int8",
     GGMLQuantizationType.Q5_1: "int8-16",
     GGMLQuantizationType.Q2_K: "int8-16",
     GGMLQuantizationType.Q3_K: "int8-16",
-    GGMLQuantizationType.Q4_K: "int8-16",
+    GGMLQuantizationType.Q4_K: "int4",
     GGMLQuantizationType.Q5_K: "int8-16",
     GGMLQuantizationType.Q6_K: "int8-16",
 }
@@ -116,9 +118,21 @@ class GGUFTensor:
         n, k = self.shape
         return np.asarray(self._rows()).reshape(n, k // BLOCK, block_bytes)
 
+    @property
+    def float16_scales(self) -> bool:
+        """Whether the int4 form's scales and minimums fit float16 exactly (not Q4_K's products)."""
+        return self.ggml_type != GGMLQuantizationType.Q4_K
+
     def int4_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Q4_0 / Q4_1 -> (q (N, K) uint8 in [0, 15], scale (N, K/32), minimum (N, K/32)) with
-        w = q * scale + minimum, both float32 holding float16 values exactly."""
+        """Q4_0 / Q4_1 / Q4_K -> (q (N, K) uint8 in [0, 15], scale (N, K/32), minimum (N, K/32))
+        with w = q * scale + minimum, float32 (holding float16 values exactly but for Q4_K)."""
+        if self.ggml_type == GGMLQuantizationType.Q4_K:
+            n, k = self.shape
+            sb = np.asarray(self._rows()).reshape(n, k // SUPER_BLOCK, 144)
+            u, scale, minimum = _k_quant_parts(self.ggml_type, sb)
+            return (torch.from_numpy(np.ascontiguousarray(u).reshape(n, k)),
+                    torch.from_numpy(np.ascontiguousarray(scale[..., ::2]).reshape(n, k // BLOCK)),
+                    torch.from_numpy(np.ascontiguousarray(minimum[..., ::2]).reshape(n, k // BLOCK)))
         if self.ggml_type == GGMLQuantizationType.Q4_1:
             blocks = self._blocks(20)
             scale, minimum, qs = _float16_field(blocks, 0), _float16_field(blocks, 2), blocks[..., 4:]
@@ -133,9 +147,12 @@ class GGUFTensor:
         return torch.from_numpy(_nibbles(qs)), torch.from_numpy(scale), torch.from_numpy(minimum)
 
     def int8_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Q8_0 -> (q (N, K) int8, scale (N, K/32) float16) with w = q * scale per block."""
+        """Q8_0 / Q5_0 -> (q (N, K) int8, scale (N, K/32) float16) with w = q * scale per block."""
+        if self.ggml_type == GGMLQuantizationType.Q5_0:
+            u, scale, _ = self.sub_block_parts()
+            return (u.to(torch.int16) - 16).to(torch.int8), scale[:, ::2].half()  # d: float16 in the file
         if self.ggml_type != GGMLQuantizationType.Q8_0:
-            raise ValueError(f"{self.type_name} is not Q8_0")
+            raise ValueError(f"{self.type_name} is neither Q8_0 nor Q5_0")
         blocks = self._blocks(34)
         scale = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
         q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(self.shape)
@@ -147,7 +164,7 @@ class GGUFTensor:
         multiply-add, as the gguf package's d * (q - offset))."""
         n, k = self.shape
         t = self.ggml_type
-        if t in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
+        if t in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):  # (Q4_K: below, per 16 already)
             q, scale, minimum = self.int4_parts()
             return q, scale.repeat_interleave(2, dim=1), minimum.repeat_interleave(2, dim=1)
         if t == GGMLQuantizationType.Q8_0:

@@ -100,7 +100,7 @@ def _quantized_projection(parts: list, bias: torch.Tensor | None, device: torch.
 
     if fmt == "int4":
         q, scale, minimum = joined(t.int4_parts() for t in parts)
-        return Int4Linear(q, scale, minimum, bias, device)
+        return Int4Linear(q, scale, minimum, bias, device, float32_scales=not all(t.float16_scales for t in parts))
     if fmt == "int8-16":
         u, scale, minimum = joined(t.sub_block_parts() for t in parts)
         return Int8Linear(u, scale, bias, minimum=minimum)

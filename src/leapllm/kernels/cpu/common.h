@@ -7,8 +7,9 @@
 // broadcast adds 4 products to each row's own int32 lane: the 16 lanes are 16 outputs and no
 // horizontal sums are ever needed. Scales are stored per (tile, block) as 16 values, one per row.
 //   int4: weight (N, K/2) uint8: per (tile, block) 4 vectors, vector c holding quad c in its low
-//         nibbles and quad c + 4 in its high nibbles; scales and mins (N, K/32) float16 as
-//         (tile, block, row): w = d * q + m, q in [0, 15].
+//         nibbles and quad c + 4 in its high nibbles; scales and mins (N, K/32) float16 (or float32,
+//         for GGUF's Q4_K, whose sub-block scales float16 cannot hold) as (tile, block, row):
+//         w = d * q + m, q in [0, 15].
 //   int8: weight (N, K) uint8 = q + 128: per (tile, block) 8 vectors, one per quad; scales either
 //         (N,) float32, one per row, or (N, K/32) float16 as (tile, block, row), one per block
 //         (GGUF's Q8_0 blocks, kept exact): w = d * q.
@@ -134,6 +135,10 @@ void quantize_row(const float* x, int64_t k, QuantizedRow& a) {
 }
 
 inline float half_to_float(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
+
+// A block scale or minimum stored as float16 (uint16_t bits) or float32, as a float.
+inline float scale_value(uint16_t h) { return half_to_float(h); }
+inline float scale_value(float f) { return f; }
 
 }  // namespace
 

@@ -34,7 +34,8 @@ struct PackedLinear {
   int64_t out_features, in_features, bits;
   bool simd;
   bool block_scales = false;  // int8 with a float16 scale per block of 32 (GGUF Q8_0) instead of one per row
-  bool sub_blocks = false;    // int8 values with a float32 scale and minimum per 16 features (GGUF K-quants)  // the VNNI or AVX2 tiles (whichever this build has); else the portable ones
+  bool sub_blocks = false;    // int8 values with a float32 scale and minimum per 16 features (GGUF K-quants)
+  bool float_scales = false;  // int4 with float32 scales and minimums (GGUF Q4_K) instead of float16  // the VNNI or AVX2 tiles (whichever this build has); else the portable ones
   at::Tensor weight, scales, mins, bias;
   // Their data, read once here rather than through a checked data_ptr<T>() at each of a step's many
   // tile calls. scale16 (int4 and int8 blocks: float16 scales; mins16 int4's minimums) or scale32 (int8 rows).
@@ -58,10 +59,12 @@ struct PackedLinear {
     TORCH_CHECK(in_features % BLOCK == 0, "in_features must be a multiple of 32");
     TORCH_CHECK(out_features % TILE == 0, "out_features must be a multiple of 16");
     if (bits == 4) {
-      TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.numel() == out_features * (in_features / BLOCK),
-                  "int4 scales must be float16 (N, K/32)");
-      TORCH_CHECK(mins_.has_value() && mins_->scalar_type() == at::kHalf && mins_->numel() == scales.numel(),
-                  "int4 needs float16 minimums (N, K/32)");
+      float_scales = scales.scalar_type() == at::kFloat;
+      const auto scale_type = float_scales ? at::kFloat : at::kHalf;
+      TORCH_CHECK((float_scales || scales.scalar_type() == at::kHalf) && scales.numel() == out_features * (in_features / BLOCK),
+                  "int4 scales must be float16 or float32 (N, K/32)");
+      TORCH_CHECK(mins_.has_value() && mins_->scalar_type() == scale_type && mins_->numel() == scales.numel(),
+                  "int4 needs minimums (N, K/32) of its scales' dtype");
       mins = mins_->contiguous();
     } else if (mins_.has_value() && mins_->defined()) {
       TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == out_features * (in_features / 16),
@@ -83,9 +86,14 @@ struct PackedLinear {
       bias_data = bias.data_ptr<float>();
     }
     weight_data = weight.data_ptr<uint8_t>();
-    if (bits == 4 || block_scales) scale16 = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+    if (float_scales) {
+      scale32 = scales.data_ptr<float>();
+      mins32 = mins.data_ptr<float>();
+    } else if (bits == 4 || block_scales) {
+      scale16 = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+    }
     if (bits == 4) {
-      mins16 = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
+      if (!float_scales) mins16 = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
     } else if (sub_blocks) {
       scale32 = scales.data_ptr<float>();
       mins32 = mins.data_ptr<float>();
@@ -119,14 +127,22 @@ struct PackedLinear {
 
   void tile(const uint8_t* wt, int64_t n, const QuantizedRow* const* a, int mt, int64_t blocks, float* out,
             int64_t ldo) const {
-    if (bits == 4) {
+    if (bits == 4 && float_scales) {
+      const float* d = scale32 + n * blocks;
+      const float* mn = mins32 + n * blocks;
+#if LEAPLLM_VNNI || LEAPLLM_AVX2
+      if (simd)
+        return with_rows(mt, [&](auto r) { tile_q4_simd<decltype(r)::value, float>(wt, d, mn, a, blocks, out, ldo); });
+#endif
+      tile_blocks_portable<4, float>(wt, d, mn, a, mt, blocks, out, ldo);
+    } else if (bits == 4) {
       const uint16_t* d = scale16 + n * blocks;
       const uint16_t* mn = mins16 + n * blocks;
 #if LEAPLLM_VNNI || LEAPLLM_AVX2
       if (simd)
-        return with_rows(mt, [&](auto r) { tile_q4_simd<decltype(r)::value>(wt, d, mn, a, blocks, out, ldo); });
+        return with_rows(mt, [&](auto r) { tile_q4_simd<decltype(r)::value, uint16_t>(wt, d, mn, a, blocks, out, ldo); });
 #endif
-      tile_blocks_portable<4>(wt, d, mn, a, mt, blocks, out, ldo);
+      tile_blocks_portable<4, uint16_t>(wt, d, mn, a, mt, blocks, out, ldo);
     } else if (sub_blocks) {
       const float* d = scale32 + 2 * n * blocks;
       const float* mn = mins32 + 2 * n * blocks;
@@ -140,7 +156,7 @@ struct PackedLinear {
       if (simd)
         return with_rows(mt, [&](auto r) { tile_q8_blocks_simd<decltype(r)::value>(wt, d, a, blocks, out, ldo); });
 #endif
-      tile_blocks_portable<8>(wt, d, nullptr, a, mt, blocks, out, ldo);
+      tile_blocks_portable<8, uint16_t>(wt, d, nullptr, a, mt, blocks, out, ldo);
     } else {
       const float* d = scale32 + n;
 #if LEAPLLM_VNNI || LEAPLLM_AVX2
@@ -156,7 +172,8 @@ struct PackedLinear {
     const uint8_t* wb = weight_data + t * (TILE * in_features * bits / 8) + b * (bits == 4 ? 256 : 512);
     if (bits == 4) {
       const int64_t at = t * TILE * blocks + b * TILE + L;  // (tile, block, row)
-      const float dv = half_to_float(scale16[at]), mv = half_to_float(mins16[at]);
+      const float dv = float_scales ? scale32[at] : half_to_float(scale16[at]);
+      const float mv = float_scales ? mins32[at] : half_to_float(mins16[at]);
       for (int c = 0; c < 4; ++c) {
         for (int j = 0; j < 4; ++j) {
           const uint8_t byte = wb[c * 64 + 4 * L + j];

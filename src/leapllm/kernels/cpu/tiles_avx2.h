@@ -49,10 +49,14 @@ inline void add_nibble_products(const uint8_t* p, __m256i xl, __m256i xh, __m256
   hi1 = _mm256_add_epi16(hi1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low4), xh));
 }
 
+// 8 rows' scales (or minimums) of a block, stored as float16 or float32.
+inline __m256 load_scales8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+inline __m256 load_scales8(const float* p) { return _mm256_loadu_ps(p); }
+
 // One activation row (a decode step): both halves in one pass over the blocks, each activation quad
 // broadcast once for both, and the nibbles unpacked as they are used rather than kept in registers.
-inline void tile_q4_one_row(const uint8_t* w, const uint16_t* d, const uint16_t* mins, const QuantizedRow& r,
-                            int64_t blocks, float* out) {
+template <class S>
+void tile_q4_one_row(const uint8_t* w, const S* d, const S* mins, const QuantizedRow& r, int64_t blocks, float* out) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();  // rows 0..7, 8..15
   for (int64_t b = 0; b < blocks; ++b) {
@@ -64,10 +68,8 @@ inline void tile_q4_one_row(const uint8_t* w, const uint16_t* d, const uint16_t*
     for (int c = 0; c < 4; ++c)
       add_nibble_products(wb + c * 64, broadcast_quad8(x + 4 * c), broadcast_quad8(x + 4 * (c + 4)), lo0, hi0, lo1, hi1);
     const __m256 scale = _mm256_set1_ps(r.scale[b]), block_sum = _mm256_set1_ps(r.block_sum[b]);
-    const __m256 db0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + b * TILE)));
-    const __m256 db1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + b * TILE + 8)));
-    const __m256 mb0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mins + b * TILE)));
-    const __m256 mb1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mins + b * TILE + 8)));
+    const __m256 db0 = load_scales8(d + b * TILE), db1 = load_scales8(d + b * TILE + 8);
+    const __m256 mb0 = load_scales8(mins + b * TILE), mb1 = load_scales8(mins + b * TILE + 8);
     const __m256i s0 = _mm256_madd_epi16(_mm256_add_epi16(lo0, hi0), ones);
     const __m256i s1 = _mm256_madd_epi16(_mm256_add_epi16(lo1, hi1), ones);
     acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(db0, scale), acc0);
@@ -79,8 +81,8 @@ inline void tile_q4_one_row(const uint8_t* w, const uint16_t* d, const uint16_t*
   _mm256_storeu_ps(out + 8, acc1);
 }
 
-template <int MT>
-void tile_q4_simd(const uint8_t* w, const uint16_t* d, const uint16_t* mins, const QuantizedRow* const* a,
+template <int MT, class S>
+void tile_q4_simd(const uint8_t* w, const S* d, const S* mins, const QuantizedRow* const* a,
                   int64_t blocks, float* out, int64_t ldo) {
   if constexpr (MT == 1) {
     tile_q4_one_row(w, d, mins, *a[0], blocks, out);
@@ -99,8 +101,7 @@ void tile_q4_simd(const uint8_t* w, const uint16_t* d, const uint16_t* mins, con
         nib[c] = _mm256_and_si256(v, low4);
         nib[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
       }
-      const __m256 db = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + b * TILE + h * 8)));
-      const __m256 mb = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mins + b * TILE + h * 8)));
+      const __m256 db = load_scales8(d + b * TILE + h * 8), mb = load_scales8(mins + b * TILE + h * 8);
       for (int m = 0; m < MT; ++m) {
         const __m256i s = _mm256_madd_epi16(nibble_dot16(nib, a[m]->q.data() + b * BLOCK), ones);
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(db, _mm256_set1_ps(a[m]->scale[b])), acc[m]);

@@ -97,8 +97,8 @@ void block_sums_q8(const uint8_t* wb, const QuantizedRow* const* a, int rows, in
 // block's weights are unpacked once for all the rows; each output adds its blocks in order, so a
 // row's result does not depend on how many rows share the tile. BITS 4 (int4) or 8 (int8 blocks,
 // stored q + 128: no minimums given, the minimum is -128 d).
-template <int BITS>
-void tile_blocks_portable(const uint8_t* w, const uint16_t* d, const uint16_t* mins, const QuantizedRow* const* a,
+template <int BITS, class S>
+void tile_blocks_portable(const uint8_t* w, const S* d, const S* mins, const QuantizedRow* const* a,
                           int rows, int64_t blocks, float* out, int64_t ldo) {
   float y[MAX_ROWS][TILE] = {};
   int32_t s[MAX_ROWS][TILE];
@@ -107,8 +107,8 @@ void tile_blocks_portable(const uint8_t* w, const uint16_t* d, const uint16_t* m
     if constexpr (BITS == 4) block_sums_q4(w + b * 256, a, rows, b, s);
     else block_sums_q8(w + b * 512, a, rows, b, s);
     for (int L = 0; L < TILE; ++L) {
-      dv[L] = half_to_float(d[b * TILE + L]);
-      mv[L] = BITS == 4 ? half_to_float(mins[b * TILE + L]) : -128.f * dv[L];
+      dv[L] = scale_value(d[b * TILE + L]);
+      mv[L] = BITS == 4 ? scale_value(mins[b * TILE + L]) : -128.f * dv[L];
     }
     for (int m = 0; m < rows; ++m) {
       const float scale = a[m]->scale[b], block_sum = a[m]->block_sum[b];

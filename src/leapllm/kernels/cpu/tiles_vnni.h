@@ -16,8 +16,12 @@ inline __m512i broadcast_quad(const int8_t* x) {
 // A tile of weights with a float16 scale d and minimum per (block, row): w = d * stored + minimum.
 // BITS 4: two nibbles a byte, minimums given. BITS 8 (int8 blocks, GGUF's Q8_0): bytes q + 128, so
 // w = d * stored - 128 * d: no minimums given, the minimum is -128 d.
-template <int MT, int BITS>
-void tile_blocks_simd(const uint8_t* w, const uint16_t* d, const uint16_t* mins, const QuantizedRow* const* a,
+// The 16 rows' scales (or minimums) of a block, stored as float16 or float32.
+inline __m512 load_scales16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+inline __m512 load_scales16(const float* p) { return _mm512_loadu_ps(p); }
+
+template <int MT, int BITS, class S>
+void tile_blocks_simd(const uint8_t* w, const S* d, const S* mins, const QuantizedRow* const* a,
                       int64_t blocks, float* out, int64_t ldo) {
   __m512 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
@@ -34,9 +38,8 @@ void tile_blocks_simd(const uint8_t* w, const uint16_t* d, const uint16_t* mins,
     } else {
       for (int qd = 0; qd < 8; ++qd) wq[qd] = _mm512_loadu_si512((const void*)(w + b * 512 + qd * 64));
     }
-    const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(d + b * TILE)));
-    const __m512 mb = BITS == 4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mins + b * TILE)))
-                                : _mm512_mul_ps(db, _mm512_set1_ps(-128.f));
+    const __m512 db = load_scales16(d + b * TILE);
+    const __m512 mb = BITS == 4 ? load_scales16(mins + b * TILE) : _mm512_mul_ps(db, _mm512_set1_ps(-128.f));
     for (int m = 0; m < MT; ++m) {
       const int8_t* x = a[m]->q.data() + b * BLOCK;
       __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();  // two chains: half the latency
@@ -52,16 +55,16 @@ void tile_blocks_simd(const uint8_t* w, const uint16_t* d, const uint16_t* mins,
   for (int m = 0; m < MT; ++m) _mm512_storeu_ps(out + m * ldo, acc[m]);
 }
 
-template <int MT>
-void tile_q4_simd(const uint8_t* w, const uint16_t* d, const uint16_t* mins, const QuantizedRow* const* a,
+template <int MT, class S>
+void tile_q4_simd(const uint8_t* w, const S* d, const S* mins, const QuantizedRow* const* a,
                   int64_t blocks, float* out, int64_t ldo) {
-  tile_blocks_simd<MT, 4>(w, d, mins, a, blocks, out, ldo);
+  tile_blocks_simd<MT, 4, S>(w, d, mins, a, blocks, out, ldo);
 }
 
 template <int MT>
 void tile_q8_blocks_simd(const uint8_t* w, const uint16_t* d, const QuantizedRow* const* a, int64_t blocks,
                          float* out, int64_t ldo) {
-  tile_blocks_simd<MT, 8>(w, d, nullptr, a, blocks, out, ldo);
+  tile_blocks_simd<MT, 8, uint16_t>(w, d, nullptr, a, blocks, out, ldo);
 }
 
 template <int MT>

@@ -76,7 +76,9 @@ class Int4Linear(nn.Module):
     _weight_int4pack_mm(_for_cpu) on PyTorch's packed weights. Built on its device; not moved later."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", float32_scales: bool = False):
+        """float32_scales: keep scales and minimums in float32 on leapllm's kernels (GGUF's Q4_K,
+        whose sub-block scales float16 cannot hold exactly); float16 otherwise."""
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group_size = self.in_features // scale.shape[1]
@@ -84,7 +86,8 @@ class Int4Linear(nn.Module):
         self.on_cpu = device.type == "cpu"
         self.packed_linear = None  # the C++ PackedLinear, when leapllm's kernels run this layer
         if kernels_can_run(self.in_features, self.out_features, device):
-            weight, scales, mins = pack_int4(q.cpu(), scale.cpu(), minimum.cpu())
+            weight, scales, mins = pack_int4(q.cpu(), scale.cpu(), minimum.cpu(),
+                                             torch.float32 if float32_scales else torch.float16)
             self.register_buffer("packed_weight", weight)
             self.register_buffer("packed_scales", scales)
             self.register_buffer("packed_mins", mins)
@@ -129,7 +132,9 @@ class Int4Linear(nn.Module):
     def bytes_per_weight(self) -> float:
         """What a matmul reads per weight: half a byte, plus a 16-bit scale and minimum per group (per block
         of 32 in leapllm's kernels)."""
-        return 0.5 + 4 / (32 if self.packed_linear is not None else self.group_size)
+        if self.packed_linear is not None:
+            return 0.5 + (8 if self.packed_linear.float_scales else 4) / 32
+        return 0.5 + 4 / self.group_size
 
     def extra_repr(self) -> str:
         kernel = (f"leapllm {self.packed_linear.kernel} kernel" if self.packed_linear is not None
