@@ -72,8 +72,9 @@ def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch
     """q (N, K) int8 and scale (N,), w = q * scale -> (weight (N, K) uint8 = q + 128 in the kernels' order,
     scales (N,) float32)."""
     n, k = q.shape
-    shifted = q.to(torch.int8).view(torch.uint8) ^ 128  # flipping the sign bit adds 128 to two's complement
-    return tile_quads(shifted).reshape(n, k).contiguous(), scale.float().contiguous()
+    tiled = tile_quads(q.to(torch.int8).view(torch.uint8)).reshape(n, k).contiguous()  # a copy: ours to change
+    tiled ^= 128  # flipping the sign bit adds 128 to two's complement
+    return tiled, scale.float().contiguous()
 
 
 def pack_int8_blocks(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

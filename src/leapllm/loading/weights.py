@@ -96,7 +96,11 @@ def _quantized_projection(parts: list, bias: torch.Tensor | None, device: torch.
     if not kernels_can_run(in_features, out_features, device):
         return None
     def joined(per_part):  # each part's tensors, concatenated by rows (no copy for a single part)
-        return [x[0] if len(x) == 1 else torch.cat(x) for x in zip(*per_part)]
+        tensors = [x[0] if len(x) == 1 else torch.cat(x) for x in zip(*per_part)]
+        for t in parts:  # read: their file pages need not stay beside the packing's copies
+            if getattr(t, "release_pages", None) is not None:
+                t.release_pages()
+        return tensors
 
     if fmt == "int4":
         q, scale, minimum = joined(t.int4_parts() for t in parts)
