@@ -32,13 +32,13 @@ void with_rows(int mt, F&& f) {
 // A linear layer with packed int4 or int8 weights: y = x W^T (+ bias).
 struct PackedLinear {
   int64_t out_features, in_features, bits;
-  bool simd;
+  bool simd;  // the VNNI or AVX2 tiles (whichever this build has); else the portable ones
   bool block_scales = false;  // int8 with a float16 scale per block of 32 (GGUF Q8_0) instead of one per row
   bool sub_blocks = false;    // int8 values with a float32 scale and minimum per 16 features (GGUF K-quants)
-  bool float_scales = false;  // int4 with float32 scales and minimums (GGUF Q4_K) instead of float16  // the VNNI or AVX2 tiles (whichever this build has); else the portable ones
+  bool float_scales = false;  // int4 with float32 scales and minimums (GGUF Q4_K) instead of float16
   at::Tensor weight, scales, mins, bias;
   // Their data, read once here rather than through a checked data_ptr<T>() at each of a step's many
-  // tile calls. scale16 (int4 and int8 blocks: float16 scales; mins16 int4's minimums) or scale32 (int8 rows).
+  // tile calls: scale16 / mins16 where they are float16, scale32 / mins32 where they are float32.
   const uint8_t* weight_data = nullptr;
   const uint16_t *scale16 = nullptr, *mins16 = nullptr;
   const float *scale32 = nullptr, *mins32 = nullptr, *bias_data = nullptr;
@@ -86,20 +86,10 @@ struct PackedLinear {
       bias_data = bias.data_ptr<float>();
     }
     weight_data = weight.data_ptr<uint8_t>();
-    if (float_scales) {
-      scale32 = scales.data_ptr<float>();
-      mins32 = mins.data_ptr<float>();
-    } else if (bits == 4 || block_scales) {
-      scale16 = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-    }
-    if (bits == 4) {
-      if (!float_scales) mins16 = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
-    } else if (sub_blocks) {
-      scale32 = scales.data_ptr<float>();
-      mins32 = mins.data_ptr<float>();
-    } else if (!block_scales) {
-      scale32 = scales.data_ptr<float>();
-    }
+    if (scales.scalar_type() == at::kFloat) scale32 = scales.data_ptr<float>();
+    else scale16 = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+    if (mins.defined() && mins.scalar_type() == at::kFloat) mins32 = mins.data_ptr<float>();
+    else if (mins.defined()) mins16 = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
   }
 
   // out[m * ldo + n] = row n . a[m] (+ bias) for n in [n0, n1) (multiples of 16), every m < rows.
@@ -128,21 +118,9 @@ struct PackedLinear {
   void tile(const uint8_t* wt, int64_t n, const QuantizedRow* const* a, int mt, int64_t blocks, float* out,
             int64_t ldo) const {
     if (bits == 4 && float_scales) {
-      const float* d = scale32 + n * blocks;
-      const float* mn = mins32 + n * blocks;
-#if LEAPLLM_VNNI || LEAPLLM_AVX2
-      if (simd)
-        return with_rows(mt, [&](auto r) { tile_q4_simd<decltype(r)::value, float>(wt, d, mn, a, blocks, out, ldo); });
-#endif
-      tile_blocks_portable<4, float>(wt, d, mn, a, mt, blocks, out, ldo);
+      tile_q4(wt, scale32 + n * blocks, mins32 + n * blocks, a, mt, blocks, out, ldo);
     } else if (bits == 4) {
-      const uint16_t* d = scale16 + n * blocks;
-      const uint16_t* mn = mins16 + n * blocks;
-#if LEAPLLM_VNNI || LEAPLLM_AVX2
-      if (simd)
-        return with_rows(mt, [&](auto r) { tile_q4_simd<decltype(r)::value, uint16_t>(wt, d, mn, a, blocks, out, ldo); });
-#endif
-      tile_blocks_portable<4, uint16_t>(wt, d, mn, a, mt, blocks, out, ldo);
+      tile_q4(wt, scale16 + n * blocks, mins16 + n * blocks, a, mt, blocks, out, ldo);
     } else if (sub_blocks) {
       const float* d = scale32 + 2 * n * blocks;
       const float* mn = mins32 + 2 * n * blocks;
@@ -164,6 +142,16 @@ struct PackedLinear {
 #endif
       tile_q8_portable(wt, d, a, mt, blocks, out, ldo);
     }
+  }
+
+  // An int4 tile, its scales and minimums stored as S (float16 bits or float32).
+  template <class S>
+  void tile_q4(const uint8_t* wt, const S* d, const S* mn, const QuantizedRow* const* a, int mt, int64_t blocks,
+               float* out, int64_t ldo) const {
+#if LEAPLLM_VNNI || LEAPLLM_AVX2
+    if (simd) return with_rows(mt, [&](auto r) { tile_q4_simd<decltype(r)::value, S>(wt, d, mn, a, blocks, out, ldo); });
+#endif
+    tile_blocks_portable<4, S>(wt, d, mn, a, mt, blocks, out, ldo);
   }
 
   // Row n's block b as 32 floats: row L = n % 16 of tile n / 16.

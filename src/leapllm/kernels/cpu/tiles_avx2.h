@@ -143,7 +143,13 @@ inline __m256i q8_half_sums(const __m256i* lo, const __m256i* hi, const int8_t* 
   return _mm256_add_epi32(s_lo, _mm256_slli_epi32(s_hi, 4));
 }
 
-inline void tile_q8_one_row(const uint8_t* w, const float* d, const QuantizedRow& r, int64_t blocks, float* out) {
+// The int8 tiles. BLOCKS false: a float32 scale per row (d, (N,)), applied once at the end, the
+// stored + 128 offset taken off through the row's total. BLOCKS true (GGUF's Q8_0, see
+// tiles_vnni.h): a float16 scale per (block, row), applied per block as the int4 tiles do, with
+// minimum -128 d.
+template <bool BLOCKS, class D>
+void tile_q8_one_row(const uint8_t* w, const D* d, const QuantizedRow& r, int64_t blocks, float* out) {
+  const __m256 minus128 = _mm256_set1_ps(-128.f);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* wb = w + b * 512;
@@ -151,21 +157,36 @@ inline void tile_q8_one_row(const uint8_t* w, const float* d, const QuantizedRow
     __m256i s0, s1;
     q8_block_sums_one_row(wb, r.q.data() + b * BLOCK, s0, s1);
     const __m256 scale = _mm256_set1_ps(r.scale[b]);
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), scale, acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), scale, acc1);
+    if constexpr (BLOCKS) {
+      const __m256 block_sum = _mm256_set1_ps(r.block_sum[b]);
+      const __m256 db0 = load_scales8(d + b * TILE), db1 = load_scales8(d + b * TILE + 8);
+      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(db0, scale), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(db1, scale), acc1);
+      acc0 = _mm256_fmadd_ps(_mm256_mul_ps(db0, minus128), block_sum, acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_mul_ps(db1, minus128), block_sum, acc1);
+    } else {
+      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), scale, acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), scale, acc1);
+    }
   }
-  const __m256 offset = _mm256_set1_ps(128.f * r.total);
-  _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_loadu_ps(d), _mm256_sub_ps(acc0, offset)));
-  _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_loadu_ps(d + 8), _mm256_sub_ps(acc1, offset)));
+  if constexpr (BLOCKS) {
+    _mm256_storeu_ps(out, acc0);
+    _mm256_storeu_ps(out + 8, acc1);
+  } else {
+    const __m256 offset = _mm256_set1_ps(128.f * r.total);
+    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_loadu_ps(d), _mm256_sub_ps(acc0, offset)));
+    _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_loadu_ps(d + 8), _mm256_sub_ps(acc1, offset)));
+  }
 }
 
-template <int MT>
-void tile_q8_simd(const uint8_t* w, const float* d, const QuantizedRow* const* a, int64_t blocks, float* out,
+template <int MT, bool BLOCKS, class D>
+void tile_q8_rows(const uint8_t* w, const D* d, const QuantizedRow* const* a, int64_t blocks, float* out,
                   int64_t ldo) {
   if constexpr (MT == 1) {
-    tile_q8_one_row(w, d, *a[0], blocks, out);
+    tile_q8_one_row<BLOCKS>(w, d, *a[0], blocks, out);
     return;
   }
+  const __m256 minus128 = _mm256_set1_ps(-128.f);
   for (int h = 0; h < 2; ++h) {
     __m256 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
@@ -174,68 +195,42 @@ void tile_q8_simd(const uint8_t* w, const float* d, const QuantizedRow* const* a
       if (h == 0) prefetch_lines(wb + PREFETCH_Q8, 8);
       __m256i lo[8], hi[8];  // quad qd's low and high nibbles, in nibble_dot16's order
       unpack_q8_half(wb, lo, hi);
+      __m256 db = _mm256_setzero_ps(), mb = db;  // BLOCKS: the block's scales and minimums
+      if constexpr (BLOCKS) {
+        db = load_scales8(d + b * TILE + h * 8);
+        mb = _mm256_mul_ps(db, minus128);
+      }
       for (int m = 0; m < MT; ++m) {
         const __m256i s = q8_half_sums(lo, hi, a[m]->q.data() + b * BLOCK);
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(a[m]->scale[b]), acc[m]);
+        if constexpr (BLOCKS) {
+          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(db, _mm256_set1_ps(a[m]->scale[b])), acc[m]);
+          acc[m] = _mm256_fmadd_ps(mb, _mm256_set1_ps(a[m]->block_sum[b]), acc[m]);
+        } else {
+          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(a[m]->scale[b]), acc[m]);
+        }
       }
     }
-    const __m256 dv = _mm256_loadu_ps(d + h * 8);
     for (int m = 0; m < MT; ++m) {
-      const __m256 y = _mm256_sub_ps(acc[m], _mm256_set1_ps(128.f * a[m]->total));
-      _mm256_storeu_ps(out + m * ldo + h * 8, _mm256_mul_ps(dv, y));
+      if constexpr (BLOCKS) {
+        _mm256_storeu_ps(out + m * ldo + h * 8, acc[m]);
+      } else {
+        const __m256 y = _mm256_sub_ps(acc[m], _mm256_set1_ps(128.f * a[m]->total));
+        _mm256_storeu_ps(out + m * ldo + h * 8, _mm256_mul_ps(_mm256_loadu_ps(d + h * 8), y));
+      }
     }
   }
 }
 
-// int8 with a float16 scale per (block, row) (see tiles_vnni.h): the int8 tiles' integer sums, scaled
-// per block as the int4 tiles do, with minimum -128 * d.
-inline void tile_q8_blocks_one_row(const uint8_t* w, const uint16_t* d, const QuantizedRow& r, int64_t blocks,
-                                   float* out) {
-  const __m256 minus128 = _mm256_set1_ps(-128.f);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* wb = w + b * 512;
-    prefetch_lines(wb + PREFETCH_Q8, 8);
-    __m256i s0, s1;
-    q8_block_sums_one_row(wb, r.q.data() + b * BLOCK, s0, s1);
-    const __m256 scale = _mm256_set1_ps(r.scale[b]), block_sum = _mm256_set1_ps(r.block_sum[b]);
-    const __m256 db0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + b * TILE)));
-    const __m256 db1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + b * TILE + 8)));
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(db0, scale), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(db1, scale), acc1);
-    acc0 = _mm256_fmadd_ps(_mm256_mul_ps(db0, minus128), block_sum, acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_mul_ps(db1, minus128), block_sum, acc1);
-  }
-  _mm256_storeu_ps(out, acc0);
-  _mm256_storeu_ps(out + 8, acc1);
+template <int MT>
+void tile_q8_simd(const uint8_t* w, const float* d, const QuantizedRow* const* a, int64_t blocks, float* out,
+                  int64_t ldo) {
+  tile_q8_rows<MT, false>(w, d, a, blocks, out, ldo);
 }
 
 template <int MT>
 void tile_q8_blocks_simd(const uint8_t* w, const uint16_t* d, const QuantizedRow* const* a, int64_t blocks,
                          float* out, int64_t ldo) {
-  if constexpr (MT == 1) {
-    tile_q8_blocks_one_row(w, d, *a[0], blocks, out);
-    return;
-  }
-  const __m256 minus128 = _mm256_set1_ps(-128.f);
-  for (int h = 0; h < 2; ++h) {
-    __m256 acc[MT];
-    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-      const uint8_t* wb = w + b * 512 + h * 32;
-      if (h == 0) prefetch_lines(wb + PREFETCH_Q8, 8);
-      __m256i lo[8], hi[8];
-      unpack_q8_half(wb, lo, hi);
-      const __m256 db = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(d + b * TILE + h * 8)));
-      const __m256 mb = _mm256_mul_ps(db, minus128);
-      for (int m = 0; m < MT; ++m) {
-        const __m256i s = q8_half_sums(lo, hi, a[m]->q.data() + b * BLOCK);
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(db, _mm256_set1_ps(a[m]->scale[b])), acc[m]);
-        acc[m] = _mm256_fmadd_ps(mb, _mm256_set1_ps(a[m]->block_sum[b]), acc[m]);
-      }
-    }
-    for (int m = 0; m < MT; ++m) _mm256_storeu_ps(out + m * ldo + h * 8, acc[m]);
-  }
+  tile_q8_rows<MT, true>(w, d, a, blocks, out, ldo);
 }
 
 }  // namespace

@@ -13,12 +13,26 @@ inline __m512i broadcast_quad(const int8_t* x) {
   return _mm512_set1_epi32(v);
 }
 
-// A tile of weights with a float16 scale d and minimum per (block, row): w = d * stored + minimum.
-// BITS 4: two nibbles a byte, minimums given. BITS 8 (int8 blocks, GGUF's Q8_0): bytes q + 128, so
-// w = d * stored - 128 * d: no minimums given, the minimum is -128 d.
 // The 16 rows' scales (or minimums) of a block, stored as float16 or float32.
 inline __m512 load_scales16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 inline __m512 load_scales16(const float* p) { return _mm512_loadu_ps(p); }
+
+// A block's integer sums for the 16 rows of unpacked weights wq (quad c of every row in wq[c])
+// against activation quads x: s0 over quads 0..3 (features 0..15), s1 over quads 4..7 (16..31), two
+// chains for half the latency.
+inline void block_dots(const __m512i* wq, const int8_t* x, __m512i& s0, __m512i& s1) {
+  s0 = _mm512_setzero_si512();
+  s1 = _mm512_setzero_si512();
+  for (int c = 0; c < 4; ++c) {
+    s0 = _mm512_dpbusd_epi32(s0, wq[c], broadcast_quad(x + 4 * c));
+    s1 = _mm512_dpbusd_epi32(s1, wq[c + 4], broadcast_quad(x + 4 * (c + 4)));
+  }
+}
+
+// A tile of weights with a scale d and minimum per (block, row), stored as S (float16 bits or
+// float32): w = d * stored + minimum. BITS 4: two nibbles a byte, minimums given. BITS 8 (int8
+// blocks, GGUF's Q8_0): bytes q + 128, so w = d * stored - 128 * d: no minimums given, the minimum
+// is -128 d.
 
 template <int MT, int BITS, class S>
 void tile_blocks_simd(const uint8_t* w, const S* d, const S* mins, const QuantizedRow* const* a,
@@ -41,12 +55,8 @@ void tile_blocks_simd(const uint8_t* w, const S* d, const S* mins, const Quantiz
     const __m512 db = load_scales16(d + b * TILE);
     const __m512 mb = BITS == 4 ? load_scales16(mins + b * TILE) : _mm512_mul_ps(db, _mm512_set1_ps(-128.f));
     for (int m = 0; m < MT; ++m) {
-      const int8_t* x = a[m]->q.data() + b * BLOCK;
-      __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();  // two chains: half the latency
-      for (int c = 0; c < 4; ++c) {
-        s0 = _mm512_dpbusd_epi32(s0, wq[c], broadcast_quad(x + 4 * c));
-        s1 = _mm512_dpbusd_epi32(s1, wq[c + 4], broadcast_quad(x + 4 * (c + 4)));
-      }
+      __m512i s0, s1;
+      block_dots(wq, a[m]->q.data() + b * BLOCK, s0, s1);
       const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
       acc[m] = _mm512_fmadd_ps(dot, _mm512_mul_ps(db, _mm512_set1_ps(a[m]->scale[b])), acc[m]);
       acc[m] = _mm512_fmadd_ps(mb, _mm512_set1_ps(a[m]->block_sum[b]), acc[m]);
@@ -77,12 +87,8 @@ void tile_q8_simd(const uint8_t* w, const float* d, const QuantizedRow* const* a
     __m512i wq[8];
     for (int qd = 0; qd < 8; ++qd) wq[qd] = _mm512_loadu_si512((const void*)(wb + qd * 64));
     for (int m = 0; m < MT; ++m) {
-      const int8_t* x = a[m]->q.data() + b * BLOCK;
-      __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-      for (int qd = 0; qd < 4; ++qd) {
-        s0 = _mm512_dpbusd_epi32(s0, wq[qd], broadcast_quad(x + 4 * qd));
-        s1 = _mm512_dpbusd_epi32(s1, wq[qd + 4], broadcast_quad(x + 4 * (qd + 4)));
-      }
+      __m512i s0, s1;
+      block_dots(wq, a[m]->q.data() + b * BLOCK, s0, s1);
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_set1_ps(a[m]->scale[b]), acc[m]);
     }
   }
@@ -106,12 +112,8 @@ void tile_q8_sub_blocks_simd(const uint8_t* w, const float* d, const float* mins
     const __m512 d0 = _mm512_loadu_ps(d + 2 * b * TILE), d1 = _mm512_loadu_ps(d + (2 * b + 1) * TILE);
     const __m512 m0 = _mm512_loadu_ps(mins + 2 * b * TILE), m1 = _mm512_loadu_ps(mins + (2 * b + 1) * TILE);
     for (int m = 0; m < MT; ++m) {
-      const int8_t* x = a[m]->q.data() + b * BLOCK;
-      __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-      for (int c = 0; c < 4; ++c) {
-        s0 = _mm512_dpbusd_epi32(s0, wq[c], broadcast_quad(x + 4 * c));
-        s1 = _mm512_dpbusd_epi32(s1, wq[c + 4], broadcast_quad(x + 4 * (c + 4)));
-      }
+      __m512i s0, s1;
+      block_dots(wq, a[m]->q.data() + b * BLOCK, s0, s1);
       const __m512 xs = _mm512_set1_ps(a[m]->scale[b]);
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, xs), acc[m]);
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(d1, xs), acc[m]);
