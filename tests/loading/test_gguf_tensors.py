@@ -116,11 +116,12 @@ def test_k_quants_repack_bit_for_bit_q4_k_as_int4_the_others_as_int8_sub_blocks(
 
 @needs_kernels
 def test_a_q4_k_m_layers_q4_k_and_q6_k_parts_fuse_into_one_exact_projection():
-    from leapllm.loading.weights import _quantized_projection
+    from leapllm.loading.weights import _quantized_projection, projection_format
 
     parts = [GGUFTensor(name, qtype, (64, 256), random_blocks(qtype, 64, 256, seed=i), "synthetic.gguf")
              for i, (name, qtype) in enumerate([("q", Q.Q4_K), ("k", Q.Q4_K), ("v", Q.Q6_K)])]
-    module = _quantized_projection(parts, None, torch.device("cpu"))
+    assert projection_format(parts) == "int8-16"
+    module = _quantized_projection(parts, "int8-16", None, torch.device("cpu"))
     assert isinstance(module, Int8Linear)
     assert torch.equal(module.packed_linear.dequantize(torch.float32), torch.cat([reference(t) for t in parts]))
 

@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 MiB = 2**20
 
-# "leapllm": exactly what the CLI does with no flags (dtype auto: a GGUF's Q4_0/Q4_1/Q8_0 weights run as
+# "leapllm": exactly what the CLI does with no flags (dtype auto: a GGUF's quantized weights run as
 # stored); leapllm-int4 / -int8: a float32 load re-quantized by quantize_model (QUANTIZED).
 LEAPLLM_SYSTEMS = ["leapllm", "leapllm-float32", "leapllm-bfloat16", "leapllm-float16", "leapllm-int4", "leapllm-int8"]
 HF_SYSTEMS = ["hf-float32", "hf-bfloat16", "hf-float16"]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from leapllm.errors import ModelLoadError
@@ -50,7 +50,6 @@ KERNEL_FORMATS = {
 KERNEL_DESCRIPTIONS = {"int4": "leapllm int4 kernels", "int8": "leapllm int8 kernels",
                        "int8-16": "leapllm int8 kernels, a scale and minimum per 16 weights"}
 BLOCK = 32
-SUPER_BLOCK = 256
 
 
 def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -90,7 +89,8 @@ class GGUFTensor:
 
     @property
     def kernel_format(self) -> str | None:
-        """"int4" or "int8" where leapllm's packed kernels run this type as it is stored, else None."""
+        """The packed format ("int4", "int8" or "int8-16") leapllm's kernels run this type in as it is
+        stored, else None."""
         return KERNEL_FORMATS.get(self.ggml_type) if len(self.shape) == 2 else None
 
     def _rows(self) -> np.ndarray:
@@ -114,9 +114,12 @@ class GGUFTensor:
         # np.array copies out of the read-only memory map into memory torch may own.
         return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(self.shape)
 
-    def _blocks(self, block_bytes: int) -> np.ndarray:
+    def _blocks(self) -> np.ndarray:
+        """The stored rows as (rows, blocks, bytes per block): blocks of 32, or super-blocks of 256
+        for the K-quants."""
         n, k = self.shape
-        return np.asarray(self._rows()).reshape(n, k // BLOCK, block_bytes)
+        block, block_bytes = GGML_QUANT_SIZES[self.ggml_type]
+        return np.asarray(self._rows()).reshape(n, k // block, block_bytes)
 
     @property
     def float16_scales(self) -> bool:
@@ -128,16 +131,15 @@ class GGUFTensor:
         with w = q * scale + minimum, float32 (holding float16 values exactly but for Q4_K)."""
         if self.ggml_type == GGMLQuantizationType.Q4_K:
             n, k = self.shape
-            sb = np.asarray(self._rows()).reshape(n, k // SUPER_BLOCK, 144)
-            u, scale, minimum = _k_quant_parts(self.ggml_type, sb)
+            u, scale, minimum = _k_quant_parts(self.ggml_type, self._blocks())
             return (torch.from_numpy(np.ascontiguousarray(u).reshape(n, k)),
                     torch.from_numpy(np.ascontiguousarray(scale[..., ::2]).reshape(n, k // BLOCK)),
                     torch.from_numpy(np.ascontiguousarray(minimum[..., ::2]).reshape(n, k // BLOCK)))
         if self.ggml_type == GGMLQuantizationType.Q4_1:
-            blocks = self._blocks(20)
+            blocks = self._blocks()
             scale, minimum, qs = _float16_field(blocks, 0), _float16_field(blocks, 2), blocks[..., 4:]
         elif self.ggml_type == GGMLQuantizationType.Q4_0:
-            blocks = self._blocks(18)
+            blocks = self._blocks()
             scale, qs = _float16_field(blocks, 0), blocks[..., 2:]
             minimum = -8 * scale
             if not np.isfinite(minimum.astype(np.float16)).all():
@@ -153,7 +155,7 @@ class GGUFTensor:
             return (u.to(torch.int16) - 16).to(torch.int8), scale[:, ::2].half()  # d: float16 in the file
         if self.ggml_type != GGMLQuantizationType.Q8_0:
             raise ValueError(f"{self.type_name} is neither Q8_0 nor Q5_0")
-        blocks = self._blocks(34)
+        blocks = self._blocks()
         scale = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
         q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(self.shape)
         return torch.from_numpy(q), torch.from_numpy(scale)
@@ -173,7 +175,7 @@ class GGUFTensor:
             return q.view(torch.uint8) ^ 128, scale, -128 * scale  # u = q + 128
         if t in (GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1):
             has_min = t == GGMLQuantizationType.Q5_1
-            blocks = self._blocks(24 if has_min else 22)
+            blocks = self._blocks()
             scale = _float16_field(blocks, 0)
             minimum = _float16_field(blocks, 2) if has_min else -16 * scale  # Q5_0: w = d * (q - 16)
             start = 4 if has_min else 2
@@ -182,11 +184,7 @@ class GGUFTensor:
             u = _nibbles(blocks[..., start + 4:start + 20]).reshape(high.shape) | (high << 4)
             return (torch.from_numpy(u.reshape(n, k)), torch.from_numpy(scale).repeat_interleave(2, dim=1),
                     torch.from_numpy(minimum).repeat_interleave(2, dim=1))
-        from gguf import GGML_QUANT_SIZES
-
-        _, type_size = GGML_QUANT_SIZES[t]
-        sb = np.asarray(self._rows()).reshape(n, k // SUPER_BLOCK, type_size)
-        u, scale, minimum = _k_quant_parts(t, sb)
+        u, scale, minimum = _k_quant_parts(t, self._blocks())
         return (torch.from_numpy(np.ascontiguousarray(u).reshape(n, k)),
                 torch.from_numpy(np.ascontiguousarray(scale, np.float32).reshape(n, k // 16)),
                 torch.from_numpy(np.ascontiguousarray(minimum, np.float32).reshape(n, k // 16)))

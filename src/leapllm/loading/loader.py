@@ -85,9 +85,9 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None =
                device: str | torch.device | None = "auto") -> LoadedModel:
     """Load a GGUF file or a Hugging Face safetensors folder (default: SmolLM2-135M-Instruct).
 
-    A GGUF's Q4_0 / Q4_1 / Q8_0 weights stay as stored and run on leapllm's CPU kernels with
-    dtype="auto" on CPU (keeps_file_quantization); other types, and every weight with an explicit
-    dtype, are dequantized to the compute dtype."""
+    A GGUF's quantized weights (the block types of gguf_tensors.KERNEL_FORMATS) stay as stored and
+    run on leapllm's CPU kernels with dtype="auto" on CPU (keeps_file_quantization); other types, and
+    every weight with an explicit dtype, are dequantized to the compute dtype."""
     start = time.perf_counter()
     path = Path(path).expanduser() if path is not None else default_model_path()
     dev = resolve_device(device)

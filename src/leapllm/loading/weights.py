@@ -69,11 +69,16 @@ def check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], source:
 
 
 def _note(kernels_by_type: dict[str, set[str]], tensor, how: str) -> None:
-    """Record what runs a stored tensor; it has been read, so its file pages may go."""
+    """Record what runs a stored tensor (of a GGUF file; other sources have no stored type)."""
     if isinstance(tensor, GGUFTensor):
         kernels_by_type.setdefault(tensor.type_name, set()).add(how)
-        if tensor.release_pages is not None:
-            tensor.release_pages()
+
+
+def _release(read: list) -> None:
+    """These stored tensors have been read: their file pages need not stay beside what was built."""
+    for t in read:
+        if getattr(t, "release_pages", None) is not None:
+            t.release_pages()
 
 
 def projection_format(parts: list) -> str | None:
@@ -85,21 +90,18 @@ def projection_format(parts: list) -> str | None:
     return formats.pop() if len(formats) == 1 else "int8-16"
 
 
-def _quantized_projection(parts: list, bias: torch.Tensor | None, device: torch.device) -> nn.Module | None:
-    """The stored tensors `parts` (concatenated by rows) as one Int4Linear / Int8Linear on leapllm's
-    kernels, exactly as stored; None where one of them has no kernel format or the kernels do not
-    run here. Parts of different formats all take the int8-16 form."""
-    fmt = projection_format(parts)
-    if fmt is None:
-        return None
+def _quantized_projection(parts: list, fmt: str, bias: torch.Tensor | None,
+                          device: torch.device) -> nn.Module | None:
+    """The stored tensors `parts` (concatenated by rows) as one Int4Linear / Int8Linear in packed
+    format `fmt` (projection_format's) on leapllm's kernels, exactly as stored; None where the
+    kernels do not run this shape here."""
     out_features, in_features = sum(t.shape[0] for t in parts), parts[0].shape[1]
     if not kernels_can_run(in_features, out_features, device):
         return None
+
     def joined(per_part):  # each part's tensors, concatenated by rows (no copy for a single part)
         tensors = [x[0] if len(x) == 1 else torch.cat(x) for x in zip(*per_part)]
-        for t in parts:  # read: their file pages need not stay beside the packing's copies
-            if getattr(t, "release_pages", None) is not None:
-                t.release_pages()
+        _release(parts)  # before the packing's copies exist
         return tensors
 
     if fmt == "int4":
@@ -117,9 +119,10 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype, device: 
     """Check, fuse and load canonical tensors (torch tensors or a file's GGUFTensors) into a
     Transformer on `device` in `dtype`.
 
-    keep_quantized: projections stored in a block type that leapllm's CPU kernels run (Q4_0, Q4_1,
-    Q8_0, the K-quants: gguf_tensors.KERNEL_FORMATS) become Int4Linear / Int8Linear modules holding the stored values exactly, and a quantized
-    embedding table stays quantized; every other tensor is dequantized to `dtype`, one at a time.
+    keep_quantized: projections stored in a block type that leapllm's CPU kernels run
+    (gguf_tensors.KERNEL_FORMATS: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants) become Int4Linear /
+    Int8Linear modules holding the stored values exactly, and a quantized embedding table stays
+    quantized; every other tensor is dequantized to `dtype`, one at a time.
     config.extra["kernels_by_type"] records, per stored type, what runs it.
     """
     check_tensors(config, tensors, source)
@@ -129,9 +132,11 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype, device: 
 
     def get(name: str) -> torch.Tensor:
         stored = tensors[name]
+        value = as_float(stored).to(device=device, dtype=dtype)
         is_float = getattr(stored, "ggml_type", None) in FLOAT_TYPES
         _note(kernels_by_type, stored, dtype_name if is_float else f"dequantized to {dtype_name}")
-        return as_float(tensors[name]).to(device=device, dtype=dtype)
+        _release([stored])
+        return value
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -141,14 +146,15 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype, device: 
     def projection(path: str, names: list[str], bias_names: list[str] | None = None) -> None:
         bias = torch.cat([get(n) for n in bias_names]).float() if bias_names else None
         parts = [tensors[n] for n in names]
-        module = _quantized_projection(parts, bias, device) if keep_quantized else None
+        fmt = projection_format(parts) if keep_quantized else None
+        module = _quantized_projection(parts, fmt, bias, device) if fmt is not None else None
         if module is None:
             state[path + ".weight"] = torch.cat([get(n) for n in names])
             if bias is not None:
                 state[path + ".bias"] = bias.to(dtype)
             return
         for t in parts:
-            _note(kernels_by_type, t, KERNEL_DESCRIPTIONS[projection_format(parts)])
+            _note(kernels_by_type, t, KERNEL_DESCRIPTIONS[fmt])
         modules[path] = module
 
     for i in range(config.num_layers):
@@ -169,6 +175,7 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype, device: 
     elif keep_quantized and isinstance(embedding, GGUFTensor) and embedding.ggml_type not in FLOAT_TYPES:
         modules["embed_tokens"] = BlockQuantizedEmbedding(embedding.raw_rows(), embedding.ggml_type, config.hidden_size)
         _note(kernels_by_type, embedding, "rows dequantized at lookup")
+        _release([embedding])
     elif config.tie_word_embeddings:
         state["embed_tokens.weight"] = state.pop("lm_head.weight")
     else:
