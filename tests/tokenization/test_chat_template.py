@@ -162,3 +162,32 @@ def test_template_globals_and_filters_match_hf():
 def test_trim_blocks_and_lstrip_blocks_are_on():
     template = "{% for m in messages %}\n    {% if true %}\n{{ m['content'] }}\n    {% endif %}\n{% endfor %}"
     assert render_chat_template(template, GOOD) == "hi\n"
+
+
+def _word_level_tokenizer(words: list[str], chat_template: str | None = None):
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers.models import WordLevel
+
+    from leapllm.tokenization.tokenizer import Tokenizer
+
+    backend = BackendTokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    return Tokenizer(backend, vocab_size=len(words), bos_token_id=1, eos_token_id=2, chat_template=chat_template)
+
+
+def test_a_file_without_a_template_but_with_gemma_turn_tokens_chats_in_gemma_turns():
+    tok = _word_level_tokenizer(["<unk>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"])
+    prompt = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": "Hi "},
+                                      {"role": "assistant", "content": "Hello"},
+                                      {"role": "user", "content": "Capital of France?"}])
+    assert prompt == ("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+                      "<start_of_turn>user\nCapital of France?<end_of_turn>\n<start_of_turn>model\n")
+    assert tok.token_to_id("<end_of_turn>") in tok.stop_token_ids
+
+
+def test_a_file_without_a_template_or_turn_tokens_still_refuses_chat_messages():
+    from leapllm.tokenization.chat_template import ChatTemplateError
+
+    tok = _word_level_tokenizer(["<unk>", "<bos>", "<eos>"])
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        tok.apply_chat_template([{"role": "user", "content": "Hi"}])

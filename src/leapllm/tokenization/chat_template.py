@@ -27,6 +27,22 @@ from leapllm.errors import TokenizerError
 ALLOWED_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
+# Gemma's turn format (its published template, without the image parts): system text joins the
+# first user turn, the assistant's role is "model".
+GEMMA_TURN_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set prefix = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + message['content'] | trim"
+    " + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
 class ChatTemplateError(TokenizerError):
     """The conversation is malformed, the model has no chat template, or the template failed."""
 

@@ -22,7 +22,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from leapllm.errors import TokenizerError
-from leapllm.tokenization.chat_template import render_chat_template
+from leapllm.tokenization.chat_template import GEMMA_TURN_TEMPLATE, render_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class Tokenizer:
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.add_bos = add_bos
-        self.chat_template = chat_template
+        self.chat_template = chat_template or self._turn_template()
         self.stop_token_ids = self._find_stop_token_ids(extra_stop_token_ids)
 
     # ---------------------------------------------------------------- construction
@@ -388,6 +388,13 @@ class Tokenizer:
             if json_file.is_file():
                 template = _read_json(json_file).get("chat_template")
         return template if isinstance(template, str) and template else None
+
+    def _turn_template(self) -> str | None:
+        """For a file without a chat template whose vocabulary has Gemma's turn tokens (some Gemma
+        GGUFs ship so), Gemma's own turn format, as llama.cpp falls back to it."""
+        if self._backend.token_to_id("<start_of_turn>") is None or self._backend.token_to_id("<end_of_turn>") is None:
+            return None
+        return GEMMA_TURN_TEMPLATE
 
     def _find_stop_token_ids(self, extra_stop_token_ids: Iterable[int]) -> frozenset[int]:
         """EOS, the explicit end ids, and any well-known end-of-turn token the vocabulary has."""
