@@ -175,11 +175,18 @@ def test_the_paged_batch_is_rebuilt_exactly_from_block_tables_and_lengths():
     for name in ("slot_mapping", "positions"):
         assert torch.equal(getattr(rebuilt, name), getattr(batch, name))
     assert len(rebuilt.decode_groups) == len(batch.decode_groups) == 2
-    for got, want in zip(rebuilt.decode_groups + rebuilt.prefills, batch.decode_groups + batch.prefills):
+    def same(a, b):
+        return (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b))
+
+    for got, want in zip(rebuilt.decode_groups, batch.decode_groups):
         assert (got.start, got.end) == (want.start, want.end)
-        for name in ("slots", "mask"):
-            a, b = getattr(got, name), getattr(want, name)
-            assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), name
+        assert same(got.slots, want.slots) and same(got.mask, want.mask) and same(got.lengths, want.lengths)
+        assert all(same(a, b) for a, b in zip(got.window_view(8), want.window_view(8)))
+    for got, want in zip(rebuilt.prefills, batch.prefills):
+        assert (got.start, got.end, got.first) == (want.start, want.end, want.first)
+        assert same(got.slots, want.slots)
+        for window in (None, 8):
+            assert same(got.mask_for(window, "cpu"), want.mask_for(window, "cpu"))
 
 
 def test_a_rank_without_heads_is_a_clear_error():

@@ -522,9 +522,12 @@ def test_paged_decode_attention_reads_the_pool_in_place_as_sdpa_over_the_gathere
         cpu_kernels().paged_decode_attention(q, k, v, slots, lengths + 1, 0.125)
 
 
-def test_paged_cache_attention_on_the_kernel_equals_the_gathered_sdpa_path(monkeypatch):
+@pytest.mark.parametrize("window", [None, 3])
+def test_paged_cache_attention_on_the_kernel_equals_the_gathered_sdpa_path(monkeypatch, window):
     """PagedKVCache.attend for a step of two decodes and a prefill chunk after cached tokens: the
-    decode group read in place by the kernel, or gathered for PyTorch's SDPA, gives the same output."""
+    decode group read in place by the kernel, or gathered for PyTorch's SDPA, gives the same output,
+    over all keys or over a sliding window of 3."""
+    from leapllm.model.attention import AttentionParams
     from leapllm.model.paged_kv_cache import PagedKVCache, build_paged_batch
 
     torch.manual_seed(1)
@@ -538,9 +541,9 @@ def test_paged_cache_attention_on_the_kernel_equals_the_gathered_sdpa_path(monke
     batch = build_paged_batch(decodes, prefills, bs, torch.device("cpu"))
     q, k_new, v_new = torch.randn(1, heads, 5, hd), torch.randn(1, kv_heads, 5, hd), torch.randn(1, kv_heads, 5, hd)
     pools = [t.clone() for t in cache.k + cache.v]
-    fast = cache.attend(0, q, k_new, v_new, True, batch)
+    fast = cache.attend(0, q, k_new, v_new, AttentionParams(grouped=True, window=window), batch)
     cache.k[0].copy_(pools[0])
     cache.v[0].copy_(pools[1])
     monkeypatch.setattr(PagedKVCache, "decode_kernels", lambda self: None)
-    slow = cache.attend(0, q, k_new, v_new, True, batch)
+    slow = cache.attend(0, q, k_new, v_new, AttentionParams(grouped=True, window=window), batch)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)

@@ -11,19 +11,10 @@ import torch
 
 from leapllm import LLM, SamplingParams
 from tests.conftest import requires_cuda
+from tests.model.hf_reference import hf_greedy
 from tests.model.prompts import PROMPTS
 
 GREEDY_TOKENS = 64
-
-
-def hf_greedy(hf_model, prompt_ids: list[int], n: int) -> list[int]:
-    """Greedy decoding with transformers' own KV cache, never stopping at EOS."""
-    out = hf_model(torch.tensor([prompt_ids]), use_cache=True)
-    tokens = [int(out.logits[0, -1].argmax())]
-    for _ in range(n - 1):
-        out = hf_model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-        tokens.append(int(out.logits[0, -1].argmax()))
-    return tokens
 
 
 @pytest.mark.slow

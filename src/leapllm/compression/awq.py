@@ -125,6 +125,12 @@ def search_clip(weight: torch.Tensor, sample: torch.Tensor, group_size: int, chu
 
 def awq_groups(model) -> list[tuple[str, nn.Linear, callable]]:
     """(name, linear, fold) in the order scales are applied: fold(s) divides the producer of the input by s."""
+    if model.config.num_experts:
+        raise InvalidRequestError(f"AWQ: {model.config.architecture} is a mixture of experts, which AWQ's "
+                                  "scale search does not handle yet")
+    if model.config.norm_placement == "post":
+        raise InvalidRequestError(f"AWQ folds its scales into the norm before each projection; "
+                                  f"{model.config.architecture} has its norms after attention and the MLP")
     out = []
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.attn, layer.mlp

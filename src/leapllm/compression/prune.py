@@ -85,6 +85,9 @@ def check_settings(method: str, sparsity: float | None, allocation: str | None =
 
 
 def check_prunable(model: Transformer, method: str, multiple_of: int = DEFAULT_MULTIPLE_OF) -> None:
+    if model.config.num_experts:
+        raise InvalidRequestError(f"pruning: {model.config.architecture} is a mixture of experts, which the "
+                                  "pruning methods do not handle yet")
     for i, layer in enumerate(model.layers):
         for part, attr in PROJECTIONS:
             if not isinstance(getattr(getattr(layer, part), attr), nn.Linear):
@@ -101,6 +104,9 @@ def check_prunable(model: Transformer, method: str, multiple_of: int = DEFAULT_M
         # Removing a query head that has a kv head to itself would change the KV cache's shape.
         raise InvalidRequestError("heads pruning removes query heads that share a kv head; this model has "
                                   "one query head per kv head")
+    if method == "heads" and model.config.qk_norm == "full":
+        raise InvalidRequestError(f"heads pruning: {model.config.architecture} normalizes q and k over all heads "
+                                  "together, so removing a head changes the others")
     if method == "ffn":
         for i, layer in enumerate(model.layers):
             width = layer.mlp.down_proj.in_features

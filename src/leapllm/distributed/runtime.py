@@ -156,13 +156,11 @@ def batch_from_message(header: dict, tensors: list[torch.Tensor], block_size: in
     prefills = []
     for start, end, cached in header["prefills"]:
         if not cached:
-            prefills.append(PrefillChunk(start, end, None, None))
+            prefills.append(PrefillChunk(start, end, 0, None))
             continue
         table = next(it)
         n, context = end - start, int(positions[end - 1]) + 1
-        keys = torch.arange(context, device=table.device)
-        mask = keys[None, :] <= keys[context - n:, None]  # query i (position context-n+i) sees keys up to it
-        prefills.append(PrefillChunk(start, end, slots_of(table, context, block_size), mask))
+        prefills.append(PrefillChunk(start, end, context - n, slots_of(table, context, block_size)))
     return PagedAttentionBatch(slot_mapping, positions, header["num_decode"], groups, prefills)
 
 

@@ -69,6 +69,13 @@ def check_tensor_parallel(model: Transformer, world_size: int) -> None:
     """Raise InvalidRequestError if the model cannot be split over world_size ranks."""
     if world_size < 1:
         raise InvalidRequestError(f"tensor parallelism needs at least 1 rank, got {world_size}")
+    if model.config.num_experts and world_size > 1:
+        raise InvalidRequestError(f"tensor parallelism: {model.config.architecture} is a mixture of experts; "
+                                  "splitting experts over ranks is not supported")
+    if model.config.qk_norm == "full" and world_size > 1:
+        # Its q/k norms average over every head: a rank holding some heads would need an all-reduce.
+        raise InvalidRequestError(f"tensor parallelism: {model.config.architecture} normalizes q and k over all "
+                                  "heads together, which a rank holding some of them cannot do")
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.attn, layer.mlp
         if world_size > attn.num_heads:

@@ -12,12 +12,14 @@ rotate-half rotary embedding.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from gguf import GGMLQuantizationType
 
 from leapllm.errors import ModelLoadError
+from leapllm.loading.families import GGUF_LAYER_NAMES, GGUF_STACKED_EXPERTS, family_fields_from_gguf
 from leapllm.loading.gguf_file import open_gguf
 from leapllm.loading.gguf_tensors import GGUFTensor
 from leapllm.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
@@ -47,14 +49,15 @@ _GLOBAL_TENSOR_NAMES = {
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
 
-def canonical_name(gguf_name: str) -> str | None:
+def canonical_name(gguf_name: str, arch: str = "llama") -> str | None:
     """GGUF tensor name -> canonical name, or None for tensors the model does not use."""
     if gguf_name in _GLOBAL_TENSOR_NAMES:
         return _GLOBAL_TENSOR_NAMES[gguf_name]
     m = _LAYER_RE.fullmatch(gguf_name)
-    if m and m.group(2) in _LAYER_TENSOR_NAMES:
-        return f"layers.{m.group(1)}.{_LAYER_TENSOR_NAMES[m.group(2)]}"
-    return None
+    if m is None:
+        return None
+    name = GGUF_LAYER_NAMES.get(arch, {}).get(m.group(2)) or _LAYER_TENSOR_NAMES.get(m.group(2))
+    return f"layers.{m.group(1)}.{name}" if name else None
 
 
 def _meta_int(metadata: dict[str, Any], key: str, default: int | None = None) -> int:
@@ -74,7 +77,9 @@ def config_from_gguf_metadata(metadata: dict[str, Any], tensor_names: set[str]) 
     a = arch + "."
     hidden = _meta_int(metadata, a + "embedding_length")
     heads = _meta_int(metadata, a + "attention.head_count")
-    head_dim = _meta_int(metadata, a + "attention.key_length", _meta_int(metadata, a + "rope.dimension_count", hidden // heads))
+    # Old files lack key_length; their rope dimension is the head's, except where rotary is partial (Phi).
+    rope_dims = hidden // heads if arch == "phi3" else _meta_int(metadata, a + "rope.dimension_count", hidden // heads)
+    head_dim = _meta_int(metadata, a + "attention.key_length", rope_dims)
     vocab = metadata.get(a + "vocab_size") or len(metadata.get("tokenizer.ggml.tokens") or [])
     rope_scaling = None
     scaling_type = metadata.get(a + "rope.scaling.type")
@@ -82,12 +87,17 @@ def config_from_gguf_metadata(metadata: dict[str, Any], tensor_names: set[str]) 
         rope_scaling = {"type": "linear", "factor": float(metadata[a + "rope.scaling.factor"])}
     elif scaling_type not in (None, "none"):
         raise ModelLoadError(f"unsupported rope scaling {scaling_type!r} in GGUF metadata")
+    layers = _meta_int(metadata, a + "block_count")
+    fields = family_fields_from_gguf(arch, metadata, layers, head_dim, hidden, heads)
+    if fields.get("num_experts"):  # a layer without a router keeps its dense MLP
+        moe = tuple(f"blk.{i}.ffn_gate_inp.weight" in tensor_names for i in range(layers))
+        fields["moe_layers"] = None if all(moe) else moe
     return ModelConfig(
         architecture=arch,
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=_meta_int(metadata, a + "feed_forward_length"),
-        num_layers=_meta_int(metadata, a + "block_count"),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=_meta_int(metadata, a + "attention.head_count_kv", heads),
         head_dim=head_dim,
@@ -99,6 +109,7 @@ def config_from_gguf_metadata(metadata: dict[str, Any], tensor_names: set[str]) 
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         name=str(metadata.get("general.name", "")),
         extra={"format": "gguf", "file_type": metadata.get("general.file_type")},
+        **fields,
     )
 
 
@@ -123,15 +134,33 @@ def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, GGUFTensor], dic
         (GGMLQuantizationType(t.tensor_type).name, int(t.n_elements), int(t.n_bytes)) for t in reader.tensors
     )
     tensors: dict[str, GGUFTensor] = {}
+    arch = config.architecture
     for t in reader.tensors:
         # GGUF lists dimensions fastest first: (in_features, out_features) is PyTorch's (out, in).
         tensor = GGUFTensor(t.name, GGMLQuantizationType(t.tensor_type), tuple(int(d) for d in reversed(t.shape)),
                             t.data, path, release_pages=t.release_pages)
-        name = canonical_name(t.name)
+        layer = _LAYER_RE.fullmatch(t.name)
+        if layer and layer.group(2) in GGUF_STACKED_EXPERTS:  # (experts, out, in): one matrix per expert
+            part = GGUF_STACKED_EXPERTS[layer.group(2)]
+            for e in range(tensor.shape[0]):
+                tensors[f"layers.{layer.group(1)}.mlp.experts.{e}.{part}.weight"] = tensor.expert(e)
+            # The experts are built in order: once the last is read, the whole stack's pages may go.
+            tensors[f"layers.{layer.group(1)}.mlp.experts.{e}.{part}.weight"].release_pages = t.release_pages
+            continue
+        name = canonical_name(t.name, config.architecture)
+        if name is not None and name.endswith("shared_expert_gate.weight") and len(tensor.shape) == 1:
+            tensor = GGUFTensor(t.name, tensor.ggml_type, (1, tensor.shape[0]), t.data.reshape(1, -1), path)
         if name is None:
             if t.name == "rope_freqs.weight":  # Llama 3.1 frequency divisors
                 factors = tensor.dequantize().reshape(-1)
-                config = ModelConfig(**{**config.to_dict(), "rope_scaling": {"type": "freq_factors", "factors": factors}})
+                config = replace(config, rope_scaling={"type": "freq_factors", "factors": factors})
+            elif t.name == "rope_factors_short.weight":  # Phi-3's LongRoPE, short factors (the ones used)
+                long = next((x for x in reader.tensors if x.name == "rope_factors_long.weight"), None)
+                scaling = {"type": "longrope", "short_factor": tensor.dequantize().reshape(-1).tolist(),
+                           "long_factor": [] if long is None else [float(f) for f in long.data.reshape(-1)],
+                           "original_context_length": int(metadata.get(f"{arch}.rope.scaling.original_context_length", 0)),
+                           "attention_factor": float(metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0))}
+                config = replace(config, rope_scaling=scaling)
             continue
         if config.architecture in PERMUTED_QK_ARCHITECTURES:
             if name.endswith("q_proj.weight"):

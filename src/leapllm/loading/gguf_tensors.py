@@ -97,6 +97,12 @@ class GGUFTensor:
         data = self.data
         return data if self.unpermute_heads is None else unpermute_qk(data, self.unpermute_heads)
 
+    def expert(self, e: int) -> GGUFTensor:
+        """Expert e's (out, in) matrix of a stacked (experts, out, in) tensor: still the file's bytes."""
+        _, out, inp = self.shape
+        data = self.data[e] if self.data.ndim == 3 else self.data[e * out:(e + 1) * out]
+        return GGUFTensor(f"{self.name}[{e}]", self.ggml_type, (out, inp), data, self.source)
+
     def raw_rows(self) -> torch.Tensor:
         """The stored bytes, (rows, bytes per row) uint8, rows in PyTorch's order, copied into memory."""
         rows = self._rows()

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from leapllm.errors import InvalidRequestError, ModelLoadError
 from leapllm.model.config import ModelConfig
-from leapllm.model.llama import Transformer, rotary_inv_freq
+from leapllm.model.llama import Transformer
 from leapllm.model.quantized.layers import (
     QUANTIZED_PARTS,
     layer_method,
@@ -131,5 +131,5 @@ def load_model_folder(folder: Path, dtype: torch.dtype, device: torch.device) ->
     model.load_state_dict(state, assign=True, strict=False)
     if config.tie_word_embeddings and not quant:
         model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the tied parameter
-    model.inv_freq = rotary_inv_freq(config).to(device)
+    model.init_rotary()
     return model.eval().requires_grad_(False), meta

@@ -16,6 +16,14 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from leapllm.errors import ModelLoadError
+from leapllm.loading.families import (
+    HF_EXPERT_PARTS,
+    HF_EXPERT_RE,
+    HF_LAYER_NAMES,
+    HF_MODEL_TYPES,
+    HF_NORM_OFFSET,
+    family_fields_from_hf,
+)
 from leapllm.loading.gguf_loader import stored_dtype_summary
 from leapllm.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
 
@@ -41,61 +49,45 @@ _HF_GLOBAL_NAMES = {
 _HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
-def canonical_name(hf_name: str) -> str | None:
+def canonical_name(hf_name: str, arch: str = "llama") -> str | None:
     if hf_name in _HF_GLOBAL_NAMES:
         return _HF_GLOBAL_NAMES[hf_name]
     m = _HF_LAYER_RE.fullmatch(hf_name)
-    if m and m.group(2) in _HF_LAYER_NAMES:
-        return f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}"
-    return None
-
-
-def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    # transformers 4.x writes rope_scaling; 5.x writes rope_parameters (which also holds rope_theta).
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind in (None, "default"):
+    if m is None:
         return None
-    if kind == "linear":
-        return {"type": "linear", "factor": float(scaling["factor"])}
-    if kind == "llama3":
-        return {
-            "type": "llama3",
-            "factor": float(scaling["factor"]),
-            "low_freq_factor": float(scaling["low_freq_factor"]),
-            "high_freq_factor": float(scaling["high_freq_factor"]),
-            "original_context_length": int(scaling["original_max_position_embeddings"]),
-        }
-    raise ModelLoadError(f"unsupported rope scaling {kind!r} in config.json")
+    name = HF_LAYER_NAMES.get(arch, {}).get(m.group(2)) or _HF_LAYER_NAMES.get(m.group(2))
+    expert = HF_EXPERT_RE.fullmatch(m.group(2))
+    if expert:
+        name = f"mlp.experts.{expert.group(1)}.{HF_EXPERT_PARTS[expert.group(2)]}.weight"
+    return f"layers.{m.group(1)}.{name}" if name else None
 
 
 def config_from_hf(cfg: dict[str, Any], folder: Path) -> ModelConfig:
-    arch = cfg.get("model_type")
+    arch = HF_MODEL_TYPES.get(cfg.get("model_type"))
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
-            f"{folder}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{folder}: unsupported architecture {cfg.get('model_type')!r}; supported: {', '.join(HF_MODEL_TYPES)}"
         )
     try:
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
-        rope_theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        layers = int(cfg["num_hidden_layers"])
         return ModelConfig(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             context_length=int(cfg.get("max_position_embeddings", 2048)),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
-            rope_scaling=_rope_scaling(cfg),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", arch in ("gemma2", "gemma3"))),
+            attention_bias=bool(cfg.get("attention_bias", cfg.get("qkv_bias", arch in ("qwen2", "qwen2moe")))),
             name=str(cfg.get("_name_or_path", folder.name)),
             extra={"format": "safetensors", "torch_dtype": cfg.get("torch_dtype", cfg.get("dtype"))},
+            **family_fields_from_hf(arch, cfg, layers),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{folder}/config.json: missing or invalid field ({exc})") from None
@@ -120,9 +112,11 @@ def load_safetensors_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, 
         try:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
-                    name = canonical_name(key)
+                    name = canonical_name(key, config.architecture)
                     if name is not None:
                         tensors[name] = f.get_tensor(key)
+                        if name.endswith("norm.weight") and config.architecture in HF_NORM_OFFSET:
+                            tensors[name] = tensors[name].float() + HF_NORM_OFFSET[config.architecture]
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise ModelLoadError(f"{file}: truncated or corrupt safetensors file ({exc})") from None
     config.extra["stored_dtypes"] = stored_dtype_summary(

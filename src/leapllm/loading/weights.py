@@ -14,9 +14,10 @@ from torch import nn
 
 from leapllm.errors import ModelLoadError
 from leapllm.kernels.packing import kernels_can_run
+from leapllm.loading.families import FUSED_TENSORS
 from leapllm.loading.gguf_tensors import KERNEL_DESCRIPTIONS, GGUFTensor, as_float
 from leapllm.model.config import ModelConfig
-from leapllm.model.llama import Transformer, rotary_inv_freq
+from leapllm.model.llama import Transformer
 from leapllm.model.quantized.embedding import (
     BlockQuantizedEmbedding,
     PackedRowsEmbedding,
@@ -27,8 +28,12 @@ from leapllm.model.quantized.int8 import Int8Linear
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical tensor name -> shape, for every tensor the model needs (lm_head only if untied)."""
+def expected_shapes(config: ModelConfig, fused: set[str] = frozenset()) -> dict[str, tuple[int, ...]]:
+    """Canonical tensor name -> shape, for every tensor the model needs (lm_head only if untied).
+
+    fused: the names of fused tensors the file holds (Phi-3's `layers.N.attn.qkv_proj.weight`,
+    `layers.N.mlp.gate_up_proj.weight`), expected instead of their parts.
+    """
     h, inter = config.hidden_size, config.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {
         "embed_tokens.weight": (config.vocab_size, h),
@@ -38,17 +43,27 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (config.vocab_size, h)
     for i in range(config.num_layers):
         p = f"layers.{i}."
-        shapes |= {
-            p + "attn_norm.weight": (h,),
-            p + "mlp_norm.weight": (h,),
-            p + "attn.q_proj.weight": (config.q_size, h),
-            p + "attn.k_proj.weight": (config.kv_size, h),
-            p + "attn.v_proj.weight": (config.kv_size, h),
-            p + "attn.o_proj.weight": (h, config.q_size),
-            p + "mlp.gate_proj.weight": (inter, h),
-            p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter),
-        }
+        shapes[p + "attn.o_proj.weight"] = (h, config.q_size)
+        if config.is_moe_layer(i):
+            shapes |= moe_shapes(config, p + "mlp.")
+        elif p + "mlp.gate_up_proj.weight" in fused:
+            shapes |= {p + "mlp.gate_up_proj.weight": (2 * inter, h), p + "mlp.down_proj.weight": (h, inter)}
+        else:
+            shapes |= {p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                       p + "mlp.down_proj.weight": (h, inter)}
+        if p + "attn.qkv_proj.weight" in fused:
+            shapes[p + "attn.qkv_proj.weight"] = (config.q_size + 2 * config.kv_size, h)
+        else:
+            shapes |= {p + "attn.q_proj.weight": (config.q_size, h), p + "attn.k_proj.weight": (config.kv_size, h),
+                       p + "attn.v_proj.weight": (config.kv_size, h)}
+        if config.norm_placement != "post":
+            shapes |= {p + "attn_norm.weight": (h,), p + "mlp_norm.weight": (h,)}
+        if config.norm_placement != "pre":
+            shapes |= {p + "post_attn_norm.weight": (h,), p + "post_mlp_norm.weight": (h,)}
+        if config.qk_norm is not None:
+            per_head = config.qk_norm == "head"
+            shapes |= {p + "attn.q_norm.weight": (config.head_dim if per_head else config.q_size,),
+                       p + "attn.k_norm.weight": (config.head_dim if per_head else config.kv_size,)}
         if config.attention_bias:
             shapes |= {
                 p + "attn.q_proj.bias": (config.q_size,),
@@ -58,8 +73,29 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def moe_shapes(config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """The tensors of one MoE layer's MLP under prefix p ("layers.N.mlp."): router, experts, shared expert."""
+    h, inter = config.hidden_size, config.expert_intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {p + "router.weight": (config.num_experts, h)}
+    for e in range(config.num_experts):
+        q = f"{p}experts.{e}."
+        shapes |= {q + "gate_proj.weight": (inter, h), q + "up_proj.weight": (inter, h),
+                   q + "down_proj.weight": (h, inter)}
+    shared = config.shared_expert_intermediate_size
+    if shared:
+        q = p + "shared_expert."
+        shapes |= {q + "gate_proj.weight": (shared, h), q + "up_proj.weight": (shared, h),
+                   q + "down_proj.weight": (h, shared), p + "shared_expert_gate.weight": (1, h)}
+    return shapes
+
+
+def fused_names(tensors: dict) -> set[str]:
+    """The fused tensors (families.FUSED_TENSORS) among canonical `tensors`."""
+    return {n for n in tensors if n.split(".", 2)[-1] in FUSED_TENSORS}
+
+
 def check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
-    for name, shape in expected_shapes(config).items():
+    for name, shape in expected_shapes(config, fused_names(tensors)).items():
         if name not in tensors:
             raise ModelLoadError(f"{source}: missing tensor {name!r}")
         if tuple(tensors[name].shape) != shape:
@@ -157,15 +193,32 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype, device: 
             _note(kernels_by_type, t, KERNEL_DESCRIPTIONS[fmt])
         modules[path] = module
 
+    fused = fused_names(tensors)
+
+    def stored(name: str) -> list[str]:  # a fused tensor's own name where the file holds it fused, else its parts
+        return [name] if name in fused else [name.rsplit(".", 2)[0] + "." + part.split(".", 1)[1]
+                                             for part in FUSED_TENSORS[name.split(".", 2)[-1]]]
+
     for i in range(config.num_layers):
         p = f"layers.{i}."
-        state[p + "attn_norm.weight"] = get(p + "attn_norm.weight")
-        state[p + "mlp_norm.weight"] = get(p + "mlp_norm.weight")
-        projection(p + "attn.qkv_proj", [p + f"attn.{x}_proj.weight" for x in "qkv"],
+        for norm in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "attn.q_norm", "attn.k_norm"):
+            if p + norm + ".weight" in tensors:
+                state[p + norm + ".weight"] = get(p + norm + ".weight")
+        projection(p + "attn.qkv_proj", stored(p + "attn.qkv_proj.weight"),
                    [p + f"attn.{x}_proj.bias" for x in "qkv"] if config.attention_bias else None)
         projection(p + "attn.o_proj", [p + "attn.o_proj.weight"])
-        projection(p + "mlp.gate_up_proj", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
-        projection(p + "mlp.down_proj", [p + "mlp.down_proj.weight"])
+        if not config.is_moe_layer(i):
+            projection(p + "mlp.gate_up_proj", stored(p + "mlp.gate_up_proj.weight"))
+            projection(p + "mlp.down_proj", [p + "mlp.down_proj.weight"])
+            continue
+        state[p + "mlp.router.weight"] = get(p + "mlp.router.weight")  # small: kept float
+        experts = [f"{p}mlp.experts.{e}." for e in range(config.num_experts)]
+        if config.shared_expert_intermediate_size:
+            experts.append(p + "mlp.shared_expert.")
+            state[p + "mlp.shared_expert_gate.weight"] = get(p + "mlp.shared_expert_gate.weight")
+        for q in experts:
+            projection(q + "gate_up_proj", [q + "gate_proj.weight", q + "up_proj.weight"])
+            projection(q + "down_proj", [q + "down_proj.weight"])
     head_name = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
     projection("lm_head", [head_name])
 
@@ -190,6 +243,6 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype, device: 
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n != "inv_freq"]
     if left:
         raise ModelLoadError(f"{source}: no weights for {left[0]}")
-    model.inv_freq = rotary_inv_freq(config).to(device)
+    model.init_rotary()
     config.extra["kernels_by_type"] = {k: sorted(v) for k, v in sorted(kernels_by_type.items())}
     return model.eval().requires_grad_(False)

@@ -5,13 +5,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# Architectures that run through `leapllm.model.llama.Transformer`.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# Architectures that run through `leapllm.model.llama.Transformer`; what each changes from Llama
+# is in model/families.py.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2",
+                           "mixtral", "qwen2moe", "qwen3moe", "olmoe")
+NORM_PLACEMENTS = ("pre", "pre_post", "post")
+ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # "llama" (covers SmolLM2), "mistral" or "qwen2"
+    architecture: str  # one of SUPPORTED_ARCHITECTURES ("llama" covers SmolLM2)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -34,13 +38,36 @@ class ModelConfig:
     # keep one shape; a layer's query head count is a multiple of it.
     layer_num_heads: tuple[int, ...] | None = None
     layer_intermediate_sizes: tuple[int, ...] | None = None
+    # What the families after Llama change (model/families.py says which family sets what); the
+    # defaults are Llama's.
+    qk_norm: str | None = None  # RMSNorm on q and k before rotary: "head" (per head) or "full" (whole projection)
+    norm_placement: str = "pre"  # "pre": x + f(norm(x)); "pre_post": x + norm2(f(norm(x))); "post": x + norm(f(x))
+    hidden_act: str = "silu"  # the gated MLP's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    embedding_multiplier: float = 1.0  # Gemma scales the embedded tokens by sqrt(hidden_size)
+    attention_scale: float | None = None  # softmax scale of q.k; None: 1 / sqrt(head_dim)
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax
+    final_logit_softcap: float | None = None  # the same on the output logits
+    sliding_window: int | None = None  # a windowed layer's query sees this many keys: its own and the ones before
+    # Per layer, whether it attends through the window (None: every layer when sliding_window is set).
+    sliding_layers: tuple[bool, ...] | None = None
+    rope_local_theta: float | None = None  # the windowed layers' rope base, unscaled (Gemma 3); None: rope_theta
+    partial_rotary_factor: float = 1.0  # rotary covers the first head_dim * factor dims of each head
+    # Mixture of experts (Mixtral, Qwen2/3-MoE, OLMoE): a router picks num_experts_per_token of
+    # num_experts gated MLPs per token; 0 experts: every MLP is dense.
+    num_experts: int = 0
+    num_experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert (0: none), gated by a sigmoid
+    norm_topk_prob: bool = False  # renormalize the chosen experts' router probabilities to sum to 1
+    moe_layers: tuple[bool, ...] | None = None  # per layer, whether its MLP is the MoE (None: all, with experts)
 
     def __post_init__(self):
         # JSON gives lists; a frozen dataclass must hold hashable, immutable tuples.
-        for name in ("layer_num_heads", "layer_intermediate_sizes"):
+        for name, kind in (("layer_num_heads", int), ("layer_intermediate_sizes", int), ("sliding_layers", bool),
+                           ("moe_layers", bool)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
-                object.__setattr__(self, name, tuple(int(v) for v in value))
+                object.__setattr__(self, name, tuple(kind(v) for v in value))
 
     @property
     def q_size(self) -> int:
@@ -59,6 +86,28 @@ class ModelConfig:
     @property
     def is_uniform(self) -> bool:
         return self.layer_num_heads is None and self.layer_intermediate_sizes is None
+
+    def window_of_layer(self, layer: int) -> int | None:
+        """How many keys a query of this layer sees (None: all before it)."""
+        if self.sliding_window is None or (self.sliding_layers is not None and not self.sliding_layers[layer]):
+            return None
+        return self.sliding_window
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and (self.moe_layers is None or self.moe_layers[layer])
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def runs_llama_block(self) -> bool:
+        """Whether every block is Llama's (what the fused C++ decode step computes)."""
+        return (self.qk_norm is None and self.norm_placement == "pre" and self.hidden_act == "silu"
+                and self.embedding_multiplier == 1.0 and self.attention_scale is None
+                and self.attn_logit_softcap is None and self.final_logit_softcap is None
+                and self.sliding_window is None and self.rotary_dim == self.head_dim
+                and (self.rope_scaling or {}).get("type") != "longrope" and self.num_experts == 0)
 
     @property
     def kv_size(self) -> int:
@@ -84,6 +133,33 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ModelLoadError(f"model config: head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.qk_norm not in (None, "head", "full"):
+            raise ModelLoadError(f"model config: qk_norm must be 'head' or 'full', got {self.qk_norm!r}")
+        if self.norm_placement not in NORM_PLACEMENTS:
+            raise ModelLoadError(f"model config: norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ModelLoadError(f"model config: unsupported activation {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ModelLoadError(f"model config: sliding_window must be positive, got {self.sliding_window}")
+        if self.sliding_layers is not None and len(self.sliding_layers) != self.num_layers:
+            raise ModelLoadError(f"model config: sliding_layers has {len(self.sliding_layers)} entries for "
+                                 f"{self.num_layers} layers")
+        for name in ("attn_logit_softcap", "final_logit_softcap", "attention_scale"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ModelLoadError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_experts:
+            if not 0 < self.num_experts_per_token <= self.num_experts:
+                raise ModelLoadError(f"model config: {self.num_experts_per_token} experts per token out of "
+                                     f"{self.num_experts}")
+            if self.expert_intermediate_size <= 0:
+                raise ModelLoadError(f"model config: expert_intermediate_size must be positive, got "
+                                     f"{self.expert_intermediate_size}")
+            if self.moe_layers is not None and len(self.moe_layers) != self.num_layers:
+                raise ModelLoadError(f"model config: moe_layers has {len(self.moe_layers)} entries for "
+                                     f"{self.num_layers} layers")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+            raise ModelLoadError(f"model config: partial_rotary_factor {self.partial_rotary_factor} must give an "
+                                 f"even number of rotary dims out of {self.head_dim}")
         for name in ("layer_num_heads", "layer_intermediate_sizes"):
             sizes = getattr(self, name)
             if sizes is None:

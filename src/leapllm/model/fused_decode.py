@@ -92,6 +92,8 @@ class FusedDecode:
     def supports(model) -> bool:
         if model.device.type != "cpu" or model.dtype != torch.float32 or cpu_kernels() is None:
             return False
+        if not model.config.runs_llama_block:  # the C++ block is Llama's (no q/k norms, windows, soft caps, ...)
+            return False
         if any(layer.mlp.down_proj.in_features % 16 for layer in model.layers):  # gate/up tiles pair up
             return False
         return all(p is not None for layer in model.layers for p in layer_projections(layer))

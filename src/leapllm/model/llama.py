@@ -1,7 +1,10 @@
-"""A Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2) in plain PyTorch.
+"""The decoder of every supported family (Llama, SmolLM2, Mistral, Qwen2/3, Gemma 2/3, Phi-3,
+OLMo 2) in plain PyTorch.
 
-Read top to bottom: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP, the block,
-and the whole model. Each stage of the compute (projections, rotary, attention core, activation,
+Read top to bottom: RMSNorm, rotary embeddings, grouped-query attention, the gated MLP, the block,
+and the whole model. Llama's block is the default; the config's family fields (model/config.py,
+set per family in model/families.py) switch on what later families change: q/k norms, norms after
+attention and MLP, GeGLU, scaled embeddings, soft caps, sliding windows, partial and local rotary. Each stage of the compute (projections, rotary, attention core, activation,
 ...) is its own small module, so a profiler can time stages with module hooks alone. Q/K/V and gate/up are each one fused matmul: one weight read instead of
 three (or two), which matters when decoding is bound by memory bandwidth.
 """
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leapllm.model.attention import AttentionParams, attention, visible_keys
 from leapllm.model.config import ModelConfig
 from leapllm.model.fused_decode import MAX_TOKENS, FusedDecode
 from leapllm.model.kv_cache import KVCache
@@ -33,11 +37,17 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rotary_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,) with the model's rope scaling applied, on the CPU (also
-    inside a meta-device context, where PyTorch would import its compiler stack for these ops)."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+def rotary_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies (rotary_dim/2,) with the model's rope scaling applied, on the CPU (also
+    inside a meta-device context, where PyTorch would import its compiler stack for these ops).
+
+    local: those of the windowed layers of a model with their own rope base (Gemma 3), unscaled.
+    """
+    dim = config.rotary_dim
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    if local:
+        return inv_freq
     scaling = config.rope_scaling or {}
     kind = scaling.get("type")
     if kind == "linear":
@@ -56,7 +66,17 @@ def rotary_inv_freq(config: ModelConfig) -> torch.Tensor:
     elif kind == "freq_factors":
         # GGUF files of Llama 3.1 store the per-frequency divisors as a tensor instead.
         inv_freq = inv_freq / scaling["factors"].float()
+    elif kind == "longrope":
+        # Phi-3's LongRoPE: a divisor per frequency. The short factors are the ones trained for the
+        # original context; the long ones (for contexts beyond it) are not used yet.
+        inv_freq = inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float32, device="cpu")
     return inv_freq
+
+
+def rotary_attention_factor(config: ModelConfig) -> float:
+    """LongRoPE's multiplier on cos and sin (1 for every other rope)."""
+    scaling = config.rope_scaling or {}
+    return float(scaling.get("attention_factor", 1.0)) if scaling.get("type") == "longrope" else 1.0
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -65,32 +85,44 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates each query and key head by its position (rotate-half convention, as in HF Llama)."""
+    """Rotates each query and key head by its position (rotate-half convention, as in HF Llama);
+    with partial rotary (Phi), only the first rotary_dim dims of each head."""
 
     def forward(self, q, k, cos, sin):
-        # q: (batch, heads, seq, head_dim), k: (batch, kv_heads, seq, head_dim); cos, sin: (seq, head_dim)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        # q: (batch, heads, seq, head_dim), k: (batch, kv_heads, seq, head_dim); cos, sin: (seq, rotary_dim)
+        rot = cos.shape[-1]
+        if rot == q.shape[-1]:
+            return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        q_rot, q_pass = q[..., :rot], q[..., rot:]
+        k_rot, k_pass = k[..., :rot], k[..., rot:]
+        return (torch.cat((q_rot * cos + rotate_half(q_rot) * sin, q_pass), dim=-1),
+                torch.cat((k_rot * cos + rotate_half(k_rot) * sin, k_pass), dim=-1))
 
 
 class AttentionCore(nn.Module):
-    """Stores the new keys/values in the cache and attends over everything cached (softmax(QK^T)V)."""
+    """Stores the new keys/values in the cache and attends over the cached keys the query sees
+    (softmax(QK^T * scale)V, model/attention.py)."""
 
-    def __init__(self, layer_idx: int, grouped: bool):
+    def __init__(self, layer_idx: int, grouped: bool, scale: float | None = None, softcap: float | None = None,
+                 window: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.grouped = grouped  # grouped-query attention: several query heads share a kv head
+        self.scale, self.softcap, self.window = scale, softcap, window
+
+    @property
+    def params(self) -> AttentionParams:
+        return AttentionParams(self.grouped, self.scale, self.softcap, self.window)
 
     def forward(self, q, k, v, start_pos: int, kv_cache: KVCache | PagedKVCache | None, mask,
                 paged_batch: PagedAttentionBatch | None = None):
         if paged_batch is not None:
             # The serving engine's step: many sequences flattened into one row of tokens.
-            return kv_cache.attend(self.layer_idx, q, k, v, self.grouped, paged_batch)
+            return kv_cache.attend(self.layer_idx, q, k, v, self.params, paged_batch)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, start_pos, k, v)
-        # is_causal only lines up when queries and keys start together; otherwise `mask` says it.
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, enable_gqa=self.grouped
-        )
+        # `mask` is visible_keys' for this layer's window: None means plain causal (or all keys, for one query).
+        return attention(q, k, v, self.params, mask, is_causal=mask is None and q.shape[2] > 1)
 
 
 class Attention(nn.Module):
@@ -101,13 +133,25 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.layer_q_size(layer_idx), config.kv_size
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        # Qwen3 and Gemma 3 normalize each head of q and k; OLMo 2 the whole q and k projections.
+        self.qk_norm = config.qk_norm
+        if self.qk_norm is not None:
+            per_head = self.qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_dim if per_head else self.q_size, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if per_head else self.kv_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding()
-        self.core = AttentionCore(layer_idx, grouped=self.num_heads != self.num_kv_heads)
+        self.core = AttentionCore(layer_idx, grouped=self.num_heads != self.num_kv_heads, scale=config.attention_scale,
+                                  softcap=config.attn_logit_softcap, window=config.window_of_layer(layer_idx))
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, start_pos: int, kv_cache: KVCache | None, mask, paged_batch=None):
         batch, seq, _ = x.shape
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        elif self.qk_norm == "head":
+            q = self.q_norm(q.view(batch, seq, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(batch, seq, self.num_kv_heads, self.head_dim))
         q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # (batch, heads, seq, head_dim)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (batch, kv_heads, seq, hd)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -117,36 +161,106 @@ class Attention(nn.Module):
 
 
 class SiluAndMul(nn.Module):
-    """SwiGLU's activation: silu(gate) * up, on the fused gate/up projection's output."""
+    """The gated MLP's activation on the fused gate/up projection's output: silu(gate) * up (SwiGLU),
+    or with kind "gelu_tanh", gelu(gate) * up with tanh's approximation (Gemma's GeGLU)."""
+
+    def __init__(self, kind: str = "silu"):
+        super().__init__()
+        self.kind = kind
 
     def forward(self, gate_up):
         gate, up = gate_up.chunk(2, dim=-1)
+        if self.kind == "gelu_tanh":
+            return F.gelu(gate, approximate="tanh") * up
         return F.silu(gate) * up
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, intermediate: int | None = None):
         super().__init__()
-        intermediate = config.intermediate_size_of_layer(layer_idx)  # fewer channels in a pruned layer
+        if intermediate is None:  # an expert passes its own width
+            intermediate = config.intermediate_size_of_layer(layer_idx)  # fewer channels in a pruned layer
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * intermediate, bias=False)
-        self.act = SiluAndMul()
+        self.act = SiluAndMul(config.hidden_act)
         self.down_proj = nn.Linear(intermediate, config.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
-class Block(nn.Module):
+class SparseMoE(nn.Module):
+    """A mixture of experts in place of the MLP: per token, the router's softmax picks the top-k
+    expert MLPs, whose outputs are summed weighted by their (optionally renormalized) probabilities;
+    Qwen2-MoE adds an always-on shared expert scaled by a sigmoid gate.
+
+    Tokens are grouped by expert, so each chosen expert's weights are read once per step for all its
+    tokens and the experts nobody chose are not read at all: a decode token reads k experts, not all.
+    """
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.top_k, self.normalize = config.num_experts_per_token, config.norm_topk_prob
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(config, layer_idx, config.expert_intermediate_size)
+                                     for _ in range(config.num_experts))
+        self.shared_expert = self.shared_expert_gate = None
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = MLP(config, layer_idx, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (tokens, hidden) -> (weights (tokens, k) in x's dtype, chosen experts (tokens, k))."""
+        probs = torch.softmax(self.router(x).float(), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), chosen
+
+    def forward(self, x):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (tokens, hidden)
+        weights, chosen = self.route(flat)
+        out = torch.zeros_like(flat)
+        for e in chosen.unique().tolist():
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            out.index_add_(0, token, self.experts[e](flat[token]) * weights[token, slot, None])
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        return out.view(shape)
+
+
+class Block(nn.Module):
+    """Attention then MLP, each added to the residual stream; config.norm_placement says where the
+    RMSNorms sit: before each ("pre", Llama), before and after each ("pre_post", Gemma 2/3), or
+    after each only ("post", OLMo 2)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.norm_placement = placement = config.norm_placement
+        # Registered in the order a step runs them (the profiler lists stages so).
+        if placement != "post":
+            self.attn_norm = RMSNorm(h, eps)
         self.attn = Attention(config, layer_idx)
-        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, layer_idx)
+        if placement != "pre":
+            self.post_attn_norm = RMSNorm(h, eps)
+        if placement != "post":
+            self.mlp_norm = RMSNorm(h, eps)
+        self.mlp = SparseMoE(config, layer_idx) if config.is_moe_layer(layer_idx) else MLP(config, layer_idx)
+        if placement != "pre":
+            self.post_mlp_norm = RMSNorm(h, eps)
+        # Gemma 3's windowed layers rotate with their own (local) frequencies.
+        self.local_rope = config.rope_local_theta is not None and config.window_of_layer(layer_idx) is not None
 
     def forward(self, x, cos, sin, start_pos, kv_cache, mask, paged_batch=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, start_pos, kv_cache, mask, paged_batch)
-        return x + self.mlp(self.mlp_norm(x))
+        if self.norm_placement == "pre":
+            x = x + self.attn(self.attn_norm(x), cos, sin, start_pos, kv_cache, mask, paged_batch)
+            return x + self.mlp(self.mlp_norm(x))
+        if self.norm_placement == "pre_post":
+            x = x + self.post_attn_norm(self.attn(self.attn_norm(x), cos, sin, start_pos, kv_cache, mask, paged_batch))
+            return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
+        x = x + self.post_attn_norm(self.attn(x, cos, sin, start_pos, kv_cache, mask, paged_batch))
+        return x + self.post_mlp_norm(self.mlp(x))
 
 
 class Transformer(nn.Module):
@@ -165,8 +279,12 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # Kept in float32 and out of the state dict: it is derived from the config.
+        # Kept in float32 and out of the state dict: derived from the config (init_rotary).
         self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
+        self.register_buffer("inv_freq_local", rotary_inv_freq(config, local=True) if config.rope_local_theta else None,
+                             persistent=False)
+        self.rotary_factor = rotary_attention_factor(config)
+        self.windows = sorted({layer.attn.core.window for layer in self.layers}, key=lambda w: w or 0)
         # One C++ call per block for batch-1 decode, when the weights run on leapllm's packed kernels
         # (model/fused_decode.py); built at the first such step. The profiler turns it off to time stages.
         self.use_fused_decode = True
@@ -190,12 +308,43 @@ class Transformer(nn.Module):
         c = self.config
         return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_seq_len, c.head_dim, self.dtype, self.device)
 
-    def rotary_cos_sin(self, start_pos: int, seq: int, positions: torch.Tensor | None = None):
+    def init_rotary(self) -> None:
+        """(Re)compute the rotary frequencies from the config, on the model's device (loaders build
+        the model on the meta device)."""
+        self.inv_freq = rotary_inv_freq(self.config).to(self.device)
+        if self.inv_freq_local is not None:
+            self.inv_freq_local = rotary_inv_freq(self.config, local=True).to(self.device)
+
+    def rotary_cos_sin(self, start_pos: int, seq: int, positions: torch.Tensor | None = None, local: bool = False):
         if positions is None:
             positions = torch.arange(start_pos, start_pos + seq, device=self.device)
-        freqs = torch.outer(positions.float(), self.inv_freq)  # (seq, head_dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (seq, head_dim)
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        inv_freq = self.inv_freq_local if local else self.inv_freq
+        freqs = torch.outer(positions.float(), inv_freq)  # (seq, rotary_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (seq, rotary_dim)
+        factor = 1.0 if local else self.rotary_factor
+        return (emb.cos() * factor).to(self.dtype), (emb.sin() * factor).to(self.dtype)
+
+    def rotary_tables(self, start_pos: int, seq: int, positions: torch.Tensor | None = None) -> dict:
+        """{local: (cos, sin)} for the rotary kinds the layers use."""
+        tables = {False: self.rotary_cos_sin(start_pos, seq, positions)}
+        if self.inv_freq_local is not None:
+            tables[True] = self.rotary_cos_sin(start_pos, seq, positions, local=True)
+        return tables
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(tokens)
+        if self.config.embedding_multiplier != 1.0:
+            # In the compute dtype, as the reference does (in bfloat16 sqrt(3072) becomes 55.5).
+            x = x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype)
+        return x
+
+    def output_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm and the output head -> float32 logits (soft-capped where the family does)."""
+        logits = self.lm_head(self.norm(x))
+        cap = self.config.final_logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, kv_cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -214,20 +363,17 @@ class Transformer(nn.Module):
             x = self.fused_decode.hidden_states(x, start_pos, kv_cache)
             if last_only:
                 x = x[-1:]
-            return self.lm_head(self.norm(x)).float()[None]
-        x = self.embed_tokens(tokens)  # (batch, seq, hidden)
-        cos, sin = self.rotary_cos_sin(start_pos, seq)
-        mask = None
-        if start_pos > 0 and seq > 1:
-            # A chunk after cached tokens: query i sees keys 0 .. start_pos + i.
-            keys = torch.arange(start_pos + seq, device=self.device)
-            queries = torch.arange(start_pos, start_pos + seq, device=self.device)
-            mask = keys[None, :] <= queries[:, None]  # (seq, start_pos + seq)
+            return self.output_logits(x)[None]
+        x = self.embed(tokens)  # (batch, seq, hidden)
+        tables = self.rotary_tables(start_pos, seq)
+        # Per window size: which of the keys 0 .. start_pos + seq - 1 each query sees.
+        masks = {w: visible_keys(start_pos, seq, w, self.device)[0] for w in self.windows}
         for layer in self.layers:
-            x = layer(x, cos, sin, start_pos, kv_cache, mask)
+            cos, sin = tables[layer.local_rope]
+            x = layer(x, cos, sin, start_pos, kv_cache, masks[layer.attn.core.window])
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()
+        return self.output_logits(x)
 
     def fused_decode_ready(self) -> bool:
         if self.fused_decode is None and self.use_fused_decode:
@@ -248,9 +394,10 @@ class Transformer(nn.Module):
         Returns float32 logits (len(logits_indices), vocab) for the rows asked for (typically the
         last token of each sequence that samples this step).
         """
-        x = self.embed_tokens(tokens)[None]  # (1, T, hidden)
-        cos, sin = self.rotary_cos_sin(0, tokens.shape[0], batch.positions)
+        x = self.embed(tokens)[None]  # (1, T, hidden)
+        tables = self.rotary_tables(0, tokens.shape[0], batch.positions)
         for layer in self.layers:
+            cos, sin = tables[layer.local_rope]
             x = layer(x, cos, sin, 0, kv_cache, None, batch)
         x = x[0, logits_indices]  # (rows, hidden)
-        return self.lm_head(self.norm(x)).float()
+        return self.output_logits(x)

@@ -20,12 +20,12 @@ make every short one pay for their padding.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from leapllm.config import KV_DTYPES
+from leapllm.model.attention import AttentionParams, attention, visible_keys
 
 
 class PagedKVCache:
@@ -95,38 +95,39 @@ class PagedKVCache:
         from leapllm.kernels import cpu_kernels
         return cpu_kernels()
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouped: bool,
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams,
                b: PagedAttentionBatch) -> torch.Tensor:
         """q (1, heads, T, hd), k/v (1, kv_heads, T, hd) for the step's T flattened tokens -> (1, heads, T, hd).
 
-        Writes the new keys/values into the slots `b` names, then attends each query over its sequence.
+        Writes the new keys/values into the slots `b` names, then attends each query over the keys
+        of its sequence it sees (the last params.window of them in a windowed layer).
         """
         self.store(layer, b.slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (T, kv_heads, hd)
         outs = []
-        kernels = self.decode_kernels()
+        kernels = self.decode_kernels() if params.softcap is None else None
         for g in b.decode_groups:
+            slots, lengths, mask = g.window_view(params.window)
             if kernels is not None:
                 qd = q[0, :, g.start:g.end].transpose(0, 1).contiguous()  # (d, heads, hd)
-                od = kernels.paged_decode_attention(qd, self.k[layer], self.v[layer], g.slots, g.lengths,
-                                                    1.0 / math.sqrt(q.shape[-1]))
+                scale = params.scale if params.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+                od = kernels.paged_decode_attention(qd, self.k[layer], self.v[layer], slots, lengths, scale)
                 outs.append(od.transpose(0, 1))  # (heads, d, hd)
                 continue
             qd = q[0, :, g.start:g.end].transpose(0, 1).unsqueeze(2)  # (d, heads, 1, hd)
-            kd, vd = self.gather(layer, g.slots)  # (d, max_len, kv_heads, hd)
-            kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # (d, kv_heads, max_len, hd)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask, enable_gqa=grouped)
+            kd, vd = self.gather(layer, slots)  # (d, keys, kv_heads, hd)
+            kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # (d, kv_heads, keys, hd)
+            od = attention(qd, kd, vd, params, mask)
             outs.append(od.squeeze(2).transpose(0, 1))  # (heads, d, hd)
         for chunk in b.prefills:
             qc = q[:, :, chunk.start:chunk.end]  # (1, heads, n, hd)
+            mask = chunk.mask_for(params.window, q.device)
             if chunk.slots is None:
-                # Nothing cached before this chunk: its own keys are all it sees, causally.
+                # Nothing cached before this chunk: its own keys are all it sees.
                 kc, vc = k[:, :, chunk.start:chunk.end], v[:, :, chunk.start:chunk.end]
-                oc = F.scaled_dot_product_attention(qc, kc, vc, is_causal=chunk.end - chunk.start > 1,
-                                                    enable_gqa=grouped)
             else:
                 kc, vc = self.gather(layer, chunk.slots)  # (context, kv_heads, hd)
                 kc, vc = kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0)  # (1, kv_heads, context, hd)
-                oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=chunk.mask, enable_gqa=grouped)
+            oc = attention(qc, kc, vc, params, mask, is_causal=mask is None and chunk.end - chunk.start > 1)
             outs.append(oc[0])
         return torch.cat(outs, dim=1).unsqueeze(0) if len(outs) > 1 else outs[0].unsqueeze(0)
 
@@ -138,14 +139,36 @@ class DecodeGroup:
     slots: torch.Tensor  # (end - start, max_len) slots of each sequence's positions, padded
     mask: torch.Tensor  # (end - start, 1, 1, max_len) bool, True where a key is real
     lengths: torch.Tensor  # (end - start,) int64: how many of each row's slots are real
+    _windows: dict = field(default_factory=dict, repr=False)  # window -> window_view's answer, built once a step
+
+    def window_view(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slots, lengths, mask) of the keys each row's query sees: all of them, or the last
+        `window` (row r's slots start at its length - window, so the first lengths[r] are real)."""
+        max_len = self.slots.shape[1]
+        if window is None or max_len <= window:
+            return self.slots, self.lengths, self.mask
+        if window not in self._windows:
+            first = (self.lengths - window).clamp(min=0)  # (d,)
+            cols = (first[:, None] + torch.arange(window, device=self.slots.device)).clamp(max=max_len - 1)
+            lengths = self.lengths.clamp(max=window)
+            mask = (torch.arange(window, device=self.slots.device)[None, :] < lengths[:, None])[:, None, None, :]
+            self._windows[window] = (self.slots.gather(1, cols), lengths, mask)
+        return self._windows[window]
 
 
 @dataclass
 class PrefillChunk:
     start: int  # this chunk's tokens are [start, end) of the step's flattened tokens
     end: int
+    first: int  # the position of the chunk's first token in its sequence
     slots: torch.Tensor | None  # (context,) slots of positions 0 .. last of the chunk; None if nothing cached before
-    mask: torch.Tensor | None  # (n, context) bool: query i sees keys up to its own position
+    _masks: dict = field(default_factory=dict, repr=False)  # window -> mask_for's answer, built once a step
+
+    def mask_for(self, window: int | None, device) -> torch.Tensor | None:
+        """visible_keys' mask (n, context) for this chunk's queries: None means plain causal."""
+        if window not in self._masks:
+            self._masks[window] = visible_keys(self.first, self.end - self.start, window, device)[0]
+        return self._masks[window]
 
 
 @dataclass
@@ -202,13 +225,7 @@ def build_paged_batch(decodes: list[tuple[list[int], int]], prefills: list[tuple
         slots = slot_table([table], first + n, block_size, device)[0]  # (first + n,)
         slot_mapping.append(slots[first:])
         positions.extend(range(first, first + n))
-        if first == 0:
-            chunks.append(PrefillChunk(offset, offset + n, None, None))
-        else:
-            keys = torch.arange(first + n, device=device)
-            queries = torch.arange(first, first + n, device=device)
-            mask = keys[None, :] <= queries[:, None]  # (n, first + n)
-            chunks.append(PrefillChunk(offset, offset + n, slots, mask))
+        chunks.append(PrefillChunk(offset, offset + n, first, slots if first > 0 else None))
         offset += n
     decode_slots = [torch.tensor(slot_mapping[:len(decodes)], dtype=torch.long, device=device)]
     return PagedAttentionBatch(

@@ -138,16 +138,45 @@ def layer_costs(c: ModelConfig, batch: int, new: int, cached: int, e: int,
     weight_e: bytes per projection weight of a quantized model."""
     n = batch * new
     q, inter = c.layer_q_size(layer), c.intermediate_size_of_layer(layer)
-    return {
+    costs = {
         "norm": 2 * norm_cost(n, c.hidden_size, e),
         "qkv_proj": linear_cost(n, c.hidden_size, q + 2 * c.kv_size, e, bias=c.attention_bias, weight_e=weight_e),
         "rotary": rotary_cost(c, batch, new, e, layer),
         "attention": attention_cost(c, batch, new, cached, e, layer),
         "o_proj": linear_cost(n, q, c.hidden_size, e, weight_e=weight_e),
+    }
+    if c.is_moe_layer(layer):
+        return costs | moe_costs(c, n, e, weight_e)
+    return costs | {
         "gate_up_proj": linear_cost(n, c.hidden_size, 2 * inter, e, weight_e=weight_e),
         "activation": activation_cost(n, inter, e),
         "down_proj": linear_cost(n, inter, c.hidden_size, e, weight_e=weight_e),
     }
+
+
+def moe_costs(c: ModelConfig, n: int, e: int, weight_e: float | None = None) -> dict[str, Cost]:
+    """A mixture-of-experts MLP on N rows: each row runs k experts of width I_e (and the shared expert
+    of width I_s, if any). FLOPs count every (row, expert) pair; weight bytes count each expert once,
+    for at most min(E, N * k) distinct experts (exactly k for one decode token: the bandwidth MoE
+    saves), plus the shared expert and the router (h * E float weights, under gate_up_proj)."""
+    k, h, width = c.num_experts_per_token, c.hidden_size, c.expert_intermediate_size
+    read = min(c.num_experts, n * k)
+
+    def experts(d_in: int, d_out: int) -> Cost:
+        pairs = linear_cost(n * k, d_in, d_out, e, weight_e=weight_e)
+        return Cost(pairs.flops, pairs.weight_bytes * read, pairs.activation_bytes)
+
+    costs = {
+        "gate_up_proj": experts(h, 2 * width) + linear_cost(n, h, c.num_experts, e),
+        "activation": activation_cost(n * k, width, e),
+        "down_proj": experts(width, h),
+    }
+    shared = c.shared_expert_intermediate_size
+    if shared:
+        costs["gate_up_proj"] += linear_cost(n, h, 2 * shared, e, weight_e=weight_e) + linear_cost(n, h, 1, e)
+        costs["activation"] += activation_cost(n, shared, e)
+        costs["down_proj"] += linear_cost(n, shared, h, e, weight_e=weight_e)
+    return costs
 
 
 def step_costs(c: ModelConfig, batch: int, new: int, cached: int, e: int,
@@ -156,7 +185,7 @@ def step_costs(c: ModelConfig, batch: int, new: int, cached: int, e: int,
     followed by sampling: all blocks, plus the embedding, the final norm and the output head on the
     last position of each sequence only (B rows), and greedy sampling. head_weight_e: bytes per
     output-head weight where it differs from weight_e (`leapllm quantize --head int8`)."""
-    if c.is_uniform:  # every block costs the same
+    if c.is_uniform and c.moe_layers is None:  # every block costs the same
         costs = {stage: cost * c.num_layers for stage, cost in layer_costs(c, batch, new, cached, e, weight_e).items()}
     else:
         costs = sum_costs([layer_costs(c, batch, new, cached, e, weight_e, layer) for layer in range(c.num_layers)])

@@ -17,9 +17,15 @@ def quantized_linears(model) -> list[tuple[str, nn.Module, str]]:
     """(name, parent module, attribute) of every Linear of a Transformer that quantization replaces."""
     out = []
     for i, layer in enumerate(model.layers):
-        out += [(f"layers.{i}.attn.qkv_proj", layer.attn, "qkv_proj"), (f"layers.{i}.attn.o_proj", layer.attn, "o_proj"),
-                (f"layers.{i}.mlp.gate_up_proj", layer.mlp, "gate_up_proj"),
-                (f"layers.{i}.mlp.down_proj", layer.mlp, "down_proj")]
+        out += [(f"layers.{i}.attn.qkv_proj", layer.attn, "qkv_proj"), (f"layers.{i}.attn.o_proj", layer.attn, "o_proj")]
+        # A mixture of experts: every expert's (and the shared expert's) MLP; the router stays float.
+        mlps = [(f"layers.{i}.mlp", layer.mlp)]
+        if hasattr(layer.mlp, "experts"):
+            mlps = [(f"layers.{i}.mlp.experts.{e}", expert) for e, expert in enumerate(layer.mlp.experts)]
+            if layer.mlp.shared_expert is not None:
+                mlps.append((f"layers.{i}.mlp.shared_expert", layer.mlp.shared_expert))
+        for name, mlp in mlps:
+            out += [(f"{name}.gate_up_proj", mlp, "gate_up_proj"), (f"{name}.down_proj", mlp, "down_proj")]
     return out + [("lm_head", model, "lm_head")]
 
 

@@ -1,0 +1,202 @@
+"""Every supported family against transformers' own modeling code, on random 3-layer models with the
+family's real switches (tests/tiny_models.FAMILY_CONFIGS), saved by transformers itself.
+
+The prompts outrun the windowed families' windows (8-16 keys), so windowed attention is exercised in
+the full forward, in cached decode, in chunked prefill and in the paged engine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leapllm.config import EngineConfig
+from leapllm.engine.llm_engine import LLMEngine
+from leapllm.engine.sampling import SamplingParams
+from leapllm.loading.loader import load_model
+from tests.engine_helpers import generate_one, output_tokens, run_to_completion
+from tests.model.hf_reference import hf_greedy
+from tests.model.prompts import PROMPTS
+from tests.tiny_models import FAMILY_CONFIGS, write_family_folder, write_family_gguf
+
+FAMILIES = list(FAMILY_CONFIGS)
+PROMPT_NAMES = ["english", "chat", "chinese", "code", "emoji", "math", "french"]
+GREEDY_TOKENS = 32
+GREEDY = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def family_folders(tmp_path_factory, hf_tokenizer):
+    root = tmp_path_factory.mktemp("families")
+    return {family: write_family_folder(root / family, hf_tokenizer, family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def loaded(family_folders):
+    """(leapllm's model, transformers' model) per family, loaded once."""
+    import transformers
+
+    pairs = {}
+    for family, folder in family_folders.items():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        pairs[family] = (load_model(folder, "float32", "cpu"), ref)
+    return pairs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.inference_mode()
+def test_float32_logits_match_transformers_on_prompts_longer_than_the_window(loaded, family):
+    ours, ref = loaded[family]
+    assert ours.config.architecture == family
+    window = ours.config.sliding_window
+    lengths = []
+    for name in PROMPT_NAMES:
+        ids = ours.tokenizer.encode(PROMPTS[name])
+        lengths.append(len(ids))
+        diff = (ours.model(torch.tensor([ids])) - ref(torch.tensor([ids])).logits).abs().max().item()
+        assert diff < 1e-4, (name, diff)
+    if window is not None:
+        assert max(lengths) > 2 * window
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.inference_mode()
+def test_32_greedy_tokens_match_transformers_through_the_single_sequence_engine(loaded, family):
+    ours, ref = loaded[family]
+    for name in ("english", "code"):
+        ids = ours.tokenizer.encode(PROMPTS[name])
+        outputs, _ = generate_one(ours.model, ours.tokenizer, ids, GREEDY)
+        assert output_tokens(outputs) == hf_greedy(ref, ids, GREEDY_TOKENS), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_paged_engine_with_preemption_chunked_prefill_and_prefix_hits_gives_the_same_tokens(loaded, family):
+    ours, _ = loaded[family]
+    names = ["english", "code", "emoji", "math"]
+    prompts = [ours.tokenizer.encode(PROMPTS[n]) for n in names]
+    alone = [output_tokens(generate_one(ours.model, ours.tokenizer, ids, GREEDY)[0]) for ids in prompts]
+    # 8 blocks of 16 tokens cannot hold four ~50-token sequences: someone is preempted; chunks of 16
+    # tokens split every prompt.
+    tight = LLMEngine(ours.model, ours.tokenizer, EngineConfig(
+        max_num_seqs=4, max_num_batched_tokens=16, num_blocks=8, enable_prefix_caching=False))
+    assert run_to_completion(tight, prompts, GREEDY) == alone
+    assert tight.scheduler.num_preemptions > 0
+    # The same prompts again after a first pass: their full blocks come from the prefix cache.
+    cached = LLMEngine(ours.model, ours.tokenizer, EngineConfig(max_num_seqs=4, num_blocks=64))
+    assert run_to_completion(cached, prompts, GREEDY) == alone
+    assert run_to_completion(cached, prompts, GREEDY) == alone
+    assert cached.allocator.prefix_hits > 0
+
+
+def test_the_windows_change_the_answer_so_the_tests_above_check_them(loaded):
+    ours, _ = loaded["mistral"]
+    ids = torch.tensor([ours.tokenizer.encode(PROMPTS["emoji"])])
+    with torch.inference_mode():
+        windowed = ours.model(ids)
+        layers = ours.model.layers
+        saved = [layer.attn.core.window for layer in layers]
+        try:
+            for layer in layers:
+                layer.attn.core.window = None
+            ours.model.windows = [None]
+            unwindowed = ours.model(ids)
+        finally:
+            for layer, window in zip(layers, saved):
+                layer.attn.core.window = window
+            ours.model.windows = sorted(set(saved), key=lambda w: w or 0)
+    assert (windowed - unwindowed).abs().max().item() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def family_ggufs(family_folders, tmp_path_factory, default_gguf_path):
+    """Each family folder as llama.cpp's converter writes it, float32 (tiny_models.write_family_gguf)."""
+    root = tmp_path_factory.mktemp("family-gguf")
+    return {f: write_family_gguf(folder, root / f"{f}.gguf", default_gguf_path) for f, folder in family_folders.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.inference_mode()
+def test_gguf_of_each_family_gives_the_folders_logits(loaded, family_ggufs, family):
+    ours, _ = loaded[family]
+    from_gguf = load_model(family_ggufs[family], "float32", "cpu")
+    assert from_gguf.config.architecture == ("llama" if family in ("mistral", "mixtral") else family)
+    for name in ("english", "chinese", "code"):
+        ids = ours.tokenizer.encode(PROMPTS[name])
+        assert from_gguf.tokenizer.encode(PROMPTS[name]) == ids
+        if family == "mistral":
+            # llama.cpp's converter writes Mistral as "llama" without its window: equal while the window does not bind.
+            assert from_gguf.config.sliding_window is None
+            ids = ids[:ours.config.sliding_window]
+        diff = (from_gguf.model(torch.tensor([ids])) - ours.model(torch.tensor([ids]))).abs().max().item()
+        assert diff < 1e-4, (name, diff)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_gguf_of_each_family_runs_as_stored_and_agrees_between_engines(family_folders, tmp_path,
+                                                                                default_gguf_path, loaded, family):
+    from gguf import GGMLQuantizationType
+
+    from leapllm.kernels import cpu_kernels
+
+    if cpu_kernels() is None:
+        pytest.skip("leapllm's CPU kernels are not built here")
+    path = write_family_gguf(family_folders[family], tmp_path / "q8.gguf", default_gguf_path, GGMLQuantizationType.Q8_0)
+    quantized = load_model(path, "auto", "cpu")
+    assert "leapllm int8 kernels" in quantized.config.extra["kernels_by_type"]["Q8_0"]
+    ours, _ = loaded[family]
+    ids = ours.tokenizer.encode(PROMPTS["code"])
+    if family == "mistral":
+        ids = ids[:ours.config.sliding_window]
+    with torch.inference_mode():
+        a, b = quantized.model(torch.tensor([ids])), ours.model(torch.tensor([ids]))
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.8
+    # Prompts of 12 tokens, and one sequence at a time in steps of at most 16 tokens: row counts whose
+    # packed-kernel results are bit-identical to one row's (a longer prefill takes the many-row path,
+    # equal only to rounding), so the paged engine must give the very same tokens.
+    prompts = [ours.tokenizer.encode(PROMPTS[n])[:12] for n in ("english", "math")]
+    alone = [output_tokens(generate_one(quantized.model, quantized.tokenizer, p, GREEDY)[0]) for p in prompts]
+    engine = LLMEngine(quantized.model, quantized.tokenizer, EngineConfig(max_num_seqs=1, max_num_batched_tokens=16,
+                                                                          num_blocks=32))
+    assert run_to_completion(engine, prompts, GREEDY) == alone
+    # Batched, the attention sums keys in another order: random tiny models have near-tied logits, so
+    # only the first tokens are pinned.
+    batched = LLMEngine(quantized.model, quantized.tokenizer, EngineConfig(max_num_seqs=2, num_blocks=32))
+    assert [t[:8] for t in run_to_completion(batched, prompts, GREEDY)] == [t[:8] for t in alone]
+
+
+MOE_FAMILIES = [f for f in FAMILIES if FAMILY_CONFIGS[f][2].get("num_experts_per_tok")]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_a_decode_token_runs_only_its_k_experts_and_the_cost_model_reads_only_those(loaded, family):
+    from leapllm.profiling.costs import step_costs
+
+    ours, _ = loaded[family]
+    c = ours.config
+    calls: list[int] = []
+    hooks = [expert.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+             for layer in ours.model.layers if c.is_moe_layer(layer.attn.core.layer_idx)
+             for expert in layer.mlp.experts]
+    try:
+        with torch.inference_mode():
+            cache = ours.model.new_kv_cache(1, 16)
+            ours.model(torch.tensor([ours.tokenizer.encode("Hello there")]), 0, cache)
+            calls.clear()
+            ours.model(torch.tensor([[42]]), 2, cache)  # one decode token
+    finally:
+        for hook in hooks:
+            hook.remove()
+    moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_layers))
+    assert len(calls) == moe_layers * c.num_experts_per_token and set(calls) == {1}
+
+    # Bytes per decode token: the shared weights plus k experts per MoE layer, not all experts.
+    h, width = c.hidden_size, c.expert_intermediate_size
+    expert_bytes = 3 * h * width * 4
+    decode = step_costs(c, 1, 1, 8, 4)
+    mlp_bytes = decode["gate_up_proj"].weight_bytes + decode["down_proj"].weight_bytes
+    dense = c.num_layers - moe_layers
+    shared = 3 * h * c.shared_expert_intermediate_size * 4 + h * 4 if c.shared_expert_intermediate_size else 0
+    per_moe_layer = c.num_experts_per_token * expert_bytes + shared + c.num_experts * h * 4
+    assert mlp_bytes == moe_layers * per_moe_layer + dense * 3 * h * c.intermediate_size * 4
+    prefill = step_costs(c, 1, 64, 0, 4)  # 64 tokens x k choices reach every expert
+    assert prefill["down_proj"].weight_bytes >= moe_layers * c.num_experts * h * width * 4
