@@ -75,10 +75,12 @@ def test_paged_engine_with_preemption_chunked_prefill_and_prefix_hits_gives_the_
     names = ["english", "code", "emoji", "math"]
     prompts = [ours.tokenizer.encode(PROMPTS[n]) for n in names]
     alone = [output_tokens(generate_one(ours.model, ours.tokenizer, ids, GREEDY)[0]) for ids in prompts]
-    # 8 blocks of 16 tokens cannot hold four ~50-token sequences: someone is preempted; chunks of 16
-    # tokens split every prompt.
+    # 8 blocks of 16 tokens cannot hold four ~50-token sequences (5 cannot hold four windows of 8-16
+    # keys, where every layer is windowed and out-of-window blocks are freed): someone is preempted;
+    # chunks of 16 tokens split every prompt.
     tight = LLMEngine(ours.model, ours.tokenizer, EngineConfig(
-        max_num_seqs=4, max_num_batched_tokens=16, num_blocks=8, enable_prefix_caching=False))
+        max_num_seqs=4, max_num_batched_tokens=16, num_blocks=5 if ours.config.kv_window else 8,
+        enable_prefix_caching=False))
     assert run_to_completion(tight, prompts, GREEDY) == alone
     assert tight.scheduler.num_preemptions > 0
     # The same prompts again after a first pass: their full blocks come from the prefix cache.
@@ -200,3 +202,45 @@ def test_a_decode_token_runs_only_its_k_experts_and_the_cost_model_reads_only_th
     assert mlp_bytes == moe_layers * per_moe_layer + dense * 3 * h * c.intermediate_size * 4
     prefill = step_costs(c, 1, 64, 0, 4)  # 64 tokens x k choices reach every expert
     assert prefill["down_proj"].weight_bytes >= moe_layers * c.num_experts * h * width * 4
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3moe"])
+def test_the_server_answers_with_the_engines_greedy_tokens(loaded, family):
+    import httpx
+
+    from leapllm.engine.async_engine import AsyncEngine
+    from leapllm.serving import create_app
+    from leapllm.serving.runner import ServerThread
+
+    ours, _ = loaded[family]
+    prompt = PROMPTS["english"]
+    expected = output_tokens(generate_one(ours.model, ours.tokenizer, ours.tokenizer.encode(prompt), GREEDY)[0])
+    engine = AsyncEngine(LLMEngine(ours.model, ours.tokenizer, EngineConfig(max_num_seqs=4, num_blocks=64)))
+    app = create_app(engine, ours.tokenizer, family, ours.config.context_length)
+    with ServerThread(app) as server:
+        body = {"model": family, "prompt": prompt, "max_tokens": GREEDY_TOKENS, "temperature": 0,
+                "ignore_eos": True}
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["text"] == ours.tokenizer.decode(expected)
+
+
+def test_a_windowed_sequence_holds_a_bounded_number_of_blocks_as_it_grows(loaded):
+    ours, _ = loaded["mistral"]  # every layer windowed: 8 keys
+    window, bs = ours.config.sliding_window, 4
+    ids = ours.tokenizer.encode(PROMPTS["english"])
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    alone = output_tokens(generate_one(ours.model, ours.tokenizer, ids, params)[0])
+    engine = LLMEngine(ours.model, ours.tokenizer, EngineConfig(block_size=bs, num_blocks=16, max_num_seqs=1))
+    assert engine.kv_window == window
+    engine.add_request("0", ids, params)
+    tokens, held = [], []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.new_token_ids
+        held.append(engine.allocator.num_used)
+    assert tokens == alone
+    # 14 prompt tokens + 48 would need 16 blocks of 4; a decode step's query sees only the last 8 keys.
+    assert len(ids) + 48 > 15 * bs and max(held[1:]) <= -(-window // bs) + 1
+    assert engine.allocator.num_free == engine.allocator.num_blocks

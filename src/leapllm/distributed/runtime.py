@@ -141,7 +141,7 @@ def batch_message(batch: PagedAttentionBatch, block_size: int) -> tuple[dict, li
 
 def slots_of(tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
     j = torch.arange(length, device=tables.device)
-    return tables[..., j // block_size] * block_size + j % block_size
+    return tables.clamp(min=0)[..., j // block_size] * block_size + j % block_size  # as slot_table: freed -> 0
 
 
 def batch_from_message(header: dict, tensors: list[torch.Tensor], block_size: int) -> PagedAttentionBatch:

@@ -115,6 +115,6 @@ class BlockAllocator:
             if not self.enable_prefix_caching:
                 continue
             block = blocks[i]
-            if self.hash_of[block] is None and h not in self.block_of_hash:
+            if block >= 0 and self.hash_of[block] is None and h not in self.block_of_hash:  # (< 0: freed)
                 self.hash_of[block] = h
                 self.block_of_hash[h] = block

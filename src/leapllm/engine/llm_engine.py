@@ -76,7 +76,10 @@ class LLMEngine:
                                           f"{per_block / 2**20:.2f} MiB")
         self.runner = ModelRunner(model, config, num_blocks)
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens)
+        # Blocks out of every layer's window are freed, unless a draft model (which may see
+        # everything) shares the block tables.
+        self.kv_window = c.kv_window if config.speculative is None or config.speculative.method != "draft" else None
+        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens, self.kv_window)
         self.sequences: dict[str, Request] = {}
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
@@ -118,7 +121,10 @@ class LLMEngine:
         for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
                 raise InvalidRequestError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
-        need = self.allocator.blocks_needed(len(prompt_ids) + params.max_tokens)
+        positions = len(prompt_ids) + params.max_tokens
+        if self.kv_window is not None:  # at most a window and a step's tokens are held at once
+            positions = min(positions, self.kv_window + self.config.max_num_batched_tokens + self.config.block_size)
+        need = self.allocator.blocks_needed(positions)
         if need > self.allocator.num_blocks:
             raise InvalidRequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV-cache blocks; "

@@ -6,6 +6,10 @@ requests, oldest first, whose prompts start with any prefix the cache already ho
 requests join at any step, prefill is chunked and mixed with decode, and finished ones leave at
 once.
 
+On a model whose every layer attends through a sliding window, a sequence's blocks whose positions
+all lie before the window of its next query go back to the pool (their table entries become FREED),
+so a long generation holds only about a window's worth of blocks.
+
 When the KV pool runs out, the most recently admitted running sequence is preempted: its
 blocks are returned and it goes back to the front of the queue, to be recomputed later
 (vLLM's recompute preemption). Its full blocks keep their prefix hashes, so if nobody needed
@@ -36,10 +40,20 @@ class ScheduledStep:
         return len(self.decodes) + sum(n for _, n in self.prefills)
 
 
+# A block-table entry whose block went back to the pool because no query can see it again.
+FREED = -1
+
+
+def held_blocks(blocks: list[int]) -> list[int]:
+    return [b for b in blocks if b != FREED]
+
+
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
+                 window: int | None = None):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs (one token per running sequence)")
+        self.window = window  # every layer's sliding window (ModelConfig.kv_window), or None
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -55,7 +69,7 @@ class Scheduler:
 
     def free(self, seq: Request) -> None:
         """Return a sequence's blocks and drop it from the queues (finished or aborted)."""
-        self.allocator.release(seq.blocks)
+        self.allocator.release(held_blocks(seq.blocks))
         seq.blocks = []
         if seq in self.running:
             self.running.remove(seq)
@@ -63,7 +77,7 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def _preempt(self, seq: Request, step: ScheduledStep) -> None:
-        self.allocator.release(seq.blocks)
+        self.allocator.release(held_blocks(seq.blocks))
         seq.blocks, seq.block_hashes, seq.num_computed = [], [], 0
         seq.status = RequestStatus.WAITING
         seq.num_preemptions += 1
@@ -71,6 +85,17 @@ class Scheduler:
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         step.preempted.append(seq)
+
+    def _drop_out_of_window(self, seq: Request) -> None:
+        """Give back the blocks no query from position seq.num_computed on can see (keys before
+        num_computed - window + 1)."""
+        if self.window is None:
+            return
+        bs = self.allocator.block_size
+        for j in range(min((seq.num_computed - self.window + 1) // bs, len(seq.blocks))):
+            if seq.blocks[j] != FREED:
+                self.allocator.release([seq.blocks[j]])
+                seq.blocks[j] = FREED
 
     def _grow(self, seq: Request, num_tokens: int) -> bool:
         """Make seq's blocks cover num_tokens positions; False if the pool has too few free blocks."""
@@ -95,6 +120,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            self._drop_out_of_window(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             while not self._grow(seq, seq.num_computed + n):
                 victim = self.running[-1]

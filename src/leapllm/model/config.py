@@ -93,6 +93,14 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    @property
+    def kv_window(self) -> int | None:
+        """The keys every layer's queries reach back, when all layers are windowed (Mistral, Phi-3):
+        a KV cache need keep only those; None when some layer sees everything."""
+        if self.sliding_window is None or (self.sliding_layers is not None and not all(self.sliding_layers)):
+            return None
+        return self.sliding_window
+
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and (self.moe_layers is None or self.moe_layers[layer])
 

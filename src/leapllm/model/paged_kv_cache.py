@@ -184,12 +184,13 @@ class PagedAttentionBatch:
 def slot_table(block_tables: list[list[int]], length: int, block_size: int, device) -> torch.Tensor:
     """(len(block_tables), length) slots of positions 0 .. length-1 of each sequence.
 
-    Tables shorter than `length` needs are padded with their first block: those slots are real
-    memory, and the caller masks them out.
+    Tables shorter than `length` needs are padded with their first block, and entries freed out
+    of a sliding window (negative) read as block 0: those slots are real memory, and the caller
+    masks them out.
     """
     num = -(-length // block_size)
     padded = [t[:num] + [t[0]] * (num - len(t[:num])) for t in block_tables]
-    tables = torch.tensor(padded, dtype=torch.long, device=device)  # (seqs, blocks)
+    tables = torch.tensor(padded, dtype=torch.long, device=device).clamp(min=0)  # (seqs, blocks)
     j = torch.arange(length, device=device)
     return tables[:, j // block_size] * block_size + j % block_size
 
