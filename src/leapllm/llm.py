@@ -263,6 +263,7 @@ class LLM:
             "context_length": c.context_length,
             "rope_theta": c.rope_theta,
             "tied_embeddings": c.tie_word_embeddings,
+            "family": c.family_switches(),
             "parameters": model_parameter_count(self.model),
             "stored_dtypes": c.extra.get("stored_dtypes", {}),
             "kernels_by_type": c.extra.get("kernels_by_type", {}),

@@ -244,3 +244,14 @@ def test_a_windowed_sequence_holds_a_bounded_number_of_blocks_as_it_grows(loaded
     # 14 prompt tokens + 48 would need 16 blocks of 4; a decode step's query sees only the last 8 keys.
     assert len(ids) + 48 > 15 * bs and max(held[1:]) <= -(-window // bs) + 1
     assert engine.allocator.num_free == engine.allocator.num_blocks
+
+
+def test_info_names_what_each_family_does_beyond_llama(family_folders):
+    from leapllm import LLM
+
+    gemma3 = LLM(str(family_folders["gemma3"]), dtype="float32", device="cpu").info()["family"]
+    assert gemma3["sliding window"] == "8 keys in 5 of 6 layers" and gemma3["q/k norm"] == "per head"
+    assert gemma3["norms"] == "before and after attention and MLP" and gemma3["local rope base"] == "10000"
+    moe = LLM(str(family_folders["qwen2moe"]), dtype="float32", device="cpu").info()["family"]
+    assert moe["experts"] == "8, 2 per token, in 2 of 3 layers, a shared expert"
+    assert LLM(dtype="float32", device="cpu").info()["family"] == {}  # the default model is a Llama

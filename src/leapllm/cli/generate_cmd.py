@@ -102,6 +102,8 @@ def cmd_info(args) -> int:
     for key in ("path", "architecture", "layers", "hidden_size", "intermediate_size", "heads", "kv_heads",
                 "head_dim", "vocab_size", "context_length", "rope_theta", "tied_embeddings", "device"):
         table.add_row(key, str(info[key]))
+    for switch, what in info["family"].items():  # what the blocks do beyond Llama's
+        table.add_row(switch, what)
     table.add_row("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e6:.1f} M)")
     for dtype, row in info["stored_dtypes"].items():
         table.add_row(f"stored {dtype}", f"{row['tensors']} tensors, {row['params']:,} params, "

@@ -93,6 +93,37 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def family_switches(self) -> dict[str, str]:
+        """What this model's blocks do that Llama's do not, in words ({} for a Llama)."""
+        out: dict[str, str] = {}
+        if self.qk_norm:
+            out["q/k norm"] = "per head" if self.qk_norm == "head" else "over the whole projection"
+        if self.norm_placement != "pre":
+            out["norms"] = "before and after attention and MLP" if self.norm_placement == "pre_post" else \
+                "after attention and MLP"
+        if self.hidden_act != "silu":
+            out["activation"] = self.hidden_act
+        if self.embedding_multiplier != 1.0:
+            out["embedding multiplier"] = f"{self.embedding_multiplier:g}"
+        if self.attention_scale is not None:
+            out["attention scale"] = f"{self.attention_scale:g}"
+        for name in ("attn_logit_softcap", "final_logit_softcap"):
+            if getattr(self, name) is not None:
+                out[name.replace("_", " ")] = f"{getattr(self, name):g}"
+        if self.sliding_window is not None:
+            windowed = self.num_layers if self.sliding_layers is None else sum(self.sliding_layers)
+            out["sliding window"] = f"{self.sliding_window} keys in {windowed} of {self.num_layers} layers"
+        if self.rope_local_theta is not None:
+            out["local rope base"] = f"{self.rope_local_theta:g}"
+        if self.rotary_dim != self.head_dim:
+            out["rotary dims"] = f"{self.rotary_dim} of {self.head_dim}"
+        if self.num_experts:
+            moe = self.num_layers if self.moe_layers is None else sum(self.moe_layers)
+            out["experts"] = (f"{self.num_experts}, {self.num_experts_per_token} per token, in {moe} of "
+                              f"{self.num_layers} layers" + (", a shared expert" if self.shared_expert_intermediate_size
+                                                              else ""))
+        return out
+
     @property
     def kv_window(self) -> int | None:
         """The keys every layer's queries reach back, when all layers are windowed (Mistral, Phi-3):
