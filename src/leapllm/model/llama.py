@@ -31,6 +31,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # PyTorch's one op, the same arithmetic as below: 1 dispatch instead of 5 in a decode step.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalize in float32 whatever the model dtype, as the reference implementations do.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
