@@ -224,11 +224,13 @@ FAMILY_CONFIGS = {
 }
 
 
-def write_family_folder(folder: Path, hf_tokenizer, family: str, seed: int = 0) -> Path:
-    """A random 3-layer (Gemma 3: 6-layer) model of `family` (FAMILY_CONFIGS), saved by transformers itself."""
+def write_family_folder(folder: Path, hf_tokenizer, family: str, seed: int = 0, **overrides) -> Path:
+    """A random 3-layer (Gemma 3: 6-layer) model of `family` (FAMILY_CONFIGS, with `overrides` of its
+    config), saved by transformers itself."""
     import transformers
 
     config_name, model_name, extra = FAMILY_CONFIGS[family]
+    extra = extra | overrides
     config = getattr(transformers, config_name)(**{
         "vocab_size": len(hf_tokenizer), "hidden_size": TINY["hidden"], "intermediate_size": TINY["intermediate"],
         "num_hidden_layers": 3, "num_attention_heads": TINY["heads"], "num_key_value_heads": TINY["kv_heads"],
@@ -281,6 +283,10 @@ def write_family_gguf(folder: Path, path: Path, tokenizer_gguf: Path,
         w.add_float32("gemma3.rope.freq_base_swa", rope["sliding_attention"]["rope_theta"])
     else:
         w.add_rope_freq_base(rope.get("rope_theta", 10000.0))
+    if rope.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     if family in ("gemma2", "gemma3"):
         w.add_sliding_window(cfg["sliding_window"])
         if cfg["query_pre_attn_scalar"] != head_dim:  # llama.cpp derives it; leapllm reads this key first

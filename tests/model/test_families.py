@@ -255,3 +255,21 @@ def test_info_names_what_each_family_does_beyond_llama(family_folders):
     moe = LLM(str(family_folders["qwen2moe"]), dtype="float32", device="cpu").info()["family"]
     assert moe["experts"] == "8, 2 per token, in 2 of 3 layers, a shared expert"
     assert LLM(dtype="float32", device="cpu").info()["family"] == {}  # the default model is a Llama
+
+
+@torch.inference_mode()
+def test_yarn_rope_matches_transformers_from_the_folder_and_its_gguf(tmp_path, hf_tokenizer, default_gguf_path):
+    import transformers
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0}
+    folder = write_family_folder(tmp_path / "yarn", hf_tokenizer, "qwen3", rope_parameters=yarn)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = load_model(folder, "float32", "cpu")
+    from_gguf = load_model(write_family_gguf(folder, tmp_path / "yarn.gguf", default_gguf_path), "float32", "cpu")
+    assert ours.config.rope_scaling["type"] == from_gguf.config.rope_scaling["type"] == "yarn"
+    ids = ours.tokenizer.encode(PROMPTS["emoji"] + " " + PROMPTS["code"])
+    expected = ref(torch.tensor([ids])).logits
+    for model in (ours, from_gguf):
+        assert (model.model(torch.tensor([ids])) - expected).abs().max().item() < 1e-4
+    plain = load_model(write_family_folder(tmp_path / "plain", hf_tokenizer, "qwen3"), "float32", "cpu")
+    assert (plain.model(torch.tensor([ids])) - expected).abs().max().item() > 1e-2  # YaRN changed the answer

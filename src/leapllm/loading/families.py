@@ -140,6 +140,20 @@ def _sliding_layers_hf(arch: str, cfg: dict[str, Any], num_layers: int) -> tuple
     return int(window), layers
 
 
+def yarn_scaling(factor: float, original: int, beta_fast=None, beta_slow=None, attention_factor=None,
+                 mscale=None, mscale_all_dim=None, truncate: bool = True) -> dict[str, Any]:
+    """ModelConfig.rope_scaling for YaRN, its attention factor as transformers derives it."""
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if attention_factor is None:
+        attention_factor = (get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else get_mscale(factor))
+    return {"type": "yarn", "factor": factor, "original_context_length": original,
+            "beta_fast": float(beta_fast or 32), "beta_slow": float(beta_slow or 1),
+            "attention_factor": float(attention_factor), "truncate": truncate}
+
+
 def _rope_hf(rope: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any] | None:
     """A rope_scaling / rope_parameters dict of config.json -> ModelConfig.rope_scaling."""
     kind = rope.get("rope_type", rope.get("type", "default"))
@@ -155,6 +169,11 @@ def _rope_hf(rope: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any] | None
             "high_freq_factor": float(rope["high_freq_factor"]),
             "original_context_length": int(rope["original_max_position_embeddings"]),
         }
+    if kind == "yarn":
+        original = int(rope.get("original_max_position_embeddings") or cfg["original_max_position_embeddings"])
+        factor = float(rope.get("factor") or int(cfg["max_position_embeddings"]) / original)
+        return yarn_scaling(factor, original, rope.get("beta_fast"), rope.get("beta_slow"), rope.get("attention_factor"),
+                            rope.get("mscale"), rope.get("mscale_all_dim"), bool(rope.get("truncate", True)))
     if kind in ("longrope", "su"):
         original = int(rope.get("original_max_position_embeddings") or cfg["original_max_position_embeddings"])
         factor = rope.get("factor") or int(cfg.get("max_position_embeddings", original)) / original

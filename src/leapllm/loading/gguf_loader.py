@@ -19,7 +19,12 @@ from typing import Any
 from gguf import GGMLQuantizationType
 
 from leapllm.errors import ModelLoadError
-from leapllm.loading.families import GGUF_LAYER_NAMES, GGUF_STACKED_EXPERTS, family_fields_from_gguf
+from leapllm.loading.families import (
+    GGUF_LAYER_NAMES,
+    GGUF_STACKED_EXPERTS,
+    family_fields_from_gguf,
+    yarn_scaling,
+)
 from leapllm.loading.gguf_file import open_gguf
 from leapllm.loading.gguf_tensors import GGUFTensor
 from leapllm.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
@@ -85,6 +90,13 @@ def config_from_gguf_metadata(metadata: dict[str, Any], tensor_names: set[str]) 
     scaling_type = metadata.get(a + "rope.scaling.type")
     if scaling_type == "linear":
         rope_scaling = {"type": "linear", "factor": float(metadata[a + "rope.scaling.factor"])}
+    elif scaling_type == "yarn":
+        rope_scaling = yarn_scaling(float(metadata[a + "rope.scaling.factor"]),
+                                    _meta_int(metadata, a + "rope.scaling.original_context_length"),
+                                    metadata.get(a + "rope.scaling.yarn_beta_fast"),
+                                    metadata.get(a + "rope.scaling.yarn_beta_slow"))
+        # llama.cpp multiplies YaRN's own 0.1 ln(factor) + 1 by this key, where a converter wrote it.
+        rope_scaling["attention_factor"] *= float(metadata.get(a + "rope.scaling.yarn_attn_factor", 1.0))
     elif scaling_type not in (None, "none"):
         raise ModelLoadError(f"unsupported rope scaling {scaling_type!r} in GGUF metadata")
     layers = _meta_int(metadata, a + "block_count")

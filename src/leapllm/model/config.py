@@ -146,7 +146,7 @@ class ModelConfig:
                 and self.embedding_multiplier == 1.0 and self.attention_scale is None
                 and self.attn_logit_softcap is None and self.final_logit_softcap is None
                 and self.sliding_window is None and self.rotary_dim == self.head_dim
-                and (self.rope_scaling or {}).get("type") != "longrope" and self.num_experts == 0)
+                and (self.rope_scaling or {}).get("type") not in ("longrope", "yarn") and self.num_experts == 0)
 
     @property
     def kv_size(self) -> int:

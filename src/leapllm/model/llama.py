@@ -69,6 +69,22 @@ def rotary_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
     elif kind == "freq_factors":
         # GGUF files of Llama 3.1 store the per-frequency divisors as a tensor instead.
         inv_freq = inv_freq / scaling["factors"].float()
+    elif kind == "yarn":
+        # YaRN: high frequencies kept, low ones divided by `factor`, a linear ramp between the
+        # dimensions that turn beta_fast and beta_slow times over the original context.
+        factor, original = float(scaling["factor"]), float(scaling["original_context_length"])
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = correction_dim(scaling.get("beta_fast", 32.0)), correction_dim(scaling.get("beta_slow", 1.0))
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low if high > low else 0.001))
+        keep = 1 - ramp.clamp(0, 1)  # 1: the original frequency, 0: divided by factor
+        positions = theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+        inv_freq = 1.0 / (factor * positions) * (1 - keep) + inv_freq * keep
     elif kind == "longrope":
         # Phi-3's LongRoPE: a divisor per frequency. The short factors are the ones trained for the
         # original context; the long ones (for contexts beyond it) are not used yet.
@@ -77,9 +93,9 @@ def rotary_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
 
 
 def rotary_attention_factor(config: ModelConfig) -> float:
-    """LongRoPE's multiplier on cos and sin (1 for every other rope)."""
+    """LongRoPE's and YaRN's multiplier on cos and sin (1 for every other rope)."""
     scaling = config.rope_scaling or {}
-    return float(scaling.get("attention_factor", 1.0)) if scaling.get("type") == "longrope" else 1.0
+    return float(scaling.get("attention_factor", 1.0)) if scaling.get("type") in ("longrope", "yarn") else 1.0
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
