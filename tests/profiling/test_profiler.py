@@ -165,3 +165,19 @@ def test_a_fused_int4_decode_step_is_profiled_stage_by_stage_from_the_kernels_cl
     for stage in ("qkv_proj", "attention", "o_proj", "gate_up_proj", "down_proj", "lm_head"):
         assert decode[stage]["seconds"] > 0, stage
     assert model.fused_decode._stage_intervals is None  # recording stops with the hooks
+
+
+def test_a_mixture_of_experts_profiles_with_its_experts_under_the_mlp_stages():
+    from dataclasses import replace
+
+    class Bytes:
+        def encode(self, text, add_special_tokens=True):
+            return [b % TINY.vocab_size for b in text.encode("utf-8")]
+
+    moe = replace(TINY, num_experts=4, num_experts_per_token=2, expert_intermediate_size=32)
+    data = profile_model(Transformer(moe).eval(), Bytes(), prompt_len=8, gen_len=2, batch=1, warmup=False)
+    decode = data["phases"]["decode"]["stages"]
+    assert decode["gate_up_proj"]["seconds"] > 0 and decode["down_proj"]["seconds"] > 0
+    # Per decode step and layer: the gate/up rows of 2 experts of 4, and the router.
+    h, width = moe.hidden_size, moe.expert_intermediate_size
+    assert decode["gate_up_proj"]["weight_bytes"] == 2 * moe.num_layers * (2 * h * 2 * width * 4 + h * 4 * 4)

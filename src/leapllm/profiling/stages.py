@@ -75,7 +75,7 @@ def stage_of(name: str, module: nn.Module) -> str | None:
 
 def quantized_weight_bytes(model: nn.Module) -> float | None:
     """Bytes per projection weight (scales included) of a `leapllm quantize` model; None for float ones."""
-    layer = model.layers[0].mlp.gate_up_proj
+    layer = model.layers[0].attn.qkv_proj  # (every block has one; a mixture of experts has no single MLP)
     return layer.bytes_per_weight if isinstance(layer, (Int4Linear, Int8Linear)) else None
 
 
