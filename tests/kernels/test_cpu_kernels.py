@@ -232,19 +232,53 @@ def test_kernels_can_be_switched_off_for_pytorchs_own(monkeypatch):
     assert layer(torch.randn(2, 128)).shape == (2, 64)
 
 
-def small_decoder(seed: int = 0, bias: bool = False) -> Transformer:
+def small_decoder(seed: int = 0, bias: bool = False, **switches) -> Transformer:
     torch.manual_seed(seed)
     config = ModelConfig(architecture="qwen2" if bias else "llama", vocab_size=320, hidden_size=128,
                          intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32,
-                         context_length=512, attention_bias=bias)
+                         context_length=512, attention_bias=bias, **switches)
     model = Transformer(config)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
-        for layer in model.layers:
-            layer.attn_norm.weight.fill_(1.0)
-            layer.mlp_norm.weight.fill_(1.0)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0).add_(torch.randn_like(p) * 0.1 if "q_norm" in name or "k_norm" in name else 0)
     return model.eval()
+
+
+# The family switches the fused step computes itself: Qwen3's q/k norms, Gemma's softmax scale and
+# soft cap, Mistral's window (shorter than the prompts below, so it binds).
+FUSED_SWITCHES = {
+    "qwen3": dict(qk_norm="head"),
+    "window": dict(sliding_window=12, sliding_layers=(True, False, True)),
+    "scale and soft cap": dict(attention_scale=0.1, attn_logit_softcap=5.0),
+}
+
+
+@pytest.mark.parametrize("switches", list(FUSED_SWITCHES))
+@torch.inference_mode()
+def test_fused_decode_step_computes_the_family_switches_as_the_module_step(switches):
+    model = small_decoder(**FUSED_SWITCHES[switches])
+    quantize_model(model, "int8", 32)
+    prompt = torch.randint(0, 320, (1, 20))
+    logits = {}
+    for fused in (False, True):
+        model.use_fused_decode, model.fused_decode = fused, None
+        cache = model.new_kv_cache(1, 40)
+        model(prompt, 0, cache, last_only=True)
+        logits[fused] = torch.cat([model(torch.tensor([[t]]), 20 + i, cache) for i, t in enumerate(range(7, 17))])
+        assert (model.fused_decode is not None) == fused
+    assert relative_error(logits[True][0], logits[False][0]) < 1e-4
+    for step in range(10):
+        assert relative_error(logits[True][step], logits[False][step]) < 0.05
+    # Several tokens in one fused call: the same bits as one at a time (speculative verification).
+    model.use_fused_decode, model.fused_decode = True, None
+    one, many = model.new_kv_cache(1, 40), model.new_kv_cache(1, 40)
+    model(prompt, 0, one, last_only=True)
+    model(prompt, 0, many, last_only=True)
+    singles = torch.cat([model(torch.tensor([[t]]), 20 + i, one) for i, t in enumerate(range(7, 11))], dim=1)
+    assert torch.equal(model(torch.tensor([list(range(7, 11))]), 20, many), singles)
 
 
 @pytest.mark.parametrize("method,bias,prompt_len", [("int4", False, 20), ("int8", False, 20), ("int4", True, 20),

@@ -140,15 +140,6 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
-    def runs_llama_block(self) -> bool:
-        """Whether every block is Llama's (what the fused C++ decode step computes)."""
-        return (self.qk_norm is None and self.norm_placement == "pre" and self.hidden_act == "silu"
-                and self.embedding_multiplier == 1.0 and self.attention_scale is None
-                and self.attn_logit_softcap is None and self.final_logit_softcap is None
-                and self.sliding_window is None and self.rotary_dim == self.head_dim
-                and (self.rope_scaling or {}).get("type") not in ("longrope", "yarn") and self.num_experts == 0)
-
-    @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 

@@ -52,6 +52,24 @@ def layer_projections(layer) -> list:
 OUTSIDE_LAYERS = -1  # the layer index of the output head's interval (profiling/stages.py's)
 
 
+def fused_step_lacks(c) -> list[str]:
+    """The family switches of config c that the C++ step does not compute ([]: it runs this model).
+    It runs Llama's block with per-head q/k norms, any softmax scale, soft cap and sliding window."""
+    rope = (c.rope_scaling or {}).get("type")
+    lacks = {
+        "q/k norm over the whole projection": c.qk_norm == "full",
+        "norms after attention and MLP": c.norm_placement != "pre",
+        f"{c.hidden_act} activation": c.hidden_act != "silu",
+        "embedding multiplier": c.embedding_multiplier != 1.0,
+        "final logit soft cap": c.final_logit_softcap is not None,
+        "local rope base": c.rope_local_theta is not None,
+        "partial rotary": c.rotary_dim != c.head_dim,
+        f"{rope} rope": rope in ("longrope", "yarn"),
+        "experts": c.num_experts > 0,
+    }
+    return [name for name, lacking in lacks.items() if lacking]
+
+
 class FusedDecode:
     """The C++ DecoderStack of the model's blocks, built from (and holding references to) its packed weights."""
 
@@ -65,11 +83,15 @@ class FusedDecode:
             modules.append(model.lm_head)
         move_to_huge_pages(modules)
         self.projections = [layer_projections(layer) for layer in model.layers]
-        self.stack = ext.DecoderStack([
-            ext.DecoderLayer(*packed, layer.attn_norm.weight, layer.mlp_norm.weight, model.inv_freq,
-                             layer.attn_norm.eps, layer.attn.num_heads, layer.attn.num_kv_heads, config.head_dim)
-            for layer, packed in zip(model.layers, self.projections)
-        ])
+        layers = []
+        for layer, packed in zip(model.layers, self.projections):
+            fused = ext.DecoderLayer(*packed, layer.attn_norm.weight, layer.mlp_norm.weight, model.inv_freq,
+                                     layer.attn_norm.eps, layer.attn.num_heads, layer.attn.num_kv_heads, config.head_dim)
+            attn, core, none = layer.attn, layer.attn.core, torch.empty(0)
+            fused.set_attention(attn.q_norm.weight if attn.qk_norm else none, attn.k_norm.weight if attn.qk_norm else none,
+                                core.scale or config.head_dim ** -0.5, core.softcap or 0.0, core.window or 0)
+            layers.append(fused)
+        self.stack = ext.DecoderStack(layers)
         self.num_layers = len(model.layers)
         # The final norm and the output head join the same C++ call when the head is packed too.
         head = packed_linear_of(model.lm_head)
@@ -92,7 +114,7 @@ class FusedDecode:
     def supports(model) -> bool:
         if model.device.type != "cpu" or model.dtype != torch.float32 or cpu_kernels() is None:
             return False
-        if not model.config.runs_llama_block:  # the C++ block is Llama's (no q/k norms, windows, soft caps, ...)
+        if fused_step_lacks(model.config):
             return False
         if any(layer.mlp.down_proj.in_features % 16 for layer in model.layers):  # gate/up tiles pair up
             return False

@@ -81,7 +81,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<DecoderLayer, std::shared_ptr<DecoderLayer>>(m, "DecoderLayer")
       .def(pybind11::init<std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>,
                           std::shared_ptr<PackedLinear>, at::Tensor, at::Tensor, at::Tensor, double, int64_t, int64_t,
-                          int64_t>());
+                          int64_t>())
+      .def("set_attention", &DecoderLayer::set_attention, pybind11::arg("q_norm"), pybind11::arg("k_norm"),
+           pybind11::arg("scale"), pybind11::arg("softcap"), pybind11::arg("window"));
   pybind11::class_<DecoderStack, std::shared_ptr<DecoderStack>>(m, "DecoderStack")
       .def(pybind11::init<std::vector<std::shared_ptr<DecoderLayer>>>())
       .def("set_output_head", &DecoderStack::set_output_head, pybind11::arg("norm_weight"), pybind11::arg("eps"),

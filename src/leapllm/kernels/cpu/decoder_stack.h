@@ -36,6 +36,12 @@ struct DecoderLayer {
   at::Tensor attn_norm, mlp_norm, inv_freq;
   double eps;
   int64_t heads, kv_heads, head_dim, hidden, intermediate;
+  // What the families after Llama change in attention (set_attention): an RMSNorm of each q and k
+  // head before rotary (Qwen3; undefined: none), the softmax scale, a soft cap on the scores (0: none),
+  // and a sliding window of keys (0: every key before the query).
+  at::Tensor q_norm, k_norm;
+  float softmax_scale, softcap = 0.f;
+  int64_t window = 0;
 
   DecoderLayer(std::shared_ptr<PackedLinear> qkv_, std::shared_ptr<PackedLinear> o_,
                std::shared_ptr<PackedLinear> gate_up_, std::shared_ptr<PackedLinear> down_, at::Tensor attn_norm_,
@@ -53,6 +59,27 @@ struct DecoderLayer {
     TORCH_CHECK(gate_up->in_features == hidden && gate_up->out_features % 2 == 0, "gate_up shape");
     TORCH_CHECK(down->in_features == intermediate && down->out_features == hidden, "down_proj shape");
     TORCH_CHECK(intermediate % TILE == 0, "the MLP width must be a multiple of 16");
+    softmax_scale = 1.f / std::sqrt((float)head_dim);
+  }
+
+  void set_attention(at::Tensor q_norm_, at::Tensor k_norm_, double scale, double softcap_, int64_t window_) {
+    TORCH_CHECK(q_norm_.numel() == k_norm_.numel() && (q_norm_.numel() == 0 || q_norm_.numel() == head_dim),
+                "q and k norms must both have head_dim values, or both none");
+    TORCH_CHECK(scale > 0 && softcap_ >= 0 && window_ >= 0, "bad attention settings");
+    if (q_norm_.numel()) {
+      q_norm = q_norm_.to(at::kFloat).contiguous();
+      k_norm = k_norm_.to(at::kFloat).contiguous();
+    }
+    softmax_scale = (float)scale;
+    softcap = (float)softcap_;
+    window = window_;
+  }
+
+  // One head of q or k as rotary takes it: RMSNorm-ed first where the layer has q/k norms.
+  const float* head_input(const float* head, const at::Tensor& norm, float* scratch) const {
+    if (!norm.defined()) return head;
+    rms_norm(head, norm.data_ptr<float>(), head_dim, eps, scratch);
+    return scratch;
   }
 
   static void rms_norm(const float* x, const float* w, int64_t n, double eps, float* out) {
@@ -188,7 +215,7 @@ struct DecoderStack {
   struct ThreadWork {
     std::vector<QuantizedRow> a;       // the phase's input, quantized
     const QuantizedRow* ap[MAX_ROWS];  // &a[t], as compute_rows takes them
-    std::vector<float> normed, k_rot, q_rot, scores, attn;
+    std::vector<float> normed, k_rot, q_rot, scores, attn, head;  // head: one q or k head, normed
   };
 
   // A phase's input on this thread: the RMSNorm (weight, eps) of `rows` rows of x (the residual
@@ -226,8 +253,9 @@ struct DecoderStack {
         int64_t t = 0;
         while (r >= span_offset[t + 1]) ++t;
         const int64_t span = r - span_offset[t], spans = token_spans[t];
-        const int64_t len = pos + t + 1;  // token t sees positions 0 .. pos + t
-        const int64_t s0 = len * span / spans, s1 = len * (span + 1) / spans;
+        const int64_t len = pos + t + 1;  // token t sees positions first .. pos + t
+        const int64_t first = l.window > 0 ? std::max<int64_t>(0, len - l.window) : 0;
+        const int64_t s0 = first + (len - first) * span / spans, s1 = first + (len - first) * (span + 1) / spans;
         const int64_t half = hd / 2;
         // Keys and values of this call's tokens (positions pos ..) come from qkv_out, never from the
         // cache: the item that writes one into the cache may be running right now. This item rotates
@@ -237,16 +265,17 @@ struct DecoderStack {
         auto new_key = [&](int64_t s) { return qkv_out.data() + (s - pos) * max_qkv + q_size + g * hd; };
         auto new_value = [&](int64_t s) { return qkv_out.data() + (s - pos) * max_qkv + q_size + kv_size + g * hd; };
         for (int64_t s = std::max(s0, pos); s < s1; ++s)
-          l.rotate(new_key(s), k_rot.data() + (s - pos) * hd, st.rot_cos + (s - pos) * half,
-                   st.rot_sin + (s - pos) * half);
+          l.rotate(l.head_input(new_key(s), l.k_norm, w.head.data()), k_rot.data() + (s - pos) * hd,
+                   st.rot_cos + (s - pos) * half, st.rot_sin + (s - pos) * half);
         if (s1 == len) {  // the last span of token t writes its key and value (one item per new position)
           std::memcpy(st.kc[li] + (g * st.max_seq + pos + t) * hd, k_rot.data() + t * hd, hd * sizeof(float));
           std::memcpy(st.vc[li] + (g * st.max_seq + pos + t) * hd, new_value(pos + t), hd * sizeof(float));
         }
-        const float softmax_scale = 1.f / std::sqrt((float)hd);
+        const float softmax_scale = l.softmax_scale;
         const float* q_row = qkv_out.data() + t * max_qkv;
         for (int64_t j = 0; j < group; ++j)  // the group's queries, rotated
-          l.rotate(q_row + (g * group + j) * hd, q_rot.data() + j * hd, st.rot_cos + t * half, st.rot_sin + t * half);
+          l.rotate(l.head_input(q_row + (g * group + j) * hd, l.q_norm, w.head.data()), q_rot.data() + j * hd,
+                   st.rot_cos + t * half, st.rot_sin + t * half);
         const int64_t span_len = s1 - s0;
         // Positions s0 .. split - 1 are cached, split .. s1 - 1 this call's own.
         const int64_t split = std::min(std::max(s0, pos), s1);
@@ -259,6 +288,8 @@ struct DecoderStack {
           return s < split ? v_cache + s * hd : new_value(s);
         };
         attention_scores(q_rot.data(), group, hd, span_len, key, softmax_scale, scores.data());
+        if (l.softcap > 0.f)  // Gemma 2: cap * tanh(score / cap)
+          for (int64_t i = 0; i < group * span_len; ++i) scores[i] = l.softcap * std::tanh(scores[i] / l.softcap);
         // token t's partial softmaxes, (rows, heads, max_spans, hd + 2)
         float* token_partials = partials.data() + t * l.heads * max_spans * (hd + 2);
         for (int64_t j = 0; j < group; ++j) {
@@ -408,6 +439,7 @@ struct DecoderStack {
       w.q_rot.resize(max_q);  // a kv head's query heads
       w.scores.resize(max_group * max_seq);
       w.attn.resize(rows * max_q);
+      w.head.resize(max_head_dim);
       const int tid = omp_get_thread_num();
       for (int64_t li = 0; li < n_layers; ++li) {
         for (int phase = 0; phase < LAYER_PHASES; ++phase) {
