@@ -108,6 +108,13 @@ def test_the_decode_step_is_set_against_its_bandwidth_floor(small_profile):
 
 def test_a_stage_above_the_measured_peak_asks_to_measure_the_machine_again(small_profile):
     data = copy.deepcopy(small_profile)
+    # Every stage within the peak first: the fixture's peaks are made up, and a fast CPU (AMX) beats
+    # them for real.
+    for phase in data["phases"].values():
+        for row in phase["stages"].values():
+            for key in ("peak_flops_fraction", "peak_bandwidth_fraction"):
+                if row[key] is not None:
+                    row[key] = min(row[key], 0.9)
     assert "above the measured peak" not in render_html(data)
     data["phases"]["prefill"]["stages"]["gate_up_proj"]["peak_flops_fraction"] = 1.2
     text = render_html(data)
