@@ -22,6 +22,9 @@ class AttentionParams:
     softcap: float | None = None
     window: int | None = None  # keys a query sees, its own included; None: every key before it
 
+    def softmax_scale(self, head_dim: int) -> float:
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(head_dim)
+
 
 def visible_keys(first: int, n: int, window: int | None, device) -> tuple[torch.Tensor | None, bool]:
     """What queries at positions first .. first+n-1 see of keys 0 .. first+n-1: (mask, is_causal).
@@ -55,8 +58,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: Attenti
     if params.grouped:
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scale = params.scale if params.scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (batch, heads, n, m)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * params.softmax_scale(q.shape[-1])  # (batch, heads, n, m)
     scores = torch.tanh(scores / params.softcap) * params.softcap
     if is_causal:
         n, m = scores.shape[-2:]

@@ -52,22 +52,20 @@ def layer_projections(layer) -> list:
 OUTSIDE_LAYERS = -1  # the layer index of the output head's interval (profiling/stages.py's)
 
 
+# The family switches (ModelConfig.family_switches) the C++ step computes itself, besides per-head
+# q/k norms. Any other switch, including one added later, keeps a model on the PyTorch path.
+FUSED_STEP_SWITCHES = ("attention scale", "attn logit softcap", "sliding window")
+
+
 def fused_step_lacks(c) -> list[str]:
-    """The family switches of config c that the C++ step does not compute ([]: it runs this model).
-    It runs Llama's block with per-head q/k norms, any softmax scale, soft cap and sliding window."""
+    """What of config c the C++ step does not compute ([]: it runs this model): Llama's block with
+    per-head q/k norms, any softmax scale, soft cap and sliding window is what it runs."""
+    lacks = [f"{switch}: {what}" for switch, what in c.family_switches().items()
+             if switch not in FUSED_STEP_SWITCHES and not (switch == "q/k norm" and c.qk_norm == "head")]
     rope = (c.rope_scaling or {}).get("type")
-    lacks = {
-        "q/k norm over the whole projection": c.qk_norm == "full",
-        "norms after attention and MLP": c.norm_placement != "pre",
-        f"{c.hidden_act} activation": c.hidden_act != "silu",
-        "embedding multiplier": c.embedding_multiplier != 1.0,
-        "final logit soft cap": c.final_logit_softcap is not None,
-        "local rope base": c.rope_local_theta is not None,
-        "partial rotary": c.rotary_dim != c.head_dim,
-        f"{rope} rope": rope in ("longrope", "yarn"),
-        "experts": c.num_experts > 0,
-    }
-    return [name for name, lacking in lacks.items() if lacking]
+    if rope in ("longrope", "yarn"):  # cos and sin scaled by an attention factor
+        lacks.append(f"{rope} rope")
+    return lacks
 
 
 class FusedDecode:
@@ -87,9 +85,9 @@ class FusedDecode:
         for layer, packed in zip(model.layers, self.projections):
             fused = ext.DecoderLayer(*packed, layer.attn_norm.weight, layer.mlp_norm.weight, model.inv_freq,
                                      layer.attn_norm.eps, layer.attn.num_heads, layer.attn.num_kv_heads, config.head_dim)
-            attn, core, none = layer.attn, layer.attn.core, torch.empty(0)
+            attn, params, none = layer.attn, layer.attn.core.params, torch.empty(0)
             fused.set_attention(attn.q_norm.weight if attn.qk_norm else none, attn.k_norm.weight if attn.qk_norm else none,
-                                core.scale or config.head_dim ** -0.5, core.softcap or 0.0, core.window or 0)
+                                params.softmax_scale(config.head_dim), params.softcap or 0.0, params.window or 0)
             layers.append(fused)
         self.stack = ext.DecoderStack(layers)
         self.num_layers = len(model.layers)

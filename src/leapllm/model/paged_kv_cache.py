@@ -19,7 +19,6 @@ make every short one pay for their padding.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -109,8 +108,8 @@ class PagedKVCache:
             slots, lengths, mask = g.window_view(params.window)
             if kernels is not None:
                 qd = q[0, :, g.start:g.end].transpose(0, 1).contiguous()  # (d, heads, hd)
-                scale = params.scale if params.scale is not None else 1.0 / math.sqrt(q.shape[-1])
-                od = kernels.paged_decode_attention(qd, self.k[layer], self.v[layer], slots, lengths, scale)
+                od = kernels.paged_decode_attention(qd, self.k[layer], self.v[layer], slots, lengths,
+                                                    params.softmax_scale(q.shape[-1]))
                 outs.append(od.transpose(0, 1))  # (heads, d, hd)
                 continue
             qd = q[0, :, g.start:g.end].transpose(0, 1).unsqueeze(2)  # (d, heads, 1, hd)
