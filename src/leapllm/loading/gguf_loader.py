@@ -159,7 +159,7 @@ def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, GGUFTensor], dic
             # The experts are built in order: once the last is read, the whole stack's pages may go.
             tensors[f"layers.{layer.group(1)}.mlp.experts.{e}.{part}.weight"].release_pages = t.release_pages
             continue
-        name = canonical_name(t.name, config.architecture)
+        name = canonical_name(t.name, arch)
         if name is not None and name.endswith("shared_expert_gate.weight") and len(tensor.shape) == 1:
             tensor = GGUFTensor(t.name, tensor.ggml_type, (1, tensor.shape[0]), t.data.reshape(1, -1), path)
         if name is None:
@@ -174,7 +174,7 @@ def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, GGUFTensor], dic
                            "attention_factor": float(metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0))}
                 config = replace(config, rope_scaling=scaling)
             continue
-        if config.architecture in PERMUTED_QK_ARCHITECTURES:
+        if arch in PERMUTED_QK_ARCHITECTURES:
             if name.endswith("q_proj.weight"):
                 tensor.unpermute_heads = config.num_heads
             elif name.endswith("k_proj.weight"):

@@ -195,20 +195,19 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype, device: 
 
     fused = fused_names(tensors)
 
-    def stored(name: str) -> list[str]:  # a fused tensor's own name where the file holds it fused, else its parts
-        return [name] if name in fused else [name.rsplit(".", 2)[0] + "." + part.split(".", 1)[1]
-                                             for part in FUSED_TENSORS[name.split(".", 2)[-1]]]
+    def stored(p: str, name: str) -> list[str]:  # layer p's fused tensor where the file holds it so, else its parts
+        return [p + name] if p + name in fused else [p + part for part in FUSED_TENSORS[name]]
 
     for i in range(config.num_layers):
         p = f"layers.{i}."
         for norm in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "attn.q_norm", "attn.k_norm"):
             if p + norm + ".weight" in tensors:
                 state[p + norm + ".weight"] = get(p + norm + ".weight")
-        projection(p + "attn.qkv_proj", stored(p + "attn.qkv_proj.weight"),
+        projection(p + "attn.qkv_proj", stored(p, "attn.qkv_proj.weight"),
                    [p + f"attn.{x}_proj.bias" for x in "qkv"] if config.attention_bias else None)
         projection(p + "attn.o_proj", [p + "attn.o_proj.weight"])
         if not config.is_moe_layer(i):
-            projection(p + "mlp.gate_up_proj", stored(p + "mlp.gate_up_proj.weight"))
+            projection(p + "mlp.gate_up_proj", stored(p, "mlp.gate_up_proj.weight"))
             projection(p + "mlp.down_proj", [p + "mlp.down_proj.weight"])
             continue
         state[p + "mlp.router.weight"] = get(p + "mlp.router.weight")  # small: kept float

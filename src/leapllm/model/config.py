@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # Architectures that run through `leapllm.model.llama.Transformer`; what each changes from Llama
-# is in model/families.py.
+# is read from its files in loading/families.py.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2",
                            "mixtral", "qwen2moe", "qwen3moe", "olmoe")
 NORM_PLACEMENTS = ("pre", "pre_post", "post")
@@ -38,7 +38,7 @@ class ModelConfig:
     # keep one shape; a layer's query head count is a multiple of it.
     layer_num_heads: tuple[int, ...] | None = None
     layer_intermediate_sizes: tuple[int, ...] | None = None
-    # What the families after Llama change (model/families.py says which family sets what); the
+    # What the families after Llama change (loading/families.py says which family sets what); the
     # defaults are Llama's.
     qk_norm: str | None = None  # RMSNorm on q and k before rotary: "head" (per head) or "full" (whole projection)
     norm_placement: str = "pre"  # "pre": x + f(norm(x)); "pre_post": x + norm2(f(norm(x))); "post": x + norm(f(x))
@@ -128,7 +128,7 @@ class ModelConfig:
     def kv_window(self) -> int | None:
         """The keys every layer's queries reach back, when all layers are windowed (Mistral, Phi-3):
         a KV cache need keep only those; None when some layer sees everything."""
-        if self.sliding_window is None or (self.sliding_layers is not None and not all(self.sliding_layers)):
+        if any(self.window_of_layer(i) is None for i in range(self.num_layers)):
             return None
         return self.sliding_window
 

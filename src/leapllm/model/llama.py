@@ -1,11 +1,12 @@
 """The decoder of every supported family (Llama, SmolLM2, Mistral, Qwen2/3, Gemma 2/3, Phi-3,
 OLMo 2) in plain PyTorch.
 
-Read top to bottom: RMSNorm, rotary embeddings, grouped-query attention, the gated MLP, the block,
-and the whole model. Llama's block is the default; the config's family fields (model/config.py,
-set per family in model/families.py) switch on what later families change: q/k norms, norms after
-attention and MLP, GeGLU, scaled embeddings, soft caps, sliding windows, partial and local rotary. Each stage of the compute (projections, rotary, attention core, activation,
-...) is its own small module, so a profiler can time stages with module hooks alone. Q/K/V and gate/up are each one fused matmul: one weight read instead of
+Read top to bottom: RMSNorm, rotary embeddings, grouped-query attention, the gated MLP (or a
+mixture of experts), the block, and the whole model. Llama's block is the default; the config's
+family fields (model/config.py, set per family in loading/families.py) switch on what later
+families change: q/k norms, norms after attention and MLP, GeGLU, scaled embeddings, soft caps,
+sliding windows, partial and local rotary. Each stage of the compute (projections, rotary,
+attention core, activation, ...) is its own small module, so a profiler can time stages with module hooks alone. Q/K/V and gate/up are each one fused matmul: one weight read instead of
 three (or two), which matters when decoding is bound by memory bandwidth.
 """
 
@@ -83,8 +84,9 @@ def rotary_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
         low, high = max(low, 0), min(high, dim - 1)
         ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low if high > low else 0.001))
         keep = 1 - ramp.clamp(0, 1)  # 1: the original frequency, 0: divided by factor
-        positions = theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
-        inv_freq = 1.0 / (factor * positions) * (1 - keep) + inv_freq * keep
+        pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+        # 1 / (factor * pos_freqs), not inv_freq / factor: transformers' rounding, to the bit.
+        inv_freq = 1.0 / (factor * pos_freqs) * (1 - keep) + inv_freq * keep
     elif kind == "longrope":
         # Phi-3's LongRoPE: a divisor per frequency. The short factors are the ones trained for the
         # original context; the long ones (for contexts beyond it) are not used yet.
@@ -303,7 +305,6 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq_local", rotary_inv_freq(config, local=True) if config.rope_local_theta else None,
                              persistent=False)
         self.rotary_factor = rotary_attention_factor(config)
-        self.windows = sorted({layer.attn.core.window for layer in self.layers}, key=lambda w: w or 0)
         # One C++ call per block for batch-1 decode, when the weights run on leapllm's packed kernels
         # (model/fused_decode.py); built at the first such step. The profiler turns it off to time stages.
         self.use_fused_decode = True
@@ -385,11 +386,13 @@ class Transformer(nn.Module):
             return self.output_logits(x)[None]
         x = self.embed(tokens)  # (batch, seq, hidden)
         tables = self.rotary_tables(start_pos, seq)
-        # Per window size: which of the keys 0 .. start_pos + seq - 1 each query sees.
-        masks = {w: visible_keys(start_pos, seq, w, self.device)[0] for w in self.windows}
+        masks = {}  # per window size: which of the keys 0 .. start_pos + seq - 1 each query sees
         for layer in self.layers:
             cos, sin = tables[layer.local_rope]
-            x = layer(x, cos, sin, start_pos, kv_cache, masks[layer.attn.core.window])
+            window = layer.attn.core.window
+            if window not in masks:
+                masks[window] = visible_keys(start_pos, seq, window, self.device)[0]
+            x = layer(x, cos, sin, start_pos, kv_cache, masks[window])
         if last_only:
             x = x[:, -1:]
         return self.output_logits(x)

@@ -391,7 +391,7 @@ class Tokenizer:
 
     def _turn_template(self) -> str | None:
         """For a file without a chat template whose vocabulary has Gemma's turn tokens (some Gemma
-        GGUFs ship so), Gemma's own turn format, as llama.cpp falls back to it."""
+        GGUFs ship so), Gemma's own turn format."""
         if self._backend.token_to_id("<start_of_turn>") is None or self._backend.token_to_id("<end_of_turn>") is None:
             return None
         return GEMMA_TURN_TEMPLATE
