@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from leapllm.engine.llm_engine import LLMEngine, single_sequence_config
 from leapllm.engine.request import RequestOutput
 from leapllm.engine.sampling import SamplingParams
 from leapllm.engine.speculative import check_draft_model
+from leapllm.engine.structured_output import StructuredOutputParams
 from leapllm.errors import InvalidRequestError
 from leapllm.loading.loader import load_model
 from leapllm.model.quantized.layers import parameter_count as model_parameter_count
@@ -32,6 +35,7 @@ class GenerationOutput:
     finish_reason: str
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     timings: dict[str, float] = field(default_factory=dict)
+    parsed: Any = None  # for `chat(..., response_format=...)`: the reply as that model (or as JSON)
 
 
 def generation_timings(start: float, first: float, end: float, prompt_tokens: int, output_tokens: int) -> dict:
@@ -232,10 +236,27 @@ class LLM:
         """Yield the completion's text piece by piece as it is generated."""
         yield from self.stream_text(self.encode(prompt), params)
 
-    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> GenerationOutput:
-        """Answer a conversation ([{"role": ..., "content": ...}, ...]) using the model's chat template."""
-        ids = self.encode_chat(messages)
-        return self.run(ids, params)
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
+             response_format: type | dict[str, Any] | None = None) -> GenerationOutput:
+        """Answer a conversation ([{"role": ..., "content": ...}, ...]) using the model's chat template.
+
+        response_format: a pydantic model class or a JSON schema; the reply is then held to that
+        schema, and `parsed` holds it as an instance of the model (or as parsed JSON). A reply cut
+        short by max_tokens has `parsed` None and finish_reason "length"."""
+        params = params or SamplingParams()
+        model_class = None
+        if response_format is not None:
+            if isinstance(response_format, dict):
+                schema = response_format
+            elif isinstance(response_format, type) and hasattr(response_format, "model_json_schema"):
+                model_class, schema = response_format, response_format.model_json_schema()
+            else:
+                raise InvalidRequestError("response_format must be a pydantic model class or a JSON schema dict")
+            params = dataclasses.replace(params, structured_output=StructuredOutputParams(json=schema))
+        out = self.run(self.encode_chat(messages), params)
+        if response_format is not None and out.finish_reason == "stop":
+            out.parsed = model_class.model_validate_json(out.text) if model_class else json.loads(out.text)
+        return out
 
     def stream_chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> Iterator[str]:
         yield from self.stream_text(self.encode_chat(messages), params)

@@ -37,6 +37,7 @@ from leapllm.engine.request import (
 )
 from leapllm.engine.sampling import SamplingParams, greedy_tokens
 from leapllm.engine.scheduler import ScheduledStep, Scheduler
+from leapllm.engine.structured_output import GrammarCompiler, allowed_tokens
 from leapllm.engine.speculative import (
     NgramProposer,
     SpeculationController,
@@ -88,6 +89,7 @@ class LLMEngine:
         # Where speculation's time goes (seconds): proposing, verification steps, plain decode steps.
         self.spec_seconds = {"propose_s": 0.0, "verify_s": 0.0, "plain_s": 0.0}
         self.num_plain_steps = 0  # decode steps without proposals while speculation is on
+        self.grammars = GrammarCompiler(tokenizer, c.vocab_size)
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
@@ -97,8 +99,11 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         prompt_ids = self.check_request(prompt_ids, params, logprobs, prompt_logprobs)
         c = self.model.config
+        matcher = None
+        if params.structured_output is not None:  # compiled (or found in the cache) by check_request
+            matcher = self.grammars.matcher(params.structured_output)
         seq = Request(request_id, prompt_ids, params, self.tokenizer, c.vocab_size, self.model.device,
-                      logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                      logprobs=logprobs, prompt_logprobs=prompt_logprobs, matcher=matcher)
         spec = self.speculative
         if spec is not None:
             seq.controller = SpeculationController(spec.num_speculative_tokens, spec.adaptive,
@@ -129,6 +134,8 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV-cache blocks; "
                 f"the pool has {self.allocator.num_blocks} (raise --kv-cache-gb)")
+        if params.structured_output is not None:
+            self.grammars.matcher(params.structured_output)  # raises for a constraint that does not compile
         return prompt_ids
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -168,8 +175,9 @@ class LLMEngine:
         if proposals:  # verified as chunks of [last token, proposals...], after the plain decodes
             step.decodes = [seq for seq in step.decodes if id(seq) not in proposals]
         step.decodes.sort(key=lambda seq: seq.num_computed, reverse=True)  # attention groups by length
+        masks = self._start_masks(step)
         logits, rows = self.runner.execute(step, proposals)
-        outputs = self._process(step, logits, rows)
+        outputs = self._process(step, logits, rows, masks)
         if proposals:
             outputs += self._process_speculative(proposals, logits, rows)
         if self.speculative is not None:
@@ -206,8 +214,8 @@ class LLMEngine:
         bs = self.config.block_size
         wanted: list[tuple[Request, int]] = []
         for seq in step.decodes:
-            if seq.logprobs is not None or seq.controller is None:
-                continue  # per-token logprobs are reported from single-token steps only
+            if seq.logprobs is not None or seq.controller is None or seq.matcher is not None:
+                continue  # per-token logprobs and masks are made for single-token steps only
             k = min(seq.controller.num_tokens(), spare, seq.params.max_tokens - len(seq.output_ids) - 1)
             if k <= 0:
                 continue
@@ -262,7 +270,18 @@ class LLMEngine:
             proposed, kept = seq.spec_step
             seq.controller.record_speculative(seconds if comparable else None, proposed, kept)
 
-    def _process(self, step: ScheduledStep, logits: torch.Tensor, rows) -> list[RequestOutput]:
+    def _start_masks(self, step: ScheduledStep):
+        """The constrained requests that sample in this step, and a Future of their next token masks,
+        computed while the forward pass runs; None when no request in the step is constrained."""
+        constrained = [seq for seq in step.decodes if seq.matcher is not None]
+        constrained += [seq for seq, n in step.prefills
+                        if seq.matcher is not None and seq.num_computed + n == seq.num_tokens]
+        if not constrained:
+            return None
+        return {id(seq): i for i, seq in enumerate(constrained)}, \
+            self.grammars.fill_masks_async([seq.matcher for seq in constrained])
+
+    def _process(self, step: ScheduledStep, logits: torch.Tensor, rows, masks=None) -> list[RequestOutput]:
         outputs = []
         samplers = []  # (seq, logits row index) of every sequence that samples now
         for seq, n in [(s, 1) for s in step.decodes] + step.prefills:
@@ -278,7 +297,7 @@ class LLMEngine:
                 samplers.append((seq, first + count - 1))
         if not samplers:
             return outputs
-        tokens = self._sample(samplers, logits)
+        tokens = self._sample(samplers, self._apply_masks(samplers, logits, masks) if masks else logits)
         logprob_rows = [(i, seq) for i, (seq, _) in enumerate(samplers) if seq.logprobs is not None]
         token_logprobs = {}
         if logprob_rows:
@@ -295,6 +314,19 @@ class LLMEngine:
         """Give the prefix cache every block of seq that filled up since the last call."""
         if seq.num_computed // self.config.block_size > len(seq.block_hashes):
             self.allocator.register_full_blocks(seq.blocks, seq.all_ids, seq.block_hashes, seq.num_computed)
+
+    def _apply_masks(self, samplers, logits: torch.Tensor, masks) -> torch.Tensor:
+        """A copy of the logits with every constrained row's disallowed tokens at -inf (logprobs
+        are still reported from the model's own distribution)."""
+        order, future = masks
+        bitmask = future.result()
+        picked = [(row, order[id(seq)]) for seq, row in samplers if id(seq) in order]
+        dev = logits.device
+        rows = torch.tensor([r for r, _ in picked], device=dev)
+        allowed = allowed_tokens(bitmask[[m for _, m in picked]], logits.shape[-1], dev)
+        masked = logits.clone()
+        masked[rows] = masked[rows].masked_fill(~allowed, float("-inf"))
+        return masked
 
     def _sample(self, samplers, logits: torch.Tensor) -> list[int]:
         """Greedy rows without penalties in one argmax; every other row through its own Sampler."""

@@ -110,7 +110,8 @@ class RequestOutput:
 
 class Request:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
-                 vocab_size: int, device, *, logprobs: int | None = None, prompt_logprobs: int | None = None):
+                 vocab_size: int, device, *, logprobs: int | None = None, prompt_logprobs: int | None = None,
+                 matcher=None):
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.output_ids: list[int] = []
@@ -121,6 +122,7 @@ class Request:
             self.stop_ids |= set(tokenizer.stop_token_ids)
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
         self.watcher = StopStringWatcher(params.stop)
+        self.matcher = matcher  # an llguidance LLMatcher when the output is constrained (structured_output.py)
         self.logprobs = logprobs
         self.prompt_logprobs = prompt_logprobs
         self.prompt_logprob_values: list[TokenLogprob | None] = [None]  # the first token has no context
@@ -165,7 +167,7 @@ class Request:
         """Add a sampled token: (the text it makes safe to emit, (finish_reason, stop_reason) or None).
 
         The one place that decides when a request ends: a stop token, a stop string (never emitted,
-        nor anything after it), or max_tokens reached."""
+        nor anything after it), a constraint that is complete, or max_tokens reached."""
         self.output_ids.append(token)
         if token in self.stop_ids:
             tail, stop = self._drain()
@@ -173,6 +175,12 @@ class Request:
         text, stop = self.watcher.add(self.detok.push(token))
         if stop is not None:
             return text, ("stop", stop)
+        if self.matcher is not None:
+            self.matcher.consume_token(token)
+            # Complete (nothing can follow), or broken by a token it refused (never sampled) or a limit.
+            if self.matcher.is_stopped():
+                tail, stop = self._drain()
+                return text + tail, ("stop", stop)
         if len(self.output_ids) >= self.params.max_tokens:
             tail, stop = self._drain()
             return text + tail, ("stop" if stop else "length", stop)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from leapllm.engine.structured_output import StructuredOutputParams
 from leapllm.errors import InvalidRequestError
 
 # dtypes NumPy holds as they are (no bfloat16)
@@ -48,6 +49,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     truncate_prompt: bool = False  # drop the oldest prompt tokens instead of failing when too long
+    # Hold the output to a JSON schema, regex, choice or grammar (structured_output.py).
+    structured_output: StructuredOutputParams | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -82,6 +85,8 @@ class SamplingParams:
             bad("stop strings must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids must be non-negative integers")
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutputParams):
+            bad("structured_output must be a StructuredOutputParams")
 
     @property
     def greedy(self) -> bool:

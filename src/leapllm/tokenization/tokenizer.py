@@ -444,6 +444,10 @@ class Tokenizer:
         """Text of `ids` (any iterable of ints: a list, a 1-D tensor, ...)."""
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def backend_json(self) -> str:
+        """The Hugging Face `tokenizers` JSON of the BPE behind this tokenizer (what grammar engines read)."""
+        return self._backend.to_str()
+
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary entry for an id (byte-level tokens in their GPT-2 alphabet spelling)."""
         return self._backend.id_to_token(int(token_id))
