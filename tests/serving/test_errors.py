@@ -128,8 +128,8 @@ def test_bad_conversations_are_400(server):
     ("/v1/completions", completion(seed=2**63), "seed"),
     ("/v1/chat/completions", chat(top_logprobs=3), "top_logprobs"),  # without logprobs=true
     ("/v1/chat/completions", chat(logprobs=True, top_logprobs=21), "top_logprobs"),
-    ("/v1/chat/completions", chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
-    ("/v1/chat/completions", chat(response_format={"type": "json_object"}), "response_format"),
+    ("/v1/chat/completions", chat(tools=[{"type": "function", "function": {"name": "no spaces"}}]), "tools"),
+    ("/v1/chat/completions", chat(response_format={"type": "yaml"}), "response_format.type"),
 ])
 def test_out_of_range_values_are_400(server, path, body, param):
     assert_openai_error(server.post(path, json=body), 400, param=param)

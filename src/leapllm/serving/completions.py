@@ -31,6 +31,7 @@ from leapllm.serving.protocol import (
     UsageInfo,
 )
 from leapllm.serving.streaming import StreamRenderer, stream_response
+from leapllm.serving.structured import requested_structured_output
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI
 
@@ -57,13 +58,16 @@ class CompletionServing(GenerationServing):
         if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
             raise ApiError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {body.logprobs}",
                            param="logprobs")
+        structured, param = requested_structured_output(body)
+        await self.compile_structured_output(structured, param)
         prompts = body.prompts()
         prompt_ids = [self.encode_prompt(p) for p in prompts]
         prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
         # echo with max_tokens 0 scores the prompt (lm-eval-harness does this): generate one token, drop it.
         score_prompt_only = bool(body.echo) and body.max_tokens == 0
         subs = self.plan(body, prompt_ids, COMPLETIONS_DEFAULT_MAX_TOKENS, body.logprobs, prompt_logprobs,
-                         requested_max_tokens=1 if score_prompt_only else body.max_tokens)
+                         requested_max_tokens=1 if score_prompt_only else body.max_tokens,
+                         structured_output=structured)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         outputs = self.run(request_id, subs, body.logprobs, prompt_logprobs)

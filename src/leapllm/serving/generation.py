@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from leapllm.engine.async_engine import AsyncEngine, EngineStoppedError
 from leapllm.engine.request import RequestOutput, TokenLogprob
 from leapllm.engine.sampling import SamplingParams
+from leapllm.engine.structured_output import StructuredOutputParams
+from leapllm.errors import InvalidRequestError
 from leapllm.serving.errors import ApiError
 from leapllm.serving.logprobs import TokenStrings
 from leapllm.serving.metrics import ServerMetrics
@@ -105,7 +107,19 @@ class GenerationServing:
                            f"({self.context_length} tokens)", param=param)
         return requested
 
-    def sampling_params(self, req: SamplingRequest, max_tokens: int, choice: int) -> SamplingParams:
+    async def compile_structured_output(self, so: StructuredOutputParams | None, param: str | None) -> None:
+        """Compile a request's constraint (in a worker thread: a new grammar takes milliseconds, the
+        first one also builds the grammar engine's view of the vocabulary); a 400 if it does not compile.
+        The engine then finds it in its cache."""
+        if so is None:
+            return
+        try:
+            await asyncio.to_thread(self.engine.engine.grammars.matcher, so)
+        except InvalidRequestError as exc:
+            raise ApiError(400, f"{param}: {exc}", param=param) from None
+
+    def sampling_params(self, req: SamplingRequest, max_tokens: int, choice: int,
+                        structured_output: StructuredOutputParams | None = None) -> SamplingParams:
         seed = None
         if req.seed is not None:
             seed = req.seed + choice  # so that the n choices differ, reproducibly
@@ -114,11 +128,12 @@ class GenerationServing:
         # A field the client left out takes SamplingParams' default: the API's defaults live there, once.
         given = {name: getattr(req, name) for name in SAMPLING_FIELDS if getattr(req, name) is not None}
         return SamplingParams(max_tokens=max_tokens, seed=seed, stop=req.stop, stop_token_ids=req.stop_token_ids or [],
-                              ignore_eos=bool(req.ignore_eos), **given)
+                              ignore_eos=bool(req.ignore_eos), structured_output=structured_output, **given)
 
     def plan(self, req: SamplingRequest, prompts: list[list[int]], default_max_tokens: int | None,
              logprobs: int | None, prompt_logprobs: int | None, max_tokens_param: str = "max_tokens",
-             requested_max_tokens: int | None = None) -> list[SubRequest]:
+             requested_max_tokens: int | None = None,
+             structured_output: StructuredOutputParams | None = None) -> list[SubRequest]:
         """One SubRequest per (prompt, choice), every one checked by the engine before any starts."""
         n = req.n or 1
         subs = []
@@ -126,7 +141,7 @@ class GenerationServing:
             max_tokens = self.resolve_max_tokens(requested_max_tokens, len(ids), default_max_tokens,
                                                  max_tokens_param)
             for i in range(n):
-                params = self.sampling_params(req, max_tokens, i)
+                params = self.sampling_params(req, max_tokens, i, structured_output)
                 if i == 0:  # the n choices differ only in their seed: one check per prompt
                     ids = self.engine.engine.check_request(ids, params, logprobs, prompt_logprobs)
                 subs.append(SubRequest(p * n + i, p, ids, params))

@@ -3,7 +3,8 @@
 Requests are validated strictly (`"max_tokens": "16"` or `"stream": 1` is a 400, as with OpenAI),
 unknown fields are ignored (clients send many: `user`, `metadata`, ...), and every optional field
 may also be sent as null. Besides OpenAI's sampling fields, requests accept vLLM's extras
-(`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`).
+(`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, and for structured outputs
+`structured_outputs` and the older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`).
 
 Responses mirror OpenAI's JSON field for field, so the official clients parse them unchanged.
 """
@@ -50,6 +51,13 @@ class SamplingRequest(Strict):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
+    # Structured outputs (serving/structured.py): OpenAI's response_format, vLLM's extras.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("n")
     @classmethod
@@ -123,6 +131,8 @@ class ChatMessage(Strict):
     # Null is allowed (an assistant message that only made tool calls).
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -130,22 +140,12 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None  # accepted only when empty: no tool calling
-    response_format: dict[str, Any] | None = None  # only {"type": "text"}
-
-    @field_validator("tools")
-    @classmethod
-    def _check_tools(cls, tools):
-        if tools:
-            raise ValueError("tool calling is not supported")
-        return tools
-
-    @field_validator("response_format")
-    @classmethod
-    def _check_response_format(cls, fmt):
-        if fmt and fmt.get("type", "text") != "text":
-            raise ValueError(f"type {fmt.get('type')!r} is not supported; only 'text' is")
-        return fmt
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # "none", "auto", "required" or {"type": "function", ...}
+    parallel_tool_calls: bool | None = None
+    # OpenAI's deprecated names, mapped onto tools (serving/chat.py)
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -208,7 +208,8 @@ class ChatLogprobs(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -230,7 +231,8 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatStreamChoice(BaseModel):
     index: int
-    delta: dict[str, str]  # {"role": "assistant", "content": ""} first, then {"content": ...}; {} at the end
+    # {"role": "assistant", "content": ""} first, then {"content": ...} or {"tool_calls": [...]}; {} at the end
+    delta: dict[str, Any]
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
