@@ -97,3 +97,24 @@ def test_argparse_usage_errors_also_exit_2(capsys):
 @pytest.mark.slow
 def test_max_tokens_beyond_the_context_is_one_line_and_exit_2(capsys):
     assert_one_line_error(capsys, ["generate", "hi", "--max-tokens", "9000"], "context")
+
+
+@pytest.mark.slow
+def test_generate_with_a_json_schema_file_prints_json_that_matches_it(tmp_path):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+              "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    result = run_cli("generate", "The capital of France as JSON:", "--max-tokens", "30", "--temperature", "0",
+                     "--json-schema", str(tmp_path / "schema.json"))
+    assert result.returncode == 0, result.stderr
+    assert list(json.loads(result.stdout.strip())) == ["city"]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--json-schema", "{not json"], "--json-schema"),
+    (["--json-schema", '{"type": "nonsense"}'], "nonsense"),
+    (["--regex", "(("], "unclosed group"),
+    (["--grammar", "start: missing"], "missing"),
+])
+def test_a_bad_constraint_flag_is_one_line_and_exit_2(capsys, flags, words):
+    assert_one_line_error(capsys, ["generate", "hi", "--max-tokens", "4", *flags], words)

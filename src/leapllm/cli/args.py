@@ -10,6 +10,7 @@ Defaults come from the settings classes, so that the flags and the Python API ag
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -74,6 +75,38 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     g.add_argument("--truncate", action="store_true",
                    help="drop the oldest prompt tokens when prompt + max tokens exceed the context")
+    c = g.add_mutually_exclusive_group()
+    c.add_argument("--json-schema", metavar="SCHEMA", help="hold the output to a JSON schema (JSON text or a file)")
+    c.add_argument("--grammar", metavar="GRAMMAR", help="hold the output to a Lark or GBNF grammar (text or a file)")
+    c.add_argument("--regex", metavar="REGEX", help="hold the output to a regular expression")
+
+
+def _text_or_file(value: str) -> str:
+    path = Path(value)
+    try:
+        return path.read_text() if len(value) < 4096 and path.is_file() else value
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"cannot read {value}: {exc}") from None
+
+
+def structured_output_from_args(args):
+    """The --json-schema / --grammar / --regex constraint, or None."""
+    from leapllm.engine.structured_output import StructuredOutputParams
+
+    if getattr(args, "json_schema", None):
+        text = _text_or_file(args.json_schema)
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(f"--json-schema is neither a JSON file nor JSON ({exc})") from None
+        if not isinstance(schema, dict):
+            raise InvalidRequestError("--json-schema must be a JSON object")
+        return StructuredOutputParams(json=schema)
+    if getattr(args, "grammar", None):
+        return StructuredOutputParams(grammar=_text_or_file(args.grammar))
+    if getattr(args, "regex", None):
+        return StructuredOutputParams(regex=args.regex)
+    return None
 
 
 def sampling_from_args(args):
@@ -84,7 +117,7 @@ def sampling_from_args(args):
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
-        truncate_prompt=args.truncate,
+        truncate_prompt=args.truncate, structured_output=structured_output_from_args(args),
     )
 
 
