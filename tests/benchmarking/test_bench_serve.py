@@ -28,7 +28,8 @@ def test_level_summary_counts_only_successful_requests_in_throughput_and_latency
 
 
 @pytest.mark.parametrize("argv", [["--concurrency", "0"], ["--concurrency", "a,b"], ["--output-len", "0"],
-                                  ["--request-rate", "0"], ["--json", "/nonexistent-dir/x.json"]])
+                                  ["--request-rate", "0"], ["--json", "/nonexistent-dir/x.json"],
+                                  ["--structured", "yaml"]])
 def test_bad_settings_are_one_line_errors(argv, capsys):
     assert main(["bench", "serve", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -40,13 +41,19 @@ def test_bench_serve_runs_levels_against_its_own_server_and_stops_it_cleanly(tmp
     out = tmp_path / "serve.json"
     md = tmp_path / "serve.md"
     code = main(["bench", "serve", "--concurrency", "1,2", "--num-requests", "2", "--prompt-len", "16",
-                 "--output-len", "4", "--json", str(out), "--markdown", str(md)])
+                 "--output-len", "4", "--structured", "json-schema", "--json", str(out), "--markdown", str(md)])
     assert code == 0
     report = json.loads(out.read_text())
     systems = [(r["system"], r["concurrency"]) for r in report["levels"]]
-    assert systems == [("core engine, batch 1", 1), ("leapllm serve", 1), ("leapllm serve", 2)]
+    assert systems == [("core engine, batch 1", 1), ("leapllm serve", 1), ("leapllm serve, JSON schema", 1),
+                       ("leapllm serve", 2), ("leapllm serve, JSON schema", 2)]
     for r in report["levels"]:
+        # a constrained request runs to max_tokens too: its schema cannot be complete that soon
         assert r["failed"] == 0 and r["output_tokens"] == 4 * r["requests"]
         assert r["ttft_ms_p50"] > 0 and r["tpot_ms_p50"] > 0
+    assert [r["throughput_vs_plain"] > 0 for r in report["levels"] if r["system"].endswith("schema")] == [True] * 2
+    assert all(v > 0 for v in report["first_compile"].values())
     assert report["server_exit_code"] == 0  # SIGTERM: a graceful exit
-    assert "| leapllm serve | 2 |" in md.read_text()
+    text = md.read_text()
+    assert "| leapllm serve | 2 |" in text and "| leapllm serve, JSON schema | 2 |" in text
+    assert "that schema cached" in text

@@ -9,6 +9,12 @@ requests, which is what a server without batching would do.
 
 Without --url the command starts `leapllm serve` itself on a free loopback port and stops it
 (SIGTERM) at the end.
+
+With --structured json-schema every level runs twice, on distinct prompts of the same length: plain,
+then with each request held to a JSON schema (`guided_json`) that cannot be complete within the
+output length, so both runs produce the same number of tokens. The constrained rows report their
+throughput and TTFT against the plain ones; the first compilation (which also builds the grammar
+engine's view of the vocabulary) and the compilation of a new schema are timed on their own first.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class LoadSettings:
     num_requests: int | None = None  # per level; default: 2 per client, at least 4
     request_rate: float = float("inf")  # requests/s per level (Poisson arrivals); inf = all at once
     seed: int = 0
+    structured: str | None = None  # "json-schema": each level again with a JSON schema
 
     def validate(self) -> None:
         if not self.concurrency or any(c < 1 for c in self.concurrency):
@@ -47,6 +54,8 @@ class LoadSettings:
             raise InvalidRequestError("--num-requests must be at least 1")
         if not self.request_rate > 0:
             raise InvalidRequestError("--request-rate must be positive (inf: all requests at once)")
+        if self.structured not in (None, "json-schema"):
+            raise InvalidRequestError(f"--structured takes json-schema, got {self.structured!r}")
 
     def requests_for(self, concurrency: int) -> int:
         return self.num_requests or max(4, 2 * concurrency)
@@ -94,6 +103,17 @@ class LevelResult:
         }
 
 
+def bench_schema(min_items: int) -> dict:
+    """A list of at least `min_items` person records: a JSON schema that cannot be complete within
+    a benchmark's output length (each record takes some 15 tokens), so constrained requests run to
+    max_tokens like plain ones."""
+    person = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
+              "properties": {"name": {"type": "string", "maxLength": 24},
+                             "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                             "city": {"type": "string", "maxLength": 24}}}
+    return {"type": "array", "items": person, "minItems": min_items}
+
+
 def make_prompts(token_ids: list[int], count: int, prompt_len: int, seed: int) -> list[list[int]]:
     """`count` distinct prompts of exactly prompt_len tokens, cut at random offsets of a real text
     (distinct so that the prefix cache does not turn the benchmark into a cache test)."""
@@ -106,9 +126,12 @@ def make_prompts(token_ids: list[int], count: int, prompt_len: int, seed: int) -
 
 
 # -- the HTTP side ---------------------------------------------------------------------------------
-async def stream_one(client, url: str, model: str, prompt: list[int], output_len: int) -> RequestResult:
+async def stream_one(client, url: str, model: str, prompt: list[int], output_len: int,
+                     schema: dict | None = None) -> RequestResult:
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
+    if schema is not None:
+        body["guided_json"] = schema
     start = time.perf_counter()
     first = None
     tokens = 0
@@ -137,10 +160,10 @@ async def stream_one(client, url: str, model: str, prompt: list[int], output_len
 
 
 async def run_level(url: str, model: str, prompts: list[list[int]], concurrency: int, settings: LoadSettings,
-                    timeout: float) -> LevelResult:
+                    timeout: float, schema: dict | None = None) -> LevelResult:
     import httpx
 
-    level = LevelResult("leapllm serve", concurrency)
+    level = LevelResult("leapllm serve" + (", JSON schema" if schema is not None else ""), concurrency)
     rng = random.Random(settings.seed + concurrency)
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -148,7 +171,7 @@ async def run_level(url: str, model: str, prompts: list[list[int]], concurrency:
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         async def one(prompt):
             async with gate:
-                level.results.append(await stream_one(client, url, model, prompt, settings.output_len))
+                level.results.append(await stream_one(client, url, model, prompt, settings.output_len, schema))
 
         start = time.perf_counter()
         tasks = []
@@ -246,7 +269,7 @@ def run_serve_bench(settings: LoadSettings, *, model: str | None, url: str | Non
     from leapllm.reference_text import reference_token_ids
 
     settings.validate()
-    total = sum(settings.requests_for(c) for c in settings.concurrency)
+    total = sum(settings.requests_for(c) for c in settings.concurrency) * (2 if settings.structured else 1)
     log("loading the model for prompts" + (" and the batch-1 baseline" if baseline else ""))
     llm = LLM(model, dtype=dtype, device="cpu", num_threads=threads)
     text_ids = reference_token_ids(llm.tokenizer, settings.prompt_len * 4 + total + 64)
@@ -269,12 +292,18 @@ def run_serve_bench(settings: LoadSettings, *, model: str | None, url: str | Non
 
         served = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         asyncio.run(run_level(url, served, [warmup], 1, LoadSettings([1], settings.prompt_len, 8), timeout))
+        schema = bench_schema(settings.output_len) if settings.structured else None
+        compile_times = None
+        if schema is not None:
+            compile_times = asyncio.run(time_first_compiles(url, served, warmup, settings, schema, timeout))
         offset = 0
         for c in settings.concurrency:
             n = settings.requests_for(c)
-            log(f"{c} concurrent clients, {n} requests")
-            levels.append(asyncio.run(run_level(url, served, prompts[offset:offset + n], c, settings, timeout)))
-            offset += n
+            for level_schema in ([None, schema] if schema is not None else [None]):
+                log(f"{c} concurrent clients, {n} requests" + (", JSON schema" if level_schema else ""))
+                levels.append(asyncio.run(run_level(url, served, prompts[offset:offset + n], c, settings, timeout,
+                                                    level_schema)))
+                offset += n
     finally:
         exit_code = server.stop() if server is not None else None
 
@@ -283,14 +312,45 @@ def run_serve_bench(settings: LoadSettings, *, model: str | None, url: str | Non
     for r in rows:
         r["throughput_vs_batch1"] = (r["output_tokens_per_s"] / base["output_tokens_per_s"]
                                      if base and base["output_tokens_per_s"] else None)
+    for plain, constrained in zip(rows, rows[1:]):
+        if constrained["system"].endswith("JSON schema") and plain["concurrency"] == constrained["concurrency"]:
+            constrained["throughput_vs_plain"] = (constrained["output_tokens_per_s"] / plain["output_tokens_per_s"]
+                                                  if plain["output_tokens_per_s"] else None)
+            if constrained["ttft_ms_p50"] is not None and plain["ttft_ms_p50"] is not None:
+                constrained["ttft_ms_p50_vs_plain"] = constrained["ttft_ms_p50"] - plain["ttft_ms_p50"]
     return {
         "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "url": url if server is None else None,
         "machine": {"cpu": device_name(torch.device("cpu")), "cores": os.cpu_count()},
         "settings": {"prompt_len": settings.prompt_len, "output_len": settings.output_len,
                      "request_rate": settings.request_rate, "concurrency": settings.concurrency,
                      "serve_args": serve_args if server is not None else None},
-        "server_exit_code": exit_code, "levels": rows,
+        "server_exit_code": exit_code, "levels": rows, "structured": settings.structured,
+        "first_compile": compile_times,
     }
+
+
+async def time_first_compiles(url: str, model: str, prompt: list[int], settings: LoadSettings, schema: dict,
+                              timeout: float, repeats: int = 7) -> dict:
+    """TTFT of one request alone: with the server's first schema (its compile also builds the grammar
+    engine's view of the vocabulary), with a second new schema, and the median of `repeats` requests
+    plain and with that schema cached, interleaved."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        async def ttft(s):
+            r = await stream_one(client, url, model, prompt, 4, s)
+            return r.ttft_s * 1000 if r.ok else float("nan")
+
+        out = {"first_schema_ttft_ms": await ttft(schema)}
+        other = bench_schema(settings.output_len + 1)
+        out["new_schema_ttft_ms"] = await ttft(other)
+        plain, cached = [], []
+        for _ in range(repeats):
+            plain.append(await ttft(None))
+            cached.append(await ttft(other))
+        out["plain_ttft_ms"] = float(np.median(plain))
+        out["cached_schema_ttft_ms"] = float(np.median(cached))
+    return out
 
 
 def _fmt(value, spec) -> str:
@@ -300,11 +360,27 @@ def _fmt(value, spec) -> str:
 def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     header = ["system", "clients", "requests", "output tok/s", "x batch-1", "TTFT p50 ms", "TTFT p99 ms",
               "TPOT p50 ms", "TPOT p99 ms", "failed"]
-    rows = [[r["system"], str(r["concurrency"]), str(r["requests"]), _fmt(r["output_tokens_per_s"], ".1f"),
-             _fmt(r["throughput_vs_batch1"], ".2f"), _fmt(r["ttft_ms_p50"], ".0f"), _fmt(r["ttft_ms_p99"], ".0f"),
-             _fmt(r["tpot_ms_p50"], ".1f"), _fmt(r["tpot_ms_p99"], ".1f"), str(r["failed"])]
-            for r in report["levels"]]
+    structured = bool(report.get("structured"))
+    if structured:
+        header += ["x plain", "TTFT p50 vs plain ms"]
+    rows = []
+    for r in report["levels"]:
+        row = [r["system"], str(r["concurrency"]), str(r["requests"]), _fmt(r["output_tokens_per_s"], ".1f"),
+               _fmt(r["throughput_vs_batch1"], ".2f"), _fmt(r["ttft_ms_p50"], ".0f"), _fmt(r["ttft_ms_p99"], ".0f"),
+               _fmt(r["tpot_ms_p50"], ".1f"), _fmt(r["tpot_ms_p99"], ".1f"), str(r["failed"])]
+        if structured:
+            row += [_fmt(r.get("throughput_vs_plain"), ".2f"), _fmt(r.get("ttft_ms_p50_vs_plain"), "+.1f")]
+        rows.append(row)
     return header, rows
+
+
+def compile_line(report: dict) -> str | None:
+    c = report.get("first_compile")
+    if not c:
+        return None
+    return ("One request alone, TTFT in ms: the first schema {1} (compiles it and builds the vocabulary view), "
+            "a new schema {2}; median of 7, plain {0}, that schema cached {3}.").format(*(_fmt(c[k], ".1f") for k in (
+                "plain_ttft_ms", "first_schema_ttft_ms", "new_schema_ttft_ms", "cached_schema_ttft_ms")))
 
 
 def markdown(report: dict) -> str:
@@ -317,6 +393,8 @@ def markdown(report: dict) -> str:
         lines += [f"Command: `{report['command']}`", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if compile_line(report):
+        lines += ["", compile_line(report)]
     return "\n".join(lines) + "\n"
 
 
@@ -331,6 +409,8 @@ def print_report(report: dict) -> None:
     for r in rows:
         table.add_row(*r)
     Console(width=None if sys.stdout.isatty() else 160).print(table)
+    if compile_line(report):
+        print(compile_line(report))
     for r in report["levels"]:
         for e in r["errors"]:
             print(f"  {r['system']} x{r['concurrency']}: {e}", file=sys.stderr)

@@ -153,6 +153,8 @@ def add_bench_serve_parser(subparsers) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="passed to leapllm serve")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="passed to leapllm serve")
     p.add_argument("--no-baseline", action="store_true", help="skip the batch-1 engine baseline")
+    p.add_argument("--structured", metavar="json-schema", default=None,
+                   help="run each level again with every request held to a JSON schema, and time schema compiles")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one request may take (default 900)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
@@ -165,7 +167,7 @@ def cmd_bench_serve(args) -> int:
 
     concurrency = int_list(args.concurrency, "--concurrency")
     settings = serve_load.LoadSettings(concurrency, args.prompt_len, args.output_len, args.num_requests,
-                                       args.request_rate)
+                                       args.request_rate, structured=args.structured)
     settings.validate()
     threads_from_args(args)
     outputs = report_outputs(args)  # before the long run
