@@ -153,3 +153,24 @@ def test_an_oversized_constraint_is_refused_before_it_is_compiled(llm):
     huge = StructuredOutputParams(choice=[f"{i:06d}" + "x" * 1000 for i in range(300)])
     with pytest.raises(InvalidRequestError, match="at most"):
         llm.engine.check_request(llm.encode("Hi"), SamplingParams(structured_output=huge))
+
+
+def test_a_speculating_engine_leaves_constrained_requests_out_of_speculation(llm):
+    from leapllm.config import EngineConfig, SpeculativeConfig
+    from leapllm.engine.llm_engine import LLMEngine
+
+    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=4, adaptive=False)
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(speculative=spec, max_num_batched_tokens=256))
+    schema = SCHEMAS["array_of_objects"]
+    ids = llm.encode_chat(schema_prompt("array_of_objects"))
+    engine.add_request("constrained", ids, SamplingParams(max_tokens=120, temperature=0.0,
+                                                          structured_output=StructuredOutputParams(json=schema)))
+    engine.add_request("plain", ids, SamplingParams(max_tokens=40, temperature=0.0))
+    texts, finish = {"constrained": "", "plain": ""}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            texts[out.request_id] += out.new_text
+            if out.finished:
+                finish[out.request_id] = out.finish_reason
+    validator(schema).validate(json.loads(texts["constrained"]))
+    assert finish["constrained"] == "stop" and engine.stats()["spec_decode_steps"] > 0
