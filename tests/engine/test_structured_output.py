@@ -174,3 +174,19 @@ def test_a_speculating_engine_leaves_constrained_requests_out_of_speculation(llm
                 finish[out.request_id] = out.finish_reason
     validator(schema).validate(json.loads(texts["constrained"]))
     assert finish["constrained"] == "stop" and engine.stats()["spec_decode_steps"] > 0
+
+
+def test_a_matcher_that_fails_mid_request_ends_it_instead_of_the_step(llm):
+    engine = llm.engine
+    so = StructuredOutputParams(json=SCHEMAS["person"])
+    engine.add_request("broken", llm.encode("Hi"), SamplingParams(max_tokens=20, temperature=0.7, seed=1,
+                                                                  structured_output=so))
+    engine.add_request("fine", llm.encode("Hi"), SamplingParams(max_tokens=5, temperature=0.0))
+    matcher = engine.sequences["broken"].matcher
+    assert not matcher.consume_token(llm.tokenizer.encode("zzz")[0]) and matcher.is_error()
+    finish = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finish[out.request_id] = out.finish_reason
+    assert finish == {"broken": "stop", "fine": "length"}

@@ -37,13 +37,13 @@ from leapllm.engine.request import (
 )
 from leapllm.engine.sampling import SamplingParams, greedy_tokens
 from leapllm.engine.scheduler import ScheduledStep, Scheduler
-from leapllm.engine.structured_output import GrammarCompiler, allowed_tokens
 from leapllm.engine.speculative import (
     NgramProposer,
     SpeculationController,
     draft_sampler,
     verify_proposals,
 )
+from leapllm.engine.structured_output import GrammarCompiler, allowed_tokens
 from leapllm.errors import InvalidRequestError
 from leapllm.model.paged_kv_cache import PagedKVCache
 from leapllm.tokenization import Tokenizer
@@ -324,6 +324,10 @@ class LLMEngine:
         dev = logits.device
         rows = torch.tensor([r for r, _ in picked], device=dev)
         allowed = allowed_tokens(bitmask[[m for _, m in picked]], logits.shape[-1], dev)
+        dead = ~allowed.any(dim=1)
+        if bool(dead.any()):  # a matcher that failed (a parser limit): let it end on a stop token
+            stops = [t for t in self.tokenizer.stop_token_ids if t < logits.shape[-1]]
+            allowed[dead.nonzero()[:, 0][:, None], torch.tensor(stops, device=dev)[None, :]] = True
         masked = logits.clone()
         masked[rows] = masked[rows].masked_fill(~allowed, float("-inf"))
         return masked
