@@ -130,3 +130,48 @@ def test_history_with_bad_tool_call_arguments_is_a_400(server):
         {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{not json"}}]}]
     r = server.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 5, "tools": TOOLS})
     assert r.status_code == 400 and "arguments" in r.json()["error"]["message"]
+
+
+QWEN_STYLE_TEMPLATE = """{%- if tools %}<|im_start|>system
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "assistant" and message.tool_calls %}<|im_start|>assistant
+{%- for tc in message.tool_calls %}
+<tool_call>
+{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif message.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def test_a_template_that_renders_tools_gets_them_and_the_history_as_objects(llm):
+    import copy
+
+    from leapllm.serving.chat import ChatServing
+    from leapllm.serving.protocol import ChatCompletionRequest
+
+    serving = object.__new__(ChatServing)  # only the tokenizer is needed to build a prompt
+    serving.tokenizer = copy.copy(llm.tokenizer)
+    serving.tokenizer.chat_template = QWEN_STYLE_TEMPLATE
+    body = ChatCompletionRequest(messages=ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "21 C"}], tools=TOOLS)
+    plan = serving.tool_plan(body)
+    assert plan.fmt.name == "hermes" and plan.parse and plan.constraint is None
+    prompt = llm.tokenizer.decode(serving.chat_prompt_ids(body.messages, plan))
+    assert '"name": "get_time"' in prompt  # the tools, rendered by the template itself
+    assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt  # arguments as an object
+    assert "<tool_response>\n21 C\n</tool_response>" in prompt and "<tools>" not in prompt
