@@ -99,3 +99,12 @@ def test_unknown_embedding_model_is_404_and_classify_without_a_classifier_is_404
 
 def test_server_without_an_embedding_model_answers_404(server):
     assert_openai_error(server.post("/v1/embeddings", json={"input": "x"}), 404)
+
+
+def test_input_that_is_not_valid_unicode_is_a_400(embed_server):
+    import json as json_module
+
+    for path in ("/v1/embeddings", "/v1/classify"):
+        r = embed_server.post(path, content=json_module.dumps({"input": ["ok", "\ud800"]}),
+                              headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "lone surrogate" in r.json()["error"]["message"]

@@ -4,6 +4,7 @@ queue limit, 500 when an engine step fails."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -130,9 +131,36 @@ def test_bad_conversations_are_400(server):
     ("/v1/chat/completions", chat(logprobs=True, top_logprobs=21), "top_logprobs"),
     ("/v1/chat/completions", chat(tools=[{"type": "function", "function": {"name": "no spaces"}}]), "tools"),
     ("/v1/chat/completions", chat(response_format={"type": "yaml"}), "response_format.type"),
+    ("/v1/chat/completions", chat(temperature=2.5), "temperature"),  # OpenAI's range is [0, 2]
+    ("/v1/completions", completion(repetition_penalty=float("inf")), "repetition_penalty"),
+    ("/v1/completions", completion(top_p=float("nan")), "top_p"),
+    ("/v1/chat/completions", chat(modalities=["text", "audio"]), "modalities"),
+    ("/v1/chat/completions", chat(audio={"voice": "alloy", "format": "wav"}), "audio"),
+    ("/v1/chat/completions", chat(reasoning_effort="high"), "reasoning_effort"),
+    ("/v1/chat/completions", chat(prediction={"type": "content", "content": "x"}), "prediction"),
 ])
 def test_out_of_range_values_are_400(server, path, body, param):
-    assert_openai_error(server.post(path, json=body), 400, param=param)
+    # json.dumps writes inf and nan as Infinity and NaN, which Python's JSON parser (and so the server) reads
+    r = server.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert_openai_error(r, 400, param=param)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", completion(prompt="a \ud800 b")),
+    ("/v1/completions", completion(prompt=["fine", "\udfff"])),
+    ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "x\ud83d"}])),
+    ("/v1/chat/completions", chat(model="\ud800")),  # would break the 404's own message
+    ("/v1/chat/completions", chat(stop=["\ud800"])),
+])
+def test_text_that_is_not_valid_unicode_is_a_400_never_a_500(server, path, body):
+    # json.dumps escapes the lone surrogate as \\udXXX, as a hostile client would send it
+    r = server.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert_openai_error(r, 400)
+    assert "lone surrogate" in r.json()["error"]["message"]
+
+
+def test_only_text_output_is_accepted_as_modalities(server):
+    assert server.post("/v1/chat/completions", json=chat(modalities=["text"])).status_code == 200
 
 
 def test_unknown_paths_and_methods_get_openai_errors(server):

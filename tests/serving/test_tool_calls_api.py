@@ -175,3 +175,15 @@ def test_a_template_that_renders_tools_gets_them_and_the_history_as_objects(llm)
     assert '"name": "get_time"' in prompt  # the tools, rendered by the template itself
     assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt  # arguments as an object
     assert "<tool_response>\n21 C\n</tool_response>" in prompt and "<tools>" not in prompt
+
+
+def test_parallel_tool_calls_false_keeps_only_the_first_call():
+    from leapllm.serving.chat import ToolPlan
+    from leapllm.tokenization.tool_calls import HermesFormat
+
+    two = ('<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>\n'
+           '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>')
+    assert len(ToolPlan(TOOLS, HermesFormat(), parse=True, constraint=None).parse_reply(two)[1]) == 2
+    one = ToolPlan(TOOLS, HermesFormat(), parse=True, constraint=None, parallel=False).parse_reply(two)[1]
+    assert [json.loads(c.arguments) for c in one] == [
+        {"zone": "UTC"}]

@@ -60,6 +60,12 @@ class ToolPlan:
     fmt: ToolCallFormat
     parse: bool
     constraint: StructuredOutputParams | None  # one call, for "required" or a named function
+    parallel: bool = True  # parallel_tool_calls: false keeps only the reply's first call
+
+    def parse_reply(self, text: str):
+        """(content, calls) of a finished reply."""
+        content, calls = self.fmt.parse(text)
+        return content, calls if self.parallel else calls[:1]
 
 
 def _earlier_tool_calls(calls: list[dict[str, Any]], i: int) -> list[dict[str, Any]]:
@@ -101,11 +107,12 @@ class ChatServing(GenerationServing):
         except ToolCallError as exc:
             raise ApiError(400, str(exc), param="tools") from None
         fmt = tool_call_format(self.tokenizer.chat_template)
+        parallel = body.parallel_tool_calls is not False
         choice = "auto" if choice is None else choice
         if choice == "none":
             return ToolPlan([], fmt, parse=False, constraint=None)
         if choice == "auto":
-            return ToolPlan(tools, fmt, parse=True, constraint=None)
+            return ToolPlan(tools, fmt, parse=True, constraint=None, parallel=parallel)
         if choice == "required":
             chosen = tools
         elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
@@ -116,7 +123,8 @@ class ChatServing(GenerationServing):
         else:
             raise ApiError(400, "tool_choice must be 'none', 'auto', 'required' or "
                            '{"type": "function", "function": {"name": ...}}', param="tool_choice")
-        return ToolPlan(tools, fmt, parse=True, constraint=StructuredOutputParams(grammar=fmt.call_grammar(chosen)))
+        return ToolPlan(tools, fmt, parse=True, constraint=StructuredOutputParams(grammar=fmt.call_grammar(chosen)),
+                        parallel=parallel)
 
     def chat_prompt_ids(self, messages: list[ChatMessage], tools: ToolPlan | None = None) -> list[int]:
         if not messages:
@@ -181,7 +189,7 @@ class ChatServing(GenerationServing):
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         outputs = self.run(request_id, subs, logprobs, None)
-        parser = tools.fmt if tools is not None and tools.parse else None
+        parser = tools if tools is not None and tools.parse else None
         if body.stream:
             renderer = ChatStreamRenderer(self, request_id, created, subs, body, len(prompt_ids), parser)
             return await stream_response(request, outputs, renderer)
@@ -191,7 +199,7 @@ class ChatServing(GenerationServing):
         for sub, st in zip(subs, states):
             message, finish_reason = ChatResponseMessage(content=st.text), st.finish_reason
             if parser is not None and finish_reason == "stop":
-                content, calls = parser.parse(st.text)
+                content, calls = parser.parse_reply(st.text)
                 if calls:
                     message = ChatResponseMessage(content=content or None, tool_calls=[c.as_openai() for c in calls])
                     finish_reason = "tool_calls"
@@ -207,7 +215,7 @@ class ChatStreamRenderer(StreamRenderer):
     chunk_type = ChatCompletionChunk
 
     def __init__(self, serving: ChatServing, request_id: str, created: int, subs: list[SubRequest],
-                 body: ChatCompletionRequest, num_prompt_tokens: int, parser: ToolCallFormat | None):
+                 body: ChatCompletionRequest, num_prompt_tokens: int, parser: ToolPlan | None):
         super().__init__(serving, request_id, created, subs, body, num_prompt_tokens)
         self.logprobs = bool(body.logprobs)
         self.parser = parser
@@ -243,12 +251,12 @@ class ChatStreamRenderer(StreamRenderer):
         self.texts[index] += out.new_text
         full = self.texts[index]
         if not out.finished:
-            end = max(self.sent[index], self.parser.held_from(full))
+            end = max(self.sent[index], self.parser.fmt.held_from(full))
             text, self.sent[index] = full[self.sent[index]:end], end
             return text, None, finish_reason
         calls = []
         if finish_reason == "stop":
-            content, calls = self.parser.parse(full)
+            content, calls = self.parser.parse_reply(full)
         if not calls:
             return full[self.sent[index]:], None, finish_reason
         return content[self.sent[index]:], calls, "tool_calls"

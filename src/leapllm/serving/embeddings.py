@@ -20,17 +20,18 @@ from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+from pydantic import ConfigDict, StrictBool, StrictInt, StrictStr
 
 from leapllm.encoders.embedding_batcher import EmbedderBusyError, EmbeddingBatcher
 from leapllm.errors import InvalidRequestError
+from leapllm.serving.protocol import UnicodeText
 from leapllm.serving.disconnect import until_disconnected
 from leapllm.serving.errors import ApiError
 
 Input = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(UnicodeText):
     model_config = ConfigDict(extra="ignore")
     input: Input
     model: StrictStr | None = None
@@ -41,7 +42,7 @@ class EmbeddingRequest(BaseModel):
     truncate_prompt_tokens: StrictInt | None = None
 
 
-class ClassifyRequest(BaseModel):
+class ClassifyRequest(UnicodeText):
     model_config = ConfigDict(extra="ignore")
     input: StrictStr | list[StrictStr]
     model: StrictStr | None = None

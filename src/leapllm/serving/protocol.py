@@ -11,16 +11,49 @@ Responses mirror OpenAI's JSON field for field, so the official clients parse th
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_N = 128  # choices per prompt, as OpenAI
 
 
-class Strict(BaseModel):
+def invalid_unicode_at(value: Any, path: str = "") -> str | None:
+    """Where in a parsed JSON body a string is not valid Unicode (a lone surrogate such as "\\ud800",
+    which JSON allows but no tokenizer or UTF-8 encoder takes), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "the body"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            where = invalid_unicode_at(k, path) or invalid_unicode_at(v, f"{path}.{k}" if path else str(k))
+            if where:
+                return where
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if where := invalid_unicode_at(v, f"{path}.{i}" if path else str(i)):
+                return where
+    return None
+
+
+class UnicodeText(BaseModel):
+    """A request body whose every string is valid Unicode (else a 400 naming where)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_unicode(cls, data):
+        where = invalid_unicode_at(data)
+        if where:
+            raise ValueError(f"{where} is not valid Unicode text (it holds a lone surrogate)")
+        return data
+
+
+class Strict(UnicodeText):
     model_config = ConfigDict(strict=True)
 
 
@@ -58,6 +91,20 @@ class SamplingRequest(Strict):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _check_temperature(cls, t):
+        if t is not None and not 0.0 <= t <= 2.0:  # OpenAI's range
+            raise ValueError(f"must be between 0 and 2, got {t}")
+        return t
+
+    @field_validator("top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")
+    @classmethod
+    def _check_finite(cls, v):
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"must be a finite number, got {v}")
+        return v
 
     @field_validator("n")
     @classmethod
@@ -146,6 +193,19 @@ class ChatCompletionRequest(SamplingRequest):
     # OpenAI's deprecated names, mapped onto tools (serving/chat.py)
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
+    # OpenAI fields that would change the output and that leapllm does not implement: a 400, not silence.
+    modalities: Any = None
+    audio: Any = None
+    reasoning_effort: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+
+    @field_validator("modalities", "audio", "reasoning_effort", "prediction", "web_search_options")
+    @classmethod
+    def _refuse_unimplemented(cls, value, info):
+        if value is not None and not (info.field_name == "modalities" and value == ["text"]):
+            raise ValueError("not supported")
+        return value
 
 
 # -- responses ---------------------------------------------------------------------------------
