@@ -119,6 +119,7 @@ class ServerSettings:
     api_key: str | None = None  # required as 'Authorization: Bearer KEY' on /v1/* when set
     served_model_name: str | None = None  # None: the model file's name
     max_waiting: int = 256  # requests that may wait for a slot; beyond that the server answers 503
+    max_request_bytes: int = 8 * 2**20  # a larger request body gets 413
     shutdown_timeout: float = 30.0  # seconds requests in flight get to finish after SIGTERM
     log_level: str = "info"  # one of LOG_LEVELS
     embedding_model: str | None = None  # an encoder folder for /v1/embeddings, or "default"
@@ -133,6 +134,8 @@ class ServerSettings:
             raise InvalidRequestError(f"--port must be between 0 and 65535, got {self.port}")
         if self.max_waiting < 0:
             raise InvalidRequestError(f"--max-waiting must be at least 0, got {self.max_waiting}")
+        if self.max_request_bytes < 1024:
+            raise InvalidRequestError(f"--max-request-bytes must be at least 1024, got {self.max_request_bytes}")
         if not self.shutdown_timeout >= 0:
             raise InvalidRequestError(f"--shutdown-timeout must be at least 0, got {self.shutdown_timeout}")
         if self.served_model_name is not None and not self.served_model_name.strip():

@@ -96,6 +96,7 @@ def test_engine_flag_errors(argv, message):
     (["--port", "70000"], "--port must be between 0 and 65535, got 70000"),
     (["--port", "-5"], "--port must be between 0 and 65535, got -5"),
     (["--max-waiting", "-1"], "--max-waiting must be at least 0, got -1"),
+    (["--max-request-bytes", "100"], "--max-request-bytes must be at least 1024, got 100"),
     (["--shutdown-timeout", "-1"], "--shutdown-timeout must be at least 0, got -1.0"),
     (["--served-model-name", " "], "--served-model-name must not be empty"),
     (["--api-key", ""], "--api-key must not be empty"),

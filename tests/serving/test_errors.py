@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -208,6 +209,63 @@ def test_the_right_api_key_is_accepted(guarded_server):
     assert out.usage.completion_tokens == 2
 
 
+# -- hostile sizes ---------------------------------------------------------------------------------
+
+def test_a_body_over_max_request_bytes_is_413_declared_or_chunked(server):
+    big = json.dumps(completion(prompt="x" * (9 * 2**20))).encode()
+    r = server.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert_openai_error(r, 413)
+    assert "--max-request-bytes" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the server counts as it reads
+        for i in range(0, len(big), 2**20):
+            yield big[i:i + 2**20]
+
+    r = server.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert_openai_error(r, 413)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", completion(prompt="word " * 400_000), "prompt"),
+    ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "word " * 400_000}]), "messages"),
+])
+def test_text_too_long_for_the_context_is_refused_before_tokenizing(server, path, body, param):
+    assert_openai_error(server.post(path, json=body), 400, param=param)
+
+
+def test_tokenizing_a_long_prompt_leaves_the_server_responsive(server, llm):
+    """A prompt just under the length refused untokenized takes a while to tokenize (and is then too
+    long): meanwhile /health must keep answering. If tokenizing held the event loop, the slowest
+    /health would take about as long as the hostile request."""
+    chars = llm.config.context_length * llm.tokenizer.max_token_chars - 10
+    body = completion(prompt=("The quick brown fox jumps over the lazy dog. " * (chars // 45 + 1))[:chars])
+    health, done = [], threading.Event()
+    result = {}
+
+    def hostile():
+        start = time.perf_counter()
+        result["status"] = server.post("/v1/completions", json=body).status_code
+        result["seconds"] = time.perf_counter() - start
+        done.set()
+
+    thread = threading.Thread(target=hostile)
+    thread.start()
+    while not done.is_set():
+        start = time.perf_counter()
+        assert httpx.get(f"{server.url}/health", timeout=60).status_code == 200
+        health.append(time.perf_counter() - start)
+        time.sleep(0.01)
+    thread.join()
+    assert result["status"] == 400  # too long for the context, found after tokenizing
+    assert len(health) >= 3 and max(health) < 0.5 * result["seconds"], (max(health), result["seconds"])
+
+
+def test_interactive_docs_are_off_behind_an_api_key(server, guarded_server):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(f"{guarded_server.url}{path}", timeout=30).status_code in (401, 404)
+    assert httpx.get(f"{server.url}/openapi.json", timeout=30).status_code == 200
+
+
 # -- overload and engine failures ------------------------------------------------------------------
 
 def test_over_the_queue_limit_is_503_at_once_and_frees_everything(guarded_server):
@@ -232,10 +290,14 @@ def test_over_the_queue_limit_is_503_at_once_and_frees_everything(guarded_server
     assert stats["generated_tokens"] - generated_before < 500  # closing the stream aborted the long request
 
 
-def test_n_choices_over_the_queue_limit_fail_whole_and_abort_their_siblings(guarded_server):
+def test_choices_that_can_never_fit_the_server_are_400_not_503(guarded_server, server):
+    """Retrying cannot help a request larger than the server's running + waiting room: 400, with why."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
     r = httpx.post(f"{guarded_server.url}/v1/completions", json=completion(n=2), headers=headers, timeout=120)
-    assert_openai_error(r, 503, code="overloaded")
+    assert_openai_error(r, 400, param="n")
+    assert "at most 1 at once" in r.json()["error"]["message"]
+    r = server.post("/v1/completions", json=completion(prompt=["a"] * 100, n=128))
+    assert_openai_error(r, 400, param="n")
     stats = guarded_server.wait_idle()
     assert stats["kv_blocks_used"] == 0 and stats["num_in_flight"] == 0
 

@@ -208,6 +208,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LEAPLLM_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: the model file's name)")
+    p.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
+                   help=f"a larger request body gets HTTP 413 (default: {defaults.max_request_bytes})")
     e = p.add_argument_group("encoders")
     e.add_argument("--embedding-model", metavar="FOLDER", default=None,
                    help="also serve /v1/embeddings with this encoder folder, or 'default' for all-MiniLM-L6-v2")
@@ -240,7 +242,8 @@ def add_scale_out_args(p: argparse.ArgumentParser) -> None:
 def server_settings_from_args(args) -> ServerSettings:
     settings = ServerSettings(
         host=args.host, port=args.port, api_key=args.api_key, served_model_name=args.served_model_name,
-        max_waiting=args.max_waiting, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+        max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
+        shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
         embedding_model=args.embedding_model, embedding_int8=args.embedding_int8, classifier=args.classifier,
         replicas=args.replicas, max_replicas=args.max_replicas, ray_address=args.ray_address)
     settings.validate()

@@ -92,7 +92,8 @@ def cmd_serve(args) -> int:
         engine = AsyncEngine(LLMEngine(llm.model, llm.tokenizer, config), max_waiting=server.max_waiting)
         name = server.served_model_name or default_model_name(Path(llm.path))
         app = create_app(engine, llm.tokenizer, name, llm.config.context_length, api_key=server.api_key,
-                         shutdown_grace_s=server.shutdown_timeout, encoders=load_encoders(server, model.device))
+                         shutdown_grace_s=server.shutdown_timeout, encoders=load_encoders(server, model.device),
+                         max_request_bytes=server.max_request_bytes)
         port = sock.getsockname()[1]  # the one picked, with --port 0
         host = f"[{server.host}]" if ":" in server.host else server.host
         tp = f", tensor-parallel over {model.tensor_parallel} ranks" if model.tensor_parallel > 1 else ""

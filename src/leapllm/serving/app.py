@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from leapllm.engine.async_engine import AsyncEngine, EngineStepError
 from leapllm.errors import LeapLLMError
 from leapllm.serving.auth import ApiKeyMiddleware
+from leapllm.serving.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimitMiddleware
 from leapllm.serving.chat import ChatServing
 from leapllm.serving.completions import CompletionServing
 from leapllm.serving.disconnect import STATUS_CLIENT_CLOSED, ClientDisconnected
@@ -65,13 +66,16 @@ class StatusRoutes:
 
 
 def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, context_length: int,
-               api_key: str | None = None, *, shutdown_grace_s: float = 5.0, encoders=None) -> FastAPI:
+               api_key: str | None = None, *, shutdown_grace_s: float = 5.0, encoders=None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The app owns the engine's lifecycle: its lifespan starts the engine thread and stops it at the end.
 
     `app.state.drain()` is the graceful part, for the server to call as soon as it starts shutting
     down (runner.py does, on SIGTERM): new requests get 503, running ones get shutdown_grace_s
     seconds to finish, and the rest are aborted and answered with a 503 (an error event in a stream).
-    `encoders` (a serving.embeddings.EncoderServing) adds /v1/embeddings and /v1/classify.
+    `encoders` (a serving.embeddings.EncoderServing) adds /v1/embeddings and /v1/classify. With an
+    API key the interactive docs (/docs, /redoc, /openapi.json) are off: they would describe the
+    API to anyone without the key.
     """
     metrics = ServerMetrics(async_engine, model_name)
     tokens = TokenStrings(tokenizer)  # one cache of token strings for both endpoints
@@ -91,7 +95,8 @@ def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, context_le
             if encoders is not None:
                 encoders.stop()
 
-    app = FastAPI(title="leapllm", summary="OpenAI-compatible LLM server", lifespan=lifespan)
+    docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}
+    app = FastAPI(title="leapllm", summary="OpenAI-compatible LLM server", lifespan=lifespan, **docs)
     app.state.completions = completions
     app.state.chat = chat
     app.state.status = status
@@ -146,6 +151,7 @@ def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, context_le
     async def on_bug(request: Request, exc: Exception):  # Starlette logs the traceback too
         return error_response(exc)
 
-    if api_key:
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_bytes)
+    if api_key:  # added last, so it runs first: no body is read for a request without the key
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     return app

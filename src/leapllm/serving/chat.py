@@ -14,6 +14,7 @@ arguments are valid for the function's schema; "none" leaves the tools out. The 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -85,6 +86,12 @@ def _earlier_tool_calls(calls: list[dict[str, Any]], i: int) -> list[dict[str, A
                                param=f"messages.{i}.tool_calls") from None
         out.append({"id": call.get("id", ""), "type": "function", "function": {"name": fn["name"], "arguments": args}})
     return out
+
+
+def _content_chars(message: ChatMessage) -> int:
+    if isinstance(message.content, str):
+        return len(message.content)
+    return sum(len(part.get("text") or "") for part in message.content or [] if isinstance(part.get("text"), str))
 
 
 class ChatServing(GenerationServing):
@@ -183,7 +190,9 @@ class ChatServing(GenerationServing):
                                f"{structured_param}", param=structured_param)
             structured, structured_param = tools.constraint, "tool_choice"
         await self.compile_structured_output(structured, structured_param)
-        prompt_ids = self.chat_prompt_ids(body.messages, tools)
+        self.check_text_fits(sum(_content_chars(m) for m in body.messages), "messages")
+        # The template and the tokenizer run in a worker thread, off the event loop.
+        prompt_ids = await asyncio.to_thread(self.chat_prompt_ids, body.messages, tools)
         subs = self.plan(body, [prompt_ids], None, logprobs, None, max_tokens_param=param,
                          requested_max_tokens=max_tokens, structured_output=structured)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

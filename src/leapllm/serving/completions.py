@@ -8,6 +8,7 @@ alone, as lm-eval-harness asks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import time
@@ -61,7 +62,11 @@ class CompletionServing(GenerationServing):
         structured, param = requested_structured_output(body)
         await self.compile_structured_output(structured, param)
         prompts = body.prompts()
-        prompt_ids = [self.encode_prompt(p) for p in prompts]
+        for p in prompts:
+            if isinstance(p, str):
+                self.check_text_fits(len(p), "prompt")
+        # Tokenizing takes a worker thread: a long prompt must not stall the event loop (other streams, /health).
+        prompt_ids = await asyncio.to_thread(lambda: [self.encode_prompt(p) for p in prompts])
         prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
         # echo with max_tokens 0 scores the prompt (lm-eval-harness does this): generate one token, drop it.
         score_prompt_only = bool(body.echo) and body.max_tokens == 0

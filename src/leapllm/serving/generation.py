@@ -118,6 +118,14 @@ class GenerationServing:
         except InvalidRequestError as exc:
             raise ApiError(400, f"{param}: {exc}", param=param) from None
 
+    def check_text_fits(self, num_chars: int, param: str) -> None:
+        """Refuse text that cannot fit the context before spending time tokenizing it: a text of n
+        characters has at least n / (the longest token's length) tokens."""
+        at_least = num_chars // self.tokenizer.max_token_chars
+        if at_least > self.context_length:
+            raise ApiError(400, f"the {param} ({num_chars} characters, at least {at_least} tokens) cannot fit the "
+                           f"model's context of {self.context_length} tokens", param=param)
+
     def sampling_params(self, req: SamplingRequest, max_tokens: int, choice: int,
                         structured_output: StructuredOutputParams | None = None) -> SamplingParams:
         seed = None
@@ -136,6 +144,11 @@ class GenerationServing:
              structured_output: StructuredOutputParams | None = None) -> list[SubRequest]:
         """One SubRequest per (prompt, choice), every one checked by the engine before any starts."""
         n = req.n or 1
+        capacity = self.engine.engine.config.max_num_seqs + self.engine.max_waiting
+        if len(prompts) * n > capacity:  # never fits, however long the client waits: a 400, not a 503
+            raise ApiError(400, f"this request asks for {len(prompts) * n} sequences ({len(prompts)} prompt(s) x n={n}); "
+                           f"the server holds at most {capacity} at once, running and waiting",
+                           param="n" if n > 1 else "prompt")
         subs = []
         for p, ids in enumerate(prompts):
             max_tokens = self.resolve_max_tokens(requested_max_tokens, len(ids), default_max_tokens,

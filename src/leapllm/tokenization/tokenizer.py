@@ -12,6 +12,7 @@ are found by name as llama.cpp does.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,6 +26,9 @@ from leapllm.errors import TokenizerError
 from leapllm.tokenization.chat_template import GEMMA_TURN_TEMPLATE, render_chat_template
 
 logger = logging.getLogger(__name__)
+
+# Longer texts are tokenized without holding the GIL, so that a server's event loop keeps running.
+LONG_TEXT_CHARS = 4096
 
 # llama.cpp token types (`tokenizer.ggml.token_type`, gguf.TokenType).
 TOKEN_TYPE_NORMAL = 1
@@ -435,7 +439,10 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
         # The backend's own post-processor is bypassed so that BOS handling lives in one place.
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        if len(text) > LONG_TEXT_CHARS:  # encode_batch releases the GIL (encode does not): other threads run
+            ids = self._backend.encode_batch([text], add_special_tokens=False)[0].ids
+        else:
+            ids = self._backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self.add_bos and self.bos_token_id is not None:
             ids.insert(0, self.bos_token_id)
         return ids
@@ -443,6 +450,12 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids` (any iterable of ints: a list, a 1-D tensor, ...)."""
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry's spelling: no token decodes to more characters, so a text
+        of n characters has at least n / max_token_chars tokens (a bound that needs no tokenizing)."""
+        return max((len(t) for t in self._backend.get_vocab(with_added_tokens=True)), default=1)
 
     def backend_json(self) -> str:
         """The Hugging Face `tokenizers` JSON of the BPE behind this tokenizer (what grammar engines read)."""
