@@ -191,3 +191,37 @@ def test_a_file_without_a_template_or_turn_tokens_still_refuses_chat_messages():
     tok = _word_level_tokenizer(["<unk>", "<bos>", "<eos>"])
     with pytest.raises(ChatTemplateError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran for more than"),
+    ("{% for c in 'x' * 100000 %}{% for d in 'y' * 100000 %}{{ '' }}{% endfor %}{% endfor %}", "ran for more than"),
+    ("{{ 'x' * 200000000 }}", "repeats a str"),
+    ("{{ ['x'] * 200000000 }}", "repeats a list"),
+    ("{% for i in range(100000) %}{{ 'abcdefghij' * 100 }}{% endfor %}", "wrote more than"),
+    ("{{ 2 ** 100000000 }}", "power"),
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
+])
+def test_a_template_that_would_run_or_grow_without_end_fails_within_its_budget(template, words):
+    import time
+
+    from leapllm.tokenization.chat_template import RENDER_SECONDS
+
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError, match=words):
+        render_chat_template(template, [{"role": "user", "content": "hi"}])
+    assert time.monotonic() - start < RENDER_SECONDS + 3
+
+
+def test_the_budget_leaves_the_callers_own_trace_hook_in_place():
+    import sys
+
+    def hook(frame, event, arg):
+        return None
+
+    sys.settrace(hook)
+    try:
+        render_chat_template("{{ messages[0]['content'] }}", [{"role": "user", "content": "hi"}])
+        assert sys.gettrace() is hook
+    finally:
+        sys.settrace(None)

@@ -6,11 +6,18 @@ is a hard error instead of Jinja's default of silently rendering an empty string
 otherwise mirrors what Hugging Face `apply_chat_template` offers templates (`trim_blocks`,
 `lstrip_blocks`, `loopcontrols`, `raise_exception`, `strftime_now`, a non-escaping `tojson`, the
 `{% generation %}` tag), so that templates written for it render identically here.
+
+A template's cost is bounded too, since a model file can carry one that loops for hours or builds
+a string of gigabytes: rendering stops with a ChatTemplateError after RENDER_SECONDS (a trace hook
+on the template's own compiled code checks the clock at every line it runs), once the output passes
+MAX_RENDER_CHARS, and before a `*` would build a string or list longer than that.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -25,6 +32,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from leapllm.errors import TokenizerError
 
 ALLOWED_ROLES = frozenset({"system", "user", "assistant", "tool"})
+RENDER_SECONDS = 2.0  # real templates render in about a millisecond
+MAX_RENDER_CHARS = 16 * 2**20  # twice what a request body may carry (the server's --max-request-bytes)
+MAX_POWER_EXPONENT = 1000  # `**` beyond this is refused: 10 ** 10 ** 9 would compute for ages
 
 
 # Gemma's turn format (its published template, without the image parts): system text joins the
@@ -48,10 +58,53 @@ class ChatTemplateError(TokenizerError):
 
 
 class _StrictSandbox(ImmutableSandboxedEnvironment):
-    """A sandbox that raises on unsafe attribute access instead of returning an empty Undefined."""
+    """A sandbox that raises on unsafe attribute access instead of returning an empty Undefined, and
+    refuses `*` and `**` whose result would be too large."""
+
+    intercepted_binops = frozenset({"*", "**"})
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_RENDER_CHARS:
+                    raise SecurityError(f"the template repeats a {type(seq).__name__} of {len(seq)} {times} times, "
+                                        f"more than {MAX_RENDER_CHARS} items")
+        elif isinstance(right, int) and abs(right) > MAX_POWER_EXPONENT and isinstance(left, int) and abs(left) > 1:
+            raise SecurityError(f"the template raises a number to the power {right}")
+        return super().call_binop(context, operator, left, right)
+
+
+class _RenderBudget:
+    """The time and output limits of one render, enforced from inside the running template."""
+
+    def __init__(self):
+        self.deadline = time.monotonic() + RENDER_SECONDS
+
+    def trace_calls(self, frame, event, arg):
+        # Only the template's compiled code is traced line by line; Python's own frames run untraced.
+        return self.trace_lines if frame.f_code.co_filename == "<template>" else None
+
+    def trace_lines(self, frame, event, arg):
+        if event == "line" and time.monotonic() > self.deadline:
+            raise SecurityError(f"the chat template ran for more than {RENDER_SECONDS} s")
+        return self.trace_lines
+
+    def render(self, compiled: jinja2.Template, context: dict[str, Any]) -> str:
+        previous = sys.gettrace()
+        sys.settrace(self.trace_calls)
+        try:
+            pieces, size = [], 0
+            for piece in compiled.generate(**context):
+                size += len(piece)
+                if size > MAX_RENDER_CHARS:
+                    raise SecurityError(f"the chat template wrote more than {MAX_RENDER_CHARS} characters")
+                pieces.append(piece)
+            return "".join(pieces)
+        finally:
+            sys.settrace(previous)
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -146,13 +199,13 @@ def render_chat_template(
     except TemplateSyntaxError as exc:
         raise ChatTemplateError(f"chat template has a syntax error at line {exc.lineno}: {exc.message}") from None
     try:
-        return compiled.render(
+        return _RenderBudget().render(compiled, dict(
             messages=checked_messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token or "",
             eos_token=eos_token or "",
             **extra,
-        )
+        ))
     except SecurityError as exc:
         raise ChatTemplateError(f"chat template refused by the sandbox: {exc}") from None
     except TemplateError as exc:
