@@ -86,3 +86,15 @@ def test_a_changed_header_changes_the_source_hash(tmp_path, monkeypatch):
     header = copy / "attention.h"
     header.write_text(header.read_text() + "\n")
     assert kernels.source_hash() != before
+
+
+def test_the_build_is_named_by_its_sources_and_flags_so_installs_never_share_a_folder(tmp_path, monkeypatch):
+    flags = ["-O3", "-march=native"]
+    name = kernels.build_name(flags)
+    assert re.fullmatch(r"leapllm_cpu_kernels_[0-9a-f]{12}", name) and kernels.build_name(flags) == name
+    assert kernels.build_name(flags + ["-DX"]) != name
+    copy = tmp_path / "cpu"  # another checkout, one header different
+    shutil.copytree(kernels.SOURCE_DIR, copy)
+    (copy / "attention.h").write_text((copy / "attention.h").read_text() + "\n")
+    monkeypatch.setattr(kernels, "SOURCE_DIR", copy)
+    assert kernels.build_name(flags) != name

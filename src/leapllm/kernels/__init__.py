@@ -6,8 +6,9 @@
 The C++ is built with PyTorch's extension builder for the CPU it runs on (-march=native), so the
 AVX-512 VNNI paths are used where the CPU has them and portable loops elsewhere. cpu/bindings.cpp is
 the one translation unit; it includes every header of cpu/. The build is cached (PyTorch's extension
-folder, TORCH_EXTENSIONS_DIR) and redone when any of those files changes: their hash is one of the
-compiler flags, and a changed compile command is rebuilt.
+folder, TORCH_EXTENSIONS_DIR) under a name that carries a hash of those files, the flags and the
+PyTorch version: two installs of different versions on one machine build side by side instead of
+rebuilding over each other at every start, and installs of the same version share one build.
 `python -m leapllm.kernels` builds it ahead of time (setup.sh does), and fails if a C++ compiler is
 there but the build does not succeed. Set LEAPLLM_CPU_KERNELS=0 to run PyTorch's own kernels
 instead, e.g. to measure the difference.
@@ -68,12 +69,19 @@ def _build():
         raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++)")
     # The builder hashes only the files in `sources`, and ninja follows headers by their times alone:
     # with the hash of every file among the flags, any change to any of them rebuilds.
-    return cpp_extension.load(
-        name="leapllm_cpu_kernels", sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-std=c++17", "-fno-math-errno",
-                      f"-DLEAPLLM_SOURCE_HASH={source_hash()}"],
-        extra_ldflags=["-fopenmp"], verbose=False,
-    )
+    cflags = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-fno-math-errno",
+              f"-DLEAPLLM_SOURCE_HASH={source_hash()}"]
+    return cpp_extension.load(name=build_name(cflags), sources=[str(SOURCE)], extra_cflags=cflags,
+                              extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def build_name(cflags: list[str]) -> str:
+    """The extension's name, and so its folder in the build cache: the sources' hash, the flags and
+    the PyTorch build it links against."""
+    import torch
+
+    digest = hashlib.sha256("\0".join([source_hash(), *cflags, torch.__version__]).encode()).hexdigest()[:12]
+    return f"leapllm_cpu_kernels_{digest}"
 
 
 def cpu_kernels():
