@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from leapllm.config import EngineConfig
 from leapllm.encoders.embedding_batcher import EmbeddingBatcher
 from leapllm.engine.async_engine import AsyncEngine
-from leapllm.config import EngineConfig
 from leapllm.engine.llm_engine import LLMEngine
 from leapllm.serving import create_app
 from leapllm.serving.embeddings import EncoderServing

@@ -27,7 +27,7 @@ from leapllm.loading.families import (
 )
 from leapllm.loading.gguf_file import open_gguf
 from leapllm.loading.gguf_tensors import GGUFTensor
-from leapllm.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from leapllm.model.config import SUPPORTED_ARCHITECTURES, ModelConfig, check_model_sizes
 
 # Architectures whose GGUF converter permutes Q/K rows (qwen2 is stored unpermuted).
 PERMUTED_QK_ARCHITECTURES = ("llama", "mistral")
@@ -67,13 +67,27 @@ def canonical_name(gguf_name: str, arch: str = "llama") -> str | None:
 
 def _meta_int(metadata: dict[str, Any], key: str, default: int | None = None) -> int:
     if key in metadata:
-        return int(metadata[key])
+        value = metadata[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ModelLoadError(f"GGUF metadata {key!r} must be an integer, got {value!r}")
+        return int(value)
     if default is None:
         raise ModelLoadError(f"GGUF metadata lacks {key!r}")
     return default
 
 
 def config_from_gguf_metadata(metadata: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+    """The model's config from its GGUF metadata; any value that is missing, of the wrong type or out
+    of range is a ModelLoadError, found before anything is built from it."""
+    try:
+        config = _config_from_gguf_metadata(metadata, tensor_names)
+        config.validate()
+        return config
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError, OverflowError, KeyError) as exc:
+        raise ModelLoadError(f"GGUF metadata: a missing or invalid hyperparameter ({type(exc).__name__}: {exc})") from None
+
+
+def _config_from_gguf_metadata(metadata: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
     arch = metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
@@ -82,6 +96,8 @@ def config_from_gguf_metadata(metadata: dict[str, Any], tensor_names: set[str]) 
     a = arch + "."
     hidden = _meta_int(metadata, a + "embedding_length")
     heads = _meta_int(metadata, a + "attention.head_count")
+    layers = _meta_int(metadata, a + "block_count")
+    check_model_sizes(hidden_size=hidden, num_heads=heads, num_layers=layers)  # before dividing or per-layer lists
     # Old files lack key_length; their rope dimension is the head's, except where rotary is partial (Phi).
     rope_dims = hidden // heads if arch == "phi3" else _meta_int(metadata, a + "rope.dimension_count", hidden // heads)
     head_dim = _meta_int(metadata, a + "attention.key_length", rope_dims)
@@ -99,7 +115,6 @@ def config_from_gguf_metadata(metadata: dict[str, Any], tensor_names: set[str]) 
         rope_scaling["attention_factor"] *= float(metadata.get(a + "rope.scaling.yarn_attn_factor", 1.0))
     elif scaling_type not in (None, "none"):
         raise ModelLoadError(f"unsupported rope scaling {scaling_type!r} in GGUF metadata")
-    layers = _meta_int(metadata, a + "block_count")
     fields = family_fields_from_gguf(arch, metadata, layers, head_dim, hidden, heads)
     if fields.get("num_experts"):  # a layer without a router keeps its dense MLP
         moe = tuple(f"blk.{i}.ffn_gate_inp.weight" in tensor_names for i in range(layers))

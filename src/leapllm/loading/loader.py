@@ -81,6 +81,21 @@ def keeps_file_quantization(dtype: str | torch.dtype | None, device: torch.devic
     return dtype in (None, "auto") and device.type == "cpu" and cpu_kernels() is not None
 
 
+# Tensors whose every value is checked at load: norms, embeddings and the output head in floats, and
+# the scales and minimums of quantized weights (a small share of the bytes; a NaN in any of them
+# silences the model, as a damaged file showed).
+CHECKED_TENSORS = ("norm", "embed_tokens.weight", "lm_head.weight", "packed_scales", "packed_mins", "weight_scale",
+                   "scales_and_zeros")
+
+
+def check_finite_weights(model: torch.nn.Module, path) -> None:
+    """Refuse a model whose norms, embeddings, head or quantization scales hold NaN or Inf."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t is not None and t.is_floating_point() and any(part in name for part in CHECKED_TENSORS):
+            if not bool(torch.isfinite(t).all()):
+                raise ModelLoadError(f"{path}: tensor {name} holds NaN or infinite values (a damaged file?)")
+
+
 def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None = "auto",
                device: str | torch.device | None = "auto") -> LoadedModel:
     """Load a GGUF file or a Hugging Face safetensors folder (default: SmolLM2-135M-Instruct).
@@ -116,6 +131,7 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None =
             f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
         )
     model = build_model(config, tensors, torch_dtype, dev, str(path), keep_quantized)
+    check_finite_weights(model, path)
     # Large metadata arrays (the vocabulary) are already inside the tokenizer.
     metadata = {k: v for k, v in metadata.items() if not isinstance(v, list) or len(v) < 64}
     del tensors  # the file's memory map with them

@@ -25,7 +25,7 @@ from leapllm.loading.families import (
     family_fields_from_hf,
 )
 from leapllm.loading.gguf_loader import stored_dtype_summary
-from leapllm.model.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from leapllm.model.config import SUPPORTED_ARCHITECTURES, ModelConfig, check_model_sizes
 
 _HF_LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -72,6 +72,7 @@ def config_from_hf(cfg: dict[str, Any], folder: Path) -> ModelConfig:
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         layers = int(cfg["num_hidden_layers"])
+        check_model_sizes(hidden_size=hidden, num_heads=heads, num_layers=layers)  # before dividing or per-layer lists
         return ModelConfig(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
@@ -89,8 +90,8 @@ def config_from_hf(cfg: dict[str, Any], folder: Path) -> ModelConfig:
             extra={"format": "safetensors", "torch_dtype": cfg.get("torch_dtype", cfg.get("dtype"))},
             **family_fields_from_hf(arch, cfg, layers),
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelLoadError(f"{folder}/config.json: missing or invalid field ({exc})") from None
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError, OverflowError) as exc:
+        raise ModelLoadError(f"{folder}/config.json: missing or invalid field ({type(exc).__name__}: {exc})") from None
 
 
 def load_safetensors_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -103,7 +104,10 @@ def load_safetensors_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, 
         cfg = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{config_path}: must hold a JSON object, not a {type(cfg).__name__}")
     config = config_from_hf(cfg, folder)
+    config.validate()  # before any tensor is read or shape computed from it
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder}: no *.safetensors files")

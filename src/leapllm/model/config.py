@@ -13,6 +13,24 @@ NORM_PLACEMENTS = ("pre", "pre_post", "post")
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
+# The largest sizes a model file may declare: beyond any model leapllm runs, and small enough that
+# nothing built from them (per-layer lists, rotary tables) exhausts memory before a check fails.
+SIZE_LIMITS = {
+    "vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 20, "num_layers": 4096,
+    "num_heads": 4096, "num_kv_heads": 4096, "head_dim": 4096, "context_length": 1 << 21,
+}
+
+
+def check_model_sizes(**sizes) -> None:
+    """Each size an integer from 1 to its SIZE_LIMITS entry; raises ModelLoadError naming the first that is not."""
+    from leapllm.errors import ModelLoadError
+
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= SIZE_LIMITS[name]:
+            raise ModelLoadError(f"model config: {name} must be an integer from 1 to {SIZE_LIMITS[name]}, "
+                                 f"got {value!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str  # one of SUPPORTED_ARCHITECTURES ("llama" covers SmolLM2)
@@ -153,10 +171,13 @@ class ModelConfig:
             raise ModelLoadError(
                 f"unsupported architecture {self.architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "context_length"):
-            if getattr(self, name) <= 0:
-                raise ModelLoadError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        check_model_sizes(**{name: getattr(self, name) for name in SIZE_LIMITS})
+        if not 0.0 < self.rms_norm_eps < 1.0:  # also refuses NaN
+            raise ModelLoadError(f"model config: rms_norm_eps must be between 0 and 1, got {self.rms_norm_eps}")
+        for name in ("rope_theta", "rope_local_theta"):
+            value = getattr(self, name, None)
+            if value is not None and not 1.0 <= value < float("inf"):
+                raise ModelLoadError(f"model config: {name} must be a finite number of at least 1, got {value}")
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"model config: {self.num_heads} attention heads are not a multiple of {self.num_kv_heads} kv heads"

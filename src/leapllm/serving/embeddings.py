@@ -24,9 +24,9 @@ from pydantic import ConfigDict, StrictBool, StrictInt, StrictStr
 
 from leapllm.encoders.embedding_batcher import EmbedderBusyError, EmbeddingBatcher
 from leapllm.errors import InvalidRequestError
-from leapllm.serving.protocol import UnicodeText
 from leapllm.serving.disconnect import until_disconnected
 from leapllm.serving.errors import ApiError
+from leapllm.serving.protocol import UnicodeText
 
 Input = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 
