@@ -10,6 +10,7 @@ is a ModelLoadError, never a crash or a huge allocation.
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ def _tensor_view(file_map: np.ndarray, info: tuple, start: int, path: Path) -> G
         block, type_size = GGML_QUANT_SIZES[qtype]
     except (ValueError, KeyError):
         raise ModelLoadError(f"{path}: tensor {name!r} has an unknown type {ttype}") from None
-    n_elements = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    n_elements = math.prod(dims)  # Python integers: a damaged dimension must not wrap around
     if any(d <= 0 for d in dims) or dims[0] % block:
         raise ModelLoadError(f"{path}: corrupt GGUF file (tensor {name!r} has shape {dims})")
     n_bytes = n_elements // block * type_size
@@ -176,4 +177,17 @@ def open_gguf(path: str | Path) -> tuple[GGUFContents, dict[str, Any]]:
         header.close()
     file_map = np.memmap(path, dtype=np.uint8, mode="r") if n_tensors else np.zeros(0, np.uint8)
     tensors = [_tensor_view(file_map, info, start, path) for info in infos]
+    check_tensor_layout(tensors, alignment, start, path)
     return GGUFContents(tensors), metadata
+
+
+def check_tensor_layout(tensors: list[GGUFTensorInfo], alignment: int, start: int, path: Path) -> None:
+    """Each tensor at an aligned offset of the data section, none overlapping another: a damaged
+    offset would otherwise read another tensor's bytes as weights."""
+    end, previous = start, None
+    for t in sorted(tensors, key=lambda t: t.data_offset):
+        if (t.data_offset - start) % alignment:
+            raise ModelLoadError(f"{path}: corrupt GGUF file (tensor {t.name!r} at an unaligned offset)")
+        if t.data_offset < end:
+            raise ModelLoadError(f"{path}: corrupt GGUF file (tensors {previous!r} and {t.name!r} overlap)")
+        end, previous = t.data_offset + t.n_bytes, t.name
