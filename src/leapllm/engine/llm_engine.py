@@ -135,7 +135,7 @@ class LLMEngine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV-cache blocks; "
                 f"the pool has {self.allocator.num_blocks} (raise --kv-cache-gb)")
         if params.structured_output is not None:
-            self.grammars.matcher(params.structured_output)  # raises for a constraint that does not compile
+            self.grammars.compile(params.structured_output)  # raises for a constraint that does not compile
         return prompt_ids
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from leapllm.engine.sampling import Sampler, SamplingParams
 from leapllm.errors import InvalidRequestError
-from leapllm.tokenization import IncrementalDetokenizer, Tokenizer
+from leapllm.tokenization import IncrementalDetokenizer, Tokenizer, partial_match_len
 
 
 def fit_prompt(prompt_ids: list[int], params: SamplingParams, context_length: int) -> list[int]:
@@ -62,12 +62,7 @@ class StopStringWatcher:
             out = self.text[self.emitted:idx]
             self.emitted = len(self.text)
             return out, stop
-        hold = 0
-        for s in self.stops:  # longest suffix of text that is a proper prefix of a stop string
-            for n in range(min(len(s) - 1, len(self.text)), hold, -1):
-                if self.text.endswith(s[:n]):
-                    hold = n
-                    break
+        hold = max(partial_match_len(self.text, s) for s in self.stops)
         safe_end = max(self.emitted, len(self.text) - hold)
         out, self.emitted = self.text[self.emitted:safe_end], safe_end
         return out, None

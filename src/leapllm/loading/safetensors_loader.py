@@ -73,7 +73,7 @@ def config_from_hf(cfg: dict[str, Any], folder: Path) -> ModelConfig:
         hidden = int(cfg["hidden_size"])
         layers = int(cfg["num_hidden_layers"])
         check_model_sizes(hidden_size=hidden, num_heads=heads, num_layers=layers)  # before dividing or per-layer lists
-        return ModelConfig(
+        config = ModelConfig(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
@@ -90,6 +90,8 @@ def config_from_hf(cfg: dict[str, Any], folder: Path) -> ModelConfig:
             extra={"format": "safetensors", "torch_dtype": cfg.get("torch_dtype", cfg.get("dtype"))},
             **family_fields_from_hf(arch, cfg, layers),
         )
+        config.validate()  # before any tensor is read or shape computed from it
+        return config
     except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError, OverflowError) as exc:
         raise ModelLoadError(f"{folder}/config.json: missing or invalid field ({type(exc).__name__}: {exc})") from None
 
@@ -107,7 +109,6 @@ def load_safetensors_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, 
     if not isinstance(cfg, dict):
         raise ModelLoadError(f"{config_path}: must hold a JSON object, not a {type(cfg).__name__}")
     config = config_from_hf(cfg, folder)
-    config.validate()  # before any tensor is read or shape computed from it
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder}: no *.safetensors files")

@@ -114,7 +114,7 @@ class GenerationServing:
         if so is None:
             return
         try:
-            await asyncio.to_thread(self.engine.engine.grammars.matcher, so)
+            await asyncio.to_thread(self.engine.engine.grammars.compile, so)
         except InvalidRequestError as exc:
             raise ApiError(400, f"{param}: {exc}", param=param) from None
 

@@ -1,7 +1,7 @@
 """Tokenization: text <-> token ids, chat templates, and streaming detokenization."""
 
 from leapllm.tokenization.chat_template import ChatTemplateError, render_chat_template
-from leapllm.tokenization.detokenizer import IncrementalDetokenizer
+from leapllm.tokenization.detokenizer import IncrementalDetokenizer, partial_match_len
 from leapllm.tokenization.tokenizer import Tokenizer
 
-__all__ = ["ChatTemplateError", "IncrementalDetokenizer", "Tokenizer", "render_chat_template"]
+__all__ = ["ChatTemplateError", "IncrementalDetokenizer", "Tokenizer", "partial_match_len", "render_chat_template"]

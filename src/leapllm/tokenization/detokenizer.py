@@ -23,6 +23,15 @@ REPLACEMENT_CHAR = "\ufffd"
 MAX_HELD_TOKENS = 8
 
 
+def partial_match_len(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that is a proper prefix of `marker`: streamed text
+    that may yet become the marker (a stop string, a tool call's opening) and so is held back."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
 class IncrementalDetokenizer:
     """Feed ids with `push`; each call returns only the newly completed text. Call `flush` at the end.
 

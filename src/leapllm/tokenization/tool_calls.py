@@ -22,6 +22,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from leapllm.tokenization.detokenizer import partial_match_len
+
 # JSON inside a tool-call grammar is written as structured outputs write it (engine/structured_output.py).
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
@@ -119,12 +121,7 @@ class ToolCallFormat:
         """How much of a reply streamed so far can go out as content: text from here on may be (the start
         of) a tool call, and is held back until the reply ends."""
         start = text.find(self.marker)
-        if start != -1:
-            return start
-        for n in range(min(len(self.marker) - 1, len(text)), 0, -1):  # a partial marker at the end
-            if text.endswith(self.marker[:n]):
-                return len(text) - n
-        return len(text)
+        return start if start != -1 else len(text) - partial_match_len(text, self.marker)
 
     def call_grammar(self, tools: list[dict[str, Any]]) -> str:
         """A Lark grammar (llguidance's dialect) of exactly one call to one of `tools`."""
