@@ -11,11 +11,13 @@ from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as Q
 from torch import nn
 
+from leapllm.errors import ModelLoadError
 from leapllm.kernels import cpu_kernels
 from leapllm.loading.gguf_loader import load_gguf
 from leapllm.loading.gguf_tensors import GGUFTensor, unpermute_qk
 from leapllm.loading.loader import load_model
 from leapllm.model.quantized.embedding import (
+    F16_SCALE_OFFSETS,
     BlockQuantizedEmbedding,
     PackedRowsEmbedding,
 )
@@ -84,9 +86,7 @@ def random_blocks(qtype: Q, rows: int, k: int, seed: int = 0) -> np.ndarray:
     block, size = GGML_QUANT_SIZES[qtype]
     g = np.random.default_rng(seed)
     data = g.integers(0, 256, (rows, k // block, size), dtype=np.uint8)
-    scale_offsets = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
-                     Q.Q5_0: (0,), Q.Q5_1: (0, 2)}[qtype]
-    for off in scale_offsets:
+    for off in F16_SCALE_OFFSETS.get(qtype, (0,)):
         data[..., off:off + 2] = np.ascontiguousarray(
             (g.random((rows, k // block)) * 0.01 + 1e-4).astype(np.float16)[..., None]).view(np.uint8)
     return data.reshape(rows, -1)
@@ -150,6 +150,39 @@ def test_a_block_quantized_embedding_looks_up_exactly_the_stored_rows(qtype):
     embedding = BlockQuantizedEmbedding(t.raw_rows(), qtype, 256)
     tokens = torch.tensor([[3, 39, 3], [0, 7, 20]])
     assert torch.equal(embedding(tokens), reference(t)[tokens])
+
+
+def with_half_at(rows: torch.Tensor, byte: int, bits: int) -> torch.Tensor:
+    bad = rows.clone()
+    bad.view(-1)[byte:byte + 2] = torch.tensor([bits], dtype=torch.int16).view(torch.uint8)
+    return bad
+
+
+# IQ4_NL is not in F16_SCALE_OFFSETS: its rows are checked by dequantizing them.
+@pytest.mark.parametrize("qtype", [*F16_SCALE_OFFSETS, Q.IQ4_NL])
+def test_a_nan_or_inf_scale_in_any_block_of_a_quantized_embedding_is_found(qtype):
+    rows = torch.from_numpy(random_blocks(qtype, 8, 512, seed=2))
+    assert BlockQuantizedEmbedding(rows, qtype, 512).all_finite()
+    block_bytes = GGML_QUANT_SIZES[qtype][1]
+    for off in F16_SCALE_OFFSETS.get(qtype, (0,)):
+        for bits in (0x7E00, -0x400):  # NaN, -Inf (0xFC00)
+            bad = BlockQuantizedEmbedding(with_half_at(rows, 11 * block_bytes + off, bits), qtype, 512)
+            assert not bad.all_finite(), (qtype.name, off, bits)
+            with np.errstate(invalid="ignore"):
+                assert not torch.isfinite(bad(torch.arange(8))).all()  # what it would have looked up
+
+
+@needs_kernels
+def test_a_gguf_whose_stored_embedding_has_a_nan_scale_is_refused_at_load(tmp_path, default_gguf_path, tiny_state):
+    from gguf import GGUFReader
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", default_gguf_path, tiny_state, qtype=Q.Q8_0)
+    offset = next(int(t.data_offset) for t in GGUFReader(path).tensors if t.name == "token_embd.weight")
+    data = bytearray(path.read_bytes())
+    data[offset + 34 * 7:offset + 34 * 7 + 2] = b"\x00\x7e"  # block 7's float16 scale: NaN
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="embed_tokens.rows holds NaN or infinite"):
+        load_model(path, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from leapllm.loading.safetensors_loader import load_safetensors_folder
 from leapllm.loading.weights import build_model
 from leapllm.model.config import ModelConfig
 from leapllm.model.llama import Transformer
+from leapllm.model.quantized.embedding import BlockQuantizedEmbedding
 from leapllm.tokenization import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,6 +95,9 @@ def check_finite_weights(model: torch.nn.Module, path) -> None:
         if t is not None and t.is_floating_point() and any(part in name for part in CHECKED_TENSORS):
             if not bool(torch.isfinite(t).all()):
                 raise ModelLoadError(f"{path}: tensor {name} holds NaN or infinite values (a damaged file?)")
+    for name, module in model.named_modules():  # tables kept in a GGUF block type: their scales
+        if isinstance(module, BlockQuantizedEmbedding) and not module.all_finite():
+            raise ModelLoadError(f"{path}: tensor {name}.rows holds NaN or infinite scales (a damaged file?)")
 
 
 def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None = "auto",

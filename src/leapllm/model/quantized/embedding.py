@@ -13,8 +13,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 from torch import nn
+
+T = GGMLQuantizationType
+# Where each block type keeps its float16 scales (and minimums), in bytes from the block's start: the
+# only bytes of a block that can be NaN or Inf; the rest are integers.
+F16_SCALE_OFFSETS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
+                     T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+CHECK_ROWS = 4096  # rows dequantized at a time to check a type whose layout is not listed above
 
 
 class PackedRowsEmbedding(nn.Module):
@@ -47,6 +55,23 @@ class BlockQuantizedEmbedding(nn.Module):
         picked = self.rows[tokens.reshape(-1).long()].numpy()  # (n, bytes per row): whole blocks
         values = np.asarray(dequantize(picked, self.ggml_type), dtype=np.float32)
         return torch.from_numpy(values.reshape(*tokens.shape, self.embedding_dim))
+
+    def all_finite(self) -> bool:
+        """Whether every row dequantizes to finite values: the blocks' float16 scales read in place
+        (no NaN or Inf exponent), or, for another block type, the rows dequantized a chunk at a time."""
+        offsets = F16_SCALE_OFFSETS.get(self.ggml_type)
+        if offsets is None:
+            for r in range(0, self.num_embeddings, CHECK_ROWS):
+                picked = self.rows[r:r + CHECK_ROWS].numpy()
+                if not np.isfinite(dequantize(picked, self.ggml_type)).all():
+                    return False
+            return True
+        blocks = self.rows.reshape(-1, GGML_QUANT_SIZES[self.ggml_type][1])  # (blocks, bytes per block)
+        for off in offsets:
+            half = blocks[:, off:off + 2].contiguous().view(torch.int16)
+            if bool(((half & 0x7C00) == 0x7C00).any()):  # exponent all ones: Inf or NaN
+                return False
+        return True
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.ggml_type.name} rows"
