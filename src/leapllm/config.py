@@ -61,6 +61,9 @@ class EngineConfig:
     # One request at a time on a contiguous KV cache, where a quantized model's batch-1 decode step
     # is one fused C++ call: what LLM.run and `leapllm generate` use (engine/model_runner.py).
     single_sequence: bool = False
+    # On CPU, run each step on as many threads (up to torch's count) as other processes leave cores
+    # free (engine/cpu_threads.py); off: always torch's count.
+    follow_free_cores: bool = True
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:

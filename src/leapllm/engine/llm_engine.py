@@ -26,6 +26,7 @@ import torch
 
 from leapllm.config import EngineConfig, SpeculativeConfig
 from leapllm.engine.block_allocator import BlockAllocator
+from leapllm.engine.cpu_threads import FreeCoreThreads
 from leapllm.engine.model_runner import ModelRunner
 from leapllm.engine.request import (
     Request,
@@ -90,6 +91,8 @@ class LLMEngine:
         self.spec_seconds = {"propose_s": 0.0, "verify_s": 0.0, "plain_s": 0.0}
         self.num_plain_steps = 0  # decode steps without proposals while speculation is on
         self.grammars = GrammarCompiler(tokenizer, c.vocab_size)
+        on_cpu = torch.device(model.device).type == "cpu"
+        self.cpu_threads = FreeCoreThreads(torch.get_num_threads()) if on_cpu and config.follow_free_cores else None
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
@@ -167,6 +170,8 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if step.empty:
             return []
+        if self.cpu_threads is not None:
+            self.cpu_threads.update()
         for seq in step.preempted:
             seq.draft_computed = 0
             self.runner.free(seq)
