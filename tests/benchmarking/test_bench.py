@@ -181,6 +181,47 @@ def test_a_worker_that_crashes_or_hangs_mid_run_is_reported_and_leaves_no_proces
         assert entry["pid"] is not None and not Path(f"/proc/{entry['pid']}").exists()
 
 
+def busy_loop_children() -> set[int]:
+    found = set()
+    for pid in child_pids():
+        try:
+            if b"while True: pass" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.add(pid)
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--contend needs a core left free")
+def test_contend_measures_every_repeat_beside_busy_loops_and_ends_them():
+    seen = []
+
+    def log(message: str) -> None:  # which busy loops run while each round is measured
+        if message.startswith(("warm-up", "repeat")):
+            seen.append(busy_loop_children())
+
+    settings = BenchSettings(systems="leapllm-float32", contend=1, **TINY_SETTINGS)
+    report = run_bench(settings, log=log, worker_command=workers_from({"leapllm-float32": "ok"}))
+    assert seen and all(len(pids) == 1 for pids in seen), seen
+    assert not busy_loop_children()  # stopped with the workers
+    assert report["settings"]["contend"] == 1
+    assert "1 core(s) taken by busy loops" in markdown(report)
+    assert "--contend 1" in report["canonical_command"]
+    assert_all_figures(by_name(report)["leapllm-float32"])
+
+
+def test_contend_must_leave_a_core_free_and_is_a_one_line_error_otherwise(capsys):
+    from leapllm.cli.main import main
+
+    cores = len(os.sched_getaffinity(0))
+    assert resolve(settings_from_args(parse(["--contend", "0"]))).contend == 0
+    assert "--contend" not in resolve(settings_from_args(parse([]))).canonical_command()
+    for value in ("-1", str(cores)):
+        assert main(["bench", "--contend", value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("leapllm: error: --contend"), err
+
+
 def test_a_float32_system_whose_greedy_tokens_disagree_is_broken_and_gets_no_speed_figures():
     settings = BenchSettings(systems="leapllm-float32,hf-float32,hf-bfloat16", **TINY_SETTINGS)
     command = workers_from({"leapllm-float32": "ok", "hf-float32": "wrong", "hf-bfloat16": "wrong"})

@@ -48,6 +48,7 @@ from leapllm.benchmarking.systems import (
     speculation_method,
     system_engine_dtype,
 )
+from leapllm.engine.cpu_threads import available_cpus
 from leapllm.errors import InvalidRequestError, ModelLoadError, TokenizerError
 from leapllm.output_files import check_writable
 from leapllm.reference_text import CHAT_PROMPTS, chat_prompt_ids, reference_token_ids
@@ -91,6 +92,7 @@ class BenchSettings:
     repeats: int = 3
     draft_model: str | Path | None = None  # the draft of the leapllm-<dtype>+draft systems
     num_speculative_tokens: int = 4  # proposals per step of the speculative systems, at most
+    contend: int = 0  # busy-loop processes running beside the systems while they are measured
     timeout: float = 600.0  # seconds one request may take before its worker counts as hung
     load_timeout: float = 900.0  # seconds for every worker to load its system
     json: str | Path | None = None
@@ -123,6 +125,7 @@ class Plan:
     num_speculative_tokens: int = 4
     context_length: int = 0
     max_seq_len: int = 0
+    contend: int = 0
 
     def canonical_command(self) -> str:
         argv = ["leapllm", "bench"]
@@ -140,6 +143,8 @@ class Plan:
         if self.draft_model is not None:
             argv += ["--draft-model", str(self.draft_model)]
         argv += ["--num-speculative-tokens", str(self.num_speculative_tokens)]
+        if self.contend:
+            argv += ["--contend", str(self.contend)]
         for flag, value in (("--json", self.json), ("--markdown", self.markdown)):
             if value is not None:
                 argv += [flag, str(value)]
@@ -268,6 +273,11 @@ def resolve(settings: BenchSettings) -> Plan:
     serve_prompt_len = at_least(settings.serve_prompt_len, 1, "--serve-prompt-len")
     repeats = at_least(settings.repeats, 1, "--repeats")
     threads = torch.get_num_threads() if settings.threads is None else at_least(settings.threads, 1, "--threads")
+    contend = zero_or_at_least(settings.contend, 0, "--contend")
+    cores = len(available_cpus())
+    if contend >= cores:
+        raise InvalidRequestError(f"--contend {contend} would leave none of this machine's {cores} cores free "
+                                  f"(at most {cores - 1})")
     for flag, value in (("--timeout", settings.timeout), ("--load-timeout", settings.load_timeout)):
         if not isinstance(value, (int, float)) or value <= 0:
             raise InvalidRequestError(f"{flag} must be a positive number of seconds, got {value!r}")
@@ -285,7 +295,8 @@ def resolve(settings: BenchSettings) -> Plan:
                 batch_decode_tokens=batch_tokens, repeats=repeats, timeout=float(settings.timeout),
                 load_timeout=float(settings.load_timeout), json=json_path, markdown=md_path,
                 serve_batches=serve_batches, serve_output_tokens=serve_tokens, serve_prompt_len=serve_prompt_len,
-                chat_decode_tokens=chat_tokens, draft_model=draft, num_speculative_tokens=num_speculative)
+                chat_decode_tokens=chat_tokens, draft_model=draft, num_speculative_tokens=num_speculative,
+                contend=contend)
     # The chat prompts' lengths are only known with the tokenizer: run_bench adds them (fit_chat_prompts).
     plan.max_seq_len = max(max(prompt_lens) + 1, decode_prompt_len + max(decode_tokens, batch_tokens if batches else 0),
                            serve_prompt_len + serve_tokens if serve_batches else 0)
@@ -794,6 +805,20 @@ def machine_info(plan: Plan) -> dict:
             "load_average": list(os.getloadavg())}
 
 
+def start_busy_loops(count: int) -> list[subprocess.Popen]:
+    """`count` processes that each keep one core busy (a pure-Python loop), as another program on a
+    shared machine would: the systems are measured beside them."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(count)]
+
+
+def stop_busy_loops(busy: list[subprocess.Popen]) -> None:
+    for proc in busy:
+        proc.kill()
+    for proc in busy:
+        proc.wait(timeout=QUIT_TIMEOUT_S)
+
+
 def run_bench(settings: BenchSettings | Plan, *, command: str | None = None, log: Log = log_stderr,
               worker_command: Callable[[str], list[str]] = default_worker_command) -> dict:
     """Run the benchmark and return the report (a JSON-able dict); writes nothing itself."""
@@ -818,6 +843,7 @@ def run_bench(settings: BenchSettings | Plan, *, command: str | None = None, log
             "starting; CPU timings will be noisy")
 
     entries = {name: new_entry(name) for name in plan.systems}
+    busy: list[subprocess.Popen] = []
     need_reference = REFERENCE not in plan.systems  # loaded only for its greedy tokens
     names = plan.systems + ([REFERENCE] if need_reference else [])
     reference_entry = new_entry(REFERENCE) if need_reference else entries[REFERENCE]
@@ -827,6 +853,9 @@ def run_bench(settings: BenchSettings | Plan, *, command: str | None = None, log
     try:
         log(f"loading {len(names)} system(s): {', '.join(names)} ...")
         start_workers(plan, names, entries_all, log, worker_command, workers)
+        if plan.contend:
+            log(f"contention: {plan.contend} busy-loop process(es) run beside the systems from now on")
+            busy = start_busy_loops(plan.contend)
         if need_reference and REFERENCE in workers:
             measure(workers[REFERENCE], reference_entry, decode, plan, True, log)
             workers.pop(REFERENCE).stop()
@@ -856,6 +885,7 @@ def run_bench(settings: BenchSettings | Plan, *, command: str | None = None, log
     finally:
         for worker in workers.values():
             worker.stop()
+        stop_busy_loops(busy)
 
     ref_runs = reference_entry["tokens"].get("decode") or []
     reference = ref_runs[0] if ref_runs and reference_entry["status"] == "ok" else None
@@ -877,7 +907,8 @@ def run_bench(settings: BenchSettings | Plan, *, command: str | None = None, log
                      "batch_decode_tokens": plan.batch_decode_tokens, "serve_batches": plan.serve_batches,
                      "serve_output_tokens": plan.serve_output_tokens, "serve_prompt_len": plan.serve_prompt_len,
                      "draft_model": str(plan.draft_model) if plan.draft_model is not None else None,
-                     "num_speculative_tokens": plan.num_speculative_tokens, "repeats": plan.repeats},
+                     "num_speculative_tokens": plan.num_speculative_tokens, "repeats": plan.repeats,
+                     "contend": plan.contend},
         "figures": figures,
         # The chat decode prompts, in the order of every per-prompt list (tokens, speculation counts).
         "chat_prompts": [{"kind": kind, "message": message, "prompt_tokens": len(ids)}

@@ -31,7 +31,9 @@ def figure_note(e: dict, f: dict) -> str:
 def title(report: dict) -> str:
     s, m = report["settings"], report["machine"]
     where = m["gpu"] or m["cpu"]
-    return (f"leapllm vs peers, {report['model']}, {where}, threads={s['threads']}, median of {s['repeats']}")
+    contended = f", {s['contend']} core(s) taken by busy loops" if s.get("contend") else ""
+    return (f"leapllm vs peers, {report['model']}, {where}, threads={s['threads']}{contended}, "
+            f"median of {s['repeats']}")
 
 
 def legend(report: dict) -> str:

@@ -3,6 +3,7 @@
 
     leapllm bench [--model PATH] [--peers hf,llamacpp] [--serve-batches 16,32] [--json out.json] [--markdown out.md]
     leapllm bench --systems leapllm-int4,leapllm-int4+ngram,leapllm-int4+draft,llamacpp --draft-model PATH
+    leapllm bench --contend 1 [...]      (the same, with a busy loop taking one core meanwhile)
     leapllm bench serve [--model PATH] [--concurrency 1,8,32] [--prompt-len 128] [--output-len 128]
 
 Bad settings (an unknown system or peer, a zero length, a missing model or output folder) raise
@@ -69,6 +70,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                    help="tokens the +ngram / +draft systems propose per step, at most (default 4)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after the warm-up; the median is kept")
+    p.add_argument("--contend", type=int, default=0, metavar="N",
+                   help="measure with N busy-loop processes running beside the systems (each takes a core, as "
+                        "another program on a shared machine would), at most cores - 1 (default 0)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds one measurement may take before its worker counts as hung (default 600)")
     p.add_argument("--json", metavar="PATH", help="write every timing, median, ratio and the machine as JSON")
@@ -199,7 +203,7 @@ def settings_from_args(args):
                          batch_decode_tokens=args.batch_decode_tokens, serve_batches=args.serve_batches,
                          serve_output_tokens=args.serve_output_tokens, serve_prompt_len=args.serve_prompt_len,
                          repeats=args.repeats, draft_model=args.draft_model,
-                         num_speculative_tokens=args.num_speculative_tokens,
+                         num_speculative_tokens=args.num_speculative_tokens, contend=args.contend,
                          timeout=args.timeout, load_timeout=max(900.0, args.timeout),
                          json=args.json, markdown=args.markdown)
 
