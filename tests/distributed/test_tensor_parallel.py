@@ -25,7 +25,7 @@ import torch.distributed as dist
 from leapllm import LLM, SamplingParams
 from leapllm.distributed import TensorParallelError
 from leapllm.distributed.communicator import Communicator
-from leapllm.distributed.runtime import batch_from_message, batch_message
+from leapllm.distributed.runtime import batch_from_message, batch_message, threads_per_rank, usable_cpus
 from leapllm.distributed.tensor_parallel import check_tensor_parallel, shard_heads, shard_model
 from leapllm.config import EngineConfig
 from leapllm.errors import InvalidRequestError
@@ -219,6 +219,22 @@ def test_tp2_generates_exactly_what_tp1_does_for_concurrent_prompts(tp2, llm):
     assert [o.token_ids for o in tp2.generate(PROMPTS[:3], GREEDY)] == want[:3]
 
 
+def test_ranks_on_one_machine_share_its_cores_unless_told():
+    assert threads_per_rank(None, 2) == max(1, usable_cpus() // 2)
+    assert threads_per_rank(None, 4 * usable_cpus()) == 1  # never none
+    assert threads_per_rank(3, 2) == 3
+
+
+@pytest.mark.slow
+def test_every_rank_runs_on_its_share_of_the_cores(tp2):
+    # Two ranks with every core each would make them wait on each other at every barrier.
+    share = threads_per_rank(None, 2)
+    assert tp2.engine.cpu_threads.max_threads == share  # rank 0, this process: its steps use at most its share
+    (worker,) = tp2.model.group.workers
+    argv = open(f"/proc/{worker.pid}/cmdline", "rb").read().split(b"\0")
+    assert argv[argv.index(b"--threads") + 1] == str(share).encode()
+
+
 @pytest.mark.slow
 def test_tp2_single_stream_generation_matches_tp1(tp2, llm):
     for prompt in PROMPTS[:2]:
@@ -278,6 +294,8 @@ def child_pids(pid: int) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
 def test_serve_tensor_parallel_2_matches_tp1_and_a_dead_rank_stops_the_server(llm):
+    # The reference first: nothing in this process competes with the two ranks for the cores later.
+    want = llm.generate(PROMPTS[1], GREEDY)[0].text
     server = ServeProcess("--tensor-parallel", "2", "--dtype", "float32", "--device", "cpu", "--kv-cache-gb", "0.05",
                           "--served-model-name", "smollm2", "--shutdown-timeout", "5")
     try:
@@ -285,7 +303,7 @@ def test_serve_tensor_parallel_2_matches_tp1_and_a_dead_rank_stops_the_server(ll
         assert any("tensor-parallel over 2 ranks" in line for line in server.stderr)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         reply = client.completions.create(model="smollm2", prompt=PROMPTS[1], max_tokens=24, temperature=0)
-        assert reply.choices[0].text == llm.generate(PROMPTS[1], GREEDY)[0].text
+        assert reply.choices[0].text == want
 
         (worker,) = child_pids(server.proc.pid)
         stream = client.completions.create(model="smollm2", prompt="Tell me a long story.", max_tokens=500,
