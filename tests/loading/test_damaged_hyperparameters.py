@@ -65,7 +65,7 @@ LLAMA = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermedia
     ({**LLAMA, "num_attention_heads": 0}, "num_heads"),
     ({**LLAMA, "num_key_value_heads": -2}, "num_kv_heads"),
     ({**LLAMA, "num_hidden_layers": 10**9}, "num_layers"),
-    ({**LLAMA, "rope_scaling": "yarn"}, "config.json"),
+    ({**LLAMA, "rope_scaling": "yarn"}, "rope_scaling / rope_parameters must be an object"),
     ({**LLAMA, "max_position_embeddings": 2**40}, "context_length"),
     ({**LLAMA, "rope_theta": -1.0}, "rope_theta"),
 ])

@@ -213,6 +213,8 @@ def family_fields_from_hf(arch: str, cfg: dict[str, Any], num_layers: int) -> di
     # transformers 4.x writes rope_theta and rope_scaling; 5.x writes rope_parameters (with rope_theta),
     # per attention type for Gemma 3.
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"rope_scaling / rope_parameters must be an object, got {rope!r:.60}")
     if arch == "gemma3" and "full_attention" in rope:
         local, rope = rope.get("sliding_attention") or {}, rope["full_attention"]
         fields["rope_local_theta"] = float(local.get("rope_theta", 10000.0))

@@ -70,8 +70,8 @@ class _StrictSandbox(ImmutableSandboxedEnvironment):
         if operator == "*":
             for seq, times in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_RENDER_CHARS:
-                    raise SecurityError(f"the template repeats a {type(seq).__name__} of {len(seq)} {times} times, "
-                                        f"more than {MAX_RENDER_CHARS} items")
+                    raise SecurityError(f"the template repeats a {type(seq).__name__} of length {len(seq)} {times} "
+                                        f"times, more than {MAX_RENDER_CHARS} items")
         elif isinstance(right, int) and abs(right) > MAX_POWER_EXPONENT and isinstance(left, int) and abs(left) > 1:
             raise SecurityError(f"the template raises a number to the power {right}")
         return super().call_binop(context, operator, left, right)
