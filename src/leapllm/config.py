@@ -9,6 +9,7 @@ imports only leapllm.errors and the standard library."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -88,6 +89,14 @@ class EngineConfig:
 # cut, which reads better than greedy or unfiltered text; SamplingParams and the server keep the
 # OpenAI API's defaults (temperature 1, no filters) so that API clients get what they expect.
 CLI_SAMPLING_DEFAULTS = MappingProxyType({"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05})
+
+
+def available_cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity), or every CPU where the OS does not say."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
 
 
 def check_threads(threads: int | None) -> None:

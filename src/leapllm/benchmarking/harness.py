@@ -48,7 +48,7 @@ from leapllm.benchmarking.systems import (
     speculation_method,
     system_engine_dtype,
 )
-from leapllm.engine.cpu_threads import available_cpus
+from leapllm.config import available_cpus
 from leapllm.errors import InvalidRequestError, ModelLoadError, TokenizerError
 from leapllm.output_files import check_writable
 from leapllm.reference_text import CHAT_PROMPTS, chat_prompt_ids, reference_token_ids
@@ -273,7 +273,7 @@ def resolve(settings: BenchSettings) -> Plan:
     serve_prompt_len = at_least(settings.serve_prompt_len, 1, "--serve-prompt-len")
     repeats = at_least(settings.repeats, 1, "--repeats")
     threads = torch.get_num_threads() if settings.threads is None else at_least(settings.threads, 1, "--threads")
-    contend = zero_or_at_least(settings.contend, 0, "--contend")
+    contend = at_least(settings.contend, 0, "--contend")
     cores = len(available_cpus())
     if contend >= cores:
         raise InvalidRequestError(f"--contend {contend} would leave none of this machine's {cores} cores free "

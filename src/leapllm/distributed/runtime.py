@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from leapllm.config import available_cpus
 from leapllm.distributed.communicator import COLLECTIVE_TIMEOUT, Communicator
 from leapllm.distributed.tensor_parallel import (
     check_tensor_parallel,
@@ -68,13 +69,9 @@ class RankSettings:
     threads: int | None
 
 
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def threads_per_rank(threads: int | None, ranks_here: int) -> int:
     """Ranks on one machine share its cores: by default each gets an equal part (at least one)."""
-    return threads if threads is not None else max(1, usable_cpus() // ranks_here)
+    return threads if threads is not None else max(1, len(available_cpus()) // ranks_here)
 
 
 def rank_device(device: str, local_rank: int, ranks_here: int) -> torch.device:

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from leapllm.config import available_cpus
+
 TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 STALE_WINDOWS = 4  # a reading over more than this many intervals only starts the next one
 
@@ -95,10 +97,3 @@ class FreeCoreThreads:
     def _apply(self, threads: int) -> None:
         self.threads = threads
         self.set_threads(threads)
-
-
-def available_cpus() -> set[int]:
-    try:
-        return set(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return set(range(os.cpu_count() or 1))

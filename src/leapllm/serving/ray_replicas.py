@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leapllm.config import EngineConfig, ModelSettings, ServerSettings
+from leapllm.config import EngineConfig, ModelSettings, ServerSettings, available_cpus
 from leapllm.errors import InvalidRequestError
 
 APP_NAME = "leapllm"
@@ -164,8 +164,7 @@ class RayReplicas:
         from ray import serve
 
         if self.local:
-            cpus = max(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
-                       self.replicas * int(self.options["ray_actor_options"].get("num_cpus", 1)))
+            cpus = max(len(available_cpus()), self.replicas * int(self.options["ray_actor_options"].get("num_cpus", 1)))
             ray.init(address="local", num_cpus=cpus, object_store_memory=OBJECT_STORE_BYTES,
                      include_dashboard=False, _node_ip_address="127.0.0.1", namespace=APP_NAME,
                      log_to_driver=False, configure_logging=False)
@@ -212,7 +211,7 @@ def serve_replicas(server: ServerSettings, model: ModelSettings, config: EngineC
         with bind_socket(server.host, 0) as sock:
             port = sock.getsockname()[1]
     address = server.ray_address or "auto"
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = len(available_cpus())
     threads = model.threads or (max(1, cpus // server.replicas) if address == "auto" else 1)
     settings = ReplicaSettings(
         model=str(path.resolve()), model_name=server.served_model_name or default_model_name(path),
