@@ -207,8 +207,8 @@ def copy_gguf(source: Path, out: Path, patch: dict, tensor_patch=None) -> Path:
         w.add_key_value(name, value, vtype)
     for t in reader.tensors:
         data = np.array(t.data)
-        if tensor_patch is not None:
-            data = tensor_patch(t.name, data) if tensor_patch(t.name, data) is not None else data
+        if tensor_patch is not None and (patched := tensor_patch(t.name, data)) is not None:
+            data = patched
         w.add_tensor(t.name, data, raw_dtype=t.tensor_type)  # quantized: (rows, bytes per row) as read
     w.write_header_to_file()
     w.write_kv_data_to_file()
