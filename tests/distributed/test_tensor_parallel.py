@@ -183,18 +183,37 @@ def test_the_paged_batch_is_rebuilt_exactly_from_block_tables_and_lengths():
     for name in ("slot_mapping", "positions"):
         assert torch.equal(getattr(rebuilt, name), getattr(batch, name))
     assert len(rebuilt.decode_groups) == len(batch.decode_groups) == 2
+    assert_same_batch(rebuilt, batch)
+
+
+def assert_same_batch(got_batch, want_batch):
     def same(a, b):
         return (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b))
 
-    for got, want in zip(rebuilt.decode_groups, batch.decode_groups):
+    for name in ("slot_mapping", "positions"):
+        assert same(getattr(got_batch, name), getattr(want_batch, name))
+    for got, want in zip(got_batch.decode_groups, want_batch.decode_groups, strict=True):
         assert (got.start, got.end) == (want.start, want.end)
         assert same(got.slots, want.slots) and same(got.mask, want.mask) and same(got.lengths, want.lengths)
         assert all(same(a, b) for a, b in zip(got.window_view(8), want.window_view(8)))
-    for got, want in zip(rebuilt.prefills, batch.prefills):
+    for got, want in zip(got_batch.prefills, want_batch.prefills, strict=True):
         assert (got.start, got.end, got.first) == (want.start, want.end, want.first)
         assert same(got.slots, want.slots)
         for window in (None, 8):
             assert same(got.mask_for(window, "cpu"), want.mask_for(window, "cpu"))
+
+
+def test_the_windowed_layers_batch_travels_with_the_full_layers_one():
+    # A model that mixes windowed and full layers: the same step on each sequence's second block
+    # table, whose blocks before the window were freed (-1).
+    full = build_paged_batch([([7, 3, 9], 40)], [([10, 11, 12], 17, 14)], 16, torch.device("cpu"))
+    full.windowed = build_paged_batch([([-1, 5, 6], 40)], [([-1, 2, 4], 17, 14)], 16, torch.device("cpu"))
+    header, tensors = batch_message(full, 16)
+    rebuilt = batch_from_message(json.loads(json.dumps(header)), tensors, 16)
+    assert_same_batch(rebuilt, full)
+    assert_same_batch(rebuilt.windowed, full.windowed)
+    plain = batch_from_message(*batch_message(build_paged_batch([([4], 3)], [], 16, torch.device("cpu")), 16), 16)
+    assert plain.windowed is None
 
 
 def test_a_rank_without_heads_is_a_clear_error():

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from leapllm.engine.block_allocator import BlockAllocator
+from leapllm.engine.block_allocator import BlockAllocator, extend_block_hashes
+
+
+def register(a: BlockAllocator, blocks, tokens, hashes, computed):
+    """What the engine does when a sequence's first `computed` tokens are in its blocks."""
+    extend_block_hashes(hashes, tokens, computed, a.block_size)
+    a.register(blocks, hashes)
 
 
 def test_allocate_and_release_return_every_block():
@@ -35,7 +41,7 @@ def test_full_computed_blocks_are_found_again_by_prefix_and_shared():
     tokens = list(range(10))  # two full blocks and a partial one
     blocks = a.allocate(3)
     hashes: list[int] = []
-    a.register_full_blocks(blocks, tokens, hashes, computed=10)
+    register(a, blocks, tokens, hashes, computed=10)
     assert len(hashes) == 2
     hit, hit_hashes = a.cached_prefix(tokens + [99])
     assert hit == blocks[:2] and hit_hashes == hashes
@@ -49,7 +55,7 @@ def test_prefix_lookup_always_leaves_a_token_to_compute():
     a = BlockAllocator(num_blocks=4, block_size=4)
     tokens = list(range(8))
     blocks = a.allocate(2)
-    a.register_full_blocks(blocks, tokens, [], computed=8)
+    register(a, blocks, tokens, [], computed=8)
     hit, _ = a.cached_prefix(tokens)  # exactly two full blocks: the last must be recomputed
     assert hit == blocks[:1]
 
@@ -57,7 +63,7 @@ def test_prefix_lookup_always_leaves_a_token_to_compute():
 def test_a_different_earlier_block_changes_every_later_hash():
     a = BlockAllocator(num_blocks=8, block_size=2)
     blocks = a.allocate(3)
-    a.register_full_blocks(blocks, [1, 2, 3, 4, 5, 6], [], computed=6)
+    register(a, blocks, [1, 2, 3, 4, 5, 6], [], computed=6)
     hit, _ = a.cached_prefix([9, 9, 3, 4, 5, 6, 7])
     assert hit == []
 
@@ -65,7 +71,7 @@ def test_a_different_earlier_block_changes_every_later_hash():
 def test_freed_prefix_blocks_stay_cached_until_their_memory_is_needed():
     a = BlockAllocator(num_blocks=3, block_size=2)
     blocks = a.allocate(2)
-    a.register_full_blocks(blocks, [1, 2, 3, 4], [], computed=4)
+    register(a, blocks, [1, 2, 3, 4], [], computed=4)
     a.release(blocks)
     assert a.num_free == 3
     hit, _ = a.cached_prefix([1, 2, 3, 4, 5])
@@ -79,5 +85,5 @@ def test_freed_prefix_blocks_stay_cached_until_their_memory_is_needed():
 def test_disabled_prefix_caching_never_hits():
     a = BlockAllocator(num_blocks=4, block_size=2, enable_prefix_caching=False)
     blocks = a.allocate(2)
-    a.register_full_blocks(blocks, [1, 2, 3, 4], [], computed=4)
+    register(a, blocks, [1, 2, 3, 4], [], computed=4)
     assert a.cached_prefix([1, 2, 3, 4, 5]) == ([], [])

@@ -231,7 +231,7 @@ def test_a_windowed_sequence_holds_a_bounded_number_of_blocks_as_it_grows(loaded
     params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
     alone = output_tokens(generate_one(ours.model, ours.tokenizer, ids, params)[0])
     engine = LLMEngine(ours.model, ours.tokenizer, EngineConfig(block_size=bs, num_blocks=16, max_num_seqs=1))
-    assert engine.kv_window == window
+    assert [g.window for g in engine.scheduler.groups] == [window]
     engine.add_request("0", ids, params)
     tokens, held = [], []
     while engine.has_unfinished():
@@ -242,6 +242,66 @@ def test_a_windowed_sequence_holds_a_bounded_number_of_blocks_as_it_grows(loaded
     # 14 prompt tokens + 48 would need 16 blocks of 4; a decode step's query sees only the last 8 keys.
     assert len(ids) + 48 > 15 * bs and max(held[1:]) <= -(-window // bs) + 1
     assert engine.allocator.num_free == engine.allocator.num_blocks
+
+
+def test_a_mixed_window_model_frees_only_its_windowed_layers_blocks_as_a_sequence_grows(loaded):
+    ours, _ = loaded["gemma3"]  # 5 windowed layers of 8 keys, 1 full layer
+    window, bs = ours.config.sliding_window, 4
+    ids = ours.tokenizer.encode(PROMPTS["english"])
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    alone = output_tokens(generate_one(ours.model, ours.tokenizer, ids, params)[0])
+    engine = LLMEngine(ours.model, ours.tokenizer, EngineConfig(block_size=bs, num_blocks=32, max_num_seqs=1))
+    full, windowed = engine.scheduler.groups
+    assert (full.window, windowed.window) == (None, window)
+    cache = engine.runner.cache
+    assert cache.windowed_layers == set(ours.config.windowed_layers) == {0, 1, 2, 3, 4}
+    engine.add_request("0", ids, params)
+    tokens, held = [], []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.new_token_ids
+        held.append((full.allocator.num_used, windowed.allocator.num_used))
+    assert tokens == alone
+    # The full layer keeps every position; the windowed ones a window and the block being filled.
+    assert max(f for f, _ in held) == -(-(len(ids) + 47) // bs)
+    assert max(w for _, w in held[1:]) <= -(-window // bs) + 1
+    assert full.allocator.num_free == full.allocator.num_blocks
+    assert windowed.allocator.num_free == windowed.allocator.num_blocks
+
+
+def test_a_mixed_window_model_gives_its_full_layers_the_memory_its_windowed_layers_cannot_use(loaded):
+    ours, _ = loaded["gemma3"]
+    config = EngineConfig(kv_cache_gb=0.01, block_size=4, max_num_seqs=2, max_num_batched_tokens=16)
+    engine = LLMEngine(ours.model, ours.tokenizer, config)
+    full, windowed = (g.allocator.num_blocks for g in engine.scheduler.groups)
+    # Two sequences each see a window of 8 keys plus at most a step's 16 new ones.
+    assert windowed == 2 * (8 // 4 + 2) + 16 // 4
+    cache = engine.runner.cache
+    assert cache.k[0].shape[0] == windowed * 4 and cache.k[5].shape[0] == full * 4
+    per_layer_block = cache.k[5][:4].nbytes * 2
+    assert cache.nbytes() <= 0.01 * 2**30 < (full + 1) * per_layer_block + 5 * windowed * per_layer_block
+    assert full > 5 * (0.01 * 2**30 // (6 * per_layer_block))  # 6 equal pools would give each this many
+
+
+def test_a_mixed_window_model_hits_the_prefix_cache_after_its_early_windowed_blocks_are_gone(loaded):
+    ours, _ = loaded["gemma3"]
+    prompt = ours.tokenizer.encode(PROMPTS["english"] + " " + PROMPTS["code"])
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    # One sequence, 16-token steps: the windowed pool has 8 blocks of 4, fewer than the prompt needs.
+    engine = LLMEngine(ours.model, ours.tokenizer, EngineConfig(block_size=4, num_blocks=64, max_num_seqs=1,
+                                                                max_num_batched_tokens=16))
+    full, windowed = engine.scheduler.groups
+    assert windowed.allocator.num_blocks == 8 < len(prompt) // 4
+    first = run_to_completion(engine, [prompt], params)
+    engine.add_request("again", prompt + [7], params)  # a longer prompt: served up to its last full block
+    tokens, cached = [], 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.new_token_ids
+            cached = out.num_cached_tokens
+    assert cached >= len(prompt) // 4 * 4 - 4 and first
+    alone = output_tokens(generate_one(ours.model, ours.tokenizer, prompt + [7], params)[0])
+    assert tokens == alone
 
 
 def test_info_names_what_each_family_does_beyond_llama(family_folders):
@@ -271,3 +331,4 @@ def test_yarn_rope_matches_transformers_from_the_folder_and_its_gguf(tmp_path, h
         assert (model.model(torch.tensor([ids])) - expected).abs().max().item() < 1e-4
     plain = load_model(write_family_folder(tmp_path / "plain", hf_tokenizer, "qwen3"), "float32", "cpu")
     assert (plain.model(torch.tensor([ids])) - expected).abs().max().item() > 1e-2  # YaRN changed the answer
+

@@ -124,6 +124,14 @@ def exit_description(code: int) -> str:
 # the wire, and the other ranks rebuild the very same tensors (as build_paged_batch made them).
 
 def batch_message(batch: PagedAttentionBatch, block_size: int) -> tuple[dict, list[torch.Tensor]]:
+    header, tensors = one_batch_message(batch, block_size)
+    if batch.windowed is not None:
+        header["windowed"], more = one_batch_message(batch.windowed, block_size)
+        tensors += more
+    return header, tensors
+
+
+def one_batch_message(batch: PagedAttentionBatch, block_size: int) -> tuple[dict, list[torch.Tensor]]:
     tensors = [batch.slot_mapping, batch.positions]
     decode_groups, prefills = [], []
     for g in batch.decode_groups:
@@ -143,6 +151,13 @@ def slots_of(tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor
 
 def batch_from_message(header: dict, tensors: list[torch.Tensor], block_size: int) -> PagedAttentionBatch:
     it = iter(tensors)
+    batch = one_batch_from_message(header, it, block_size)
+    if "windowed" in header:
+        batch.windowed = one_batch_from_message(header["windowed"], it, block_size)
+    return batch
+
+
+def one_batch_from_message(header: dict, it, block_size: int) -> PagedAttentionBatch:
     slot_mapping, positions = next(it), next(it)
     groups = []
     for start, end, max_len in header["decode_groups"]:
@@ -295,7 +310,9 @@ class TensorParallelModel(nn.Module):
             cache_id = next(self._next_cache_id)
             if isinstance(cache, PagedKVCache):
                 header = {"op": "paged_cache", "num_blocks": cache.num_blocks, "block_size": cache.block_size,
-                          "kv_dtype": "int8" if getattr(cache, "quantized", False) else "auto"}
+                          "kv_dtype": "int8" if getattr(cache, "quantized", False) else "auto",
+                          "windowed_layers": sorted(cache.windowed_layers),
+                          "num_window_blocks": cache.num_window_blocks}
             else:
                 header = {"op": "cache", "batch_size": cache.k[0].shape[0], "max_seq_len": cache.max_seq_len}
             self._send({**header, "cache": cache_id})
@@ -344,7 +361,9 @@ def run_worker(shard: Transformer, comm: Communicator) -> None:
             # The same storage as rank 0's pool (an int8 pool with --kv-cache-dtype int8).
             storage = {} if header["kv_dtype"] == "auto" else {"kv_dtype": header["kv_dtype"]}
             caches[header["cache"]] = PagedKVCache(c.num_layers, header["num_blocks"], header["block_size"], kv_heads,
-                                                   c.head_dim, shard.dtype, device, **storage)
+                                                   c.head_dim, shard.dtype, device, **storage,
+                                                   windowed_layers=header["windowed_layers"],
+                                                   num_window_blocks=header["num_window_blocks"])
         elif op == "cache":
             caches[header["cache"]] = KVCache(c.num_layers, header["batch_size"], kv_heads, header["max_seq_len"],
                                               c.head_dim, shard.dtype, device)

@@ -74,47 +74,69 @@ class BlockAllocator:
             if self.ref_count[block] == 0:
                 self.free[block] = None
 
+    def cached_run(self, hashes: Sequence[int]) -> int:
+        """How many of the leading hashes have a block holding them."""
+        if not self.enable_prefix_caching:
+            return 0
+        n = 0
+        while n < len(hashes) and hashes[n] in self.block_of_hash:
+            n += 1
+        return n
+
+    def holds(self, hashes: Sequence[int]) -> bool:
+        """Whether every one of these hashes has a block holding it."""
+        return self.enable_prefix_caching and all(h in self.block_of_hash for h in hashes)
+
+    def take(self, hashes: Sequence[int]) -> list[int]:
+        """A reference to the block holding each hash (all must be held: check with holds first)."""
+        out = []
+        for h in hashes:
+            block = self.block_of_hash[h]
+            if self.ref_count[block] == 0:
+                del self.free[block]
+            self.ref_count[block] += 1
+            out.append(block)
+        return out
+
+    def count_lookup(self, queried: int, hit: int) -> None:
+        """Record a prompt lookup of `queried` tokens of which `hit` came from the cache (metrics)."""
+        self.prefix_queries += queried
+        self.prefix_hits += hit
+
     def cached_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[int]]:
         """Blocks already holding the longest cached run of full blocks at the start of token_ids.
 
         Takes a reference to each, and returns (blocks, their hash chain). At least one token is
         always left to compute, so the block that would cover the final token is never taken.
         """
+        hashes = prefix_hashes(token_ids, self.block_size)
+        hashes = hashes[:self.cached_run(hashes)]
+        self.count_lookup(len(token_ids), len(hashes) * self.block_size)
+        return self.take(hashes), hashes
+
+    def register(self, blocks: Sequence[int], hashes: Sequence[int], first: int = 0) -> None:
+        """Offer block i of a sequence to the prefix cache under hashes[i], for i >= first.
+
+        A freed entry (< 0) or a block whose prefix another block already holds is left out (the
+        first one serves)."""
         if not self.enable_prefix_caching:
-            return [], []
-        bs = self.block_size
-        full = (len(token_ids) - 1) // bs
-        self.prefix_queries += len(token_ids)
-        out: list[int] = []
-        hashes: list[int] = []
-        parent = None
-        for i in range(full):
-            parent = block_hash(parent, token_ids[i * bs:(i + 1) * bs])
-            block = self.block_of_hash.get(parent)
-            if block is None:
-                break
-            hashes.append(parent)
-            if self.ref_count[block] == 0:
-                del self.free[block]
-            self.ref_count[block] += 1
-            out.append(block)
-        self.prefix_hits += len(out) * bs
-        return out, hashes
-
-    def register_full_blocks(self, blocks: Sequence[int], token_ids: Sequence[int], hashes: list[int],
-                             computed: int) -> None:
-        """Hash each full block of a sequence whose tokens are now all in the cache (computed tokens).
-
-        `hashes` is the sequence's chain of block hashes so far; it is extended in place. A block
-        whose prefix another block already holds is left unregistered (the first one serves).
-        """
-        bs = self.block_size
-        for i in range(len(hashes), computed // bs):
-            h = block_hash(hashes[-1] if hashes else None, token_ids[i * bs:(i + 1) * bs])
-            hashes.append(h)
-            if not self.enable_prefix_caching:
-                continue
-            block = blocks[i]
-            if block >= 0 and self.hash_of[block] is None and h not in self.block_of_hash:  # (< 0: freed)
+            return
+        for i in range(first, min(len(hashes), len(blocks))):
+            block, h = blocks[i], hashes[i]
+            if block >= 0 and self.hash_of[block] is None and h not in self.block_of_hash:
                 self.hash_of[block] = h
                 self.block_of_hash[h] = block
+
+
+def prefix_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+    """The hash chain of the full blocks of token_ids that a prefix lookup may serve: never the
+    block of the final token, which is always computed."""
+    return extend_block_hashes([], token_ids, len(token_ids) - 1, block_size)
+
+
+def extend_block_hashes(hashes: list[int], token_ids: Sequence[int], computed: int, block_size: int) -> list[int]:
+    """Extend a sequence's hash chain (in place) to every full block of its first `computed` tokens."""
+    bs = block_size
+    for i in range(len(hashes), max(computed, 0) // bs):
+        hashes.append(block_hash(hashes[-1] if hashes else None, token_ids[i * bs:(i + 1) * bs]))
+    return hashes

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 
 from leapllm.config import EngineConfig, SpeculativeConfig
-from leapllm.engine.block_allocator import BlockAllocator
+from leapllm.engine.block_allocator import BlockAllocator, extend_block_hashes
 from leapllm.engine.cpu_threads import FreeCoreThreads
 from leapllm.engine.model_runner import ModelRunner
 from leapllm.engine.request import (
@@ -37,7 +37,7 @@ from leapllm.engine.request import (
     fit_prompt,
 )
 from leapllm.engine.sampling import SamplingParams, greedy_tokens
-from leapllm.engine.scheduler import ScheduledStep, Scheduler
+from leapllm.engine.scheduler import KVGroup, ScheduledStep, Scheduler
 from leapllm.engine.speculative import (
     NgramProposer,
     SpeculationController,
@@ -67,21 +67,20 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         config.validate()
         c = model.config
-        num_blocks = config.num_blocks
-        if num_blocks is None:
-            # A tensor-parallel rank (distributed/runtime.py) caches only the kv heads of its own shard.
-            per_block = PagedKVCache.bytes_per_block(c.num_layers, config.block_size, model.num_cached_kv_heads,
-                                                     c.head_dim, model.dtype, config.kv_cache_dtype)
-            num_blocks = int(config.kv_cache_gb * 2**30 // per_block)
-            if num_blocks < 1:
-                raise InvalidRequestError(f"a KV cache of {config.kv_cache_gb} GB holds no block of "
-                                          f"{per_block / 2**20:.2f} MiB")
-        self.runner = ModelRunner(model, config, num_blocks)
-        self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
-        # Blocks out of every layer's window are freed, unless a draft model (which may see
-        # everything) shares the block tables.
-        self.kv_window = c.kv_window if config.speculative is None or config.speculative.method != "draft" else None
-        self.scheduler = Scheduler(self.allocator, config.max_num_seqs, config.max_num_batched_tokens, self.kv_window)
+        # KV groups (scheduler.py): a model that mixes windowed and full layers (Gemma) keeps the
+        # windowed layers' keys in a pool of their own, whose out-of-window blocks are freed. A draft
+        # model (which may see everything) shares the block tables, so with one nothing is freed.
+        draft = config.speculative is not None and config.speculative.method == "draft"
+        windowed = () if draft else c.windowed_layers
+        hybrid = 0 < len(windowed) < c.num_layers
+        full_blocks, window_blocks = self._pool_sizes(model, config, len(windowed) if hybrid else 0)
+        self.runner = ModelRunner(model, config, full_blocks, windowed if hybrid else (), window_blocks)
+        self.allocator = BlockAllocator(full_blocks, config.block_size, config.enable_prefix_caching)
+        groups = [KVGroup(self.allocator, c.kv_window if windowed and not hybrid else None)]
+        if hybrid:
+            groups.append(KVGroup(BlockAllocator(window_blocks, config.block_size, config.enable_prefix_caching),
+                                  c.sliding_window))
+        self.scheduler = Scheduler(groups, config.max_num_seqs, config.max_num_batched_tokens)
         self.sequences: dict[str, Request] = {}
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
@@ -93,6 +92,33 @@ class LLMEngine:
         self.grammars = GrammarCompiler(tokenizer, c.vocab_size)
         on_cpu = torch.device(model.device).type == "cpu"
         self.cpu_threads = FreeCoreThreads(torch.get_num_threads()) if on_cpu and config.follow_free_cores else None
+
+    @staticmethod
+    def _pool_sizes(model, config: EngineConfig, num_windowed: int) -> tuple[int, int]:
+        """Blocks of the full layers' pool and of the windowed layers' (0 when they share one).
+
+        The windowed pool gets what its layers can ever hold at once, a window and a step's tokens
+        per running sequence (or as many blocks as the full pool, if that is fewer); the rest of
+        --kv-cache-gb goes to the full layers."""
+        c = model.config
+        # A tensor-parallel rank (distributed/runtime.py) caches only the kv heads of its own shard.
+        per_layer = PagedKVCache.bytes_per_block(1, config.block_size, model.num_cached_kv_heads, c.head_dim,
+                                                 model.dtype, config.kv_cache_dtype)
+        num_full = c.num_layers - num_windowed
+        most = 0
+        if num_windowed:
+            bs = config.block_size
+            most = config.max_num_seqs * (-(-c.sliding_window // bs) + 2) + -(-config.max_num_batched_tokens // bs)
+        if config.num_blocks is not None:
+            return config.num_blocks, min(config.num_blocks, most)
+        budget = int(config.kv_cache_gb * 2**30)
+        equal = budget // (per_layer * c.num_layers)
+        window_blocks = min(equal, most)
+        full_blocks = (budget - window_blocks * per_layer * num_windowed) // (per_layer * num_full)
+        if full_blocks < 1:
+            raise InvalidRequestError(f"a KV cache of {config.kv_cache_gb} GB holds no block of "
+                                      f"{per_layer * c.num_layers / 2**20:.2f} MiB")
+        return full_blocks, window_blocks
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
@@ -129,14 +155,15 @@ class LLMEngine:
         for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
                 raise InvalidRequestError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
-        positions = len(prompt_ids) + params.max_tokens
-        if self.kv_window is not None:  # at most a window and a step's tokens are held at once
-            positions = min(positions, self.kv_window + self.config.max_num_batched_tokens + self.config.block_size)
-        need = self.allocator.blocks_needed(positions)
-        if need > self.allocator.num_blocks:
-            raise InvalidRequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV-cache blocks; "
-                f"the pool has {self.allocator.num_blocks} (raise --kv-cache-gb)")
+        for g in self.scheduler.groups:
+            positions = len(prompt_ids) + params.max_tokens
+            if g.window is not None:  # at most a window and a step's tokens are held at once
+                positions = min(positions, g.window + self.config.max_num_batched_tokens + self.config.block_size)
+            need = g.allocator.blocks_needed(positions)
+            if need > g.allocator.num_blocks:
+                raise InvalidRequestError(
+                    f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV-cache "
+                    f"blocks; the pool has {g.allocator.num_blocks} (raise --kv-cache-gb)")
         if params.structured_output is not None:
             self.grammars.compile(params.structured_output)  # raises for a constraint that does not compile
         return prompt_ids
@@ -226,7 +253,7 @@ class LLMEngine:
                 continue
             # Room for k more positions: grow into free blocks, never preempting anyone for it.
             if not self.scheduler.reserve(seq, seq.num_computed + 1 + k):
-                k = min(k, len(seq.blocks) * bs - seq.num_computed - 1)
+                k = min(k, min(map(len, seq.block_tables)) * bs - seq.num_computed - 1)
             if k > 0:
                 wanted.append((seq, k))
                 spare -= k
@@ -317,8 +344,11 @@ class LLMEngine:
 
     def _register_filled_blocks(self, seq: Request) -> None:
         """Give the prefix cache every block of seq that filled up since the last call."""
-        if seq.num_computed // self.config.block_size > len(seq.block_hashes):
-            self.allocator.register_full_blocks(seq.blocks, seq.all_ids, seq.block_hashes, seq.num_computed)
+        first = len(seq.block_hashes)
+        if seq.num_computed // self.config.block_size > first:
+            extend_block_hashes(seq.block_hashes, seq.all_ids, seq.num_computed, self.config.block_size)
+            for g, table in zip(self.scheduler.groups, seq.block_tables):
+                g.allocator.register(table, seq.block_hashes, first)
 
     def _apply_masks(self, samplers, logits: torch.Tensor, masks) -> torch.Tensor:
         """A copy of the logits with every constrained row's disallowed tokens at -inf (logprobs

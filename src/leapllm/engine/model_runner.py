@@ -21,7 +21,7 @@ from leapllm.engine.request import Request
 from leapllm.engine.scheduler import ScheduledStep
 from leapllm.engine.speculative import draw_proposal
 from leapllm.model.kv_cache import KVCache
-from leapllm.model.paged_kv_cache import PagedKVCache, build_paged_batch
+from leapllm.model.paged_kv_cache import PagedAttentionBatch, PagedKVCache, build_paged_batch
 
 # key -> (first logits row, number of rows) of each sequence that gets logits this step; the key is
 # id(seq), as the engine's proposals are keyed.
@@ -29,7 +29,8 @@ Rows = dict[int, tuple[int, int]]
 
 
 class ModelRunner:
-    def __init__(self, model, config: EngineConfig, num_blocks: int):
+    def __init__(self, model, config: EngineConfig, num_blocks: int, windowed_layers: tuple[int, ...] = (),
+                 num_window_blocks: int = 0):
         self.model = model
         self.config = config
         self.single_sequence = config.single_sequence
@@ -39,8 +40,10 @@ class ModelRunner:
             self.caches: dict[str, KVCache] = {}  # request id -> its contiguous cache
             self.draft_caches: dict[str, KVCache] = {}
             return
+        # windowed_layers: in a model that mixes windowed and full layers, the windowed ones, whose keys
+        # live in a pool of num_window_blocks blocks indexed by each sequence's second block table.
         self.cache = PagedKVCache(c.num_layers, num_blocks, config.block_size, model.num_cached_kv_heads, c.head_dim,
-                                  model.dtype, model.device, config.kv_cache_dtype)
+                                  model.dtype, model.device, config.kv_cache_dtype, windowed_layers, num_window_blocks)
         self.draft_cache: PagedKVCache | None = None
         if self.draft is not None:
             # The draft's keys and values live in a pool of its own shape, indexed by the same block
@@ -86,19 +89,32 @@ class ModelRunner:
             offset, n = len(tokens), len(chunk)
             tokens.extend(chunk)
             if is_decode:
-                decodes.append((seq.blocks, seq.num_computed))
+                decodes.append((seq.block_tables, seq.num_computed))
             else:
-                prefills.append((seq.blocks, seq.num_computed, n))
+                prefills.append((seq.block_tables, seq.num_computed, n))
             if every_row:
                 rows[key] = (len(logits_indices), n)
                 logits_indices.extend(range(offset, offset + n))
             elif last_row:
                 rows[key] = (len(logits_indices), 1)
                 logits_indices.append(offset + n - 1)
-        batch = build_paged_batch(decodes, prefills, self.config.block_size, device)
+        batch = self._paged_batch(decodes, prefills)
         logits = self.model.forward_paged(torch.tensor(tokens, device=device), self.cache, batch,
                                           torch.tensor(logits_indices, dtype=torch.long, device=device))
         return logits, rows
+
+    def _paged_batch(self, decodes: list[tuple[list[list[int]], int]],
+                     prefills: list[tuple[list[list[int]], int, int]]) -> PagedAttentionBatch:
+        """build_paged_batch on every sequence's first block table, and for a model with windowed
+        layers in a pool of their own, the same step on the second as its `windowed` batch."""
+        def on_table(i: int) -> PagedAttentionBatch:
+            return build_paged_batch([(tables[i], pos) for tables, pos in decodes],
+                                     [(tables[i], first, n) for tables, first, n in prefills],
+                                     self.config.block_size, self.model.device)
+        batch = on_table(0)
+        if self.cache.windowed_layers:
+            batch.windowed = on_table(1)
+        return batch
 
     def _contiguous_cache(self, seq: Request) -> KVCache:
         cache = self.caches.get(seq.request_id)
@@ -158,7 +174,7 @@ class ModelRunner:
         for seq, _ in active:
             new, first = self._draft_inputs(seq, tokens, j)
             ids.extend(new)
-            chunks.append((seq.blocks, first, len(new)))
+            chunks.append((seq.block_tables[0], first, len(new)))
             last_rows.append(len(ids) - 1)
         batch = build_paged_batch([], chunks, self.config.block_size, device)
         return self.draft.forward_paged(torch.tensor(ids, device=device), self.draft_cache, batch,

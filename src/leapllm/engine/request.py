@@ -122,7 +122,7 @@ class Request:
         self.prompt_logprobs = prompt_logprobs
         self.prompt_logprob_values: list[TokenLogprob | None] = [None]  # the first token has no context
         self.status = RequestStatus.WAITING
-        self.blocks: list[int] = []
+        self.block_tables: list[list[int]] = []  # per KV group (scheduler.py), the blocks of its positions
         self.block_hashes: list[int] = []
         self.num_computed = 0  # tokens whose keys/values are in the cache
         self.num_cached_tokens = 0  # of those, served by the prefix cache at admission

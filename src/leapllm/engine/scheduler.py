@@ -6,9 +6,12 @@ requests, oldest first, whose prompts start with any prefix the cache already ho
 requests join at any step, prefill is chunked and mixed with decode, and finished ones leave at
 once.
 
-On a model whose every layer attends through a sliding window, a sequence's blocks whose positions
-all lie before the window of its next query go back to the pool (their table entries become FREED),
-so a long generation holds only about a window's worth of blocks.
+Each KV group (a set of layers with one pool and one block table per sequence; see KVGroup) counts
+its own blocks. In a group whose layers attend through a sliding window, a sequence's blocks whose
+positions all lie before the window of its next query go back to the pool (their table entries
+become FREED), so a long generation holds only about a window's worth of them: all of its blocks on
+a model whose every layer is windowed (Mistral), those of the windowed layers on one that mixes
+them with full layers (Gemma's local layers; vLLM's hybrid allocator does the same).
 
 When the KV pool runs out, the most recently admitted running sequence is preempted: its
 blocks are returned and it goes back to the front of the queue, to be recomputed later
@@ -21,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from leapllm.engine.block_allocator import BlockAllocator
+from leapllm.engine.block_allocator import BlockAllocator, prefix_hashes
 from leapllm.engine.request import Request, RequestStatus
 
 
@@ -48,13 +51,29 @@ def held_blocks(blocks: list[int]) -> list[int]:
     return [b for b in blocks if b != FREED]
 
 
+@dataclass
+class KVGroup:
+    """Layers whose keys and values share one pool, so a sequence has one block table for them."""
+    allocator: BlockAllocator
+    window: int | None = None  # the keys each query of these layers sees; None: all of them
+
+
+def first_visible_block(num_computed: int, window: int | None, block_size: int) -> int:
+    """The first block a query at position num_computed still sees through `window`; the ones
+    before hold only keys older than its window."""
+    if window is None:
+        return 0
+    return max(0, (num_computed - window + 1) // block_size)
+
+
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_num_batched_tokens: int,
-                 window: int | None = None):
+    def __init__(self, groups: list[KVGroup], max_num_seqs: int, max_num_batched_tokens: int):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs (one token per running sequence)")
-        self.window = window  # every layer's sliding window (ModelConfig.kv_window), or None
-        self.allocator = allocator
+        if len({g.allocator.block_size for g in groups}) != 1:
+            raise ValueError("every KV group needs the same block size")
+        self.groups = groups
+        self.block_size = groups[0].allocator.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -62,23 +81,28 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Request) -> None:
+        seq.block_tables = [[] for _ in self.groups]
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _release_all(self, seq: Request) -> None:
+        for g, table in zip(self.groups, seq.block_tables):
+            g.allocator.release(held_blocks(table))
+        seq.block_tables = [[] for _ in self.groups]
+
     def free(self, seq: Request) -> None:
         """Return a sequence's blocks and drop it from the queues (finished or aborted)."""
-        self.allocator.release(held_blocks(seq.blocks))
-        seq.blocks = []
+        self._release_all(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
     def _preempt(self, seq: Request, step: ScheduledStep) -> None:
-        self.allocator.release(held_blocks(seq.blocks))
-        seq.blocks, seq.block_hashes, seq.num_computed = [], [], 0
+        self._release_all(seq)
+        seq.block_hashes, seq.num_computed = [], 0
         seq.status = RequestStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -87,25 +111,45 @@ class Scheduler:
         step.preempted.append(seq)
 
     def _drop_out_of_window(self, seq: Request) -> None:
-        """Give back the blocks no query from position seq.num_computed on can see (keys before
-        num_computed - window + 1)."""
-        if self.window is None:
-            return
-        bs = self.allocator.block_size
-        for j in range(min((seq.num_computed - self.window + 1) // bs, len(seq.blocks))):
-            if seq.blocks[j] != FREED:
-                self.allocator.release([seq.blocks[j]])
-                seq.blocks[j] = FREED
+        """In each windowed group, give back the blocks no query from position seq.num_computed on
+        can see."""
+        for g, table in zip(self.groups, seq.block_tables):
+            for j in range(min(first_visible_block(seq.num_computed, g.window, self.block_size), len(table))):
+                if table[j] != FREED:
+                    g.allocator.release([table[j]])
+                    table[j] = FREED
 
     def _grow(self, seq: Request, num_tokens: int) -> bool:
-        """Make seq's blocks cover num_tokens positions; False if the pool has too few free blocks."""
-        need = self.allocator.blocks_needed(num_tokens) - len(seq.blocks)
-        if need <= 0:
-            return True
-        if need > self.allocator.num_free:
+        """Make seq's tables cover num_tokens positions in every group; False (and nothing taken) if
+        some group's pool has too few free blocks."""
+        needs = [g.allocator.blocks_needed(num_tokens) - len(table) for g, table in zip(self.groups, seq.block_tables)]
+        if any(need > g.allocator.num_free for g, need in zip(self.groups, needs)):
             return False
-        seq.blocks.extend(self.allocator.allocate(need))
+        for g, table, need in zip(self.groups, seq.block_tables, needs):
+            if need > 0:
+                table.extend(g.allocator.allocate(need))
         return True
+
+    def _take_cached_prefix(self, seq: Request) -> None:
+        """Start seq on the longest cached prefix every group can serve: a full group needs all of
+        its blocks, a windowed one only those its next query sees (the earlier entries are FREED)."""
+        ids = seq.all_ids
+        hashes = prefix_hashes(ids, self.block_size)
+        m = len(hashes)
+        for g in self.groups:
+            if g.window is None:
+                m = min(m, g.allocator.cached_run(hashes))
+        bs = self.block_size
+        for g in self.groups:
+            while g.window is not None and m > 0 and \
+                    not g.allocator.holds(hashes[first_visible_block(m * bs, g.window, bs):m]):
+                m -= 1
+        for i, g in enumerate(self.groups):
+            first = first_visible_block(m * self.block_size, g.window, self.block_size)
+            seq.block_tables[i] = [FREED] * first + g.allocator.take(hashes[first:m])
+        seq.block_hashes = hashes[:m]
+        seq.num_computed = m * self.block_size
+        self.groups[0].allocator.count_lookup(len(ids), seq.num_computed)
 
     def reserve(self, seq: Request, num_tokens: int) -> bool:
         """Grow a running sequence's blocks to num_tokens positions from free blocks only (speculative
@@ -136,16 +180,15 @@ class Scheduler:
         # Then waiting requests, unless this step had to preempt (the pool is full).
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not step.preempted:
             seq = self.waiting[0]
-            if not seq.blocks and seq.prompt_logprobs is None:
-                seq.blocks, seq.block_hashes = self.allocator.cached_prefix(seq.all_ids)
-                seq.num_computed = len(seq.blocks) * self.allocator.block_size
+            if not any(seq.block_tables) and seq.prompt_logprobs is None:
+                self._take_cached_prefix(seq)
                 if seq.num_preemptions == 0:
                     seq.num_cached_tokens = seq.num_computed
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._grow(seq, seq.num_computed + n):
                 # Not now: give the prefix blocks back so they stay evictable, and keep its place.
-                self.allocator.release(seq.blocks)
-                seq.blocks, seq.block_hashes, seq.num_computed = [], [], 0
+                self._release_all(seq)
+                seq.block_hashes, seq.num_computed = [], 0
                 break
             self.waiting.popleft()
             seq.status = RequestStatus.RUNNING

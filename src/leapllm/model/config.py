@@ -143,6 +143,11 @@ class ModelConfig:
         return out
 
     @property
+    def windowed_layers(self) -> tuple[int, ...]:
+        """The layers whose queries see only the last sliding_window keys."""
+        return tuple(i for i in range(self.num_layers) if self.window_of_layer(i) is not None)
+
+    @property
     def kv_window(self) -> int | None:
         """The keys every layer's queries reach back, when all layers are windowed (Mistral, Phi-3):
         a KV cache need keep only those; None when some layer sees everything."""

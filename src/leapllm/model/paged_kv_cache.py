@@ -5,6 +5,10 @@ PagedAttention layout): a sequence owns a list of block ids (its block table) an
 sits in slot `block_table[t // block_size] * block_size + t % block_size`. Sequences of any length
 then share one pool without fragmentation, and blocks of a shared prompt prefix can be shared.
 
+A model that mixes windowed and full layers (Gemma) keeps its windowed layers' keys in pools of
+their own size, indexed by a second block table per sequence, so that the blocks that fall out of
+the window can be given back while the full layers keep everything (`windowed_layers`).
+
 Which blocks a sequence owns is the engine's business (engine/block_allocator.py); this file
 holds the tensors and, per step, the `PagedAttentionBatch` that says where each new token's
 keys go and which slots each query attends to.
@@ -33,22 +37,30 @@ class PagedKVCache:
     kv_dtype "int8" stores keys and values as int8 with one float32 scale per (token, kv head):
     1 + 4 / head_dim bytes per value instead of 4 (float32), so the same memory holds ~3.8x the
     tokens. They are dequantized when gathered for attention.
+
+    windowed_layers (with num_window_blocks): the layers whose pools have num_window_blocks blocks
+    and that read the step's `windowed` batch, for a model that mixes windowed and full layers.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, kv_dtype: str = "auto"):
+                 dtype: torch.dtype, device: torch.device | str, kv_dtype: str = "auto",
+                 windowed_layers=(), num_window_blocks: int = 0):
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+        if windowed_layers and num_window_blocks < 1:
+            raise ValueError("windowed layers need a pool of at least one block")
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.windowed_layers, self.num_window_blocks = frozenset(windowed_layers), num_window_blocks
         self.dtype, self.quantized = dtype, kv_dtype == "int8"
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)  # (slots, kv_heads, head_dim)
+        slots = [(num_window_blocks if i in self.windowed_layers else num_blocks) * block_size
+                 for i in range(num_layers)]
         store = torch.int8 if self.quantized else dtype
-        self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
+        # (slots, kv_heads, head_dim) per layer
+        self.k = [torch.zeros((n, num_kv_heads, head_dim), dtype=store, device=device) for n in slots]
+        self.v = [torch.zeros((n, num_kv_heads, head_dim), dtype=store, device=device) for n in slots]
         if self.quantized:
-            scale_shape = (num_blocks * block_size, num_kv_heads, 1)
-            self.k_scale = [torch.zeros(scale_shape, device=device) for _ in range(num_layers)]
-            self.v_scale = [torch.zeros(scale_shape, device=device) for _ in range(num_layers)]
+            self.k_scale = [torch.zeros((n, num_kv_heads, 1), device=device) for n in slots]
+            self.v_scale = [torch.zeros((n, num_kv_heads, 1), device=device) for n in slots]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -101,6 +113,8 @@ class PagedKVCache:
         Writes the new keys/values into the slots `b` names, then attends each query over the keys
         of its sequence it sees (the last params.window of them in a windowed layer).
         """
+        if layer in self.windowed_layers:
+            b = b.windowed  # this layer's pool is indexed by the windowed block tables
         self.store(layer, b.slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (T, kv_heads, hd)
         outs = []
         kernels = self.decode_kernels() if params.softcap is None else None
@@ -178,6 +192,8 @@ class PagedAttentionBatch:
     num_decode: int  # the first num_decode tokens are one-token steps of distinct sequences
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]
+    # The same step on the windowed layers' block tables, for a cache with windowed_layers.
+    windowed: PagedAttentionBatch | None = None
 
 
 def slot_table(block_tables: list[list[int]], length: int, block_size: int, device) -> torch.Tensor:
