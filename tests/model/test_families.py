@@ -332,3 +332,67 @@ def test_yarn_rope_matches_transformers_from_the_folder_and_its_gguf(tmp_path, h
     plain = load_model(write_family_folder(tmp_path / "plain", hf_tokenizer, "qwen3"), "float32", "cpu")
     assert (plain.model(torch.tensor([ids])) - expected).abs().max().item() > 1e-2  # YaRN changed the answer
 
+
+def longrope_phi3(tmp_path, hf_tokenizer, original: int):
+    """A Phi-3 whose LongRoPE switches to its long factors beyond `original` tokens."""
+    _, _, extra = FAMILY_CONFIGS["phi3"]
+    return write_family_folder(tmp_path / f"phi3-{original}", hf_tokenizer, "phi3",
+                               original_max_position_embeddings=original,
+                               rope_scaling=extra["rope_scaling"] | {"original_max_position_embeddings": original})
+
+
+@torch.inference_mode()
+def test_longrope_uses_its_long_factors_for_a_pass_beyond_the_original_context(tmp_path, hf_tokenizer,
+                                                                                default_gguf_path):
+    import transformers
+
+    folder = longrope_phi3(tmp_path, hf_tokenizer, original=16)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = load_model(folder, "float32", "cpu")
+    from_gguf = load_model(write_family_gguf(folder, tmp_path / "phi3.gguf", default_gguf_path), "float32", "cpu")
+    long_ids = ours.tokenizer.encode(PROMPTS["emoji"] + " " + PROMPTS["code"])  # beyond 16 tokens
+    short_ids = long_ids[:12]
+    assert len(long_ids) > 16
+    for ids in (short_ids, long_ids):
+        expected = ref(torch.tensor([ids])).logits
+        for model in (ours, from_gguf):
+            assert (model.model(torch.tensor([ids])) - expected).abs().max().item() < 1e-4
+    # A short prompt decodes on the short factors, then on the long ones past 16 positions, as
+    # transformers' cached decoding does; the same through the paged engine.
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    expected = hf_greedy(ref, short_ids, 24)
+    assert output_tokens(generate_one(ours.model, ours.tokenizer, short_ids, params)[0]) == expected
+    engine = LLMEngine(ours.model, ours.tokenizer, EngineConfig(max_num_seqs=2, block_size=4, num_blocks=32))
+    assert run_to_completion(engine, [short_ids, long_ids], params) == [expected, hf_greedy(ref, long_ids, 24)]
+    # Only the long factors make the long prompt's answer: without them it differs.
+    short_only = load_model(longrope_phi3(tmp_path, hf_tokenizer, original=1024), "float32", "cpu")
+    assert (short_only.model(torch.tensor([long_ids])) - ref(torch.tensor([long_ids])).logits).abs().max() > 1e-3
+
+
+@torch.inference_mode()
+def test_dynamic_ntk_rope_stretches_its_base_with_the_pass_length_as_transformers_does(tmp_path, hf_tokenizer):
+    import transformers
+
+    dynamic = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
+    folder = write_family_folder(tmp_path / "dynamic", hf_tokenizer, "qwen3", rope_parameters=dynamic,
+                                 max_position_embeddings=16)
+    ours = load_model(folder, "float32", "cpu")
+    assert ours.config.context_length == 64  # the trained 16 stretched 4 times
+    ids = ours.tokenizer.encode(PROMPTS["emoji"] + " " + PROMPTS["code"])[:24]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    expected_logits = ref(torch.tensor([ids])).logits
+    assert (ours.model(torch.tensor([ids])) - expected_logits).abs().max().item() < 1e-4
+    # transformers keeps the longest length it has seen: a fresh reference for cached decoding.
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    expected = hf_greedy(ref, ids[:10], 24)  # crosses 16 positions while decoding
+    assert output_tokens(generate_one(ours.model, ours.tokenizer, ids[:10], params)[0]) == expected
+    engine = LLMEngine(ours.model, ours.tokenizer, EngineConfig(max_num_seqs=2, block_size=4, num_blocks=32))
+    both = run_to_completion(engine, [ids[:10], ids], params)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert both == [expected, hf_greedy(ref, ids, 24)]
+    plain = load_model(write_family_folder(tmp_path / "plain", hf_tokenizer, "qwen3", max_position_embeddings=16),
+                       "float32", "cpu")
+    plain_ids = ids[:16]  # within the trained context, dynamic NTK changes nothing
+    assert torch.equal(plain.model(torch.tensor([plain_ids])), ours.model(torch.tensor([plain_ids])))
+    assert (plain.model(torch.tensor([ids])) - expected_logits).abs().max().item() > 1e-3

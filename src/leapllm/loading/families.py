@@ -174,6 +174,11 @@ def _rope_hf(rope: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any] | None
         factor = float(rope.get("factor") or int(cfg["max_position_embeddings"]) / original)
         return yarn_scaling(factor, original, rope.get("beta_fast"), rope.get("beta_slow"), rope.get("attention_factor"),
                             rope.get("mscale"), rope.get("mscale_all_dim"), bool(rope.get("truncate", True)))
+    if kind == "dynamic":  # dynamic NTK: the context it was trained for, stretched by up to `factor`
+        if not float(rope["factor"]) >= 1:
+            raise ValueError(f"dynamic rope factor must be at least 1, got {rope['factor']!r:.30}")
+        return {"type": "dynamic", "factor": float(rope["factor"]),
+                "original_context_length": int(cfg.get("max_position_embeddings", 2048))}
     if kind in ("longrope", "su"):
         original = int(rope.get("original_max_position_embeddings") or cfg["original_max_position_embeddings"])
         factor = rope.get("factor") or int(cfg.get("max_position_embeddings", original)) / original
@@ -222,6 +227,10 @@ def family_fields_from_hf(arch: str, cfg: dict[str, Any], num_layers: int) -> di
         fields["rope_local_theta"] = float(cfg.get("rope_local_base_freq", 10000.0))
     fields["rope_theta"] = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
     fields["rope_scaling"] = _rope_hf(rope, cfg)
+    scaling = fields["rope_scaling"]
+    if scaling and scaling["type"] == "dynamic":
+        # What dynamic NTK is for: contexts up to factor times the trained one (vLLM's max length too).
+        fields["context_length"] = int(scaling["original_context_length"] * scaling["factor"])
     factor = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
     fields["partial_rotary_factor"] = float(factor)
     fields["sliding_window"], fields["sliding_layers"] = _sliding_layers_hf(arch, cfg, num_layers)

@@ -73,6 +73,7 @@ def config_from_hf(cfg: dict[str, Any], folder: Path) -> ModelConfig:
         hidden = int(cfg["hidden_size"])
         layers = int(cfg["num_hidden_layers"])
         check_model_sizes(hidden_size=hidden, num_heads=heads, num_layers=layers)  # before dividing or per-layer lists
+        fields = family_fields_from_hf(arch, cfg, layers)
         config = ModelConfig(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
@@ -82,13 +83,13 @@ def config_from_hf(cfg: dict[str, Any], folder: Path) -> ModelConfig:
             num_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
-            context_length=int(cfg.get("max_position_embeddings", 2048)),
+            context_length=fields.pop("context_length", int(cfg.get("max_position_embeddings", 2048))),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", arch in ("gemma2", "gemma3"))),
             attention_bias=bool(cfg.get("attention_bias", cfg.get("qkv_bias", arch in ("qwen2", "qwen2moe")))),
             name=str(cfg.get("_name_or_path", folder.name)),
             extra={"format": "safetensors", "torch_dtype": cfg.get("torch_dtype", cfg.get("dtype"))},
-            **family_fields_from_hf(arch, cfg, layers),
+            **fields,
         )
         config.validate()  # before any tensor is read or shape computed from it
         return config

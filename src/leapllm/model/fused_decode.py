@@ -63,7 +63,7 @@ def fused_step_lacks(c) -> list[str]:
     lacks = [f"{switch}: {what}" for switch, what in c.family_switches().items()
              if switch not in FUSED_STEP_SWITCHES and not (switch == "q/k norm" and c.qk_norm == "head")]
     rope = (c.rope_scaling or {}).get("type")
-    if rope in ("longrope", "yarn"):  # cos and sin scaled by an attention factor
+    if rope in ("longrope", "yarn", "dynamic"):  # scaled cos and sin, or frequencies that follow the length
         lacks.append(f"{rope} rope")
     return lacks
 

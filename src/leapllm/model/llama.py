@@ -41,11 +41,24 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rotary_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
+def rope_length_threshold(config: ModelConfig) -> int | None:
+    """The pass length beyond which the frequencies change, for the ropes whose frequencies follow
+    the length of the forward pass (LongRoPE's long factors, dynamic NTK); None for every other."""
+    scaling = config.rope_scaling or {}
+    original = int(scaling.get("original_context_length") or 0)
+    if original > 0 and (scaling.get("type") == "dynamic" or (scaling.get("type") == "longrope"
+                                                              and scaling.get("long_factor"))):
+        return original
+    return None
+
+
+def rotary_inv_freq(config: ModelConfig, local: bool = False, length: int | None = None) -> torch.Tensor:
     """Inverse frequencies (rotary_dim/2,) with the model's rope scaling applied, on the CPU (also
     inside a meta-device context, where PyTorch would import its compiler stack for these ops).
 
     local: those of the windowed layers of a model with their own rope base (Gemma 3), unscaled.
+    length: the length of the forward pass (its last position + 1), for the ropes whose frequencies
+    follow it (rope_length_threshold); None: the ones of a pass within the original context.
     """
     dim = config.rotary_dim
     theta = config.rope_local_theta if local else config.rope_theta
@@ -88,9 +101,18 @@ def rotary_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
         # 1 / (factor * pos_freqs), not inv_freq / factor: transformers' rounding, to the bit.
         inv_freq = 1.0 / (factor * pos_freqs) * (1 - keep) + inv_freq * keep
     elif kind == "longrope":
-        # Phi-3's LongRoPE: a divisor per frequency. The short factors are the ones trained for the
-        # original context; the long ones (for contexts beyond it) are not used yet.
-        inv_freq = inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float32, device="cpu")
+        # Phi-3's LongRoPE: a divisor per frequency, the short factors for a pass within the original
+        # context, the long ones beyond it (transformers' rule; llama.cpp picks by its context size).
+        long = length is not None and length > scaling["original_context_length"] and scaling.get("long_factor")
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device="cpu")
+        inv_freq = 1.0 / (factors * theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    elif kind == "dynamic" and length is not None and length > scaling["original_context_length"]:
+        # Dynamic NTK: a pass longer than the original context stretches the base with its length,
+        # in float32 tensors as transformers computes it (its length is a tensor there).
+        factor, original = float(scaling["factor"]), scaling["original_context_length"]
+        stretch = factor * torch.tensor(length, device="cpu") / original - (factor - 1)
+        base = theta * stretch ** (dim / (dim - 2))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     return inv_freq
 
 
@@ -305,6 +327,8 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq_local", rotary_inv_freq(config, local=True) if config.rope_local_theta else None,
                              persistent=False)
         self.rotary_factor = rotary_attention_factor(config)
+        self.rope_threshold = rope_length_threshold(config)
+        self._inv_freq_of_length: dict[int, torch.Tensor] = {}  # for ropes that follow the pass length
         # One C++ call per block for batch-1 decode, when the weights run on leapllm's packed kernels
         # (model/fused_decode.py); built at the first such step. The profiler turns it off to time stages.
         self.use_fused_decode = True
@@ -334,19 +358,46 @@ class Transformer(nn.Module):
         self.inv_freq = rotary_inv_freq(self.config).to(self.device)
         if self.inv_freq_local is not None:
             self.inv_freq_local = rotary_inv_freq(self.config, local=True).to(self.device)
+        self._inv_freq_of_length = {}
 
-    def rotary_cos_sin(self, start_pos: int, seq: int, positions: torch.Tensor | None = None, local: bool = False):
+    def _inv_freq_by_length(self, lengths: torch.Tensor) -> torch.Tensor:
+        """(T, rotary_dim/2): the frequencies of each token's pass length (rope_threshold's ropes)."""
+        rows = torch.empty((lengths.shape[0], self.inv_freq.shape[0]), device=self.device)
+        longrope = self.config.rope_scaling["type"] == "longrope"
+        for length in lengths.unique().tolist():
+            # One set for every length within the original context, and LongRoPE's one beyond it.
+            key = self.rope_threshold if length <= self.rope_threshold else \
+                self.rope_threshold + 1 if longrope else length
+            if key not in self._inv_freq_of_length:
+                if len(self._inv_freq_of_length) > 64:
+                    self._inv_freq_of_length.clear()
+                self._inv_freq_of_length[key] = rotary_inv_freq(self.config, length=key).to(self.device)
+            rows[lengths == length] = self._inv_freq_of_length[key]
+        return rows
+
+    def rotary_cos_sin(self, start_pos: int, seq: int, positions: torch.Tensor | None = None, local: bool = False,
+                       lengths: torch.Tensor | None = None):
+        """cos, sin (seq, rotary_dim) of positions start_pos .. start_pos + seq - 1 (or `positions`).
+
+        lengths (seq,): the length of the pass each token belongs to (its sequence's last position in
+        this step + 1; by default start_pos + seq), which LongRoPE and dynamic NTK choose by."""
         if positions is None:
             positions = torch.arange(start_pos, start_pos + seq, device=self.device)
-        inv_freq = self.inv_freq_local if local else self.inv_freq
-        freqs = torch.outer(positions.float(), inv_freq)  # (seq, rotary_dim/2)
+        if not local and self.rope_threshold is not None:
+            if lengths is None:
+                lengths = torch.full_like(positions, start_pos + seq)
+            freqs = positions.float()[:, None] * self._inv_freq_by_length(lengths)  # (seq, rotary_dim/2)
+        else:
+            inv_freq = self.inv_freq_local if local else self.inv_freq
+            freqs = torch.outer(positions.float(), inv_freq)  # (seq, rotary_dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (seq, rotary_dim)
         factor = 1.0 if local else self.rotary_factor
         return (emb.cos() * factor).to(self.dtype), (emb.sin() * factor).to(self.dtype)
 
-    def rotary_tables(self, start_pos: int, seq: int, positions: torch.Tensor | None = None) -> dict:
+    def rotary_tables(self, start_pos: int, seq: int, positions: torch.Tensor | None = None,
+                      lengths: torch.Tensor | None = None) -> dict:
         """{local: (cos, sin)} for the rotary kinds the layers use."""
-        tables = {False: self.rotary_cos_sin(start_pos, seq, positions)}
+        tables = {False: self.rotary_cos_sin(start_pos, seq, positions, lengths=lengths)}
         if self.inv_freq_local is not None:
             tables[True] = self.rotary_cos_sin(start_pos, seq, positions, local=True)
         return tables
@@ -417,7 +468,8 @@ class Transformer(nn.Module):
         last token of each sequence that samples this step).
         """
         x = self.embed(tokens)[None]  # (1, T, hidden)
-        tables = self.rotary_tables(0, tokens.shape[0], batch.positions)
+        lengths = batch.pass_lengths() if self.rope_threshold is not None else None
+        tables = self.rotary_tables(0, tokens.shape[0], batch.positions, lengths)
         for layer in self.layers:
             cos, sin = tables[layer.local_rope]
             x = layer(x, cos, sin, 0, kv_cache, None, batch)

@@ -195,6 +195,14 @@ class PagedAttentionBatch:
     # The same step on the windowed layers' block tables, for a cache with windowed_layers.
     windowed: PagedAttentionBatch | None = None
 
+    def pass_lengths(self) -> torch.Tensor:
+        """(T,) for each token, its sequence's last position in this step + 1: the length a model
+        would see running that sequence's piece of the step alone (LongRoPE and dynamic NTK)."""
+        lengths = self.positions + 1
+        for chunk in self.prefills:
+            lengths[chunk.start:chunk.end] = lengths[chunk.end - 1]
+        return lengths
+
 
 def slot_table(block_tables: list[list[int]], length: int, block_size: int, device) -> torch.Tensor:
     """(len(block_tables), length) slots of positions 0 .. length-1 of each sequence.
