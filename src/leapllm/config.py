@@ -140,6 +140,7 @@ class ServerSettings:
     replicas: int | None = None  # engine replicas on Ray Serve; None: one engine in this process
     max_replicas: int | None = None  # autoscale between replicas and max_replicas
     ray_address: str | None = None  # the Ray cluster of the replicas; None: auto, a local Ray instance
+    reports: str | None = None  # a folder of profile and bench reports the dashboard shows
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -154,6 +155,8 @@ class ServerSettings:
             raise InvalidRequestError("--served-model-name must not be empty")
         if self.api_key is not None and not self.api_key:
             raise InvalidRequestError("--api-key must not be empty")
+        if self.reports is not None and not os.path.isdir(self.reports):
+            raise InvalidRequestError(f"--reports must be a folder, got {self.reports!r}")
         if self.log_level not in LOG_LEVELS:
             raise InvalidRequestError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.replicas is None:
@@ -169,5 +172,7 @@ class ServerSettings:
         if self.embedding_model is not None or self.classifier is not None:
             raise InvalidRequestError("--embedding-model and --classifier are not served by --replicas; run them "
                                       "in a separate leapllm serve")
+        if self.reports is not None:
+            raise InvalidRequestError("--reports is not served by --replicas: Ray Serve's proxy serves the API only")
         if self.ray_address is not None and not self.ray_address.strip():
             raise InvalidRequestError("--ray-address must not be empty (auto starts a local Ray instance)")

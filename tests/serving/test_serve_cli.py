@@ -30,6 +30,7 @@ def test_port_out_of_range_is_one_line_and_exit_2():
     (["--max-num-seqs", "0"], "max_num_seqs must be at least 1"),
     (["--max-waiting", "-1"], "--max-waiting must be at least 0"),
     (["--port", "-5"], "--port must be between 0 and 65535"),
+    (["--reports", "no-such-folder"], "--reports must be a folder"),
 ])
 def test_bad_settings_are_one_line_and_exit_2(capsys, argv, pattern):
     assert_one_line_error(capsys, ["serve", *argv], pattern)

@@ -205,11 +205,14 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=defaults.port,
                    help=f"port to listen on; 0 picks a free one (default: {defaults.port})")
     p.add_argument("--api-key", default=os.environ.get("LEAPLLM_API_KEY") or None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LEAPLLM_API_KEY, else none)")
+                   help="require 'Authorization: Bearer KEY' on /v1/* and the dashboard's data; the web pages "
+                        "ask for it (default: $LEAPLLM_API_KEY, else none)")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: the model file's name)")
     p.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
                    help=f"a larger request body gets HTTP 413 (default: {defaults.max_request_bytes})")
+    p.add_argument("--reports", metavar="DIR", default=None,
+                   help="show the profile and bench reports in DIR (.html, .md, .json) on the dashboard")
     e = p.add_argument_group("encoders")
     e.add_argument("--embedding-model", metavar="FOLDER", default=None,
                    help="also serve /v1/embeddings with this encoder folder, or 'default' for all-MiniLM-L6-v2")
@@ -245,7 +248,7 @@ def server_settings_from_args(args) -> ServerSettings:
         max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
         shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
         embedding_model=args.embedding_model, embedding_int8=args.embedding_int8, classifier=args.classifier,
-        replicas=args.replicas, max_replicas=args.max_replicas, ray_address=args.ray_address)
+        replicas=args.replicas, max_replicas=args.max_replicas, ray_address=args.ray_address, reports=args.reports)
     settings.validate()
     return settings
 

@@ -63,6 +63,13 @@ def load_encoders(server: ServerSettings, device: str):
     return EncoderServing(batcher, name, classifier, classifier_name)
 
 
+def model_facts(llm) -> dict:
+    """`leapllm info` for the dashboard, with the file's name instead of its local path."""
+    facts = llm.info()
+    facts["file"] = Path(facts.pop("path")).name
+    return facts
+
+
 def cmd_serve(args) -> int:
     from leapllm.engine.async_engine import AsyncEngine
     from leapllm.engine.llm_engine import LLMEngine
@@ -93,11 +100,12 @@ def cmd_serve(args) -> int:
         name = server.served_model_name or default_model_name(Path(llm.path))
         app = create_app(engine, llm.tokenizer, name, llm.config.context_length, api_key=server.api_key,
                          shutdown_grace_s=server.shutdown_timeout, encoders=load_encoders(server, model.device),
-                         max_request_bytes=server.max_request_bytes)
+                         max_request_bytes=server.max_request_bytes, model_facts=model_facts(llm),
+                         reports_dir=server.reports)
         port = sock.getsockname()[1]  # the one picked, with --port 0
         host = f"[{server.host}]" if ":" in server.host else server.host
         tp = f", tensor-parallel over {model.tensor_parallel} ranks" if model.tensor_parallel > 1 else ""
-        print(f"leapllm: serving {name} at http://{host}:{port}/v1 "
+        print(f"leapllm: serving {name} at http://{host}:{port}/v1, chat page at http://{host}:{port}/ "
               f"(max {config.max_num_seqs} sequences, {engine.engine.allocator.num_blocks} KV blocks{tp}"
               f"{', API key required' if server.api_key else ''})", file=sys.stderr, flush=True)
         # uvicorn's hard limit comes after the engine's grace period and its aborts have been answered.

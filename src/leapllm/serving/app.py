@@ -5,7 +5,8 @@
 
 Endpoints: POST /v1/completions (completions.py), POST /v1/chat/completions (chat.py), both with
 `stream: true` as server-sent events (streaming.py); GET /v1/models, GET /health, GET /metrics
-(Prometheus); with encoders, POST /v1/embeddings and POST /v1/classify (embeddings.py).
+(Prometheus); with encoders, POST /v1/embeddings and POST /v1/classify (embeddings.py); the chat
+page at /, the dashboard at /dashboard and their data (web.py).
 
 Every error is OpenAI-shaped JSON (errors.py), whatever raised it, and a client that goes away
 aborts its engine requests (disconnect.py).
@@ -33,6 +34,7 @@ from leapllm.serving.generation import GenerationServing
 from leapllm.serving.logprobs import TokenStrings
 from leapllm.serving.metrics import ServerMetrics
 from leapllm.serving.protocol import ModelCard, ModelList
+from leapllm.serving.web import WebRoutes, add_web_routes
 
 
 class StatusRoutes:
@@ -67,7 +69,8 @@ class StatusRoutes:
 
 def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, context_length: int,
                api_key: str | None = None, *, shutdown_grace_s: float = 5.0, encoders=None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, model_facts: dict | None = None,
+               reports_dir: str | None = None) -> FastAPI:
     """The app owns the engine's lifecycle: its lifespan starts the engine thread and stops it at the end.
 
     `app.state.drain()` is the graceful part, for the server to call as soon as it starts shutting
@@ -75,13 +78,15 @@ def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, context_le
     seconds to finish, and the rest are aborted and answered with a 503 (an error event in a stream).
     `encoders` (a serving.embeddings.EncoderServing) adds /v1/embeddings and /v1/classify. With an
     API key the interactive docs (/docs, /redoc, /openapi.json) are off: they would describe the
-    API to anyone without the key.
+    API to anyone without the key. `model_facts` (`LLM.info()`) and `reports_dir` (`--reports`) feed
+    the dashboard (web.py).
     """
     metrics = ServerMetrics(async_engine, model_name)
     tokens = TokenStrings(tokenizer)  # one cache of token strings for both endpoints
     completions = CompletionServing(async_engine, tokenizer, model_name, context_length, metrics, tokens)
     chat = ChatServing(async_engine, tokenizer, model_name, context_length, metrics, tokens)
     status = StatusRoutes(completions, metrics)  # either handler would do: both serve the one model
+    web = WebRoutes(async_engine, metrics, model_name, model_facts, reports_dir)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -89,7 +94,8 @@ def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, context_le
         if encoders is not None:
             encoders.start()
         try:
-            yield
+            async with web.sampling():
+                yield
         finally:
             await async_engine.shutdown(shutdown_grace_s)
             if encoders is not None:
@@ -121,6 +127,7 @@ def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, context_le
         status.encoder_model_names = encoders.model_names()
         add_encoder_routes(app, encoders)
     app.add_api_route("/metrics", status.metrics_text, methods=["GET"], response_model=None)
+    add_web_routes(app, web)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):

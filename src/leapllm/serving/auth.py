@@ -1,4 +1,5 @@
-"""`--api-key`: the API key a client must send, as `Authorization: Bearer <key>`, on /v1/*."""
+"""`--api-key`: the API key a client must send, as `Authorization: Bearer <key>`, on /v1/* and on
+the dashboard's data (/metrics.json, /reports)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ from fastapi.responses import JSONResponse
 from leapllm.serving.errors import ApiError, error_body
 
 
+def needs_key(path: str) -> bool:
+    """The API and the dashboard's data. /health and /metrics stay open (probes, scrapers), and so do
+    the web pages and their static files, which hold no data and ask the user for the key."""
+    return path.startswith("/v1") or path == "/metrics.json" or path == "/reports" or path.startswith("/reports/")
+
+
 class ApiKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` on /v1/*; /health and /metrics stay open (probes, scrapers).
+    """Requires `Authorization: Bearer <key>` where needs_key says.
 
     Plain ASGI, so that it answers before the body is read and never wraps streaming responses."""
 
@@ -19,7 +26,7 @@ class ApiKeyMiddleware:
         self.api_key = api_key.encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+        if scope["type"] == "http" and needs_key(scope["path"]) and scope["method"] != "OPTIONS":
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not token.strip():

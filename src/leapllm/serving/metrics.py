@@ -13,6 +13,7 @@ existing dashboards need only the prefix changed. Two kinds:
 from __future__ import annotations
 
 import time
+from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -102,6 +103,9 @@ class ServerMetrics:
             "or the server shut down.", labels, registry=self.registry).labels(model_name)
         for reason in ("stop", "length"):  # expose both series from the start, at 0
             self.request_success.labels(model_name, reason)
+        # (finish time, TTFT, TPOT or None) of recently finished requests, for the dashboard's
+        # percentiles (the histograms' buckets are too coarse for them).
+        self.recent: deque[tuple[float, float, float | None]] = deque(maxlen=4096)
 
     def observe_finished(self, out: RequestOutput) -> None:
         """Record one finished sequence from its last output."""
@@ -112,9 +116,23 @@ class ServerMetrics:
         self.request_success.labels(self.model_name, out.finish_reason).inc()
         self.e2e_latency.observe(now - out.arrival_time)
         if out.first_token_time is not None:
-            self.time_to_first_token.observe(out.first_token_time - out.arrival_time)
+            ttft, tpot = out.first_token_time - out.arrival_time, None
+            self.time_to_first_token.observe(ttft)
             if out.num_output_tokens > 1:
-                self.time_per_output_token.observe((now - out.first_token_time) / (out.num_output_tokens - 1))
+                tpot = (now - out.first_token_time) / (out.num_output_tokens - 1)
+                self.time_per_output_token.observe(tpot)
+            self.recent.append((time.time(), ttft, tpot))
+
+    def recent_latency(self, window_s: float = 60.0) -> dict:
+        """TTFT and TPOT percentiles (seconds; None without data) of the requests finished in the last window_s."""
+        since = time.time() - window_s
+        recent = [r for r in list(self.recent) if r[0] >= since]
+        out = {"window_s": window_s, "requests": len(recent)}
+        for name, values in (("ttft", [r[1] for r in recent]), ("tpot", [r[2] for r in recent if r[2] is not None])):
+            values.sort()
+            out[name] = {f"p{q}": values[min(len(values) - 1, int(q / 100 * len(values)))] if values else None
+                         for q in (50, 90, 99)}
+        return out
 
     def observe_aborted(self, count: int = 1) -> None:
         self.request_aborted.inc(count)
