@@ -99,7 +99,10 @@ class BlockAllocator:
         return out
 
     def count_lookup(self, queried: int, hit: int) -> None:
-        """Record a prompt lookup of `queried` tokens of which `hit` came from the cache (metrics)."""
+        """Record a prompt lookup of `queried` tokens of which `hit` came from the cache (metrics;
+        nothing is looked up without prefix caching)."""
+        if not self.enable_prefix_caching:
+            return
         self.prefix_queries += queried
         self.prefix_hits += hit
 
