@@ -267,6 +267,8 @@ def test_a_mixed_window_model_frees_only_its_windowed_layers_blocks_as_a_sequenc
     assert max(w for _, w in held[1:]) <= -(-window // bs) + 1
     assert full.allocator.num_free == full.allocator.num_blocks
     assert windowed.allocator.num_free == windowed.allocator.num_blocks
+    stats = engine.stats()  # what the server's dashboard charts
+    assert (stats["kv_blocks_total"], stats["kv_window_blocks_total"]) == (32, windowed.allocator.num_blocks)
 
 
 def test_a_mixed_window_model_gives_its_full_layers_the_memory_its_windowed_layers_cannot_use(loaded):

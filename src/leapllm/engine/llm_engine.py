@@ -438,12 +438,16 @@ class LLMEngine:
     # -- introspection -------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
         a = self.allocator
+        # A model with windowed layers in a pool of their own (scheduler.KVGroup): that pool's blocks.
+        windowed = self.scheduler.groups[1].allocator if len(self.scheduler.groups) > 1 else None
         return {
             "num_running": self.num_running,
             "num_waiting": self.num_waiting,
             "kv_blocks_total": a.num_blocks,
             "kv_blocks_used": a.num_used,
             "kv_block_size": a.block_size,
+            "kv_window_blocks_total": windowed.num_blocks if windowed else 0,
+            "kv_window_blocks_used": windowed.num_used if windowed else 0,
             "prefix_cache_hit_tokens": a.prefix_hits,
             "prefix_cache_query_tokens": a.prefix_queries,
             "num_preemptions": self.scheduler.num_preemptions,

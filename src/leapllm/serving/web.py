@@ -70,6 +70,8 @@ class MetricsHistory:
                 "waiting": stats["num_waiting"],
                 "kv_blocks_used": stats["kv_blocks_used"],
                 "kv_blocks_total": stats["kv_blocks_total"],
+                # the windowed layers' own pool (Gemma); None for a model without one
+                "kv_window_blocks_used": stats["kv_window_blocks_used"] if stats["kv_window_blocks_total"] else None,
                 # None where nothing was looked up or proposed in the interval: a gap, not a 0.
                 "prefix_hit_rate": (stats["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"]) / queried
                 if queried else None,

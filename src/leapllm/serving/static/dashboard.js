@@ -13,7 +13,8 @@
   const SERIES = {
     "chart-tokens": [["prompt tok/s", (s) => s.prompt_tokens_per_s], ["generated tok/s", (s) => s.generated_tokens_per_s]],
     "chart-requests": [["running", (s) => s.running], ["waiting", (s) => s.waiting]],
-    "chart-kv": [["used", (s) => s.kv_blocks_used], ["total", (s) => s.kv_blocks_total]],
+    "chart-kv": [["used", (s) => s.kv_blocks_used], ["total", (s) => s.kv_blocks_total],
+                 ["windowed layers' pool, used", (s) => s.kv_window_blocks_used]],
     "chart-rates": [["prefix hit rate", (s) => s.prefix_hit_rate], ["speculative acceptance", (s) => s.spec_acceptance]],
     "chart-ttft": [["p50", (s) => ms(s.ttft_p50)], ["p90", (s) => ms(s.ttft_p90)]],
     "chart-tpot": [["p50", (s) => ms(s.tpot_p50)], ["p90", (s) => ms(s.tpot_p90)]],
@@ -64,6 +65,7 @@
       tile("prompt tok/s", fmt(last.prompt_tokens_per_s)),
       tile("running / waiting", `${s.num_running} / ${s.num_waiting}`),
       tile("KV blocks used", `${s.kv_blocks_used} / ${s.kv_blocks_total}`),
+      ...(s.kv_window_blocks_total ? [tile("windowed layers' KV blocks", `${s.kv_window_blocks_used} / ${s.kv_window_blocks_total}`)] : []),
       tile("prefix-cache hits", s.prefix_cache_query_tokens ? `${fmt(100 * s.prefix_cache_hit_tokens / s.prefix_cache_query_tokens)}%` : "–"),
       tile("TTFT p50 / p90 ms", `${fmt(ms(lat.ttft.p50), 0)} / ${fmt(ms(lat.ttft.p90), 0)}`),
       tile("TPOT p50 ms", fmt(ms(lat.tpot.p50))),
