@@ -173,7 +173,8 @@ def test_shards_add_up_to_the_full_model(overrides, world):
 
 def test_the_paged_batch_is_rebuilt_exactly_from_block_tables_and_lengths():
     decodes = [([7, 3, 9], 40), ([2, 5], 30), ([4], 3), ([8], 2)]  # longest first: two length groups
-    prefills = [([1, 6], 0, 5), ([10, 11, 12], 17, 14), ([0, 13], 16, 1)]  # fresh, cached prefix, one token
+    # fresh, cached prefix, one token, a verification chunk
+    prefills = [([1, 6], 0, 5), ([10, 11, 12], 17, 14), ([0, 13], 16, 1), ([14, 15], 20, 3, True)]
     batch = build_paged_batch(decodes, prefills, 16, torch.device("cpu"))
     header, tensors = batch_message(batch, 16)
     # What travels is per block, not per position: far smaller than the slot tables.
@@ -197,7 +198,7 @@ def assert_same_batch(got_batch, want_batch):
         assert same(got.slots, want.slots) and same(got.mask, want.mask) and same(got.lengths, want.lengths)
         assert all(same(a, b) for a, b in zip(got.window_view(8), want.window_view(8)))
     for got, want in zip(got_batch.prefills, want_batch.prefills, strict=True):
-        assert (got.start, got.end, got.first) == (want.start, want.end, want.first)
+        assert (got.start, got.end, got.first, got.verify) == (want.start, want.end, want.first, want.verify)
         assert same(got.slots, want.slots)
         for window in (None, 8):
             assert same(got.mask_for(window, "cpu"), want.mask_for(window, "cpu"))

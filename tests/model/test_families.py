@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leapllm.config import EngineConfig
+from leapllm.config import EngineConfig, SpeculativeConfig
 from leapllm.engine.llm_engine import LLMEngine
 from leapllm.engine.sampling import SamplingParams
 from leapllm.loading.loader import load_model
@@ -335,6 +335,16 @@ def test_yarn_rope_matches_transformers_from_the_folder_and_its_gguf(tmp_path, h
     assert (plain.model(torch.tensor([ids])) - expected).abs().max().item() > 1e-2  # YaRN changed the answer
 
 
+def assert_speculation_changes_nothing(ours, ids, params, expected):
+    """n-gram speculation (every proposal verified, none skipped) in both engines gives `expected`."""
+    spec = SpeculativeConfig(num_speculative_tokens=4, ngram_min=1, adaptive=False)
+    outputs, single = generate_one(ours.model, ours.tokenizer, ids, params, spec)
+    paged = LLMEngine(ours.model, ours.tokenizer, EngineConfig(max_num_seqs=2, block_size=4, num_blocks=32,
+                                                                speculative=spec))
+    assert output_tokens(outputs) == expected and run_to_completion(paged, [ids], params) == [expected]
+    assert single.num_spec_proposed > 0 and paged.num_spec_proposed > 0
+
+
 def longrope_phi3(tmp_path, hf_tokenizer, original: int):
     """A Phi-3 whose LongRoPE switches to its long factors beyond `original` tokens."""
     _, _, extra = FAMILY_CONFIGS["phi3"]
@@ -366,6 +376,7 @@ def test_longrope_uses_its_long_factors_for_a_pass_beyond_the_original_context(t
     assert output_tokens(generate_one(ours.model, ours.tokenizer, short_ids, params)[0]) == expected
     engine = LLMEngine(ours.model, ours.tokenizer, EngineConfig(max_num_seqs=2, block_size=4, num_blocks=32))
     assert run_to_completion(engine, [short_ids, long_ids], params) == [expected, hf_greedy(ref, long_ids, 24)]
+    assert_speculation_changes_nothing(ours, short_ids, params, expected)
     # Only the long factors make the long prompt's answer: without them it differs.
     short_only = load_model(longrope_phi3(tmp_path, hf_tokenizer, original=1024), "float32", "cpu")
     assert (short_only.model(torch.tensor([long_ids])) - ref(torch.tensor([long_ids])).logits).abs().max() > 1e-3
@@ -393,8 +404,40 @@ def test_dynamic_ntk_rope_stretches_its_base_with_the_pass_length_as_transformer
     both = run_to_completion(engine, [ids[:10], ids], params)
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert both == [expected, hf_greedy(ref, ids, 24)]
+    # Speculation verifies proposals as if each were decoded alone: the same tokens.
+    assert_speculation_changes_nothing(ours, ids[:10], params, expected)
     plain = load_model(write_family_folder(tmp_path / "plain", hf_tokenizer, "qwen3", max_position_embeddings=16),
                        "float32", "cpu")
     plain_ids = ids[:16]  # within the trained context, dynamic NTK changes nothing
     assert torch.equal(plain.model(torch.tensor([plain_ids])), ours.model(torch.tensor([plain_ids])))
     assert (plain.model(torch.tensor([ids])) - expected_logits).abs().max().item() > 1e-3
+
+
+@torch.inference_mode()
+def test_a_verification_chunk_rotates_each_token_as_a_decode_step_would(tmp_path, hf_tokenizer):
+    from leapllm.model.paged_kv_cache import PagedKVCache, build_paged_batch
+
+    dynamic = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
+    models = [load_model(write_family_folder(tmp_path / "dynamic", hf_tokenizer, "qwen3", rope_parameters=dynamic,
+                                             max_position_embeddings=16), "float32", "cpu"),
+              load_model(longrope_phi3(tmp_path, hf_tokenizer, original=16), "float32", "cpu")]
+    for ours in models:
+        model, c = ours.model, ours.config
+        ids = ours.tokenizer.encode(PROMPTS["emoji"] + " " + PROMPTS["code"])[:19]
+        prefix, chunk = ids[:14], ids[14:]  # positions 14 .. 18: the pass length crosses 16 inside the chunk
+        cache = model.new_kv_cache(1, 32)
+        model(torch.tensor([prefix]), 0, cache)
+        one_by_one = torch.cat([model(torch.tensor([[t]]), 14 + i, cache)[0] for i, t in enumerate(chunk)])
+        for verify, close in ((True, True), (False, False)):
+            cache = model.new_kv_cache(1, 32)
+            model(torch.tensor([prefix]), 0, cache)
+            rows = model(torch.tensor([chunk]), 14, cache, verify=verify)[0]
+            assert ((rows - one_by_one).abs().max().item() < 1e-4) == close, (c.architecture, verify)
+        # The paged engine's batch says the same with a verification chunk.
+        paged = PagedKVCache(c.num_layers, 8, 4, c.num_kv_heads, c.head_dim, model.dtype, "cpu")
+        table = [0, 1, 2, 3, 4]
+        prefill = build_paged_batch([], [(table, 0, 14)], 4, torch.device("cpu"))
+        model.forward_paged(torch.tensor(prefix), paged, prefill, torch.tensor([13]))
+        batch = build_paged_batch([], [(table, 14, 5, True)], 4, torch.device("cpu"))
+        rows = model.forward_paged(torch.tensor(chunk), paged, batch, torch.arange(5))
+        assert (rows - one_by_one).abs().max().item() < 1e-4, c.architecture

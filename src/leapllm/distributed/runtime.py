@@ -138,7 +138,7 @@ def one_batch_message(batch: PagedAttentionBatch, block_size: int) -> tuple[dict
         decode_groups.append([g.start, g.end, g.slots.shape[1]])
         tensors += [g.slots[:, ::block_size] // block_size, g.lengths]  # block tables, lengths
     for c in batch.prefills:
-        prefills.append([c.start, c.end, c.slots is not None])
+        prefills.append([c.start, c.end, c.slots is not None, c.verify])
         if c.slots is not None:
             tensors.append(c.slots[::block_size] // block_size)
     return {"num_decode": batch.num_decode, "decode_groups": decode_groups, "prefills": prefills}, tensors
@@ -166,13 +166,13 @@ def one_batch_from_message(header: dict, it, block_size: int) -> PagedAttentionB
         groups.append(DecodeGroup(start, end, slots_of(tables, max_len, block_size), mask[:, None, None, :],
                                   lengths.long()))
     prefills = []
-    for start, end, cached in header["prefills"]:
+    for start, end, cached, verify in header["prefills"]:
         if not cached:
-            prefills.append(PrefillChunk(start, end, 0, None))
+            prefills.append(PrefillChunk(start, end, 0, None, verify))
             continue
         table = next(it)
         n, context = end - start, int(positions[end - 1]) + 1
-        prefills.append(PrefillChunk(start, end, context - n, slots_of(table, context, block_size)))
+        prefills.append(PrefillChunk(start, end, context - n, slots_of(table, context, block_size), verify))
     return PagedAttentionBatch(slot_mapping, positions, header["num_decode"], groups, prefills)
 
 
@@ -287,11 +287,11 @@ class TensorParallelModel(nn.Module):
                        self.device)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, kv_cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, verify: bool = False) -> torch.Tensor:
         with self._lock:
             header = {"op": "forward", "cache": self._worker_cache(kv_cache), "start_pos": start_pos,
-                      "last_only": last_only}
-            return self._run(header, [tokens], lambda: self.shard(tokens, start_pos, kv_cache, last_only))
+                      "last_only": last_only, "verify": verify}
+            return self._run(header, [tokens], lambda: self.shard(tokens, start_pos, kv_cache, last_only, verify))
 
     def forward_paged(self, tokens: torch.Tensor, kv_cache: PagedKVCache, batch: PagedAttentionBatch,
                       logits_indices: torch.Tensor) -> torch.Tensor:
@@ -369,7 +369,7 @@ def run_worker(shard: Transformer, comm: Communicator) -> None:
                                               c.head_dim, shard.dtype, device)
         elif op == "forward":
             cache = caches[header["cache"]] if header["cache"] is not None else None
-            shard(tensors[0], header["start_pos"], cache, header["last_only"])
+            shard(tensors[0], header["start_pos"], cache, header["last_only"], header["verify"])
         elif op == "paged":
             cache = caches[header["cache"]]
             tokens, logits_indices, *batch_tensors = tensors

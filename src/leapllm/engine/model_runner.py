@@ -62,17 +62,18 @@ class ModelRunner:
     @staticmethod
     def step_chunks(step: ScheduledStep, proposals: dict[int, tuple]) -> list[tuple]:
         """The step's pieces in forward order, as (key, sequence, tokens, whether it is a decode, whether
-        every row's logits are wanted, whether the last row's is): decodes (the last row, to sample);
-        prompt chunks (every row when they asked for prompt logprobs, else the last row if the chunk
-        reaches the end of the prompt); verification chunks [last token, proposals...] (every row)."""
-        chunks = [(id(seq), seq, seq.token_slice(seq.num_computed, seq.num_computed + 1), True, False, True)
+        every row's logits are wanted, whether the last row's is, whether it verifies proposals):
+        decodes (the last row, to sample); prompt chunks (every row when they asked for prompt
+        logprobs, else the last row if the chunk reaches the end of the prompt); verification chunks
+        [last token, proposals...] (every row)."""
+        chunks = [(id(seq), seq, seq.token_slice(seq.num_computed, seq.num_computed + 1), True, False, True, False)
                   for seq in step.decodes]
         for seq, n in step.prefills:
             chunks.append((id(seq), seq, seq.token_slice(seq.num_computed, seq.num_computed + n), False,
-                           seq.needs_prompt_logprobs, seq.num_computed + n == seq.num_tokens))
+                           seq.needs_prompt_logprobs, seq.num_computed + n == seq.num_tokens, False))
         for key, (seq, proposed, _) in proposals.items():
             chunks.append((key, seq, seq.token_slice(seq.num_computed, seq.num_computed + 1) + proposed, False,
-                           True, True))
+                           True, True, True))
         return chunks
 
     def execute(self, step: ScheduledStep, proposals: dict[int, tuple]) -> tuple[torch.Tensor, Rows]:
@@ -85,13 +86,13 @@ class ModelRunner:
         decodes, prefills = [], []
         rows: Rows = {}
         logits_indices: list[int] = []
-        for key, seq, chunk, is_decode, every_row, last_row in chunks:
+        for key, seq, chunk, is_decode, every_row, last_row, verify in chunks:
             offset, n = len(tokens), len(chunk)
             tokens.extend(chunk)
             if is_decode:
                 decodes.append((seq.block_tables, seq.num_computed))
             else:
-                prefills.append((seq.block_tables, seq.num_computed, n))
+                prefills.append((seq.block_tables, seq.num_computed, n, verify))
             if every_row:
                 rows[key] = (len(logits_indices), n)
                 logits_indices.extend(range(offset, offset + n))
@@ -104,12 +105,12 @@ class ModelRunner:
         return logits, rows
 
     def _paged_batch(self, decodes: list[tuple[list[list[int]], int]],
-                     prefills: list[tuple[list[list[int]], int, int]]) -> PagedAttentionBatch:
+                     prefills: list[tuple[list[list[int]], int, int, bool]]) -> PagedAttentionBatch:
         """build_paged_batch on every sequence's first block table, and for a model with windowed
         layers in a pool of their own, the same step on the second as its `windowed` batch."""
         def on_table(i: int) -> PagedAttentionBatch:
             return build_paged_batch([(tables[i], pos) for tables, pos in decodes],
-                                     [(tables[i], first, n) for tables, first, n in prefills],
+                                     [(tables[i], first, n, verify) for tables, first, n, verify in prefills],
                                      self.config.block_size, self.model.device)
         batch = on_table(0)
         if self.cache.windowed_layers:
@@ -127,9 +128,9 @@ class ModelRunner:
         device = self.model.device
         parts, rows = [], {}
         num_rows = 0
-        for key, seq, tokens, _, every_row, last_row in chunks:
+        for key, seq, tokens, _, every_row, last_row, verify in chunks:
             logits = self.model(torch.tensor([tokens], device=device), seq.num_computed, self._contiguous_cache(seq),
-                                last_only=not every_row)[0]  # (rows, vocab)
+                                last_only=not every_row, verify=verify)[0]  # (rows, vocab)
             if every_row or last_row:
                 rows[key] = (num_rows, logits.shape[0])
                 parts.append(logits)

@@ -418,11 +418,13 @@ class Transformer(nn.Module):
         return logits.float()
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, kv_cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, verify: bool = False) -> torch.Tensor:
         """tokens (batch, seq) at positions start_pos.. -> logits (batch, seq or 1, vocab), float32.
 
         With a kv_cache, keys and values of positions < start_pos come from the cache.
         last_only computes the output head for the last position only (what generation needs).
+        verify: the tokens are a speculative verification chunk, each rotated as if it were decoded
+        alone (it matters for the ropes that follow the pass length), so speculation changes nothing.
         """
         batch, seq = tokens.shape
         if batch == 1 and 1 <= seq <= MAX_TOKENS and isinstance(kv_cache, KVCache) and self.fused_decode_ready():
@@ -436,7 +438,10 @@ class Transformer(nn.Module):
                 x = x[-1:]
             return self.output_logits(x)[None]
         x = self.embed(tokens)  # (batch, seq, hidden)
-        tables = self.rotary_tables(start_pos, seq)
+        lengths = None
+        if verify and self.rope_threshold is not None:
+            lengths = torch.arange(start_pos + 1, start_pos + seq + 1, device=self.device)
+        tables = self.rotary_tables(start_pos, seq, lengths=lengths)
         masks = {}  # per window size: which of the keys 0 .. start_pos + seq - 1 each query sees
         for layer in self.layers:
             cos, sin = tables[layer.local_rope]

@@ -175,6 +175,7 @@ class PrefillChunk:
     end: int
     first: int  # the position of the chunk's first token in its sequence
     slots: torch.Tensor | None  # (context,) slots of positions 0 .. last of the chunk; None if nothing cached before
+    verify: bool = False  # a speculative verification chunk: each token's pass is its own decode step
     _masks: dict = field(default_factory=dict, repr=False)  # window -> mask_for's answer, built once a step
 
     def mask_for(self, window: int | None, device) -> torch.Tensor | None:
@@ -200,7 +201,8 @@ class PagedAttentionBatch:
         would see running that sequence's piece of the step alone (LongRoPE and dynamic NTK)."""
         lengths = self.positions + 1
         for chunk in self.prefills:
-            lengths[chunk.start:chunk.end] = lengths[chunk.end - 1]
+            if not chunk.verify:  # (a verification chunk's tokens keep their own, as decode steps would)
+                lengths[chunk.start:chunk.end] = lengths[chunk.end - 1]
         return lengths
 
 
@@ -218,11 +220,11 @@ def slot_table(block_tables: list[list[int]], length: int, block_size: int, devi
     return tables[:, j // block_size] * block_size + j % block_size
 
 
-def build_paged_batch(decodes: list[tuple[list[int], int]], prefills: list[tuple[list[int], int, int]],
-                      block_size: int, device: torch.device) -> PagedAttentionBatch:
+def build_paged_batch(decodes: list[tuple[list[int], int]], prefills: list[tuple], block_size: int,
+                      device: torch.device) -> PagedAttentionBatch:
     """decodes: (block_table, position) of each one-token sequence, longest first; prefills:
-    (block_table, first position, number of tokens) of each chunk. Token order in the step:
-    decodes, then chunks."""
+    (block_table, first position, number of tokens) of each chunk, with True as a fourth item for a
+    speculative verification chunk. Token order in the step: decodes, then chunks."""
     slot_mapping: list = []  # ints for decode tokens, then a tensor per prefill chunk
     positions: list[int] = []
     groups = []
@@ -245,11 +247,11 @@ def build_paged_batch(decodes: list[tuple[list[int], int]], prefills: list[tuple
         start = end
     chunks = []
     offset = len(decodes)
-    for table, first, n in prefills:
+    for table, first, n, *verify in prefills:
         slots = slot_table([table], first + n, block_size, device)[0]  # (first + n,)
         slot_mapping.append(slots[first:])
         positions.extend(range(first, first + n))
-        chunks.append(PrefillChunk(offset, offset + n, first, slots if first > 0 else None))
+        chunks.append(PrefillChunk(offset, offset + n, first, slots if first > 0 else None, bool(verify and verify[0])))
         offset += n
     decode_slots = [torch.tensor(slot_mapping[:len(decodes)], dtype=torch.long, device=device)]
     return PagedAttentionBatch(
