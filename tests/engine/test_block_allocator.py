@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import pytest
 
-from leapllm.engine.block_allocator import BlockAllocator, extend_block_hashes
+from leapllm.engine.block_allocator import (
+    BlockAllocator,
+    extend_block_hashes,
+    prefix_hashes,
+)
 
 
 def register(a: BlockAllocator, blocks, tokens, hashes, computed):
     """What the engine does when a sequence's first `computed` tokens are in its blocks."""
     extend_block_hashes(hashes, tokens, computed, a.block_size)
     a.register(blocks, hashes)
+
+
+def cached_prefix(a: BlockAllocator, tokens):
+    """What the scheduler does for a prompt on a pool of full layers: (the blocks of the longest
+    cached run of full blocks, each now referenced once more, and their hash chain)."""
+    hashes = prefix_hashes(tokens, a.block_size)
+    hashes = hashes[:a.cached_run(hashes)]
+    return a.take(hashes), hashes
 
 
 def test_allocate_and_release_return_every_block():
@@ -43,7 +55,7 @@ def test_full_computed_blocks_are_found_again_by_prefix_and_shared():
     hashes: list[int] = []
     register(a, blocks, tokens, hashes, computed=10)
     assert len(hashes) == 2
-    hit, hit_hashes = a.cached_prefix(tokens + [99])
+    hit, hit_hashes = cached_prefix(a, tokens + [99])
     assert hit == blocks[:2] and hit_hashes == hashes
     assert a.ref_count[blocks[0]] == 2  # shared by both holders
     a.release(blocks)
@@ -56,7 +68,7 @@ def test_prefix_lookup_always_leaves_a_token_to_compute():
     tokens = list(range(8))
     blocks = a.allocate(2)
     register(a, blocks, tokens, [], computed=8)
-    hit, _ = a.cached_prefix(tokens)  # exactly two full blocks: the last must be recomputed
+    hit, _ = cached_prefix(a, tokens)  # exactly two full blocks: the last must be recomputed
     assert hit == blocks[:1]
 
 
@@ -64,7 +76,7 @@ def test_a_different_earlier_block_changes_every_later_hash():
     a = BlockAllocator(num_blocks=8, block_size=2)
     blocks = a.allocate(3)
     register(a, blocks, [1, 2, 3, 4, 5, 6], [], computed=6)
-    hit, _ = a.cached_prefix([9, 9, 3, 4, 5, 6, 7])
+    hit, _ = cached_prefix(a, [9, 9, 3, 4, 5, 6, 7])
     assert hit == []
 
 
@@ -74,7 +86,7 @@ def test_freed_prefix_blocks_stay_cached_until_their_memory_is_needed():
     register(a, blocks, [1, 2, 3, 4], [], computed=4)
     a.release(blocks)
     assert a.num_free == 3
-    hit, _ = a.cached_prefix([1, 2, 3, 4, 5])
+    hit, _ = cached_prefix(a, [1, 2, 3, 4, 5])
     assert hit == blocks  # still there after release
     a.release(hit)
     a.allocate(3)  # takes everything: the cached blocks are evicted
@@ -86,4 +98,4 @@ def test_disabled_prefix_caching_never_hits():
     a = BlockAllocator(num_blocks=4, block_size=2, enable_prefix_caching=False)
     blocks = a.allocate(2)
     register(a, blocks, [1, 2, 3, 4], [], computed=4)
-    assert a.cached_prefix([1, 2, 3, 4, 5]) == ([], [])
+    assert cached_prefix(a, [1, 2, 3, 4, 5]) == ([], [])

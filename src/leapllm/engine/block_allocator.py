@@ -106,17 +106,6 @@ class BlockAllocator:
         self.prefix_queries += queried
         self.prefix_hits += hit
 
-    def cached_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[int]]:
-        """Blocks already holding the longest cached run of full blocks at the start of token_ids.
-
-        Takes a reference to each, and returns (blocks, their hash chain). At least one token is
-        always left to compute, so the block that would cover the final token is never taken.
-        """
-        hashes = prefix_hashes(token_ids, self.block_size)
-        hashes = hashes[:self.cached_run(hashes)]
-        self.count_lookup(len(token_ids), len(hashes) * self.block_size)
-        return self.take(hashes), hashes
-
     def register(self, blocks: Sequence[int], hashes: Sequence[int], first: int = 0) -> None:
         """Offer block i of a sequence to the prefix cache under hashes[i], for i >= first.
 

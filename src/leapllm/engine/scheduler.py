@@ -133,22 +133,21 @@ class Scheduler:
     def _take_cached_prefix(self, seq: Request) -> None:
         """Start seq on the longest cached prefix every group can serve: a full group needs all of
         its blocks, a windowed one only those its next query sees (the earlier entries are FREED)."""
-        ids = seq.all_ids
-        hashes = prefix_hashes(ids, self.block_size)
+        ids, bs = seq.all_ids, self.block_size
+        hashes = prefix_hashes(ids, bs)
         m = len(hashes)
         for g in self.groups:
             if g.window is None:
                 m = min(m, g.allocator.cached_run(hashes))
-        bs = self.block_size
         for g in self.groups:
             while g.window is not None and m > 0 and \
                     not g.allocator.holds(hashes[first_visible_block(m * bs, g.window, bs):m]):
                 m -= 1
         for i, g in enumerate(self.groups):
-            first = first_visible_block(m * self.block_size, g.window, self.block_size)
+            first = first_visible_block(m * bs, g.window, bs)
             seq.block_tables[i] = [FREED] * first + g.allocator.take(hashes[first:m])
         seq.block_hashes = hashes[:m]
-        seq.num_computed = m * self.block_size
+        seq.num_computed = m * bs
         self.groups[0].allocator.count_lookup(len(ids), seq.num_computed)
 
     def reserve(self, seq: Request, num_tokens: int) -> bool:
