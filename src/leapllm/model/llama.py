@@ -62,7 +62,9 @@ def rotary_inv_freq(config: ModelConfig, local: bool = False, length: int | None
     """
     dim = config.rotary_dim
     theta = config.rope_local_theta if local else config.rope_theta
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim  # (rotary_dim/2,)
+    pos_freqs = theta ** exponents
+    inv_freq = 1.0 / pos_freqs
     if local:
         return inv_freq
     scaling = config.rope_scaling or {}
@@ -97,7 +99,6 @@ def rotary_inv_freq(config: ModelConfig, local: bool = False, length: int | None
         low, high = max(low, 0), min(high, dim - 1)
         ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low if high > low else 0.001))
         keep = 1 - ramp.clamp(0, 1)  # 1: the original frequency, 0: divided by factor
-        pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
         # 1 / (factor * pos_freqs), not inv_freq / factor: transformers' rounding, to the bit.
         inv_freq = 1.0 / (factor * pos_freqs) * (1 - keep) + inv_freq * keep
     elif kind == "longrope":
@@ -105,14 +106,14 @@ def rotary_inv_freq(config: ModelConfig, local: bool = False, length: int | None
         # context, the long ones beyond it (transformers' rule; llama.cpp picks by its context size).
         long = length is not None and length > scaling["original_context_length"] and scaling.get("long_factor")
         factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device="cpu")
-        inv_freq = 1.0 / (factors * theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+        inv_freq = 1.0 / (factors * pos_freqs)
     elif kind == "dynamic" and length is not None and length > scaling["original_context_length"]:
         # Dynamic NTK: a pass longer than the original context stretches the base with its length,
         # in float32 tensors as transformers computes it (its length is a tensor there).
         factor, original = float(scaling["factor"]), scaling["original_context_length"]
         stretch = factor * torch.tensor(length, device="cpu") / original - (factor - 1)
         base = theta * stretch ** (dim / (dim - 2))
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+        inv_freq = 1.0 / (base ** exponents)
     return inv_freq
 
 
