@@ -19,13 +19,20 @@ from pathlib import Path
 import httpx
 import pytest
 
+from leapllm.cli.serve_cmd import model_facts
 from leapllm.config import EngineConfig
 from leapllm.engine.async_engine import AsyncEngine
 from leapllm.engine.llm_engine import LLMEngine
 from leapllm.serving import create_app
 from leapllm.serving.runner import ServerThread
 from leapllm.serving.web import STATIC
-from tests.serving.conftest import API_KEY, MODEL_NAME, RunningServer, assert_openai_error, read_metrics
+from tests.serving.conftest import (
+    API_KEY,
+    MODEL_NAME,
+    RunningServer,
+    assert_openai_error,
+    read_metrics,
+)
 
 DOCS_IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -46,9 +53,7 @@ def web_server(llm, reports):
     """A server with the dashboard's inputs: the model's facts and a reports folder."""
     engine = AsyncEngine(LLMEngine(llm.model, llm.tokenizer, EngineConfig(max_num_seqs=8, kv_cache_gb=0.1)),
                          max_waiting=32)
-    facts = llm.info()
-    facts["file"] = Path(facts.pop("path")).name
-    app = create_app(engine, llm.tokenizer, MODEL_NAME, llm.config.context_length, model_facts=facts,
+    app = create_app(engine, llm.tokenizer, MODEL_NAME, llm.config.context_length, model_facts=model_facts(llm),
                      reports_dir=str(reports))
     running = RunningServer(ServerThread(app).start(), engine)
     yield running
@@ -195,15 +200,6 @@ def screenshot(page, name: str, tmp_path: Path) -> None:
         shutil.copy(tmp_path / name, DOCS_IMAGES / name)
 
 
-def wait_idle_blocks(server: RunningServer, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = server.wait_idle()
-        if stats["kv_blocks_used"] == 0 or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_a_prompt_streams_into_the_page_and_stop_aborts_it_and_frees_its_blocks(browser, web_server, page_errors,
                                                                                tmp_path):
@@ -224,7 +220,7 @@ def test_a_prompt_streams_into_the_page_and_stop_aborts_it_and_frees_its_blocks(
     page.click("#stop-button")
     page.locator(".message.assistant .stats", has_text="stopped").wait_for()
     assert page.locator("#send").is_enabled() and page.locator("#stop-button").is_disabled()
-    assert wait_idle_blocks(web_server)["kv_blocks_used"] == 0  # the aborted request gave its blocks back
+    assert web_server.wait_idle()["kv_blocks_used"] == 0  # the aborted request gave its blocks back
     metrics = read_metrics(web_server.url)
     assert metrics[("leapllm:kv_cache_blocks_used", ())] == 0
     assert metrics[("leapllm:request_aborted_total", ())] == aborted + 1
