@@ -63,3 +63,17 @@ def hf_encoder():
 
     folder = str(default_encoder_path())
     return AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium, one per test module (tests/browser.py)."""
+    from tests.browser import launch_browser
+
+    yield from launch_browser()
+
+
+@pytest.fixture
+def page_errors():
+    """The script errors, console errors and dialogs of the pages a test opens (tests.browser.open_page)."""
+    return []

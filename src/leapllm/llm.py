@@ -21,9 +21,14 @@ from leapllm.engine.speculative import check_draft_model
 from leapllm.engine.structured_output import StructuredOutputParams
 from leapllm.errors import InvalidRequestError
 from leapllm.loading.loader import load_model
+from leapllm.model.attention import AttentionMaps
 from leapllm.model.quantized.layers import parameter_count as model_parameter_count
 
 Prompt = str | list[int]
+
+# Attention maps hold layers x heads x n x n float32 probabilities: 512 tokens of a 30-layer,
+# 9-head model are 280 MB, and a page of them is still readable.
+MAX_ATTENTION_TOKENS = 512
 
 
 @dataclass
@@ -260,6 +265,23 @@ class LLM:
 
     def stream_chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None) -> Iterator[str]:
         yield from self.stream_text(self.encode_chat(messages), params)
+
+    # -- understanding -------------------------------------------------------------------------
+    def attention(self, prompt: Prompt) -> list[AttentionMaps]:
+        """Every layer's and head's attention probabilities over the prompt, as the model computes
+        them in a forward pass: [AttentionMaps("self", tokens, tokens, layers)], each layer
+        (heads, tokens, tokens). The generation paths are untouched (Transformer.attention_maps)."""
+        if self.tensor_parallel > 1:
+            raise InvalidRequestError("attention maps need the whole model in one process (tensor_parallel=1)")
+        ids = self.encode(prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt has no tokens")
+        if len(ids) > MAX_ATTENTION_TOKENS:
+            raise InvalidRequestError(f"the prompt has {len(ids)} tokens; attention maps take at most "
+                                      f"{MAX_ATTENTION_TOKENS}")
+        layers = self.model.attention_maps(torch.tensor([ids], device=self.model.device))
+        tokens = [self.tokenizer.decode([t]) for t in ids]
+        return [AttentionMaps("self", tokens, tokens, [layer[0].cpu() for layer in layers])]
 
     def info(self) -> dict[str, Any]:
         """Facts about the loaded model: shape, parameter count, bytes by dtype on disk and in memory,

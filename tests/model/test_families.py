@@ -441,3 +441,25 @@ def test_a_verification_chunk_rotates_each_token_as_a_decode_step_would(tmp_path
         batch = build_paged_batch([], [(table, 14, 5, True)], 4, torch.device("cpu"))
         rows = model.forward_paged(torch.tensor(chunk), paged, batch, torch.arange(5))
         assert (rows - one_by_one).abs().max().item() < 1e-4, c.architecture
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.inference_mode()
+def test_attention_maps_match_transformers_eager_attention_probabilities(loaded, family):
+    ours, ref = loaded[family]
+    ids = max((ours.tokenizer.encode(PROMPTS[name]) for name in PROMPT_NAMES), key=len)
+    before = ref.config._attn_implementation
+    ref.set_attn_implementation("eager")  # the implementation that returns its probabilities
+    try:
+        expected = ref(torch.tensor([ids]), output_attentions=True).attentions
+    finally:
+        ref.set_attn_implementation(before)
+    maps = ours.model.attention_maps(torch.tensor([ids]))
+    assert len(maps) == len(expected) == ours.config.num_layers
+    for layer, (got, want) in enumerate(zip(maps, expected)):
+        assert got.shape == want.shape == (1, ours.config.num_heads, len(ids), len(ids))
+        assert (got - want).abs().max().item() < 1e-5, layer
+    if ours.config.sliding_window is not None:  # a windowed layer's query gives no weight beyond its window
+        assert len(ids) > ours.config.sliding_window
+        windowed = next(m for m, layer in zip(maps, ours.model.layers) if layer.attn.core.window is not None)
+        assert windowed[0, :, -1, : len(ids) - ours.config.sliding_window].abs().max() == 0

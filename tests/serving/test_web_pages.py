@@ -8,13 +8,10 @@ LEAPLLM_DOCS_SCREENSHOTS=1 they also write the screenshots in docs/images/ that 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import threading
 import time
 from html.parser import HTMLParser
-from pathlib import Path
 
 import httpx
 import pytest
@@ -26,6 +23,7 @@ from leapllm.engine.llm_engine import LLMEngine
 from leapllm.serving import create_app
 from leapllm.serving.runner import ServerThread
 from leapllm.serving.web import STATIC
+from tests.browser import open_page, screenshot
 from tests.serving.conftest import (
     API_KEY,
     MODEL_NAME,
@@ -33,9 +31,6 @@ from tests.serving.conftest import (
     assert_openai_error,
     read_metrics,
 )
-
-DOCS_IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
-CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
 @pytest.fixture(scope="module")
@@ -158,47 +153,6 @@ def test_with_an_api_key_the_pages_load_but_their_data_needs_the_key(guarded_ser
 
 
 # -- in a real browser ---------------------------------------------------------------------------------
-
-def chromium_path() -> str | None:
-    return next((path for path in map(shutil.which, CHROMIUM_NAMES) if path), None)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    executable = chromium_path()
-    if executable is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the browser tests: .ci/run installs Debian's chromium")
-        pytest.skip("no Chromium installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        # --no-sandbox: CI runs as root, where Chromium's own sandbox cannot start.
-        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page_errors():
-    return []
-
-
-def open_page(browser, url: str, errors: list, **context_options):
-    context = browser.new_context(viewport={"width": 1280, "height": 860}, **context_options)
-    page = context.new_page()
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("dialog", lambda dialog: errors.append(f"a dialog opened: {dialog.message}") or dialog.dismiss())
-    page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
-    page.goto(url)
-    return page
-
-
-def screenshot(page, name: str, tmp_path: Path) -> None:
-    page.screenshot(path=str(tmp_path / name), full_page=False)
-    if os.environ.get("LEAPLLM_DOCS_SCREENSHOTS") == "1":
-        DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
-        shutil.copy(tmp_path / name, DOCS_IMAGES / name)
-
 
 @pytest.mark.slow
 def test_a_prompt_streams_into_the_page_and_stop_aborts_it_and_frees_its_blocks(browser, web_server, page_errors,

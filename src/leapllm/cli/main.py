@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from leapllm.cli.attention_cmd import add_attention_parser
 from leapllm.cli.bench_cmd import add_bench_parser
 from leapllm.cli.classify_cmd import add_classify_parser
 from leapllm.cli.common import EXIT_USAGE
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prune_parser(sub)
     add_distill_parser(sub)
     add_eval_parser(sub)
+    add_attention_parser(sub)
     return parser
 
 

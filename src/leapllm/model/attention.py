@@ -55,14 +55,39 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: Attenti
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=params.scale,
                                               enable_gqa=params.grouped)
     # PyTorch's SDPA has no soft cap: the scores are materialized, as transformers' eager path does.
+    probs = attention_probabilities(q, k, params, mask, is_causal)  # (batch, heads, n, m)
     if params.grouped:
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return torch.matmul(probs.to(q.dtype), v)
+
+
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, params: AttentionParams,
+                            mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    """The softmax that `attention` weighs the values with, materialized: (batch, heads, n, m), float32.
+
+    Only the soft-capped path and attention maps (`Transformer.attention_maps`) compute it; every
+    other path leaves the probabilities inside SDPA.
+    """
+    if params.grouped:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * params.softmax_scale(q.shape[-1])  # (batch, heads, n, m)
-    scores = torch.tanh(scores / params.softcap) * params.softcap
+    if params.softcap is not None:
+        scores = torch.tanh(scores / params.softcap) * params.softcap
     if is_causal:
         n, m = scores.shape[-2:]
         mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+    return torch.softmax(scores.float(), dim=-1)
+
+
+@dataclass
+class AttentionMaps:
+    """One kind of attention of a model over a text ("self" in a decoder or an encoder; "encoder",
+    "decoder" and "cross" in an encoder-decoder): per layer, the probabilities each query token
+    gives each key token."""
+
+    kind: str
+    query_tokens: list[str]
+    key_tokens: list[str]
+    layers: list[torch.Tensor]  # per layer (heads, queries, keys), float32; each row sums to 1

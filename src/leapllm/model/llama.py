@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leapllm.model.attention import AttentionParams, attention, visible_keys
+from leapllm.model.attention import AttentionParams, attention, attention_probabilities, visible_keys
 from leapllm.model.config import ModelConfig
 from leapllm.model.fused_decode import MAX_TOKENS, FusedDecode
 from leapllm.model.kv_cache import KVCache
@@ -453,6 +453,31 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.output_logits(x)
+
+    def attention_maps(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """tokens (batch, seq) -> each layer's attention probabilities, (batch, heads, seq, seq) float32.
+
+        The usual forward pass (no cache, so no fused step) runs, and a hook on each layer's
+        attention core reads the queries, keys and mask it is given and materializes the softmax
+        it computes (model/attention.py): the paths that generate never see a hook.
+        """
+        maps: list[torch.Tensor | None] = [None] * len(self.layers)
+
+        def capture(index: int):
+            def hook(core: AttentionCore, args):
+                q, k, _v, _start_pos, _kv_cache, mask = args[:6]
+                maps[index] = attention_probabilities(q, k, core.params, mask,
+                                                      is_causal=mask is None and q.shape[2] > 1)
+            return hook
+
+        handles = [layer.attn.core.register_forward_pre_hook(capture(i)) for i, layer in enumerate(self.layers)]
+        try:
+            with torch.inference_mode():
+                self.forward(tokens, last_only=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return maps
 
     def fused_decode_ready(self) -> bool:
         if self.fused_decode is None and self.use_fused_decode:
