@@ -19,8 +19,9 @@ from leapllm.engine.request import RequestOutput
 from leapllm.engine.sampling import SamplingParams
 from leapllm.engine.speculative import check_draft_model
 from leapllm.engine.structured_output import StructuredOutputParams
-from leapllm.errors import InvalidRequestError
+from leapllm.errors import InvalidRequestError, ModelLoadError
 from leapllm.loading.loader import load_model
+from leapllm.loading.seq2seq_loader import is_seq2seq_folder
 from leapllm.model.attention import AttentionMaps
 from leapllm.model.quantized.layers import parameter_count as model_parameter_count
 
@@ -77,6 +78,9 @@ class LLM:
             raise InvalidRequestError(f"tensor_parallel must be a positive integer, got {tensor_parallel!r}")
         if num_threads is not None:
             torch.set_num_threads(num_threads)
+        if model is not None and is_seq2seq_folder(model):
+            raise ModelLoadError(f"{model} is an encoder-decoder model; load it with "
+                                 "leapllm.engine.seq2seq_lm.Seq2SeqLM (or `leapllm translate`/`summarize`)")
         if tensor_parallel == 1:
             loaded = load_model(model, dtype=dtype, device=device)
             self.model = loaded.model

@@ -22,6 +22,7 @@ from leapllm.cli.generate_cmd import add_generate_parsers
 from leapllm.cli.profile_cmd import add_profile_parser
 from leapllm.cli.prune_cmd import add_prune_parser
 from leapllm.cli.quantize_cmd import add_quantize_parser
+from leapllm.cli.seq2seq_cmd import add_seq2seq_parsers
 from leapllm.cli.serve_cmd import add_serve_parser
 
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_classify_parser(sub)
     add_embed_parser(sub)
+    add_seq2seq_parsers(sub)  # translate, summarize
     add_quantize_parser(sub)
     add_prune_parser(sub)
     add_distill_parser(sub)
