@@ -126,3 +126,39 @@ def test_the_cli_says_in_one_line_what_is_wrong(llm, monkeypatch, tmp_path, caps
     assert_one_line_error(capsys, ["attention", "text", "--html", str(tmp_path / "no" / "a.html")], "existing folder")
     assert_one_line_error(capsys, ["attention", "  ", "--json", str(tmp_path / "a.json")], "empty")
     assert_one_line_error(capsys, ["attention", "word " * 600, "--json", str(tmp_path / "a.json")], "at most")
+
+
+@pytest.mark.slow
+def test_an_encoder_decoder_shows_encoder_decoder_and_cross_attention_of_its_own_output(tmp_path, capsys, browser,
+                                                                                        page_errors):
+    from leapllm.engine.seq2seq_lm import Seq2SeqLM
+    from tests.model.seq2seq_reference import reference
+
+    hf, folder = reference("opus-mt-en-de")
+    lm = Seq2SeqLM(folder)
+    source = "the house is wonderful"
+    encoder, decoder, cross = lm.attention(source)
+    output = lm.generate(source, num_beams=1)[0].token_ids
+    assert [m.kind for m in (encoder, decoder, cross)] == ["encoder", "decoder", "cross"]
+    assert len(cross.query_tokens) == len(output) + 1 and cross.key_tokens == encoder.query_tokens
+    # The same probabilities as transformers' eager attention, teacher-forced on that output.
+    ids = torch.tensor([lm.encode(source)])
+    decoder_ids = torch.tensor([[hf.config.decoder_start_token_id, *output]])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, decoder_input_ids=decoder_ids, output_attentions=True)
+    for ours, theirs in ((encoder, ref.encoder_attentions), (decoder, ref.decoder_attentions),
+                         (cross, ref.cross_attentions)):
+        assert len(ours.layers) == len(theirs)
+        for got, want in zip(ours.layers, theirs, strict=True):
+            torch.testing.assert_close(got, want[0], atol=1e-5, rtol=0)
+    # The CLI writes one page with the three kinds.
+    out = tmp_path / "t.html"
+    assert main(["attention", "--model", str(folder), source, "--target", "the house", "--html", str(out)]) == 0
+    assert [k["kind"] for k in page_json(out.read_text())["kinds"]] == ["encoder", "decoder", "cross"]
+    # In the page, the cross-attention view lists the target's tokens as queries beside the source's.
+    page = open_page(browser, out.as_uri(), page_errors)
+    page.get_by_role("button", name="cross").click()
+    assert page.locator("#detail-title").inner_text() == "cross attention, layer 0, head 0"
+    assert page.locator("#queries span").count() == len(lm.tokenizer.encode("the house")) + 1
+    assert page.locator("#keys span").count() == len(encoder.key_tokens)
+    assert page_errors == []

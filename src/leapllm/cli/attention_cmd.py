@@ -27,6 +27,8 @@ def add_attention_parser(subparsers) -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--html", metavar="FILE", help="write a self-contained page of heatmaps here")
     p.add_argument("--json", metavar="FILE", help="write the probabilities here as JSON")
+    p.add_argument("--target", metavar="TEXT", help="an encoder-decoder's target text (default: its own greedy "
+                   "output for the text)")
     p.set_defaults(func=cmd_attention)
     return p
 
@@ -42,6 +44,24 @@ def _checked_output(path: str | None, flag: str) -> Path | None:
     return out
 
 
+def attention_of(args, text: str):
+    """(the maps, the model's name) of the model --model names: a decoder (LLM), or an
+    encoder-decoder folder (Seq2SeqLM, with --target)."""
+    from leapllm.errors import InvalidRequestError
+    from leapllm.loading.seq2seq_loader import is_seq2seq_folder
+
+    if args.model is not None and is_seq2seq_folder(args.model):
+        from leapllm.engine.seq2seq_lm import Seq2SeqLM
+
+        lm = Seq2SeqLM(args.model, dtype="float32" if args.dtype == "auto" else args.dtype,
+                       device="cpu" if args.device == "auto" else args.device, num_threads=args.threads)
+        return lm.attention(text, args.target), Path(args.model).name
+    if args.target is not None:
+        raise InvalidRequestError("--target is for encoder-decoder models; this one reads the text alone")
+    llm = common.load_llm(args)
+    return llm.attention(text), Path(str(llm.path)).name
+
+
 def cmd_attention(args) -> int:
     from leapllm.errors import InvalidRequestError
 
@@ -51,9 +71,7 @@ def cmd_attention(args) -> int:
     text = sys.stdin.read() if args.text == "-" else args.text
     if not text.strip():
         raise InvalidRequestError("the text is empty")
-    llm = common.load_llm(args)
-    maps = llm.attention(text)
-    name = Path(str(llm.path)).name
+    maps, name = attention_of(args, text)
     if html_out is not None:
         from leapllm.evaluation.attention_page import write_attention_page
 

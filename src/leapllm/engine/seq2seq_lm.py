@@ -29,7 +29,9 @@ import torch
 from leapllm.engine.seq2seq import Seq2SeqParams, generate_ids, plan_generation
 from leapllm.errors import InvalidRequestError
 from leapllm.loading.seq2seq_loader import load_seq2seq
+from leapllm.model.attention import AttentionMaps
 
+MAX_ATTENTION_TOKENS = 512  # a side; as LLM.attention's limit
 T5_SOURCE_LIMIT = 512  # T5's positions are relative, but it was trained on 512-token inputs
 LANGUAGE_NAMES = {"en": "English", "de": "German", "fr": "French", "ro": "Romanian", "es": "Spanish",
                   "it": "Italian", "pt": "Portuguese", "nl": "Dutch", "ru": "Russian", "zh": "Chinese",
@@ -92,6 +94,30 @@ class Seq2SeqLM:
         return [Seq2SeqOutput(text, self.tokenizer.decode(ids), ids, src, reason, score, dict(out.timings))
                 for text, ids, src, reason, score in zip(texts, out.token_ids, sources, out.finish_reasons,
                                                          out.scores, strict=True)]
+
+    def attention(self, source: str, target: str | None = None) -> list[AttentionMaps]:
+        """Every layer's and head's attention over a source and a target: the encoder's, the
+        decoder's and the cross-attention (target tokens looking at source tokens). Without a target,
+        the model's own greedy output is the target. The decoder reads its start token, then the
+        target's tokens (queries and keys are named by them)."""
+        source_ids = self.encode(source)
+        if target is None:
+            target_ids = self.generate(source, num_beams=1)[0].token_ids
+        else:
+            target_ids = self.tokenizer.encode(target)
+        plan = plan_generation(Seq2SeqParams(), self.defaults, self.model)
+        decoder_ids = [plan.decoder_start_token_id, *target_ids]
+        if len(source_ids) > MAX_ATTENTION_TOKENS or len(decoder_ids) > MAX_ATTENTION_TOKENS:
+            raise InvalidRequestError(f"attention maps take at most {MAX_ATTENTION_TOKENS} tokens a side")
+        device = self.model.device
+        maps = self.model.attention_maps(torch.tensor([source_ids], device=device),
+                                         torch.tensor([decoder_ids], device=device))
+        # SentencePiece marks a word's start with U+2581; the page shows it as the space it stands for.
+        src = [(self.tokenizer.id_to_token(t) or "").replace("\u2581", " ") for t in source_ids]
+        tgt = [(self.tokenizer.id_to_token(t) or "").replace("\u2581", " ") for t in decoder_ids]
+        return [AttentionMaps("encoder", src, src, [m[0] for m in maps["encoder"]]),
+                AttentionMaps("decoder", tgt, tgt, [m[0] for m in maps["decoder"]]),
+                AttentionMaps("cross", tgt, src, [m[0] for m in maps["cross"]])]
 
     # -- tasks ---------------------------------------------------------------------------------
 
