@@ -3,15 +3,18 @@
     leapllm classify train --data train.csv --text-col text --label-col label -o OUT [--encoder PATH]
         [--epochs N] [--lr X] [--encoder-lr X] [--batch-size N] [--val-fraction F | --val FILE] [--test FILE]
         [--patience N] [--monitor loss|accuracy] [--finetune-encoder] [--seed N] [--force]
-    leapllm classify predict --model OUT [--input FILE] [--text-col text] [--output FILE.jsonl]
-        [--eval --label-col label] [--quantize int8] [--stats]
+    leapllm classify predict --model OUT [TEXT ...] [--input FILE] [--text-col text] [--output FILE.jsonl]
+        [--eval --label-col label] [--top-k K] [--quantize int8] [--stats]
 
 `train` prints the validation (and test) metrics as tables; progress bars go to stderr. `predict`
+takes a folder made by `train`, or a fine-tuned Hugging Face *ForSequenceClassification folder
+(scored as transformers' text-classification pipeline does). It classifies the TEXT arguments, or
 reads texts from --input (a .csv or .jsonl file with --text-col, any other file: one text per
 line) or from stdin (one text per line; blank lines are skipped), and writes one JSON object per
-text ({"text", "label", "score"}) to --output or stdout. With --eval it also scores the
-predictions against the input's label column; the table goes to stdout when the predictions go to
-a file, else to stderr. Bad input raises InvalidRequestError / ModelLoadError: one line, exit 2.
+text ({"text", "label", "score"}, and with --top-k K "labels": the K best) to --output or stdout.
+With --eval it also scores the predictions against the input's label column; the table goes to
+stdout when the predictions go to a file, else to stderr. Bad input raises InvalidRequestError /
+ModelLoadError: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -64,15 +67,19 @@ def add_classify_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_classify_train)
 
-    r = commands.add_parser("predict", help="label texts with a trained classifier (JSONL out)",
-                            description="Label texts from --input or stdin; write JSONL (text, label, score).")
-    r.add_argument("--model", required=True, metavar="FOLDER", help="classifier folder made by `classify train`")
+    r = commands.add_parser("predict", help="label texts with a trained or fine-tuned classifier (JSONL out)",
+                            description="Label the TEXT arguments, or texts from --input or stdin; write JSONL "
+                                        "(text, label, score).")
+    r.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify (default: --input or stdin)")
+    r.add_argument("--model", required=True, metavar="FOLDER", help="classifier folder made by `classify train`, "
+                   "or a fine-tuned Hugging Face *ForSequenceClassification folder")
     r.add_argument("--input", metavar="FILE", help="a .csv/.jsonl file (with --text-col) or a text file with "
                    "one text per line (default: stdin, one text per line)")
     r.add_argument("--text-col", default="text", help="text column of a CSV/JSONL input (default: text)")
     r.add_argument("--output", metavar="FILE", help="write the JSONL here instead of stdout")
     r.add_argument("--eval", action="store_true", help="score the predictions against the input's labels")
     r.add_argument("--label-col", default="label", help="label column for --eval (default: label)")
+    r.add_argument("--top-k", type=int, default=None, metavar="K", help="also list the K best labels and scores")
     r.add_argument("--quantize", choices=["int8"], default=None, help="int8 encoder linear layers")
     r.add_argument("--no-truncate", action="store_true", help="reject texts longer than the encoder's limit "
                    "instead of cutting them")
@@ -139,6 +146,12 @@ def _read_input(args) -> tuple[list[str], list[str] | None, str]:
     """(texts, true labels or None, where they came from)."""
     from leapllm.encoders.classifier import TABLE_FORMATS, read_labeled_texts
 
+    if args.texts:
+        if args.input or args.eval:
+            raise InvalidRequestError("give texts as arguments or with --input, not both (--eval needs --input)")
+        if not all(text.strip() for text in args.texts):
+            raise InvalidRequestError("a TEXT argument is empty")
+        return list(args.texts), None, "the arguments"
     if args.input and args.input != "-" and Path(args.input).suffix.lower() in TABLE_FORMATS:
         table = read_labeled_texts(args.input, args.text_col, args.label_col if args.eval else None)
         return table.texts, table.labels, table.source
@@ -167,14 +180,22 @@ def cmd_classify_predict(args) -> int:
     from rich.console import Console
 
     from leapllm.encoders.classifier import TextClassifier, check_known_labels, classification_metrics
+    from leapllm.loading.encoder_loader import folder_task
     from leapllm.output_files import atomic_write, check_writable
 
     _set_threads(args)
     if args.output:
         check_writable(args.output, "predictions")
+    if args.top_k is not None and args.top_k < 1:
+        raise InvalidRequestError(f"--top-k must be at least 1, got {args.top_k}")
     texts, true_labels, source = _read_input(args)
     started = time.perf_counter()
-    classifier = TextClassifier.load(args.model, device=args.device, quantize=args.quantize)
+    if Path(args.model).is_dir() and folder_task(args.model) is not None:  # a fine-tuned Hugging Face head
+        from leapllm.encoders.task_heads import load_task
+
+        classifier = load_task(args.model, "text-classification", device=args.device, quantize=args.quantize)
+    else:
+        classifier = TextClassifier.load(args.model, device=args.device, quantize=args.quantize)
     loaded = time.perf_counter()
     if true_labels is not None:
         check_known_labels(true_labels, classifier.labels, source)
@@ -182,9 +203,13 @@ def cmd_classify_predict(args) -> int:
     predicted = probabilities.argmax(1)
     elapsed = time.perf_counter() - loaded
 
-    lines = [json.dumps({"text": text, "label": classifier.labels[best], "score": float(row[best])},
-                        ensure_ascii=False) + "\n"
-             for text, row, best in zip(texts, probabilities, predicted, strict=True)]
+    lines = []
+    for text, row, best in zip(texts, probabilities, predicted, strict=True):
+        line = {"text": text, "label": classifier.labels[best], "score": float(row[best])}
+        if args.top_k is not None:
+            ranked = sorted(range(len(row)), key=lambda i: -row[i])[:args.top_k]  # stable: ties keep label order
+            line["labels"] = [{"label": classifier.labels[i], "score": float(row[i])} for i in ranked]
+        lines.append(json.dumps(line, ensure_ascii=False) + "\n")
     if args.output:
         atomic_write(args.output, "".join(lines))
     else:

@@ -24,6 +24,7 @@ from leapllm.cli.prune_cmd import add_prune_parser
 from leapllm.cli.quantize_cmd import add_quantize_parser
 from leapllm.cli.seq2seq_cmd import add_seq2seq_parsers
 from leapllm.cli.serve_cmd import add_serve_parser
+from leapllm.cli.tasks_cmd import add_task_parsers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_classify_parser(sub)
     add_embed_parser(sub)
+    add_task_parsers(sub)  # qa, ner
     add_seq2seq_parsers(sub)  # translate, summarize
     add_quantize_parser(sub)
     add_prune_parser(sub)

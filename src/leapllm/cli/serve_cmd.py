@@ -31,8 +31,30 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     add_model_args(p)
     add_speculative_args(p)
     add_server_args(p)
+    heads = p.add_argument_group("fine-tuned task heads (Hugging Face *ForQuestionAnswering / *ForTokenClassification "
+                                 "folders; --classifier also takes a *ForSequenceClassification one)")
+    heads.add_argument("--qa-model", metavar="FOLDER", default=None, help="also serve /v1/qa (extractive QA)")
+    heads.add_argument("--ner-model", metavar="FOLDER", default=None, help="also serve /v1/ner (token classification)")
     p.set_defaults(func=cmd_serve)
     return p
+
+
+def check_task_heads(args, server: ServerSettings) -> None:
+    """The task-head flags name folders of their task (read before anything loads)."""
+    from leapllm.errors import InvalidRequestError
+    from leapllm.loading.encoder_loader import folder_task
+
+    heads = {"--qa-model": (args.qa_model, "question-answering"),
+             "--ner-model": (args.ner_model, "token-classification")}
+    for flag, (path, task) in heads.items():
+        if path is None:
+            continue
+        if server.replicas is not None:
+            raise InvalidRequestError(f"{flag} is not served by --replicas; run it in a separate leapllm serve")
+        found = folder_task(path)
+        if found != task:
+            raise InvalidRequestError(f"{flag} {path}: not a {task} model folder (its config.json names "
+                                      f"{found or 'no task head'})")
 
 
 def stop_on_rank_failure(message: str) -> None:
@@ -41,9 +63,9 @@ def stop_on_rank_failure(message: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def load_encoders(server: ServerSettings, device: str):
-    """The embedding model and classifier asked for, or None."""
-    if server.embedding_model is None and server.classifier is None:
+def load_encoders(server: ServerSettings, device: str, qa_model: str | None = None, ner_model: str | None = None):
+    """The embedding model, classifier and task heads asked for, or None."""
+    if server.embedding_model is None and server.classifier is None and qa_model is None and ner_model is None:
         return None
     from leapllm.encoders.embedder import Embedder
     from leapllm.encoders.embedding_batcher import EmbeddingBatcher
@@ -55,12 +77,26 @@ def load_encoders(server: ServerSettings, device: str):
         embedder = Embedder(path, device=device if device != "auto" else "cpu",
                             quantize="int8" if server.embedding_int8 else None)
         batcher, name = EmbeddingBatcher(embedder), embedder.name
+    heads_device = device if device != "auto" else "cpu"
     if server.classifier is not None:
-        from leapllm.encoders.classifier import TextClassifier
+        from leapllm.loading.encoder_loader import folder_task
 
-        classifier = TextClassifier.load(server.classifier)
+        if folder_task(server.classifier) is not None:  # a fine-tuned Hugging Face head
+            from leapllm.encoders.task_heads import load_task
+
+            classifier = load_task(server.classifier, "text-classification", device=heads_device)
+        else:
+            from leapllm.encoders.classifier import TextClassifier
+
+            classifier = TextClassifier.load(server.classifier)
         classifier_name = Path(server.classifier).resolve().name
-    return EncoderServing(batcher, name, classifier, classifier_name)
+    qa = ner = None
+    if qa_model is not None or ner_model is not None:
+        from leapllm.encoders.task_heads import load_task
+
+        qa = load_task(qa_model, "question-answering", device=heads_device) if qa_model else None
+        ner = load_task(ner_model, "token-classification", device=heads_device) if ner_model else None
+    return EncoderServing(batcher, name, classifier, classifier_name, qa, ner)
 
 
 def model_facts(llm) -> dict:
@@ -77,6 +113,7 @@ def cmd_serve(args) -> int:
     from leapllm.serving.runner import bind_socket, serve
 
     server, model, config, speculative = serve_settings_from_args(args)
+    check_task_heads(args, server)
     if server.replicas is not None:
         from leapllm.serving.ray_replicas import serve_replicas
 
@@ -98,8 +135,9 @@ def cmd_serve(args) -> int:
         config.speculative = llm.speculative  # --speculative / --draft-model, loaded next to the model
         engine = AsyncEngine(LLMEngine(llm.model, llm.tokenizer, config), max_waiting=server.max_waiting)
         name = server.served_model_name or default_model_name(Path(llm.path))
+        encoders = load_encoders(server, model.device, args.qa_model, args.ner_model)
         app = create_app(engine, llm.tokenizer, name, llm.config.context_length, api_key=server.api_key,
-                         shutdown_grace_s=server.shutdown_timeout, encoders=load_encoders(server, model.device),
+                         shutdown_grace_s=server.shutdown_timeout, encoders=encoders,
                          max_request_bytes=server.max_request_bytes, model_facts=model_facts(llm),
                          reports_dir=server.reports)
         port = sock.getsockname()[1]  # the one picked, with --port 0

@@ -45,6 +45,18 @@ def length_buckets(lengths: Sequence[int], max_batch_size: int, max_batch_tokens
     return batches
 
 
+def quantize_encoder(model, quantize: str | None) -> str | None:
+    """Replace the encoder's linear layers as `quantize` asks (None or "int8"); returns it."""
+    if quantize is None:
+        return None
+    if quantize != "int8":
+        raise InvalidRequestError(f"unknown quantization {quantize!r}; the encoder supports int8")
+    from leapllm.model.quantized.int8 import quantize_linears_int8
+
+    quantize_linears_int8(model)
+    return "int8"
+
+
 class Embedder:
     def __init__(self, model: str | Path | None = None, *, dtype: str = "float32", device: str = "cpu",
                  quantize: str | None = None, max_batch_size: int = 32, max_batch_tokens: int = 1024,
@@ -57,14 +69,7 @@ class Embedder:
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
-        self.quantization = None
-        if quantize is not None:
-            if quantize != "int8":
-                raise InvalidRequestError(f"unknown quantization {quantize!r}; the encoder supports int8")
-            from leapllm.model.quantized.int8 import quantize_linears_int8
-
-            quantize_linears_int8(self.model)
-            self.quantization = "int8"
+        self.quantization = quantize_encoder(self.model, quantize)
 
     @property
     def dimension(self) -> int:

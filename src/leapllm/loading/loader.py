@@ -40,6 +40,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def check_state_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where,
+                        what: str = "tensor") -> None:
+    """Every entry of a module's state dict (`expected`) is in `tensors`, with its shape; else one
+    ModelLoadError naming the first that is not (the encoders' and encoder-decoders' loaders)."""
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise ModelLoadError(f"{where}: missing {what} {missing[0]} ({len(missing)} missing)")
+    for key, value in expected.items():
+        if tuple(tensors[key].shape) != tuple(value.shape):
+            raise ModelLoadError(f"{where}: {what} {key} has shape {tuple(tensors[key].shape)}, "
+                                 f"expected {tuple(value.shape)}")
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():

@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer as BackendTokenizer
 
 from leapllm.errors import ModelLoadError, TokenizerError
-from leapllm.loading.loader import resolve_device, resolve_dtype
+from leapllm.loading.loader import check_state_tensors, resolve_device, resolve_dtype
 from leapllm.model.seq2seq import ACTIVATIONS, Seq2SeqConfig, Seq2SeqModel, sinusoidal_table
 
 SEQ2SEQ_MODEL_TYPES = {"t5": "t5", "mt5": "t5", "bart": "bart", "mbart": "mbart", "marian": "marian"}
@@ -245,13 +245,7 @@ def build_seq2seq(config: Seq2SeqConfig, tensors: dict[str, torch.Tensor], dtype
     with torch.device("meta"):
         model = Seq2SeqModel(config)
     expected = dict(model.state_dict())
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        raise ModelLoadError(f"{where}: missing tensor {missing[0]} ({len(missing)} missing)")
-    for key, value in expected.items():
-        if tuple(tensors[key].shape) != tuple(value.shape):
-            raise ModelLoadError(f"{where}: tensor {key} has shape {tuple(tensors[key].shape)}, "
-                                 f"expected {tuple(value.shape)}")
+    check_state_tensors(expected, tensors, where)
     converted: dict[int, torch.Tensor] = {}  # tied tensors stay one tensor after the dtype change
     state = {}
     for key in expected:

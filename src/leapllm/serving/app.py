@@ -5,7 +5,7 @@
 
 Endpoints: POST /v1/completions (completions.py), POST /v1/chat/completions (chat.py), both with
 `stream: true` as server-sent events (streaming.py); GET /v1/models, GET /health, GET /metrics
-(Prometheus); with encoders, POST /v1/embeddings and POST /v1/classify (embeddings.py); the chat
+(Prometheus); with encoders, POST /v1/embeddings, /v1/classify, /v1/qa and /v1/ner (embeddings.py); the chat
 page at /, the dashboard at /dashboard and their data (web.py).
 
 Every error is OpenAI-shaped JSON (errors.py), whatever raised it, and a client that goes away
@@ -76,7 +76,7 @@ def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, context_le
     `app.state.drain()` is the graceful part, for the server to call as soon as it starts shutting
     down (runner.py does, on SIGTERM): new requests get 503, running ones get shutdown_grace_s
     seconds to finish, and the rest are aborted and answered with a 503 (an error event in a stream).
-    `encoders` (a serving.embeddings.EncoderServing) adds /v1/embeddings and /v1/classify. With an
+    `encoders` (a serving.embeddings.EncoderServing) adds /v1/embeddings, /v1/classify, /v1/qa and /v1/ner. With an
     API key the interactive docs (/docs, /redoc, /openapi.json) are off: they would describe the
     API to anyone without the key. `model_facts` (`LLM.info()`) and `reports_dir` (`--reports`) feed
     the dashboard (web.py).
