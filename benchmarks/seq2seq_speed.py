@@ -10,6 +10,9 @@ exactly --new-tokens tokens per source (EOS forbidden until then: transformers' 
 leapllm's min_length) from the same random source ids, greedily (--num-beams 1) or with beams.
 A warm-up generation precedes the timed repeats; the median repeat counts. tokens/s = generated
 tokens (all sources of the batch) / wall time of the whole generate call, encoder included.
+Systems: leapllm (float32, as stored), leapllm-int8 (`--int8`: int8 decoder weights on leapllm's
+kernels) and transformers (float32). Each row also counts, per source, the tokens a leapllm system
+generates before its first difference from transformers' (float32 should agree on all of them).
 """
 
 from __future__ import annotations
@@ -82,22 +85,29 @@ def time_call(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_batch(name: str, ours, ref, sources: list[list[int]], new_tokens: int, num_beams: int,
+def bench_batch(name: str, systems: dict, ref, sources: list[list[int]], new_tokens: int, num_beams: int,
                 repeats: int) -> dict:
+    """One batch: each leapllm system (name -> loaded model) and transformers, timed on the same sources."""
     from leapllm.engine.seq2seq import Seq2SeqParams, generate_ids, plan_generation
 
     params = Seq2SeqParams(max_new_tokens=new_tokens, min_length=new_tokens + 1, num_beams=num_beams,
                            no_repeat_ngram_size=0, early_stopping=True)
-    plan = plan_generation(params, ours.generation, ours.model)
+    first = next(iter(systems.values()))
+    plan = plan_generation(params, first.generation, first.model)
     width = max(len(s) for s in sources)
-    pad = plan.pad_token_id
-    input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in sources])
+    input_ids = torch.tensor([s + [plan.pad_token_id] * (width - len(s)) for s in sources])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources])
+    tokens = len(sources) * new_tokens
+    row = {"model": name, "batch": len(sources), "num_beams": num_beams, "new_tokens": new_tokens,
+           "source_tokens_max": width}
+    outputs = {}
+    for system, loaded in systems.items():
+        def ours_call(model=loaded.model, system=system):
+            with torch.inference_mode():
+                outputs[system] = generate_ids(model, sources, plan).token_ids
+            assert all(len(t) == new_tokens for t in outputs[system])
 
-    def ours_call():
-        with torch.inference_mode():
-            out = generate_ids(ours.model, sources, plan)
-        assert all(len(t) == new_tokens for t in out.token_ids), [len(t) for t in out.token_ids]
+        row[f"{system}_tokens_per_s"] = tokens / time_call(ours_call, repeats)
 
     def ref_call():
         with torch.inference_mode():
@@ -105,15 +115,19 @@ def bench_batch(name: str, ours, ref, sources: list[list[int]], new_tokens: int,
                                min_new_tokens=new_tokens, num_beams=num_beams, do_sample=False,
                                no_repeat_ngram_size=0, early_stopping=True)
         assert out.shape[1] == new_tokens + 1, out.shape
+        outputs["transformers"] = out[:, 1:].tolist()
 
-    tokens = len(sources) * new_tokens
-    t_ours = time_call(ours_call, repeats)
-    t_ref = time_call(ref_call, repeats)
-    row = {"model": name, "batch": len(sources), "num_beams": num_beams, "new_tokens": new_tokens,
-           "source_tokens_max": width, "leapllm_tokens_per_s": tokens / t_ours,
-           "transformers_tokens_per_s": tokens / t_ref, "ratio": t_ref / t_ours}
-    print(f"{name} b{len(sources)} beams {num_beams}: leapllm {row['leapllm_tokens_per_s']:.1f} tok/s, "
-          f"transformers {row['transformers_tokens_per_s']:.1f} tok/s, {row['ratio']:.2f}x", flush=True)
+    row["transformers_tokens_per_s"] = tokens / time_call(ref_call, repeats)
+    for system in systems:
+        row[f"{system}_ratio"] = row[f"{system}_tokens_per_s"] / row["transformers_tokens_per_s"]
+        # Quality: the tokens generated before the first that differs from transformers', per source.
+        row[f"{system}_common_prefix_with_transformers"] = [
+            next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), new_tokens)
+            for ours, theirs in zip(outputs[system], outputs["transformers"], strict=True)]
+    print(f"{name} b{len(sources)} beams {num_beams}: transformers {row['transformers_tokens_per_s']:.1f} tok/s; "
+          + "; ".join(f"{s} {row[f'{s}_tokens_per_s']:.1f} tok/s ({row[f'{s}_ratio']:.2f}x, agrees for "
+                      f"{sum(row[f'{s}_common_prefix_with_transformers'])}/{tokens} tokens)" for s in systems),
+          flush=True)
     return row
 
 
@@ -125,7 +139,8 @@ def bench_model(name: str, batches: list[int], new_tokens: int, source_len: int,
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / name
         ref = write_folder(name, folder)
-        ours = load_seq2seq(folder, dtype="float32", device="cpu")
+        systems = {"leapllm": load_seq2seq(folder, dtype="float32", device="cpu"),
+                   "leapllm-int8": load_seq2seq(folder, dtype="float32", device="cpu", quantize="int8")}
         vocab = CONFIGS[name]["vocab_size"]
         pad = CONFIGS[name]["pad_token_id"]
         eos = CONFIGS[name]["eos_token_id"]
@@ -133,7 +148,7 @@ def bench_model(name: str, batches: list[int], new_tokens: int, source_len: int,
             gen = torch.Generator().manual_seed(batch)
             draws = torch.randint(3, vocab - 1, (batch, source_len), generator=gen).tolist()
             sources = [[t for t in row if t not in (pad, eos)] + [eos] for row in draws]
-            rows.append(bench_batch(name, ours, ref, sources, new_tokens, num_beams, repeats))
+            rows.append(bench_batch(name, systems, ref, sources, new_tokens, num_beams, repeats))
     return rows
 
 

@@ -60,3 +60,17 @@ def test_bad_input_exits_2_with_one_line(monkeypatch, capsys, tmp_path):
                           "translation task")
     assert_one_line_error(capsys, ["translate", "--model", str(folder)], "no text to translate")
     assert_one_line_error(capsys, ["summarize", "--model", str(folder)], "no text to summarize")
+
+
+def test_translate_int8_runs_the_decoder_on_int8_weights(monkeypatch, capsys):
+    from leapllm.kernels import cpu_kernels
+
+    if cpu_kernels() is None:
+        import pytest
+
+        pytest.skip("leapllm CPU kernels unavailable")
+    _, folder = reference("opus-mt-en-de")
+    code, out = run(monkeypatch, capsys, ["translate", "--model", str(folder), "--int8", "--max-new-tokens", "4",
+                                          "--num-beams", "1", *TEXTS])
+    assert code == 0, out.err
+    assert len(out.out.splitlines()) == len(TEXTS)

@@ -137,3 +137,28 @@ def test_marian_folder_without_tokenizer_json_loads_with_sentencepiece(marian_fo
 def test_real_config_values_are_kept_in_the_references():
     assert REAL["opus-mt-en-de"]["config"]["activation_function"] == "swish"
     assert REAL["flan-t5-small"]["config"]["feed_forward_proj"] == "gated-gelu"
+
+
+@pytest.mark.parametrize("name", ["opus-mt-en-de", "flan-t5-small"])
+def test_int8_puts_the_decoder_and_head_on_int8_weights_and_leaves_the_encoder_as_stored(name):
+    import torch
+
+    from leapllm.kernels import cpu_kernels
+    from leapllm.model.quantized.int8 import Int8Linear
+
+    if cpu_kernels() is None:
+        pytest.skip("leapllm CPU kernels unavailable")
+    _, folder = reference(name)
+    exact, quantized = load_seq2seq(folder), load_seq2seq(folder, quantize="int8")
+    decoder_linears = [m for m in quantized.model.decoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert not decoder_linears and isinstance(quantized.model.lm_head, Int8Linear)
+    assert quantized.model.lm_head.packed_linear is not None  # on leapllm's kernels
+    assert not any(isinstance(m, Int8Linear) for m in quantized.model.encoder.modules())
+    ids = torch.tensor([[5, 9, 14, 22, 3, 2]])
+    start = exact.generation.decoder_start_token_id
+    decoder_ids = torch.tensor([[start, 7, 11, 13]])
+    with torch.inference_mode():
+        a, b = exact.model(ids, None, decoder_ids), quantized.model(ids, None, decoder_ids)
+    assert ((a - b).norm() / a.norm()).item() < 0.02
+    with pytest.raises(ModelLoadError, match="support int8"):
+        load_seq2seq(folder, quantize="int4")

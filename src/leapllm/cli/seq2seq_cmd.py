@@ -39,6 +39,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+    p.add_argument("--int8", action="store_true", help="int8 decoder weights on leapllm's CPU kernels (faster; "
+                   "outputs may differ from float32 where two tokens are close)")
     p.add_argument("--stats", action="store_true", help="print timings on stderr")
 
 
@@ -78,7 +80,8 @@ def _load(args):
     from leapllm.engine.seq2seq_lm import Seq2SeqLM
 
     threads_from_args(args)
-    return Seq2SeqLM(args.model, dtype=args.dtype, device=args.device, num_threads=args.threads)
+    return Seq2SeqLM(args.model, dtype=args.dtype, device=args.device, num_threads=args.threads,
+                     quantize="int8" if args.int8 else None)
 
 
 def _print_stats(outputs) -> None:

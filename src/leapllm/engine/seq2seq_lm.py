@@ -53,10 +53,11 @@ class Seq2SeqOutput:
 
 class Seq2SeqLM:
     def __init__(self, model: str | Path, *, dtype: str | torch.dtype = "float32",
-                 device: str | torch.device = "cpu", num_threads: int | None = None):
+                 device: str | torch.device = "cpu", num_threads: int | None = None, quantize: str | None = None):
+        """quantize="int8": int8 decoder weights on leapllm's CPU kernels (load_seq2seq)."""
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        loaded = load_seq2seq(model, dtype=dtype, device=device)
+        loaded = load_seq2seq(model, dtype=dtype, device=device, quantize=quantize)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.defaults = loaded.generation

@@ -29,6 +29,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from leapllm.errors import ModelLoadError, TokenizerError
 from leapllm.loading.loader import check_state_tensors, resolve_device, resolve_dtype
+from leapllm.model.quantized.int8 import Int8Linear, quantize_linears_int8
 from leapllm.model.seq2seq import ACTIVATIONS, Seq2SeqConfig, Seq2SeqModel, sinusoidal_table
 
 SEQ2SEQ_MODEL_TYPES = {"t5": "t5", "mt5": "t5", "bart": "bart", "mbart": "mbart", "marian": "marian"}
@@ -494,7 +495,11 @@ class LoadedSeq2Seq:
 
 
 def load_seq2seq(path: str | Path, *, dtype: str | torch.dtype = "float32",
-                 device: str | torch.device = "cpu") -> LoadedSeq2Seq:
+                 device: str | torch.device = "cpu", quantize: str | None = None) -> LoadedSeq2Seq:
+    """quantize="int8": the decoder's linear layers and the output head get int8 weights (per
+    output channel) on leapllm's CPU kernels (model/quantized/int8.py). The decoder reads every
+    weight once per generated token, so its speed is the bytes it reads; the encoder runs once
+    over many rows, where the kernels would dequantize to floats anyway, and stays as stored."""
     start = time.perf_counter()
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -507,6 +512,13 @@ def load_seq2seq(path: str | Path, *, dtype: str | torch.dtype = "float32",
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     model = build_seq2seq(config, read_seq2seq_weights(folder, config.family), torch_dtype, dev, folder)
+    if quantize is not None:
+        if quantize != "int8":
+            raise ModelLoadError(f"unknown quantization {quantize!r}; encoder-decoders support int8")
+        if dev.type != "cpu":
+            raise ModelLoadError("int8 encoder-decoders run on leapllm's CPU kernels; use --device cpu")
+        quantize_linears_int8(model.decoder)
+        model.lm_head = Int8Linear.from_linear(model.lm_head)
     tokenizer = load_seq2seq_tokenizer(folder, config.family)
     generation = generation_defaults(raw, folder)
     for name in ("decoder_start_token_id", "pad_token_id", "forced_bos_token_id", "forced_eos_token_id"):

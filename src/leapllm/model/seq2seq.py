@@ -453,13 +453,14 @@ class Seq2SeqModel(nn.Module):
             self.final_logits_bias = None
         self.output_scale = config.d_model ** -0.5 if config.scale_decoder_output else 1.0
 
+    # The token embeddings stay float in every form of the model (the linear layers may be quantized).
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.decoder.embed.tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.decoder.embed.tokens.weight.dtype
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                return_attention: bool = False) -> EncoderOutput:

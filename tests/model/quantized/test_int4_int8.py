@@ -101,3 +101,25 @@ def test_int4_clip_ratio_shrinks_each_groups_range():
     _, full_scale, full_min = quantize_int4_groupwise(w, 32)
     _, scale, minimum = quantize_int4_groupwise(w, 32, torch.full((2, 2), 0.5))
     assert torch.allclose(scale, full_scale * 0.5) and torch.allclose(minimum, full_min * 0.5)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_an_int8_layer_whose_outputs_the_tiles_do_not_divide_runs_on_the_kernels_without_its_padding(rows):
+    """A 58,101-token vocabulary is no multiple of the kernels' 16-row tiles: zero rows fill the last
+    tile, and the outputs equal those of the same rows inside a layer that needs no padding."""
+    from leapllm.kernels import cpu_kernels
+
+    if cpu_kernels() is None:
+        pytest.skip("leapllm CPU kernels unavailable")
+    torch.manual_seed(0)
+    wide = nn.Linear(64, 64, bias=True)
+    narrow = nn.Linear(64, 50, bias=True)
+    with torch.no_grad():
+        narrow.weight.copy_(wide.weight[:50])
+        narrow.bias.copy_(wide.bias[:50])
+    padded, whole = Int8Linear.from_linear(narrow), Int8Linear.from_linear(wide)
+    assert padded.packed_linear is not None and padded.padded_rows == 14
+    x = torch.randn(rows, 64)
+    out = padded(x)
+    assert out.shape == (rows, 50)
+    assert torch.equal(out, whole(x)[:, :50])

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from leapllm.kernels.packing import (
+    TILE,
     kernels_can_run,
     pack_int8,
     pack_int8_blocks,
@@ -58,9 +59,20 @@ class Int8Linear(nn.Module):
         self.activation_digits = activation_digits
         self.packed_linear = None  # the C++ PackedLinear, when leapllm's kernels run this layer
         block_scales = scale.dim() == 2
+        self.padded_rows = 0
+        pad = -self.out_features % TILE
+        if pad and not block_scales and minimum is None and kernels_can_run(self.in_features,
+                                                                            self.out_features + pad, q.device):
+            # An output count the kernels' tiles do not divide (a 58,101-token vocabulary): zero rows
+            # fill the last tile, and forward drops their outputs.
+            q = torch.cat([q, q.new_zeros(pad, self.in_features)])
+            scale = torch.cat([scale.float(), scale.new_ones(pad, dtype=torch.float32)])
+            if bias is not None:
+                bias = torch.cat([bias.detach().float(), bias.new_zeros(pad, dtype=torch.float32)])
+            self.padded_rows = pad
         if block_scales and not kernels_can_run(self.in_features, self.out_features, q.device):
             raise ValueError("int8 weights with a scale per block run only on leapllm's CPU kernels")
-        if kernels_can_run(self.in_features, self.out_features, q.device):
+        if kernels_can_run(self.in_features, self.out_features + self.padded_rows, q.device):
             mins = None
             if minimum is not None:
                 weight, scales, mins = pack_int8_sub_blocks(q, scale, minimum)
@@ -83,7 +95,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_linear is not None:
-            return packed_forward(self.packed_linear, x)
+            out = packed_forward(self.packed_linear, x)
+            return out[..., :self.out_features] if self.padded_rows else out
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, self.in_features).float()  # (rows, in)
         rows = x2.shape[0]
