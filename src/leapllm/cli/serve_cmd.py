@@ -8,6 +8,9 @@ Every setting is checked, and the port bound, before the model loads, so a mista
 range or in use, a negative cache size, a bad model path) is one `leapllm: error: ...` line and
 exit status 2. SIGTERM or Ctrl-C drains: no new connections, requests in flight get
 --shutdown-timeout seconds to finish, the rest are aborted, and the process exits 0.
+
+An encoder-decoder folder (T5, BART, mBART, MarianMT) is served on /v1/completions instead, each
+prompt a source text (serving/seq2seq_serving.py); flags only the LLM server has are refused.
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ import signal
 import sys
 from pathlib import Path
 
-from leapllm.cli.args import add_model_args, add_server_args, add_speculative_args, serve_settings_from_args
+from leapllm.cli.args import (
+    ServeSettings,
+    add_model_args,
+    add_server_args,
+    add_speculative_args,
+    serve_settings_from_args,
+)
 from leapllm.cli.common import llm_from_settings
 from leapllm.config import ServerSettings
 from leapllm.loading.default_model import default_model_name
@@ -106,13 +115,59 @@ def model_facts(llm) -> dict:
     return facts
 
 
+def seq2seq_app(args, settings: ServeSettings):
+    """The app of `leapllm serve --model ENCODER_DECODER_FOLDER`: the flags it cannot take are refused
+    before the load; --max-num-seqs bounds a batch's rows (sources x beams), --max-waiting the
+    requests waiting for one."""
+    from leapllm.engine.seq2seq_lm import Seq2SeqLM
+    from leapllm.errors import InvalidRequestError
+    from leapllm.serving.seq2seq_serving import create_seq2seq_app
+
+    server, model, config, speculative = settings
+    refused = {"--replicas": server.replicas is not None, "--tensor-parallel": model.tensor_parallel > 1,
+               "--speculative / --draft-model": bool(speculative), "--embedding-model": server.embedding_model,
+               "--classifier": server.classifier, "--qa-model": args.qa_model, "--ner-model": args.ner_model,
+               "--reports": server.reports}
+    for flag, given in refused.items():
+        if given:
+            raise InvalidRequestError(f"{flag} is not supported with an encoder-decoder model ({model.model})")
+    lm = Seq2SeqLM(model.model, dtype=model.dtype, device=model.device, num_threads=model.threads)
+    name = server.served_model_name or default_model_name(Path(lm.path))
+    return create_seq2seq_app(lm, name, server.api_key, max_batch_size=config.max_num_seqs,
+                              max_waiting=server.max_waiting, shutdown_grace_s=server.shutdown_timeout,
+                              max_request_bytes=server.max_request_bytes)
+
+
+def serve_seq2seq(args, settings: ServeSettings) -> int:
+    from leapllm.serving.runner import bind_socket, serve
+
+    server = settings.server
+    sock = bind_socket(server.host, server.port)  # fail on a taken port before the model load
+    try:
+        app = seq2seq_app(args, settings)
+        port = sock.getsockname()[1]
+        host = f"[{server.host}]" if ":" in server.host else server.host
+        print(f"leapllm: serving {app.state.model_name} at http://{host}:{port}/v1 (encoder-decoder on "
+              f"/v1/completions, batches of at most {settings.engine.max_num_seqs} sequences"
+              f"{', API key required' if server.api_key else ''})", file=sys.stderr, flush=True)
+        started = serve(app, sock, on_shutdown=app.state.drain, log_level=server.log_level,
+                        timeout_graceful_shutdown=server.shutdown_timeout + 10)
+    finally:
+        sock.close()
+    return 0 if started else 1
+
+
 def cmd_serve(args) -> int:
     from leapllm.engine.async_engine import AsyncEngine
     from leapllm.engine.llm_engine import LLMEngine
+    from leapllm.loading.seq2seq_loader import is_seq2seq_folder
     from leapllm.serving import create_app
     from leapllm.serving.runner import bind_socket, serve
 
-    server, model, config, speculative = serve_settings_from_args(args)
+    settings = serve_settings_from_args(args)
+    server, model, config, speculative = settings
+    if model.model is not None and is_seq2seq_folder(model.model):
+        return serve_seq2seq(args, settings)
     check_task_heads(args, server)
     if server.replicas is not None:
         from leapllm.serving.ray_replicas import serve_replicas

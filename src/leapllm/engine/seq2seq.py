@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -200,9 +201,17 @@ def _finish(tokens: list[int], plan: GenerationPlan) -> tuple[list[int], str]:
     return tokens, "length"
 
 
+# on_step(sources, tokens): the batch indices of the sources still generating and the token each just got.
+StepCallback = Callable[[list[int], list[int]], None]
+
+
 @torch.inference_mode()
-def generate_ids(model: Seq2SeqModel, source_ids: list[list[int]], plan: GenerationPlan) -> GeneratedIds:
-    """Generate for a batch of tokenized sources (each with its special tokens)."""
+def generate_ids(model: Seq2SeqModel, source_ids: list[list[int]], plan: GenerationPlan,
+                 on_step: StepCallback | None = None) -> GeneratedIds:
+    """Generate for a batch of tokenized sources (each with its special tokens).
+
+    `on_step` (greedy and sampling; for streaming) is called after every decoding step; an exception
+    it raises stops the batch. Beam search never calls it: a beam's tokens are final only at the end."""
     if not source_ids or any(not ids for ids in source_ids):
         raise InvalidRequestError("every source must have at least one token")
     limit = model.config.max_source_tokens
@@ -221,7 +230,7 @@ def generate_ids(model: Seq2SeqModel, source_ids: list[list[int]], plan: Generat
     if plan.num_beams > 1:
         out = _beam_search(model, encoded, plan)
     else:
-        out = _greedy_or_sample(model, encoded, plan)
+        out = _greedy_or_sample(model, encoded, plan, on_step)
     end = time.perf_counter()
     generated = sum(len(t) for t in out.token_ids)
     out.timings = {"encode_s": encoded_at - start, "decode_s": end - encoded_at, "total_s": end - start,
@@ -230,7 +239,8 @@ def generate_ids(model: Seq2SeqModel, source_ids: list[list[int]], plan: Generat
     return out
 
 
-def _greedy_or_sample(model: Seq2SeqModel, encoded, plan: GenerationPlan) -> GeneratedIds:
+def _greedy_or_sample(model: Seq2SeqModel, encoded, plan: GenerationPlan,
+                      on_step: StepCallback | None = None) -> GeneratedIds:
     batch = encoded.hidden.shape[0]
     device = encoded.hidden.device
     cache = model.new_cache(encoded, capacity=plan.max_length)
@@ -250,6 +260,8 @@ def _greedy_or_sample(model: Seq2SeqModel, encoded, plan: GenerationPlan) -> Gen
             next_tokens = torch.stack([torch.multinomial(sampler.filtered_probs(row), 1, generator=sampler.generator)[0]
                                        for row in scores])
         sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+        if on_step is not None:
+            on_step(active, next_tokens.tolist())
         ended = torch.isin(next_tokens, eos) if eos.numel() else torch.zeros_like(next_tokens, dtype=torch.bool)
         if sequences.shape[1] >= plan.max_length:
             ended = torch.ones_like(ended)

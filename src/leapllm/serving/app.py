@@ -67,6 +67,40 @@ class StatusRoutes:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI-shaped JSON (errors.py), whatever raised it; a client that went away gets
+    no body (499 in the access log)."""
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        content_type = request.headers.get("content-type", "application/json")
+        if "json" not in content_type:  # e.g. `curl -d` without -H: FastAPI then reads no JSON at all
+            return error_response(ApiError(400, f"the request body must be JSON sent with 'Content-Type: "
+                                                f"application/json', got '{content_type}'"))
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):  # unknown path, wrong method
+        err = ApiError(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500
+                       else "server_error", code="not_found" if exc.status_code == 404 else None)
+        err.headers = getattr(exc, "headers", None)
+        return error_response(err)
+
+    @app.exception_handler(ClientDisconnected)
+    async def on_disconnect(request: Request, exc: ClientDisconnected):
+        return Response(status_code=STATUS_CLIENT_CLOSED)
+
+    async def on_expected_error(request: Request, exc: Exception):
+        return error_response(exc)
+
+    for expected in (ApiError, LeapLLMError, EngineStepError):  # no traceback: these are reported, not bugs
+        app.add_exception_handler(expected, on_expected_error)
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception):  # Starlette logs the traceback too
+        return error_response(exc)
+
+
 def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, context_length: int,
                api_key: str | None = None, *, shutdown_grace_s: float = 5.0, encoders=None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, model_facts: dict | None = None,
@@ -129,34 +163,7 @@ def create_app(async_engine: AsyncEngine, tokenizer, model_name: str, context_le
     app.add_api_route("/metrics", status.metrics_text, methods=["GET"], response_model=None)
     add_web_routes(app, web)
 
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, exc: RequestValidationError):
-        content_type = request.headers.get("content-type", "application/json")
-        if "json" not in content_type:  # e.g. `curl -d` without -H: FastAPI then reads no JSON at all
-            return error_response(ApiError(400, f"the request body must be JSON sent with 'Content-Type: "
-                                                f"application/json', got '{content_type}'"))
-        return error_response(validation_error(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, exc: StarletteHTTPException):  # unknown path, wrong method
-        err = ApiError(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500
-                       else "server_error", code="not_found" if exc.status_code == 404 else None)
-        err.headers = getattr(exc, "headers", None)
-        return error_response(err)
-
-    @app.exception_handler(ClientDisconnected)
-    async def on_disconnect(request: Request, exc: ClientDisconnected):
-        return Response(status_code=STATUS_CLIENT_CLOSED)
-
-    async def on_expected_error(request: Request, exc: Exception):
-        return error_response(exc)
-
-    for expected in (ApiError, LeapLLMError, EngineStepError):  # no traceback: these are reported, not bugs
-        app.add_exception_handler(expected, on_expected_error)
-
-    @app.exception_handler(Exception)
-    async def on_bug(request: Request, exc: Exception):  # Starlette logs the traceback too
-        return error_response(exc)
+    add_error_handlers(app)
 
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_bytes)
     if api_key:  # added last, so it runs first: no body is read for a request without the key
