@@ -162,3 +162,23 @@ def test_an_encoder_decoder_shows_encoder_decoder_and_cross_attention_of_its_own
     assert page.locator("#queries span").count() == len(lm.tokenizer.encode("the house")) + 1
     assert page.locator("#keys span").count() == len(encoder.key_tokens)
     assert page_errors == []
+
+
+@pytest.mark.parametrize("family", ["distilbert", "albert"])
+def test_an_encoder_folder_with_a_task_head_shows_its_self_attention(family, tmp_path):
+    from leapllm.encoders.embedder import Embedder
+    from tests.encoders.tiny_task_models import task_folder
+
+    folder, hf, tokenizer = task_folder(family, "token-classification")
+    text = "Angela Merkel visited Paris last week."
+    (maps,) = Embedder(folder).attention(text)
+    enc = tokenizer(text, return_tensors="pt")
+    assert maps.query_tokens == tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+    with torch.no_grad():
+        expected = hf(**enc, output_attentions=True).attentions
+    assert len(maps.layers) == len(expected)
+    for got, want in zip(maps.layers, expected, strict=True):
+        torch.testing.assert_close(got, want[0], atol=1e-5, rtol=0)
+    out = tmp_path / "a.json"
+    assert main(["attention", "--model", str(folder), text, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["query_tokens"] == maps.query_tokens

@@ -45,11 +45,24 @@ def _checked_output(path: str | None, flag: str) -> Path | None:
 
 
 def attention_of(args, text: str):
-    """(the maps, the model's name) of the model --model names: a decoder (LLM), or an
-    encoder-decoder folder (Seq2SeqLM, with --target)."""
+    """(the maps, the model's name) of the model --model names: a decoder (LLM), a BERT-family
+    encoder folder (with or without a task head), or an encoder-decoder folder (Seq2SeqLM, with --target)."""
+    import torch
+
     from leapllm.errors import InvalidRequestError
+    from leapllm.loading.encoder_loader import is_encoder_folder
     from leapllm.loading.seq2seq_loader import is_seq2seq_folder
 
+    if args.model is not None and is_encoder_folder(args.model):
+        from leapllm.encoders.embedder import Embedder
+
+        if args.target is not None:
+            raise InvalidRequestError("--target is for encoder-decoder models; an encoder reads the text alone")
+        embedder = Embedder(args.model, dtype="float32" if args.dtype == "auto" else args.dtype,
+                            device="cpu" if args.device == "auto" else args.device)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        return embedder.attention(text), Path(args.model).name
     if args.model is not None and is_seq2seq_folder(args.model):
         from leapllm.engine.seq2seq_lm import Seq2SeqLM
 

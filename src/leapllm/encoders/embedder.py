@@ -24,6 +24,7 @@ import torch
 
 from leapllm.errors import InvalidRequestError
 from leapllm.loading.encoder_loader import LoadedEncoder, load_encoder
+from leapllm.model.attention import AttentionMaps
 from leapllm.model.bert import pool
 
 log = logging.getLogger("leapllm.encoders")
@@ -118,6 +119,17 @@ class Embedder:
                 raise InvalidRequestError(f"input {i} has a token id outside the vocabulary (0..{vocab - 1})")
             out.append(self._fit(i, list(ids), truncate))
         return out
+
+    # -- understanding -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def attention(self, text: str) -> list[AttentionMaps]:
+        """Every layer's and head's attention probabilities over one text (special tokens
+        included): [AttentionMaps("self", tokens, tokens, layers)], each layer (heads, n, n)."""
+        ids = self.tokenize([text], truncate=False)[0]
+        input_ids = torch.tensor([ids], device=self.model.device)
+        _, layers = self.model(input_ids, torch.ones_like(input_ids), return_attention=True)
+        tokens = [self.tokenizer.id_to_token(t) or "" for t in ids]
+        return [AttentionMaps("self", tokens, tokens, [layer[0].float().cpu() for layer in layers])]
 
     # -- vectors ---------------------------------------------------------------------------------
     def embed(self, texts: Sequence[str], truncate: bool = True) -> np.ndarray:

@@ -376,6 +376,18 @@ def load_task_model(path: str | Path, task: str | None = None, *, dtype: str | t
                            max_tokens, _special_ids(folder, tokenizer), time.perf_counter() - start)
 
 
+def is_encoder_folder(path: str | Path) -> bool:
+    """Whether a path is a folder whose config.json names a supported encoder model_type."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(raw, dict) and raw.get("model_type") in SUPPORTED_TYPES
+
+
 def folder_task(path: str | Path) -> str | None:
     """The task a folder's config.json names (text-classification, ...), or None when it names none;
     reads nothing else, so that a server can check its flags before any model loads."""
