@@ -19,7 +19,7 @@ from leapllm.engine.request import RequestOutput
 from leapllm.engine.sampling import SamplingParams
 from leapllm.engine.speculative import check_draft_model
 from leapllm.engine.structured_output import StructuredOutputParams
-from leapllm.errors import InvalidRequestError, ModelLoadError
+from leapllm.errors import InvalidRequestError
 from leapllm.loading.loader import load_model
 from leapllm.loading.seq2seq_loader import is_seq2seq_folder
 from leapllm.model.attention import AttentionMaps
@@ -62,6 +62,22 @@ class LLM:
     >>> llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))[0].text
     """
 
+    def __new__(cls, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
+                device: str | torch.device = "auto", num_threads: int | None = None,
+                engine_config: EngineConfig | None = None, tensor_parallel: int = 1,
+                speculative: str | None = None, draft_model: str | Path | None = None,
+                num_speculative_tokens: int = 4):
+        # An encoder-decoder folder gets its own engine: LLM(folder) hands back a Seq2SeqLM, whose
+        # generate takes the same prompts and SamplingParams (engine/seq2seq_lm.py).
+        if model is not None and is_seq2seq_folder(model):
+            from leapllm.engine.seq2seq_lm import Seq2SeqLM
+
+            if engine_config is not None or tensor_parallel != 1 or speculative is not None or draft_model is not None:
+                raise InvalidRequestError("an encoder-decoder model runs on its own engine, in one process: "
+                                          "engine_config, tensor_parallel and speculative decoding do not apply")
+            return Seq2SeqLM(model, dtype=dtype, device=device, num_threads=num_threads)
+        return super().__new__(cls)
+
     def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
                  device: str | torch.device = "auto", num_threads: int | None = None,
                  engine_config: EngineConfig | None = None, tensor_parallel: int = 1,
@@ -78,9 +94,6 @@ class LLM:
             raise InvalidRequestError(f"tensor_parallel must be a positive integer, got {tensor_parallel!r}")
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        if model is not None and is_seq2seq_folder(model):
-            raise ModelLoadError(f"{model} is an encoder-decoder model; load it with "
-                                 "leapllm.engine.seq2seq_lm.Seq2SeqLM (or `leapllm translate`/`summarize`)")
         if tensor_parallel == 1:
             loaded = load_model(model, dtype=dtype, device=device)
             self.model = loaded.model

@@ -13,7 +13,7 @@ import torch
 
 from leapllm.engine.seq2seq import Seq2SeqParams, generate_ids, plan_generation
 from leapllm.engine.seq2seq_lm import Seq2SeqLM
-from leapllm.errors import InvalidRequestError, ModelLoadError
+from leapllm.errors import InvalidRequestError
 from leapllm.loading.seq2seq_loader import load_seq2seq
 from tests.model.seq2seq_reference import REAL, reference, source_batch
 
@@ -162,9 +162,18 @@ def test_bad_requests_raise_invalid_request_error():
         lm.generate(TEXTS[:1], beams=2)
 
 
-def test_llm_refuses_an_encoder_decoder_folder():
+def test_llm_of_an_encoder_decoder_folder_is_a_seq2seq_lm_that_takes_sampling_params():
+    from leapllm.engine.sampling import SamplingParams
     from leapllm.llm import LLM
 
-    _, folder = reference("t5-small")
-    with pytest.raises(ModelLoadError, match="Seq2SeqLM"):
-        LLM(folder)
+    _, folder = reference("opus-mt-en-de")
+    lm = LLM(folder)
+    assert isinstance(lm, Seq2SeqLM)
+    greedy = lm.generate(TEXTS, SamplingParams(max_tokens=6, temperature=0))
+    assert [o.token_ids for o in greedy] == [o.token_ids for o in lm.generate(TEXTS, max_new_tokens=6, num_beams=1)]
+    sampled = [lm.generate(TEXTS, SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, seed=3)) for _ in range(2)]
+    assert [o.token_ids for o in sampled[0]] == [o.token_ids for o in sampled[1]]  # seeded
+    with pytest.raises(InvalidRequestError, match="stop"):
+        lm.generate(TEXTS, SamplingParams(stop=["."]))
+    with pytest.raises(InvalidRequestError, match="tensor_parallel"):
+        LLM(folder, tensor_parallel=2)

@@ -64,6 +64,23 @@ class Seq2SeqParams:
     seed: int | None = None
 
 
+def seq2seq_params_from_sampling(params: SamplingParams) -> Seq2SeqParams:
+    """The decoder LLM's SamplingParams as an encoder-decoder's: max_tokens new tokens, greedy at
+    temperature 0, else sampling with temperature, top_k, top_p and seed. Settings that have no
+    meaning here yet (penalties, stop strings, structured output, ...) are refused, not ignored."""
+    default = SamplingParams()
+    unsupported = [name for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop",
+                                     "stop_token_ids", "ignore_eos", "truncate_prompt", "structured_output")
+                   if getattr(params, name) != getattr(default, name)]
+    if unsupported:
+        raise InvalidRequestError(f"an encoder-decoder model does not support {', '.join(unsupported)} yet")
+    if params.temperature == 0:
+        return Seq2SeqParams(max_new_tokens=params.max_tokens, num_beams=1)
+    return Seq2SeqParams(max_new_tokens=params.max_tokens, num_beams=1, do_sample=True,
+                         temperature=params.temperature, top_k=max(params.top_k, 0), top_p=params.top_p,
+                         seed=params.seed)
+
+
 @dataclass
 class GenerationPlan:
     """Seq2SeqParams with the model's defaults filled in and checked."""

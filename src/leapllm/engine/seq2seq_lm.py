@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from leapllm.engine.seq2seq import Seq2SeqParams, generate_ids, plan_generation
+from leapllm.engine.sampling import SamplingParams
+from leapllm.engine.seq2seq import Seq2SeqParams, generate_ids, plan_generation, seq2seq_params_from_sampling
 from leapllm.errors import InvalidRequestError
 from leapllm.loading.seq2seq_loader import load_seq2seq
 from leapllm.model.attention import AttentionMaps
@@ -80,14 +81,18 @@ class Seq2SeqLM:
             raise InvalidRequestError(f"a source must be a string, got {type(text).__name__}")
         return self.tokenizer.encode(text)
 
-    def generate(self, texts: str | list[str], params: Seq2SeqParams | None = None, *, prefix: str = "",
-                 **overrides) -> list[Seq2SeqOutput]:
+    def generate(self, texts: str | list[str], params: Seq2SeqParams | SamplingParams | None = None, *,
+                 prefix: str = "", **overrides) -> list[Seq2SeqOutput]:
         """One output per source text, generated together in one batch. `overrides` are
-        Seq2SeqParams fields (max_new_tokens=..., num_beams=...) over `params`."""
+        Seq2SeqParams fields (max_new_tokens=..., num_beams=...) over `params`. A decoder LLM's
+        SamplingParams work too (seq2seq_params_from_sampling), so that code written for `LLM`
+        runs an encoder-decoder that `LLM(folder)` handed it."""
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, list) or not texts:
             raise InvalidRequestError("give at least one source text")
+        if isinstance(params, SamplingParams):
+            params = seq2seq_params_from_sampling(params)
         params = _with_overrides(params or Seq2SeqParams(), overrides)
         sources = [self.encode(prefix + t) for t in texts]
         plan = plan_generation(params, self.defaults, self.model)
