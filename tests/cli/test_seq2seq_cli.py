@@ -74,3 +74,10 @@ def test_translate_int8_runs_the_decoder_on_int8_weights(monkeypatch, capsys):
                                           "--num-beams", "1", *TEXTS])
     assert code == 0, out.err
     assert len(out.out.splitlines()) == len(TEXTS)
+
+
+def test_decoder_commands_name_the_commands_that_take_an_encoder_decoder(capsys):
+    _, folder = reference("t5-small")
+    for argv in (["generate", "--model", str(folder), "hello"], ["info", "--model", str(folder)],
+                 ["eval", "perplexity", "--model", str(folder), "--text", "builtin:python-docs-heldout"]):
+        assert_one_line_error(capsys, argv, "`leapllm translate`")

@@ -17,8 +17,14 @@ EXIT_USAGE = 2  # a user mistake: the exit status of argparse's own usage errors
 def llm_from_settings(model: ModelSettings, speculative: dict | None = None):
     """The LLM of checked settings: one process or split over model.tensor_parallel, with the
     speculative options of speculative_from_args."""
+    from leapllm.errors import InvalidRequestError
     from leapllm.llm import LLM
+    from leapllm.loading.seq2seq_loader import is_seq2seq_folder
 
+    if model.model is not None and is_seq2seq_folder(model.model):
+        # LLM(folder) would hand back a Seq2SeqLM, which the decoder commands cannot drive.
+        raise InvalidRequestError(f"{model.model} is an encoder-decoder model; this command runs decoder LLMs "
+                                  "(use `leapllm translate`, `summarize`, `attention` or `serve` with it)")
     return LLM(model.model, dtype=model.dtype, device=model.device, num_threads=model.threads,
                tensor_parallel=model.tensor_parallel, **(speculative or {}))
 
