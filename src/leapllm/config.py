@@ -136,7 +136,9 @@ class ServerSettings:
     log_level: str = "info"  # one of LOG_LEVELS
     embedding_model: str | None = None  # an encoder folder for /v1/embeddings, or "default"
     embedding_int8: bool = False
-    classifier: str | None = None  # a classifier folder for /v1/classify
+    classifier: str | None = None  # a classifier folder for /v1/classify (leapllm-trained or fine-tuned)
+    qa_model: str | None = None  # a fine-tuned *ForQuestionAnswering folder for /v1/qa
+    ner_model: str | None = None  # a fine-tuned *ForTokenClassification folder for /v1/ner
     replicas: int | None = None  # engine replicas on Ray Serve; None: one engine in this process
     max_replicas: int | None = None  # autoscale between replicas and max_replicas
     ray_address: str | None = None  # the Ray cluster of the replicas; None: auto, a local Ray instance
@@ -169,9 +171,10 @@ class ServerSettings:
         if self.max_replicas is not None and self.max_replicas < self.replicas:
             raise InvalidRequestError(
                 f"--max-replicas ({self.max_replicas}) must be at least --replicas ({self.replicas})")
-        if self.embedding_model is not None or self.classifier is not None:
-            raise InvalidRequestError("--embedding-model and --classifier are not served by --replicas; run them "
-                                      "in a separate leapllm serve")
+        for flag, value in (("--embedding-model", self.embedding_model), ("--classifier", self.classifier),
+                            ("--qa-model", self.qa_model), ("--ner-model", self.ner_model)):
+            if value is not None:
+                raise InvalidRequestError(f"{flag} is not served by --replicas; run it in a separate leapllm serve")
         if self.reports is not None:
             raise InvalidRequestError("--reports is not served by --replicas: Ray Serve's proxy serves the API only")
         if self.ray_address is not None and not self.ray_address.strip():

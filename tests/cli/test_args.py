@@ -106,7 +106,9 @@ def test_engine_flag_errors(argv, message):
     (["--ray-address", "auto"], "--ray-address needs --replicas"),
     (["--replicas", "2", "--ray-address", " "], "--ray-address must not be empty (auto starts a local Ray instance)"),
     (["--replicas", "2", "--classifier", "clf"],
-     "--embedding-model and --classifier are not served by --replicas; run them in a separate leapllm serve"),
+     "--classifier is not served by --replicas; run it in a separate leapllm serve"),
+    (["--replicas", "2", "--ner-model", "ner"],
+     "--ner-model is not served by --replicas; run it in a separate leapllm serve"),
 ])
 def test_server_flag_errors(argv, message):
     assert error_of(server_settings_from_args, parse("serve", *argv)) == message

@@ -218,7 +218,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="also serve /v1/embeddings with this encoder folder, or 'default' for all-MiniLM-L6-v2")
     e.add_argument("--embedding-int8", action="store_true", help="int8 weights and activations for the encoder")
     e.add_argument("--classifier", metavar="FOLDER", default=None,
-                   help="also serve /v1/classify with a classifier trained by `leapllm classify train`")
+                   help="also serve /v1/classify with a classifier trained by `leapllm classify train`, or a "
+                        "fine-tuned Hugging Face *ForSequenceClassification folder")
+    e.add_argument("--qa-model", metavar="FOLDER", default=None,
+                   help="also serve /v1/qa with a fine-tuned *ForQuestionAnswering folder (extractive QA)")
+    e.add_argument("--ner-model", metavar="FOLDER", default=None,
+                   help="also serve /v1/ner with a fine-tuned *ForTokenClassification folder")
     add_engine_args(p)
     add_scale_out_args(p)
     p.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout,
@@ -248,6 +253,7 @@ def server_settings_from_args(args) -> ServerSettings:
         max_waiting=args.max_waiting, max_request_bytes=args.max_request_bytes,
         shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
         embedding_model=args.embedding_model, embedding_int8=args.embedding_int8, classifier=args.classifier,
+        qa_model=args.qa_model, ner_model=args.ner_model,
         replicas=args.replicas, max_replicas=args.max_replicas, ray_address=args.ray_address, reports=args.reports)
     settings.validate()
     return settings

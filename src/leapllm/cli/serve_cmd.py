@@ -40,26 +40,20 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     add_model_args(p)
     add_speculative_args(p)
     add_server_args(p)
-    heads = p.add_argument_group("fine-tuned task heads (Hugging Face *ForQuestionAnswering / *ForTokenClassification "
-                                 "folders; --classifier also takes a *ForSequenceClassification one)")
-    heads.add_argument("--qa-model", metavar="FOLDER", default=None, help="also serve /v1/qa (extractive QA)")
-    heads.add_argument("--ner-model", metavar="FOLDER", default=None, help="also serve /v1/ner (token classification)")
     p.set_defaults(func=cmd_serve)
     return p
 
 
-def check_task_heads(args, server: ServerSettings) -> None:
+def check_task_heads(server: ServerSettings) -> None:
     """The task-head flags name folders of their task (read before anything loads)."""
     from leapllm.errors import InvalidRequestError
     from leapllm.loading.encoder_loader import folder_task
 
-    heads = {"--qa-model": (args.qa_model, "question-answering"),
-             "--ner-model": (args.ner_model, "token-classification")}
+    heads = {"--qa-model": (server.qa_model, "question-answering"),
+             "--ner-model": (server.ner_model, "token-classification")}
     for flag, (path, task) in heads.items():
         if path is None:
             continue
-        if server.replicas is not None:
-            raise InvalidRequestError(f"{flag} is not served by --replicas; run it in a separate leapllm serve")
         found = folder_task(path)
         if found != task:
             raise InvalidRequestError(f"{flag} {path}: not a {task} model folder (its config.json names "
@@ -72,8 +66,9 @@ def stop_on_rank_failure(message: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def load_encoders(server: ServerSettings, device: str, qa_model: str | None = None, ner_model: str | None = None):
+def load_encoders(server: ServerSettings, device: str):
     """The embedding model, classifier and task heads asked for, or None."""
+    qa_model, ner_model = server.qa_model, server.ner_model
     if server.embedding_model is None and server.classifier is None and qa_model is None and ner_model is None:
         return None
     from leapllm.encoders.embedder import Embedder
@@ -126,7 +121,7 @@ def seq2seq_app(args, settings: ServeSettings):
     server, model, config, speculative = settings
     refused = {"--replicas": server.replicas is not None, "--tensor-parallel": model.tensor_parallel > 1,
                "--speculative / --draft-model": bool(speculative), "--embedding-model": server.embedding_model,
-               "--classifier": server.classifier, "--qa-model": args.qa_model, "--ner-model": args.ner_model,
+               "--classifier": server.classifier, "--qa-model": server.qa_model, "--ner-model": server.ner_model,
                "--reports": server.reports}
     for flag, given in refused.items():
         if given:
@@ -168,7 +163,7 @@ def cmd_serve(args) -> int:
     server, model, config, speculative = settings
     if model.model is not None and is_seq2seq_folder(model.model):
         return serve_seq2seq(args, settings)
-    check_task_heads(args, server)
+    check_task_heads(server)
     if server.replicas is not None:
         from leapllm.serving.ray_replicas import serve_replicas
 
@@ -190,7 +185,7 @@ def cmd_serve(args) -> int:
         config.speculative = llm.speculative  # --speculative / --draft-model, loaded next to the model
         engine = AsyncEngine(LLMEngine(llm.model, llm.tokenizer, config), max_waiting=server.max_waiting)
         name = server.served_model_name or default_model_name(Path(llm.path))
-        encoders = load_encoders(server, model.device, args.qa_model, args.ner_model)
+        encoders = load_encoders(server, model.device)
         app = create_app(engine, llm.tokenizer, name, llm.config.context_length, api_key=server.api_key,
                          shutdown_grace_s=server.shutdown_timeout, encoders=encoders,
                          max_request_bytes=server.max_request_bytes, model_facts=model_facts(llm),
