@@ -204,13 +204,9 @@ def same_results(task: str, ours, theirs) -> str:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    from leapllm.profiling.machine import device_name
+
+    return device_name(torch.device("cpu"))
 
 
 if __name__ == "__main__":

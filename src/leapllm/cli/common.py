@@ -45,6 +45,26 @@ def print_stats(out, file=sys.stderr, speculation: dict | None = None) -> None:
           f"first token {t['time_to_first_token_s'] * 1000:.0f} ms, finish: {out.finish_reason}{spec}]", file=file)
 
 
+def read_text_input(path: str | None, what: str = "input") -> str:
+    """The text of a file flag, or of stdin for None or "-": UTF-8 (a BOM dropped), or one clear error."""
+    from pathlib import Path
+
+    from leapllm.errors import InvalidRequestError
+
+    if path is None or path == "-":
+        return sys.stdin.read()
+    file = Path(path)
+    if not file.is_file():
+        why = "no such file" if not file.exists() else "not a file"
+        raise InvalidRequestError(f"cannot read {what} {file}: {why}")
+    try:
+        return file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise InvalidRequestError(f"cannot read {what} {file}: not UTF-8 text") from None
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read {what} {file}: {exc.strerror or exc}") from None
+
+
 def write_stdout(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()

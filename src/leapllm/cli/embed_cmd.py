@@ -18,6 +18,7 @@ import sys
 import numpy as np
 
 from leapllm.cli.args import threads_from_args
+from leapllm.cli.common import read_text_input
 
 
 def add_embed_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,15 +41,7 @@ def add_embed_parser(subparsers) -> argparse.ArgumentParser:
 def read_lines(args) -> list[str]:
     from leapllm.errors import InvalidRequestError
 
-    if args.input is None:
-        text = sys.stdin.read()
-    else:
-        try:
-            with open(args.input, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidRequestError(f"cannot read {args.input}: {exc}") from None
-    lines = text.splitlines()
+    lines = read_text_input(args.input).splitlines()
     if args.skip_empty:
         lines = [line for line in lines if line.strip()]
     if not lines:

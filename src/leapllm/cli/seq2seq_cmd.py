@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from leapllm.cli.args import threads_from_args
+from leapllm.cli.common import read_text_input
 from leapllm.errors import InvalidRequestError
 
 
@@ -106,14 +107,7 @@ def cmd_translate(args) -> int:
 
 def cmd_summarize(args) -> int:
     params = params_from_args(args)
-    if args.input is None:
-        text = sys.stdin.read()
-    else:
-        try:
-            with open(args.input, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidRequestError(f"cannot read {args.input}: {exc}") from None
+    text = read_text_input(args.input)
     if not text.strip():
         raise InvalidRequestError("no text to summarize (the input is empty)")
     lm = _load(args)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from leapllm.cli.args import threads_from_args
+from leapllm.cli.common import read_text_input
 from leapllm.errors import InvalidRequestError
 
 
@@ -77,27 +77,13 @@ def _load(args, task: str):
     return load_task(args.model, task, device=args.device, quantize=args.quantize)
 
 
-def _read_text(path: str, what: str) -> str:
-    if path == "-":
-        return sys.stdin.read()
-    file = Path(path)
-    if not file.is_file():
-        raise InvalidRequestError(f"{what} {file}: no such file" if not file.exists() else f"{what} {file}: not a file")
-    try:
-        return file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise InvalidRequestError(f"{what} {file}: not UTF-8 text") from None
-    except OSError as exc:
-        raise InvalidRequestError(f"{what} {file}: cannot read ({exc.strerror or exc})") from None
-
-
 def _write_lines(rows: list[dict]) -> None:
     sys.stdout.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     sys.stdout.flush()
 
 
 def cmd_qa(args) -> int:
-    context = _read_text(args.context, "--context")
+    context = read_text_input(args.context, "--context")
     if not context.strip():
         raise InvalidRequestError(f"the context {args.context} is empty")
     qa = _load(args, "question-answering")
@@ -123,7 +109,7 @@ def cmd_ner(args) -> int:
         texts = list(args.texts)
     else:
         source = args.input or "-"
-        texts = [line for line in _read_text(source, "--input").splitlines() if line.strip()]
+        texts = [line for line in read_text_input(source, "--input").splitlines() if line.strip()]
         if not texts:
             raise InvalidRequestError(f"no texts in {'stdin' if source == '-' else source}")
     ignore = [label.strip() for label in args.ignore_labels.split(",") if label.strip()]

@@ -29,7 +29,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from leapllm.errors import ModelLoadError
 from leapllm.loading.default_model import packaged_file
-from leapllm.loading.loader import check_state_tensors, resolve_device, resolve_dtype
+from leapllm.loading.loader import check_state_tensors, folder_config, resolve_device, resolve_dtype
 from leapllm.model.bert import (
     ACTIVATIONS,
     Encoder,
@@ -378,14 +378,8 @@ def load_task_model(path: str | Path, task: str | None = None, *, dtype: str | t
 
 def is_encoder_folder(path: str | Path) -> bool:
     """Whether a path is a folder whose config.json names a supported encoder model_type."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        raw = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(raw, dict) and raw.get("model_type") in SUPPORTED_TYPES
+    raw = folder_config(path)
+    return raw is not None and raw.get("model_type") in SUPPORTED_TYPES
 
 
 def folder_task(path: str | Path) -> str | None:

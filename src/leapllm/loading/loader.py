@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ModelLoadError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
     return dev
+
+
+def folder_config(path: str | Path) -> dict | None:
+    """A model folder's config.json as a dict, or None where there is no readable one: for the
+    checks that pick a loader (is_encoder_folder, is_seq2seq_folder) before anything loads."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return raw if isinstance(raw, dict) else None
 
 
 def check_state_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where,

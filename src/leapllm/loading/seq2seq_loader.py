@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer as BackendTokenizer
 
 from leapllm.errors import ModelLoadError, TokenizerError
-from leapllm.loading.loader import check_state_tensors, resolve_device, resolve_dtype
+from leapllm.loading.loader import check_state_tensors, folder_config, resolve_device, resolve_dtype
 from leapllm.model.quantized.int8 import Int8Linear, quantize_linears_int8
 from leapllm.model.seq2seq import ACTIVATIONS, Seq2SeqConfig, Seq2SeqModel, sinusoidal_table
 
@@ -47,15 +47,8 @@ def _read_json(path: Path) -> dict:
 
 def is_seq2seq_folder(path: str | Path) -> bool:
     """Whether a path is a folder whose config.json names an encoder-decoder model_type."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        raw = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(raw, dict) and (raw.get("model_type") in SEQ2SEQ_MODEL_TYPES
-                                      or bool(raw.get("is_encoder_decoder")))
+    raw = folder_config(path)
+    return raw is not None and (raw.get("model_type") in SEQ2SEQ_MODEL_TYPES or bool(raw.get("is_encoder_decoder")))
 
 
 def seq2seq_config(raw: dict, where: Path) -> Seq2SeqConfig:
