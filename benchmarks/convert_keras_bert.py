@@ -12,8 +12,8 @@ tokenizer.json built from the vocabulary by the `tokenizers` library (BERT's Wor
 
 The categorium example, as benchmarks/README.md runs it:
 
-    pip download --no-deps categorium==0.2.2 -d /tmp/cat && tar xzf /tmp/cat/categorium-0.2.2.tar.gz -C /tmp/cat
-    M=/tmp/cat/categorium-0.2.2/categorium/modelos/en
+    pip download --no-deps categorium==0.2.2 -d downloads && tar xzf downloads/categorium-0.2.2.tar.gz -C downloads
+    M=downloads/categorium-0.2.2/categorium/modelos/en
     python benchmarks/convert_keras_bert.py $M/en_hultig_model categorium-en \\
         --vocab $M/hultig-bert-token-uncased_en-vocab.txt --lowercase --labels $M/en_categorias.csv --labels-header
 """
