@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from leapllm.benchmarking.timing import median_seconds
+from leapllm.profiling.machine import device_name
 
 CONFIGS = {
     "opus-mt-en-de": {
@@ -47,12 +48,6 @@ CONFIGS = {
 }
 
 
-def cpu_name() -> str:
-    from leapllm.profiling.machine import device_name
-
-    return device_name(torch.device("cpu"))
-
-
 def write_folder(name: str, folder: Path):
     """transformers' model of `name` with seeded random weights, saved with a word-level tokenizer.json
     over its vocabulary (the benchmark feeds token ids; leapllm's loader wants a tokenizer)."""
@@ -68,16 +63,6 @@ def write_folder(name: str, folder: Path):
     vocab = {f"t{i}": i for i in range(raw["vocab_size"])}
     Tokenizer(models.WordLevel(vocab, unk_token="t1")).save(str(folder / "tokenizer.json"))
     return model
-
-
-def time_call(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_batch(name: str, systems: dict, ref, sources: list[list[int]], new_tokens: int, num_beams: int,
@@ -102,7 +87,7 @@ def bench_batch(name: str, systems: dict, ref, sources: list[list[int]], new_tok
                 outputs[system] = generate_ids(model, sources, plan).token_ids
             assert all(len(t) == new_tokens for t in outputs[system])
 
-        row[f"{system}_tokens_per_s"] = tokens / time_call(ours_call, repeats)
+        row[f"{system}_tokens_per_s"] = tokens / median_seconds(ours_call, repeats)
 
     def ref_call():
         with torch.inference_mode():
@@ -112,7 +97,7 @@ def bench_batch(name: str, systems: dict, ref, sources: list[list[int]], new_tok
         assert out.shape[1] == new_tokens + 1, out.shape
         outputs["transformers"] = out[:, 1:].tolist()
 
-    row["transformers_tokens_per_s"] = tokens / time_call(ref_call, repeats)
+    row["transformers_tokens_per_s"] = tokens / median_seconds(ref_call, repeats)
     for system in systems:
         row[f"{system}_ratio"] = row[f"{system}_tokens_per_s"] / row["transformers_tokens_per_s"]
         # Quality: the tokens generated before the first that differs from transformers', per source.
@@ -168,7 +153,7 @@ def main() -> int:
             return 2
         rows += bench_model(name, [int(b) for b in args.batches.split(",")], args.new_tokens, args.source_len,
                             args.num_beams, args.repeats)
-    result = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
+    result = {"cpu": device_name(torch.device("cpu")), "threads": args.threads, "torch": torch.__version__,
               "transformers": transformers.__version__, "rows": rows}
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -28,14 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from leapllm.benchmarking.timing import median_seconds
+from leapllm.profiling.machine import device_name
 
 DISTILBERT = {  # distilbert-base-uncased
     "model_type": "distilbert", "activation": "gelu", "attention_dropout": 0.1, "dim": 768, "dropout": 0.1,
@@ -68,16 +69,6 @@ def write_folder(task: str, folder: Path, tokenizer_dir: Path):
         pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]", model_max_length=512)
     tokenizer.save_pretrained(folder)
     return model, tokenizer
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def hf_qa(model, tokenizer, questions, contexts, batch_size: int) -> list[tuple[int, int]]:
@@ -174,7 +165,7 @@ def main() -> int:
                                    else (lambda runner=runner: runner.classify(texts)))
             for name, fn in peers.items():
                 results[name] = fn()
-                row[f"{name}_requests_per_s"] = row["requests"] / median_time(fn, args.repeats)
+                row[f"{name}_requests_per_s"] = row["requests"] / median_seconds(fn, args.repeats)
             best_peer = max(row["transformers-b1_requests_per_s"], row["transformers-b32_requests_per_s"])
             for name in ours:
                 row[f"{name}_x_best_transformers"] = row[f"{name}_requests_per_s"] / best_peer
@@ -184,7 +175,7 @@ def main() -> int:
                 row[f"{name}_same_as_reference"] = same_results(task, results[name], reference)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    out = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
+    out = {"cpu": device_name(torch.device("cpu")), "threads": args.threads, "torch": torch.__version__,
            "transformers": transformers.__version__, "rows": rows}
     if args.out is not None:
         args.out.write_text(json.dumps(out, indent=2) + "\n")
@@ -201,12 +192,6 @@ def same_results(task: str, ours, theirs) -> str:
     else:
         same = sum(a[0]["label"] == b["label"] for a, b in zip(ours, theirs, strict=True))
     return f"{same}/{len(theirs)}"
-
-
-def cpu_name() -> str:
-    from leapllm.profiling.machine import device_name
-
-    return device_name(torch.device("cpu"))
 
 
 if __name__ == "__main__":
