@@ -20,9 +20,11 @@ from leapllm.engine.sampling import SamplingParams
 from leapllm.engine.speculative import check_draft_model
 from leapllm.engine.structured_output import StructuredOutputParams
 from leapllm.errors import InvalidRequestError
+from leapllm.kernels.packing import many_rows_kernel
 from leapllm.loading.loader import load_model
 from leapllm.loading.seq2seq_loader import is_seq2seq_folder
 from leapllm.model.attention import AttentionMaps
+from leapllm.model.quantized.layers import packed_linear_of
 from leapllm.model.quantized.layers import parameter_count as model_parameter_count
 
 Prompt = str | list[int]
@@ -327,6 +329,8 @@ class LLM:
             "parameters": model_parameter_count(self.model),
             "stored_dtypes": c.extra.get("stored_dtypes", {}),
             "kernels_by_type": c.extra.get("kernels_by_type", {}),
+            # what a prefill's many rows run on, where some tensor runs on leapllm's kernels
+            "many_rows_kernel": many_rows_kernel() if any(packed_linear_of(m) for m in self.model.modules()) else None,
             "memory_bytes_by_dtype": in_memory,
             "device": str(self.model.device),
             "chat_template": self.tokenizer.chat_template is not None,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from leapllm.compression.quantize import quantize_model
-from leapllm.kernels import cpu_kernels, source_hash, why_unavailable
+from leapllm.kernels import cpu_kernels, packing, source_hash, why_unavailable
 from leapllm.kernels.packing import (
     move_to_huge_pages,
     pack_int4,
@@ -197,8 +197,9 @@ def test_packed_matmul_rejects_a_wrong_width_and_non_float32_input():
 
 
 @pytest.mark.parametrize("layer_type", ["int4", "int8"])
-def test_quantized_linear_gives_the_same_result_on_the_dot_kernel_and_the_dequantized_gemm(layer_type):
-    """A few rows go through the int8 dot-product kernel, many through a bfloat16 GEMM on dequantized weights."""
+def test_quantized_linear_gives_the_same_result_on_the_dot_kernel_and_the_dequantized_gemm(layer_type, monkeypatch):
+    """Where the CPU multiplies bfloat16 natively, many rows go through a GEMM on dequantized weights."""
+    monkeypatch.setattr(packing, "tiles_take_every_row_count", lambda: False)
     torch.manual_seed(1)
     linear = torch.nn.Linear(256, 96, bias=True)
     layer = Int4Linear.from_linear(linear, 32) if layer_type == "int4" else Int8Linear.from_linear(linear)
@@ -208,6 +209,24 @@ def test_quantized_linear_gives_the_same_result_on_the_dot_kernel_and_the_dequan
     few = torch.cat([layer(x[i:i + 2]) for i in range(0, 40, 2)])
     assert relative_error(few, many) < 0.02
     assert relative_error(many, linear(x).detach()) < 0.1
+
+
+@pytest.mark.parametrize("layer_type", ["int4", "int8"])
+def test_many_rows_on_the_tiles_give_the_bits_of_one_row_at_a_time(layer_type, monkeypatch):
+    """Where the tiles take every row count, a prefill's rows (chunked by the kernel) are computed
+    exactly as a decode step's one row."""
+    monkeypatch.setattr(packing, "tiles_take_every_row_count", lambda: True)
+    torch.manual_seed(2)
+    linear = torch.nn.Linear(256, 96, bias=True)
+    layer = Int4Linear.from_linear(linear, 32) if layer_type == "int4" else Int8Linear.from_linear(linear)
+    x = torch.randn(150, 256)
+    many = layer(x)
+    assert torch.equal(many, torch.cat([layer(x[i:i + 1]) for i in range(150)]))
+
+
+def test_many_rows_take_the_tiles_unless_the_cpu_multiplies_bfloat16_natively():
+    assert packing.tiles_take_every_row_count() == (packing.gemm_dtype() == torch.float32)
+    assert "tiles" in packing.many_rows_kernel()
 
 
 def test_the_loaded_kernels_were_built_from_the_sources_here():

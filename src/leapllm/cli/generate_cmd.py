@@ -110,6 +110,8 @@ def cmd_info(args) -> int:
                       f"{row['bytes'] / 2**20:.1f} MiB")
     for dtype, how in info["kernels_by_type"].items():  # what each stored type runs on
         table.add_row(f"runs {dtype} on", ", ".join(how))
+    if info["many_rows_kernel"]:
+        table.add_row("prefill runs on", info["many_rows_kernel"])
     for dtype, nbytes in info["memory_bytes_by_dtype"].items():
         table.add_row(f"in memory {dtype}", f"{nbytes / 2**20:.1f} MiB")
     table.add_row("load time", f"{llm.load_seconds:.1f} s")

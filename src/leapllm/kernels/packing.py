@@ -127,8 +127,11 @@ def move_to_huge_pages(layers: list) -> None:
                                             layer.bias, bits=old.bits, simd=old.simd)
 
 
-# Up to this many activation rows (decode steps of up to 32 sequences) the int8 dot-product tiles are
-# fastest; beyond it (prefill) a GEMM on weights dequantized for the call wins.
+# On CPUs whose PyTorch GEMM runs bfloat16 natively (AVX-512 BF16, AMX), a GEMM on weights
+# dequantized for the call beats the int8 dot-product tiles beyond this many activation rows (decode
+# steps of up to 32 sequences stay on the tiles). Elsewhere the GEMM runs in float32 and the tiles
+# are as fast or faster at every row count (benchmarks/README.md, "Many rows"), so every matmul
+# stays on them, and a prefill gets the same bits as the decode steps.
 DOT_KERNEL_MAX_ROWS = 32
 
 
@@ -140,10 +143,23 @@ def gemm_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
 
 
+def tiles_take_every_row_count() -> bool:
+    """Whether matmuls of any number of rows run on the int8 dot-product tiles (no dequantized GEMM)."""
+    return gemm_dtype() != torch.bfloat16
+
+
+def many_rows_kernel() -> str:
+    """What a matmul of many activation rows (a prefill) runs on, for `leapllm info` and the profiler."""
+    if tiles_take_every_row_count():
+        return "the int8-activation tiles, at every row count (the same bits as decode)"
+    return (f"the int8-activation tiles up to {DOT_KERNEL_MAX_ROWS} rows; beyond, a bfloat16 GEMM on weights "
+            "dequantized for the call")
+
+
 def packed_forward(linear, x: torch.Tensor) -> torch.Tensor:
     """y = x W^T (+ bias) for a C++ PackedLinear, choosing the kernel by the number of rows."""
     rows = x.numel() // x.shape[-1]
-    if rows <= DOT_KERNEL_MAX_ROWS:
+    if rows <= DOT_KERNEL_MAX_ROWS or tiles_take_every_row_count():
         return linear.forward(x.float()).to(x.dtype)
     dtype = gemm_dtype()
     y = torch.nn.functional.linear(x.to(dtype), linear.dequantize(dtype))

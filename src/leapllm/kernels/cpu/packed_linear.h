@@ -27,6 +27,9 @@ void with_rows(int mt, F&& f) {
   }
 }
 
+// Activation rows per sweep of a thread's tiles in PackedLinear::forward.
+constexpr int64_t ROW_CHUNK = 64;
+
 }  // namespace
 
 // A linear layer with packed int4 or int8 weights: y = x W^T (+ bias).
@@ -245,8 +248,14 @@ struct PackedLinear {
     });
     for (int64_t r = 0; r < rows; ++r) ptrs[r] = &acts[r];
     float* op = out.data_ptr<float>();
+    // Many rows (prefill, batched steps): each thread sweeps its tiles once per chunk of rows, so the
+    // chunk's activations stay in L2 while its share of the weights streams past; a row's result does
+    // not depend on the chunking.
+    const int64_t chunk = ROW_CHUNK;
     at::parallel_for(0, out_features / TILE, 1, [&](int64_t t0, int64_t t1) {
-      compute_rows(ptrs.data(), rows, t0 * TILE, t1 * TILE, op, out_features);
+      for (int64_t r0 = 0; r0 < rows; r0 += chunk)
+        compute_rows(ptrs.data() + r0, std::min(chunk, rows - r0), t0 * TILE, t1 * TILE, op + r0 * out_features,
+                     out_features);
     });
     return out.view(shape);
   }
