@@ -7,6 +7,7 @@ import json
 import pytest
 
 from leapllm.errors import InvalidRequestError
+from leapllm.kernels import cpu_kernels
 from leapllm.profiling import machine as machine_mod
 from leapllm.output_files import atomic_write, check_writable
 from leapllm.profiling.machine import default_cache_path, load_machine, machine_limits, measure_machine
@@ -17,9 +18,26 @@ SMALL = dict(bandwidth_bytes=8 << 20, matmul_n=128, repeats=2)
 def test_measurement_gives_positive_bandwidth_and_flops():
     limits = measure_machine("cpu", **SMALL)
     assert limits.bandwidth > 1e8  # any machine streams more than 100 MB/s
-    assert set(limits.flops) == {"float32", "bfloat16"} and all(f > 1e7 for f in limits.flops.values())
+    int8 = {"int8"} if cpu_kernels() is not None else set()  # the kernels' tiles' ceiling, where they build
+    assert set(limits.flops) == {"float32", "bfloat16"} | int8 and all(f > 1e7 for f in limits.flops.values())
     assert limits.balance("float32") == pytest.approx(limits.flops["float32"] / limits.bandwidth)
     assert limits.peak_flops("float16") == limits.flops["bfloat16"]  # not measured on CPU: bfloat16's
+
+
+def test_the_int8_ceiling_is_the_tiles_instruction_on_every_thread_and_above_their_achieved_rate():
+    if cpu_kernels() is None or not (cpu_kernels().avx2_compiled() or cpu_kernels().vnni_compiled()):
+        pytest.skip("no SIMD tiles in this build")
+    peak = machine_mod.measure_int8_ops(repeats=2, iterations=2_000_000)
+    assert peak is not None and peak > 1e9
+
+
+def test_a_cached_cpu_entry_without_the_int8_ceiling_is_measured_again(tmp_path):
+    if cpu_kernels() is None:
+        pytest.skip("the kernels do not build here")
+    limits = measure_machine("cpu", **SMALL)
+    limits.flops.pop("int8", None)
+    path = machine_mod.save_machine(limits, tmp_path / "machine.json")
+    assert load_machine("cpu", path) is None
 
 
 def test_first_call_measures_and_caches_second_call_reads_the_cache(tmp_path, monkeypatch):

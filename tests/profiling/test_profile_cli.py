@@ -67,7 +67,7 @@ def test_a_small_profile_prints_the_table_and_writes_json_and_html(capsys, tmp_p
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # never the user's cache
     # Seed the cache so the run does not spend seconds measuring the machine.
     save_machine(MachineLimits(device="cpu", name=device_name(torch.device("cpu")), threads=torch.get_num_threads(),
-                               torch_version=torch.__version__, bandwidth=20e9, flops={"float32": 100e9}),
+                               torch_version=torch.__version__, bandwidth=20e9, flops={"float32": 100e9, "int8": 200e9}),
                  default_cache_path())
     out_json, out_html = tmp_path / "p.json", tmp_path / "p.html"
     code = run(["profile", "--prompt-len", "8", "--gen-len", "2", "--device", "cpu", "--dtype", "float32",

@@ -85,6 +85,18 @@ def test_the_profile_reports_the_cost_model_and_the_rates(small_profile, llm):
     assert small_profile["phases"]["prefill"]["stages"]["gate_up_proj"]["bound"] == "compute"
 
 
+def test_projections_on_the_kernels_tiles_are_held_against_the_int8_ceiling(small_profile, llm):
+    """The default model's projections run on the int8-activation tiles; attention runs in float32."""
+    from leapllm.profiling.stages import kernel_stage_dtypes
+
+    on_tiles = kernel_stage_dtypes(llm.model)
+    stages = small_profile["phases"]["prefill"]["stages"]
+    assert stages["attention"]["compute_dtype"] == "float32"
+    if on_tiles:
+        assert set(on_tiles) >= {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+        assert all(stages[s]["compute_dtype"] == "int8" for s in on_tiles)
+
+
 def test_hooks_are_removed_after_the_profile(small_profile, llm):
     for module in llm.model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks, module

@@ -8,7 +8,10 @@ this many threads, which is the fair ceiling for a PyTorch engine, not the datas
 - bandwidth: `torch.sum` over a float32 tensor much larger than the caches (the best of a few runs),
   counted as bytes read per second;
 - FLOP/s: square `torch.matmul`s (2 n^3 FLOPs each) in float32 and bfloat16 (and float16 on CUDA),
-  the best of a few runs.
+  the best of a few runs;
+- int8 (CPUs where leapllm's kernels build): the multiply-add rate of the int8 instruction its tiles
+  are made of (kernels/cpu/int8_peak.h), 2 operations a product, the ceiling of the stages that run
+  on the tiles.
 """
 
 from __future__ import annotations
@@ -114,6 +117,17 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int, repea
     return 2 * n**3 / seconds
 
 
+def measure_int8_ops(repeats: int = 5, iterations: int = 20_000_000) -> float | None:
+    """Operations per second of the kernels' int8 instruction on every thread; None without the kernels."""
+    from leapllm.kernels import cpu_kernels
+
+    ext = cpu_kernels()
+    if ext is None:
+        return None
+    best = max(ext.int8_peak_ops(iterations) for _ in range(repeats))
+    return best if best > 0 else None
+
+
 def measure_machine(device: torch.device | str = "cpu", *, bandwidth_bytes: int | None = None,
                     matmul_n: int | None = None, repeats: int = 5) -> MachineLimits:
     """Measure the device now (a few seconds on a CPU). Smaller sizes make it faster and less exact."""
@@ -127,6 +141,8 @@ def measure_machine(device: torch.device | str = "cpu", *, bandwidth_bytes: int 
     with torch.inference_mode():
         bandwidth = measure_bandwidth(device, bandwidth_bytes, repeats)
         flops = {str(dt).removeprefix("torch."): measure_matmul_flops(device, dt, matmul_n, repeats) for dt in dtypes}
+        if not cuda and (int8 := measure_int8_ops(repeats)):
+            flops["int8"] = int8
     return MachineLimits(
         device=str(device), name=device_name(device), threads=torch.get_num_threads(),
         torch_version=torch.__version__, bandwidth=bandwidth, flops=flops,
@@ -165,9 +181,18 @@ def load_machine(device: torch.device | str, cache_path: str | Path | None = Non
     if not isinstance(entry, dict):
         return None
     try:
-        return MachineLimits(**entry, from_cache=True)
+        limits = MachineLimits(**entry, from_cache=True)
     except TypeError:  # written by another version: measure again
         return None
+    if device.type == "cpu" and "int8" not in limits.flops and _kernels_built():
+        return None  # measured before the int8 ceiling was: measure again
+    return limits
+
+
+def _kernels_built() -> bool:
+    from leapllm.kernels import cpu_kernels
+
+    return cpu_kernels() is not None
 
 
 def machine_limits(device: torch.device | str = "cpu", *, cache_path: str | Path | None = None,

@@ -24,7 +24,7 @@ from leapllm.engine.sampling import Sampler, SamplingParams
 from leapllm.errors import InvalidRequestError
 from leapllm.model.llama import Transformer
 from leapllm.profiling.costs import Cost, phase_costs, step_costs
-from leapllm.profiling.stages import head_weight_bytes, quantized_weight_bytes
+from leapllm.profiling.stages import head_weight_bytes, kernel_stage_dtypes, quantized_weight_bytes
 from leapllm.profiling.machine import MachineLimits
 from leapllm.profiling.stages import (
     LAYER_STAGES,
@@ -171,6 +171,7 @@ def stage_row(seconds: float, cost: Cost | None, total: float, machine: MachineL
                    peak_bandwidth_fraction=None, bound=None)
         return row
     row.update(cost.to_dict())
+    row["compute_dtype"] = dtype
     row["intensity"] = cost.intensity
     row["flop_per_s"] = cost.flops / seconds if seconds > 0 else None
     row["bytes_per_s"] = cost.bytes / seconds if seconds > 0 else None
@@ -186,14 +187,16 @@ def stage_row(seconds: float, cost: Cost | None, total: float, machine: MachineL
 
 
 def phase_report(phase: _Phase, costs: dict[str, Cost], tokens: int, num_layers: int,
-                 machine: MachineLimits | None, dtype: str) -> dict:
+                 machine: MachineLimits | None, dtype: str, stage_dtypes: dict[str, str] | None = None) -> dict:
+    """`stage_dtypes`: the stages whose matmuls run in another dtype than `dtype` (kernel_stage_dtypes)."""
+    stage_dtypes = stage_dtypes or {}
     by_stage = {stage: 0.0 for stage in MEASURED_STAGES}
     for (stage, _layer), seconds in phase.stage_layer.items():
         by_stage[stage] += seconds
     measured = sum(by_stage.values())
     other = phase.total - measured
-    stages = {stage: stage_row(by_stage[stage], costs.get(stage), phase.total, machine, dtype)
-              for stage in MEASURED_STAGES}
+    stages = {stage: stage_row(by_stage[stage], costs.get(stage), phase.total, machine,
+                               stage_dtypes.get(stage, dtype)) for stage in MEASURED_STAGES}
     stages["other"] = stage_row(other, None, phase.total, machine, dtype)
     per_layer = []
     for layer in range(num_layers):
@@ -280,6 +283,7 @@ def profile_model(model: Transformer, tokenizer, *, prompt_len: int = 512, gen_l
                                                               hooked_first=j % 2 == 1)
         decode.add(hooked, free, stages, pairs)
     dtype = _dtype_name(model.dtype)
+    on_kernels = kernel_stage_dtypes(model)
     costs = phase_costs(config, batch, prompt_len, gen_len, model.dtype.itemsize, quantized_weight_bytes(model),
                         head_weight_bytes(model))
     return {
@@ -290,8 +294,10 @@ def profile_model(model: Transformer, tokenizer, *, prompt_len: int = 512, gen_l
         "machine": machine.to_dict() if machine is not None else None,
         "stages": list(STAGES),
         "phases": {
-            "prefill": phase_report(prefill, costs["prefill"], batch * prompt_len, config.num_layers, machine, dtype),
-            "decode": phase_report(decode, costs["decode"], batch * gen_len, config.num_layers, machine, dtype),
+            "prefill": phase_report(prefill, costs["prefill"], batch * prompt_len, config.num_layers, machine, dtype,
+                                    on_kernels),
+            "decode": phase_report(decode, costs["decode"], batch * gen_len, config.num_layers, machine, dtype,
+                                   on_kernels),
         },
     }
 

@@ -148,7 +148,9 @@ def machine_line(machine: dict | None, dtype: str) -> str:
     flops = machine["flops"].get(dtype) or machine["flops"].get("bfloat16") or machine["flops"]["float32"]
     return (f"machine: {machine['name']} ({machine['device']}, {machine['threads']} threads): "
             f"{_rate(machine['bandwidth'], 'B/s')} streaming read, {_rate(flops, 'FLOP/s')} {dtype} matmul, "
-            f"balance {flops / machine['bandwidth']:.1f} FLOP/byte")
+            f"balance {flops / machine['bandwidth']:.1f} FLOP/byte"
+            + (f"; {_rate(machine['flops']['int8'], 'op/s')} int8 on the kernels' tiles" if "int8" in machine["flops"]
+               else ""))
 
 
 # -- terminal ------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from leapllm.model.fused_decode import OUTSIDE_LAYERS
 from leapllm.model.llama import AttentionCore, RMSNorm, RotaryEmbedding, SiluAndMul
 from leapllm.model.quantized.int4 import Int4Linear
 from leapllm.model.quantized.int8 import Int8Linear
+from leapllm.model.quantized.layers import packed_linear_of
 
 LINEAR_TYPES = (nn.Linear, Int4Linear, Int8Linear)
 
@@ -84,6 +85,16 @@ def head_weight_bytes(model: nn.Module) -> float | None:
     projections); None for a float one."""
     head = model.lm_head
     return head.bytes_per_weight if isinstance(head, (Int4Linear, Int8Linear)) else None
+
+
+def kernel_stage_dtypes(model: nn.Module) -> dict[str, str]:
+    """"int8" for each projection stage that runs on leapllm's int8-activation tiles (its roofline
+    ceiling is the machine's int8 rate, not the model dtype's matmul rate)."""
+    stages = {}
+    for stage, _layer, module in stage_modules(model):
+        if stage in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head") and packed_linear_of(module):
+            stages[stage] = "int8"
+    return stages
 
 
 def layer_of(name: str) -> int:

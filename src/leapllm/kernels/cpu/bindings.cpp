@@ -15,6 +15,7 @@
 //   tiles_vnni.h      the same tile with AVX-512 VNNI
 //   packed_linear.h   PackedLinear: a linear layer on packed weights, through the best tile built
 //   huge_pages.h      packed weights copied onto 2 MiB pages
+//   int8_peak.h       the SIMD units' int8 multiply-add rate, the profiler's int8 ceiling
 //   attention.h       attention of one token over its positions; paged_decode_attention
 //   scheduler.h       how a step's threads share each phase's work items
 //   decoder_stack.h   DecoderLayer, DecoderStack: the fused decode step, phase by phase
@@ -32,6 +33,7 @@
 #include "common.h"
 #include "decoder_stack.h"
 #include "huge_pages.h"
+#include "int8_peak.h"
 #include "packed_linear.h"
 
 // A hash of these sources, which the build passes in: the module tells which sources it was built from.
@@ -53,6 +55,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "the stage names of a layer's phases in a fused step, in the order of DecoderStack.forward's marks");
   m.def("output_head_phase_name", [] { return std::string(PHASE_NAMES[LAYER_PHASES]); },
         "the stage name of the fused step's output-head phase");
+  m.def("int8_peak_ops", &int8_peak_ops, pybind11::arg("iterations"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "int8 multiply-add operations per second of the tiles' instruction on every thread (0: no SIMD tiles)");
   m.def("copy_into_huge_pages", &copy_into_huge_pages, pybind11::arg("tensors"),
         "copies of the tensors in one block of memory on 2 MiB pages where Linux gives them");
   m.def("paged_decode_attention", &paged_decode_attention, pybind11::arg("q"), pybind11::arg("k_pool"),
