@@ -46,10 +46,7 @@ struct PackedLinear {
   const uint16_t *scale16 = nullptr, *mins16 = nullptr;
   const float *scale32 = nullptr, *mins32 = nullptr, *bias_data = nullptr;
 
-  // (int8 sub-blocks have VNNI and portable tiles only: AVX2 builds run the portable ones.)
-  std::string kernel() const {
-    return !simd || (sub_blocks && !LEAPLLM_VNNI) ? "portable" : LEAPLLM_VNNI ? "VNNI" : "AVX2";
-  }
+  std::string kernel() const { return !simd ? "portable" : LEAPLLM_VNNI ? "VNNI" : "AVX2"; }
 
   PackedLinear(at::Tensor weight_, at::Tensor scales_, c10::optional<at::Tensor> mins_, c10::optional<at::Tensor> bias_,
                int64_t bits_, bool simd_)
@@ -127,7 +124,7 @@ struct PackedLinear {
     } else if (sub_blocks) {
       const float* d = scale32 + 2 * n * blocks;
       const float* mn = mins32 + 2 * n * blocks;
-#if LEAPLLM_VNNI
+#if LEAPLLM_VNNI || LEAPLLM_AVX2
       if (simd) return with_rows(mt, [&](auto r) { tile_q8_sub_blocks_simd<decltype(r)::value>(wt, d, mn, a, blocks, out, ldo); });
 #endif
       tile_q8_sub_blocks_portable(wt, d, mn, a, mt, blocks, out, ldo);

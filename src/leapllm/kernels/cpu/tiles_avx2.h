@@ -233,5 +233,130 @@ void tile_q8_blocks_simd(const uint8_t* w, const uint16_t* d, const QuantizedRow
   tile_q8_rows<MT, true>(w, d, a, blocks, out, ldo);
 }
 
+// int8 sub-blocks (K-quants, see tiles_vnni.h): w = d * u + m per (16 features, row), the stored bytes
+// u unshifted, up to 255 (a Q8_0 part of a mixed projection is q + 128), where maddubs's 16-bit pair
+// sums, 2 x 255 x 127, would saturate. Each half block's int32 sum (s0: quads 0..3, s1: quads 4..7)
+// comes exact in one of two ways, so either gives the same bits:
+//  - any bytes: as the int8 tiles, low and high nibbles: 4 quads x 2 x 15 x 127 = 15240 < 2^15;
+//  - a block whose bytes are all below 64 (Q6_K and every smaller type): u itself, two quads added
+//    in 16 bits, 2 x 2 x 63 x 127 = 32004 < 2^15 (activations are in -127..127), half the multiplies.
+
+// Whether every byte of these n vectors is below 64.
+inline bool bytes_below_64(const __m256i* v, int n) {
+  __m256i any = v[0];
+  for (int i = 1; i < n; ++i) any = _mm256_or_si256(any, v[i]);
+  return _mm256_testz_si256(any, _mm256_set1_epi8((char)0xC0));
+}
+
+// The int32 sums of 8 rows over 4 quads, v[c] holding quad c's bytes (all below 64), against x.
+inline __m256i small_quads_sum4(const __m256i* v, const int8_t* x) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i s01 = _mm256_add_epi16(_mm256_maddubs_epi16(v[0], broadcast_quad8(x)),
+                                       _mm256_maddubs_epi16(v[1], broadcast_quad8(x + 4)));
+  const __m256i s23 = _mm256_add_epi16(_mm256_maddubs_epi16(v[2], broadcast_quad8(x + 8)),
+                                       _mm256_maddubs_epi16(v[3], broadcast_quad8(x + 12)));
+  return _mm256_add_epi32(_mm256_madd_epi16(s01, ones), _mm256_madd_epi16(s23, ones));
+}
+
+// The same for any bytes, given as their low and high nibbles (unpack_q8_half's).
+inline __m256i nibble_quads_sum4(const __m256i* lo, const __m256i* hi, const int8_t* x) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i s_lo = _mm256_maddubs_epi16(lo[0], broadcast_quad8(x));
+  __m256i s_hi = _mm256_maddubs_epi16(hi[0], broadcast_quad8(x));
+  for (int c = 1; c < 4; ++c) {
+    const __m256i xq = broadcast_quad8(x + 4 * c);
+    s_lo = _mm256_add_epi16(s_lo, _mm256_maddubs_epi16(lo[c], xq));
+    s_hi = _mm256_add_epi16(s_hi, _mm256_maddubs_epi16(hi[c], xq));
+  }
+  return _mm256_add_epi32(_mm256_madd_epi16(s_lo, ones), _mm256_slli_epi32(_mm256_madd_epi16(s_hi, ones), 4));
+}
+
+// The VNNI tile's float steps for one block of 8 rows, in its order.
+inline __m256 add_sub_block_terms(__m256 acc, __m256i s0, __m256i s1, __m256 d0, __m256 d1, __m256 m0, __m256 m1,
+                                  const QuantizedRow& r, int64_t b) {
+  const __m256 xs = _mm256_set1_ps(r.scale[b]);
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(d0, xs), acc);
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(d1, xs), acc);
+  acc = _mm256_fmadd_ps(m0, _mm256_set1_ps(r.half_sum[2 * b]), acc);
+  return _mm256_fmadd_ps(m1, _mm256_set1_ps(r.half_sum[2 * b + 1]), acc);
+}
+
+// One activation row (a decode step): both halves of the tile in one pass over the blocks.
+inline void tile_q8_sub_blocks_one_row(const uint8_t* w, const float* d, const float* mins, const QuantizedRow& r,
+                                       int64_t blocks, float* out) {
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // rows 0..7, 8..15
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* wb = w + b * 512;
+    prefetch_lines(wb + PREFETCH_Q8, 8);
+    const int8_t* x = r.q.data() + b * BLOCK;
+    __m256i v[16];  // v[8h + qd]: quad qd of rows 8h .. 8h + 7
+    for (int qd = 0; qd < 8; ++qd)
+      for (int h = 0; h < 2; ++h) v[8 * h + qd] = _mm256_loadu_si256((const __m256i*)(wb + qd * 64 + h * 32));
+    __m256i s[2][2];  // s[h][half block]
+    if (bytes_below_64(v, 16)) {
+      for (int h = 0; h < 2; ++h) {
+        s[h][0] = small_quads_sum4(v + 8 * h, x);
+        s[h][1] = small_quads_sum4(v + 8 * h + 4, x + 16);
+      }
+    } else {  // as q8_block_sums_one_row, each half block's sums apart
+      const __m256i ones = _mm256_set1_epi16(1);
+      for (int k = 0; k < 2; ++k) {
+        __m256i lo0 = _mm256_setzero_si256(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
+        for (int qd = 4 * k; qd < 4 * k + 4; ++qd) {
+          const __m256i xq = broadcast_quad8(x + 4 * qd);
+          add_nibble_products(wb + qd * 64, xq, xq, lo0, hi0, lo1, hi1);
+        }
+        s[0][k] = _mm256_add_epi32(_mm256_madd_epi16(lo0, ones), _mm256_slli_epi32(_mm256_madd_epi16(hi0, ones), 4));
+        s[1][k] = _mm256_add_epi32(_mm256_madd_epi16(lo1, ones), _mm256_slli_epi32(_mm256_madd_epi16(hi1, ones), 4));
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const float *dh = d + 2 * b * TILE + h * 8, *mh = mins + 2 * b * TILE + h * 8;
+      acc[h] = add_sub_block_terms(acc[h], s[h][0], s[h][1], _mm256_loadu_ps(dh), _mm256_loadu_ps(dh + TILE),
+                                   _mm256_loadu_ps(mh), _mm256_loadu_ps(mh + TILE), r, b);
+    }
+  }
+  _mm256_storeu_ps(out, acc[0]);
+  _mm256_storeu_ps(out + 8, acc[1]);
+}
+
+template <int MT>
+void tile_q8_sub_blocks_simd(const uint8_t* w, const float* d, const float* mins, const QuantizedRow* const* a,
+                             int64_t blocks, float* out, int64_t ldo) {
+  if constexpr (MT == 1) {
+    tile_q8_sub_blocks_one_row(w, d, mins, *a[0], blocks, out);
+    return;
+  }
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* wb = w + b * 512 + h * 32;
+      if (h == 0) prefetch_lines(wb + PREFETCH_Q8, 8);
+      const float *dh = d + 2 * b * TILE + h * 8, *mh = mins + 2 * b * TILE + h * 8;
+      const __m256 d0 = _mm256_loadu_ps(dh), d1 = _mm256_loadu_ps(dh + TILE);
+      const __m256 m0 = _mm256_loadu_ps(mh), m1 = _mm256_loadu_ps(mh + TILE);
+      __m256i v[8];
+      for (int qd = 0; qd < 8; ++qd) v[qd] = _mm256_loadu_si256((const __m256i*)(wb + qd * 64));
+      if (bytes_below_64(v, 8)) {
+        for (int m = 0; m < MT; ++m) {
+          const int8_t* x = a[m]->q.data() + b * BLOCK;
+          acc[m] = add_sub_block_terms(acc[m], small_quads_sum4(v, x), small_quads_sum4(v + 4, x + 16), d0, d1, m0,
+                                       m1, *a[m], b);
+        }
+      } else {
+        __m256i lo[8], hi[8];
+        unpack_q8_half(wb, lo, hi);
+        for (int m = 0; m < MT; ++m) {
+          const int8_t* x = a[m]->q.data() + b * BLOCK;
+          acc[m] = add_sub_block_terms(acc[m], nibble_quads_sum4(lo, hi, x), nibble_quads_sum4(lo + 4, hi + 4, x + 16),
+                                       d0, d1, m0, m1, *a[m], b);
+        }
+      }
+    }
+    for (int m = 0; m < MT; ++m) _mm256_storeu_ps(out + m * ldo + h * 8, acc[m]);
+  }
+}
+
 }  // namespace
 #endif
