@@ -99,3 +99,18 @@ def test_disabled_prefix_caching_never_hits():
     blocks = a.allocate(2)
     register(a, blocks, [1, 2, 3, 4], [], computed=4)
     assert cached_prefix(a, [1, 2, 3, 4, 5]) == ([], [])
+
+
+def test_blocks_that_hold_no_prefix_are_reused_before_blocks_never_written():
+    """The pool's memory is mapped as blocks are first written: reusing a written block that caches
+    nothing keeps it from growing, while blocks that cache a prefix are still evicted last."""
+    a = BlockAllocator(num_blocks=8, block_size=4)
+    tokens = list(range(8))
+    first = a.allocate(2)
+    register(a, first, tokens, [], computed=8)  # both full: they cache the prefix
+    scratch = a.allocate(2)  # never registered: they hold nothing worth keeping
+    a.release(first)
+    a.release(scratch)
+    assert a.allocate(2) == scratch  # written blocks first, in their order
+    assert a.allocate(4) == [4, 5, 6, 7]  # then the never-written ones
+    assert a.allocate(2) == first[::-1]  # the cached prefix is evicted last, its tail first

@@ -65,7 +65,9 @@ class BlockAllocator:
         """Drop one reference to each block; blocks no one holds go back to the free queue.
 
         Released last block first, so that a sequence's tail (least likely to be shared) is evicted
-        before its head.
+        before its head. A block that holds no prefix goes to the front of the queue, to be reused
+        before any block never written: the pool's memory (which the OS maps as blocks are first
+        written, see model/kv_cache.py) then grows with what runs at once, not with what ran.
         """
         for block in reversed(blocks):
             self.ref_count[block] -= 1
@@ -73,6 +75,8 @@ class BlockAllocator:
                 raise RuntimeError(f"KV block {block} released more often than allocated")
             if self.ref_count[block] == 0:
                 self.free[block] = None
+                if self.hash_of[block] is None:
+                    self.free.move_to_end(block, last=False)
 
     def cached_run(self, hashes: Sequence[int]) -> int:
         """How many of the leading hashes have a block holding them."""

@@ -29,6 +29,7 @@ import torch
 
 from leapllm.config import KV_DTYPES
 from leapllm.model.attention import AttentionParams, attention, visible_keys
+from leapllm.model.kv_cache import lazily_zeroed
 
 
 class PagedKVCache:
@@ -55,12 +56,12 @@ class PagedKVCache:
         slots = [(num_window_blocks if i in self.windowed_layers else num_blocks) * block_size
                  for i in range(num_layers)]
         store = torch.int8 if self.quantized else dtype
-        # (slots, kv_heads, head_dim) per layer
-        self.k = [torch.zeros((n, num_kv_heads, head_dim), dtype=store, device=device) for n in slots]
-        self.v = [torch.zeros((n, num_kv_heads, head_dim), dtype=store, device=device) for n in slots]
+        # (slots, kv_heads, head_dim) per layer; in memory as their blocks are first written (on CPU)
+        self.k = [lazily_zeroed((n, num_kv_heads, head_dim), store, device) for n in slots]
+        self.v = [lazily_zeroed((n, num_kv_heads, head_dim), store, device) for n in slots]
         if self.quantized:
-            self.k_scale = [torch.zeros((n, num_kv_heads, 1), device=device) for n in slots]
-            self.v_scale = [torch.zeros((n, num_kv_heads, 1), device=device) for n in slots]
+            self.k_scale = [lazily_zeroed((n, num_kv_heads, 1), torch.float32, device) for n in slots]
+            self.v_scale = [lazily_zeroed((n, num_kv_heads, 1), torch.float32, device) for n in slots]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
