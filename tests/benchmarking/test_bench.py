@@ -677,3 +677,25 @@ def test_cmd_bench_raises_for_the_cli_to_print(tmp_path):
     with pytest.raises(InvalidRequestError, match="unknown system 'nope'"):
         args.func(args)
     assert not (tmp_path / "out.json").exists()
+
+
+AMX_BUILD = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 1 | "
+
+
+def test_a_llamacpp_build_without_an_instruction_set_this_cpu_has_gets_no_figures():
+    """An AMX CPU with a llama.cpp that fell back to AVX-512 (or a generic build) would flatter leapllm."""
+    from leapllm.benchmarking.harness import check_peer_build, missing_isa, new_entry
+
+    amx_cpu = {"avx2", "fma", "f16c", "avx512f", "avx512_vnni", "amx_int8"}
+    assert missing_isa(AMX_BUILD, amx_cpu) == []
+    assert missing_isa(AMX_BUILD.replace("AMX_INT8 = 1", "AMX_INT8 = 0"), amx_cpu) == ["AMX_INT8"]
+    fell_back, fastest = new_entry("llamacpp"), new_entry("llamacpp")
+    fell_back["info"] = {"system_info": "CPU : AVX2 = 1 | F16C = 1 | FMA = 1 | AVX512 = 1 | "}
+    fastest["info"] = {"system_info": AMX_BUILD}
+    check_peer_build([fell_back, fastest], amx_cpu, "cpu")
+    assert fell_back["status"] == "broken" and "AVX512_VNNI, AMX_INT8" in fell_back["reason"]
+    assert fastest["status"] == "ok" and fastest["peer_build_missing"] == []
+    avx2_only = new_entry("llamacpp")
+    avx2_only["info"] = {"system_info": "CPU : AVX2 = 1 | F16C = 1 | FMA = 1 | "}
+    check_peer_build([avx2_only], {"avx2", "fma", "f16c"}, "cpu")  # this AVX2 machine's build is its fastest
+    assert avx2_only["status"] == "ok"

@@ -665,6 +665,48 @@ def check_quality(entries: list[dict], reference: list[int] | None, plan: Plan) 
                 e["notes"][key] = f"withheld: batched rows agree with {REFERENCE} for {agree} < {need_b} tokens"
 
 
+# CPU features (Linux /proc/cpuinfo flags) and the name llama.cpp's system info gives each when its
+# build uses it: a feature the CPU has and the build lacks is a slower peer than the machine allows.
+LLAMACPP_ISA = {"avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "avx512f": "AVX512", "avx512_vnni": "AVX512_VNNI",
+                "avx512_bf16": "AVX512_BF16", "avx_vnni": "AVX_VNNI", "amx_int8": "AMX_INT8"}
+
+
+def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags, or None where /proc/cpuinfo cannot tell."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def missing_isa(system_info: str, flags: set[str]) -> list[str]:
+    """The features this CPU has that llama.cpp's build does not use (its system info: "AVX2 = 1 | ...")."""
+    used = {part.split("=")[0].split(":")[-1].strip() for part in system_info.replace("\n", "|").split("|")
+            if part.split("=")[-1].strip() == "1"}  # "CPU : AVX2 = 1 | F16C = 1 | ..."
+    return [name for flag, name in LLAMACPP_ISA.items() if flag in flags and name not in used]
+
+
+def check_peer_build(entries: list[dict], flags: set[str] | None, device: str) -> None:
+    """A llama.cpp built without an instruction set this CPU has (an AMX CPU with a build that fell
+    back to AVX-512, or a generic x86-64 build) would flatter leapllm: it gets no speed figures."""
+    if not flags or device != "cpu":
+        return
+    for e in entries:
+        info = e.get("info") or {}
+        if e["engine"] != "llamacpp" or e["status"] != "ok" or "system_info" not in info:
+            continue
+        missing = missing_isa(info["system_info"], flags)
+        e["peer_build_missing"] = missing
+        if missing:
+            e.update(status="broken", reason=f"this llama.cpp build does not use {', '.join(missing)}, which this CPU "
+                                             "has: not the fastest build that runs here (see benchmarks/README.md, "
+                                             "Installing the peers)")
+
+
 def first_difference(tokens, base) -> str | None:
     """Where one run's greedy tokens part from the base's: None when identical. A decode_chat run is
     a list of rows, one per chat prompt."""
@@ -894,6 +936,7 @@ def run_bench(settings: BenchSettings | Plan, *, command: str | None = None, log
     ordered = [entries[n] for n in plan.systems]
     check_quality(ordered, reference, plan)
     check_speculation(ordered)
+    check_peer_build(ordered, cpu_flags(), plan.device)
     for e in ordered:
         finish_entry(e, plan)
     speculation_speedups(ordered)

@@ -183,6 +183,8 @@ def notes(report: dict) -> list[str]:
             out.append(f"{e['name']} runs the file's quantized weights with its own kernels (leapllm's float "
                        "systems and transformers dequantize them at load), so its greedy tokens may part from "
                        "float32's: reported, not failed")
+        if e["engine"] == "llamacpp" and (e.get("info") or {}).get("system_info"):
+            out.append(f"{e['name']} build: {e['info']['system_info']}")
         weights = (e.get("info") or {}).get("weights", "")
         quantization = QUANTIZED.get(e["dtype"]) if e["engine"] == "leapllm" else None
         if quantization and e["status"] == "ok":
