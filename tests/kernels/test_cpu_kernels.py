@@ -199,7 +199,7 @@ def test_packed_matmul_rejects_a_wrong_width_and_non_float32_input():
 @pytest.mark.parametrize("layer_type", ["int4", "int8"])
 def test_quantized_linear_gives_the_same_result_on_the_dot_kernel_and_the_dequantized_gemm(layer_type, monkeypatch):
     """Where the CPU multiplies bfloat16 natively, many rows go through a GEMM on dequantized weights."""
-    monkeypatch.setattr(packing, "tiles_take_every_row_count", lambda: False)
+    monkeypatch.setattr(packing, "tile_row_limit", lambda linear: 32)
     torch.manual_seed(1)
     linear = torch.nn.Linear(256, 96, bias=True)
     layer = Int4Linear.from_linear(linear, 32) if layer_type == "int4" else Int8Linear.from_linear(linear)
@@ -215,7 +215,7 @@ def test_quantized_linear_gives_the_same_result_on_the_dot_kernel_and_the_dequan
 def test_many_rows_on_the_tiles_give_the_bits_of_one_row_at_a_time(layer_type, monkeypatch):
     """Where the tiles take every row count, a prefill's rows (chunked by the kernel) are computed
     exactly as a decode step's one row."""
-    monkeypatch.setattr(packing, "tiles_take_every_row_count", lambda: True)
+    monkeypatch.setattr(packing, "tile_row_limit", lambda linear: None)
     torch.manual_seed(2)
     linear = torch.nn.Linear(256, 96, bias=True)
     layer = Int4Linear.from_linear(linear, 32) if layer_type == "int4" else Int8Linear.from_linear(linear)
@@ -224,8 +224,16 @@ def test_many_rows_on_the_tiles_give_the_bits_of_one_row_at_a_time(layer_type, m
     assert torch.equal(many, torch.cat([layer(x[i:i + 1]) for i in range(150)]))
 
 
-def test_many_rows_take_the_tiles_unless_the_cpu_multiplies_bfloat16_natively():
-    assert packing.tiles_take_every_row_count() == (packing.gemm_dtype() == torch.float32)
+def test_many_rows_take_the_tiles_where_they_beat_the_cpus_gemm():
+    """int4 runs the tiles at every row count unless the CPU multiplies bfloat16 natively; full-byte
+    int8 on AVX2 (two nibble products a byte) hands many rows to a float32 GEMM."""
+    int4 = Int4Linear.from_linear(torch.nn.Linear(64, 32), 32).packed_linear
+    int8 = Int8Linear.from_linear(torch.nn.Linear(64, 32)).packed_linear
+    if packing.gemm_dtype() == torch.bfloat16:
+        assert packing.tile_row_limit(int4) == packing.tile_row_limit(int8) == packing.DOT_KERNEL_MAX_ROWS
+    elif int4.kernel == "AVX2":
+        assert packing.tile_row_limit(int4) is None
+        assert packing.tile_row_limit(int8) == packing.FLOAT32_GEMM_INT8_TILE_ROWS
     assert "tiles" in packing.many_rows_kernel()
 
 

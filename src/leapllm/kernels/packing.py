@@ -129,10 +129,13 @@ def move_to_huge_pages(layers: list) -> None:
 
 # On CPUs whose PyTorch GEMM runs bfloat16 natively (AVX-512 BF16, AMX), a GEMM on weights
 # dequantized for the call beats the int8 dot-product tiles beyond this many activation rows (decode
-# steps of up to 32 sequences stay on the tiles). Elsewhere the GEMM runs in float32 and the tiles
-# are as fast or faster at every row count (benchmarks/README.md, "Many rows"), so every matmul
-# stays on them, and a prefill gets the same bits as the decode steps.
+# steps of up to 32 sequences stay on the tiles).
 DOT_KERNEL_MAX_ROWS = 32
+# Elsewhere the GEMM runs in float32, and the tiles win at every row count for int4 and for the
+# K-quants' int8-16 form (bytes below 64), so a prefill gets exactly the bits of one-token steps;
+# int8 with the full byte range (Q8_0, per-row int8) splits each byte into two nibble products on
+# AVX2 and falls behind from about 100 rows (benchmarks/README.md, "Many rows").
+FLOAT32_GEMM_INT8_TILE_ROWS = 96
 
 
 @functools.cache
@@ -143,23 +146,32 @@ def gemm_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
 
 
-def tiles_take_every_row_count() -> bool:
-    """Whether matmuls of any number of rows run on the int8 dot-product tiles (no dequantized GEMM)."""
-    return gemm_dtype() != torch.bfloat16
+def tile_row_limit(linear) -> int | None:
+    """The most activation rows a PackedLinear runs on the int8 tiles (None: any number); beyond, a
+    GEMM on its weights dequantized for the call."""
+    kernel = linear.kernel
+    if gemm_dtype() == torch.bfloat16 or kernel == "portable":  # (scalar loops lose to any GEMM)
+        return DOT_KERNEL_MAX_ROWS
+    full_byte_int8 = linear.bits == 8 and not linear.sub_blocks and kernel != "VNNI"
+    return FLOAT32_GEMM_INT8_TILE_ROWS if full_byte_int8 else None
 
 
 def many_rows_kernel() -> str:
     """What a matmul of many activation rows (a prefill) runs on, for `leapllm info` and the profiler."""
-    if tiles_take_every_row_count():
-        return "the int8-activation tiles, at every row count (the same bits as decode)"
-    return (f"the int8-activation tiles up to {DOT_KERNEL_MAX_ROWS} rows; beyond, a bfloat16 GEMM on weights "
+    if gemm_dtype() == torch.bfloat16 or cpu_kernels() is None or not (
+            cpu_kernels().avx2_compiled() or cpu_kernels().vnni_compiled()):
+        return (f"the int8-activation tiles up to {DOT_KERNEL_MAX_ROWS} rows; beyond, a bfloat16 GEMM on weights "
+                "dequantized for the call")
+    return ("the int8-activation tiles at every row count (the bits of one-token steps), but int8 weights with "
+            f"the full byte range (Q8_0) beyond {FLOAT32_GEMM_INT8_TILE_ROWS} rows: a float32 GEMM on weights "
             "dequantized for the call")
 
 
 def packed_forward(linear, x: torch.Tensor) -> torch.Tensor:
     """y = x W^T (+ bias) for a C++ PackedLinear, choosing the kernel by the number of rows."""
     rows = x.numel() // x.shape[-1]
-    if rows <= DOT_KERNEL_MAX_ROWS or tiles_take_every_row_count():
+    limit = tile_row_limit(linear)
+    if limit is None or rows <= limit:
         return linear.forward(x.float()).to(x.dtype)
     dtype = gemm_dtype()
     y = torch.nn.functional.linear(x.to(dtype), linear.dequantize(dtype))
