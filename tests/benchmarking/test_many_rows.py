@@ -30,6 +30,7 @@ def test_the_report_has_both_paths_for_every_shape_form_and_row_count(tmp_path, 
     out = tmp_path / "rows.json"
     assert script.main(["--out", str(out), "--threads", "1", "--repeats", "1"]) == 0
     report = json.loads(out.read_text())
-    assert {(r["form"], r["rows"]) for r in report["results"]} == {(f, n) for f in ("int4", "int8", "int8-16") for n in (1, 40)}
+    forms = ("int4", "int8", "int8-16")
+    assert {(r["form"], r["rows"]) for r in report["results"]} == {(f, n) for f in forms for n in (1, 40)}
     assert all(r["tiles_gops"] > 0 and r["gemm_gops"] > 0 for r in report["results"])
     assert report["int8_peak_gops"] == 1.0 and report["tiles"] in ("VNNI", "AVX2", "portable")
