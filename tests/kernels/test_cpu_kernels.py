@@ -608,3 +608,17 @@ def test_paged_cache_attention_on_the_kernel_equals_the_gathered_sdpa_path(monke
     monkeypatch.setattr(PagedKVCache, "decode_kernels", lambda self: None)
     slow = cache.attend(0, q, k_new, v_new, AttentionParams(grouped=True, window=window), batch)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_a_huge_page_block_takes_copies_one_at_a_time_up_to_its_size():
+    """move_to_huge_pages copies layer by layer and frees each original after its copy."""
+    block_type = cpu_kernels().HugePageBlock
+    a, b = torch.arange(10, dtype=torch.int64), torch.randn(3, 5)
+    block = block_type(block_type.aligned(a.nbytes) + block_type.aligned(b.nbytes))
+    ca = block.copy(a)
+    del block  # every copy keeps the block alive
+    assert torch.equal(ca, a) and ca.data_ptr() % 64 == 0
+    block = block_type(block_type.aligned(a.nbytes))
+    block.copy(a)
+    with pytest.raises(RuntimeError, match="more asked"):
+        block.copy(b)

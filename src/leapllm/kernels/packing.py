@@ -8,7 +8,9 @@ own int32 lane (see cpu/common.h).
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import gc
 
 import torch
 
@@ -114,17 +116,40 @@ def move_to_huge_pages(layers: list) -> None:
     kernels) into one block of memory on 2 MiB pages, in the order given, and rebuild their PackedLinear.
 
     A batch-1 decode step streams every weight once; on 4 KiB pages each stream needs a page walk
-    every 4 KiB (copy_into_huge_pages in cpu/huge_pages.h). Give the layers in the order a step reads
-    them. The copies replace the modules' buffers, so the old memory is freed.
+    every 4 KiB (HugePageBlock in cpu/huge_pages.h). Give the layers in the order a step reads them.
+    Layer by layer, the copies replace the modules' buffers and the old memory goes back to the OS,
+    so the move never holds two copies of the model.
     """
+    ext = cpu_kernels()
     names = [[n for n in PACKED_BUFFERS if getattr(layer, n, None) is not None] for layer in layers]
-    copies = iter(cpu_kernels().copy_into_huge_pages([getattr(layer, n) for layer, ns in zip(layers, names) for n in ns]))
+    block = ext.HugePageBlock(sum(ext.HugePageBlock.aligned(getattr(layer, n).nbytes)
+                                  for layer, ns in zip(layers, names) for n in ns))
+    moved = 0
     for layer, ns in zip(layers, names):
         for n in ns:
-            setattr(layer, n, next(copies))
+            setattr(layer, n, block.copy(getattr(layer, n)))
+            moved += getattr(layer, n).nbytes
         old = layer.packed_linear
-        layer.packed_linear = packed_linear(layer.packed_weight, layer.packed_scales, getattr(layer, "packed_mins", None),
-                                            layer.bias, bits=old.bits, simd=old.simd)
+        layer.packed_linear = packed_linear(layer.packed_weight, layer.packed_scales,
+                                            getattr(layer, "packed_mins", None), layer.bias, bits=old.bits, simd=old.simd)
+        del old
+        if moved >= RELEASE_EVERY_BYTES:
+            release_freed_heap()
+            moved = 0
+    release_freed_heap()
+
+
+RELEASE_EVERY_BYTES = 32 << 20  # how much moved weight may wait in the heap before it is handed back
+
+
+def release_freed_heap() -> None:
+    """Hand freed heap memory back to the OS: glibc keeps freed blocks below its mmap threshold (up
+    to 32 MiB) for reuse, so freed weights and repacking temporaries would stay resident."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 # On CPUs whose PyTorch GEMM runs bfloat16 natively (AVX-512 BF16, AMX), a GEMM on weights

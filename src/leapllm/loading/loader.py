@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import time
 from dataclasses import dataclass, field
@@ -14,6 +12,7 @@ import torch
 
 from leapllm.errors import ModelLoadError
 from leapllm.kernels import cpu_kernels
+from leapllm.kernels.packing import release_freed_heap
 from leapllm.loading.default_model import default_model_path
 from leapllm.loading.gguf_loader import load_gguf
 from leapllm.loading.model_folder import is_model_folder, load_model_folder
@@ -96,11 +95,7 @@ class LoadedModel:
 def release_freed_memory() -> None:
     """Hand the heap that loading freed (per-tensor repacking temporaries) back to the OS: glibc keeps
     freed blocks for reuse, which would leave the process ~50 MB above what the model holds."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    release_freed_heap()
 
 
 def keeps_file_quantization(dtype: str | torch.dtype | None, device: torch.device) -> bool:

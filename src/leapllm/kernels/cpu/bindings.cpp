@@ -59,6 +59,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "int8 multiply-add operations per second of the tiles' instruction on every thread (0: no SIMD tiles)");
   m.def("copy_into_huge_pages", &copy_into_huge_pages, pybind11::arg("tensors"),
         "copies of the tensors in one block of memory on 2 MiB pages where Linux gives them");
+  pybind11::class_<HugePageBlock>(m, "HugePageBlock")
+      .def(pybind11::init<int64_t>(), pybind11::arg("bytes"))
+      .def("copy", &HugePageBlock::copy, pybind11::arg("tensor"),
+           "a copy of the tensor in the block's next free bytes (64-byte aligned), on 2 MiB pages where Linux can")
+      .def_static("aligned", &HugePageBlock::aligned, pybind11::arg("bytes"), "bytes a copy takes in the block")
+      .def_readonly("capacity", &HugePageBlock::capacity)
+      .def_readonly("used", &HugePageBlock::offset);
   m.def("paged_decode_attention", &paged_decode_attention, pybind11::arg("q"), pybind11::arg("k_pool"),
         pybind11::arg("v_pool"), pybind11::arg("slots"), pybind11::arg("lengths"), pybind11::arg("scale"),
         "attention of one new token per sequence over its keys and values in a paged pool",
