@@ -262,3 +262,26 @@ def test_the_default_model_keeps_its_q4_1_weights_and_q8_0_table_once(default_gg
     table = stored_reference(default_gguf_path, "embed_tokens.weight")
     tokens = torch.tensor([[1, 200, 49151]])
     assert torch.equal(model.embed_tokens(tokens), table[tokens])
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.Q8_0, Q.Q5_0, Q.Q6_K])
+def test_a_big_tensor_packed_a_slice_of_rows_at_a_time_is_the_tensor_packed_whole(qtype, monkeypatch):
+    """An output head of 150k rows is decoded and packed in slices (bounding the load's peak memory):
+    the packed buffers and the layer's outputs are those of packing it whole."""
+    from leapllm.loading import weights
+
+    k = 256
+    data = random_blocks(qtype, 96, k, seed=3) if qtype in K_QUANTS else \
+        quants.quantize(weights_with_outliers(96, k, seed=3), qtype)
+    t = GGUFTensor("head", qtype, (96, k), data, "synthetic.gguf")
+    whole = packed_module(t)
+    monkeypatch.setattr(weights, "PACK_ROWS_AT_ONCE", 32)  # 3 slices of 2 tiles
+    sliced = weights._quantized_projection([t], t.kernel_format, None, torch.device("cpu"))
+    assert type(sliced) is type(whole)
+    for name in ("packed_weight", "packed_scales", "packed_mins"):
+        a, b = getattr(whole, name), getattr(sliced, name)
+        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b))
+    x = torch.randn(3, k)
+    assert torch.equal(sliced(x), whole(x))
+    assert torch.equal(sliced.packed_linear.dequantize_rows(torch.arange(96)), reference(t))

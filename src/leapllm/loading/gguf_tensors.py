@@ -103,6 +103,13 @@ class GGUFTensor:
         data = self.data[e] if self.data.ndim == 3 else self.data[e * out:(e + 1) * out]
         return GGUFTensor(f"{self.name}[{e}]", self.ggml_type, (out, inp), data, self.source)
 
+    def row_slice(self, start: int, stop: int) -> GGUFTensor:
+        """Rows [start, stop) of a 2-D tensor stored in PyTorch's row order: still the file's bytes."""
+        if self.unpermute_heads is not None or len(self.shape) != 2:
+            raise ValueError(f"{self.name}: row slices are of plain 2-D tensors")
+        return GGUFTensor(f"{self.name}[{start}:{stop}]", self.ggml_type, (stop - start, self.shape[1]),
+                          self.data[start:stop], self.source)
+
     def raw_rows(self) -> torch.Tensor:
         """The stored bytes, (rows, bytes per row) uint8, rows in PyTorch's order, copied into memory."""
         rows = self._rows()

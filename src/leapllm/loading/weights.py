@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from leapllm.errors import ModelLoadError
-from leapllm.kernels.packing import kernels_can_run
+from leapllm.kernels.packing import kernels_can_run, pack_int4, pack_int8_blocks, pack_int8_sub_blocks
 from leapllm.loading.families import FUSED_TENSORS
 from leapllm.loading.gguf_tensors import KERNEL_DESCRIPTIONS, GGUFTensor, as_float
 from leapllm.model.config import ModelConfig
@@ -140,6 +140,9 @@ def _quantized_projection(parts: list, fmt: str, bias: torch.Tensor | None,
         _release(parts)  # before the packing's copies exist
         return tensors
 
+    if len(parts) == 1 and out_features >= 2 * PACK_ROWS_AT_ONCE and isinstance(parts[0], GGUFTensor) \
+            and parts[0].unpermute_heads is None:
+        return _packed_by_row_slices(parts[0], fmt, bias)
     if fmt == "int4":
         q, scale, minimum = joined(t.int4_parts() for t in parts)
         return Int4Linear(q, scale, minimum, bias, device, float32_scales=not all(t.float16_scales for t in parts))
@@ -148,6 +151,36 @@ def _quantized_projection(parts: list, fmt: str, bias: torch.Tensor | None,
         return Int8Linear(u, scale, bias, minimum=minimum)
     q, scale = joined(t.int8_parts() for t in parts)
     return Int8Linear(q, scale, bias)
+
+
+# Rows of one big stored tensor (an output head of 150k tokens) decoded and packed at a time: its
+# whole decoded form (values, float32 scales and minimums per 16) and packing copies are several
+# times its packed size, which would set the load's peak memory.
+PACK_ROWS_AT_ONCE = 8192
+
+
+def _packed_by_row_slices(part: GGUFTensor, fmt: str, bias: torch.Tensor | None) -> nn.Module:
+    """_quantized_projection for one big tensor: each slice of rows (whole tiles of 16) packs on its
+    own into its rows of the packed tensors, which the kernels' layout keeps tile after tile."""
+    n, k = part.shape
+    packed: list[torch.Tensor | None] = []
+    for r0 in range(0, n, PACK_ROWS_AT_ONCE):
+        rows = part.row_slice(r0, min(n, r0 + PACK_ROWS_AT_ONCE))
+        if fmt == "int4":
+            slice_packed = pack_int4(*rows.int4_parts(), torch.float16 if part.float16_scales else torch.float32)
+        elif fmt == "int8-16":
+            slice_packed = pack_int8_sub_blocks(*rows.sub_block_parts())
+        else:
+            slice_packed = (*pack_int8_blocks(*rows.int8_parts()), None)
+        if not packed:
+            packed = [None if t is None else t.new_empty((n, *t.shape[1:])) for t in slice_packed]
+        for whole, piece in zip(packed, slice_packed):
+            if whole is not None:
+                whole[r0:r0 + piece.shape[0]] = piece
+        _release([part])  # the slice's file pages (the rest page in again from the page cache)
+    weight, scales, mins = packed
+    return Int4Linear.from_packed(weight, scales, mins, bias) if fmt == "int4" else \
+        Int8Linear.from_packed(weight, scales, mins, bias)
 
 
 def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype, device: torch.device | str, source: str,

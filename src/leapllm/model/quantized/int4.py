@@ -108,6 +108,22 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(device))
 
     @classmethod
+    def from_packed(cls, weight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                    bias: torch.Tensor | None) -> Int4Linear:
+        """A layer on weights already in the kernels' layout (pack_int4's output), e.g. a big
+        output head packed a slice of rows at a time."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.out_features, layer.in_features = weight.shape[0], 2 * weight.shape[1]
+        layer.group_size, layer.on_cpu = 32, True  # the kernels' scales are per block of 32
+        layer.register_buffer("packed_weight", weight)
+        layer.register_buffer("packed_scales", scales)
+        layer.register_buffer("packed_mins", mins)
+        layer.register_buffer("bias", None if bias is None else bias.detach().float())
+        layer.packed_linear = packed_linear(weight, scales, mins, layer.bias, bits=4)
+        return layer
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
         check_group_size(linear.in_features, group_size)
         q, scale, minimum = quantize_int4_groupwise(linear.weight, group_size)

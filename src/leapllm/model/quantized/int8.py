@@ -89,6 +89,22 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     @classmethod
+    def from_packed(cls, weight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                    bias: torch.Tensor | None) -> Int8Linear:
+        """A layer on weights already in the kernels' layout (pack_int8, pack_int8_blocks or
+        pack_int8_sub_blocks output), e.g. a big output head packed a slice of rows at a time."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.out_features, layer.in_features = weight.shape
+        layer.activation_digits, layer.padded_rows = 1, 0
+        layer.register_buffer("packed_weight", weight)
+        layer.register_buffer("packed_scales", scales)
+        layer.register_buffer("packed_mins", mins)
+        layer.register_buffer("bias", None if bias is None else bias.detach().float())
+        layer.packed_linear = packed_linear(weight, scales, mins, layer.bias, bits=8)
+        return layer
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, activation_digits: int = 1) -> Int8Linear:
         q, scale = quantize_per_channel_int8(linear.weight)
         return cls(q, scale, linear.bias, activation_digits)
