@@ -111,6 +111,17 @@ def packed_linear(weight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
 PACKED_BUFFERS = ("packed_weight", "packed_scales", "packed_mins")
 
 
+def attach_packed(layer, weight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                  bias: torch.Tensor | None, bits: int) -> None:
+    """Give a quantized nn.Module its packed buffers (PACKED_BUFFERS and a float32 bias) and the
+    PackedLinear that runs on them."""
+    layer.register_buffer("packed_weight", weight)
+    layer.register_buffer("packed_scales", scales)
+    layer.register_buffer("packed_mins", mins)
+    layer.register_buffer("bias", None if bias is None else bias.detach().float())
+    layer.packed_linear = packed_linear(weight, scales, mins, layer.bias, bits=bits)
+
+
 def move_to_huge_pages(layers: list) -> None:
     """Move the packed weights of these layers (Int4Linear / Int8Linear modules running on the packed
     kernels) into one block of memory on 2 MiB pages, in the order given, and rebuild their PackedLinear.

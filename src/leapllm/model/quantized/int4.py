@@ -23,6 +23,7 @@ from torch import nn
 
 from leapllm.errors import InvalidRequestError
 from leapllm.kernels.packing import (
+    attach_packed,
     kernels_can_run,
     pack_int4,
     packed_forward,
@@ -116,11 +117,7 @@ class Int4Linear(nn.Module):
         nn.Module.__init__(layer)
         layer.out_features, layer.in_features = weight.shape[0], 2 * weight.shape[1]
         layer.group_size, layer.on_cpu = 32, True  # the kernels' scales are per block of 32
-        layer.register_buffer("packed_weight", weight)
-        layer.register_buffer("packed_scales", scales)
-        layer.register_buffer("packed_mins", mins)
-        layer.register_buffer("bias", None if bias is None else bias.detach().float())
-        layer.packed_linear = packed_linear(weight, scales, mins, layer.bias, bits=4)
+        attach_packed(layer, weight, scales, mins, bias, bits=4)
         return layer
 
     @classmethod

@@ -25,6 +25,7 @@ from torch import nn
 
 from leapllm.kernels.packing import (
     TILE,
+    attach_packed,
     kernels_can_run,
     pack_int8,
     pack_int8_blocks,
@@ -97,11 +98,7 @@ class Int8Linear(nn.Module):
         nn.Module.__init__(layer)
         layer.out_features, layer.in_features = weight.shape
         layer.activation_digits, layer.padded_rows = 1, 0
-        layer.register_buffer("packed_weight", weight)
-        layer.register_buffer("packed_scales", scales)
-        layer.register_buffer("packed_mins", mins)
-        layer.register_buffer("bias", None if bias is None else bias.detach().float())
-        layer.packed_linear = packed_linear(weight, scales, mins, layer.bias, bits=8)
+        attach_packed(layer, weight, scales, mins, bias, bits=8)
         return layer
 
     @classmethod
