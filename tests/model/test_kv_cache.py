@@ -32,3 +32,18 @@ def test_small_or_non_cpu_buffers_are_plain_zeros():
     assert big.dtype == torch.bfloat16 and big.shape == (1024, 1024) and torch.count_nonzero(big[:3]) == 0
     big[5, 5] = 1.0
     assert big.sum().item() == 1.0
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_process_writes_its_own_copy_of_a_cache():
+    import ctypes
+    import os
+
+    t = lazily_zeroed((1024, 1024), torch.float32, "cpu")
+    address = t.data_ptr()
+    pid = os.fork()
+    if pid == 0:  # the child writes (no torch call after a fork) and leaves at once
+        ctypes.c_float.from_address(address).value = 100.0
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert t[0, 0].item() == 0.0

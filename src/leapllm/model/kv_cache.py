@@ -23,7 +23,7 @@ def lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
     if device.type != "cpu" or nbytes < LAZY_MIN_BYTES:
         return torch.zeros(shape, dtype=dtype, device=device)
-    buffer = mmap.mmap(-1, nbytes)
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # private: a forked process gets its own copy
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # one token written must not map 2 MiB (transparent huge pages)
         buffer.madvise(mmap.MADV_NOHUGEPAGE)
     return torch.frombuffer(buffer, dtype=dtype).view(shape)  # the tensor keeps the map alive
