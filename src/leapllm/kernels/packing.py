@@ -141,11 +141,12 @@ def move_to_huge_pages(layers: list) -> None:
             setattr(layer, n, block.copy(getattr(layer, n)))
             moved += getattr(layer, n).nbytes
         old = layer.packed_linear
-        layer.packed_linear = packed_linear(layer.packed_weight, layer.packed_scales,
-                                            getattr(layer, "packed_mins", None), layer.bias, bits=old.bits, simd=old.simd)
+        mins = getattr(layer, "packed_mins", None)
+        layer.packed_linear = packed_linear(layer.packed_weight, layer.packed_scales, mins, layer.bias, bits=old.bits,
+                                            simd=old.simd)
         del old
         if moved >= RELEASE_EVERY_BYTES:
-            release_freed_heap()
+            release_freed_heap(collect=False)  # (reference counting freed them; no cycles to look for)
             moved = 0
     release_freed_heap()
 
@@ -153,10 +154,12 @@ def move_to_huge_pages(layers: list) -> None:
 RELEASE_EVERY_BYTES = 32 << 20  # how much moved weight may wait in the heap before it is handed back
 
 
-def release_freed_heap() -> None:
+def release_freed_heap(collect: bool = True) -> None:
     """Hand freed heap memory back to the OS: glibc keeps freed blocks below its mmap threshold (up
-    to 32 MiB) for reuse, so freed weights and repacking temporaries would stay resident."""
-    gc.collect()
+    to 32 MiB) for reuse, so freed weights and repacking temporaries would stay resident. collect:
+    first free what only reference cycles hold (a full garbage collection)."""
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
