@@ -173,8 +173,11 @@ DOT_KERNEL_MAX_ROWS = 32
 # Elsewhere the GEMM runs in float32, and the tiles win at every row count for int4 and for the
 # K-quants' int8-16 form (bytes below 64), so a prefill gets exactly the bits of one-token steps;
 # int8 with the full byte range (Q8_0, per-row int8) splits each byte into two nibble products on
-# AVX2 and falls behind from about 100 rows (benchmarks/README.md, "Many rows").
+# AVX2 and falls behind from about 100 rows; int8 whose bytes are narrow (Q5_0) multiplies them
+# directly but sums in 32 bits more often, and falls behind between 128 and 512 rows
+# (benchmarks/README.md, "Many rows").
 FLOAT32_GEMM_INT8_TILE_ROWS = 96
+FLOAT32_GEMM_NARROW_INT8_TILE_ROWS = 256
 
 
 @functools.cache
@@ -191,8 +194,9 @@ def tile_row_limit(linear) -> int | None:
     kernel = linear.kernel
     if gemm_dtype() == torch.bfloat16 or kernel == "portable":  # (scalar loops lose to any GEMM)
         return DOT_KERNEL_MAX_ROWS
-    full_byte_int8 = linear.bits == 8 and not linear.sub_blocks and kernel != "VNNI"
-    return FLOAT32_GEMM_INT8_TILE_ROWS if full_byte_int8 else None
+    if linear.bits == 4 or linear.sub_blocks or kernel == "VNNI":
+        return None
+    return FLOAT32_GEMM_NARROW_INT8_TILE_ROWS if linear.narrow_bytes else FLOAT32_GEMM_INT8_TILE_ROWS
 
 
 def many_rows_kernel() -> str:
@@ -201,9 +205,9 @@ def many_rows_kernel() -> str:
             cpu_kernels().avx2_compiled() or cpu_kernels().vnni_compiled()):
         return (f"the int8-activation tiles up to {DOT_KERNEL_MAX_ROWS} rows; beyond, a bfloat16 GEMM on weights "
                 "dequantized for the call")
-    return ("the int8-activation tiles at every row count (the bits of one-token steps), but int8 weights with "
-            f"the full byte range (Q8_0) beyond {FLOAT32_GEMM_INT8_TILE_ROWS} rows: a float32 GEMM on weights "
-            "dequantized for the call")
+    return ("the int8-activation tiles at every row count (the bits of one-token steps), but int8 weights beyond "
+            f"{FLOAT32_GEMM_INT8_TILE_ROWS} rows (Q8_0) or {FLOAT32_GEMM_NARROW_INT8_TILE_ROWS} (Q5_0): a float32 GEMM "
+            "on weights dequantized for the call")
 
 
 def packed_forward(linear, x: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,7 @@ struct QuantizedRow {
   std::vector<float> scale;       // (K/32,): x ~ scale * q
   std::vector<float> block_sum;   // (K/32,): scale * sum(q), the block's sum as quantized
   std::vector<float> half_sum;    // (K/16,): the same for each half block (features 0..15, 16..31)
+  std::vector<int32_t> isum;      // (K/32,): sum(q) per block, the integer
   float total = 0.f;              // sum of block_sum
 };
 
@@ -68,6 +69,7 @@ void quantize_row(const float* x, int64_t k, QuantizedRow& a) {
     a.scale.resize(k / BLOCK);
     a.block_sum.resize(k / BLOCK);
     a.half_sum.resize(2 * (k / BLOCK));
+    a.isum.resize(k / BLOCK);
   }
   float total = 0.f;
 #if defined(__AVX2__)
@@ -104,6 +106,7 @@ void quantize_row(const float* x, int64_t k, QuantizedRow& a) {
       halves[h] = _mm_cvtsi128_si32(s4);
     }
     const int sum = halves[0] + halves[1];
+    a.isum[b] = sum;
     a.scale[b] = d;
     a.half_sum[2 * b] = d * (float)halves[0];
     a.half_sum[2 * b + 1] = d * (float)halves[1];
@@ -124,6 +127,7 @@ void quantize_row(const float* x, int64_t k, QuantizedRow& a) {
       halves[i / 16] += v;
     }
     const int sum = halves[0] + halves[1];
+    a.isum[b] = sum;
     a.scale[b] = d;
     a.half_sum[2 * b] = d * (float)halves[0];
     a.half_sum[2 * b + 1] = d * (float)halves[1];

@@ -39,6 +39,7 @@ struct PackedLinear {
   bool block_scales = false;  // int8 with a float16 scale per block of 32 (GGUF Q8_0) instead of one per row
   bool sub_blocks = false;    // int8 values with a float32 scale and minimum per 16 features (GGUF K-quants)
   bool float_scales = false;  // int4 with float32 scales and minimums (GGUF Q4_K) instead of float16
+  bool narrow_bytes = false;  // int8 whose stored bytes all lie in [112, 175] (GGUF Q5_0): see narrow_bytes in tiles_avx2.h
   at::Tensor weight, scales, mins, bias;
   // Their data, read once here rather than through a checked data_ptr<T>() at each of a step's many
   // tile calls: scale16 / mins16 where they are float16, scale32 / mins32 where they are float32.
@@ -86,6 +87,15 @@ struct PackedLinear {
       bias_data = bias.data_ptr<float>();
     }
     weight_data = weight.data_ptr<uint8_t>();
+    if (bits == 8 && !sub_blocks) {  // chunks of OR-ed bytes, so that the loop vectorizes
+      narrow_bytes = true;
+      const int64_t count = weight.numel();
+      for (int64_t i0 = 0; i0 < count && narrow_bytes; i0 += 4096) {
+        uint8_t high = 0;
+        for (int64_t i = i0; i < std::min(count, i0 + 4096); ++i) high |= (uint8_t)(weight_data[i] - 112);
+        narrow_bytes = (high & 0xC0) == 0;
+      }
+    }
     if (scales.scalar_type() == at::kFloat) scale32 = scales.data_ptr<float>();
     else scale16 = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
     if (mins.defined() && mins.scalar_type() == at::kFloat) mins32 = mins.data_ptr<float>();

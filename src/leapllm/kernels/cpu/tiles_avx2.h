@@ -112,6 +112,47 @@ void tile_q4_simd(const uint8_t* w, const S* d, const S* mins, const QuantizedRo
   }
 }
 
+// Whether every byte of these n vectors is below 64.
+inline bool bytes_below_64(const __m256i* v, int n) {
+  __m256i any = v[0];
+  for (int i = 1; i < n; ++i) any = _mm256_or_si256(any, v[i]);
+  return _mm256_testz_si256(any, _mm256_set1_epi8((char)0xC0));
+}
+
+// The int32 sums of 8 rows over 4 quads, v[c] holding quad c's bytes (all below 64), against x.
+inline __m256i small_quads_sum4(const __m256i* v, const int8_t* x) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i s01 = _mm256_add_epi16(_mm256_maddubs_epi16(v[0], broadcast_quad8(x)),
+                                       _mm256_maddubs_epi16(v[1], broadcast_quad8(x + 4)));
+  const __m256i s23 = _mm256_add_epi16(_mm256_maddubs_epi16(v[2], broadcast_quad8(x + 8)),
+                                       _mm256_maddubs_epi16(v[3], broadcast_quad8(x + 12)));
+  return _mm256_add_epi32(_mm256_madd_epi16(s01, ones), _mm256_madd_epi16(s23, ones));
+}
+
+// int8 blocks whose stored bytes all lie in [112, 175] (q in [-16, 47]: GGUF's Q5_0, stored q - 16
+// + 128, and Q8_0 blocks of small values): u - 112 is below 64, so maddubs takes it directly (two
+// quads summed in 16 bits, as small_quads_sum4), and sum(u x) = sum((u - 112) x) + 112 sum(x) is the
+// nibble split's integer at half the multiplies.
+constexpr int NARROW_BASE = 112;
+
+// v[i] - 112 into shifted[i] for n vectors; whether every result is below 64.
+inline bool narrow_bytes(const __m256i* v, int n, __m256i* shifted) {
+  const __m256i base = _mm256_set1_epi8((char)NARROW_BASE);
+  __m256i any = _mm256_setzero_si256();
+  for (int i = 0; i < n; ++i) {
+    shifted[i] = _mm256_sub_epi8(v[i], base);
+    any = _mm256_or_si256(any, shifted[i]);
+  }
+  return _mm256_testz_si256(any, _mm256_set1_epi8((char)0xC0));
+}
+
+// A narrow block's integer sums for 8 rows (shifted: its 8 quads less 112) against activation row r.
+inline __m256i narrow_block_sums(const __m256i* shifted, const QuantizedRow& r, int64_t b) {
+  const int8_t* x = r.q.data() + b * BLOCK;
+  const __m256i s = _mm256_add_epi32(small_quads_sum4(shifted, x), small_quads_sum4(shifted + 4, x + 16));
+  return _mm256_add_epi32(s, _mm256_set1_epi32(NARROW_BASE * r.isum[b]));
+}
+
 // int8 (q + 128): the sum is low nibbles + 16 x high nibbles, each half in 16 bits.
 // One block's integer sums against one activation row: rows 0..7 in s0, rows 8..15 in s1.
 inline void q8_block_sums_one_row(const uint8_t* wb, const int8_t* x, __m256i& s0, __m256i& s1) {
@@ -154,8 +195,15 @@ void tile_q8_one_row(const uint8_t* w, const D* d, const QuantizedRow& r, int64_
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* wb = w + b * 512;
     prefetch_lines(wb + PREFETCH_Q8, 8);
-    __m256i s0, s1;
-    q8_block_sums_one_row(wb, r.q.data() + b * BLOCK, s0, s1);
+    __m256i s0, s1, v[16], shifted[16];  // v[8h + qd]: quad qd of rows 8h .. 8h + 7
+    for (int qd = 0; qd < 8; ++qd)
+      for (int h = 0; h < 2; ++h) v[8 * h + qd] = _mm256_loadu_si256((const __m256i*)(wb + qd * 64 + h * 32));
+    if (narrow_bytes(v, 16, shifted)) {
+      s0 = narrow_block_sums(shifted, r, b);
+      s1 = narrow_block_sums(shifted + 8, r, b);
+    } else {
+      q8_block_sums_one_row(wb, r.q.data() + b * BLOCK, s0, s1);
+    }
     const __m256 scale = _mm256_set1_ps(r.scale[b]);
     if constexpr (BLOCKS) {
       const __m256 block_sum = _mm256_set1_ps(r.block_sum[b]);
@@ -193,15 +241,18 @@ void tile_q8_rows(const uint8_t* w, const D* d, const QuantizedRow* const* a, in
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* wb = w + b * 512 + h * 32;
       if (h == 0) prefetch_lines(wb + PREFETCH_Q8, 8);
+      __m256i v[8], shifted[8];
+      for (int qd = 0; qd < 8; ++qd) v[qd] = _mm256_loadu_si256((const __m256i*)(wb + qd * 64));
+      const bool narrow = narrow_bytes(v, 8, shifted);
       __m256i lo[8], hi[8];  // quad qd's low and high nibbles, in nibble_dot16's order
-      unpack_q8_half(wb, lo, hi);
+      if (!narrow) unpack_q8_half(wb, lo, hi);
       __m256 db = _mm256_setzero_ps(), mb = db;  // BLOCKS: the block's scales and minimums
       if constexpr (BLOCKS) {
         db = load_scales8(d + b * TILE + h * 8);
         mb = _mm256_mul_ps(db, minus128);
       }
       for (int m = 0; m < MT; ++m) {
-        const __m256i s = q8_half_sums(lo, hi, a[m]->q.data() + b * BLOCK);
+        const __m256i s = narrow ? narrow_block_sums(shifted, *a[m], b) : q8_half_sums(lo, hi, a[m]->q.data() + b * BLOCK);
         if constexpr (BLOCKS) {
           acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(db, _mm256_set1_ps(a[m]->scale[b])), acc[m]);
           acc[m] = _mm256_fmadd_ps(mb, _mm256_set1_ps(a[m]->block_sum[b]), acc[m]);
@@ -240,23 +291,6 @@ void tile_q8_blocks_simd(const uint8_t* w, const uint16_t* d, const QuantizedRow
 //  - any bytes: as the int8 tiles, low and high nibbles: 4 quads x 2 x 15 x 127 = 15240 < 2^15;
 //  - a block whose bytes are all below 64 (Q6_K and every smaller type): u itself, two quads added
 //    in 16 bits, 2 x 2 x 63 x 127 = 32004 < 2^15 (activations are in -127..127), half the multiplies.
-
-// Whether every byte of these n vectors is below 64.
-inline bool bytes_below_64(const __m256i* v, int n) {
-  __m256i any = v[0];
-  for (int i = 1; i < n; ++i) any = _mm256_or_si256(any, v[i]);
-  return _mm256_testz_si256(any, _mm256_set1_epi8((char)0xC0));
-}
-
-// The int32 sums of 8 rows over 4 quads, v[c] holding quad c's bytes (all below 64), against x.
-inline __m256i small_quads_sum4(const __m256i* v, const int8_t* x) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i s01 = _mm256_add_epi16(_mm256_maddubs_epi16(v[0], broadcast_quad8(x)),
-                                       _mm256_maddubs_epi16(v[1], broadcast_quad8(x + 4)));
-  const __m256i s23 = _mm256_add_epi16(_mm256_maddubs_epi16(v[2], broadcast_quad8(x + 8)),
-                                       _mm256_maddubs_epi16(v[3], broadcast_quad8(x + 12)));
-  return _mm256_add_epi32(_mm256_madd_epi16(s01, ones), _mm256_madd_epi16(s23, ones));
-}
 
 // The same for any bytes, given as their low and high nibbles (unpack_q8_half's).
 inline __m256i nibble_quads_sum4(const __m256i* lo, const __m256i* hi, const int8_t* x) {
