@@ -132,7 +132,8 @@ inline __m256i small_quads_sum4(const __m256i* v, const int8_t* x) {
 // int8 blocks whose stored bytes all lie in [112, 175] (q in [-16, 47]: GGUF's Q5_0, stored q - 16
 // + 128, and Q8_0 blocks of small values): u - 112 is below 64, so maddubs takes it directly (two
 // quads summed in 16 bits, as small_quads_sum4), and sum(u x) = sum((u - 112) x) + 112 sum(x) is the
-// nibble split's integer at half the multiplies.
+// nibble split's integer at half the multiplies. Only the tiles of several rows check for it: one
+// row (a decode step) is bound by memory, and the check's registers slowed it.
 constexpr int NARROW_BASE = 112;
 
 // v[i] - 112 into shifted[i] for n vectors; whether every result is below 64.
@@ -195,15 +196,8 @@ void tile_q8_one_row(const uint8_t* w, const D* d, const QuantizedRow& r, int64_
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* wb = w + b * 512;
     prefetch_lines(wb + PREFETCH_Q8, 8);
-    __m256i s0, s1, v[16], shifted[16];  // v[8h + qd]: quad qd of rows 8h .. 8h + 7
-    for (int qd = 0; qd < 8; ++qd)
-      for (int h = 0; h < 2; ++h) v[8 * h + qd] = _mm256_loadu_si256((const __m256i*)(wb + qd * 64 + h * 32));
-    if (narrow_bytes(v, 16, shifted)) {
-      s0 = narrow_block_sums(shifted, r, b);
-      s1 = narrow_block_sums(shifted + 8, r, b);
-    } else {
-      q8_block_sums_one_row(wb, r.q.data() + b * BLOCK, s0, s1);
-    }
+    __m256i s0, s1;
+    q8_block_sums_one_row(wb, r.q.data() + b * BLOCK, s0, s1);
     const __m256 scale = _mm256_set1_ps(r.scale[b]);
     if constexpr (BLOCKS) {
       const __m256 block_sum = _mm256_set1_ps(r.block_sum[b]);
