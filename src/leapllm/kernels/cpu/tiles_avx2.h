@@ -139,12 +139,8 @@ constexpr int NARROW_BASE = 112;
 // v[i] - 112 into shifted[i] for n vectors; whether every result is below 64.
 inline bool narrow_bytes(const __m256i* v, int n, __m256i* shifted) {
   const __m256i base = _mm256_set1_epi8((char)NARROW_BASE);
-  __m256i any = _mm256_setzero_si256();
-  for (int i = 0; i < n; ++i) {
-    shifted[i] = _mm256_sub_epi8(v[i], base);
-    any = _mm256_or_si256(any, shifted[i]);
-  }
-  return _mm256_testz_si256(any, _mm256_set1_epi8((char)0xC0));
+  for (int i = 0; i < n; ++i) shifted[i] = _mm256_sub_epi8(v[i], base);
+  return bytes_below_64(shifted, n);
 }
 
 // A narrow block's integer sums for 8 rows (shifted: its 8 quads less 112) against activation row r.
