@@ -45,5 +45,6 @@ def test_int8_block_tiles_give_the_exact_result_on_narrow_and_full_byte_blocks(v
 def test_a_narrow_layer_gives_each_row_the_bits_it_gets_alone():
     q, d, x, _ = exact_case("narrow", 33)
     layer = packed_linear(*pack_int8_blocks(q, d), None, None, bits=8)
+    assert layer.narrow_bytes and not layer.small_bytes
     x = x * torch.rand(x.shape, generator=torch.Generator().manual_seed(0))  # scales no longer powers of two
     assert torch.equal(layer.forward(x), torch.cat([layer.forward(x[i:i + 1]) for i in range(33)]))

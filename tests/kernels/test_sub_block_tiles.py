@@ -178,3 +178,14 @@ def test_a_mixed_k_quant_projection_runs_on_the_simd_tile_as_on_the_portable_one
     assert ((portable.forward(x).double() - ref).abs() <= tolerance).all()
     assert torch.equal(module(x), y)  # the loaded layer is this tile
     assert torch.equal(module(x[:1]), y[:1])  # and a decode step's one-row tile gives a row's same bits
+
+
+@pytest.mark.parametrize("weights", ["bytes 0..255", "bytes 0..63", "extremes"])
+def test_a_sub_block_layer_gives_each_row_the_bits_it_gets_alone(weights):
+    """Several rows run the tile of many rows (direct bytes where the whole layer is below 64, else
+    nibbles); one row runs the decode tile; a row's bits are the same either way."""
+    u, d, m, x, bias = exact_case(weights, 33, True)
+    simd, _ = simd_and_portable(u, d, m, bias)
+    assert simd.small_bytes == (weights == "bytes 0..63")
+    x = x * torch.rand(x.shape, generator=torch.Generator().manual_seed(0))  # scales no longer powers of two
+    assert torch.equal(simd.forward(x), torch.cat([simd.forward(x[i:i + 1]) for i in range(33)]))

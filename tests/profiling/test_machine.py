@@ -40,6 +40,19 @@ def test_a_cached_cpu_entry_without_the_int8_ceiling_is_measured_again(tmp_path)
     assert load_machine("cpu", path) is None
 
 
+def test_a_cached_int8_ceiling_from_the_flawed_loop_is_measured_again(tmp_path):
+    """The first AVX2 peak loop let the compiler hoist its maddubs and timed the adds alone."""
+    if cpu_kernels() is None:
+        pytest.skip("the kernels do not build here")
+    limits = measure_machine("cpu", **SMALL)
+    path = machine_mod.save_machine(limits, tmp_path / "machine.json")
+    assert load_machine("cpu", path) == limits
+    stored = json.loads(path.read_text())
+    stored[limits.key].pop("int8_method")  # as written before the method was recorded
+    path.write_text(json.dumps(stored))
+    assert load_machine("cpu", path) is None
+
+
 def test_first_call_measures_and_caches_second_call_reads_the_cache(tmp_path, monkeypatch):
     path = tmp_path / "cache" / "machine.json"
     first = machine_limits("cpu", cache_path=path, **SMALL)

@@ -13,7 +13,7 @@ from leapllm.cli import common as cli_common
 from leapllm.cli import main as cli_main
 from leapllm.cli.profile_cmd import add_profile_parser
 from leapllm.errors import LeapLLMError
-from leapllm.profiling.machine import MachineLimits, default_cache_path, device_name, save_machine
+from leapllm.profiling.machine import INT8_PEAK_METHOD, MachineLimits, default_cache_path, device_name, save_machine
 
 
 def profile_is_wired() -> bool:
@@ -67,7 +67,8 @@ def test_a_small_profile_prints_the_table_and_writes_json_and_html(capsys, tmp_p
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # never the user's cache
     # Seed the cache so the run does not spend seconds measuring the machine.
     save_machine(MachineLimits(device="cpu", name=device_name(torch.device("cpu")), threads=torch.get_num_threads(),
-                               torch_version=torch.__version__, bandwidth=20e9, flops={"float32": 100e9, "int8": 200e9}),
+                               torch_version=torch.__version__, bandwidth=20e9, flops={"float32": 100e9, "int8": 200e9},
+                               int8_method=INT8_PEAK_METHOD),
                  default_cache_path())
     out_json, out_html = tmp_path / "p.json", tmp_path / "p.html"
     code = run(["profile", "--prompt-len", "8", "--gen-len", "2", "--device", "cpu", "--dtype", "float32",

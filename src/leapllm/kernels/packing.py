@@ -170,14 +170,9 @@ def release_freed_heap(collect: bool = True) -> None:
 # dequantized for the call beats the int8 dot-product tiles beyond this many activation rows (decode
 # steps of up to 32 sequences stay on the tiles).
 DOT_KERNEL_MAX_ROWS = 32
-# Elsewhere the GEMM runs in float32, and the tiles win at every row count for int4 and for the
-# K-quants' int8-16 form (bytes below 64), so a prefill gets exactly the bits of one-token steps;
-# int8 with the full byte range (Q8_0, per-row int8) splits each byte into two nibble products on
-# AVX2 and falls behind from about 100 rows; int8 whose bytes are narrow (Q5_0) multiplies them
-# directly but sums in 32 bits more often, and falls behind between 128 and 512 rows
-# (benchmarks/README.md, "Many rows").
-FLOAT32_GEMM_INT8_TILE_ROWS = 96
-FLOAT32_GEMM_NARROW_INT8_TILE_ROWS = 256
+# Elsewhere the GEMM runs in float32, and the tiles of several rows win at every row count for every
+# packed form (int4, int8 with the full byte range or narrow bytes, the K-quants' int8-16), so a
+# prefill gets exactly the bits of one-token steps (benchmarks/README.md, "Many rows").
 
 
 @functools.cache
@@ -191,12 +186,9 @@ def gemm_dtype() -> torch.dtype:
 def tile_row_limit(linear) -> int | None:
     """The most activation rows a PackedLinear runs on the int8 tiles (None: any number); beyond, a
     GEMM on its weights dequantized for the call."""
-    kernel = linear.kernel
-    if gemm_dtype() == torch.bfloat16 or kernel == "portable":  # (scalar loops lose to any GEMM)
+    if gemm_dtype() == torch.bfloat16 or linear.kernel == "portable":  # (scalar loops lose to any GEMM)
         return DOT_KERNEL_MAX_ROWS
-    if linear.bits == 4 or linear.sub_blocks or kernel == "VNNI":
-        return None
-    return FLOAT32_GEMM_NARROW_INT8_TILE_ROWS if linear.narrow_bytes else FLOAT32_GEMM_INT8_TILE_ROWS
+    return None
 
 
 def many_rows_kernel() -> str:
@@ -205,9 +197,7 @@ def many_rows_kernel() -> str:
             cpu_kernels().avx2_compiled() or cpu_kernels().vnni_compiled()):
         return (f"the int8-activation tiles up to {DOT_KERNEL_MAX_ROWS} rows; beyond, a bfloat16 GEMM on weights "
                 "dequantized for the call")
-    return ("the int8-activation tiles at every row count (the bits of one-token steps), but int8 weights beyond "
-            f"{FLOAT32_GEMM_INT8_TILE_ROWS} rows (Q8_0) or {FLOAT32_GEMM_NARROW_INT8_TILE_ROWS} (Q5_0): a float32 GEMM "
-            "on weights dequantized for the call")
+    return "the int8-activation tiles at every row count (the bits of one-token steps)"
 
 
 def packed_forward(linear, x: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("sub_blocks", &PackedLinear::sub_blocks)
       .def_readonly("float_scales", &PackedLinear::float_scales)
       .def_readonly("narrow_bytes", &PackedLinear::narrow_bytes)
+      .def_readonly("small_bytes", &PackedLinear::small_bytes)
       .def_property_readonly("kernel", &PackedLinear::kernel);
   pybind11::class_<DecoderLayer, std::shared_ptr<DecoderLayer>>(m, "DecoderLayer")
       .def(pybind11::init<std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>,

@@ -42,6 +42,12 @@
 #if LEAPLLM_VNNI || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+// Fully unrolls the loop that follows: register arrays indexed by its counter then stay registers.
+#if defined(__clang__)
+#define LEAPLLM_UNROLL _Pragma("unroll")
+#else
+#define LEAPLLM_UNROLL _Pragma("GCC unroll 16")
+#endif
 
 // Which tiles this build has, for `python -m leapllm.kernels` and PackedLinear.kernel.
 bool vnni_compiled() { return LEAPLLM_VNNI; }
@@ -50,6 +56,7 @@ bool avx2_compiled() { return LEAPLLM_AVX2; }
 constexpr int64_t TILE = 16;   // output rows per tile: one int32 lane each
 constexpr int64_t BLOCK = 32;  // input features per quantization block
 constexpr int MAX_ROWS = 8;    // activation rows computed against one read of a tile
+constexpr int NARROW_BASE = 112;  // int8 bytes in [112, 175] are "narrow": see tiles_avx2.h
 
 namespace {
 

@@ -39,7 +39,8 @@ struct PackedLinear {
   bool block_scales = false;  // int8 with a float16 scale per block of 32 (GGUF Q8_0) instead of one per row
   bool sub_blocks = false;    // int8 values with a float32 scale and minimum per 16 features (GGUF K-quants)
   bool float_scales = false;  // int4 with float32 scales and minimums (GGUF Q4_K) instead of float16
-  bool narrow_bytes = false;  // int8 whose stored bytes all lie in [112, 175] (GGUF Q5_0): see narrow_bytes in tiles_avx2.h
+  bool narrow_bytes = false;  // int8 whose stored bytes all lie in [112, 175] (GGUF Q5_0): see NARROW_BASE in tiles_avx2.h
+  bool small_bytes = false;   // int8 sub-blocks whose stored bytes are all below 64 (Q6_K and smaller K-quants)
   at::Tensor weight, scales, mins, bias;
   // Their data, read once here rather than through a checked data_ptr<T>() at each of a step's many
   // tile calls: scale16 / mins16 where they are float16, scale32 / mins32 where they are float32.
@@ -87,14 +88,16 @@ struct PackedLinear {
       bias_data = bias.data_ptr<float>();
     }
     weight_data = weight.data_ptr<uint8_t>();
-    if (bits == 8 && !sub_blocks) {  // chunks of OR-ed bytes, so that the loop vectorizes
-      narrow_bytes = true;
+    if (bits == 8) {  // chunks of OR-ed bytes, so that the loop vectorizes
+      const uint8_t shift = sub_blocks ? 0 : NARROW_BASE;  // sub-blocks: below 64; else: in [112, 175]
+      bool all = true;
       const int64_t count = weight.numel();
-      for (int64_t i0 = 0; i0 < count && narrow_bytes; i0 += 4096) {
+      for (int64_t i0 = 0; i0 < count && all; i0 += 4096) {
         uint8_t high = 0;
-        for (int64_t i = i0; i < std::min(count, i0 + 4096); ++i) high |= (uint8_t)(weight_data[i] - 112);
-        narrow_bytes = (high & 0xC0) == 0;
+        for (int64_t i = i0; i < std::min(count, i0 + 4096); ++i) high |= (uint8_t)(weight_data[i] - shift);
+        all = (high & 0xC0) == 0;
       }
+      (sub_blocks ? small_bytes : narrow_bytes) = all;
     }
     if (scales.scalar_type() == at::kFloat) scale32 = scales.data_ptr<float>();
     else scale16 = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
@@ -135,20 +138,20 @@ struct PackedLinear {
       const float* d = scale32 + 2 * n * blocks;
       const float* mn = mins32 + 2 * n * blocks;
 #if LEAPLLM_VNNI || LEAPLLM_AVX2
-      if (simd) return with_rows(mt, [&](auto r) { tile_q8_sub_blocks_simd<decltype(r)::value>(wt, d, mn, a, blocks, out, ldo); });
+      if (simd) return with_rows(mt, [&](auto r) { tile_q8_sub_blocks_simd<decltype(r)::value>(wt, d, mn, a, blocks, out, ldo, small_bytes); });
 #endif
       tile_q8_sub_blocks_portable(wt, d, mn, a, mt, blocks, out, ldo);
     } else if (block_scales) {
       const uint16_t* d = scale16 + n * blocks;
 #if LEAPLLM_VNNI || LEAPLLM_AVX2
       if (simd)
-        return with_rows(mt, [&](auto r) { tile_q8_blocks_simd<decltype(r)::value>(wt, d, a, blocks, out, ldo); });
+        return with_rows(mt, [&](auto r) { tile_q8_blocks_simd<decltype(r)::value>(wt, d, a, blocks, out, ldo, narrow_bytes); });
 #endif
       tile_blocks_portable<8, uint16_t>(wt, d, nullptr, a, mt, blocks, out, ldo);
     } else {
       const float* d = scale32 + n;
 #if LEAPLLM_VNNI || LEAPLLM_AVX2
-      if (simd) return with_rows(mt, [&](auto r) { tile_q8_simd<decltype(r)::value>(wt, d, a, blocks, out, ldo); });
+      if (simd) return with_rows(mt, [&](auto r) { tile_q8_simd<decltype(r)::value>(wt, d, a, blocks, out, ldo, narrow_bytes); });
 #endif
       tile_q8_portable(wt, d, a, mt, blocks, out, ldo);
     }

@@ -17,17 +17,6 @@ inline __m256i broadcast_quad8(const int8_t* x) {
   return _mm256_set1_epi32(v);
 }
 
-// sum over the 8 quads of maddubs(nib[c], x's quad c), in 16 bits: 8 x 2 x 15 x 127 < 2^15.
-inline __m256i nibble_dot16(const __m256i* nib, const int8_t* x) {
-  __m256i s0 = _mm256_maddubs_epi16(nib[0], broadcast_quad8(x));
-  __m256i s1 = _mm256_maddubs_epi16(nib[4], broadcast_quad8(x + 16));
-  for (int c = 1; c < 4; ++c) {  // two chains: half the latency
-    s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(nib[c], broadcast_quad8(x + 4 * c)));
-    s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(nib[c + 4], broadcast_quad8(x + 4 * (c + 4))));
-  }
-  return _mm256_add_epi16(s0, s1);
-}
-
 // How far ahead of the block being summed the tiles ask for weights (about 12 int4 or 8 int8
 // blocks). Decode reads every weight once, from DRAM, and the hardware prefetcher alone does not
 // keep a core's stream busy.
@@ -81,35 +70,78 @@ void tile_q4_one_row(const uint8_t* w, const S* d, const S* mins, const Quantize
   _mm256_storeu_ps(out + 8, acc1);
 }
 
+// An empty asm that "changes" v: the compiler then adds a row's products in the order written instead
+// of re-associating the sum into a tree, which computed all of a block's products first and spilled
+// most of them (integer sums, so the result is the same either way).
+inline void accumulated(__m256i& v) { asm("" : "+x"(v)); }
+
+// Several activation rows (prefill, batched steps): R rows against all 16 of the tile's rows at once.
+// Quad by quad, each activation quad is broadcast once for both halves and each unpacked nibble
+// vector serves all R rows, so a maddubs costs about 3.6 vector instructions in all (its 16-bit add,
+// half a broadcast, the unpacking and the per-block float steps shared out) rather than 4; the
+// accumulators stay in registers (2R of them) and the float sums go through L1. The integer sums and
+// the float steps are the one-row tile's, so every row count gives the same bits.
+template <int R, class S>
+void tile_q4_rows(const uint8_t* w, const S* d, const S* mins, const QuantizedRow* const* a, int64_t blocks,
+                  float* out, int64_t ldo) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  alignas(32) float acc[R][TILE] = {};
+  // The rows' data pointers, read once: the compiler cannot tell that acc's stores leave them be.
+  const int8_t* xq[R];
+  const float *xscale[R], *xsum[R];
+  for (int r = 0; r < R; ++r) {
+    xq[r] = a[r]->q.data();
+    xscale[r] = a[r]->scale.data();
+    xsum[r] = a[r]->block_sum.data();
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* wb = w + b * 256;
+    prefetch_lines(wb + PREFETCH_Q4, 4);
+    __m256i s[R][2];  // 16-bit sums of row r against half h: 8 quads x 2 x 15 x 127 < 2^15
+    LEAPLLM_UNROLL
+    for (int c = 0; c < 8; ++c) {  // quad c: vector c % 4, its low nibbles for c < 4, else its high ones
+      const __m256i v0 = _mm256_loadu_si256((const __m256i*)(wb + (c & 3) * 64));
+      const __m256i v1 = _mm256_loadu_si256((const __m256i*)(wb + (c & 3) * 64 + 32));
+      const __m256i w0 = _mm256_and_si256(c < 4 ? v0 : _mm256_srli_epi16(v0, 4), low4);
+      const __m256i w1 = _mm256_and_si256(c < 4 ? v1 : _mm256_srli_epi16(v1, 4), low4);
+      LEAPLLM_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const __m256i x = broadcast_quad8(xq[r] + b * BLOCK + 4 * c);
+        const __m256i p0 = _mm256_maddubs_epi16(w0, x), p1 = _mm256_maddubs_epi16(w1, x);
+        if (c == 0) {
+          s[r][0] = p0;
+          s[r][1] = p1;
+        } else {
+          s[r][0] = _mm256_add_epi16(s[r][0], p0);
+          s[r][1] = _mm256_add_epi16(s[r][1], p1);
+        }
+        accumulated(s[r][0]);
+        accumulated(s[r][1]);
+      }
+    }
+    const __m256 d0 = load_scales8(d + b * TILE), d1 = load_scales8(d + b * TILE + 8);
+    const __m256 m0 = load_scales8(mins + b * TILE), m1 = load_scales8(mins + b * TILE + 8);
+    LEAPLLM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m256 xs = _mm256_set1_ps(xscale[r][b]), bs = _mm256_set1_ps(xsum[r][b]);
+      __m256 a0 = _mm256_load_ps(acc[r]), a1 = _mm256_load_ps(acc[r] + 8);
+      a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s[r][0], ones)), _mm256_mul_ps(d0, xs), a0);
+      a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s[r][1], ones)), _mm256_mul_ps(d1, xs), a1);
+      _mm256_store_ps(acc[r], _mm256_fmadd_ps(m0, bs, a0));
+      _mm256_store_ps(acc[r] + 8, _mm256_fmadd_ps(m1, bs, a1));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(out + r * ldo, _mm256_load_ps(acc[r]));
+    _mm256_storeu_ps(out + r * ldo + 8, _mm256_load_ps(acc[r] + 8));
+  }
+}
+
 template <int MT, class S>
 void tile_q4_simd(const uint8_t* w, const S* d, const S* mins, const QuantizedRow* const* a,
                   int64_t blocks, float* out, int64_t ldo) {
-  if constexpr (MT == 1) {
-    tile_q4_one_row(w, d, mins, *a[0], blocks, out);
-    return;
-  }
-  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  for (int h = 0; h < 2; ++h) {
-    __m256 acc[MT];
-    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-      const uint8_t* wb = w + b * 256 + h * 32;
-      if (h == 0) prefetch_lines(wb + PREFETCH_Q4, 4);
-      __m256i nib[8];  // nib[c]: quad c of the 8 rows, c < 4 the low nibbles, c >= 4 the high ones
-      for (int c = 0; c < 4; ++c) {
-        const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + c * 64));
-        nib[c] = _mm256_and_si256(v, low4);
-        nib[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-      }
-      const __m256 db = load_scales8(d + b * TILE + h * 8), mb = load_scales8(mins + b * TILE + h * 8);
-      for (int m = 0; m < MT; ++m) {
-        const __m256i s = _mm256_madd_epi16(nibble_dot16(nib, a[m]->q.data() + b * BLOCK), ones);
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(db, _mm256_set1_ps(a[m]->scale[b])), acc[m]);
-        acc[m] = _mm256_fmadd_ps(mb, _mm256_set1_ps(a[m]->block_sum[b]), acc[m]);
-      }
-    }
-    for (int m = 0; m < MT; ++m) _mm256_storeu_ps(out + m * ldo + h * 8, acc[m]);
-  }
+  if constexpr (MT == 1) tile_q4_one_row(w, d, mins, *a[0], blocks, out);
+  else tile_q4_rows<MT, S>(w, d, mins, a, blocks, out, ldo);
 }
 
 // Whether every byte of these n vectors is below 64.
@@ -132,23 +164,9 @@ inline __m256i small_quads_sum4(const __m256i* v, const int8_t* x) {
 // int8 blocks whose stored bytes all lie in [112, 175] (q in [-16, 47]: GGUF's Q5_0, stored q - 16
 // + 128, and Q8_0 blocks of small values): u - 112 is below 64, so maddubs takes it directly (two
 // quads summed in 16 bits, as small_quads_sum4), and sum(u x) = sum((u - 112) x) + 112 sum(x) is the
-// nibble split's integer at half the multiplies. Only the tiles of several rows check for it: one
-// row (a decode step) is bound by memory, and the check's registers slowed it.
-constexpr int NARROW_BASE = 112;
-
-// v[i] - 112 into shifted[i] for n vectors; whether every result is below 64.
-inline bool narrow_bytes(const __m256i* v, int n, __m256i* shifted) {
-  const __m256i base = _mm256_set1_epi8((char)NARROW_BASE);
-  for (int i = 0; i < n; ++i) shifted[i] = _mm256_sub_epi8(v[i], base);
-  return bytes_below_64(shifted, n);
-}
-
-// A narrow block's integer sums for 8 rows (shifted: its 8 quads less 112) against activation row r.
-inline __m256i narrow_block_sums(const __m256i* shifted, const QuantizedRow& r, int64_t b) {
-  const int8_t* x = r.q.data() + b * BLOCK;
-  const __m256i s = _mm256_add_epi32(small_quads_sum4(shifted, x), small_quads_sum4(shifted + 4, x + 16));
-  return _mm256_add_epi32(s, _mm256_set1_epi32(NARROW_BASE * r.isum[b]));
-}
+// nibble split's integer at half the multiplies. Only the tiles of several rows take it, where the
+// whole layer is narrow (PackedLinear::narrow_bytes): one row (a decode step) is bound by memory.
+// NARROW_BASE is in common.h.
 
 // int8 (q + 128): the sum is low nibbles + 16 x high nibbles, each half in 16 bits.
 // One block's integer sums against one activation row: rows 0..7 in s0, rows 8..15 in s1.
@@ -171,14 +189,6 @@ inline void unpack_q8_half(const uint8_t* wb, __m256i* lo, __m256i* hi) {
     lo[qd] = _mm256_and_si256(v, low4);
     hi[qd] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
   }
-}
-
-// The integer sums of an unpacked half block against activation quads x: 8 rows, int32.
-inline __m256i q8_half_sums(const __m256i* lo, const __m256i* hi, const int8_t* x) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i s_lo = _mm256_madd_epi16(nibble_dot16(lo, x), ones);
-  const __m256i s_hi = _mm256_madd_epi16(nibble_dot16(hi, x), ones);
-  return _mm256_add_epi32(s_lo, _mm256_slli_epi32(s_hi, 4));
 }
 
 // The int8 tiles. BLOCKS false: a float32 scale per row (d, (N,)), applied once at the end, the
@@ -217,61 +227,120 @@ void tile_q8_one_row(const uint8_t* w, const D* d, const QuantizedRow& r, int64_
   }
 }
 
-template <int MT, bool BLOCKS, class D>
+// Several activation rows on int8: as tile_q4_rows, quad by quad with the rows' 16-bit sums in
+// registers, here half a tile at a time (two nibble products a byte need twice the accumulators).
+// NARROW (the layer's bytes all in [112, 175], PackedLinear::narrow_bytes): u - 112 taken directly,
+// two quads summed in 16 bits (small_quads_sum4's bound) and 112 sum(x) added back; otherwise low
+// and high nibbles, 8 quads each in 16 bits (8 x 2 x 15 x 127 < 2^15). Either way the integer is
+// the one-row tile's (q8_block_sums_one_row), and so are the float steps.
+template <int R, bool BLOCKS, bool NARROW, class D>
 void tile_q8_rows(const uint8_t* w, const D* d, const QuantizedRow* const* a, int64_t blocks, float* out,
                   int64_t ldo) {
-  if constexpr (MT == 1) {
-    tile_q8_one_row<BLOCKS>(w, d, *a[0], blocks, out);
-    return;
-  }
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i base = _mm256_set1_epi8((char)NARROW_BASE);
   const __m256 minus128 = _mm256_set1_ps(-128.f);
+  const int8_t* xq[R];
+  const float *xscale[R], *xsum[R];
+  const int32_t* xisum[R];
+  for (int r = 0; r < R; ++r) {
+    xq[r] = a[r]->q.data();
+    xscale[r] = a[r]->scale.data();
+    xsum[r] = a[r]->block_sum.data();
+    xisum[r] = a[r]->isum.data();
+  }
   for (int h = 0; h < 2; ++h) {
-    __m256 acc[MT];
-    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    alignas(32) float acc[R][8] = {};
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* wb = w + b * 512 + h * 32;
       if (h == 0) prefetch_lines(wb + PREFETCH_Q8, 8);
-      __m256i v[8], shifted[8];
-      for (int qd = 0; qd < 8; ++qd) v[qd] = _mm256_loadu_si256((const __m256i*)(wb + qd * 64));
-      const bool narrow = narrow_bytes(v, 8, shifted);
-      __m256i lo[8], hi[8];  // quad qd's low and high nibbles, in nibble_dot16's order
-      if (!narrow) unpack_q8_half(wb, lo, hi);
+      __m256i s[R];  // int32 sums of the 8 rows against row r
+      if constexpr (NARROW) {
+        LEAPLLM_UNROLL
+        for (int qd = 0; qd < 8; qd += 2) {
+          const __m256i u0 = _mm256_sub_epi8(_mm256_loadu_si256((const __m256i*)(wb + qd * 64)), base);
+          const __m256i u1 = _mm256_sub_epi8(_mm256_loadu_si256((const __m256i*)(wb + qd * 64 + 64)), base);
+          LEAPLLM_UNROLL
+          for (int r = 0; r < R; ++r) {
+            const int8_t* x = xq[r] + b * BLOCK + 4 * qd;
+            const __m256i p = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, broadcast_quad8(x)),
+                                                                 _mm256_maddubs_epi16(u1, broadcast_quad8(x + 4))),
+                                                ones);
+            s[r] = qd == 0 ? p : _mm256_add_epi32(s[r], p);
+            accumulated(s[r]);
+          }
+        }
+        for (int r = 0; r < R; ++r) s[r] = _mm256_add_epi32(s[r], _mm256_set1_epi32(NARROW_BASE * xisum[r][b]));
+      } else {
+        __m256i lo[R], hi[R];  // 16-bit sums over the low / high nibbles
+        LEAPLLM_UNROLL
+        for (int qd = 0; qd < 8; ++qd) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + qd * 64));
+          const __m256i vl = _mm256_and_si256(v, low4), vh = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          LEAPLLM_UNROLL
+          for (int r = 0; r < R; ++r) {
+            const __m256i x = broadcast_quad8(xq[r] + b * BLOCK + 4 * qd);
+            const __m256i pl = _mm256_maddubs_epi16(vl, x), ph = _mm256_maddubs_epi16(vh, x);
+            if (qd == 0) {
+              lo[r] = pl;
+              hi[r] = ph;
+            } else {
+              lo[r] = _mm256_add_epi16(lo[r], pl);
+              hi[r] = _mm256_add_epi16(hi[r], ph);
+            }
+            accumulated(lo[r]);
+            accumulated(hi[r]);
+          }
+        }
+        for (int r = 0; r < R; ++r)
+          s[r] = _mm256_add_epi32(_mm256_madd_epi16(lo[r], ones), _mm256_slli_epi32(_mm256_madd_epi16(hi[r], ones), 4));
+      }
       __m256 db = _mm256_setzero_ps(), mb = db;  // BLOCKS: the block's scales and minimums
       if constexpr (BLOCKS) {
         db = load_scales8(d + b * TILE + h * 8);
         mb = _mm256_mul_ps(db, minus128);
       }
-      for (int m = 0; m < MT; ++m) {
-        const __m256i s = narrow ? narrow_block_sums(shifted, *a[m], b) : q8_half_sums(lo, hi, a[m]->q.data() + b * BLOCK);
+      LEAPLLM_UNROLL
+      for (int r = 0; r < R; ++r) {
+        __m256 y = _mm256_load_ps(acc[r]);
         if constexpr (BLOCKS) {
-          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(db, _mm256_set1_ps(a[m]->scale[b])), acc[m]);
-          acc[m] = _mm256_fmadd_ps(mb, _mm256_set1_ps(a[m]->block_sum[b]), acc[m]);
+          y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_mul_ps(db, _mm256_set1_ps(xscale[r][b])), y);
+          y = _mm256_fmadd_ps(mb, _mm256_set1_ps(xsum[r][b]), y);
         } else {
-          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(a[m]->scale[b]), acc[m]);
+          y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_set1_ps(xscale[r][b]), y);
         }
+        _mm256_store_ps(acc[r], y);
       }
     }
-    for (int m = 0; m < MT; ++m) {
+    for (int r = 0; r < R; ++r) {
+      const __m256 y = _mm256_load_ps(acc[r]);
       if constexpr (BLOCKS) {
-        _mm256_storeu_ps(out + m * ldo + h * 8, acc[m]);
+        _mm256_storeu_ps(out + r * ldo + h * 8, y);
       } else {
-        const __m256 y = _mm256_sub_ps(acc[m], _mm256_set1_ps(128.f * a[m]->total));
-        _mm256_storeu_ps(out + m * ldo + h * 8, _mm256_mul_ps(_mm256_loadu_ps(d + h * 8), y));
+        const __m256 centred = _mm256_sub_ps(y, _mm256_set1_ps(128.f * a[r]->total));
+        _mm256_storeu_ps(out + r * ldo + h * 8, _mm256_mul_ps(_mm256_loadu_ps(d + h * 8), centred));
       }
     }
   }
 }
 
+template <int MT, bool BLOCKS, class D>
+void tile_q8_any_rows(const uint8_t* w, const D* d, const QuantizedRow* const* a, int64_t blocks, float* out,
+                      int64_t ldo, bool narrow) {
+  if constexpr (MT == 1) tile_q8_one_row<BLOCKS>(w, d, *a[0], blocks, out);
+  else if (narrow) tile_q8_rows<MT, BLOCKS, true>(w, d, a, blocks, out, ldo);
+  else tile_q8_rows<MT, BLOCKS, false>(w, d, a, blocks, out, ldo);
+}
+
 template <int MT>
 void tile_q8_simd(const uint8_t* w, const float* d, const QuantizedRow* const* a, int64_t blocks, float* out,
-                  int64_t ldo) {
-  tile_q8_rows<MT, false>(w, d, a, blocks, out, ldo);
+                  int64_t ldo, bool narrow) {
+  tile_q8_any_rows<MT, false>(w, d, a, blocks, out, ldo, narrow);
 }
 
 template <int MT>
 void tile_q8_blocks_simd(const uint8_t* w, const uint16_t* d, const QuantizedRow* const* a, int64_t blocks,
-                         float* out, int64_t ldo) {
-  tile_q8_rows<MT, true>(w, d, a, blocks, out, ldo);
+                         float* out, int64_t ldo, bool narrow) {
+  tile_q8_any_rows<MT, true>(w, d, a, blocks, out, ldo, narrow);
 }
 
 // int8 sub-blocks (K-quants, see tiles_vnni.h): w = d * u + m per (16 features, row), the stored bytes
@@ -344,42 +413,95 @@ inline void tile_q8_sub_blocks_one_row(const uint8_t* w, const float* d, const f
   _mm256_storeu_ps(out + 8, acc[1]);
 }
 
-template <int MT>
-void tile_q8_sub_blocks_simd(const uint8_t* w, const float* d, const float* mins, const QuantizedRow* const* a,
+// Several activation rows on int8 sub-blocks: as tile_q8_rows, quad by quad with the rows' sums in
+// registers, half a tile at a time. SMALL (the layer's bytes all below 64, PackedLinear::small_bytes):
+// u directly, two quads in 16 bits; otherwise low and high nibbles, four quads in 16 bits. Each half
+// block's int32 is the one-row tile's, and the float steps are add_sub_block_terms's, in its order:
+// the first half block's term is added as soon as its sum is complete.
+template <int R, bool SMALL>
+void tile_q8_sub_blocks_rows(const uint8_t* w, const float* d, const float* mins, const QuantizedRow* const* a,
                              int64_t blocks, float* out, int64_t ldo) {
-  if constexpr (MT == 1) {
-    tile_q8_sub_blocks_one_row(w, d, mins, *a[0], blocks, out);
-    return;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int8_t* xq[R];
+  const float *xscale[R], *xhalf[R];
+  for (int r = 0; r < R; ++r) {
+    xq[r] = a[r]->q.data();
+    xscale[r] = a[r]->scale.data();
+    xhalf[r] = a[r]->half_sum.data();
   }
   for (int h = 0; h < 2; ++h) {
-    __m256 acc[MT];
-    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    alignas(32) float acc[R][8] = {};
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* wb = w + b * 512 + h * 32;
       if (h == 0) prefetch_lines(wb + PREFETCH_Q8, 8);
       const float *dh = d + 2 * b * TILE + h * 8, *mh = mins + 2 * b * TILE + h * 8;
-      const __m256 d0 = _mm256_loadu_ps(dh), d1 = _mm256_loadu_ps(dh + TILE);
-      const __m256 m0 = _mm256_loadu_ps(mh), m1 = _mm256_loadu_ps(mh + TILE);
-      __m256i v[8];
-      for (int qd = 0; qd < 8; ++qd) v[qd] = _mm256_loadu_si256((const __m256i*)(wb + qd * 64));
-      if (bytes_below_64(v, 8)) {
-        for (int m = 0; m < MT; ++m) {
-          const int8_t* x = a[m]->q.data() + b * BLOCK;
-          acc[m] = add_sub_block_terms(acc[m], small_quads_sum4(v, x), small_quads_sum4(v + 4, x + 16), d0, d1, m0,
-                                       m1, *a[m], b);
+      LEAPLLM_UNROLL
+      for (int k = 0; k < 2; ++k) {  // half block k: quads 4k .. 4k + 3
+        __m256i s[R];
+        if constexpr (SMALL) {
+          LEAPLLM_UNROLL
+          for (int qd = 4 * k; qd < 4 * k + 4; qd += 2) {
+            const __m256i u0 = _mm256_loadu_si256((const __m256i*)(wb + qd * 64));
+            const __m256i u1 = _mm256_loadu_si256((const __m256i*)(wb + qd * 64 + 64));
+            LEAPLLM_UNROLL
+            for (int r = 0; r < R; ++r) {
+              const int8_t* x = xq[r] + b * BLOCK + 4 * qd;
+              const __m256i p = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, broadcast_quad8(x)),
+                                                                   _mm256_maddubs_epi16(u1, broadcast_quad8(x + 4))),
+                                                  ones);
+              s[r] = qd == 4 * k ? p : _mm256_add_epi32(s[r], p);
+              accumulated(s[r]);
+            }
+          }
+        } else {
+          __m256i lo[R], hi[R];
+          LEAPLLM_UNROLL
+          for (int qd = 4 * k; qd < 4 * k + 4; ++qd) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + qd * 64));
+            const __m256i vl = _mm256_and_si256(v, low4), vh = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            LEAPLLM_UNROLL
+            for (int r = 0; r < R; ++r) {
+              const __m256i x = broadcast_quad8(xq[r] + b * BLOCK + 4 * qd);
+              const __m256i pl = _mm256_maddubs_epi16(vl, x), ph = _mm256_maddubs_epi16(vh, x);
+              if (qd == 4 * k) {
+                lo[r] = pl;
+                hi[r] = ph;
+              } else {
+                lo[r] = _mm256_add_epi16(lo[r], pl);
+                hi[r] = _mm256_add_epi16(hi[r], ph);
+              }
+              accumulated(lo[r]);
+              accumulated(hi[r]);
+            }
+          }
+          for (int r = 0; r < R; ++r)
+            s[r] = _mm256_add_epi32(_mm256_madd_epi16(lo[r], ones), _mm256_slli_epi32(_mm256_madd_epi16(hi[r], ones), 4));
         }
-      } else {
-        __m256i lo[8], hi[8];
-        unpack_q8_half(wb, lo, hi);
-        for (int m = 0; m < MT; ++m) {
-          const int8_t* x = a[m]->q.data() + b * BLOCK;
-          acc[m] = add_sub_block_terms(acc[m], nibble_quads_sum4(lo, hi, x), nibble_quads_sum4(lo + 4, hi + 4, x + 16),
-                                       d0, d1, m0, m1, *a[m], b);
+        const __m256 dk = _mm256_loadu_ps(dh + k * TILE);
+        LEAPLLM_UNROLL
+        for (int r = 0; r < R; ++r) {
+          const __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_mul_ps(dk, _mm256_set1_ps(xscale[r][b])),
+                                           _mm256_load_ps(acc[r]));
+          _mm256_store_ps(acc[r], y);
         }
       }
+      const __m256 m0 = _mm256_loadu_ps(mh), m1 = _mm256_loadu_ps(mh + TILE);
+      LEAPLLM_UNROLL
+      for (int r = 0; r < R; ++r) {
+        __m256 y = _mm256_fmadd_ps(m0, _mm256_set1_ps(xhalf[r][2 * b]), _mm256_load_ps(acc[r]));
+        _mm256_store_ps(acc[r], _mm256_fmadd_ps(m1, _mm256_set1_ps(xhalf[r][2 * b + 1]), y));
+      }
     }
-    for (int m = 0; m < MT; ++m) _mm256_storeu_ps(out + m * ldo + h * 8, acc[m]);
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * ldo + h * 8, _mm256_load_ps(acc[r]));
   }
+}
+
+template <int MT>
+void tile_q8_sub_blocks_simd(const uint8_t* w, const float* d, const float* mins, const QuantizedRow* const* a,
+                             int64_t blocks, float* out, int64_t ldo, bool small) {
+  if constexpr (MT == 1) tile_q8_sub_blocks_one_row(w, d, mins, *a[0], blocks, out);
+  else if (small) tile_q8_sub_blocks_rows<MT, true>(w, d, mins, a, blocks, out, ldo);
+  else tile_q8_sub_blocks_rows<MT, false>(w, d, mins, a, blocks, out, ldo);
 }
 
 }  // namespace

@@ -73,13 +73,13 @@ void tile_q4_simd(const uint8_t* w, const S* d, const S* mins, const QuantizedRo
 
 template <int MT>
 void tile_q8_blocks_simd(const uint8_t* w, const uint16_t* d, const QuantizedRow* const* a, int64_t blocks,
-                         float* out, int64_t ldo) {
+                         float* out, int64_t ldo, bool /*narrow: the AVX2 tiles' shortcut*/) {
   tile_blocks_simd<MT, 8, uint16_t>(w, d, nullptr, a, blocks, out, ldo);
 }
 
 template <int MT>
 void tile_q8_simd(const uint8_t* w, const float* d, const QuantizedRow* const* a, int64_t blocks, float* out,
-                  int64_t ldo) {
+                  int64_t ldo, bool /*narrow: the AVX2 tiles' shortcut*/) {
   __m512 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
@@ -103,7 +103,7 @@ void tile_q8_simd(const uint8_t* w, const float* d, const QuantizedRow* const* a
 // of the dot products are exactly the two halves of a block (quads 0..3 and 4..7).
 template <int MT>
 void tile_q8_sub_blocks_simd(const uint8_t* w, const float* d, const float* mins, const QuantizedRow* const* a,
-                             int64_t blocks, float* out, int64_t ldo) {
+                             int64_t blocks, float* out, int64_t ldo, bool /*small: the AVX2 tiles' shortcut*/) {
   __m512 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
