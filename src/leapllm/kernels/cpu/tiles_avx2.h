@@ -181,16 +181,6 @@ inline void q8_block_sums_one_row(const uint8_t* wb, const int8_t* x, __m256i& s
   s1 = _mm256_add_epi32(_mm256_madd_epi16(lo1, ones), _mm256_slli_epi32(_mm256_madd_epi16(hi1, ones), 4));
 }
 
-// Half h of one block (wb already offset by 32 h): its 8 quads' low and high nibbles.
-inline void unpack_q8_half(const uint8_t* wb, __m256i* lo, __m256i* hi) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  for (int qd = 0; qd < 8; ++qd) {
-    const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + qd * 64));
-    lo[qd] = _mm256_and_si256(v, low4);
-    hi[qd] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-  }
-}
-
 // The int8 tiles. BLOCKS false: a float32 scale per row (d, (N,)), applied once at the end, the
 // stored + 128 offset taken off through the row's total. BLOCKS true (GGUF's Q8_0, see
 // tiles_vnni.h): a float16 scale per (block, row), applied per block as the int4 tiles do, with
@@ -227,6 +217,57 @@ void tile_q8_one_row(const uint8_t* w, const D* d, const QuantizedRow& r, int64_
   }
 }
 
+// The int32 sums of 8 rows (a half tile, wb already offset by 32 h) over quads Q0 .. Q1 - 1 of block
+// b, against each of R activation rows, into s[r], the quads walked one by one with every row's sums
+// in registers. nibble_quad_sums: any bytes, low and high nibbles apart, each in 16 bits (up to 8
+// quads: 8 x 2 x 15 x 127 < 2^15). direct_quad_sums: bytes less `shift` all below 64, taken
+// directly, two quads in 16 bits (small_quads_sum4's bound) and then in 32 bits.
+template <int R, int Q0, int Q1>
+inline void nibble_quad_sums(const uint8_t* wb, const int8_t* const* xq, int64_t b, __m256i* s) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256i lo[R], hi[R];
+  LEAPLLM_UNROLL
+  for (int qd = Q0; qd < Q1; ++qd) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + qd * 64));
+    const __m256i vl = _mm256_and_si256(v, low4), vh = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    LEAPLLM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m256i x = broadcast_quad8(xq[r] + b * BLOCK + 4 * qd);
+      const __m256i pl = _mm256_maddubs_epi16(vl, x), ph = _mm256_maddubs_epi16(vh, x);
+      if (qd == Q0) {
+        lo[r] = pl;
+        hi[r] = ph;
+      } else {
+        lo[r] = _mm256_add_epi16(lo[r], pl);
+        hi[r] = _mm256_add_epi16(hi[r], ph);
+      }
+      accumulated(lo[r]);
+      accumulated(hi[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    s[r] = _mm256_add_epi32(_mm256_madd_epi16(lo[r], ones), _mm256_slli_epi32(_mm256_madd_epi16(hi[r], ones), 4));
+}
+
+template <int R, int Q0, int Q1>
+inline void direct_quad_sums(const uint8_t* wb, __m256i shift, const int8_t* const* xq, int64_t b, __m256i* s) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  LEAPLLM_UNROLL
+  for (int qd = Q0; qd < Q1; qd += 2) {
+    const __m256i u0 = _mm256_sub_epi8(_mm256_loadu_si256((const __m256i*)(wb + qd * 64)), shift);
+    const __m256i u1 = _mm256_sub_epi8(_mm256_loadu_si256((const __m256i*)(wb + qd * 64 + 64)), shift);
+    LEAPLLM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const int8_t* x = xq[r] + b * BLOCK + 4 * qd;
+      const __m256i p = _mm256_madd_epi16(
+          _mm256_add_epi16(_mm256_maddubs_epi16(u0, broadcast_quad8(x)), _mm256_maddubs_epi16(u1, broadcast_quad8(x + 4))),
+          ones);
+      s[r] = qd == Q0 ? p : _mm256_add_epi32(s[r], p);
+      accumulated(s[r]);
+    }
+  }
+}
+
 // Several activation rows on int8: as tile_q4_rows, quad by quad with the rows' 16-bit sums in
 // registers, here half a tile at a time (two nibble products a byte need twice the accumulators).
 // NARROW (the layer's bytes all in [112, 175], PackedLinear::narrow_bytes): u - 112 taken directly,
@@ -236,8 +277,6 @@ void tile_q8_one_row(const uint8_t* w, const D* d, const QuantizedRow& r, int64_
 template <int R, bool BLOCKS, bool NARROW, class D>
 void tile_q8_rows(const uint8_t* w, const D* d, const QuantizedRow* const* a, int64_t blocks, float* out,
                   int64_t ldo) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  const __m256i base = _mm256_set1_epi8((char)NARROW_BASE);
   const __m256 minus128 = _mm256_set1_ps(-128.f);
   const int8_t* xq[R];
   const float *xscale[R], *xsum[R];
@@ -255,44 +294,10 @@ void tile_q8_rows(const uint8_t* w, const D* d, const QuantizedRow* const* a, in
       if (h == 0) prefetch_lines(wb + PREFETCH_Q8, 8);
       __m256i s[R];  // int32 sums of the 8 rows against row r
       if constexpr (NARROW) {
-        LEAPLLM_UNROLL
-        for (int qd = 0; qd < 8; qd += 2) {
-          const __m256i u0 = _mm256_sub_epi8(_mm256_loadu_si256((const __m256i*)(wb + qd * 64)), base);
-          const __m256i u1 = _mm256_sub_epi8(_mm256_loadu_si256((const __m256i*)(wb + qd * 64 + 64)), base);
-          LEAPLLM_UNROLL
-          for (int r = 0; r < R; ++r) {
-            const int8_t* x = xq[r] + b * BLOCK + 4 * qd;
-            const __m256i p = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, broadcast_quad8(x)),
-                                                                 _mm256_maddubs_epi16(u1, broadcast_quad8(x + 4))),
-                                                ones);
-            s[r] = qd == 0 ? p : _mm256_add_epi32(s[r], p);
-            accumulated(s[r]);
-          }
-        }
+        direct_quad_sums<R, 0, 8>(wb, _mm256_set1_epi8((char)NARROW_BASE), xq, b, s);
         for (int r = 0; r < R; ++r) s[r] = _mm256_add_epi32(s[r], _mm256_set1_epi32(NARROW_BASE * xisum[r][b]));
       } else {
-        __m256i lo[R], hi[R];  // 16-bit sums over the low / high nibbles
-        LEAPLLM_UNROLL
-        for (int qd = 0; qd < 8; ++qd) {
-          const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + qd * 64));
-          const __m256i vl = _mm256_and_si256(v, low4), vh = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-          LEAPLLM_UNROLL
-          for (int r = 0; r < R; ++r) {
-            const __m256i x = broadcast_quad8(xq[r] + b * BLOCK + 4 * qd);
-            const __m256i pl = _mm256_maddubs_epi16(vl, x), ph = _mm256_maddubs_epi16(vh, x);
-            if (qd == 0) {
-              lo[r] = pl;
-              hi[r] = ph;
-            } else {
-              lo[r] = _mm256_add_epi16(lo[r], pl);
-              hi[r] = _mm256_add_epi16(hi[r], ph);
-            }
-            accumulated(lo[r]);
-            accumulated(hi[r]);
-          }
-        }
-        for (int r = 0; r < R; ++r)
-          s[r] = _mm256_add_epi32(_mm256_madd_epi16(lo[r], ones), _mm256_slli_epi32(_mm256_madd_epi16(hi[r], ones), 4));
+        nibble_quad_sums<R, 0, 8>(wb, xq, b, s);
       }
       __m256 db = _mm256_setzero_ps(), mb = db;  // BLOCKS: the block's scales and minimums
       if constexpr (BLOCKS) {
@@ -351,19 +356,6 @@ void tile_q8_blocks_simd(const uint8_t* w, const uint16_t* d, const QuantizedRow
 //  - a block whose bytes are all below 64 (Q6_K and every smaller type): u itself, two quads added
 //    in 16 bits, 2 x 2 x 63 x 127 = 32004 < 2^15 (activations are in -127..127), half the multiplies.
 
-// The same for any bytes, given as their low and high nibbles (unpack_q8_half's).
-inline __m256i nibble_quads_sum4(const __m256i* lo, const __m256i* hi, const int8_t* x) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i s_lo = _mm256_maddubs_epi16(lo[0], broadcast_quad8(x));
-  __m256i s_hi = _mm256_maddubs_epi16(hi[0], broadcast_quad8(x));
-  for (int c = 1; c < 4; ++c) {
-    const __m256i xq = broadcast_quad8(x + 4 * c);
-    s_lo = _mm256_add_epi16(s_lo, _mm256_maddubs_epi16(lo[c], xq));
-    s_hi = _mm256_add_epi16(s_hi, _mm256_maddubs_epi16(hi[c], xq));
-  }
-  return _mm256_add_epi32(_mm256_madd_epi16(s_lo, ones), _mm256_slli_epi32(_mm256_madd_epi16(s_hi, ones), 4));
-}
-
 // The VNNI tile's float steps for one block of 8 rows, in its order.
 inline __m256 add_sub_block_terms(__m256 acc, __m256i s0, __m256i s1, __m256 d0, __m256 d1, __m256 m0, __m256 m1,
                                   const QuantizedRow& r, int64_t b) {
@@ -421,7 +413,6 @@ inline void tile_q8_sub_blocks_one_row(const uint8_t* w, const float* d, const f
 template <int R, bool SMALL>
 void tile_q8_sub_blocks_rows(const uint8_t* w, const float* d, const float* mins, const QuantizedRow* const* a,
                              int64_t blocks, float* out, int64_t ldo) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const int8_t* xq[R];
   const float *xscale[R], *xhalf[R];
   for (int r = 0; r < R; ++r) {
@@ -439,43 +430,11 @@ void tile_q8_sub_blocks_rows(const uint8_t* w, const float* d, const float* mins
       for (int k = 0; k < 2; ++k) {  // half block k: quads 4k .. 4k + 3
         __m256i s[R];
         if constexpr (SMALL) {
-          LEAPLLM_UNROLL
-          for (int qd = 4 * k; qd < 4 * k + 4; qd += 2) {
-            const __m256i u0 = _mm256_loadu_si256((const __m256i*)(wb + qd * 64));
-            const __m256i u1 = _mm256_loadu_si256((const __m256i*)(wb + qd * 64 + 64));
-            LEAPLLM_UNROLL
-            for (int r = 0; r < R; ++r) {
-              const int8_t* x = xq[r] + b * BLOCK + 4 * qd;
-              const __m256i p = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, broadcast_quad8(x)),
-                                                                   _mm256_maddubs_epi16(u1, broadcast_quad8(x + 4))),
-                                                  ones);
-              s[r] = qd == 4 * k ? p : _mm256_add_epi32(s[r], p);
-              accumulated(s[r]);
-            }
-          }
+          if (k == 0) direct_quad_sums<R, 0, 4>(wb, _mm256_setzero_si256(), xq, b, s);
+          else direct_quad_sums<R, 4, 8>(wb, _mm256_setzero_si256(), xq, b, s);
         } else {
-          __m256i lo[R], hi[R];
-          LEAPLLM_UNROLL
-          for (int qd = 4 * k; qd < 4 * k + 4; ++qd) {
-            const __m256i v = _mm256_loadu_si256((const __m256i*)(wb + qd * 64));
-            const __m256i vl = _mm256_and_si256(v, low4), vh = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-            LEAPLLM_UNROLL
-            for (int r = 0; r < R; ++r) {
-              const __m256i x = broadcast_quad8(xq[r] + b * BLOCK + 4 * qd);
-              const __m256i pl = _mm256_maddubs_epi16(vl, x), ph = _mm256_maddubs_epi16(vh, x);
-              if (qd == 4 * k) {
-                lo[r] = pl;
-                hi[r] = ph;
-              } else {
-                lo[r] = _mm256_add_epi16(lo[r], pl);
-                hi[r] = _mm256_add_epi16(hi[r], ph);
-              }
-              accumulated(lo[r]);
-              accumulated(hi[r]);
-            }
-          }
-          for (int r = 0; r < R; ++r)
-            s[r] = _mm256_add_epi32(_mm256_madd_epi16(lo[r], ones), _mm256_slli_epi32(_mm256_madd_epi16(hi[r], ones), 4));
+          if (k == 0) nibble_quad_sums<R, 0, 4>(wb, xq, b, s);
+          else nibble_quad_sums<R, 4, 8>(wb, xq, b, s);
         }
         const __m256 dk = _mm256_loadu_ps(dh + k * TILE);
         LEAPLLM_UNROLL
