@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from leapllm.errors import InvalidRequestError
 from leapllm.kernels import cpu_kernels
@@ -110,3 +111,18 @@ def test_unwritable_outputs_are_invalid_requests(tmp_path):
         check_writable(tmp_path)
     with pytest.raises(InvalidRequestError, match="cannot write"):
         atomic_write(tmp_path / "missing" / "out.json", "{}")
+
+
+def test_bfloat16_is_measured_small_where_the_cpu_emulates_it(monkeypatch):
+    """Emulated bfloat16 runs at about 1 GFLOP/s: a 2048^3 matmul took 18 s a call."""
+    sizes = {}
+
+    def fake_matmul_flops(device, dtype, n, repeats=5):
+        sizes[str(dtype)] = n
+        return 1e9
+
+    monkeypatch.setattr(machine_mod, "measure_matmul_flops", fake_matmul_flops)
+    monkeypatch.setattr(machine_mod, "measure_int8_ops", lambda repeats=5: None)
+    measure_machine("cpu", bandwidth_bytes=8 << 20, matmul_n=2048, repeats=1)
+    native = torch.cpu._is_avx512_bf16_supported()
+    assert sizes == {"torch.float32": 2048, "torch.bfloat16": 2048 if native else 512}

@@ -146,7 +146,8 @@ def measure_machine(device: torch.device | str = "cpu", *, bandwidth_bytes: int 
     dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if cuda else [])
     with torch.inference_mode():
         bandwidth = measure_bandwidth(device, bandwidth_bytes, repeats)
-        flops = {str(dt).removeprefix("torch."): measure_matmul_flops(device, dt, matmul_n, repeats) for dt in dtypes}
+        flops = {str(dt).removeprefix("torch."): measure_matmul_flops(device, dt, _matmul_size(device, dt, matmul_n),
+                                                                      repeats) for dt in dtypes}
         if not cuda and (int8 := measure_int8_ops(repeats)):
             flops["int8"] = int8
     return MachineLimits(
@@ -155,6 +156,13 @@ def measure_machine(device: torch.device | str = "cpu", *, bandwidth_bytes: int 
         measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         int8_method=INT8_PEAK_METHOD if "int8" in flops else 0,
     )
+
+
+def _matmul_size(device: torch.device, dtype: torch.dtype, n: int) -> int:
+    """n, but at most 512 for bfloat16 on a CPU that emulates it (no AVX-512 BF16): about 1 GFLOP/s
+    there, so a 2048^3 matmul took 18 s a call and the first `leapllm profile` two minutes."""
+    emulated = device.type == "cpu" and dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported()
+    return min(n, 512) if emulated else n
 
 
 def _read_cache(path: Path) -> dict:
