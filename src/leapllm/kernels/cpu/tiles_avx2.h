@@ -10,7 +10,8 @@ namespace {
 // As the VNNI tiles, on half a tile at a time. A 256-bit vector holds one quad of 8 rows, so rows
 // 8h .. 8h + 7 are the h-th 32 bytes of every 64-byte vector of the layout; the tile's bytes stay in
 // L1 between the two halves. Each row's integer block sum is exact (the 16-bit partial sums cannot
-// overflow, see nibble_block_sums), and the float steps are the VNNI tiles' own, lane for lane.
+// overflow: each tile gives its bound where it adds them), and the float steps are the VNNI tiles'
+// own, lane for lane.
 inline __m256i broadcast_quad8(const int8_t* x) {
   int32_t v;
   std::memcpy(&v, x, 4);
