@@ -76,6 +76,24 @@ void tile_q4_one_row(const uint8_t* w, const S* d, const S* mins, const Quantize
 // most of them (integer sums, so the result is the same either way).
 inline void accumulated(__m256i& v) { asm("" : "+x"(v)); }
 
+// The data of R activation rows, read once per tile call: the compiler cannot tell that a tile's
+// stores into its L1 sums leave the rows' vectors be, and would read them again at every use.
+template <int R>
+struct RowData {
+  const int8_t* q[R];
+  const float *scale[R], *block_sum[R], *half_sum[R];
+  const int32_t* isum[R];
+  explicit RowData(const QuantizedRow* const* a) {
+    for (int r = 0; r < R; ++r) {
+      q[r] = a[r]->q.data();
+      scale[r] = a[r]->scale.data();
+      block_sum[r] = a[r]->block_sum.data();
+      half_sum[r] = a[r]->half_sum.data();
+      isum[r] = a[r]->isum.data();
+    }
+  }
+};
+
 // Several activation rows (prefill, batched steps): R rows against all 16 of the tile's rows at once.
 // Quad by quad, each activation quad is broadcast once for both halves and each unpacked nibble
 // vector serves all R rows, so a maddubs costs about 3.6 vector instructions in all (its 16-bit add,
@@ -87,14 +105,7 @@ void tile_q4_rows(const uint8_t* w, const S* d, const S* mins, const QuantizedRo
                   float* out, int64_t ldo) {
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   alignas(32) float acc[R][TILE] = {};
-  // The rows' data pointers, read once: the compiler cannot tell that acc's stores leave them be.
-  const int8_t* xq[R];
-  const float *xscale[R], *xsum[R];
-  for (int r = 0; r < R; ++r) {
-    xq[r] = a[r]->q.data();
-    xscale[r] = a[r]->scale.data();
-    xsum[r] = a[r]->block_sum.data();
-  }
+  const RowData<R> x(a);
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* wb = w + b * 256;
     prefetch_lines(wb + PREFETCH_Q4, 4);
@@ -107,8 +118,8 @@ void tile_q4_rows(const uint8_t* w, const S* d, const S* mins, const QuantizedRo
       const __m256i w1 = _mm256_and_si256(c < 4 ? v1 : _mm256_srli_epi16(v1, 4), low4);
       LEAPLLM_UNROLL
       for (int r = 0; r < R; ++r) {
-        const __m256i x = broadcast_quad8(xq[r] + b * BLOCK + 4 * c);
-        const __m256i p0 = _mm256_maddubs_epi16(w0, x), p1 = _mm256_maddubs_epi16(w1, x);
+        const __m256i xb = broadcast_quad8(x.q[r] + b * BLOCK + 4 * c);
+        const __m256i p0 = _mm256_maddubs_epi16(w0, xb), p1 = _mm256_maddubs_epi16(w1, xb);
         if (c == 0) {
           s[r][0] = p0;
           s[r][1] = p1;
@@ -124,7 +135,7 @@ void tile_q4_rows(const uint8_t* w, const S* d, const S* mins, const QuantizedRo
     const __m256 m0 = load_scales8(mins + b * TILE), m1 = load_scales8(mins + b * TILE + 8);
     LEAPLLM_UNROLL
     for (int r = 0; r < R; ++r) {
-      const __m256 xs = _mm256_set1_ps(xscale[r][b]), bs = _mm256_set1_ps(xsum[r][b]);
+      const __m256 xs = _mm256_set1_ps(x.scale[r][b]), bs = _mm256_set1_ps(x.block_sum[r][b]);
       __m256 a0 = _mm256_load_ps(acc[r]), a1 = _mm256_load_ps(acc[r] + 8);
       a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s[r][0], ones)), _mm256_mul_ps(d0, xs), a0);
       a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s[r][1], ones)), _mm256_mul_ps(d1, xs), a1);
@@ -279,15 +290,7 @@ template <int R, bool BLOCKS, bool NARROW, class D>
 void tile_q8_rows(const uint8_t* w, const D* d, const QuantizedRow* const* a, int64_t blocks, float* out,
                   int64_t ldo) {
   const __m256 minus128 = _mm256_set1_ps(-128.f);
-  const int8_t* xq[R];
-  const float *xscale[R], *xsum[R];
-  const int32_t* xisum[R];
-  for (int r = 0; r < R; ++r) {
-    xq[r] = a[r]->q.data();
-    xscale[r] = a[r]->scale.data();
-    xsum[r] = a[r]->block_sum.data();
-    xisum[r] = a[r]->isum.data();
-  }
+  const RowData<R> x(a);
   for (int h = 0; h < 2; ++h) {
     alignas(32) float acc[R][8] = {};
     for (int64_t b = 0; b < blocks; ++b) {
@@ -295,10 +298,10 @@ void tile_q8_rows(const uint8_t* w, const D* d, const QuantizedRow* const* a, in
       if (h == 0) prefetch_lines(wb + PREFETCH_Q8, 8);
       __m256i s[R];  // int32 sums of the 8 rows against row r
       if constexpr (NARROW) {
-        direct_quad_sums<R, 0, 8>(wb, _mm256_set1_epi8((char)NARROW_BASE), xq, b, s);
-        for (int r = 0; r < R; ++r) s[r] = _mm256_add_epi32(s[r], _mm256_set1_epi32(NARROW_BASE * xisum[r][b]));
+        direct_quad_sums<R, 0, 8>(wb, _mm256_set1_epi8((char)NARROW_BASE), x.q, b, s);
+        for (int r = 0; r < R; ++r) s[r] = _mm256_add_epi32(s[r], _mm256_set1_epi32(NARROW_BASE * x.isum[r][b]));
       } else {
-        nibble_quad_sums<R, 0, 8>(wb, xq, b, s);
+        nibble_quad_sums<R, 0, 8>(wb, x.q, b, s);
       }
       __m256 db = _mm256_setzero_ps(), mb = db;  // BLOCKS: the block's scales and minimums
       if constexpr (BLOCKS) {
@@ -309,10 +312,10 @@ void tile_q8_rows(const uint8_t* w, const D* d, const QuantizedRow* const* a, in
       for (int r = 0; r < R; ++r) {
         __m256 y = _mm256_load_ps(acc[r]);
         if constexpr (BLOCKS) {
-          y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_mul_ps(db, _mm256_set1_ps(xscale[r][b])), y);
-          y = _mm256_fmadd_ps(mb, _mm256_set1_ps(xsum[r][b]), y);
+          y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_mul_ps(db, _mm256_set1_ps(x.scale[r][b])), y);
+          y = _mm256_fmadd_ps(mb, _mm256_set1_ps(x.block_sum[r][b]), y);
         } else {
-          y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_set1_ps(xscale[r][b]), y);
+          y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_set1_ps(x.scale[r][b]), y);
         }
         _mm256_store_ps(acc[r], y);
       }
@@ -414,13 +417,7 @@ inline void tile_q8_sub_blocks_one_row(const uint8_t* w, const float* d, const f
 template <int R, bool SMALL>
 void tile_q8_sub_blocks_rows(const uint8_t* w, const float* d, const float* mins, const QuantizedRow* const* a,
                              int64_t blocks, float* out, int64_t ldo) {
-  const int8_t* xq[R];
-  const float *xscale[R], *xhalf[R];
-  for (int r = 0; r < R; ++r) {
-    xq[r] = a[r]->q.data();
-    xscale[r] = a[r]->scale.data();
-    xhalf[r] = a[r]->half_sum.data();
-  }
+  const RowData<R> x(a);
   for (int h = 0; h < 2; ++h) {
     alignas(32) float acc[R][8] = {};
     for (int64_t b = 0; b < blocks; ++b) {
@@ -431,16 +428,16 @@ void tile_q8_sub_blocks_rows(const uint8_t* w, const float* d, const float* mins
       for (int k = 0; k < 2; ++k) {  // half block k: quads 4k .. 4k + 3
         __m256i s[R];
         if constexpr (SMALL) {
-          if (k == 0) direct_quad_sums<R, 0, 4>(wb, _mm256_setzero_si256(), xq, b, s);
-          else direct_quad_sums<R, 4, 8>(wb, _mm256_setzero_si256(), xq, b, s);
+          if (k == 0) direct_quad_sums<R, 0, 4>(wb, _mm256_setzero_si256(), x.q, b, s);
+          else direct_quad_sums<R, 4, 8>(wb, _mm256_setzero_si256(), x.q, b, s);
         } else {
-          if (k == 0) nibble_quad_sums<R, 0, 4>(wb, xq, b, s);
-          else nibble_quad_sums<R, 4, 8>(wb, xq, b, s);
+          if (k == 0) nibble_quad_sums<R, 0, 4>(wb, x.q, b, s);
+          else nibble_quad_sums<R, 4, 8>(wb, x.q, b, s);
         }
         const __m256 dk = _mm256_loadu_ps(dh + k * TILE);
         LEAPLLM_UNROLL
         for (int r = 0; r < R; ++r) {
-          const __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_mul_ps(dk, _mm256_set1_ps(xscale[r][b])),
+          const __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_mul_ps(dk, _mm256_set1_ps(x.scale[r][b])),
                                            _mm256_load_ps(acc[r]));
           _mm256_store_ps(acc[r], y);
         }
@@ -448,8 +445,8 @@ void tile_q8_sub_blocks_rows(const uint8_t* w, const float* d, const float* mins
       const __m256 m0 = _mm256_loadu_ps(mh), m1 = _mm256_loadu_ps(mh + TILE);
       LEAPLLM_UNROLL
       for (int r = 0; r < R; ++r) {
-        __m256 y = _mm256_fmadd_ps(m0, _mm256_set1_ps(xhalf[r][2 * b]), _mm256_load_ps(acc[r]));
-        _mm256_store_ps(acc[r], _mm256_fmadd_ps(m1, _mm256_set1_ps(xhalf[r][2 * b + 1]), y));
+        __m256 y = _mm256_fmadd_ps(m0, _mm256_set1_ps(x.half_sum[r][2 * b]), _mm256_load_ps(acc[r]));
+        _mm256_store_ps(acc[r], _mm256_fmadd_ps(m1, _mm256_set1_ps(x.half_sum[r][2 * b + 1]), y));
       }
     }
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * ldo + h * 8, _mm256_load_ps(acc[r]));
