@@ -16,7 +16,9 @@ from types import MappingProxyType
 from leapllm.errors import InvalidRequestError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: float32 on CPU, bfloat16 on CUDA
-KV_DTYPES = ("auto", "int8")  # auto: the model's compute dtype
+# How KV caches store keys and values (model/kv_cache.py's kv_storage_dtype): "auto" is float16 where
+# the model computes in float32 on a CPU (half the bytes, as llama.cpp's default), else the model's dtype.
+KV_DTYPES = ("auto", "float16", "float32", "int8")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")  # uvicorn's
 SPECULATIVE_METHODS = ("ngram", "draft")
 MAX_SPECULATIVE_TOKENS = 7  # k + 1 verified rows fit the fused kernels' 8-row tiles
@@ -57,7 +59,7 @@ class EngineConfig:
     kv_cache_gb: float = 1.0  # size of the KV pool
     num_blocks: int | None = None  # overrides kv_cache_gb (tests use small pools)
     enable_prefix_caching: bool = True
-    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "int8" (~3.8x the tokens per GB in float32)
+    kv_cache_dtype: str = "auto"  # one of KV_DTYPES; "int8": ~3.8x the tokens per GB of float32
     speculative: SpeculativeConfig | None = None  # speculative decoding of small batches (engine/speculative.py)
     # One request at a time on a contiguous KV cache, where a quantized model's batch-1 decode step
     # is one fused C++ call: what LLM.run and `leapllm generate` use (engine/model_runner.py).

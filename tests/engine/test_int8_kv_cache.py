@@ -28,10 +28,13 @@ def test_int8_pool_stores_and_gathers_within_half_a_step_per_token_and_head():
         assert back.dtype == torch.float32 and ((back - x).abs() <= step / 2 + 1e-6).all()
 
 
-def test_int8_blocks_take_about_a_quarter_of_float32s():
-    f32 = PagedKVCache.bytes_per_block(30, 16, 3, 64, torch.float32)
+def test_int8_blocks_take_about_a_quarter_of_float32s_and_float16_half():
+    f32 = PagedKVCache.bytes_per_block(30, 16, 3, 64, torch.float32, "float32")
     int8 = PagedKVCache.bytes_per_block(30, 16, 3, 64, torch.float32, "int8")
     assert int8 / f32 == pytest.approx((1 + 4 / 64) / 4)
+    # "auto" for a float32 model on a CPU: float16
+    assert PagedKVCache.bytes_per_block(30, 16, 3, 64, torch.float32) * 2 == f32
+    assert PagedKVCache.bytes_per_block(30, 16, 3, 64, torch.float32, "auto", "meta") == f32
     cache = PagedKVCache(2, 3, 16, 3, 64, torch.float32, "cpu", kv_dtype="int8")
     assert cache.nbytes() == PagedKVCache.bytes_per_block(2, 16, 3, 64, torch.float32, "int8") * 3
 

@@ -133,7 +133,9 @@ def test_stop_tokens_stop_strings_and_max_tokens_end_requests_with_their_reason(
 
 
 def test_logprobs_are_the_model_distribution_and_prompt_logprobs_match_a_full_forward(llm, prompt_ids):
-    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(num_blocks=64, max_num_batched_tokens=64))
+    # A float32 pool: the full forward pass below keeps its keys unrounded.
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(num_blocks=64, max_num_batched_tokens=64,
+                                                              kv_cache_dtype="float32"))
     ids = prompt_ids["math"]
     outs = run_all(engine, {"m": ids}, SamplingParams(max_tokens=4, temperature=0), logprobs=3, prompt_logprobs=2)
     with torch.inference_mode():

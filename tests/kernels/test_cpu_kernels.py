@@ -298,13 +298,16 @@ def test_fused_decode_step_computes_the_family_switches_as_the_module_step(switc
     assert relative_error(logits[True][0], logits[False][0]) < 1e-4
     for step in range(10):
         assert relative_error(logits[True][step], logits[False][step]) < 0.05
-    # Several tokens in one fused call: the same bits as one at a time (speculative verification).
+    # Several tokens in one fused call: the same bits as one at a time (speculative verification), on
+    # a float16 cache (whose new keys and values a step reads rounded, as the later steps will) too.
     model.use_fused_decode, model.fused_decode = True, None
-    one, many = model.new_kv_cache(1, 40), model.new_kv_cache(1, 40)
-    model(prompt, 0, one, last_only=True)
-    model(prompt, 0, many, last_only=True)
-    singles = torch.cat([model(torch.tensor([[t]]), 20 + i, one) for i, t in enumerate(range(7, 11))], dim=1)
-    assert torch.equal(model(torch.tensor([list(range(7, 11))]), 20, many), singles)
+    for kv_cache_dtype in ("float32", "float16"):
+        one, many = model.new_kv_cache(1, 40, kv_cache_dtype), model.new_kv_cache(1, 40, kv_cache_dtype)
+        model(prompt, 0, one, last_only=True)
+        model(prompt, 0, many, last_only=True)
+        singles = torch.cat([model(torch.tensor([[t]]), 20 + i, one) for i, t in enumerate(range(7, 11))], dim=1)
+        assert torch.equal(model(torch.tensor([list(range(7, 11))]), 20, many), singles)
+        assert torch.equal(one.k[1], many.k[1]) and torch.equal(one.v[2], many.v[2])
 
 
 @pytest.mark.parametrize("method,bias,prompt_len", [("int4", False, 20), ("int8", False, 20), ("int4", True, 20),
@@ -582,17 +585,50 @@ def test_paged_decode_attention_reads_the_pool_in_place_as_sdpa_over_the_gathere
         cpu_kernels().paged_decode_attention(q, k, v, slots, lengths + 1, 0.125)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hd,window", [(64, 0), (96, 0), (40, 0), (12, 0), (64, 7)])
+def test_cached_decode_attention_reads_float32_or_float16_caches_as_sdpa_over_the_widened_keys(dtype, hd, window):
+    """One query token per row of a contiguous cache (batch, kv_heads, max_seq, hd): positions
+    0 .. length - 1 (the last `window` of them with a window), grouped-query heads; a float16 cache
+    gives what SDPA gives on its keys and values widened to float32."""
+    import math
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    rows, heads, kv_heads, max_seq, length = 3, 9, 3, 50, 37
+    k, v = torch.randn(rows, kv_heads, max_seq, hd).to(dtype), torch.randn(rows, kv_heads, max_seq, hd).to(dtype)
+    q = torch.randn(rows, heads, hd)
+    out = cpu_kernels().cached_decode_attention(q, k, v, length, window, 1 / math.sqrt(hd))
+    first = max(0, length - window) if window else 0
+    ref = F.scaled_dot_product_attention(q.unsqueeze(2), k[:, :, first:length].float(), v[:, :, first:length].float(),
+                                         enable_gqa=True).squeeze(2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # the paged kernel on the same rows laid out as a pool: the same bits
+    pool_k, pool_v = (t.transpose(1, 2).reshape(rows * max_seq, kv_heads, hd).contiguous() for t in (k, v))
+    slots = torch.arange(rows)[:, None] * max_seq + torch.arange(first, length)[None]
+    paged = cpu_kernels().paged_decode_attention(q, pool_k, pool_v, slots, torch.full((rows,), length - first),
+                                                 1 / math.sqrt(hd))
+    assert torch.equal(paged, out)
+    with pytest.raises(RuntimeError, match="length must be"):
+        cpu_kernels().cached_decode_attention(q, k, v, max_seq + 1, 0, 0.125)
+    with pytest.raises(RuntimeError, match="float32 or float16"):
+        cpu_kernels().cached_decode_attention(q, k.bfloat16(), v.bfloat16(), length, 0, 0.125)
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("window", [None, 3])
-def test_paged_cache_attention_on_the_kernel_equals_the_gathered_sdpa_path(monkeypatch, window):
+def test_paged_cache_attention_on_the_kernel_equals_the_gathered_sdpa_path(monkeypatch, window, kv_dtype):
     """PagedKVCache.attend for a step of two decodes and a prefill chunk after cached tokens: the
     decode group read in place by the kernel, or gathered for PyTorch's SDPA, gives the same output,
-    over all keys or over a sliding window of 3."""
+    over all keys or over a sliding window of 3, from a float32 or a float16 pool."""
     from leapllm.model.attention import AttentionParams
     from leapllm.model.paged_kv_cache import PagedKVCache, build_paged_batch
 
     torch.manual_seed(1)
     heads, kv_heads, hd, bs = 6, 2, 32, 4
-    cache = PagedKVCache(1, 16, bs, kv_heads, hd, torch.float32, "cpu")
+    cache = PagedKVCache(1, 16, bs, kv_heads, hd, torch.float32, "cpu", kv_dtype)
+    assert cache.k[0].dtype == getattr(torch, kv_dtype)
     cache.k[0].normal_()
     cache.v[0].normal_()
     assert cache.decode_kernels() is not None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leapllm.model.kv_cache import KVCache, lazily_zeroed
+from leapllm.model.attention import AttentionParams, attention
+from leapllm.model.kv_cache import KVCache, kv_storage_dtype, lazily_zeroed
 
 
 def resident_mib() -> float:
@@ -47,3 +48,34 @@ def test_a_forked_process_writes_its_own_copy_of_a_cache():
         os._exit(0)
     os.waitpid(pid, 0)
     assert t[0, 0].item() == 0.0
+
+
+def test_auto_stores_float16_only_for_a_float32_model_on_a_cpu():
+    assert kv_storage_dtype("auto", torch.float32, "cpu") == torch.float16
+    assert kv_storage_dtype("auto", torch.bfloat16, "cpu") == torch.bfloat16
+    assert kv_storage_dtype("auto", torch.float32, "meta") == torch.float32  # not a CPU: the model's dtype
+    assert kv_storage_dtype("float32", torch.float32, "cpu") == torch.float32
+    assert kv_storage_dtype("float16", torch.bfloat16, "cpu") == torch.float16
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        kv_storage_dtype("fp8", torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window", [None, 5])
+@torch.inference_mode()
+def test_batched_one_token_attention_on_the_cache_equals_sdpa_over_its_widened_keys(dtype, window):
+    """KVCache.attend for one new token per row (batched decode; the CPU kernels read the cache in
+    place where built) gives SDPA's answer over the keys as stored."""
+    from leapllm.model.attention import visible_keys
+
+    torch.manual_seed(0)
+    rows, heads, kv_heads, hd, cached = 4, 6, 2, 32, 11
+    cache = KVCache(1, rows, kv_heads, 24, hd, dtype, "cpu")
+    cache.update(0, 0, torch.randn(rows, kv_heads, cached, hd), torch.randn(rows, kv_heads, cached, hd))
+    q, k, v = torch.randn(rows, heads, 1, hd), torch.randn(rows, kv_heads, 1, hd), torch.randn(rows, kv_heads, 1, hd)
+    params = AttentionParams(grouped=True, window=window)
+    mask = visible_keys(cached, 1, window, "cpu")[0]
+    out = cache.attend(0, cached, q, k, v, params, mask)
+    keys, values = cache.k[0][:, :, :cached + 1].float(), cache.v[0][:, :, :cached + 1].float()
+    assert torch.equal(keys[:, :, cached], k[:, :, 0].to(dtype).float())  # the new token was written
+    torch.testing.assert_close(out, attention(q, keys, values, params, mask), rtol=1e-5, atol=1e-5)

@@ -34,15 +34,34 @@ def test_float32_logits_and_64_greedy_tokens_match_transformers(llm, hf_model, n
     assert out.token_ids == hf_greedy(hf_model, ids, GREEDY_TOKENS)
 
 
+def cached_pieces(llm, ids: list[int], kv_cache_dtype: str) -> torch.Tensor:
+    """Logits of ids run as a 7-token chunk, a 13-token chunk, then one token at a time on a cache."""
+    with torch.inference_mode():
+        cache = llm.model.new_kv_cache(1, len(ids), kv_cache_dtype)
+        pieces = [llm.model(torch.tensor([ids[:7]]), 0, cache), llm.model(torch.tensor([ids[7:20]]), 7, cache)]
+        pieces += [llm.model(torch.tensor([[t]]), pos, cache) for pos, t in enumerate(ids[20:], start=20)]
+    return torch.cat(pieces, dim=1)
+
+
 def test_cached_decode_matches_a_full_forward_pass(llm):
     ids = llm.encode(PROMPTS["english"] + " " + PROMPTS["french"])
     with torch.inference_mode():
         full = llm.model(torch.tensor([ids]))
-        cache = llm.model.new_kv_cache(1, len(ids))
-        pieces = [llm.model(torch.tensor([ids[:7]]), 0, cache), llm.model(torch.tensor([ids[7:20]]), 7, cache)]
-        pieces += [llm.model(torch.tensor([[t]]), pos, cache) for pos, t in enumerate(ids[20:], start=20)]
     # Different matmul shapes reduce in different orders: agreement to float32 rounding, not bits.
-    assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-3
+    assert (cached_pieces(llm, ids, "float32") - full).abs().max().item() < 1e-3
+
+
+def test_a_float16_cache_halves_the_bytes_and_keeps_every_next_token_choice(llm):
+    ids = llm.encode(PROMPTS["english"] + " " + PROMPTS["french"])
+    assert llm.model.new_kv_cache(1, 64).k[0].dtype == torch.float16  # "auto" for a float32 model on a CPU
+    assert llm.model.new_kv_cache(1, 64).nbytes() * 2 == llm.model.new_kv_cache(1, 64, "float32").nbytes()
+    with torch.inference_mode():
+        full = llm.model(torch.tensor([ids]))
+    half = cached_pieces(llm, ids, "float16")
+    # Keys and values rounded to float16 (11 significant bits) move logits of magnitude ~20 by a few
+    # hundredths; the choice of the next token stays.
+    assert (half - full).abs().max().item() < 0.1
+    assert torch.equal(half.argmax(-1), full.argmax(-1))
 
 
 def top1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:

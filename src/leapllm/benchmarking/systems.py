@@ -312,7 +312,7 @@ class LeapllmSystem(TorchSystem):
         with torch.inference_mode():
             tokens = torch.tensor(batch_ids, device=self.torch_device)
             rows, length = tokens.shape
-            cache = self.model.new_kv_cache(rows, length + n)
+            cache = self.model.new_kv_cache(rows, length + n, self.llm.engine_config.kv_cache_dtype)
             logits = self.model(tokens, 0, cache, last_only=True)
             nxt = logits[:, -1].argmax(-1)
             steps = [nxt.tolist()]

@@ -172,8 +172,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-gb", type=float, default=engine.kv_cache_gb,
                    help=f"size of the KV cache pool in GB (default: {engine.kv_cache_gb})")
     g.add_argument("--kv-cache-dtype", default=engine.kv_cache_dtype, choices=list(KV_DTYPES),
-                   help="auto: the model's dtype; int8: one byte per value plus a scale per token and head "
-                        "(~3.8x the tokens per GB in float32)")
+                   help="auto: float16 where the model computes in float32 on a CPU, else the model's dtype; "
+                        "int8: one byte per value plus a scale per token and head (~3.8x the tokens per GB "
+                        "in float32; the paged pool only)")
     g.add_argument("--block-size", type=int, default=engine.block_size,
                    help=f"tokens per KV-cache block (default: {engine.block_size})")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")

@@ -44,7 +44,7 @@ from leapllm.distributed.tensor_parallel import (
 )
 from leapllm.errors import InvalidRequestError, LeapLLMError
 from leapllm.loading.loader import LoadedModel, load_model, resolve_device
-from leapllm.model.kv_cache import KVCache
+from leapllm.model.kv_cache import KVCache, kv_storage_dtype
 from leapllm.model.llama import Transformer
 from leapllm.model.paged_kv_cache import (
     DecodeGroup,
@@ -255,6 +255,11 @@ class TensorParallelGroup:
                 proc.wait()
 
 
+def stored_kv_dtype(values: torch.Tensor) -> str:
+    """The config.KV_DTYPES name the other ranks build the same storage as rank 0's cache from."""
+    return {torch.float16: "float16", torch.float32: "float32"}.get(values.dtype, "auto")
+
+
 class TensorParallelModel(nn.Module):
     """Rank 0's model: its own shard, and every forward pass announced to the other ranks first.
 
@@ -281,9 +286,10 @@ class TensorParallelModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.shard.dtype
 
-    def new_kv_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+    def new_kv_cache(self, batch_size: int, max_seq_len: int, kv_cache_dtype: str = "auto") -> KVCache:
         c = self.config
-        return KVCache(c.num_layers, batch_size, self.num_cached_kv_heads, max_seq_len, c.head_dim, self.dtype,
+        dtype = kv_storage_dtype("auto" if kv_cache_dtype == "int8" else kv_cache_dtype, self.dtype, self.device)
+        return KVCache(c.num_layers, batch_size, self.num_cached_kv_heads, max_seq_len, c.head_dim, dtype,
                        self.device)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, kv_cache: KVCache | None = None,
@@ -310,11 +316,12 @@ class TensorParallelModel(nn.Module):
             cache_id = next(self._next_cache_id)
             if isinstance(cache, PagedKVCache):
                 header = {"op": "paged_cache", "num_blocks": cache.num_blocks, "block_size": cache.block_size,
-                          "kv_dtype": "int8" if getattr(cache, "quantized", False) else "auto",
+                          "kv_dtype": "int8" if cache.quantized else stored_kv_dtype(cache.k[0]),
                           "windowed_layers": sorted(cache.windowed_layers),
                           "num_window_blocks": cache.num_window_blocks}
             else:
-                header = {"op": "cache", "batch_size": cache.k[0].shape[0], "max_seq_len": cache.max_seq_len}
+                header = {"op": "cache", "batch_size": cache.k[0].shape[0], "max_seq_len": cache.max_seq_len,
+                          "kv_dtype": stored_kv_dtype(cache.k[0])}
             self._send({**header, "cache": cache_id})
             self._cache_ids[cache] = cache_id
             weakref.finalize(cache, self._freed.append, cache_id)
@@ -359,14 +366,14 @@ def run_worker(shard: Transformer, comm: Communicator) -> None:
             return
         if op == "paged_cache":
             # The same storage as rank 0's pool (an int8 pool with --kv-cache-dtype int8).
-            storage = {} if header["kv_dtype"] == "auto" else {"kv_dtype": header["kv_dtype"]}
             caches[header["cache"]] = PagedKVCache(c.num_layers, header["num_blocks"], header["block_size"], kv_heads,
-                                                   c.head_dim, shard.dtype, device, **storage,
+                                                   c.head_dim, shard.dtype, device, header["kv_dtype"],
                                                    windowed_layers=header["windowed_layers"],
                                                    num_window_blocks=header["num_window_blocks"])
         elif op == "cache":
             caches[header["cache"]] = KVCache(c.num_layers, header["batch_size"], kv_heads, header["max_seq_len"],
-                                              c.head_dim, shard.dtype, device)
+                                              c.head_dim, kv_storage_dtype(header["kv_dtype"], shard.dtype, device),
+                                              device)
         elif op == "forward":
             cache = caches[header["cache"]] if header["cache"] is not None else None
             shard(tensors[0], header["start_pos"], cache, header["last_only"], header["verify"])

@@ -103,7 +103,7 @@ class LLMEngine:
         c = model.config
         # A tensor-parallel rank (distributed/runtime.py) caches only the kv heads of its own shard.
         per_layer = PagedKVCache.bytes_per_block(1, config.block_size, model.num_cached_kv_heads, c.head_dim,
-                                                 model.dtype, config.kv_cache_dtype)
+                                                 model.dtype, config.kv_cache_dtype, model.device)
         num_full = c.num_layers - num_windowed
         most = 0
         if num_windowed:

@@ -120,7 +120,7 @@ class ModelRunner:
     def _contiguous_cache(self, seq: Request) -> KVCache:
         cache = self.caches.get(seq.request_id)
         if cache is None:
-            cache = self.model.new_kv_cache(1, len(seq.prompt_ids) + seq.params.max_tokens)
+            cache = self.model.new_kv_cache(1, len(seq.prompt_ids) + seq.params.max_tokens, self.config.kv_cache_dtype)
             self.caches[seq.request_id] = cache
         return cache
 
@@ -188,7 +188,8 @@ class ModelRunner:
             new, first = self._draft_inputs(seq, tokens, j)
             cache = self.draft_caches.get(seq.request_id)
             if cache is None:
-                cache = self.draft.new_kv_cache(1, len(seq.prompt_ids) + seq.params.max_tokens)
+                cache = self.draft.new_kv_cache(1, len(seq.prompt_ids) + seq.params.max_tokens,
+                                                self.config.kv_cache_dtype)
                 self.draft_caches[seq.request_id] = cache
             rows.append(self.draft(torch.tensor([new], device=device), first, cache, last_only=True)[0, -1])
         return torch.stack(rows)

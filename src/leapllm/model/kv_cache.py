@@ -2,7 +2,10 @@
 
 Each decode step then costs one token's projections plus attention over what is cached, instead
 of recomputing the whole prefix. The paged cache of the serving engine replaces this for
-continuous batching; this one serves single-stream generation.
+continuous batching; this one serves single-stream generation and batches of equal-length rows.
+
+Keys and values may be stored narrower than the model computes (float16 for a float32 model on a
+CPU, as llama.cpp stores its own): half the memory, and attention reads them widened to float32.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import math
 import mmap
 
 import torch
+
+from leapllm.config import KV_DTYPES
+from leapllm.model.attention import AttentionParams, attention
 
 LAZY_MIN_BYTES = 1 << 20  # smaller buffers are plain torch.zeros
 
@@ -29,6 +35,29 @@ def lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     return torch.frombuffer(buffer, dtype=dtype).view(shape)  # the tensor keeps the map alive
 
 
+def kv_storage_dtype(kv_cache_dtype: str, compute: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The dtype a float KV cache stores its values in, for one of config.KV_DTYPES ("int8" is the paged
+    pool's own format: here it names the float dtype its scales dequantize to, the compute dtype)."""
+    if kv_cache_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_cache_dtype!r}")
+    if kv_cache_dtype == "float16":
+        return torch.float16
+    if kv_cache_dtype == "float32":
+        return torch.float32
+    if kv_cache_dtype == "auto" and compute == torch.float32 and torch.device(device).type == "cpu":
+        return torch.float16
+    return compute
+
+
+def cpu_decode_kernels(q: torch.Tensor, keys: torch.Tensor):
+    """leapllm's CPU kernels when one-token attention can read these keys in place (float32 queries,
+    float32 or float16 keys, on the CPU, kernels built), else None."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or keys.dtype not in (torch.float32, torch.float16):
+        return None
+    from leapllm.kernels import cpu_kernels
+    return cpu_kernels()
+
+
 class KVCache:
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_seq_len: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str):
@@ -45,6 +74,22 @@ class KVCache:
         self.k[layer][:, :, start_pos:end] = k
         self.v[layer][:, :, start_pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def attend(self, layer: int, start_pos: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               params: AttentionParams, mask: torch.Tensor | None) -> torch.Tensor:
+        """Write k, v (batch, kv_heads, new, hd) at start_pos, then attend q (batch, heads, new, hd) over
+        every cached key it sees (`mask`: model/attention.py's visible_keys) -> (batch, heads, new, hd).
+
+        One new token per row (batched decode) is read in place by the CPU kernels; otherwise the
+        cached keys and values go to PyTorch's SDPA, widened to q's dtype where stored narrower."""
+        k, v = self.update(layer, start_pos, k, v)  # (batch, kv_heads, start_pos + new, hd), as stored
+        if q.shape[2] == 1 and params.softcap is None:
+            kernels = cpu_decode_kernels(q, k)
+            if kernels is not None:
+                out = kernels.cached_decode_attention(q[:, :, 0], self.k[layer], self.v[layer], start_pos + 1,
+                                                      params.window or 0, params.softmax_scale(q.shape[-1]))
+                return out[:, :, None]
+        return attention(q, k.to(q.dtype), v.to(q.dtype), params, mask, is_causal=mask is None and q.shape[2] > 1)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -21,7 +21,7 @@ from torch import nn
 from leapllm.model.attention import AttentionParams, attention, attention_probabilities, visible_keys
 from leapllm.model.config import ModelConfig
 from leapllm.model.fused_decode import MAX_TOKENS, FusedDecode
-from leapllm.model.kv_cache import KVCache
+from leapllm.model.kv_cache import KVCache, kv_storage_dtype
 from leapllm.model.paged_kv_cache import PagedAttentionBatch, PagedKVCache
 
 
@@ -163,9 +163,9 @@ class AttentionCore(nn.Module):
         if paged_batch is not None:
             # The serving engine's step: many sequences flattened into one row of tokens.
             return kv_cache.attend(self.layer_idx, q, k, v, self.params, paged_batch)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, start_pos, k, v)
         # `mask` is visible_keys' for this layer's window: None means plain causal (or all keys, for one query).
+        if kv_cache is not None:
+            return kv_cache.attend(self.layer_idx, start_pos, q, k, v, self.params, mask)
         return attention(q, k, v, self.params, mask, is_causal=mask is None and q.shape[2] > 1)
 
 
@@ -349,9 +349,12 @@ class Transformer(nn.Module):
         """The kv heads a KV cache holds for this model (a tensor-parallel rank holds only its own)."""
         return self.config.num_kv_heads
 
-    def new_kv_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+    def new_kv_cache(self, batch_size: int, max_seq_len: int, kv_cache_dtype: str = "auto") -> KVCache:
+        """A contiguous cache for batch_size rows of max_seq_len positions, stored as kv_cache_dtype says
+        (config.KV_DTYPES; "int8" is the paged pool's format, and a contiguous cache keeps floats)."""
         c = self.config
-        return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_seq_len, c.head_dim, self.dtype, self.device)
+        dtype = kv_storage_dtype("auto" if kv_cache_dtype == "int8" else kv_cache_dtype, self.dtype, self.device)
+        return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_seq_len, c.head_dim, dtype, self.device)
 
     def init_rotary(self) -> None:
         """(Re)compute the rotary frequencies from the config, on the model's device (loaders build

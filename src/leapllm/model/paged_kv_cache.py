@@ -29,7 +29,7 @@ import torch
 
 from leapllm.config import KV_DTYPES
 from leapllm.model.attention import AttentionParams, attention, visible_keys
-from leapllm.model.kv_cache import lazily_zeroed
+from leapllm.model.kv_cache import cpu_decode_kernels, kv_storage_dtype, lazily_zeroed
 
 
 class PagedKVCache:
@@ -55,7 +55,7 @@ class PagedKVCache:
         self.dtype, self.quantized = dtype, kv_dtype == "int8"
         slots = [(num_window_blocks if i in self.windowed_layers else num_blocks) * block_size
                  for i in range(num_layers)]
-        store = torch.int8 if self.quantized else dtype
+        store = torch.int8 if self.quantized else kv_storage_dtype(kv_dtype, dtype, device)
         # (slots, kv_heads, head_dim) per layer; in memory as their blocks are first written (on CPU)
         self.k = [lazily_zeroed((n, num_kv_heads, head_dim), store, device) for n in slots]
         self.v = [lazily_zeroed((n, num_kv_heads, head_dim), store, device) for n in slots]
@@ -65,11 +65,11 @@ class PagedKVCache:
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                        dtype: torch.dtype, kv_dtype: str = "auto") -> int:
+                        dtype: torch.dtype, kv_dtype: str = "auto", device: torch.device | str = "cpu") -> int:
         if kv_dtype == "int8":
             per_value = 1 + 4 / head_dim  # the int8 value plus its share of the float32 scale
         else:
-            per_value = torch.empty(0, dtype=dtype).element_size()
+            per_value = torch.empty(0, dtype=kv_storage_dtype(kv_dtype, dtype, device)).element_size()
         return int(2 * num_layers * block_size * num_kv_heads * head_dim * per_value)
 
     def nbytes(self) -> int:
@@ -79,8 +79,8 @@ class PagedKVCache:
     def store(self, layer: int, slots: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """k_new, v_new (T, kv_heads, hd) into the pool rows `slots` (T,)."""
         if not self.quantized:
-            self.k[layer].index_copy_(0, slots, k_new)
-            self.v[layer].index_copy_(0, slots, v_new)
+            self.k[layer].index_copy_(0, slots, k_new.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(0, slots, v_new.to(self.v[layer].dtype))
             return
         for pool, scales, x in ((self.k[layer], self.k_scale[layer], k_new),
                                 (self.v[layer], self.v_scale[layer], v_new)):
@@ -92,20 +92,19 @@ class PagedKVCache:
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the pool rows `slots` (any shape S) -> (*S, kv_heads, hd) in the compute dtype."""
         if not self.quantized:
-            return self.k[layer][slots], self.v[layer][slots]
+            return self.k[layer][slots].to(self.dtype), self.v[layer][slots].to(self.dtype)
         k = (self.k[layer][slots].float() * self.k_scale[layer][slots]).to(self.dtype)
         v = (self.v[layer][slots].float() * self.v_scale[layer][slots]).to(self.dtype)
         return k, v
 
     def decode_kernels(self):
-        """leapllm's CPU kernels when decode attention can read this pool in place (float32 on the
-        CPU, kernels built); else None, and decode groups are gathered and padded for PyTorch's SDPA.
-        The in-place read skips copying every sequence's keys and values each layer and step, which
-        took more time than the attention itself at 16 sequences."""
-        if self.quantized or self.dtype != torch.float32 or self.k[0].device.type != "cpu":
+        """leapllm's CPU kernels when decode attention can read this pool in place (float32 queries,
+        a float32 or float16 pool, on the CPU, kernels built); else None, and decode groups are gathered
+        and padded for PyTorch's SDPA. The in-place read skips copying every sequence's keys and values
+        each layer and step, which took more time than the attention itself at 16 sequences."""
+        if self.quantized:
             return None
-        from leapllm.kernels import cpu_kernels
-        return cpu_kernels()
+        return cpu_decode_kernels(torch.empty(0, dtype=self.dtype, device=self.k[0].device), self.k[0])
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams,
                b: PagedAttentionBatch) -> torch.Tensor:
@@ -136,8 +135,10 @@ class PagedKVCache:
             qc = q[:, :, chunk.start:chunk.end]  # (1, heads, n, hd)
             mask = chunk.mask_for(params.window, q.device)
             if chunk.slots is None:
-                # Nothing cached before this chunk: its own keys are all it sees.
+                # Nothing cached before this chunk: its own keys are all it sees, as the pool holds them.
                 kc, vc = k[:, :, chunk.start:chunk.end], v[:, :, chunk.start:chunk.end]
+                if self.k[layer].dtype not in (self.dtype, torch.int8):
+                    kc, vc = kc.to(self.k[layer].dtype).to(self.dtype), vc.to(self.k[layer].dtype).to(self.dtype)
             else:
                 kc, vc = self.gather(layer, chunk.slots)  # (context, kv_heads, hd)
                 kc, vc = kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0)  # (1, kv_heads, context, hd)

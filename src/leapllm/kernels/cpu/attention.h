@@ -1,25 +1,50 @@
 // Attention of one query token over n positions. The fused decode step (a contiguous cache, cut in
-// spans) and paged_decode_attention (rows scattered in a pool) share its three steps: scores,
-// softmax, weighted sum of the values; key(s) and value(s) give position s's row of hd floats. Each
-// position's score and each output lane are computed by the same instructions wherever the position
-// falls in the loop, so a token's attention has the same bits in a one-token step and in a
-// multi-token verification (speculative decoding relies on it).
+// spans), cached_decode_attention (a batch of contiguous caches) and paged_decode_attention (rows
+// scattered in a pool) share its three steps: scores, softmax, weighted sum of the values; key(s) and
+// value(s) give position s's row of hd values. Each position's score and each output lane are
+// computed by the same instructions wherever the position falls in the loop, so a token's attention
+// has the same bits in a one-token step and in a multi-token verification (speculative decoding
+// relies on it).
+//
+// Rows are float32 or float16 (a KV cache kept at half width, as llama.cpp keeps its own): every
+// load widens to float32, so what follows a load is the same arithmetic for both.
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include "common.h"
 
+inline float widen(float v) { return v; }
+inline float widen(c10::Half v) { return static_cast<float>(v); }
+
+// A float32 row as stored in a cache of element type T: copied, or rounded to nearest even (the
+// rounding torch's .to(torch.float16) does, so a key written here and one written by PyTorch agree).
+inline void store_row(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void store_row(const float* src, int64_t n, c10::Half* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+#if defined(__F16C__)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  alignas(32) float f[8];
+  for (int i = 0; i < 8; ++i) f[i] = static_cast<float>(p[i]);
+  return _mm256_load_ps(f);
+#endif
+}
+
 // out[0 .. 8 NV) = sum over s of p[s] * row(s)[0 .. 8 NV), NV vectors kept in registers.
 template <int NV, class Row>
 void weighted_rows(const float* p, int64_t n, Row row, int64_t offset, float* out) {
   __m256 acc[NV];
   for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
   for (int64_t s = 0; s < n; ++s) {
-    const float* r = row(s) + offset;
+    const auto* r = row(s) + offset;
     const __m256 ps = _mm256_set1_ps(p[s]);
-    for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(ps, _mm256_loadu_ps(r + 8 * v), acc[v]);
+    for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(ps, load8(r + 8 * v), acc[v]);
   }
   for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + 8 * v, acc[v]);
 }
@@ -33,7 +58,7 @@ void attention_scores(const float* q, int64_t group, int64_t hd, int64_t n, Row 
     const __m256 sv = _mm256_set1_ps(scale);
     for (int64_t s0 = 0; s0 < n; s0 += 8) {  // 8 positions at a time: their 8 dot products reduce together
       const int64_t count = std::min<int64_t>(8, n - s0);
-      const float* k[8];
+      decltype(key(0)) k[8];
       for (int64_t p = 0; p < 8; ++p) k[p] = key(s0 + std::min<int64_t>(p, count - 1));  // a short block repeats its last row
       for (int64_t j = 0; j < group; ++j) {
         const float* qj = q + j * hd;
@@ -43,7 +68,7 @@ void attention_scores(const float* q, int64_t group, int64_t hd, int64_t n, Row 
         for (int p = 0; p < 8; ++p) acc[p] = _mm256_setzero_ps();
         for (int64_t i = 0; i < hd; i += 8) {
           const __m256 qv = _mm256_loadu_ps(qj + i);
-          for (int p = 0; p < 8; ++p) acc[p] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[p] + i), acc[p]);
+          for (int p = 0; p < 8; ++p) acc[p] = _mm256_fmadd_ps(qv, load8(k[p] + i), acc[p]);
         }
         const __m256 dots = _mm256_mul_ps(lane_sums8(acc), sv);
         if (count == 8) {
@@ -59,11 +84,11 @@ void attention_scores(const float* q, int64_t group, int64_t hd, int64_t n, Row 
   }
 #endif
   for (int64_t s = 0; s < n; ++s) {  // each key read once for all the group's queries
-    const float* k = key(s);
+    const auto* k = key(s);
     for (int64_t j = 0; j < group; ++j) {
       const float* qj = q + j * hd;
       float dot = 0.f;
-      for (int64_t i = 0; i < hd; ++i) dot += qj[i] * k[i];
+      for (int64_t i = 0; i < hd; ++i) dot += qj[i] * widen(k[i]);
       scores[j * n + s] = dot * scale;
     }
   }
@@ -116,20 +141,45 @@ void weighted_value_sum(const float* p, int64_t n, Row value, int64_t hd, float*
   if (c == hd) return;
   std::fill(out + c, out + hd, 0.f);
   for (int64_t s = 0; s < n; ++s) {
-    const float* v = value(s);
-    for (int64_t i = c; i < hd; ++i) out[i] += p[s] * v[i];
+    const auto* v = value(s);
+    for (int64_t i = c; i < hd; ++i) out[i] += p[s] * widen(v[i]);
+  }
+}
+
+// One kv head's group of query heads (group, hd) over positions 0 .. len - 1 -> out (group, hd);
+// scores holds group * len floats.
+template <class KeyRow, class ValueRow>
+void attend_group(const float* q, int64_t group, int64_t hd, int64_t len, KeyRow key, ValueRow value, float scale,
+                  float* scores, float* out) {
+  attention_scores(q, group, hd, len, key, scale, scores);
+  for (int64_t j = 0; j < group; ++j) {
+    float* sc = scores + j * len;
+    const float inv = 1.f / exp_shifted(sc, len).second;
+    for (int64_t t = 0; t < len; ++t) sc[t] *= inv;
+    weighted_value_sum(sc, len, value, hd, out + j * hd);
+  }
+}
+
+// Calls body with a null pointer of the C++ type of a float32 or float16 tensor of keys or values.
+template <class Body>
+void with_row_type(const at::Tensor& t, const char* what, Body body) {
+  if (t.scalar_type() == at::kFloat) {
+    body(static_cast<const float*>(nullptr));
+  } else {
+    TORCH_CHECK(t.scalar_type() == at::kHalf, what, " must be float32 or float16");
+    body(static_cast<const c10::Half*>(nullptr));
   }
 }
 
 // Attention of one new token per sequence over its keys and values in a paged pool (the serving
 // engine's decode steps), read where they lie in the pool instead of gathered into a padded copy
-// first: q (d, heads, hd); k_pool, v_pool (slots, kv_heads, hd); slots (d, max_len) int64, the pool
-// rows of each sequence's positions (anything past its length is ignored); lengths (d,) int64.
-// All float32 -> (d, heads, hd). Query head h reads kv head h / (heads / kv_heads).
+// first: q (d, heads, hd) float32; k_pool, v_pool (slots, kv_heads, hd), float32 or float16; slots
+// (d, max_len) int64, the pool rows of each sequence's positions (anything past its length is
+// ignored); lengths (d,) int64. -> (d, heads, hd) float32. Query head h reads kv head h / (heads / kv_heads).
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_pool, at::Tensor slots,
                                   at::Tensor lengths, double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k_pool.scalar_type() == at::kFloat &&
-                  v_pool.scalar_type() == at::kFloat, "paged_decode_attention takes float32 queries and pools");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && v_pool.scalar_type() == k_pool.scalar_type(),
+              "paged_decode_attention takes float32 queries and pools of one dtype");
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && v_pool.sizes() == k_pool.sizes() && k_pool.size(2) == q.size(2),
               "q must be (d, heads, hd) and the pools (slots, kv_heads, hd)");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 2 && slots.size(0) == q.size(0) &&
@@ -151,25 +201,65 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_
       TORCH_CHECK(slot_p[b * max_len + t] >= 0 && slot_p[b * max_len + t] < pool_rows, "a slot is outside the pool");
   }
   auto out = at::empty_like(q);
-  const float *qp = q.data_ptr<float>(), *kp = k_pool.data_ptr<float>(), *vp = v_pool.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, d * kv_heads, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(group * max_len);
-    for (int64_t item = i0; item < i1; ++item) {
-      const int64_t b = item / kv_heads, g = item % kv_heads, len = len_p[b];
-      const int64_t* sl = slot_p + b * max_len;
-      const float* qg = qp + (b * heads + g * group) * hd;  // the group's queries, one after another
-      float* og = op + (b * heads + g * group) * hd;
-      auto key = [&](int64_t t) { return kp + (sl[t] * kv_heads + g) * hd; };
-      auto value = [&](int64_t t) { return vp + (sl[t] * kv_heads + g) * hd; };
-      attention_scores(qg, group, hd, len, key, (float)scale, scores.data());
-      for (int64_t j = 0; j < group; ++j) {
-        float* sc = scores.data() + j * len;
-        const float inv = 1.f / exp_shifted(sc, len).second;
-        for (int64_t t = 0; t < len; ++t) sc[t] *= inv;
-        weighted_value_sum(sc, len, value, hd, og + j * hd);
+  with_row_type(k_pool, "the pools", [&](auto* type) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(type)>>;
+    const T *kp = static_cast<const T*>(k_pool.data_ptr()), *vp = static_cast<const T*>(v_pool.data_ptr());
+    at::parallel_for(0, d * kv_heads, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> scores(group * max_len);
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t b = item / kv_heads, g = item % kv_heads;
+        const int64_t* sl = slot_p + b * max_len;
+        auto key = [&](int64_t t) { return kp + (sl[t] * kv_heads + g) * hd; };
+        auto value = [&](int64_t t) { return vp + (sl[t] * kv_heads + g) * hd; };
+        // the group's queries and outputs, one head after another
+        attend_group(qp + (b * heads + g * group) * hd, group, hd, len_p[b], key, value, (float)scale, scores.data(),
+                     op + (b * heads + g * group) * hd);
       }
-    }
+    });
+  });
+  return out;
+}
+
+// Attention of one new token per row of a batch over its contiguous cache (batched decode outside
+// the serving engine): q (d, heads, hd) float32; k_cache, v_cache (d, kv_heads, max_seq, hd), float32
+// or float16, positions 0 .. length - 1 written (the new token's included); with window > 0 each
+// query sees only the last `window` of them. -> (d, heads, hd) float32.
+at::Tensor cached_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, int64_t length,
+                                   int64_t window, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && v_cache.scalar_type() == k_cache.scalar_type(),
+              "cached_decode_attention takes float32 queries and caches of one dtype");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
+                  k_cache.size(0) == q.size(0) && k_cache.size(3) == q.size(2),
+              "q must be (d, heads, hd) and the caches (d, kv_heads, max_seq, hd)");
+  const int64_t d = q.size(0), heads = q.size(1), hd = q.size(2), kv_heads = k_cache.size(1);
+  const int64_t max_seq = k_cache.size(2);
+  TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(length >= 1 && length <= max_seq, "length must be 1 .. ", max_seq, ", got ", length);
+  const int64_t group = heads / kv_heads, first = window > 0 ? std::max<int64_t>(0, length - window) : 0;
+  const int64_t len = length - first;
+  q = q.contiguous();
+  k_cache = k_cache.contiguous();
+  v_cache = v_cache.contiguous();
+  auto out = at::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  with_row_type(k_cache, "the caches", [&](auto* type) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(type)>>;
+    const T *kp = static_cast<const T*>(k_cache.data_ptr()), *vp = static_cast<const T*>(v_cache.data_ptr());
+    at::parallel_for(0, d * kv_heads, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> scores(group * len);
+      for (int64_t item = i0; item < i1; ++item) {
+        const T* kg = kp + (item * max_seq + first) * hd;  // item = b * kv_heads + g: its rows in the cache
+        const T* vg = vp + (item * max_seq + first) * hd;
+        const int64_t b = item / kv_heads, g = item % kv_heads;
+        auto key = [&](int64_t t) { return kg + t * hd; };
+        auto value = [&](int64_t t) { return vg + t * hd; };
+        attend_group(qp + (b * heads + g * group) * hd, group, hd, len, key, value, (float)scale, scores.data(),
+                     op + (b * heads + g * group) * hd);
+      }
+    });
   });
   return out;
 }

@@ -16,7 +16,7 @@
 //   packed_linear.h   PackedLinear: a linear layer on packed weights, through the best tile built
 //   huge_pages.h      packed weights copied onto 2 MiB pages
 //   int8_peak.h       the SIMD units' int8 multiply-add rate, the profiler's int8 ceiling
-//   attention.h       attention of one token over its positions; paged_decode_attention
+//   attention.h       attention of one token over its positions; paged_ and cached_decode_attention
 //   scheduler.h       how a step's threads share each phase's work items
 //   decoder_stack.h   DecoderLayer, DecoderStack: the fused decode step, phase by phase
 // leapllm/kernels/__init__.py builds it for the CPU it runs on (-march=native).
@@ -69,6 +69,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, pybind11::arg("q"), pybind11::arg("k_pool"),
         pybind11::arg("v_pool"), pybind11::arg("slots"), pybind11::arg("lengths"), pybind11::arg("scale"),
         "attention of one new token per sequence over its keys and values in a paged pool",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("cached_decode_attention", &cached_decode_attention, pybind11::arg("q"), pybind11::arg("k_cache"),
+        pybind11::arg("v_cache"), pybind11::arg("length"), pybind11::arg("window"), pybind11::arg("scale"),
+        "attention of one new token per batch row over its contiguous cache",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<PackedLinear, std::shared_ptr<PackedLinear>>(m, "PackedLinear")
       .def(pybind11::init<at::Tensor, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, int64_t, bool>(),

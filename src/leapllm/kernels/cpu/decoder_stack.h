@@ -29,7 +29,7 @@ inline void silu_times(const float* gate, int64_t inter, float* out) {
 }
 
 // One Llama block's weights and shapes (RMSNorm, fused QKV, rotary, grouped-query attention over a
-// contiguous float32 KV cache, output projection, RMSNorm, fused gate/up, SiLU * up, down
+// contiguous float32 or float16 KV cache, output projection, RMSNorm, fused gate/up, SiLU * up, down
 // projection, residuals); DecoderStack runs a batch-1 decode step through all of them.
 struct DecoderLayer {
   std::shared_ptr<PackedLinear> qkv, o, gate_up, down;
@@ -204,8 +204,9 @@ struct DecoderStack {
   // What every work item of one step reads: the tokens, the caches, the rotary tables.
   struct Step {
     float* x;                 // (rows, hidden): the residual stream, updated in place
-    float* const* kc;         // per layer (kv_heads, max_seq, head_dim)
-    float* const* vc;
+    void* const* kc;          // per layer (kv_heads, max_seq, head_dim), float32 or (half_cache) float16
+    void* const* vc;
+    bool half_cache;
     int64_t max_seq, pos, rows;
     const float* rot_cos;     // (rows, head_dim / 2): token t's rotary angles at t * head_dim / 2
     const float* rot_sin;
@@ -216,6 +217,7 @@ struct DecoderStack {
     std::vector<QuantizedRow> a;       // the phase's input, quantized
     const QuantizedRow* ap[MAX_ROWS];  // &a[t], as compute_rows takes them
     std::vector<float> normed, k_rot, q_rot, scores, attn, head;  // head: one q or k head, normed
+    std::vector<c10::Half> k_half, v_half;  // this call's keys and values as a float16 cache holds them
   };
 
   // A phase's input on this thread: the RMSNorm (weight, eps) of `rows` rows of x (the residual
@@ -228,18 +230,91 @@ struct DecoderStack {
     }
   }
 
-  // One work item of one phase of layer li; `prepared`: this thread already made the phase's input.
-  void run_item(int64_t li, Phase phase, int64_t item, bool prepared, ThreadWork& w, const Step& st) {
-    const DecoderLayer& l = *layers[li];
+  // One attention work item of layer li: one kv head's query heads, for one token, over one span of
+  // its positions, on a cache of element type T (float32, or float16 at half the bytes).
+  template <class T>
+  void attention_item(const DecoderLayer& l, int64_t li, int64_t item, ThreadWork& w, const Step& st) {
     const int64_t q_size = l.heads * l.head_dim, kv_size = l.kv_heads * l.head_dim;
-    const int64_t group = l.heads / l.kv_heads, hd = l.head_dim, inter = l.intermediate;
-    const int64_t hidden = max_hidden, rows = st.rows, pos = st.pos;  // x's row stride: every layer's width
-    float* xp = st.x;
-    std::vector<QuantizedRow>& a = w.a;
-    std::vector<float>& normed = w.normed;
+    const int64_t group = l.heads / l.kv_heads, hd = l.head_dim, rows = st.rows, pos = st.pos;
     std::vector<float>& k_rot = w.k_rot;
     std::vector<float>& q_rot = w.q_rot;
     std::vector<float>& scores = w.scores;
+    const int64_t per_head = span_offset[rows], g = item / per_head, r = item % per_head;
+    int64_t t = 0;
+    while (r >= span_offset[t + 1]) ++t;
+    const int64_t span = r - span_offset[t], spans = token_spans[t];
+    const int64_t len = pos + t + 1;  // token t sees positions first .. pos + t
+    const int64_t first = l.window > 0 ? std::max<int64_t>(0, len - l.window) : 0;
+    const int64_t s0 = first + (len - first) * span / spans, s1 = first + (len - first) * (span + 1) / spans;
+    const int64_t half = hd / 2;
+    // Keys and values of this call's tokens (positions pos ..) come from qkv_out, never from the
+    // cache: the item that writes one into the cache may be running right now. This item rotates
+    // the new keys its span covers itself, each with its own position's angles, and reads them (and
+    // the new values) as the cache stores them: a float16 cache rounds them, so a token sees its own
+    // key as the steps after it will.
+    T* k_cache = static_cast<T*>(st.kc[li]) + g * st.max_seq * hd;
+    T* v_cache = static_cast<T*>(st.vc[li]) + g * st.max_seq * hd;
+    auto new_value = [&](int64_t s) { return qkv_out.data() + (s - pos) * max_qkv + q_size + kv_size + g * hd; };
+    for (int64_t s = std::max(s0, pos); s < s1; ++s) {
+      l.rotate(l.head_input(qkv_out.data() + (s - pos) * max_qkv + q_size + g * hd, l.k_norm, w.head.data()),
+               k_rot.data() + (s - pos) * hd, st.rot_cos + (s - pos) * half, st.rot_sin + (s - pos) * half);
+      if constexpr (!std::is_same_v<T, float>) {
+        store_row(k_rot.data() + (s - pos) * hd, hd, w.k_half.data() + (s - pos) * hd);
+        store_row(new_value(s), hd, w.v_half.data() + (s - pos) * hd);
+      }
+    }
+    auto own_key = [&](int64_t s) -> const T* {
+      if constexpr (std::is_same_v<T, float>) return k_rot.data() + (s - pos) * hd;
+      else return w.k_half.data() + (s - pos) * hd;
+    };
+    auto own_value = [&](int64_t s) -> const T* {
+      if constexpr (std::is_same_v<T, float>) return new_value(s);
+      else return w.v_half.data() + (s - pos) * hd;
+    };
+    if (s1 == len) {  // the last span of token t writes its key and value (one item per new position)
+      std::memcpy(k_cache + (pos + t) * hd, own_key(pos + t), hd * sizeof(T));
+      std::memcpy(v_cache + (pos + t) * hd, own_value(pos + t), hd * sizeof(T));
+    }
+    const float softmax_scale = l.softmax_scale;
+    const float* q_row = qkv_out.data() + t * max_qkv;
+    for (int64_t j = 0; j < group; ++j)  // the group's queries, rotated
+      l.rotate(l.head_input(q_row + (g * group + j) * hd, l.q_norm, w.head.data()), q_rot.data() + j * hd,
+               st.rot_cos + t * half, st.rot_sin + t * half);
+    const int64_t span_len = s1 - s0;
+    // Positions s0 .. split - 1 are cached, split .. s1 - 1 this call's own.
+    const int64_t split = std::min(std::max(s0, pos), s1);
+    auto key = [&](int64_t i) -> const T* {
+      const int64_t s = s0 + i;
+      return s < split ? k_cache + s * hd : own_key(s);
+    };
+    auto value = [&](int64_t i) -> const T* {
+      const int64_t s = s0 + i;
+      return s < split ? v_cache + s * hd : own_value(s);
+    };
+    attention_scores(q_rot.data(), group, hd, span_len, key, softmax_scale, scores.data());
+    if (l.softcap > 0.f)  // Gemma 2: cap * tanh(score / cap)
+      for (int64_t i = 0; i < group * span_len; ++i) scores[i] = l.softcap * std::tanh(scores[i] / l.softcap);
+    // token t's partial softmaxes, (rows, heads, max_spans, hd + 2)
+    float* token_partials = partials.data() + t * l.heads * max_spans * (hd + 2);
+    for (int64_t j = 0; j < group; ++j) {
+      // this span's partial softmax: its max, sum of exp, and unnormalized output (merged in OProj)
+      float* part = token_partials + ((g * group + j) * max_spans + span) * (hd + 2);
+      float* sc = scores.data() + j * span_len;
+      const auto [best, sum] = exp_shifted(sc, span_len);
+      part[0] = best;
+      part[1] = sum;
+      weighted_value_sum(sc, span_len, value, hd, part + 2);
+    }
+  }
+
+  // One work item of one phase of layer li; `prepared`: this thread already made the phase's input.
+  void run_item(int64_t li, Phase phase, int64_t item, bool prepared, ThreadWork& w, const Step& st) {
+    const DecoderLayer& l = *layers[li];
+    const int64_t q_size = l.heads * l.head_dim, hd = l.head_dim, inter = l.intermediate;
+    const int64_t hidden = max_hidden, rows = st.rows;  // x's row stride: every layer's width
+    float* xp = st.x;
+    std::vector<QuantizedRow>& a = w.a;
+    std::vector<float>& normed = w.normed;
     const int64_t n = item * TILE;
     switch (phase) {
       case Phase::QkvProj:
@@ -248,61 +323,13 @@ struct DecoderStack {
         }
         l.qkv->compute_rows(w.ap, rows, n, n + TILE, qkv_out.data(), max_qkv);
         break;
-      case Phase::Attention: {  // one kv head's query heads, for one token, over one span of its positions
-        const int64_t per_head = span_offset[rows], g = item / per_head, r = item % per_head;
-        int64_t t = 0;
-        while (r >= span_offset[t + 1]) ++t;
-        const int64_t span = r - span_offset[t], spans = token_spans[t];
-        const int64_t len = pos + t + 1;  // token t sees positions first .. pos + t
-        const int64_t first = l.window > 0 ? std::max<int64_t>(0, len - l.window) : 0;
-        const int64_t s0 = first + (len - first) * span / spans, s1 = first + (len - first) * (span + 1) / spans;
-        const int64_t half = hd / 2;
-        // Keys and values of this call's tokens (positions pos ..) come from qkv_out, never from the
-        // cache: the item that writes one into the cache may be running right now. This item rotates
-        // the new keys its span covers itself, each with its own position's angles.
-        const float* k_cache = st.kc[li] + g * st.max_seq * hd;
-        const float* v_cache = st.vc[li] + g * st.max_seq * hd;
-        auto new_key = [&](int64_t s) { return qkv_out.data() + (s - pos) * max_qkv + q_size + g * hd; };
-        auto new_value = [&](int64_t s) { return qkv_out.data() + (s - pos) * max_qkv + q_size + kv_size + g * hd; };
-        for (int64_t s = std::max(s0, pos); s < s1; ++s)
-          l.rotate(l.head_input(new_key(s), l.k_norm, w.head.data()), k_rot.data() + (s - pos) * hd,
-                   st.rot_cos + (s - pos) * half, st.rot_sin + (s - pos) * half);
-        if (s1 == len) {  // the last span of token t writes its key and value (one item per new position)
-          std::memcpy(st.kc[li] + (g * st.max_seq + pos + t) * hd, k_rot.data() + t * hd, hd * sizeof(float));
-          std::memcpy(st.vc[li] + (g * st.max_seq + pos + t) * hd, new_value(pos + t), hd * sizeof(float));
-        }
-        const float softmax_scale = l.softmax_scale;
-        const float* q_row = qkv_out.data() + t * max_qkv;
-        for (int64_t j = 0; j < group; ++j)  // the group's queries, rotated
-          l.rotate(l.head_input(q_row + (g * group + j) * hd, l.q_norm, w.head.data()), q_rot.data() + j * hd,
-                   st.rot_cos + t * half, st.rot_sin + t * half);
-        const int64_t span_len = s1 - s0;
-        // Positions s0 .. split - 1 are cached, split .. s1 - 1 this call's own.
-        const int64_t split = std::min(std::max(s0, pos), s1);
-        auto key = [&](int64_t i) {
-          const int64_t s = s0 + i;
-          return s < split ? k_cache + s * hd : k_rot.data() + (s - pos) * hd;
-        };
-        auto value = [&](int64_t i) {
-          const int64_t s = s0 + i;
-          return s < split ? v_cache + s * hd : new_value(s);
-        };
-        attention_scores(q_rot.data(), group, hd, span_len, key, softmax_scale, scores.data());
-        if (l.softcap > 0.f)  // Gemma 2: cap * tanh(score / cap)
-          for (int64_t i = 0; i < group * span_len; ++i) scores[i] = l.softcap * std::tanh(scores[i] / l.softcap);
-        // token t's partial softmaxes, (rows, heads, max_spans, hd + 2)
-        float* token_partials = partials.data() + t * l.heads * max_spans * (hd + 2);
-        for (int64_t j = 0; j < group; ++j) {
-          // this span's partial softmax: its max, sum of exp, and unnormalized output (merged in OProj)
-          float* part = token_partials + ((g * group + j) * max_spans + span) * (hd + 2);
-          float* sc = scores.data() + j * span_len;
-          const auto [best, sum] = exp_shifted(sc, span_len);
-          part[0] = best;
-          part[1] = sum;
-          weighted_value_sum(sc, span_len, value, hd, part + 2);
+      case Phase::Attention:  // one kv head's query heads, for one token, over one span of its positions
+        if (st.half_cache) {
+          attention_item<c10::Half>(l, li, item, w, st);
+        } else {
+          attention_item<float>(l, li, item, w, st);
         }
         break;
-      }
       case Phase::OProj:  // added to the residual stream (each tile its own columns of x)
         if (!prepared) {  // merge the spans' partial softmaxes into this thread's copy of the attention output
           for (int64_t t = 0; t < rows; ++t) {
@@ -372,20 +399,22 @@ struct DecoderStack {
     const int64_t rows = x.dim() == 1 ? 1 : x.size(0);
     TORCH_CHECK(rows >= 1 && rows <= MAX_ROWS, "a fused step takes 1 to ", MAX_ROWS, " tokens, got ", rows);
     TORCH_CHECK((int64_t)k_caches.size() == n_layers && (int64_t)v_caches.size() == n_layers, "one cache per layer");
-    std::vector<float*> kc(n_layers), vc(n_layers);
+    std::vector<void*> kc(n_layers), vc(n_layers);
     int64_t max_seq = 0;
+    const bool half_cache = n_layers > 0 && k_caches[0].scalar_type() == at::kHalf;
+    const auto cache_type = half_cache ? at::kHalf : at::kFloat;
     for (int64_t i = 0; i < n_layers; ++i) {
       const auto& k = k_caches[i];
       const auto& v = v_caches[i];
-      TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.is_contiguous() &&
+      TORCH_CHECK(k.scalar_type() == cache_type && v.scalar_type() == cache_type && k.is_contiguous() &&
                       v.is_contiguous() && k.dim() == 4 && k.size(0) == 1 && k.size(1) == layers[i]->kv_heads &&
                       k.size(3) == layers[i]->head_dim && v.sizes() == k.sizes(),
-                  "caches must be contiguous float32 (1, kv_heads, max_seq, head_dim)");
+                  "caches must be contiguous (1, kv_heads, max_seq, head_dim), all float32 or all float16");
       max_seq = k.size(2);
       TORCH_CHECK(pos >= 0 && pos + rows <= max_seq, "KV cache holds ", max_seq, " positions, asked to write up to ",
                   pos + rows);
-      kc[i] = k.data_ptr<float>();
-      vc[i] = v.data_ptr<float>();
+      kc[i] = k.data_ptr();
+      vc[i] = v.data_ptr();
     }
     float* logit = nullptr;
     int64_t out_rows = 0;
@@ -423,7 +452,8 @@ struct DecoderStack {
     std::vector<float> rot_cos(rows * half), rot_sin(rows * half);
     for (int64_t t = 0; t < rows; ++t)  // the same in every layer
       layers[0]->rotary_table(pos + t, rot_cos.data() + t * half, rot_sin.data() + t * half);
-    const Step step{x.data_ptr<float>(), kc.data(), vc.data(), max_seq, pos, rows, rot_cos.data(), rot_sin.data()};
+    const Step step{x.data_ptr<float>(), kc.data(), vc.data(), half_cache, max_seq, pos, rows, rot_cos.data(),
+                    rot_sin.data()};
     for (int64_t li = 0; li < n_layers; ++li)
       for (int phase = 0; phase < LAYER_PHASES; ++phase)
         schedule.set_items(li * LAYER_PHASES + phase, items(*layers[li], static_cast<Phase>(phase), rows));
@@ -436,6 +466,10 @@ struct DecoderStack {
       for (int64_t t = 0; t < rows; ++t) w.ap[t] = &w.a[t];
       w.normed.resize(rows * max_hidden);
       w.k_rot.resize(rows * max_head_dim);  // one kv head's new keys
+      if (half_cache) {
+        w.k_half.resize(rows * max_head_dim);
+        w.v_half.resize(rows * max_head_dim);
+      }
       w.q_rot.resize(max_q);  // a kv head's query heads
       w.scores.resize(max_group * max_seq);
       w.attn.resize(rows * max_q);
