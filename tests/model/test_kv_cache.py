@@ -60,6 +60,16 @@ def test_auto_stores_float16_only_for_a_float32_model_on_a_cpu():
         kv_storage_dtype("fp8", torch.float32, "cpu")
 
 
+def test_a_view_of_some_rows_writes_into_the_whole_batch():
+    cache = KVCache(2, 5, 2, 16, 8, torch.float16, "cpu")
+    view = cache.rows(1, 3)
+    view.update(1, 4, torch.ones(2, 2, 3, 8), torch.full((2, 2, 3, 8), 2.0))
+    assert torch.equal(cache.k[1][1:3, :, 4:7], torch.ones(2, 2, 3, 8, dtype=torch.float16))
+    assert not cache.k[1][0].any() and not cache.k[1][3:].any() and not cache.v[0].any()
+    with pytest.raises(ValueError, match="outside a batch of 5"):
+        cache.rows(4, 6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("window", [None, 5])
 @torch.inference_mode()

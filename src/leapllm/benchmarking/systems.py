@@ -313,8 +313,12 @@ class LeapllmSystem(TorchSystem):
             tokens = torch.tensor(batch_ids, device=self.torch_device)
             rows, length = tokens.shape
             cache = self.model.new_kv_cache(rows, length + n, self.llm.engine_config.kv_cache_dtype)
-            logits = self.model(tokens, 0, cache, last_only=True)
-            nxt = logits[:, -1].argmax(-1)
+            # The prompts (not timed) a few rows at a time, at most the serving engine's tokens per
+            # step, as llama.cpp prefills one sequence per call: 32 rows in one pass would hold
+            # activations for 4,096 tokens.
+            group = max(1, self.llm.engine_config.max_num_batched_tokens // length)
+            nxt = torch.cat([self.model(tokens[lo:lo + group], 0, cache.rows(lo, min(lo + group, rows)),
+                                        last_only=True)[:, -1].argmax(-1) for lo in range(0, rows, group)])
             steps = [nxt.tolist()]
             start = self.now()
             for pos in range(length, length + n - 1):

@@ -91,5 +91,16 @@ class KVCache:
                 return out[:, :, None]
         return attention(q, k.to(q.dtype), v.to(q.dtype), params, mask, is_causal=mask is None and q.shape[2] > 1)
 
+    def rows(self, first: int, end: int) -> KVCache:
+        """The cache of batch rows first .. end - 1: views of these buffers, so what it writes lands
+        here (a caller can prefill a large batch a few rows at a time, bounding its activations)."""
+        if not 0 <= first < end <= self.k[0].shape[0]:
+            raise ValueError(f"rows {first}..{end} are outside a batch of {self.k[0].shape[0]}")
+        view = KVCache.__new__(KVCache)
+        view.k = [t[first:end] for t in self.k]
+        view.v = [t[first:end] for t in self.v]
+        view.max_seq_len = self.max_seq_len
+        return view
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
