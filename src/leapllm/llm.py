@@ -147,8 +147,9 @@ class LLM:
     def single_sequence_engine(self) -> LLMEngine:
         """The engine behind run, stream and chat: one request at a time on a contiguous cache."""
         if self._single is None:
-            self._single = LLMEngine(self.model, self.tokenizer,
-                                     single_sequence_config(self.model.config.context_length, self.speculative))
+            config = single_sequence_config(self.model.config.context_length, self.speculative,
+                                            kv_cache_dtype=self.engine_config.kv_cache_dtype)
+            self._single = LLMEngine(self.model, self.tokenizer, config)
         return self._single
 
     @property

@@ -84,3 +84,15 @@ def test_single_sequence_config_counts_blocks_for_a_whole_context():
     config = single_sequence_config(8192)
     config.validate()
     assert config.num_blocks * config.block_size >= 8192 and config.max_num_batched_tokens == 8192
+
+
+@pytest.mark.parametrize("kv_cache_dtype,stored", [("auto", "float16"), ("float32", "float32")])
+def test_the_contiguous_cache_stores_what_the_engine_config_asks(llm, kv_cache_dtype, stored):
+    """LLM.run's cache follows EngineConfig.kv_cache_dtype ("auto": float16 for a float32 model on a CPU)."""
+    import torch
+
+    config = single_sequence_config(llm.model.config.context_length, kv_cache_dtype=kv_cache_dtype)
+    engine = LLMEngine(llm.model, llm.tokenizer, config)
+    engine.add_request("r", llm.encode("Hello"), SamplingParams(max_tokens=3, temperature=0))
+    engine.step()
+    assert engine.runner.caches["r"].k[0].dtype == getattr(torch, stored)

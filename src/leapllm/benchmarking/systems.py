@@ -270,11 +270,14 @@ class LeapllmSystem(TorchSystem):
 
     def load(self) -> None:
         from leapllm import LLM
+        from leapllm.config import EngineConfig
         quantization = QUANTIZED.get(self.dtype)
         # The draft model (if any) is loaded by LLM with the model's compute dtype and never quantized
         # here: quantize_model below only sees the target.
+        # The float32 system is the quality reference: its keys and values stay float32 too.
+        engine_config = EngineConfig(kv_cache_dtype="float32") if self.dtype == "float32" else None
         self.llm = LLM(self.path, dtype="float32" if quantization else self.dtype, device=self.device,
-                       **self.speculative_args())
+                       engine_config=engine_config, **self.speculative_args())
         if quantization:
             from leapllm.compression.quantize import quantize_model
             quantize_model(self.llm.model, **quantization.args)
@@ -294,7 +297,7 @@ class LeapllmSystem(TorchSystem):
             start = self.now()
             # The cache is allocated inside the timed region: transformers builds its cache inside
             # the forward call, and generation allocates ours right before prefill too.
-            cache = self.model.new_kv_cache(1, len(ids) + 1)
+            cache = self.model.new_kv_cache(1, len(ids) + 1, self.llm.engine_config.kv_cache_dtype)
             self.model(tokens, 0, cache, last_only=True)
             return self.now() - start
 

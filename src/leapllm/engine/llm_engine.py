@@ -53,12 +53,12 @@ MAX_LOGPROBS = 20
 
 
 def single_sequence_config(context_length: int, speculative: SpeculativeConfig | None = None,
-                           block_size: int = 16) -> EngineConfig:
+                           block_size: int = 16, kv_cache_dtype: str = "auto") -> EngineConfig:
     """The engine settings of `LLM.run`: one request at a time, its whole prompt in one pass, on a
     contiguous cache (the blocks are only counted, so that a request that fits the context fits)."""
     return EngineConfig(max_num_seqs=1, max_num_batched_tokens=context_length, block_size=block_size,
                         num_blocks=-(-context_length // block_size), enable_prefix_caching=False,
-                        single_sequence=True, speculative=speculative)
+                        kv_cache_dtype=kv_cache_dtype, single_sequence=True, speculative=speculative)
 
 
 class LLMEngine:
