@@ -616,6 +616,44 @@ def test_cached_decode_attention_reads_float32_or_float16_caches_as_sdpa_over_th
         cpu_kernels().cached_decode_attention(q, k.bfloat16(), v.bfloat16(), length, 0, 0.125)
 
 
+# Shapes through full and partial register tiles (6 rows, 16 keys), query blocks, a window, a chunk
+# after cached positions, several batch rows, one token.
+PREFILL_SHAPES = {
+    "512 tokens, grouped": dict(rows=1, heads=9, kv_heads=3, n=512, start=0, hd=64, window=0),
+    "chunk after 20 cached": dict(rows=2, heads=9, kv_heads=3, n=37, start=20, hd=64, window=0),
+    "window of 13": dict(rows=3, heads=4, kv_heads=2, n=70, start=5, hd=32, window=13),
+    "5 tokens after 100": dict(rows=1, heads=14, kv_heads=2, n=5, start=100, hd=64, window=0),
+    "one token, no grouping": dict(rows=1, heads=8, kv_heads=8, n=1, start=0, hd=16, window=0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", list(PREFILL_SHAPES))
+def test_cached_prefill_attention_is_causal_sdpa_over_the_widened_cache(dtype, shape):
+    """n new tokens per row at positions start .. start + n - 1, each over the cached keys up to its
+    own (the last `window`): SDPA's answer, in the (rows, n, heads, hd) layout the output projection reads."""
+    import math
+
+    import torch.nn.functional as F
+
+    s = PREFILL_SHAPES[shape]
+    torch.manual_seed(0)
+    length = s["start"] + s["n"]
+    q = torch.randn(s["rows"], s["n"], s["heads"], s["hd"]).transpose(1, 2)  # strided, as the model's
+    k, v = (torch.randn(s["rows"], s["kv_heads"], length + 3, s["hd"]).to(dtype) for _ in range(2))
+    out = cpu_kernels().cached_prefill_attention(q, k, v, s["start"], s["window"], 1 / math.sqrt(s["hd"]))
+    assert out.shape == (s["rows"], s["n"], s["heads"], s["hd"])
+    keys, queries = torch.arange(length), torch.arange(s["start"], length)[:, None]
+    mask = keys[None] <= queries
+    if s["window"]:
+        mask &= keys[None] > queries - s["window"]
+    ref = F.scaled_dot_product_attention(q, k[:, :, :length].float(), v[:, :, :length].float(), attn_mask=mask,
+                                         enable_gqa=True)
+    torch.testing.assert_close(out.transpose(1, 2), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="outside a cache"):
+        cpu_kernels().cached_prefill_attention(q, k, v, s["start"] + 4, 0, 0.125)  # one past the cache's end
+
+
 @pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("window", [None, 3])
 def test_paged_cache_attention_on_the_kernel_equals_the_gathered_sdpa_path(monkeypatch, window, kv_dtype):

@@ -80,15 +80,19 @@ class KVCache:
         """Write k, v (batch, kv_heads, new, hd) at start_pos, then attend q (batch, heads, new, hd) over
         every cached key it sees (`mask`: model/attention.py's visible_keys) -> (batch, heads, new, hd).
 
-        One new token per row (batched decode) is read in place by the CPU kernels; otherwise the
-        cached keys and values go to PyTorch's SDPA, widened to q's dtype where stored narrower."""
+        On the CPU the kernels read the cache in place: one new token per row (batched decode) or a
+        causal chunk (a prefill); elsewhere, and for soft-capped scores, the cached keys and values go
+        to PyTorch's SDPA, widened to q's dtype where stored narrower."""
         k, v = self.update(layer, start_pos, k, v)  # (batch, kv_heads, start_pos + new, hd), as stored
-        if q.shape[2] == 1 and params.softcap is None:
-            kernels = cpu_decode_kernels(q, k)
-            if kernels is not None:
-                out = kernels.cached_decode_attention(q[:, :, 0], self.k[layer], self.v[layer], start_pos + 1,
-                                                      params.window or 0, params.softmax_scale(q.shape[-1]))
-                return out[:, :, None]
+        kernels = cpu_decode_kernels(q, k) if params.softcap is None else None
+        if kernels is not None:
+            scale, window = params.softmax_scale(q.shape[-1]), params.window or 0
+            if q.shape[2] == 1:
+                return kernels.cached_decode_attention(q[:, :, 0], self.k[layer], self.v[layer], start_pos + 1,
+                                                       window, scale)[:, :, None]
+            if q.shape[-1] % 16 == 0:
+                out = kernels.cached_prefill_attention(q, self.k[layer], self.v[layer], start_pos, window, scale)
+                return out.transpose(1, 2)  # (batch, heads, new, hd) over the (batch, new, heads, hd) buffer
         return attention(q, k.to(q.dtype), v.to(q.dtype), params, mask, is_causal=mask is None and q.shape[2] > 1)
 
     def rows(self, first: int, end: int) -> KVCache:

@@ -17,6 +17,7 @@
 //   huge_pages.h      packed weights copied onto 2 MiB pages
 //   int8_peak.h       the SIMD units' int8 multiply-add rate, the profiler's int8 ceiling
 //   attention.h       attention of one token over its positions; paged_ and cached_decode_attention
+//   prefill_attention.h  causal attention of a chunk of tokens over a contiguous cache
 //   scheduler.h       how a step's threads share each phase's work items
 //   decoder_stack.h   DecoderLayer, DecoderStack: the fused decode step, phase by phase
 // leapllm/kernels/__init__.py builds it for the CPU it runs on (-march=native).
@@ -35,6 +36,7 @@
 #include "huge_pages.h"
 #include "int8_peak.h"
 #include "packed_linear.h"
+#include "prefill_attention.h"
 
 // A hash of these sources, which the build passes in: the module tells which sources it was built from.
 #ifndef LEAPLLM_SOURCE_HASH
@@ -73,6 +75,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cached_decode_attention", &cached_decode_attention, pybind11::arg("q"), pybind11::arg("k_cache"),
         pybind11::arg("v_cache"), pybind11::arg("length"), pybind11::arg("window"), pybind11::arg("scale"),
         "attention of one new token per batch row over its contiguous cache",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("cached_prefill_attention", &cached_prefill_attention, pybind11::arg("q"), pybind11::arg("k_cache"),
+        pybind11::arg("v_cache"), pybind11::arg("start"), pybind11::arg("window"), pybind11::arg("scale"),
+        "causal attention of a chunk of new tokens per batch row over its contiguous cache",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<PackedLinear, std::shared_ptr<PackedLinear>>(m, "PackedLinear")
       .def(pybind11::init<at::Tensor, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, int64_t, bool>(),
