@@ -15,8 +15,9 @@ keys go and which slots each query attends to.
 
 A step's tokens are flattened into one row: first the sequences that add one token (decode),
 then the chunks of prompts being prefilled. Projections and the MLP then run as one GEMM over
-all tokens; attention runs once for the whole decode group (keys gathered from the pool and
-padded, with a length mask) and once per prefill chunk. Decode sequences are sorted by length
+all tokens; attention runs once per decode group (on the CPU read in place from the pool by a
+C++ kernel, elsewhere gathered and padded, with a length mask) and once per prefill chunk (the
+CPU kernel's causal chunk attention, or SDPA). Decode sequences are sorted by length
 and split into groups whose lengths are within 2x of each other, so a few long contexts do not
 make every short one pay for their padding.
 """
@@ -133,6 +134,18 @@ class PagedKVCache:
             outs.append(od.squeeze(2).transpose(0, 1))  # (heads, d, hd)
         for chunk in b.prefills:
             qc = q[:, :, chunk.start:chunk.end]  # (1, heads, n, hd)
+            if kernels is not None and q.shape[-1] % 16 == 0:
+                # The CPU kernel's causal chunk attention, over the keys as the pool stores them.
+                if chunk.slots is None:
+                    store = self.k[layer].dtype
+                    kc, vc = k[:, :, chunk.start:chunk.end].to(store), v[:, :, chunk.start:chunk.end].to(store)
+                else:
+                    kc = self.k[layer][chunk.slots].transpose(0, 1).unsqueeze(0)  # (1, kv_heads, context, hd)
+                    vc = self.v[layer][chunk.slots].transpose(0, 1).unsqueeze(0)
+                oc = kernels.cached_prefill_attention(qc, kc, vc, chunk.first, params.window or 0,
+                                                      params.softmax_scale(q.shape[-1]))  # (1, n, heads, hd)
+                outs.append(oc[0].transpose(0, 1))
+                continue
             mask = chunk.mask_for(params.window, q.device)
             if chunk.slots is None:
                 # Nothing cached before this chunk: its own keys are all it sees, as the pool holds them.
