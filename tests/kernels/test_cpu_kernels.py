@@ -616,6 +616,43 @@ def test_cached_decode_attention_reads_float32_or_float16_caches_as_sdpa_over_th
         cpu_kernels().cached_decode_attention(q, k.bfloat16(), v.bfloat16(), length, 0, 0.125)
 
 
+@torch.inference_mode()
+def test_row_ops_compute_what_the_pytorch_modules_compute():
+    """RMSNorm, SiLU(gate) * up and the rotary embedding as one kernel call over every row: PyTorch's
+    results to float32 rounding, on widths through the vector loops and their scalar tails; the rotary
+    output keeps the (batch, heads, seq, hd) shape over the projections' (batch, seq, heads, hd) memory."""
+    import torch.nn.functional as F
+
+    from leapllm.model.llama import rotate_half
+
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 5, 77), torch.randn(77)
+    torch.testing.assert_close(cpu_kernels().rms_norm_rows(x, w, 1e-5), F.rms_norm(x, (77,), w, 1e-5),
+                               rtol=1e-5, atol=1e-6)
+    gate_up = torch.randn(2, 7, 2 * 70) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_kernels().silu_and_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
+    q = torch.randn(2, 6, 9, 64).transpose(1, 2)  # (batch, heads, seq, hd) over (batch, seq, heads, hd)
+    angles = torch.randn(6, 32)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    out = cpu_kernels().rotary_rows(q, cos, sin)
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, q * cos + rotate_half(q) * sin, rtol=1e-5, atol=1e-6)
+    odd = torch.randn(1, 3, 4, 64)[..., ::2]  # a strided last dimension (hd 32)
+    torch.testing.assert_close(cpu_kernels().rotary_rows(odd, cos[:4, :32], sin[:4, :32]),
+                               odd * cos[:4, :32] + rotate_half(odd) * sin[:4, :32], rtol=1e-5, atol=1e-6)
+
+
+def test_the_modules_keep_pytorch_ops_where_a_gradient_is_wanted():
+    """Distillation trains through RMSNorm: with a gradient wanted the module runs PyTorch's ops."""
+    from leapllm.model.llama import RMSNorm
+
+    norm = RMSNorm(16, 1e-6)
+    x = torch.randn(2, 16, requires_grad=True)
+    norm(x).sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
+
+
 # Shapes through full and partial register tiles (6 rows, 16 keys), query blocks, a window, a chunk
 # after cached positions, several batch rows, one token.
 PREFILL_SHAPES = {

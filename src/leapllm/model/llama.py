@@ -18,11 +18,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leapllm.kernels import cpu_kernels
 from leapllm.model.attention import AttentionParams, attention, attention_probabilities, visible_keys
 from leapllm.model.config import ModelConfig
 from leapllm.model.fused_decode import MAX_TOKENS, FusedDecode
 from leapllm.model.kv_cache import KVCache, kv_storage_dtype
 from leapllm.model.paged_kv_cache import PagedAttentionBatch, PagedKVCache
+
+
+def row_kernels(*tensors: torch.Tensor):
+    """leapllm's CPU kernels when the per-row ops (RMSNorm, SiLU * up, rotary) can run there: float32
+    on the CPU, no gradient wanted (distillation trains through the PyTorch ops), kernels built."""
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    return cpu_kernels()
 
 
 class RMSNorm(nn.Module):
@@ -32,6 +43,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (kernels := row_kernels(x, self.weight)) is not None:
+            return kernels.rms_norm_rows(x, self.weight, self.eps)  # one call for every row
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # PyTorch's one op, the same arithmetic as below: 1 dispatch instead of 5 in a decode step.
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
@@ -136,6 +149,8 @@ class RotaryEmbedding(nn.Module):
         # q: (batch, heads, seq, head_dim), k: (batch, kv_heads, seq, head_dim); cos, sin: (seq, rotary_dim)
         rot = cos.shape[-1]
         if rot == q.shape[-1]:
+            if (kernels := row_kernels(q, k, cos, sin)) is not None:
+                return kernels.rotary_rows(q, cos, sin), kernels.rotary_rows(k, cos, sin)
             return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         q_rot, q_pass = q[..., :rot], q[..., rot:]
         k_rot, k_pass = k[..., :rot], k[..., rot:]
@@ -213,6 +228,8 @@ class SiluAndMul(nn.Module):
         self.kind = kind
 
     def forward(self, gate_up):
+        if self.kind == "silu" and (kernels := row_kernels(gate_up)) is not None:
+            return kernels.silu_and_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         if self.kind == "gelu_tanh":
             return F.gelu(gate, approximate="tanh") * up

@@ -18,6 +18,7 @@
 //   int8_peak.h       the SIMD units' int8 multiply-add rate, the profiler's int8 ceiling
 //   attention.h       attention of one token over its positions; paged_ and cached_decode_attention
 //   prefill_attention.h  causal attention of a chunk of tokens over a contiguous cache
+//   row_ops.h         RMSNorm, SiLU * up and rotary over every row, for the steps outside the fused one
 //   scheduler.h       how a step's threads share each phase's work items
 //   decoder_stack.h   DecoderLayer, DecoderStack: the fused decode step, phase by phase
 // leapllm/kernels/__init__.py builds it for the CPU it runs on (-march=native).
@@ -37,6 +38,7 @@
 #include "int8_peak.h"
 #include "packed_linear.h"
 #include "prefill_attention.h"
+#include "row_ops.h"
 
 // A hash of these sources, which the build passes in: the module tells which sources it was built from.
 #ifndef LEAPLLM_SOURCE_HASH
@@ -75,6 +77,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cached_decode_attention", &cached_decode_attention, pybind11::arg("q"), pybind11::arg("k_cache"),
         pybind11::arg("v_cache"), pybind11::arg("length"), pybind11::arg("window"), pybind11::arg("scale"),
         "attention of one new token per batch row over its contiguous cache",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rms_norm_rows", &rms_norm_rows, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("eps"),
+        "RMSNorm of every row", pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("silu_and_mul", &silu_and_mul, pybind11::arg("gate_up"), "SiLU(gate) * up of every row",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rotary_rows", &rotary_rows, pybind11::arg("x"), pybind11::arg("cos"), pybind11::arg("sin"),
+        "rotate-half rotary embedding of every head of every token",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("cached_prefill_attention", &cached_prefill_attention, pybind11::arg("q"), pybind11::arg("k_cache"),
         pybind11::arg("v_cache"), pybind11::arg("start"), pybind11::arg("window"), pybind11::arg("scale"),
