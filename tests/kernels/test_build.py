@@ -98,3 +98,15 @@ def test_the_build_is_named_by_its_sources_and_flags_so_installs_never_share_a_f
     (copy / "attention.h").write_text((copy / "attention.h").read_text() + "\n")
     monkeypatch.setattr(kernels, "SOURCE_DIR", copy)
     assert kernels.build_name(flags) != name
+
+
+def test_a_failed_build_is_not_tried_again_in_the_same_process(build, monkeypatch):
+    calls = []
+
+    def failing_build():
+        calls.append(1)
+        raise RuntimeError("Error building extension: boom")
+
+    monkeypatch.setattr(kernels, "_build", failing_build)
+    assert kernels.cpu_kernels() is None and kernels.cpu_kernels() is None
+    assert len(calls) == 1 and kernels.why_unavailable() == "RuntimeError: Error building extension: boom"

@@ -88,6 +88,8 @@ def cpu_kernels():
     """The compiled kernels module, or None if disabled or not buildable here."""
     if disabled():
         return None
+    if _failure:  # one failed build a process: the layers ask for the kernels at every step
+        return None
     try:
         return _build()
     except Exception as e:  # no compiler, no ninja, a build error: PyTorch's kernels still work
