@@ -160,14 +160,14 @@ void attend_group(const float* q, int64_t group, int64_t hd, int64_t len, KeyRow
   }
 }
 
-// Calls body with a null pointer of the C++ type of a float32 or float16 tensor of keys or values.
+// Calls body(keys, values) with the data of two float32 or two float16 tensors, typed.
 template <class Body>
-void with_row_type(const at::Tensor& t, const char* what, Body body) {
-  if (t.scalar_type() == at::kFloat) {
-    body(static_cast<const float*>(nullptr));
+void with_rows(const at::Tensor& k, const at::Tensor& v, const char* what, Body body) {
+  if (k.scalar_type() == at::kFloat) {
+    body(k.data_ptr<float>(), v.data_ptr<float>());
   } else {
-    TORCH_CHECK(t.scalar_type() == at::kHalf, what, " must be float32 or float16");
-    body(static_cast<const c10::Half*>(nullptr));
+    TORCH_CHECK(k.scalar_type() == at::kHalf, what, " must be float32 or float16");
+    body(static_cast<const c10::Half*>(k.data_ptr()), static_cast<const c10::Half*>(v.data_ptr()));
   }
 }
 
@@ -203,9 +203,7 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_pool, at::Tensor v_
   auto out = at::empty_like(q);
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  with_row_type(k_pool, "the pools", [&](auto* type) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(type)>>;
-    const T *kp = static_cast<const T*>(k_pool.data_ptr()), *vp = static_cast<const T*>(v_pool.data_ptr());
+  with_rows(k_pool, v_pool, "the pools", [&](const auto* kp, const auto* vp) {
     at::parallel_for(0, d * kv_heads, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> scores(group * max_len);
       for (int64_t item = i0; item < i1; ++item) {
@@ -245,14 +243,12 @@ at::Tensor cached_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor 
   auto out = at::empty_like(q);
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  with_row_type(k_cache, "the caches", [&](auto* type) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(type)>>;
-    const T *kp = static_cast<const T*>(k_cache.data_ptr()), *vp = static_cast<const T*>(v_cache.data_ptr());
+  with_rows(k_cache, v_cache, "the caches", [&](const auto* kp, const auto* vp) {
     at::parallel_for(0, d * kv_heads, 1, [&](int64_t i0, int64_t i1) {
       std::vector<float> scores(group * len);
       for (int64_t item = i0; item < i1; ++item) {
-        const T* kg = kp + (item * max_seq + first) * hd;  // item = b * kv_heads + g: its rows in the cache
-        const T* vg = vp + (item * max_seq + first) * hd;
+        const auto* kg = kp + (item * max_seq + first) * hd;  // item = b * kv_heads + g: its rows in the cache
+        const auto* vg = vp + (item * max_seq + first) * hd;
         const int64_t b = item / kv_heads, g = item % kv_heads;
         auto key = [&](int64_t t) { return kg + t * hd; };
         auto value = [&](int64_t t) { return vg + t * hd; };

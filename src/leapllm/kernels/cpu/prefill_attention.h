@@ -88,9 +88,7 @@ at::Tensor cached_prefill_attention(at::Tensor q, at::Tensor k_cache, at::Tensor
   // Keys transposed in panels of 16 (kt[b][g][panel][hd][16]; past the last key, zeros) and values
   // (vf[b][g][key][hd]), both float32.
   std::vector<float> kt(d * kv_heads * padded * hd), vf(d * kv_heads * padded * hd, 0.f);
-  with_row_type(k_cache, "the caches", [&](auto* type) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(type)>>;
-    const T *kp = static_cast<const T*>(k_cache.data_ptr()), *vp = static_cast<const T*>(v_cache.data_ptr());
+  with_rows(k_cache, v_cache, "the caches", [&](const auto* kp, const auto* vp) {
     const int64_t panels = padded / PANEL;
     at::parallel_for(0, d * kv_heads * panels, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t item = i0; item < i1; ++item) {
@@ -103,8 +101,8 @@ at::Tensor cached_prefill_attention(at::Tensor q, at::Tensor k_cache, at::Tensor
             for (int64_t i = 0; i < hd; ++i) panel[i * PANEL + j] = 0.f;
             continue;
           }
-          const T* k_row = kp + (head * max_seq + key) * hd;
-          const T* v_src = vp + (head * max_seq + key) * hd;
+          const auto* k_row = kp + (head * max_seq + key) * hd;
+          const auto* v_src = vp + (head * max_seq + key) * hd;
           for (int64_t i = 0; i < hd; ++i) {
             panel[i * PANEL + j] = widen(k_row[i]);
             v_row[i] = widen(v_src[i]);
