@@ -288,7 +288,7 @@ class TensorParallelModel(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_seq_len: int, kv_cache_dtype: str = "auto") -> KVCache:
         c = self.config
-        dtype = kv_storage_dtype("auto" if kv_cache_dtype == "int8" else kv_cache_dtype, self.dtype, self.device)
+        dtype = kv_storage_dtype(kv_cache_dtype, self.dtype, self.device)
         return KVCache(c.num_layers, batch_size, self.num_cached_kv_heads, max_seq_len, c.head_dim, dtype,
                        self.device)
 

@@ -36,23 +36,23 @@ def lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
 
 
 def kv_storage_dtype(kv_cache_dtype: str, compute: torch.dtype, device: torch.device | str) -> torch.dtype:
-    """The dtype a float KV cache stores its values in, for one of config.KV_DTYPES ("int8" is the paged
-    pool's own format: here it names the float dtype its scales dequantize to, the compute dtype)."""
+    """The dtype a float KV cache stores its values in, for one of config.KV_DTYPES. "int8" is the paged
+    pool's own format: a float cache (a contiguous one) asked for it stores what "auto" stores."""
     if kv_cache_dtype not in KV_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_cache_dtype!r}")
     if kv_cache_dtype == "float16":
         return torch.float16
     if kv_cache_dtype == "float32":
         return torch.float32
-    if kv_cache_dtype == "auto" and compute == torch.float32 and torch.device(device).type == "cpu":
+    if compute == torch.float32 and torch.device(device).type == "cpu":
         return torch.float16
     return compute
 
 
-def cpu_decode_kernels(q: torch.Tensor, keys: torch.Tensor):
-    """leapllm's CPU kernels when one-token attention can read these keys in place (float32 queries,
+def cpu_attention_kernels(query_dtype: torch.dtype, key_dtype: torch.dtype, device: torch.device):
+    """leapllm's CPU kernels when attention can read keys of key_dtype in place (float32 queries,
     float32 or float16 keys, on the CPU, kernels built), else None."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or keys.dtype not in (torch.float32, torch.float16):
+    if device.type != "cpu" or query_dtype != torch.float32 or key_dtype not in (torch.float32, torch.float16):
         return None
     from leapllm.kernels import cpu_kernels
     return cpu_kernels()
@@ -84,7 +84,7 @@ class KVCache:
         causal chunk (a prefill); elsewhere, and for soft-capped scores, the cached keys and values go
         to PyTorch's SDPA, widened to q's dtype where stored narrower."""
         k, v = self.update(layer, start_pos, k, v)  # (batch, kv_heads, start_pos + new, hd), as stored
-        kernels = cpu_decode_kernels(q, k) if params.softcap is None else None
+        kernels = cpu_attention_kernels(q.dtype, k.dtype, q.device) if params.softcap is None else None
         if kernels is not None:
             scale, window = params.softmax_scale(q.shape[-1]), params.window or 0
             if q.shape[2] == 1:

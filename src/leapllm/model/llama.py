@@ -370,7 +370,7 @@ class Transformer(nn.Module):
         """A contiguous cache for batch_size rows of max_seq_len positions, stored as kv_cache_dtype says
         (config.KV_DTYPES; "int8" is the paged pool's format, and a contiguous cache keeps floats)."""
         c = self.config
-        dtype = kv_storage_dtype("auto" if kv_cache_dtype == "int8" else kv_cache_dtype, self.dtype, self.device)
+        dtype = kv_storage_dtype(kv_cache_dtype, self.dtype, self.device)
         return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_seq_len, c.head_dim, dtype, self.device)
 
     def init_rotary(self) -> None:

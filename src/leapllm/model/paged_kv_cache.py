@@ -30,7 +30,7 @@ import torch
 
 from leapllm.config import KV_DTYPES
 from leapllm.model.attention import AttentionParams, attention, visible_keys
-from leapllm.model.kv_cache import cpu_decode_kernels, kv_storage_dtype, lazily_zeroed
+from leapllm.model.kv_cache import cpu_attention_kernels, kv_storage_dtype, lazily_zeroed
 
 
 class PagedKVCache:
@@ -105,7 +105,7 @@ class PagedKVCache:
         each layer and step, which took more time than the attention itself at 16 sequences."""
         if self.quantized:
             return None
-        return cpu_decode_kernels(torch.empty(0, dtype=self.dtype, device=self.k[0].device), self.k[0])
+        return cpu_attention_kernels(self.dtype, self.k[0].dtype, self.k[0].device)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams,
                b: PagedAttentionBatch) -> torch.Tensor:
@@ -134,19 +134,6 @@ class PagedKVCache:
             outs.append(od.squeeze(2).transpose(0, 1))  # (heads, d, hd)
         for chunk in b.prefills:
             qc = q[:, :, chunk.start:chunk.end]  # (1, heads, n, hd)
-            if kernels is not None and q.shape[-1] % 16 == 0:
-                # The CPU kernel's causal chunk attention, over the keys as the pool stores them.
-                if chunk.slots is None:
-                    store = self.k[layer].dtype
-                    kc, vc = k[:, :, chunk.start:chunk.end].to(store), v[:, :, chunk.start:chunk.end].to(store)
-                else:
-                    kc = self.k[layer][chunk.slots].transpose(0, 1).unsqueeze(0)  # (1, kv_heads, context, hd)
-                    vc = self.v[layer][chunk.slots].transpose(0, 1).unsqueeze(0)
-                oc = kernels.cached_prefill_attention(qc, kc, vc, chunk.first, params.window or 0,
-                                                      params.softmax_scale(q.shape[-1]))  # (1, n, heads, hd)
-                outs.append(oc[0].transpose(0, 1))
-                continue
-            mask = chunk.mask_for(params.window, q.device)
             if chunk.slots is None:
                 # Nothing cached before this chunk: its own keys are all it sees, as the pool holds them.
                 kc, vc = k[:, :, chunk.start:chunk.end], v[:, :, chunk.start:chunk.end]
@@ -155,6 +142,12 @@ class PagedKVCache:
             else:
                 kc, vc = self.gather(layer, chunk.slots)  # (context, kv_heads, hd)
                 kc, vc = kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0)  # (1, kv_heads, context, hd)
+            if kernels is not None and q.shape[-1] % 16 == 0:  # the CPU kernel's causal chunk attention
+                oc = kernels.cached_prefill_attention(qc, kc, vc, chunk.first, params.window or 0,
+                                                      params.softmax_scale(q.shape[-1]))  # (1, n, heads, hd)
+                outs.append(oc[0].transpose(0, 1))
+                continue
+            mask = chunk.mask_for(params.window, q.device)
             oc = attention(qc, kc, vc, params, mask, is_causal=mask is None and chunk.end - chunk.start > 1)
             outs.append(oc[0])
         return torch.cat(outs, dim=1).unsqueeze(0) if len(outs) > 1 else outs[0].unsqueeze(0)
