@@ -27,6 +27,7 @@ from leapllm.model.quantized.int4 import (
     quantize_int4_groupwise,
 )
 from leapllm.model.quantized.int8 import Int8Linear, quantize_per_channel_int8
+from leapllm.model.quantized.super_block import SuperBlockLinear
 
 pytestmark = pytest.mark.usefixtures("built_kernels")  # skips, or fails if a compiler is there (conftest.py)
 
@@ -546,8 +547,14 @@ def test_tensors_copied_into_huge_pages_keep_their_values_and_outlive_the_origin
 @torch.inference_mode()
 def test_layers_moved_to_huge_pages_compute_what_they_computed_before():
     torch.manual_seed(0)
-    layers = [Int4Linear.from_linear(torch.nn.Linear(64, 48), 32), Int8Linear.from_linear(torch.nn.Linear(96, 32))]
-    inputs = [torch.randn(3, 64), torch.randn(3, 96)]
+    g = torch.Generator().manual_seed(0)
+    super_blocks = SuperBlockLinear(torch.randint(0, 64, (32, 256), generator=g, dtype=torch.uint8),
+                                    torch.randint(-128, 128, (32, 16), generator=g, dtype=torch.int8), None,
+                                    torch.rand(32, 1, generator=g) * 1e-3, torch.rand(32, 1, generator=g) * -0.03,
+                                    high_bits=2, group=16)
+    layers = [Int4Linear.from_linear(torch.nn.Linear(64, 48), 32), Int8Linear.from_linear(torch.nn.Linear(96, 32)),
+              super_blocks]
+    inputs = [torch.randn(3, 64), torch.randn(3, 96), torch.randn(3, 256)]
     before = [layer(x) for layer, x in zip(layers, inputs)]
     old = [(layer.packed_linear, layer.packed_weight.data_ptr()) for layer in layers]
     move_to_huge_pages(layers)

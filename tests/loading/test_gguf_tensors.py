@@ -13,6 +13,7 @@ from torch import nn
 
 from leapllm.errors import ModelLoadError
 from leapllm.kernels import cpu_kernels
+from leapllm.kernels.packing import PACKED_BUFFERS
 from leapllm.loading.gguf_loader import load_gguf
 from leapllm.loading.gguf_tensors import GGUFTensor, unpermute_qk
 from leapllm.loading.loader import load_model
@@ -23,6 +24,7 @@ from leapllm.model.quantized.embedding import (
 )
 from leapllm.model.quantized.int4 import Int4Linear
 from leapllm.model.quantized.int8 import Int8Linear
+from leapllm.model.quantized.super_block import SuperBlockLinear
 from tests.tiny_models import TINY_VOCAB, tiny_hf_state, write_tiny_gguf
 
 needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="leapllm CPU kernels unavailable here")
@@ -52,8 +54,11 @@ def reference(t: GGUFTensor) -> torch.Tensor:
 
 
 def packed_module(t: GGUFTensor) -> nn.Module:
+    if t.kernel_format == "super-blocks":
+        p = t.super_block_parts()
+        return SuperBlockLinear(p.values, p.sub_scales, p.sub_mins, p.super_scales, p.super_mins, p.high_bits, p.group)
     if t.kernel_format == "int4":
-        return Int4Linear(*t.int4_parts(), None, float32_scales=not t.float16_scales)
+        return Int4Linear(*t.int4_parts(), None)
     if t.kernel_format == "int8-16":
         u, scale, minimum = t.sub_block_parts()
         return Int8Linear(u, scale, minimum=minimum)
@@ -95,17 +100,21 @@ def random_blocks(qtype: Q, rows: int, k: int, seed: int = 0) -> np.ndarray:
 K_QUANTS = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
 
+# Bits a weight each K-quant runs at (its file's in comments): values, int8 sub-block factors, float32 super-block ones.
+SUPER_BLOCK_BITS = {Q.Q2_K: 5.25, Q.Q3_K: 4.75, Q.Q4_K: 4.75, Q.Q5_K: 5.75, Q.Q6_K: 6.75}  # 2.63 3.44 4.5 5.5 6.56
+
+
 @needs_kernels
 @pytest.mark.parametrize("qtype", K_QUANTS)
 @pytest.mark.parametrize("unpermute_heads", [None, 2])
-def test_k_quants_repack_bit_for_bit_q4_k_as_int4_the_others_as_int8_sub_blocks(qtype, unpermute_heads):
+def test_k_quants_run_as_super_blocks_near_the_file_size_bit_for_bit(qtype, unpermute_heads):
     t = GGUFTensor("synthetic", qtype, (48, 512), random_blocks(qtype, 48, 512, seed=int(qtype)), "synthetic.gguf",
                    unpermute_heads)
     module = packed_module(t)
-    if qtype == Q.Q4_K:  # sub-blocks of 32: int4, with float32 scales (float16 cannot hold d x sub-scale)
-        assert t.kernel_format == "int4" and isinstance(module, Int4Linear) and module.packed_linear.float_scales
-    else:
-        assert t.kernel_format == "int8-16" and module.packed_linear.sub_blocks
+    assert t.kernel_format == "super-blocks" and module.packed_linear.super_blocks
+    assert module.bytes_per_weight * 8 == SUPER_BLOCK_BITS[qtype]
+    packed_bytes = sum(b.nbytes for n, b in module.named_buffers() if n.startswith("packed_"))
+    assert packed_bytes * 8 == SUPER_BLOCK_BITS[qtype] * 48 * 512
     expected = reference(t)
     assert torch.equal(module.packed_linear.dequantize(torch.float32), expected)
     assert torch.equal(module.packed_linear.dequantize_rows(torch.tensor([5, 47])), expected[[5, 47]])
@@ -115,14 +124,47 @@ def test_k_quants_repack_bit_for_bit_q4_k_as_int4_the_others_as_int8_sub_blocks(
 
 
 @needs_kernels
-def test_a_q4_k_m_layers_q4_k_and_q6_k_parts_fuse_into_one_exact_projection():
+@pytest.mark.parametrize("qtype", K_QUANTS)
+def test_super_blocks_give_the_bits_of_the_expanded_forms_they_stand_for(qtype):
+    """A super-block tile is expanded to int8 sub-blocks (Q4_K: int4 with float32 scales) and run on
+    their tiles, so a layer's outputs are those forms' outputs, bit for bit, at every row count."""
+    from leapllm.kernels.packing import pack_int4, packed_linear
+
+    t = GGUFTensor("synthetic", qtype, (48, 512), random_blocks(qtype, 48, 512, seed=5), "synthetic.gguf")
+    module = packed_module(t)
+    u, scale, minimum = t.sub_block_parts()
+    if qtype == Q.Q4_K:
+        expanded = packed_linear(*pack_int4(u, scale[:, ::2], minimum[:, ::2], torch.float32), None, bits=4)
+    else:
+        expanded = Int8Linear(u, scale, minimum=minimum).packed_linear
+    for rows in (1, 3, 8, 11):
+        x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+        assert torch.equal(module.packed_linear.forward(x), expanded.forward(x))
+
+
+@needs_kernels
+def test_a_q4_k_m_layers_q4_k_and_q6_k_parts_fuse_into_one_exact_super_block_projection():
     from leapllm.loading.weights import _quantized_projection, projection_format
 
     parts = [GGUFTensor(name, qtype, (64, 256), random_blocks(qtype, 64, 256, seed=i), "synthetic.gguf")
              for i, (name, qtype) in enumerate([("q", Q.Q4_K), ("k", Q.Q4_K), ("v", Q.Q6_K)])]
+    assert projection_format(parts) == "super-blocks"
+    module = _quantized_projection(parts, "super-blocks", None, torch.device("cpu"))
+    assert isinstance(module, SuperBlockLinear)
+    # Q6_K's two high bits and sub-blocks of 16 for all, Q4_K's minimums kept (Q6_K's are its scales)
+    assert (module.high_bits, module.group, module.packed_mins is not None) == (2, 16, True)
+    assert torch.equal(module.packed_linear.dequantize(torch.float32), torch.cat([reference(t) for t in parts]))
+
+
+@needs_kernels
+def test_a_k_quant_fused_with_another_type_runs_as_one_exact_int8_sub_block_projection():
+    from leapllm.loading.weights import _quantized_projection, projection_format
+
+    parts = [GGUFTensor("gate", Q.Q4_K, (32, 256), random_blocks(Q.Q4_K, 32, 256, seed=1), "synthetic.gguf"),
+             gguf_tensor(weights_with_outliers(32, 256, seed=2), Q.Q8_0)]
     assert projection_format(parts) == "int8-16"
     module = _quantized_projection(parts, "int8-16", None, torch.device("cpu"))
-    assert isinstance(module, Int8Linear)
+    assert isinstance(module, Int8Linear) and module.packed_linear.sub_blocks
     assert torch.equal(module.packed_linear.dequantize(torch.float32), torch.cat([reference(t) for t in parts]))
 
 
@@ -265,7 +307,7 @@ def test_the_default_model_keeps_its_q4_1_weights_and_q8_0_table_once(default_gg
 
 
 @needs_kernels
-@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.Q8_0, Q.Q5_0, Q.Q6_K])
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.Q8_0, Q.Q5_0, Q.Q6_K, Q.Q5_K])
 def test_a_big_tensor_packed_a_slice_of_rows_at_a_time_is_the_tensor_packed_whole(qtype, monkeypatch):
     """An output head of 150k rows is decoded and packed in slices (bounding the load's peak memory):
     the packed buffers and the layer's outputs are those of packing it whole."""
@@ -279,8 +321,8 @@ def test_a_big_tensor_packed_a_slice_of_rows_at_a_time_is_the_tensor_packed_whol
     monkeypatch.setattr(weights, "PACK_ROWS_AT_ONCE", 32)  # 3 slices of 2 tiles
     sliced = weights._quantized_projection([t], t.kernel_format, None, torch.device("cpu"))
     assert type(sliced) is type(whole)
-    for name in ("packed_weight", "packed_scales", "packed_mins"):
-        a, b = getattr(whole, name), getattr(sliced, name)
+    for name in PACKED_BUFFERS:
+        a, b = getattr(whole, name, None), getattr(sliced, name, None)
         assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b))
     x = torch.randn(3, k)
     assert torch.equal(sliced(x), whole(x))

@@ -190,6 +190,7 @@ class TorchSystem(System):
 
     def import_libraries(self) -> None:
         import torch
+
         # The first model built on torch's meta device imports torch's compiler stack (~70 MiB):
         # import it now, so it is not billed to one system's memory.
         import torch._dynamo  # noqa: F401
@@ -234,12 +235,11 @@ def weight_mib(model) -> float:
 def quantized_kernels(model) -> str:
     """Which kernels run the model's quantized layers: "leapllm VNNI kernels", "leapllm AVX2 kernels",
     "leapllm portable kernels" or "PyTorch kernels" (with layer counts when they differ from layer to layer)."""
-    from leapllm.model.quantized.int4 import Int4Linear
-    from leapllm.model.quantized.int8 import Int8Linear
+    from leapllm.model.quantized.layers import QUANTIZED_LAYERS
 
     counts: dict[str, int] = {}
     for m in model.modules():
-        if isinstance(m, (Int4Linear, Int8Linear)):
+        if isinstance(m, QUANTIZED_LAYERS):
             packed = m.packed_linear
             kind = "PyTorch kernels" if packed is None else f"leapllm {packed.kernel} kernels"
             counts[kind] = counts.get(kind, 0) + 1

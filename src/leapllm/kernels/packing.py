@@ -96,6 +96,26 @@ def pack_int8_sub_blocks(values: torch.Tensor, scale: torch.Tensor, minimum: tor
             per_row_blocks(scale.float()).contiguous(), per_row_blocks(minimum.float()).contiguous())
 
 
+def pack_super_blocks(values: torch.Tensor, high_bits: int, *factors: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
+    """K-quant values u (N, K) uint8 below 2 ** (4 + high_bits) and their per-row factors (sub-block
+    scales and minimums, super-block scales and minimums: (N, columns) each, or None) -> (low nibbles
+    (N, K/2) in the int4 layout, high bits (N, K * high_bits / 8) or None, the factors as (tile,
+    column, row)): the layout of cpu/super_blocks.h."""
+    n, k = values.shape
+    quads = tile_quads(values.to(torch.uint8))  # (tiles, blocks, 8, 64)
+    low = quads & 15
+    weight = (low[:, :, :4] | (low[:, :, 4:] << 4)).reshape(n, k // 2).contiguous()
+    top = quads >> 4
+    high = None
+    if high_bits == 1:  # bit c of byte i: quad c's fifth bit
+        high = sum(top[:, :, c] << c for c in range(8)).reshape(n, k // 8).contiguous()
+    elif high_bits == 2:  # vector p, bits 2j, 2j + 1 of byte i: quad 4p + j's two high bits
+        high = torch.stack([sum(top[:, :, 4 * p + j] << (2 * j) for j in range(4)) for p in range(2)], dim=2)
+        high = high.reshape(n, k // 4).contiguous()
+    return weight, high, [None if f is None else per_row_blocks(f).contiguous() for f in factors]
+
+
 def kernels_can_run(in_features: int, out_features: int, device: torch.device | str) -> bool:
     """Whether a linear layer of this shape on this device can use the packed kernels."""
     return (torch.device(device).type == "cpu" and in_features % BLOCK == 0 and out_features % TILE == 0
@@ -108,7 +128,15 @@ def packed_linear(weight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
     return cpu_kernels().PackedLinear(weight, scales, mins, None if bias is None else bias.float(), bits, simd)
 
 
-PACKED_BUFFERS = ("packed_weight", "packed_scales", "packed_mins")
+PACKED_BUFFERS = ("packed_weight", "packed_high", "packed_scales", "packed_mins", "packed_super_scales",
+                  "packed_super_mins")
+
+
+def super_block_linear(layer, simd: bool = True):
+    """The C++ PackedLinear over a SuperBlockLinear's packed buffers (which it keeps references to)."""
+    return cpu_kernels().PackedLinear.from_super_blocks(
+        layer.packed_weight, layer.packed_high, layer.packed_scales, layer.packed_mins, layer.packed_super_scales,
+        layer.packed_super_mins, layer.bias, layer.high_bits, layer.group, simd)
 
 
 def attach_packed(layer, weight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
@@ -123,7 +151,7 @@ def attach_packed(layer, weight: torch.Tensor, scales: torch.Tensor, mins: torch
 
 
 def move_to_huge_pages(layers: list) -> None:
-    """Move the packed weights of these layers (Int4Linear / Int8Linear modules running on the packed
+    """Move the packed weights of these layers (Int4Linear / Int8Linear / SuperBlockLinear modules on the packed
     kernels) into one block of memory on 2 MiB pages, in the order given, and rebuild their PackedLinear.
 
     A batch-1 decode step streams every weight once; on 4 KiB pages each stream needs a page walk
@@ -142,8 +170,8 @@ def move_to_huge_pages(layers: list) -> None:
             moved += getattr(layer, n).nbytes
         old = layer.packed_linear
         mins = getattr(layer, "packed_mins", None)
-        layer.packed_linear = packed_linear(layer.packed_weight, layer.packed_scales, mins, layer.bias, bits=old.bits,
-                                            simd=old.simd)
+        layer.packed_linear = super_block_linear(layer, old.simd) if old.super_blocks else packed_linear(
+            layer.packed_weight, layer.packed_scales, mins, layer.bias, bits=old.bits, simd=old.simd)
         del old
         if moved >= RELEASE_EVERY_BYTES:
             release_freed_heap(collect=False)  # (reference counting freed them; no cycles to look for)

@@ -8,13 +8,14 @@ float16 minimum for Q4_1): exactly the blocks of leapllm's packed int4 / int8 la
     Q8_0  w = d * q               q in [-127, 127]  -> int8 with a scale per block
     Q5_0  w = d * (q - 16)        q in [0, 31]      -> int8 with a scale per block (q - 16 as the int8)
 The K-quants (Q2_K .. Q6_K) store super-blocks of 256 with 4- to 8-bit sub-block scales (and
-minimums) under a float16 super-scale: each sub-block's d = super-scale * sub-scale is exact in
-float32. Q4_K (sub-blocks of 32) becomes int4 with float32 scales and minimums (6 bits per weight,
-its file 4.5); the others become int8 values with a float32 scale and minimum per 16 features
-("int8-16", 12 bits per weight), w = d * u + m, as does Q5_1 (5-bit values with a minimum).
-Both dequantize to the gguf package's values bit for bit: exact, 2.7x to 5x smaller than float32,
-not yet the file's size. Every type above can take the int8-16 form, so a fused projection whose
-parts differ (a Q4_K_M layer's Q4_K q/k and Q6_K v) runs as one int8-16 layer.
+minimums) under a float16 super-scale: each sub-block's factor, super-scale * sub-scale, is exact in
+float32. They run in their own integers (SuperBlockParts, kernels/cpu/super_blocks.h): values as
+low nibbles plus 0-2 high bits, int8 sub-block scales and minimums, float32 super-block factors;
+Q4_K 4.75 bits a weight (its file 4.5), Q5_K 5.75 (5.5), Q6_K 6.75 (6.56), Q3_K 4.75 (3.44), Q2_K
+5.25 (2.63). Q5_1 (5-bit values with a minimum) becomes int8 values with a float32 scale and minimum
+per 16 features ("int8-16", 12 bits a weight). Every form dequantizes to the gguf package's values
+bit for bit. Every type with a kernel can take the int8-16 form, so a fused projection whose parts
+mix a K-quant with another type runs as one int8-16 layer (K-quants alone join as super-blocks).
 Every other type (F16, BF16, IQ*, ...) has no kernel yet: it is dequantized by the
 `gguf` package (llama.cpp's own reference code) to float32 when the model is built, one tensor at a
 time, and `leapllm info` says so.
@@ -40,15 +41,16 @@ KERNEL_FORMATS = {
     GGMLQuantizationType.Q8_0: "int8",
     GGMLQuantizationType.Q5_0: "int8",
     GGMLQuantizationType.Q5_1: "int8-16",
-    GGMLQuantizationType.Q2_K: "int8-16",
-    GGMLQuantizationType.Q3_K: "int8-16",
-    GGMLQuantizationType.Q4_K: "int4",
-    GGMLQuantizationType.Q5_K: "int8-16",
-    GGMLQuantizationType.Q6_K: "int8-16",
+    GGMLQuantizationType.Q2_K: "super-blocks",
+    GGMLQuantizationType.Q3_K: "super-blocks",
+    GGMLQuantizationType.Q4_K: "super-blocks",
+    GGMLQuantizationType.Q5_K: "super-blocks",
+    GGMLQuantizationType.Q6_K: "super-blocks",
 }
 # What `leapllm info` says runs each format.
 KERNEL_DESCRIPTIONS = {"int4": "leapllm int4 kernels", "int8": "leapllm int8 kernels",
-                       "int8-16": "leapllm int8 kernels, a scale and minimum per 16 weights"}
+                       "int8-16": "leapllm int8 kernels, a scale and minimum per 16 weights",
+                       "super-blocks": "leapllm super-block kernels, the file's layout"}
 BLOCK = 32
 
 
@@ -134,20 +136,9 @@ class GGUFTensor:
         block, block_bytes = GGML_QUANT_SIZES[self.ggml_type]
         return np.asarray(self._rows()).reshape(n, k // block, block_bytes)
 
-    @property
-    def float16_scales(self) -> bool:
-        """Whether the int4 form's scales and minimums fit float16 exactly (not Q4_K's products)."""
-        return self.ggml_type != GGMLQuantizationType.Q4_K
-
     def int4_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Q4_0 / Q4_1 / Q4_K -> (q (N, K) uint8 in [0, 15], scale (N, K/32), minimum (N, K/32))
-        with w = q * scale + minimum, float32 (holding float16 values exactly but for Q4_K)."""
-        if self.ggml_type == GGMLQuantizationType.Q4_K:
-            n, k = self.shape
-            u, scale, minimum = _k_quant_parts(self.ggml_type, self._blocks())
-            return (torch.from_numpy(np.ascontiguousarray(u).reshape(n, k)),
-                    torch.from_numpy(np.ascontiguousarray(scale[..., ::2]).reshape(n, k // BLOCK)),
-                    torch.from_numpy(np.ascontiguousarray(minimum[..., ::2]).reshape(n, k // BLOCK)))
+        """Q4_0 / Q4_1 -> (q (N, K) uint8 in [0, 15], scale (N, K/32), minimum (N, K/32))
+        with w = q * scale + minimum, float32 holding float16 values exactly."""
         if self.ggml_type == GGMLQuantizationType.Q4_1:
             blocks = self._blocks()
             scale, minimum, qs = _float16_field(blocks, 0), _float16_field(blocks, 2), blocks[..., 4:]
@@ -179,7 +170,7 @@ class GGUFTensor:
         multiply-add, as the gguf package's d * (q - offset))."""
         n, k = self.shape
         t = self.ggml_type
-        if t in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):  # (Q4_K: below, per 16 already)
+        if t in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
             q, scale, minimum = self.int4_parts()
             return q, scale.repeat_interleave(2, dim=1), minimum.repeat_interleave(2, dim=1)
         if t == GGMLQuantizationType.Q8_0:
@@ -197,10 +188,13 @@ class GGUFTensor:
             u = _nibbles(blocks[..., start + 4:start + 20]).reshape(high.shape) | (high << 4)
             return (torch.from_numpy(u.reshape(n, k)), torch.from_numpy(scale).repeat_interleave(2, dim=1),
                     torch.from_numpy(minimum).repeat_interleave(2, dim=1))
-        u, scale, minimum = _k_quant_parts(t, self._blocks())
-        return (torch.from_numpy(np.ascontiguousarray(u).reshape(n, k)),
-                torch.from_numpy(np.ascontiguousarray(scale, np.float32).reshape(n, k // 16)),
-                torch.from_numpy(np.ascontiguousarray(minimum, np.float32).reshape(n, k // 16)))
+        return self.super_block_parts().sub_block_form()
+
+    def super_block_parts(self) -> SuperBlockParts:
+        """A K-quant's integers and factors, exactly as stored (SuperBlockParts)."""
+        if self.ggml_type not in SUPER_BLOCK_FORMS:
+            raise ValueError(f"{self.type_name} is not a K-quant")
+        return _super_block_parts(self.ggml_type, self._blocks())
 
 
 def _k_scales_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -212,13 +206,69 @@ def _k_scales_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-def _k_quant_parts(qtype: GGMLQuantizationType, sb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Super-blocks (rows, n, bytes) of a K-quant -> (u (rows, n, 256) uint8, d, m (rows, n, 16) float32)
-    with w = d * u + m per 16 values, computed as the gguf package computes each sub-block's factors."""
+@dataclass
+class SuperBlockParts:
+    """A K-quant tensor as its integers and factors: w = (D sc) u + (M mn) per sub-block of `group`
+    features (16 or 32) within super-blocks of 256, each product exact in float32 (kernels/cpu/super_blocks.h)."""
+
+    values: torch.Tensor  # u (N, K) uint8, below 2 ** (4 + high_bits)
+    sub_scales: torch.Tensor  # sc (N, K / group) int8
+    sub_mins: torch.Tensor | None  # mn (N, K / group) int8; None: mn = sc (a symmetric type)
+    super_scales: torch.Tensor  # D (N, K / 256) float32
+    super_mins: torch.Tensor  # M (N, K / 256) float32
+    high_bits: int  # the values' bits above 4: 0, 1 or 2
+    group: int
+
+    def regrouped(self, group: int, high_bits: int, with_mins: bool) -> SuperBlockParts:
+        """The same weights with smaller sub-blocks, more high bits or explicit minimums (to join a
+        projection's parts of different types into one layer)."""
+        repeat = self.group // group
+        sc = self.sub_scales.repeat_interleave(repeat, dim=1)
+        mn = self.sub_mins if self.sub_mins is not None else (self.sub_scales if with_mins else None)
+        mn = None if mn is None else mn.repeat_interleave(repeat, dim=1)
+        return SuperBlockParts(self.values, sc, mn, self.super_scales, self.super_mins, high_bits, group)
+
+    @staticmethod
+    def joined(parts: list[SuperBlockParts]) -> SuperBlockParts:
+        """Parts concatenated by rows, in the most general form any of them needs."""
+        group, high_bits = min(p.group for p in parts), max(p.high_bits for p in parts)
+        with_mins = any(p.sub_mins is not None for p in parts)
+        if len(parts) == 1:
+            return parts[0]
+        parts = [p.regrouped(group, high_bits, with_mins) for p in parts]
+        return SuperBlockParts(torch.cat([p.values for p in parts]), torch.cat([p.sub_scales for p in parts]),
+                               torch.cat([p.sub_mins for p in parts]) if with_mins else None,
+                               torch.cat([p.super_scales for p in parts]), torch.cat([p.super_mins for p in parts]),
+                               high_bits, group)
+
+    def sub_block_form(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(u, scale, minimum (N, K / 16) float32): the int8-16 form of the same weights."""
+        n = self.values.shape[0]
+        repeat = self.group // 16
+        per_group = 256 // self.group
+        d = self.super_scales.repeat_interleave(per_group, dim=1) * self.sub_scales.float()
+        mn = self.sub_scales if self.sub_mins is None else self.sub_mins
+        m = self.super_mins.repeat_interleave(per_group, dim=1) * mn.float()
+        return (self.values, d.repeat_interleave(repeat, dim=1).reshape(n, -1),
+                m.repeat_interleave(repeat, dim=1).reshape(n, -1))
+
+
+# Each K-quant's super-block form: (high bits, sub-block features).
+SUPER_BLOCK_FORMS = {
+    GGMLQuantizationType.Q2_K: (0, 16), GGMLQuantizationType.Q3_K: (0, 16), GGMLQuantizationType.Q4_K: (0, 32),
+    GGMLQuantizationType.Q5_K: (1, 32), GGMLQuantizationType.Q6_K: (2, 16),
+}
+
+
+def _super_block_parts(qtype: GGMLQuantizationType, sb: np.ndarray) -> SuperBlockParts:
+    """Super-blocks (rows, n, bytes) of a K-quant -> its SuperBlockParts, the factors as the gguf
+    package computes them (ggml's dequantize_row_q*_K)."""
     rows, n = sb.shape[:2]
     f16 = _float16_field
+    high_bits, group = SUPER_BLOCK_FORMS[qtype]
+    mn = None
     if qtype in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K):
-        d, dmin = f16(sb, 0)[..., None], f16(sb, 2)[..., None]
+        d, m = f16(sb, 0), -f16(sb, 2)
         sc, mn = _k_scales_mins(sb[..., 4:16])
         if qtype == GGMLQuantizationType.Q4_K:
             qs = sb[..., 16:144]
@@ -228,33 +278,36 @@ def _k_quant_parts(qtype: GGMLQuantizationType, sb: np.ndarray) -> tuple[np.ndar
             low = ((qs.reshape(rows, n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)) & 15).reshape(rows, n, 8, 32)
             high = (qh.reshape(rows, n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
             u = low | (high << 4)
-        scale = d * sc.astype(np.float32)  # (rows, n, 8) per 32
-        minimum = -(dmin * mn.astype(np.float32))
-        return u.reshape(rows, n, 256), np.repeat(scale, 2, axis=-1), np.repeat(minimum, 2, axis=-1)
-    if qtype == GGMLQuantizationType.Q6_K:
+    elif qtype == GGMLQuantizationType.Q6_K:
         ql, qh, scales = sb[..., 0:128], sb[..., 128:192], sb[..., 192:208]
-        d = f16(sb, 208)[..., None]
+        d = f16(sb, 208)
+        m = -32 * d  # w = d sc (u - 32)
         low = ((ql.reshape(rows, n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)) & 15).reshape(rows, n, 8, 32)
         high = ((qh.reshape(rows, n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3).reshape(rows, n, 8, 32)
-        scale = d * np.ascontiguousarray(scales).view(np.int8).astype(np.float32)  # (rows, n, 16)
-        return (low | (high << 4)).reshape(rows, n, 256), scale, -32 * scale  # w = d * (u - 32)
-    if qtype == GGMLQuantizationType.Q3_K:
+        u, sc = low | (high << 4), np.ascontiguousarray(scales).view(np.int8)
+    elif qtype == GGMLQuantizationType.Q3_K:
         hmask, qs, packed = sb[..., 0:32], sb[..., 32:96], sb[..., 96:108]
-        d = f16(sb, 108)[..., None]
+        d = f16(sb, 108)
+        m = -4 * d  # w = d sc (u - 4)
         low4 = (packed[..., 0:8].reshape(rows, n, 1, 8) >> np.array([0, 4], np.uint8).reshape(2, 1)).reshape(rows, n, 16)
         high2 = (packed[..., 8:12].reshape(rows, n, 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)).reshape(rows, n, 16)
         sc = ((low4 & 15) | ((high2 & 3) << 4)).astype(np.int8) - np.int8(32)
         low = (qs.reshape(rows, n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
         high = (hmask.reshape(rows, n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
-        scale = d * sc.astype(np.float32)
-        return (low.reshape(rows, n, 256) | (high.reshape(rows, n, 256) << 2)), scale, -4 * scale  # w = d * (u - 4)
-    if qtype == GGMLQuantizationType.Q2_K:
+        u = low.reshape(rows, n, 256) | (high.reshape(rows, n, 256) << 2)
+    elif qtype == GGMLQuantizationType.Q2_K:
         scales, qs = sb[..., 0:16], sb[..., 16:80]
-        d, dmin = f16(sb, 80)[..., None], f16(sb, 82)[..., None]
+        d, m = f16(sb, 80), -f16(sb, 82)
         u = (qs.reshape(rows, n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
-        return (u.reshape(rows, n, 256), d * (scales & 15).astype(np.float32),
-                -(dmin * (scales >> 4).astype(np.float32)))
-    raise ValueError(f"{qtype.name} is not a K-quant")
+        sc, mn = scales & 15, scales >> 4
+    else:
+        raise ValueError(f"{qtype.name} is not a K-quant")
+
+    def tensor(a: np.ndarray, dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype).reshape(rows, -1))
+
+    return SuperBlockParts(tensor(u, np.uint8), tensor(sc, np.int8), None if mn is None else tensor(mn, np.int8),
+                           tensor(d, np.float32), tensor(m, np.float32), high_bits, group)
 
 
 def as_float(tensor: GGUFTensor | torch.Tensor) -> torch.Tensor:

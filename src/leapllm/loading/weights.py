@@ -13,9 +13,20 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from leapllm.errors import ModelLoadError
-from leapllm.kernels.packing import kernels_can_run, pack_int4, pack_int8_blocks, pack_int8_sub_blocks
+from leapllm.kernels.packing import (
+    kernels_can_run,
+    pack_int4,
+    pack_int8_blocks,
+    pack_int8_sub_blocks,
+    pack_super_blocks,
+)
 from leapllm.loading.families import FUSED_TENSORS
-from leapllm.loading.gguf_tensors import KERNEL_DESCRIPTIONS, GGUFTensor, as_float
+from leapllm.loading.gguf_tensors import (
+    KERNEL_DESCRIPTIONS,
+    GGUFTensor,
+    SuperBlockParts,
+    as_float,
+)
 from leapllm.model.config import ModelConfig
 from leapllm.model.llama import Transformer
 from leapllm.model.quantized.embedding import (
@@ -24,6 +35,7 @@ from leapllm.model.quantized.embedding import (
 )
 from leapllm.model.quantized.int4 import Int4Linear
 from leapllm.model.quantized.int8 import Int8Linear
+from leapllm.model.quantized.super_block import SuperBlockLinear
 
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
@@ -119,7 +131,8 @@ def _release(read: list) -> None:
 
 def projection_format(parts: list) -> str | None:
     """The packed format the stored tensors `parts` run in as one layer: their kernel format when
-    they share one, int8-16 when they differ, None when one of them has no kernel format."""
+    they share one (K-quants of different types share "super-blocks"), int8-16 when they differ,
+    None when one of them has no kernel format."""
     formats = {getattr(t, "kernel_format", None) for t in parts}
     if None in formats:
         return None
@@ -128,7 +141,7 @@ def projection_format(parts: list) -> str | None:
 
 def _quantized_projection(parts: list, fmt: str, bias: torch.Tensor | None,
                           device: torch.device) -> nn.Module | None:
-    """The stored tensors `parts` (concatenated by rows) as one Int4Linear / Int8Linear in packed
+    """The stored tensors `parts` (concatenated by rows) as one Int4Linear / Int8Linear / SuperBlockLinear in packed
     format `fmt` (projection_format's) on leapllm's kernels, exactly as stored; None where the
     kernels do not run this shape here."""
     out_features, in_features = sum(t.shape[0] for t in parts), parts[0].shape[1]
@@ -143,9 +156,14 @@ def _quantized_projection(parts: list, fmt: str, bias: torch.Tensor | None,
     if len(parts) == 1 and out_features >= 2 * PACK_ROWS_AT_ONCE and isinstance(parts[0], GGUFTensor) \
             and parts[0].unpermute_heads is None:
         return _packed_by_row_slices(parts[0], fmt, bias)
+    if fmt == "super-blocks":
+        p = SuperBlockParts.joined([t.super_block_parts() for t in parts])
+        _release(parts)
+        return SuperBlockLinear(p.values, p.sub_scales, p.sub_mins, p.super_scales, p.super_mins, p.high_bits,
+                                p.group, bias)
     if fmt == "int4":
         q, scale, minimum = joined(t.int4_parts() for t in parts)
-        return Int4Linear(q, scale, minimum, bias, device, float32_scales=not all(t.float16_scales for t in parts))
+        return Int4Linear(q, scale, minimum, bias, device)
     if fmt == "int8-16":
         u, scale, minimum = joined(t.sub_block_parts() for t in parts)
         return Int8Linear(u, scale, bias, minimum=minimum)
@@ -164,10 +182,17 @@ def _packed_by_row_slices(part: GGUFTensor, fmt: str, bias: torch.Tensor | None)
     own into its rows of the packed tensors, which the kernels' layout keeps tile after tile."""
     n, k = part.shape
     packed: list[torch.Tensor | None] = []
+    form = None  # super-blocks: (high bits, group)
     for r0 in range(0, n, PACK_ROWS_AT_ONCE):
         rows = part.row_slice(r0, min(n, r0 + PACK_ROWS_AT_ONCE))
-        if fmt == "int4":
-            slice_packed = pack_int4(*rows.int4_parts(), torch.float16 if part.float16_scales else torch.float32)
+        if fmt == "super-blocks":
+            p = rows.super_block_parts()
+            form = p.high_bits, p.group
+            weight, high, factors = pack_super_blocks(p.values, p.high_bits, p.sub_scales, p.sub_mins, p.super_scales,
+                                                      p.super_mins)
+            slice_packed = (weight, high, *factors)
+        elif fmt == "int4":
+            slice_packed = pack_int4(*rows.int4_parts())
         elif fmt == "int8-16":
             slice_packed = pack_int8_sub_blocks(*rows.sub_block_parts())
         else:
@@ -178,6 +203,8 @@ def _packed_by_row_slices(part: GGUFTensor, fmt: str, bias: torch.Tensor | None)
             if whole is not None:
                 whole[r0:r0 + piece.shape[0]] = piece
         _release([part])  # the slice's file pages (the rest page in again from the page cache)
+    if fmt == "super-blocks":
+        return SuperBlockLinear.from_packed(tuple(packed), *form, bias)
     weight, scales, mins = packed
     return Int4Linear.from_packed(weight, scales, mins, bias) if fmt == "int4" else \
         Int8Linear.from_packed(weight, scales, mins, bias)
@@ -190,7 +217,7 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype, device: 
 
     keep_quantized: projections stored in a block type that leapllm's CPU kernels run
     (gguf_tensors.KERNEL_FORMATS: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants) become Int4Linear /
-    Int8Linear modules holding the stored values exactly, and a quantized embedding table stays
+    Int8Linear / SuperBlockLinear modules holding the stored values exactly, and a quantized embedding table stays
     quantized; every other tensor is dequantized to `dtype`, one at a time.
     config.extra["kernels_by_type"] records, per stored type, what runs it.
     """

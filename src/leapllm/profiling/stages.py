@@ -23,11 +23,9 @@ from torch import nn
 
 from leapllm.model.fused_decode import OUTSIDE_LAYERS
 from leapllm.model.llama import AttentionCore, RMSNorm, RotaryEmbedding, SiluAndMul
-from leapllm.model.quantized.int4 import Int4Linear
-from leapllm.model.quantized.int8 import Int8Linear
-from leapllm.model.quantized.layers import packed_linear_of
+from leapllm.model.quantized.layers import QUANTIZED_LAYERS, packed_linear_of
 
-LINEAR_TYPES = (nn.Linear, Int4Linear, Int8Linear)
+LINEAR_TYPES = (nn.Linear, *QUANTIZED_LAYERS)
 
 # In the order they run. "other" is everything the stages do not cover: Python, tensor glue
 # (reshapes, residual adds, building the next step's input), and in a profiled run the hooks' own cost.
@@ -77,14 +75,14 @@ def stage_of(name: str, module: nn.Module) -> str | None:
 def quantized_weight_bytes(model: nn.Module) -> float | None:
     """Bytes per projection weight (scales included) of a `leapllm quantize` model; None for float ones."""
     layer = model.layers[0].attn.qkv_proj  # (every block has one; a mixture of experts has no single MLP)
-    return layer.bytes_per_weight if isinstance(layer, (Int4Linear, Int8Linear)) else None
+    return layer.bytes_per_weight if isinstance(layer, QUANTIZED_LAYERS) else None
 
 
 def head_weight_bytes(model: nn.Module) -> float | None:
     """Bytes per output-head weight of a quantized head (which `--head` may quantize otherwise than the
     projections); None for a float one."""
     head = model.lm_head
-    return head.bytes_per_weight if isinstance(head, (Int4Linear, Int8Linear)) else None
+    return head.bytes_per_weight if isinstance(head, QUANTIZED_LAYERS) else None
 
 
 def kernel_stage_dtypes(model: nn.Module) -> dict[str, str]:

@@ -13,6 +13,7 @@
 //   tiles_portable.h  one tile of 16 weight rows against the activations, on any CPU (the reference)
 //   tiles_avx2.h      the same tile with AVX2 (CPUs without AVX-512 VNNI)
 //   tiles_vnni.h      the same tile with AVX-512 VNNI
+//   super_blocks.h    GGUF K-quant super-blocks near the file's size, expanded a tile at a time
 //   packed_linear.h   PackedLinear: a linear layer on packed weights, through the best tile built
 //   huge_pages.h      packed weights copied onto 2 MiB pages
 //   int8_peak.h       the SIMD units' int8 multiply-add rate, the profiler's int8 ceiling
@@ -93,6 +94,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<at::Tensor, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, int64_t, bool>(),
            pybind11::arg("weight"), pybind11::arg("scales"), pybind11::arg("mins"), pybind11::arg("bias"),
            pybind11::arg("bits"), pybind11::arg("simd") = true)
+      .def_static("from_super_blocks", &PackedLinear::from_super_blocks, pybind11::arg("weight"), pybind11::arg("high"),
+                  pybind11::arg("sub_scales"), pybind11::arg("sub_mins"), pybind11::arg("super_scales"),
+                  pybind11::arg("super_mins"), pybind11::arg("bias"), pybind11::arg("high_bits"), pybind11::arg("group"),
+                  pybind11::arg("simd") = true)
       .def("forward", &PackedLinear::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("dequantize", &PackedLinear::dequantize, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("dequantize_rows", &PackedLinear::dequantize_rows, pybind11::arg("indices"),
@@ -109,6 +114,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("float_scales", &PackedLinear::float_scales)
       .def_readonly("narrow_bytes", &PackedLinear::narrow_bytes)
       .def_readonly("small_bytes", &PackedLinear::small_bytes)
+      .def_readonly("super_blocks", &PackedLinear::super_blocks)
+      .def_readonly("high_bits", &PackedLinear::high_bits)
+      .def_readonly("group", &PackedLinear::group)
       .def_property_readonly("kernel", &PackedLinear::kernel);
   pybind11::class_<DecoderLayer, std::shared_ptr<DecoderLayer>>(m, "DecoderLayer")
       .def(pybind11::init<std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>,

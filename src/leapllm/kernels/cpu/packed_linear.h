@@ -5,6 +5,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "super_blocks.h"
 #include "tiles_avx2.h"
 #include "tiles_portable.h"
 #include "tiles_vnni.h"
@@ -27,6 +28,20 @@ void with_rows(int mt, F&& f) {
   }
 }
 
+// f(high bits, sub-block features) as integral constants: the super-block tiles are templates on both.
+template <class F>
+void with_super_block_form(int64_t high_bits, int64_t group, F&& f) {
+  using std::integral_constant;
+  if (group == 32) {
+    if (high_bits == 0) return f(integral_constant<int, 0>(), integral_constant<int, 32>());
+    if (high_bits == 1) return f(integral_constant<int, 1>(), integral_constant<int, 32>());
+    return f(integral_constant<int, 2>(), integral_constant<int, 32>());
+  }
+  if (high_bits == 0) return f(integral_constant<int, 0>(), integral_constant<int, 16>());
+  if (high_bits == 1) return f(integral_constant<int, 1>(), integral_constant<int, 16>());
+  return f(integral_constant<int, 2>(), integral_constant<int, 16>());
+}
+
 // Activation rows per sweep of a thread's tiles in PackedLinear::forward.
 constexpr int64_t ROW_CHUNK = 64;
 
@@ -41,12 +56,20 @@ struct PackedLinear {
   bool float_scales = false;  // int4 with float32 scales and minimums (GGUF Q4_K) instead of float16
   bool narrow_bytes = false;  // int8 whose stored bytes all lie in [112, 175] (GGUF Q5_0): see NARROW_BASE in tiles_avx2.h
   bool small_bytes = false;   // int8 sub-blocks whose stored bytes are all below 64 (Q6_K and smaller K-quants)
+  bool super_blocks = false;  // GGUF K-quants near the file's size (super_blocks.h): bits is 4, the low nibbles
+  int64_t high_bits = 0, group = 0;  // super-blocks: high bits a value (0, 1, 2), features a sub-block (16, 32)
   at::Tensor weight, scales, mins, bias;
+  at::Tensor high, sub_scales, sub_mins, super_scales, super_mins;  // super-blocks' parts (weight: low nibbles)
   // Their data, read once here rather than through a checked data_ptr<T>() at each of a step's many
   // tile calls: scale16 / mins16 where they are float16, scale32 / mins32 where they are float32.
   const uint8_t* weight_data = nullptr;
   const uint16_t *scale16 = nullptr, *mins16 = nullptr;
   const float *scale32 = nullptr, *mins32 = nullptr, *bias_data = nullptr;
+  const uint8_t* high_data = nullptr;
+  const int8_t *sc_data = nullptr, *mn_data = nullptr;  // mn_data is sc_data where the minimums are the scales
+  const float *D_data = nullptr, *M_data = nullptr;
+
+  PackedLinear() = default;  // (from_super_blocks fills one in)
 
   std::string kernel() const { return !simd ? "portable" : LEAPLLM_VNNI ? "VNNI" : "AVX2"; }
 
@@ -105,26 +128,141 @@ struct PackedLinear {
     else if (mins.defined()) mins16 = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
   }
 
+  // A layer on GGUF K-quant super-blocks (super_blocks.h's layout).
+  static std::shared_ptr<PackedLinear> from_super_blocks(at::Tensor weight_, c10::optional<at::Tensor> high_,
+                                                         at::Tensor sub_scales_, c10::optional<at::Tensor> sub_mins_,
+                                                         at::Tensor super_scales_, at::Tensor super_mins_,
+                                                         c10::optional<at::Tensor> bias_, int64_t high_bits_,
+                                                         int64_t group_, bool simd_) {
+    auto l = std::shared_ptr<PackedLinear>(new PackedLinear());
+    l->bits = 4;
+    l->simd = simd_ && (LEAPLLM_VNNI || LEAPLLM_AVX2);
+    l->super_blocks = true;
+    l->high_bits = high_bits_;
+    l->group = group_;
+    l->weight = weight_.contiguous();
+    TORCH_CHECK(l->weight.scalar_type() == at::kByte && l->weight.dim() == 2, "packed weight must be a 2-D uint8 tensor");
+    const int64_t n = l->out_features = l->weight.size(0), k = l->in_features = l->weight.size(1) * 2;
+    TORCH_CHECK(k % SUPER_BLOCK == 0 && n % TILE == 0, "super-blocks need in_features % 256 == 0, out_features % 16 == 0");
+    TORCH_CHECK(high_bits_ >= 0 && high_bits_ <= 2, "high_bits must be 0, 1 or 2");
+    TORCH_CHECK(group_ == 16 || group_ == 32, "sub-blocks are of 16 or 32 features");
+    if (high_bits_) {
+      TORCH_CHECK(high_.has_value() && high_->scalar_type() == at::kByte && high_->numel() == n * k * high_bits_ / 8,
+                  "high bits must be (N, K * high_bits / 8) uint8");
+      l->high = high_->contiguous();
+      l->high_data = l->high.data_ptr<uint8_t>();
+    }
+    l->sub_scales = sub_scales_.contiguous();
+    TORCH_CHECK(l->sub_scales.scalar_type() == at::kChar && l->sub_scales.numel() == n * (k / group_),
+                "sub-block scales must be (N, K / group) int8");
+    l->sc_data = l->sub_scales.data_ptr<int8_t>();
+    l->mn_data = l->sc_data;
+    if (sub_mins_.has_value() && sub_mins_->defined()) {
+      l->sub_mins = sub_mins_->contiguous();
+      TORCH_CHECK(l->sub_mins.scalar_type() == at::kChar && l->sub_mins.numel() == l->sub_scales.numel(),
+                  "sub-block minimums must be (N, K / group) int8");
+      l->mn_data = l->sub_mins.data_ptr<int8_t>();
+    }
+    l->super_scales = super_scales_.contiguous();
+    l->super_mins = super_mins_.contiguous();
+    for (const auto* t : {&l->super_scales, &l->super_mins})
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == n * (k / SUPER_BLOCK),
+                  "super-block scales and minimums must be (N, K / 256) float32");
+    l->D_data = l->super_scales.data_ptr<float>();
+    l->M_data = l->super_mins.data_ptr<float>();
+    if (bias_.has_value() && bias_->defined()) {
+      l->bias = bias_->to(at::kFloat).contiguous();
+      TORCH_CHECK(l->bias.numel() == n, "bias must have out_features values");
+      l->bias_data = l->bias.data_ptr<float>();
+    }
+    l->weight_data = l->weight.data_ptr<uint8_t>();
+    l->small_bytes = true;  // values of at most 6 bits
+    return l;
+  }
+
   // out[m * ldo + n] = row n . a[m] (+ bias) for n in [n0, n1) (multiples of 16), every m < rows.
   void compute_rows(const QuantizedRow* const* a, int64_t rows, int64_t n0, int64_t n1, float* out,
                     int64_t ldo) const {
+    if (super_blocks) return compute_super_block_rows(a, rows, n0, n1, out, ldo);
     const int64_t blocks = in_features / BLOCK;
     const uint8_t* w = weight_data;
     const int64_t tile_bytes = TILE * in_features * bits / 8;
     // The AVX2 tiles have 16 registers for their unpacked weights and accumulators: 4 rows at a time,
     // the tile read again (from L1) for the next 4. A row's result is the same in any group.
-    const int64_t group = simd && LEAPLLM_AVX2 ? 4 : MAX_ROWS;
+    const int64_t row_group = simd && LEAPLLM_AVX2 ? 4 : MAX_ROWS;
     for (int64_t n = n0; n < n1; n += TILE) {
       const uint8_t* wt = w + n / TILE * tile_bytes;
-      for (int64_t m0 = 0; m0 < rows; m0 += group) {
-        const int mt = (int)std::min<int64_t>(group, rows - m0);
+      for (int64_t m0 = 0; m0 < rows; m0 += row_group) {
+        const int mt = (int)std::min<int64_t>(row_group, rows - m0);
         tile(wt, n, a + m0, mt, blocks, out + m0 * ldo + n, ldo);
       }
-      if (bias_data) {
-        const float* b = bias_data + n;
-        for (int64_t m = 0; m < rows; ++m)
-          for (int L = 0; L < TILE; ++L) out[m * ldo + n + L] += b[L];
+      add_bias(n, rows, out, ldo);
+    }
+  }
+
+  void add_bias(int64_t n, int64_t rows, float* out, int64_t ldo) const {
+    if (!bias_data) return;
+    const float* b = bias_data + n;
+    for (int64_t m = 0; m < rows; ++m)
+      for (int L = 0; L < TILE; ++L) out[m * ldo + n + L] += b[L];
+  }
+
+  // compute_rows on super-blocks. The VNNI tiles, and the AVX2 tile of one row, read them as stored.
+  // Otherwise each tile is expanded once (into this thread's scratch) to the form whose tiles run it,
+  // for all the rows: Q4_K's 4-bit values with 32-feature sub-blocks are already the int4 layout and
+  // need only float scales; the others become int8 sub-blocks. Either way, the same bits.
+  void compute_super_block_rows(const QuantizedRow* const* a, int64_t rows, int64_t n0, int64_t n1, float* out,
+                                int64_t ldo) const {
+    const int64_t blocks = in_features / BLOCK, subs = in_features / group, supers = in_features / SUPER_BLOCK;
+    const int64_t high_tile = TILE * in_features * high_bits / 8;
+#if LEAPLLM_VNNI || LEAPLLM_AVX2
+    if (simd && (LEAPLLM_VNNI || rows == 1)) {
+      for (int64_t n = n0; n < n1; n += TILE) {
+        const int64_t t = n / TILE;
+        const uint8_t* low = weight_data + t * TILE * in_features / 2;
+        const uint8_t* hi = high_data ? high_data + t * high_tile : nullptr;
+        const int8_t *sc = sc_data + t * TILE * subs, *mn = mn_data + t * TILE * subs;
+        const float *D = D_data + t * TILE * supers, *M = M_data + t * TILE * supers;
+        with_super_block_form(high_bits, group, [&](auto H, auto G) {
+#if LEAPLLM_VNNI
+          for (int64_t m0 = 0; m0 < rows; m0 += MAX_ROWS)
+            with_rows((int)std::min<int64_t>(MAX_ROWS, rows - m0), [&](auto r) {
+              tile_super_blocks_simd<decltype(r)::value, decltype(H)::value, decltype(G)::value>(
+                  low, hi, sc, mn, D, M, a + m0, blocks, out + m0 * ldo + n, ldo);
+            });
+#else
+          tile_super_blocks_one_row<decltype(H)::value, decltype(G)::value>(low, hi, sc, mn, D, M, *a[0], blocks,
+                                                                            out + n);
+#endif
+        });
+        add_bias(n, rows, out, ldo);
       }
+      return;
+    }
+#endif
+    const bool as_int4 = high_bits == 0 && group == 32;
+    const int64_t step = as_int4 ? 32 : 16;  // features per expanded scale
+    thread_local std::vector<float> d, mv;
+    thread_local std::vector<uint8_t> u;
+    d.resize(TILE * in_features / step);
+    mv.resize(d.size());
+    if (!as_int4) u.resize(TILE * in_features);
+    const int64_t row_group = simd && LEAPLLM_AVX2 ? 4 : MAX_ROWS;
+    for (int64_t n = n0; n < n1; n += TILE) {
+      const int64_t t = n / TILE;
+      expand_tile_scales(sc_data + t * TILE * subs, mn_data + t * TILE * subs, D_data + t * TILE * supers,
+                         M_data + t * TILE * supers, group, step, in_features, d.data(), mv.data());
+      const uint8_t* low = weight_data + t * TILE * in_features / 2;
+      const uint8_t* hi = high_data ? high_data + t * high_tile : nullptr;
+      if (high_bits == 2) expand_tile_values<2>(low, hi, blocks, u.data());
+      else if (high_bits == 1) expand_tile_values<1>(low, hi, blocks, u.data());
+      else if (!as_int4) expand_tile_values<0>(low, hi, blocks, u.data());
+      for (int64_t m0 = 0; m0 < rows; m0 += row_group) {
+        const int mt = (int)std::min<int64_t>(row_group, rows - m0);
+        if (as_int4) tile_q4(low, d.data(), mv.data(), a + m0, mt, blocks, out + m0 * ldo + n, ldo);
+        else tile_sub_blocks(u.data(), d.data(), mv.data(), a + m0, mt, blocks, out + m0 * ldo + n, ldo);
+      }
+      add_bias(n, rows, out, ldo);
     }
   }
 
@@ -135,12 +273,7 @@ struct PackedLinear {
     } else if (bits == 4) {
       tile_q4(wt, scale16 + n * blocks, mins16 + n * blocks, a, mt, blocks, out, ldo);
     } else if (sub_blocks) {
-      const float* d = scale32 + 2 * n * blocks;
-      const float* mn = mins32 + 2 * n * blocks;
-#if LEAPLLM_VNNI || LEAPLLM_AVX2
-      if (simd) return with_rows(mt, [&](auto r) { tile_q8_sub_blocks_simd<decltype(r)::value>(wt, d, mn, a, blocks, out, ldo, small_bytes); });
-#endif
-      tile_q8_sub_blocks_portable(wt, d, mn, a, mt, blocks, out, ldo);
+      tile_sub_blocks(wt, scale32 + 2 * n * blocks, mins32 + 2 * n * blocks, a, mt, blocks, out, ldo);
     } else if (block_scales) {
       const uint16_t* d = scale16 + n * blocks;
 #if LEAPLLM_VNNI || LEAPLLM_AVX2
@@ -157,6 +290,15 @@ struct PackedLinear {
     }
   }
 
+  // An int8 sub-block tile: d and mn its float32 scales and minimums as (half block, row).
+  void tile_sub_blocks(const uint8_t* wt, const float* d, const float* mn, const QuantizedRow* const* a, int mt,
+                       int64_t blocks, float* out, int64_t ldo) const {
+#if LEAPLLM_VNNI || LEAPLLM_AVX2
+    if (simd) return with_rows(mt, [&](auto r) { tile_q8_sub_blocks_simd<decltype(r)::value>(wt, d, mn, a, blocks, out, ldo, small_bytes); });
+#endif
+    tile_q8_sub_blocks_portable(wt, d, mn, a, mt, blocks, out, ldo);
+  }
+
   // An int4 tile, its scales and minimums stored as S (float16 bits or float32).
   template <class S>
   void tile_q4(const uint8_t* wt, const S* d, const S* mn, const QuantizedRow* const* a, int mt, int64_t blocks,
@@ -170,6 +312,14 @@ struct PackedLinear {
   // Row n's block b as 32 floats: row L = n % 16 of tile n / 16.
   void dequantize_block(int64_t n, int64_t b, float* r) const {
     const int64_t blocks = in_features / BLOCK, t = n / TILE, L = n % TILE;
+    if (super_blocks) {
+      const int64_t subs = in_features / group, supers = in_features / SUPER_BLOCK;
+      dequantize_super_block_block(weight_data + t * TILE * in_features / 2,
+                                   high_data ? high_data + t * TILE * in_features * high_bits / 8 : nullptr, (int)high_bits,
+                                   sc_data + t * TILE * subs, mn_data + t * TILE * subs, D_data + t * TILE * supers,
+                                   M_data + t * TILE * supers, group, b, (int)L, r);
+      return;
+    }
     const uint8_t* wb = weight_data + t * (TILE * in_features * bits / 8) + b * (bits == 4 ? 256 : 512);
     if (bits == 4) {
       const int64_t at = t * TILE * blocks + b * TILE + L;  // (tile, block, row)

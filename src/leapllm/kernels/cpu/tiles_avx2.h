@@ -461,5 +461,83 @@ void tile_q8_sub_blocks_simd(const uint8_t* w, const float* d, const float* mins
   else tile_q8_sub_blocks_rows<MT, false>(w, d, mins, a, blocks, out, ldo);
 }
 
+// K-quant super-blocks (super_blocks.h) for one activation row (a decode step), read as stored: a
+// half tile's values unpacked from their low nibbles and H high bits (all below 64, so taken directly
+// as the small sub-block tiles take them), the factors D sc and M mn formed in registers (exact
+// products, the expanded forms' very factors), then the float steps of the one-row int4 tile (Q4_K's
+// form: H = 0, G = 32) or else of the one-row sub-block tile: the expanded forms' bits. Several rows expand the tile
+// once instead (PackedLinear::compute_super_block_rows).
+template <int H>
+inline void unpack_super_block_half(const uint8_t* lb, const uint8_t* hb, int h, __m256i* v) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int c = 0; c < 4; ++c) {
+    const __m256i w = _mm256_loadu_si256((const __m256i*)(lb + c * 64 + 32 * h));
+    v[c] = _mm256_and_si256(w, low4);
+    v[c + 4] = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+  }
+  // 16-bit shifts carry bits across bytes only into positions the mask clears
+  if constexpr (H == 1) {
+    const __m256i hv = _mm256_loadu_si256((const __m256i*)(hb + 32 * h)), bit4 = _mm256_set1_epi8(0x10);
+    v[0] = _mm256_or_si256(v[0], _mm256_and_si256(_mm256_slli_epi16(hv, 4), bit4));
+    v[1] = _mm256_or_si256(v[1], _mm256_and_si256(_mm256_slli_epi16(hv, 3), bit4));
+    v[2] = _mm256_or_si256(v[2], _mm256_and_si256(_mm256_slli_epi16(hv, 2), bit4));
+    v[3] = _mm256_or_si256(v[3], _mm256_and_si256(_mm256_slli_epi16(hv, 1), bit4));
+    v[4] = _mm256_or_si256(v[4], _mm256_and_si256(hv, bit4));
+    v[5] = _mm256_or_si256(v[5], _mm256_and_si256(_mm256_srli_epi16(hv, 1), bit4));
+    v[6] = _mm256_or_si256(v[6], _mm256_and_si256(_mm256_srli_epi16(hv, 2), bit4));
+    v[7] = _mm256_or_si256(v[7], _mm256_and_si256(_mm256_srli_epi16(hv, 3), bit4));
+  }
+  if constexpr (H == 2) {
+    const __m256i bits45 = _mm256_set1_epi8(0x30);
+    for (int p = 0; p < 2; ++p) {
+      const __m256i hv = _mm256_loadu_si256((const __m256i*)(hb + 64 * p + 32 * h));
+      v[4 * p] = _mm256_or_si256(v[4 * p], _mm256_and_si256(_mm256_slli_epi16(hv, 4), bits45));
+      v[4 * p + 1] = _mm256_or_si256(v[4 * p + 1], _mm256_and_si256(_mm256_slli_epi16(hv, 2), bits45));
+      v[4 * p + 2] = _mm256_or_si256(v[4 * p + 2], _mm256_and_si256(hv, bits45));
+      v[4 * p + 3] = _mm256_or_si256(v[4 * p + 3], _mm256_and_si256(_mm256_srli_epi16(hv, 2), bits45));
+    }
+  }
+}
+
+// factor * the 8 rows' int8 values at p.
+inline __m256 int8_factors8(const int8_t* p, __m256 factor) {
+  return _mm256_mul_ps(factor, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))));
+}
+
+template <int H, int G>
+void tile_super_blocks_one_row(const uint8_t* low, const uint8_t* high, const int8_t* sc, const int8_t* mn,
+                               const float* D, const float* M, const QuantizedRow& r, int64_t blocks, float* out) {
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // rows 0..7, 8..15
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* lb = low + b * 256;
+    const uint8_t* hb = high + b * 64 * H;
+    prefetch_lines(lb + PREFETCH_Q4, 4);
+    if constexpr (H > 0) prefetch_lines(hb + PREFETCH_Q4 * H / 4, H);
+    const int8_t* x = r.q.data() + b * BLOCK;
+    const float* Ds = D + b / 8 * TILE;
+    const float* Ms = M + b / 8 * TILE;
+    for (int h = 0; h < 2; ++h) {
+      __m256i v[8];
+      unpack_super_block_half<H>(lb, hb, h, v);
+      const __m256i s0 = small_quads_sum4(v, x), s1 = small_quads_sum4(v + 4, x + 16);
+      const __m256 Dh = _mm256_loadu_ps(Ds + 8 * h), Mh = _mm256_loadu_ps(Ms + 8 * h);
+      if constexpr (H == 0 && G == 32) {  // the int4 layout itself: tile_q4_one_row's float steps
+        const __m256 db = int8_factors8(sc + b * TILE + 8 * h, Dh), mb = int8_factors8(mn + b * TILE + 8 * h, Mh);
+        acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), _mm256_mul_ps(db, _mm256_set1_ps(r.scale[b])),
+                                 acc[h]);
+        acc[h] = _mm256_fmadd_ps(mb, _mm256_set1_ps(r.block_sum[b]), acc[h]);
+      } else {
+        // sub-blocks of 32 with high bits expand to int8 sub-blocks of 16, each half taking its block's factors
+        const int64_t i0 = G == 16 ? 2 * b : b, i1 = G == 16 ? 2 * b + 1 : b;
+        const int8_t *s = sc + 8 * h, *n = mn + 8 * h;
+        acc[h] = add_sub_block_terms(acc[h], s0, s1, int8_factors8(s + i0 * TILE, Dh), int8_factors8(s + i1 * TILE, Dh),
+                                     int8_factors8(n + i0 * TILE, Mh), int8_factors8(n + i1 * TILE, Mh), r, b);
+      }
+    }
+  }
+  _mm256_storeu_ps(out, acc[0]);
+  _mm256_storeu_ps(out + 8, acc[1]);
+}
+
 }  // namespace
 #endif

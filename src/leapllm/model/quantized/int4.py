@@ -77,9 +77,7 @@ class Int4Linear(nn.Module):
     _weight_int4pack_mm(_for_cpu) on PyTorch's packed weights. Built on its device; not moved later."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None,
-                 device: torch.device | str = "cpu", float32_scales: bool = False):
-        """float32_scales: keep scales and minimums in float32 on leapllm's kernels (GGUF's Q4_K,
-        whose sub-block scales float16 cannot hold exactly); float16 otherwise."""
+                 device: torch.device | str = "cpu"):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group_size = self.in_features // scale.shape[1]
@@ -87,8 +85,7 @@ class Int4Linear(nn.Module):
         self.on_cpu = device.type == "cpu"
         self.packed_linear = None  # the C++ PackedLinear, when leapllm's kernels run this layer
         if kernels_can_run(self.in_features, self.out_features, device):
-            weight, scales, mins = pack_int4(q.cpu(), scale.cpu(), minimum.cpu(),
-                                             torch.float32 if float32_scales else torch.float16)
+            weight, scales, mins = pack_int4(q.cpu(), scale.cpu(), minimum.cpu())
             self.register_buffer("packed_weight", weight)
             self.register_buffer("packed_scales", scales)
             self.register_buffer("packed_mins", mins)

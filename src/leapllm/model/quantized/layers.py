@@ -8,6 +8,10 @@ from torch import nn
 
 from leapllm.model.quantized.int4 import Int4Linear, unpack_nibbles
 from leapllm.model.quantized.int8 import Int8Linear
+from leapllm.model.quantized.super_block import SuperBlockLinear
+
+# The layers that hold quantized weights (packed for leapllm's kernels, or on PyTorch's).
+QUANTIZED_LAYERS = (Int4Linear, Int8Linear, SuperBlockLinear)
 
 # The tensors a quantized layer `<name>` is saved as: `<name>.qweight`, `<name>.scales`, ...
 QUANTIZED_PARTS = {"int4": ("qweight", "scales", "mins"), "int8": ("qweight", "scales")}
@@ -39,7 +43,7 @@ def quantized_module(parts: dict[str, torch.Tensor], bias: torch.Tensor | None, 
 def packed_linear_of(module: nn.Module):
     """The C++ PackedLinear a quantized layer runs on (leapllm's CPU kernels), or None: a float layer,
     or a quantized one on PyTorch's kernels."""
-    return module.packed_linear if isinstance(module, (Int4Linear, Int8Linear)) else None
+    return module.packed_linear if isinstance(module, QUANTIZED_LAYERS) else None
 
 
 def layer_method(name: str, method: str, head_method: str | None) -> str:
@@ -54,7 +58,7 @@ def parameter_count(model: nn.Module) -> int:
 
     total, seen = 0, set()
     for module in model.modules():
-        if isinstance(module, (Int4Linear, Int8Linear)):
+        if isinstance(module, QUANTIZED_LAYERS):
             total += module.in_features * module.out_features + (0 if module.bias is None else module.bias.numel())
         elif isinstance(module, BlockQuantizedEmbedding):
             total += module.num_embeddings * module.embedding_dim
