@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from leapllm.kernels.packing import (
     pack_int8_blocks,
     pack_int8_sub_blocks,
     packed_linear,
+    separate_large_blocks,
     tile_quads,
     unpack_int4,
     untile_quads,
@@ -725,6 +728,26 @@ def test_paged_cache_attention_on_the_kernel_equals_the_gathered_sdpa_path(monke
     monkeypatch.setattr(PagedKVCache, "decode_kernels", lambda self: None)
     slow = cache.attend(0, q, k_new, v_new, AttentionParams(grouped=True, window=window), batch)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident size from /proc")
+def test_large_blocks_freed_during_a_load_go_back_to_the_os_at_once():
+    """Within separate_large_blocks (a load), a freed temporary of 1 MiB or more leaves the resident
+    size where it was, whatever was freed before it."""
+    import os
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * page
+
+    with separate_large_blocks():
+        for size in (64 << 20, 4 << 20, 2 << 20):  # freeing a big block first would raise glibc's own threshold
+            before = resident()
+            temporary = torch.ones(size, dtype=torch.uint8)
+            assert resident() - before >= size // 2
+            del temporary
+            assert resident() - before < 512 << 10
 
 
 def test_a_huge_page_block_takes_copies_one_at_a_time_up_to_its_size():

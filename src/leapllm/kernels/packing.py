@@ -8,6 +8,7 @@ own int32 lane (see cpu/common.h).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gc
@@ -180,6 +181,32 @@ def move_to_huge_pages(layers: list) -> None:
 
 
 RELEASE_EVERY_BYTES = 32 << 20  # how much moved weight may wait in the heap before it is handed back
+
+
+# glibc's mallopt parameter, and the values it is set to around a load (see separate_large_blocks).
+M_MMAP_THRESHOLD = -3
+LOAD_MMAP_THRESHOLD, RUN_MMAP_THRESHOLD = 1 << 20, 32 << 20
+
+
+@contextlib.contextmanager
+def separate_large_blocks():
+    """Within: every allocation of 1 MiB or more is its own memory map, given back to the OS when freed.
+
+    A load decodes and packs tensor after tensor: the packed results it keeps and the temporaries it
+    frees (each a few MiB) would otherwise share glibc's heap, where freed blocks between kept ones
+    cannot go back to the OS, and the peak would hold hundreds of MiB of them. After, large blocks
+    come from the heap up to 32 MiB (glibc's own ceiling for its adaptive threshold), so that a
+    decode step's buffers are reused rather than mapped and faulted in at every step."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        yield
+        return
+    mallopt(M_MMAP_THRESHOLD, LOAD_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, RUN_MMAP_THRESHOLD)
 
 
 def release_freed_heap(collect: bool = True) -> None:

@@ -52,6 +52,7 @@ KERNEL_DESCRIPTIONS = {"int4": "leapllm int4 kernels", "int8": "leapllm int8 ker
                        "int8-16": "leapllm int8 kernels, a scale and minimum per 16 weights",
                        "super-blocks": "leapllm super-block kernels, the file's layout"}
 BLOCK = 32
+RAW_ROWS_AT_ONCE = 8192  # rows of a stored table copied at a time (raw_rows)
 
 
 def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -113,9 +114,17 @@ class GGUFTensor:
                           self.data[start:stop], self.source)
 
     def raw_rows(self) -> torch.Tensor:
-        """The stored bytes, (rows, bytes per row) uint8, rows in PyTorch's order, copied into memory."""
+        """The stored bytes, (rows, bytes per row) uint8, rows in PyTorch's order, copied into memory
+        a slice at a time, each slice's file pages dropped once copied (a big embedding table's pages
+        and its copy would otherwise both count at the load's peak)."""
         rows = self._rows()
-        return torch.from_numpy(np.array(rows.reshape(rows.shape[0], -1).view(np.uint8)))
+        rows = rows.reshape(rows.shape[0], -1).view(np.uint8)
+        out = torch.empty(rows.shape, dtype=torch.uint8)
+        for r0 in range(0, rows.shape[0], RAW_ROWS_AT_ONCE):
+            out[r0:r0 + RAW_ROWS_AT_ONCE] = torch.from_numpy(np.array(rows[r0:r0 + RAW_ROWS_AT_ONCE]))
+            if self.release_pages is not None:
+                self.release_pages()
+        return out
 
     def dequantize(self) -> torch.Tensor:
         """The float32 values, by the gguf package's reference dequantization."""

@@ -12,7 +12,7 @@ import torch
 
 from leapllm.errors import ModelLoadError
 from leapllm.kernels import cpu_kernels
-from leapllm.kernels.packing import release_freed_heap
+from leapllm.kernels.packing import release_freed_heap, separate_large_blocks
 from leapllm.loading.default_model import default_model_path
 from leapllm.loading.gguf_loader import load_gguf
 from leapllm.loading.model_folder import is_model_folder, load_model_folder
@@ -156,7 +156,8 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None =
         raise ModelLoadError(
             f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
         )
-    model = build_model(config, tensors, torch_dtype, dev, str(path), keep_quantized)
+    with separate_large_blocks():
+        model = build_model(config, tensors, torch_dtype, dev, str(path), keep_quantized)
     check_finite_weights(model, path)
     # Large metadata arrays (the vocabulary) are already inside the tokenizer.
     metadata = {k: v for k, v in metadata.items() if not isinstance(v, list) or len(v) < 64}
