@@ -11,7 +11,8 @@ PyTorch version: two installs of different versions on one machine build side by
 rebuilding over each other at every start, and installs of the same version share one build.
 `python -m leapllm.kernels` builds it ahead of time (setup.sh does), and fails if a C++ compiler is
 there but the build does not succeed. Set LEAPLLM_CPU_KERNELS=0 to run PyTorch's own kernels
-instead, e.g. to measure the difference.
+instead, e.g. to measure the difference. Set LEAPLLM_CPU_MARCH to build for another CPU than this
+one (a -march value: `haswell` runs the AVX2 tiles on an AVX-512 machine, `x86-64` the portable loops).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 SOURCE_DIR = Path(__file__).with_name("cpu")
 SOURCE = SOURCE_DIR / "bindings.cpp"  # the translation unit the builder compiles
 DISABLE_VARIABLE = "LEAPLLM_CPU_KERNELS"
+MARCH_VARIABLE = "LEAPLLM_CPU_MARCH"
 
 _failure: list[str] = []  # the last build attempt's error: its last line, then all of it
 
@@ -69,7 +71,8 @@ def _build():
         raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++)")
     # The builder hashes only the files in `sources`, and ninja follows headers by their times alone:
     # with the hash of every file among the flags, any change to any of them rebuilds.
-    cflags = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-fno-math-errno",
+    march = os.environ.get(MARCH_VARIABLE) or "native"
+    cflags = ["-O3", f"-march={march}", "-fopenmp", "-std=c++17", "-fno-math-errno",
               f"-DLEAPLLM_SOURCE_HASH={source_hash()}"]
     return cpp_extension.load(name=build_name(cflags), sources=[str(SOURCE)], extra_cflags=cflags,
                               extra_ldflags=["-fopenmp"], verbose=False)
