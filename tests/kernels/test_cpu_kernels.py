@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -229,11 +227,11 @@ def test_many_rows_on_the_tiles_give_the_bits_of_one_row_at_a_time(layer_type, m
 
 
 def test_many_rows_take_the_tiles_where_they_beat_the_cpus_gemm():
-    """The tiles take every row count unless the CPU multiplies bfloat16 natively (or has only the
-    portable loops): there a GEMM on dequantized weights takes more than 32 rows."""
+    """The tiles take every row count unless the CPU has AMX (or only the portable loops): there a GEMM
+    on dequantized weights takes more than 32 rows."""
     int4 = Int4Linear.from_linear(torch.nn.Linear(64, 32), 32).packed_linear
     int8 = Int8Linear.from_linear(torch.nn.Linear(64, 32)).packed_linear
-    if packing.gemm_dtype() == torch.bfloat16:
+    if packing.gemm_beats_tiles():
         assert packing.tile_row_limit(int4) == packing.tile_row_limit(int8) == packing.DOT_KERNEL_MAX_ROWS
     elif int4.kernel != "portable":
         assert packing.tile_row_limit(int4) is None and packing.tile_row_limit(int8) is None
@@ -730,24 +728,23 @@ def test_paged_cache_attention_on_the_kernel_equals_the_gathered_sdpa_path(monke
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident size from /proc")
-def test_large_blocks_freed_during_a_load_go_back_to_the_os_at_once():
-    """Within separate_large_blocks (a load), a freed temporary of 1 MiB or more leaves the resident
-    size where it was, whatever was freed before it."""
-    import os
+def test_a_load_maps_large_blocks_apart_and_then_hands_glibc_its_ceiling_back(monkeypatch):
+    """Within separate_large_blocks (a load), glibc gives every block of 1 MiB or more its own memory
+    map, returned to the OS when freed; after it, large blocks come from the heap up to 32 MiB."""
+    calls = []
 
-    page = os.sysconf("SC_PAGE_SIZE")
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
 
-    def resident() -> int:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * page
-
+    monkeypatch.setattr(packing.ctypes, "CDLL", lambda name: FakeLibc())
     with separate_large_blocks():
-        for size in (64 << 20, 4 << 20, 2 << 20):  # freeing a big block first would raise glibc's own threshold
-            before = resident()
-            temporary = torch.ones(size, dtype=torch.uint8)
-            assert resident() - before >= size // 2
-            del temporary
-            assert resident() - before < 512 << 10
+        assert calls == [(packing.M_MMAP_THRESHOLD, 1 << 20)]
+    assert calls[-1] == (packing.M_MMAP_THRESHOLD, 32 << 20)
+    with pytest.raises(ValueError), separate_large_blocks():  # an error inside still restores it
+        raise ValueError
+    assert calls[-1] == (packing.M_MMAP_THRESHOLD, 32 << 20) and len(calls) == 4
 
 
 def test_a_huge_page_block_takes_copies_one_at_a_time_up_to_its_size():

@@ -221,34 +221,40 @@ def release_freed_heap(collect: bool = True) -> None:
         pass
 
 
-# On CPUs whose PyTorch GEMM runs bfloat16 natively (AVX-512 BF16, AMX), a GEMM on weights
-# dequantized for the call beats the int8 dot-product tiles beyond this many activation rows (decode
-# steps of up to 32 sequences stay on the tiles).
+# On CPUs with AMX, whose tile unit multiplies bfloat16 matrices several times faster than the int8
+# vector instructions, a GEMM on weights dequantized for the call beats the int8 dot-product tiles
+# beyond this many activation rows (decode steps of up to 32 sequences stay on the tiles).
 DOT_KERNEL_MAX_ROWS = 32
-# Elsewhere the GEMM runs in float32, and the tiles of several rows win at every row count for every
-# packed form (int4, int8 with the full byte range or narrow bytes, the K-quants' int8-16), so a
-# prefill gets exactly the bits of one-token steps (benchmarks/README.md, "Many rows").
+# Elsewhere the tiles of several rows win at every row count for every packed form, AVX-512 BF16
+# without AMX included (benchmarks/README.md, "Many rows"), so a prefill gets exactly the bits of
+# one-token steps.
 
 
 @functools.cache
 def gemm_dtype() -> torch.dtype:
-    """The dtype of that GEMM: bfloat16 where the CPU multiplies it natively (AVX-512 BF16: twice the
-    float32 rate and half the bytes), float32 elsewhere, where oneDNN emulates bfloat16 several times
-    slower than float32."""
+    """The dtype of a GEMM on dequantized weights: bfloat16 where the CPU multiplies it natively
+    (AVX-512 BF16, AMX: twice the float32 rate and half the bytes), float32 elsewhere, where oneDNN
+    emulates bfloat16 several times slower than float32."""
     return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+
+
+@functools.cache
+def gemm_beats_tiles() -> bool:
+    """Whether many activation rows run faster on that GEMM than on the int8 tiles: on AMX CPUs."""
+    return gemm_dtype() == torch.bfloat16 and torch.cpu._is_amx_tile_supported()
 
 
 def tile_row_limit(linear) -> int | None:
     """The most activation rows a PackedLinear runs on the int8 tiles (None: any number); beyond, a
     GEMM on its weights dequantized for the call."""
-    if gemm_dtype() == torch.bfloat16 or linear.kernel == "portable":  # (scalar loops lose to any GEMM)
+    if gemm_beats_tiles() or linear.kernel == "portable":  # (scalar loops lose to any GEMM)
         return DOT_KERNEL_MAX_ROWS
     return None
 
 
 def many_rows_kernel() -> str:
     """What a matmul of many activation rows (a prefill) runs on, for `leapllm info` and the profiler."""
-    if gemm_dtype() == torch.bfloat16 or cpu_kernels() is None or not (
+    if gemm_beats_tiles() or cpu_kernels() is None or not (
             cpu_kernels().avx2_compiled() or cpu_kernels().vnni_compiled()):
         return (f"the int8-activation tiles up to {DOT_KERNEL_MAX_ROWS} rows; beyond, a bfloat16 GEMM on weights "
                 "dequantized for the call")
