@@ -27,6 +27,7 @@ from leapllm.model.quantized.int4 import (
     dequantize_int4_groupwise,
     quantize_int4_groupwise,
 )
+from leapllm.model.quantized.int5 import Int5BlockLinear
 from leapllm.model.quantized.int8 import Int8Linear, quantize_per_channel_int8
 from leapllm.model.quantized.super_block import SuperBlockLinear
 
@@ -553,9 +554,11 @@ def test_layers_moved_to_huge_pages_compute_what_they_computed_before():
                                     torch.randint(-128, 128, (32, 16), generator=g, dtype=torch.int8), None,
                                     torch.rand(32, 1, generator=g) * 1e-3, torch.rand(32, 1, generator=g) * -0.03,
                                     high_bits=2, group=16)
+    five_bit = Int5BlockLinear(torch.randint(0, 32, (16, 64), generator=g, dtype=torch.uint8),
+                               (torch.rand(16, 2, generator=g) * 1e-2).half())
     layers = [Int4Linear.from_linear(torch.nn.Linear(64, 48), 32), Int8Linear.from_linear(torch.nn.Linear(96, 32)),
-              super_blocks]
-    inputs = [torch.randn(3, 64), torch.randn(3, 96), torch.randn(3, 256)]
+              super_blocks, five_bit]
+    inputs = [torch.randn(3, 64), torch.randn(3, 96), torch.randn(3, 256), torch.randn(3, 64)]
     before = [layer(x) for layer, x in zip(layers, inputs)]
     old = [(layer.packed_linear, layer.packed_weight.data_ptr()) for layer in layers]
     move_to_huge_pages(layers)

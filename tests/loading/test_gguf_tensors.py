@@ -23,6 +23,7 @@ from leapllm.model.quantized.embedding import (
     PackedRowsEmbedding,
 )
 from leapllm.model.quantized.int4 import Int4Linear
+from leapllm.model.quantized.int5 import Int5BlockLinear
 from leapllm.model.quantized.int8 import Int8Linear
 from leapllm.model.quantized.super_block import SuperBlockLinear
 from tests.tiny_models import TINY_VOCAB, tiny_hf_state, write_tiny_gguf
@@ -57,6 +58,8 @@ def packed_module(t: GGUFTensor) -> nn.Module:
     if t.kernel_format == "super-blocks":
         p = t.super_block_parts()
         return SuperBlockLinear(p.values, p.sub_scales, p.sub_mins, p.super_scales, p.super_mins, p.high_bits, p.group)
+    if t.kernel_format == "int5":
+        return Int5BlockLinear(*t.int5_parts())
     if t.kernel_format == "int4":
         return Int4Linear(*t.int4_parts(), None)
     if t.kernel_format == "int8-16":
@@ -140,6 +143,41 @@ def test_super_blocks_give_the_bits_of_the_expanded_forms_they_stand_for(qtype):
     for rows in (1, 3, 8, 11):
         x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
         assert torch.equal(module.packed_linear.forward(x), expanded.forward(x))
+
+
+@needs_kernels
+def test_q5_0_runs_at_its_file_size_with_the_bits_of_the_int8_blocks_it_stands_for():
+    """Q5_0 keeps its 5-bit values (5.5 bits a weight, where int8 blocks took 8.5), and a layer's
+    outputs are those of the int8-block layer of the same values, on the SIMD tiles and the
+    portable loops, at every row count."""
+    from leapllm.kernels.packing import pack_int8_blocks, pack_super_blocks, packed_linear
+
+    t = gguf_tensor(weights_with_outliers(48, 320, seed=11), Q.Q5_0)
+    module = packed_module(t)
+    assert isinstance(module, Int5BlockLinear) and module.packed_linear.five_bit
+    packed_bytes = sum(b.nbytes for n, b in module.named_buffers() if n.startswith("packed_"))
+    assert packed_bytes * 8 == 5.5 * 48 * 320 == module.bytes_per_weight * 8 * 48 * 320
+    expected = reference(t)
+    assert torch.equal(module.packed_linear.dequantize(torch.float32), expected)
+    assert torch.equal(module.packed_linear.dequantize_rows(torch.tensor([0, 47])), expected[[0, 47]])
+    blocks = pack_int8_blocks(*t.int8_parts())
+    weight, high, (scales,) = pack_super_blocks(*t.int5_parts()[:1], 1, t.int5_parts()[1])
+    portable = cpu_kernels().PackedLinear.from_five_bit_blocks(weight, high, scales, None, False)
+    for rows in (1, 3, 8, 11, 40):
+        x = torch.randn(rows, 320, generator=torch.Generator().manual_seed(rows))
+        assert torch.equal(module.packed_linear.forward(x), packed_linear(*blocks, None, None, bits=8).forward(x))
+        assert torch.equal(portable.forward(x), packed_linear(*blocks, None, None, bits=8, simd=False).forward(x))
+
+
+@needs_kernels
+def test_q5_0_and_q8_0_parts_fuse_into_one_exact_int8_block_projection():
+    from leapllm.loading.weights import _quantized_projection, projection_format
+
+    parts = [gguf_tensor(weights_with_outliers(32, 256, seed=i), qtype) for i, qtype in enumerate([Q.Q5_0, Q.Q8_0])]
+    assert projection_format(parts) == "int8"
+    module = _quantized_projection(parts, "int8", None, torch.device("cpu"))
+    assert isinstance(module, Int8Linear) and module.packed_linear.block_scales
+    assert torch.equal(module.packed_linear.dequantize(torch.float32), torch.cat([reference(t) for t in parts]))
 
 
 @needs_kernels
@@ -248,7 +286,7 @@ def test_a_quantized_gguf_runs_as_stored_by_default_and_as_floats_on_request(tmp
     quantized, floats = load_model(path, device="cpu"), load_model(path, dtype="float32", device="cpu")
     qmodel, fmodel = quantized.model, floats.model
     layer = qmodel.layers[1]
-    assert isinstance(layer.attn.qkv_proj, Int8Linear if qtype in (Q.Q8_0, Q.Q5_0) else Int4Linear)
+    assert isinstance(layer.attn.qkv_proj, {Q.Q8_0: Int8Linear, Q.Q5_0: Int5BlockLinear}.get(qtype, Int4Linear))
     assert isinstance(fmodel.layers[1].attn.qkv_proj, nn.Linear)
     # every stored weight is what the gguf package reads from the file, bit for bit (Q/K unpermuted too)
     for module, names in [("layers.1.attn.qkv_proj", [f"layers.1.attn.{x}_proj.weight" for x in "qkv"]),
@@ -263,8 +301,9 @@ def test_a_quantized_gguf_runs_as_stored_by_default_and_as_floats_on_request(tmp
     a, b = qmodel(tokens), fmodel(tokens)
     assert float((a - b).norm() / b.norm()) < 0.05  # only the int8 rounding of activations differs
     kernels = quantized.config.extra["kernels_by_type"]
-    assert kernels[qtype.name] == [f"leapllm {'int8' if qtype in (Q.Q8_0, Q.Q5_0) else 'int4'} kernels",
-                                   "rows dequantized at lookup"]
+    kernel = {Q.Q8_0: "leapllm int8 kernels", Q.Q5_0: "leapllm 5-bit kernels, the file's layout"}.get(
+        qtype, "leapllm int4 kernels")
+    assert kernels[qtype.name] == [kernel, "rows dequantized at lookup"]
     assert floats.config.extra["kernels_by_type"][qtype.name] == ["dequantized to float32"]
 
 
@@ -281,11 +320,11 @@ def test_projections_of_mixed_types_run_as_int8_sub_blocks_and_types_without_ker
     expected = torch.cat([stored_reference(path, f"layers.0.attn.{x}_proj.weight") for x in "qkv"])
     assert torch.equal(mixed.packed_linear.dequantize(torch.float32), expected)
     assert isinstance(model.layers[1].attn.qkv_proj, Int4Linear)
-    assert isinstance(model.layers[1].mlp.down_proj, Int8Linear)  # Q5_0
-    assert model.layers[1].mlp.down_proj.packed_linear.block_scales
+    assert isinstance(model.layers[1].mlp.down_proj, Int5BlockLinear)  # Q5_0
+    assert model.layers[1].mlp.down_proj.packed_linear.five_bit
     assert isinstance(model.layers[1].mlp.gate_up_proj, nn.Linear)  # an F16 part: floats
     kernels = loaded.config.extra["kernels_by_type"]
-    assert kernels["Q5_0"] == ["leapllm int8 kernels"]  # as int8 blocks: q - 16
+    assert kernels["Q5_0"] == ["leapllm 5-bit kernels, the file's layout"]
     assert kernels["Q8_0"] == ["leapllm int8 kernels, a scale and minimum per 16 weights"]
     assert kernels["F16"] == ["float32"]
     assert "leapllm int4 kernels" in kernels["Q4_1"] and "dequantized to float32" in kernels["Q4_1"]

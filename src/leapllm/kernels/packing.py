@@ -133,6 +133,12 @@ PACKED_BUFFERS = ("packed_weight", "packed_high", "packed_scales", "packed_mins"
                   "packed_super_mins")
 
 
+def five_bit_linear(layer, simd: bool = True):
+    """The C++ PackedLinear over an Int5BlockLinear's packed buffers (which it keeps references to)."""
+    return cpu_kernels().PackedLinear.from_five_bit_blocks(layer.packed_weight, layer.packed_high, layer.packed_scales,
+                                                           layer.bias, simd)
+
+
 def super_block_linear(layer, simd: bool = True):
     """The C++ PackedLinear over a SuperBlockLinear's packed buffers (which it keeps references to)."""
     return cpu_kernels().PackedLinear.from_super_blocks(
@@ -152,7 +158,7 @@ def attach_packed(layer, weight: torch.Tensor, scales: torch.Tensor, mins: torch
 
 
 def move_to_huge_pages(layers: list) -> None:
-    """Move the packed weights of these layers (Int4Linear / Int8Linear / SuperBlockLinear modules on the packed
+    """Move the packed weights of these layers (Int4Linear / Int8Linear / Int5BlockLinear / SuperBlockLinear on the
     kernels) into one block of memory on 2 MiB pages, in the order given, and rebuild their PackedLinear.
 
     A batch-1 decode step streams every weight once; on 4 KiB pages each stream needs a page walk
@@ -171,8 +177,13 @@ def move_to_huge_pages(layers: list) -> None:
             moved += getattr(layer, n).nbytes
         old = layer.packed_linear
         mins = getattr(layer, "packed_mins", None)
-        layer.packed_linear = super_block_linear(layer, old.simd) if old.super_blocks else packed_linear(
-            layer.packed_weight, layer.packed_scales, mins, layer.bias, bits=old.bits, simd=old.simd)
+        if old.super_blocks:
+            layer.packed_linear = super_block_linear(layer, old.simd)
+        elif old.five_bit:
+            layer.packed_linear = five_bit_linear(layer, old.simd)
+        else:
+            layer.packed_linear = packed_linear(layer.packed_weight, layer.packed_scales, mins, layer.bias,
+                                                bits=old.bits, simd=old.simd)
         del old
         if moved >= RELEASE_EVERY_BYTES:
             release_freed_heap(collect=False)  # (reference counting freed them; no cycles to look for)

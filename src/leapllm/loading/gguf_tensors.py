@@ -6,7 +6,7 @@ float16 minimum for Q4_1): exactly the blocks of leapllm's packed int4 / int8 la
     Q4_1  w = d * q + m           q in [0, 15]      -> int4 (scale d, minimum m)
     Q4_0  w = d * (q - 8)         q in [0, 15]      -> int4 (scale d, minimum -8 d, exact in float16)
     Q8_0  w = d * q               q in [-127, 127]  -> int8 with a scale per block
-    Q5_0  w = d * (q - 16)        q in [0, 31]      -> int8 with a scale per block (q - 16 as the int8)
+    Q5_0  w = d * (q - 16)        q in [0, 31]      -> int5: q as low nibbles and fifth bits, a scale per block
 The K-quants (Q2_K .. Q6_K) store super-blocks of 256 with 4- to 8-bit sub-block scales (and
 minimums) under a float16 super-scale: each sub-block's factor, super-scale * sub-scale, is exact in
 float32. They run in their own integers (SuperBlockParts, kernels/cpu/super_blocks.h): values as
@@ -39,7 +39,7 @@ KERNEL_FORMATS = {
     GGMLQuantizationType.Q4_0: "int4",
     GGMLQuantizationType.Q4_1: "int4",
     GGMLQuantizationType.Q8_0: "int8",
-    GGMLQuantizationType.Q5_0: "int8",
+    GGMLQuantizationType.Q5_0: "int5",
     GGMLQuantizationType.Q5_1: "int8-16",
     GGMLQuantizationType.Q2_K: "super-blocks",
     GGMLQuantizationType.Q3_K: "super-blocks",
@@ -50,6 +50,7 @@ KERNEL_FORMATS = {
 # What `leapllm info` says runs each format.
 KERNEL_DESCRIPTIONS = {"int4": "leapllm int4 kernels", "int8": "leapllm int8 kernels",
                        "int8-16": "leapllm int8 kernels, a scale and minimum per 16 weights",
+                       "int5": "leapllm 5-bit kernels, the file's layout",
                        "super-blocks": "leapllm super-block kernels, the file's layout"}
 BLOCK = 32
 RAW_ROWS_AT_ONCE = 8192  # rows of a stored table copied at a time (raw_rows)
@@ -160,6 +161,13 @@ class GGUFTensor:
         else:
             raise ValueError(f"{self.type_name} is not a 4-bit block type")
         return torch.from_numpy(_nibbles(qs)), torch.from_numpy(scale), torch.from_numpy(minimum)
+
+    def int5_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q5_0 -> (u (N, K) uint8 = q in [0, 31], scale (N, K/32) float16) with w = scale * (u - 16)."""
+        if self.ggml_type != GGMLQuantizationType.Q5_0:
+            raise ValueError(f"{self.type_name} is not Q5_0")
+        u, scale, _ = self.sub_block_parts()
+        return u, scale[:, ::2].half()  # d: float16 in the file
 
     def int8_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Q8_0 / Q5_0 -> (q (N, K) int8, scale (N, K/32) float16) with w = q * scale per block."""

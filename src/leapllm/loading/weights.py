@@ -34,6 +34,7 @@ from leapllm.model.quantized.embedding import (
     PackedRowsEmbedding,
 )
 from leapllm.model.quantized.int4 import Int4Linear
+from leapllm.model.quantized.int5 import Int5BlockLinear
 from leapllm.model.quantized.int8 import Int8Linear
 from leapllm.model.quantized.super_block import SuperBlockLinear
 
@@ -131,11 +132,13 @@ def _release(read: list) -> None:
 
 def projection_format(parts: list) -> str | None:
     """The packed format the stored tensors `parts` run in as one layer: their kernel format when
-    they share one (K-quants of different types share "super-blocks"), int8-16 when they differ,
-    None when one of them has no kernel format."""
+    they share one (K-quants of different types share "super-blocks", Q5_0 and Q8_0 "int8"), int8-16
+    when they differ otherwise, None when one of them has no kernel format."""
     formats = {getattr(t, "kernel_format", None) for t in parts}
     if None in formats:
         return None
+    if formats == {"int5", "int8"}:  # Q5_0 and Q8_0 parts: both are int8 blocks
+        return "int8"
     return formats.pop() if len(formats) == 1 else "int8-16"
 
 
@@ -161,6 +164,9 @@ def _quantized_projection(parts: list, fmt: str, bias: torch.Tensor | None,
         _release(parts)
         return SuperBlockLinear(p.values, p.sub_scales, p.sub_mins, p.super_scales, p.super_mins, p.high_bits,
                                 p.group, bias)
+    if fmt == "int5":
+        u, scale = joined(t.int5_parts() for t in parts)
+        return Int5BlockLinear(u, scale, bias)
     if fmt == "int4":
         q, scale, minimum = joined(t.int4_parts() for t in parts)
         return Int4Linear(q, scale, minimum, bias, device)
@@ -191,6 +197,10 @@ def _packed_by_row_slices(part: GGUFTensor, fmt: str, bias: torch.Tensor | None)
             weight, high, factors = pack_super_blocks(p.values, p.high_bits, p.sub_scales, p.sub_mins, p.super_scales,
                                                       p.super_mins)
             slice_packed = (weight, high, *factors)
+        elif fmt == "int5":
+            u, scale = rows.int5_parts()
+            weight, high, (scales,) = pack_super_blocks(u, 1, scale)
+            slice_packed = (weight, high, scales)
         elif fmt == "int4":
             slice_packed = pack_int4(*rows.int4_parts())
         elif fmt == "int8-16":
@@ -205,6 +215,8 @@ def _packed_by_row_slices(part: GGUFTensor, fmt: str, bias: torch.Tensor | None)
         _release([part])  # the slice's file pages (the rest page in again from the page cache)
     if fmt == "super-blocks":
         return SuperBlockLinear.from_packed(tuple(packed), *form, bias)
+    if fmt == "int5":
+        return Int5BlockLinear.from_packed(*packed, bias)
     weight, scales, mins = packed
     return Int4Linear.from_packed(weight, scales, mins, bias) if fmt == "int4" else \
         Int8Linear.from_packed(weight, scales, mins, bias)
@@ -217,8 +229,8 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype, device: 
 
     keep_quantized: projections stored in a block type that leapllm's CPU kernels run
     (gguf_tensors.KERNEL_FORMATS: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants) become Int4Linear /
-    Int8Linear / SuperBlockLinear modules holding the stored values exactly, and a quantized embedding table stays
-    quantized; every other tensor is dequantized to `dtype`, one at a time.
+    Int8Linear / Int5BlockLinear / SuperBlockLinear modules holding the stored values exactly, and a
+    quantized embedding table stays quantized; every other tensor is dequantized to `dtype`, one at a time.
     config.extra["kernels_by_type"] records, per stored type, what runs it.
     """
     check_tensors(config, tensors, source)

@@ -98,6 +98,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                   pybind11::arg("sub_scales"), pybind11::arg("sub_mins"), pybind11::arg("super_scales"),
                   pybind11::arg("super_mins"), pybind11::arg("bias"), pybind11::arg("high_bits"), pybind11::arg("group"),
                   pybind11::arg("simd") = true)
+      .def_static("from_five_bit_blocks", &PackedLinear::from_five_bit_blocks, pybind11::arg("weight"),
+                  pybind11::arg("high"), pybind11::arg("scales"), pybind11::arg("bias"), pybind11::arg("simd") = true)
       .def("forward", &PackedLinear::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("dequantize", &PackedLinear::dequantize, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("dequantize_rows", &PackedLinear::dequantize_rows, pybind11::arg("indices"),
@@ -117,6 +119,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("super_blocks", &PackedLinear::super_blocks)
       .def_readonly("high_bits", &PackedLinear::high_bits)
       .def_readonly("group", &PackedLinear::group)
+      .def_readonly("five_bit", &PackedLinear::five_bit)
       .def_property_readonly("kernel", &PackedLinear::kernel);
   pybind11::class_<DecoderLayer, std::shared_ptr<DecoderLayer>>(m, "DecoderLayer")
       .def(pybind11::init<std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>, std::shared_ptr<PackedLinear>,

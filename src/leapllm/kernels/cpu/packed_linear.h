@@ -58,6 +58,8 @@ struct PackedLinear {
   bool small_bytes = false;   // int8 sub-blocks whose stored bytes are all below 64 (Q6_K and smaller K-quants)
   bool super_blocks = false;  // GGUF K-quants near the file's size (super_blocks.h): bits is 4, the low nibbles
   int64_t high_bits = 0, group = 0;  // super-blocks: high bits a value (0, 1, 2), features a sub-block (16, 32)
+  bool five_bit = false;  // GGUF Q5_0 as stored: int8 blocks (block_scales) whose values q + 16 are kept as low
+                          // nibbles (weight, the int4 layout) and fifth bits (high, as super-blocks' H = 1)
   at::Tensor weight, scales, mins, bias;
   at::Tensor high, sub_scales, sub_mins, super_scales, super_mins;  // super-blocks' parts (weight: low nibbles)
   // Their data, read once here rather than through a checked data_ptr<T>() at each of a step's many
@@ -180,10 +182,39 @@ struct PackedLinear {
     return l;
   }
 
+  // A layer on GGUF Q5_0 blocks as stored: w = d (u - 16), u = q + 16 in [0, 31], d float16 per block.
+  static std::shared_ptr<PackedLinear> from_five_bit_blocks(at::Tensor weight_, at::Tensor high_, at::Tensor scales_,
+                                                            c10::optional<at::Tensor> bias_, bool simd_) {
+    auto l = std::shared_ptr<PackedLinear>(new PackedLinear());
+    l->bits = 8;  // int8 blocks, as the tiles of several rows on AVX2 and the portable loops run them
+    l->simd = simd_ && (LEAPLLM_VNNI || LEAPLLM_AVX2);
+    l->five_bit = l->block_scales = true;
+    l->narrow_bytes = true;  // u + 112 lies in [112, 143]
+    l->weight = weight_.contiguous();
+    TORCH_CHECK(l->weight.scalar_type() == at::kByte && l->weight.dim() == 2, "packed weight must be a 2-D uint8 tensor");
+    const int64_t n = l->out_features = l->weight.size(0), k = l->in_features = l->weight.size(1) * 2;
+    TORCH_CHECK(k % BLOCK == 0 && n % TILE == 0, "five-bit blocks need in_features % 32 == 0, out_features % 16 == 0");
+    l->high = high_.contiguous();
+    TORCH_CHECK(l->high.scalar_type() == at::kByte && l->high.numel() == n * k / 8, "fifth bits must be (N, K / 8) uint8");
+    l->scales = scales_.contiguous();
+    TORCH_CHECK(l->scales.scalar_type() == at::kHalf && l->scales.numel() == n * (k / BLOCK),
+                "five-bit block scales must be float16 (N, K/32)");
+    if (bias_.has_value() && bias_->defined()) {
+      l->bias = bias_->to(at::kFloat).contiguous();
+      TORCH_CHECK(l->bias.numel() == n, "bias must have out_features values");
+      l->bias_data = l->bias.data_ptr<float>();
+    }
+    l->weight_data = l->weight.data_ptr<uint8_t>();
+    l->high_data = l->high.data_ptr<uint8_t>();
+    l->scale16 = reinterpret_cast<const uint16_t*>(l->scales.data_ptr<at::Half>());
+    return l;
+  }
+
   // out[m * ldo + n] = row n . a[m] (+ bias) for n in [n0, n1) (multiples of 16), every m < rows.
   void compute_rows(const QuantizedRow* const* a, int64_t rows, int64_t n0, int64_t n1, float* out,
                     int64_t ldo) const {
     if (super_blocks) return compute_super_block_rows(a, rows, n0, n1, out, ldo);
+    if (five_bit) return compute_five_bit_rows(a, rows, n0, n1, out, ldo);
     const int64_t blocks = in_features / BLOCK;
     const uint8_t* w = weight_data;
     const int64_t tile_bytes = TILE * in_features * bits / 8;
@@ -290,6 +321,45 @@ struct PackedLinear {
     }
   }
 
+  // compute_rows on five-bit blocks: the VNNI tiles, and the AVX2 tile of one row, read them as stored;
+  // otherwise each tile is expanded once into the int8 bytes u + 112 (this thread's scratch) and run
+  // on the int8-block tiles. The same bits either way.
+  void compute_five_bit_rows(const QuantizedRow* const* a, int64_t rows, int64_t n0, int64_t n1, float* out,
+                             int64_t ldo) const {
+    const int64_t blocks = in_features / BLOCK;
+#if LEAPLLM_VNNI || LEAPLLM_AVX2
+    if (simd && (LEAPLLM_VNNI || rows == 1)) {
+      for (int64_t n = n0; n < n1; n += TILE) {
+        const int64_t t = n / TILE;
+        const uint8_t* low = weight_data + t * TILE * in_features / 2;
+        const uint8_t* hi = high_data + t * TILE * in_features / 8;
+        const uint16_t* d = scale16 + n * blocks;
+#if LEAPLLM_VNNI
+        for (int64_t m0 = 0; m0 < rows; m0 += MAX_ROWS)
+          with_rows((int)std::min<int64_t>(MAX_ROWS, rows - m0), [&](auto r) {
+            tile_q5_blocks_simd<decltype(r)::value>(low, hi, d, a + m0, blocks, out + m0 * ldo + n, ldo);
+          });
+#else
+        tile_q5_blocks_one_row(low, hi, d, *a[0], blocks, out + n);
+#endif
+        add_bias(n, rows, out, ldo);
+      }
+      return;
+    }
+#endif
+    thread_local std::vector<uint8_t> u;
+    u.resize(TILE * in_features);
+    const int64_t row_group = simd && LEAPLLM_AVX2 ? 4 : MAX_ROWS;
+    for (int64_t n = n0; n < n1; n += TILE) {
+      const int64_t t = n / TILE;
+      expand_tile_values<1>(weight_data + t * TILE * in_features / 2, high_data + t * TILE * in_features / 8, blocks,
+                            u.data(), NARROW_BASE);
+      for (int64_t m0 = 0; m0 < rows; m0 += row_group)
+        tile(u.data(), n, a + m0, (int)std::min<int64_t>(row_group, rows - m0), blocks, out + m0 * ldo + n, ldo);
+      add_bias(n, rows, out, ldo);
+    }
+  }
+
   // An int8 sub-block tile: d and mn its float32 scales and minimums as (half block, row).
   void tile_sub_blocks(const uint8_t* wt, const float* d, const float* mn, const QuantizedRow* const* a, int mt,
                        int64_t blocks, float* out, int64_t ldo) const {
@@ -312,6 +382,14 @@ struct PackedLinear {
   // Row n's block b as 32 floats: row L = n % 16 of tile n / 16.
   void dequantize_block(int64_t n, int64_t b, float* r) const {
     const int64_t blocks = in_features / BLOCK, t = n / TILE, L = n % TILE;
+    if (five_bit) {  // as the int8 blocks' (stored - 128) * d, stored = u + 112
+      const float dv = half_to_float(scale16[t * TILE * blocks + b * TILE + L]);
+      float u[BLOCK];
+      dequantize_super_block_values(weight_data + t * TILE * in_features / 2, high_data + t * TILE * in_features / 8, 1,
+                                    b, (int)L, u);
+      for (int i = 0; i < BLOCK; ++i) r[i] = (u[i] - 16.f) * dv;
+      return;
+    }
     if (super_blocks) {
       const int64_t subs = in_features / group, supers = in_features / SUPER_BLOCK;
       dequantize_super_block_block(weight_data + t * TILE * in_features / 2,

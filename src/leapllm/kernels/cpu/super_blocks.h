@@ -21,9 +21,10 @@ namespace {
 
 constexpr int64_t SUPER_BLOCK = 256;
 
-// One tile's values u = low nibble | high << 4, in the int8 layout (bytes, 8 quad vectors a block).
+// One tile's values u = low nibble | high << 4, plus offset, in the int8 layout (bytes, 8 quad
+// vectors a block).
 template <int H>
-void expand_tile_values(const uint8_t* low, const uint8_t* high, int64_t blocks, uint8_t* u) {
+void expand_tile_values(const uint8_t* low, const uint8_t* high, int64_t blocks, uint8_t* u, uint8_t offset = 0) {
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* lb = low + b * 256;
     const uint8_t* hb = high + b * 64 * H;
@@ -35,7 +36,7 @@ void expand_tile_values(const uint8_t* low, const uint8_t* high, int64_t blocks,
         uint8_t v = (uint8_t)((src[i] >> shift) & 15);
         if constexpr (H == 1) v |= (uint8_t)(((hb[i] >> c) & 1) << 4);
         if constexpr (H == 2) v |= (uint8_t)(((hb[(c >> 2) * 64 + i] >> (2 * (c & 3))) & 3) << 4);
-        ub[c * 64 + i] = v;
+        ub[c * 64 + i] = (uint8_t)(v + offset);
       }
     }
   }
@@ -54,22 +55,32 @@ inline void expand_tile_scales(const int8_t* sc, const int8_t* mn, const float* 
   }
 }
 
-// Row L of a tile's block b as 32 floats (fma: one rounding, as the gguf package's own).
-inline void dequantize_super_block_block(const uint8_t* low, const uint8_t* high, int high_bits, const int8_t* sc,
-                                         const int8_t* mn, const float* D, const float* M, int64_t group, int64_t b,
-                                         int L, float* r) {
+// Row L of a tile's block b: its 32 values (low nibbles and high_bits high bits), as floats.
+inline void dequantize_super_block_values(const uint8_t* low, const uint8_t* high, int high_bits, int64_t b, int L,
+                                          float* u) {
   const uint8_t* lb = low + b * 256;
   const uint8_t* hb = high_bits ? high + b * 64 * high_bits : nullptr;
   for (int c = 0; c < 8; ++c) {
     for (int j = 0; j < 4; ++j) {
       const int i = 4 * L + j;
-      int u = (lb[(c & 3) * 64 + i] >> (c < 4 ? 0 : 4)) & 15;
-      if (high_bits == 1) u |= ((hb[i] >> c) & 1) << 4;
-      if (high_bits == 2) u |= ((hb[(c >> 2) * 64 + i] >> (2 * (c & 3))) & 3) << 4;
-      const int64_t feature = b * BLOCK + 4 * c + j, g = feature / group, s = feature / SUPER_BLOCK;
-      const float dv = D[s * TILE + L] * (float)sc[g * TILE + L], mv = M[s * TILE + L] * (float)mn[g * TILE + L];
-      r[4 * c + j] = std::fma((float)u, dv, mv);
+      int v = (lb[(c & 3) * 64 + i] >> (c < 4 ? 0 : 4)) & 15;
+      if (high_bits == 1) v |= ((hb[i] >> c) & 1) << 4;
+      if (high_bits == 2) v |= ((hb[(c >> 2) * 64 + i] >> (2 * (c & 3))) & 3) << 4;
+      u[4 * c + j] = (float)v;
     }
+  }
+}
+
+// Row L of a tile's block b as 32 weights (fma: one rounding, as the gguf package's own).
+inline void dequantize_super_block_block(const uint8_t* low, const uint8_t* high, int high_bits, const int8_t* sc,
+                                         const int8_t* mn, const float* D, const float* M, int64_t group, int64_t b,
+                                         int L, float* r) {
+  float u[BLOCK];
+  dequantize_super_block_values(low, high, high_bits, b, L, u);
+  for (int i = 0; i < BLOCK; ++i) {
+    const int64_t feature = b * BLOCK + i, g = feature / group, s = feature / SUPER_BLOCK;
+    const float dv = D[s * TILE + L] * (float)sc[g * TILE + L], mv = M[s * TILE + L] * (float)mn[g * TILE + L];
+    r[i] = std::fma(u[i], dv, mv);
   }
 }
 

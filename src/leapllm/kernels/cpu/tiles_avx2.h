@@ -539,5 +539,33 @@ void tile_super_blocks_one_row(const uint8_t* low, const uint8_t* high, const in
   _mm256_storeu_ps(out + 8, acc[1]);
 }
 
+// GGUF's Q5_0 as stored, one activation row (see tiles_vnni.h): the values unpacked, summed directly
+// (below 64), 112 x the activations' block sum added: tile_q8_one_row's integer and float steps.
+inline void tile_q5_blocks_one_row(const uint8_t* low, const uint8_t* high, const uint16_t* d, const QuantizedRow& r,
+                                   int64_t blocks, float* out) {
+  const __m256 minus128 = _mm256_set1_ps(-128.f);
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // rows 0..7, 8..15
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* lb = low + b * 256;
+    const uint8_t* hb = high + b * 64;
+    prefetch_lines(lb + PREFETCH_Q4, 4);
+    prefetch_lines(hb + PREFETCH_Q4 / 4, 1);
+    const int8_t* x = r.q.data() + b * BLOCK;
+    const __m256 scale = _mm256_set1_ps(r.scale[b]), block_sum = _mm256_set1_ps(r.block_sum[b]);
+    const __m256i offset = _mm256_set1_epi32(NARROW_BASE * r.isum[b]);
+    for (int h = 0; h < 2; ++h) {
+      __m256i v[8];
+      unpack_super_block_half<1>(lb, hb, h, v);
+      const __m256i s = _mm256_add_epi32(_mm256_add_epi32(small_quads_sum4(v, x), small_quads_sum4(v + 4, x + 16)),
+                                         offset);
+      const __m256 db = load_scales8(d + b * TILE + 8 * h);
+      acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(db, scale), acc[h]);
+      acc[h] = _mm256_fmadd_ps(_mm256_mul_ps(db, minus128), block_sum, acc[h]);
+    }
+  }
+  _mm256_storeu_ps(out, acc[0]);
+  _mm256_storeu_ps(out + 8, acc[1]);
+}
+
 }  // namespace
 #endif

@@ -201,5 +201,28 @@ void tile_super_blocks_simd(const uint8_t* low, const uint8_t* high, const int8_
   for (int m = 0; m < MT; ++m) _mm512_storeu_ps(out + m * ldo, acc[m]);
 }
 
+// GGUF's Q5_0 as stored (PackedLinear::five_bit): the values u = q + 16 unpacked from their low
+// nibbles and fifth bits, then the int8-block tile's steps on the bytes it would hold, u + 112
+// (q + 128): the same integer sums (plus 112 x the activations' block sum) and so the same bits.
+template <int MT>
+void tile_q5_blocks_simd(const uint8_t* low, const uint8_t* high, const uint16_t* d, const QuantizedRow* const* a,
+                         int64_t blocks, float* out, int64_t ldo) {
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i wq[8];
+    unpack_super_block<1>(low + b * 256, high + b * 64, wq);
+    const __m512 db = load_scales16(d + b * TILE), mb = _mm512_mul_ps(db, _mm512_set1_ps(-128.f));
+    for (int m = 0; m < MT; ++m) {
+      __m512i s0, s1;
+      block_dots(wq, a[m]->q.data() + b * BLOCK, s0, s1);
+      const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(NARROW_BASE * a[m]->isum[b]));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(db, _mm512_set1_ps(a[m]->scale[b])), acc[m]);
+      acc[m] = _mm512_fmadd_ps(mb, _mm512_set1_ps(a[m]->block_sum[b]), acc[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) _mm512_storeu_ps(out + m * ldo, acc[m]);
+}
+
 }  // namespace
 #endif

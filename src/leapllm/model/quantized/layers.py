@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from leapllm.model.quantized.int4 import Int4Linear, unpack_nibbles
+from leapllm.model.quantized.int5 import Int5BlockLinear
 from leapllm.model.quantized.int8 import Int8Linear
 from leapllm.model.quantized.super_block import SuperBlockLinear
 
 # The layers that hold quantized weights (packed for leapllm's kernels, or on PyTorch's).
-QUANTIZED_LAYERS = (Int4Linear, Int8Linear, SuperBlockLinear)
+QUANTIZED_LAYERS = (Int4Linear, Int8Linear, Int5BlockLinear, SuperBlockLinear)
 
 # The tensors a quantized layer `<name>` is saved as: `<name>.qweight`, `<name>.scales`, ...
 QUANTIZED_PARTS = {"int4": ("qweight", "scales", "mins"), "int8": ("qweight", "scales")}
