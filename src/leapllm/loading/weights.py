@@ -15,6 +15,7 @@ from torch import nn
 from leapllm.errors import ModelLoadError
 from leapllm.kernels.packing import (
     kernels_can_run,
+    release_freed_heap,
     pack_int4,
     pack_int8_blocks,
     pack_int8_sub_blocks,
@@ -180,7 +181,7 @@ def _quantized_projection(parts: list, fmt: str, bias: torch.Tensor | None,
 # Rows of one big stored tensor (an output head of 150k tokens) decoded and packed at a time: its
 # whole decoded form (values, float32 scales and minimums per 16) and packing copies are several
 # times its packed size, which would set the load's peak memory.
-PACK_ROWS_AT_ONCE = 8192
+PACK_ROWS_AT_ONCE = 4096
 
 
 def _packed_by_row_slices(part: GGUFTensor, fmt: str, bias: torch.Tensor | None) -> nn.Module:
@@ -291,6 +292,7 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype, device: 
             projection(q + "gate_up_proj", [q + "gate_proj.weight", q + "up_proj.weight"])
             projection(q + "down_proj", [q + "down_proj.weight"])
     head_name = "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    release_freed_heap(collect=False)  # the layers' small temporaries, before the head's big ones
     projection("lm_head", [head_name])
 
     embedding = tensors["embed_tokens.weight"]
