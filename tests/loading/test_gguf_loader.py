@@ -84,6 +84,21 @@ def test_truncated_gguf_names_the_problem(tmp_path, default_gguf_path, tiny_stat
             load_model(truncated)
 
 
+def test_a_vocabulary_string_cut_short_or_not_utf8_is_named_not_a_crash(tmp_path, default_gguf_path, tiny_state):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", default_gguf_path, tiny_state)
+    data = path.read_bytes()
+    at = data.index(b"<|im_start|>")  # a token of the vocabulary's string array
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:at + 4])
+    with pytest.raises(ModelLoadError, match="truncated or corrupt GGUF file"):
+        load_model(cut)
+    bad = bytearray(data)
+    bad[at] = 0xFF
+    path.write_bytes(bytes(bad))
+    with pytest.raises(ModelLoadError, match=f"a string that is not UTF-8 at byte {at}"):
+        load_model(path)
+
+
 def test_corrupt_header_counts_are_an_error_not_a_crash(tmp_path, default_gguf_path, tiny_state):
     path = write_tiny_gguf(tmp_path / "tiny.gguf", default_gguf_path, tiny_state)
     data = bytearray(path.read_bytes())

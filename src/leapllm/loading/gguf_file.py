@@ -65,6 +65,9 @@ class GGUFContents:
     tensors: list[GGUFTensorInfo]
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     """Reads little-endian values from a buffer, refusing to run past its end."""
 
@@ -92,6 +95,29 @@ class _Cursor:
         except UnicodeDecodeError:
             raise ModelLoadError(f"{self.path}: corrupt GGUF file (a string that is not UTF-8 at byte {self.pos - n})") from None
 
+    def strings(self, count: int) -> list[str]:
+        """count strings in a row (a vocabulary's tokens or merges): string() unrolled, as this loop
+        runs for every one of a vocabulary's ~100,000 strings at each load."""
+        buf, pos, size = self.buf, self.pos, self.size
+        length = _U64.unpack_from
+        out = []
+        try:
+            for _ in range(count):
+                if pos + 8 > size:
+                    break
+                (n,) = length(buf, pos)
+                if pos + 8 + n > size:
+                    break
+                out.append(buf[pos + 8:pos + 8 + n].decode("utf-8"))
+                pos += 8 + n
+        except UnicodeDecodeError:
+            raise ModelLoadError(
+                f"{self.path}: corrupt GGUF file (a string that is not UTF-8 at byte {pos + 8})") from None
+        self.pos = pos
+        if len(out) < count:
+            self.string()  # the string that runs past the end: string() says where
+        return out
+
     def value(self, vtype: int, depth: int = 0) -> Any:
         try:
             vtype = GGUFValueType(vtype)
@@ -111,6 +137,8 @@ class _Cursor:
             self.pos += count * dtype.itemsize
             return values
         self.need(count * 8)  # every remaining element takes at least 8 bytes (a string's length)
+        if etype == GGUFValueType.STRING:
+            return self.strings(count)
         return [self.value(etype, depth + 1) for _ in range(count)]
 
 
