@@ -107,11 +107,7 @@ struct PackedLinear {
       TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == out_features,
                   "int8 scales must be float32 (N,) or float16 (N, K/32)");
     }
-    if (bias_.has_value() && bias_->defined()) {
-      bias = bias_->to(at::kFloat).contiguous();
-      TORCH_CHECK(bias.numel() == out_features, "bias must have out_features values");
-      bias_data = bias.data_ptr<float>();
-    }
+    set_bias(bias_);
     weight_data = weight.data_ptr<uint8_t>();
     if (bits == 8) {  // chunks of OR-ed bytes, so that the loop vectorizes
       const uint8_t shift = sub_blocks ? 0 : NARROW_BASE;  // sub-blocks: below 64; else: in [112, 175]
@@ -130,21 +126,38 @@ struct PackedLinear {
     else if (mins.defined()) mins16 = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
   }
 
+  // A layer whose weight holds values' low nibbles in the int4 layout (N, K/2): the start of the
+  // super-block and five-bit layers.
+  static std::shared_ptr<PackedLinear> on_low_nibbles(at::Tensor weight_, bool simd_) {
+    auto l = std::shared_ptr<PackedLinear>(new PackedLinear());
+    l->simd = simd_ && (LEAPLLM_VNNI || LEAPLLM_AVX2);
+    l->weight = weight_.contiguous();
+    TORCH_CHECK(l->weight.scalar_type() == at::kByte && l->weight.dim() == 2, "packed weight must be a 2-D uint8 tensor");
+    l->out_features = l->weight.size(0);
+    l->in_features = l->weight.size(1) * 2;
+    l->weight_data = l->weight.data_ptr<uint8_t>();
+    return l;
+  }
+
+  void set_bias(const c10::optional<at::Tensor>& bias_) {
+    if (!bias_.has_value() || !bias_->defined()) return;
+    bias = bias_->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias.numel() == out_features, "bias must have out_features values");
+    bias_data = bias.data_ptr<float>();
+  }
+
   // A layer on GGUF K-quant super-blocks (super_blocks.h's layout).
   static std::shared_ptr<PackedLinear> from_super_blocks(at::Tensor weight_, c10::optional<at::Tensor> high_,
                                                          at::Tensor sub_scales_, c10::optional<at::Tensor> sub_mins_,
                                                          at::Tensor super_scales_, at::Tensor super_mins_,
                                                          c10::optional<at::Tensor> bias_, int64_t high_bits_,
                                                          int64_t group_, bool simd_) {
-    auto l = std::shared_ptr<PackedLinear>(new PackedLinear());
+    auto l = on_low_nibbles(weight_, simd_);
+    const int64_t n = l->out_features, k = l->in_features;
     l->bits = 4;
-    l->simd = simd_ && (LEAPLLM_VNNI || LEAPLLM_AVX2);
     l->super_blocks = true;
     l->high_bits = high_bits_;
     l->group = group_;
-    l->weight = weight_.contiguous();
-    TORCH_CHECK(l->weight.scalar_type() == at::kByte && l->weight.dim() == 2, "packed weight must be a 2-D uint8 tensor");
-    const int64_t n = l->out_features = l->weight.size(0), k = l->in_features = l->weight.size(1) * 2;
     TORCH_CHECK(k % SUPER_BLOCK == 0 && n % TILE == 0, "super-blocks need in_features % 256 == 0, out_features % 16 == 0");
     TORCH_CHECK(high_bits_ >= 0 && high_bits_ <= 2, "high_bits must be 0, 1 or 2");
     TORCH_CHECK(group_ == 16 || group_ == 32, "sub-blocks are of 16 or 32 features");
@@ -172,12 +185,7 @@ struct PackedLinear {
                   "super-block scales and minimums must be (N, K / 256) float32");
     l->D_data = l->super_scales.data_ptr<float>();
     l->M_data = l->super_mins.data_ptr<float>();
-    if (bias_.has_value() && bias_->defined()) {
-      l->bias = bias_->to(at::kFloat).contiguous();
-      TORCH_CHECK(l->bias.numel() == n, "bias must have out_features values");
-      l->bias_data = l->bias.data_ptr<float>();
-    }
-    l->weight_data = l->weight.data_ptr<uint8_t>();
+    l->set_bias(bias_);
     l->small_bytes = true;  // values of at most 6 bits
     return l;
   }
@@ -185,26 +193,18 @@ struct PackedLinear {
   // A layer on GGUF Q5_0 blocks as stored: w = d (u - 16), u = q + 16 in [0, 31], d float16 per block.
   static std::shared_ptr<PackedLinear> from_five_bit_blocks(at::Tensor weight_, at::Tensor high_, at::Tensor scales_,
                                                             c10::optional<at::Tensor> bias_, bool simd_) {
-    auto l = std::shared_ptr<PackedLinear>(new PackedLinear());
+    auto l = on_low_nibbles(weight_, simd_);
+    const int64_t n = l->out_features, k = l->in_features;
     l->bits = 8;  // int8 blocks, as the tiles of several rows on AVX2 and the portable loops run them
-    l->simd = simd_ && (LEAPLLM_VNNI || LEAPLLM_AVX2);
     l->five_bit = l->block_scales = true;
     l->narrow_bytes = true;  // u + 112 lies in [112, 143]
-    l->weight = weight_.contiguous();
-    TORCH_CHECK(l->weight.scalar_type() == at::kByte && l->weight.dim() == 2, "packed weight must be a 2-D uint8 tensor");
-    const int64_t n = l->out_features = l->weight.size(0), k = l->in_features = l->weight.size(1) * 2;
     TORCH_CHECK(k % BLOCK == 0 && n % TILE == 0, "five-bit blocks need in_features % 32 == 0, out_features % 16 == 0");
     l->high = high_.contiguous();
     TORCH_CHECK(l->high.scalar_type() == at::kByte && l->high.numel() == n * k / 8, "fifth bits must be (N, K / 8) uint8");
     l->scales = scales_.contiguous();
     TORCH_CHECK(l->scales.scalar_type() == at::kHalf && l->scales.numel() == n * (k / BLOCK),
                 "five-bit block scales must be float16 (N, K/32)");
-    if (bias_.has_value() && bias_->defined()) {
-      l->bias = bias_->to(at::kFloat).contiguous();
-      TORCH_CHECK(l->bias.numel() == n, "bias must have out_features values");
-      l->bias_data = l->bias.data_ptr<float>();
-    }
-    l->weight_data = l->weight.data_ptr<uint8_t>();
+    l->set_bias(bias_);
     l->high_data = l->high.data_ptr<uint8_t>();
     l->scale16 = reinterpret_cast<const uint16_t*>(l->scales.data_ptr<at::Half>());
     return l;
