@@ -15,7 +15,7 @@ from leapllm.errors import ModelLoadError
 from leapllm.kernels import cpu_kernels
 from leapllm.kernels.packing import PACKED_BUFFERS
 from leapllm.loading.gguf_loader import load_gguf
-from leapllm.loading.gguf_tensors import GGUFTensor, unpermute_qk
+from leapllm.loading.gguf_tensors import GGUFTensor, SuperBlockParts, unpermute_qk
 from leapllm.loading.loader import load_model
 from leapllm.model.quantized.embedding import (
     F16_SCALE_OFFSETS,
@@ -206,6 +206,58 @@ def test_a_k_quant_fused_with_another_type_runs_as_one_exact_int8_sub_block_proj
     assert torch.equal(module.packed_linear.dequantize(torch.float32), torch.cat([reference(t) for t in parts]))
 
 
+def stored_parts(types: list[Q], rows: list[int]) -> list[GGUFTensor]:
+    """Parts of one projection, the first with llama.cpp's Q/K row order (2 heads) to undo."""
+    parts = []
+    for i, (qtype, n) in enumerate(zip(types, rows)):
+        data = random_blocks(qtype, n, 512, seed=i) if qtype in K_QUANTS else \
+            quants.quantize(weights_with_outliers(n, 512, seed=i), qtype)
+        parts.append(GGUFTensor(f"part{i}", qtype, (n, 512), data, "synthetic.gguf", 2 if i == 0 else None))
+    return parts
+
+
+def packed_in_python(parts: list[GGUFTensor], fmt: str) -> nn.Module:
+    """The parts decoded into values and factors by numpy and packed by PyTorch (kernels/packing.py)."""
+    if fmt == "super-blocks":
+        p = SuperBlockParts.joined([t.super_block_parts() for t in parts])
+        return SuperBlockLinear(p.values, p.sub_scales, p.sub_mins, p.super_scales, p.super_mins, p.high_bits, p.group)
+    getter = {"int4": "int4_parts", "int5": "int5_parts", "int8": "int8_parts"}[fmt]
+    joined = [torch.cat(x) for x in zip(*(getattr(t, getter)() for t in parts))]
+    return {"int4": lambda: Int4Linear(*joined, None), "int5": lambda: Int5BlockLinear(*joined),
+            "int8": lambda: Int8Linear(*joined)}[fmt]()
+
+
+@needs_kernels
+@pytest.mark.parametrize("types", [[Q.Q4_K], [Q.Q4_K, Q.Q6_K], [Q.Q2_K, Q.Q5_K, Q.Q3_K], [Q.Q6_K, Q.Q4_K, Q.Q2_K],
+                                   [Q.Q4_0, Q.Q4_1], [Q.Q8_0, Q.Q5_0], [Q.Q5_0], [Q.Q5_0, Q.Q5_0, Q.Q5_0]])
+def test_projections_packed_from_the_files_rows_are_the_bytes_of_the_decoded_packing(types):
+    """The loader packs a projection's parts in C++ straight from the file's block rows (cpu/gguf_blocks.h):
+    the very bytes of decoding them in numpy and packing the values, parts that start inside a tile of
+    16 rows, unpermuted Q/K rows and K-quants held in a more general form included."""
+    from leapllm.loading.weights import _quantized_projection, projection_format
+
+    parts = stored_parts(types, {1: [48], 2: [24, 40], 3: [24, 8, 32]}[len(types)])
+    fmt = projection_format(parts)
+    module = _quantized_projection(parts, fmt, None, torch.device("cpu"))
+    expected = packed_in_python(parts, fmt)
+    assert type(module) is type(expected)
+    for name in PACKED_BUFFERS:
+        a, b = getattr(expected, name, None), getattr(module, name, None)
+        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), name
+    assert torch.equal(module.packed_linear.dequantize(torch.float32), torch.cat([reference(t) for t in parts]))
+
+
+@needs_kernels
+def test_a_q4_0_scale_whose_minimum_overflows_float16_is_a_load_error_naming_the_tensor():
+    from leapllm.loading.weights import _quantized_projection
+
+    data = quants.quantize(weights_with_outliers(16, 64), Q.Q4_0)
+    data[3, 18:20] = np.array([60000.0], dtype=np.float16).view(np.uint8)  # -8 d overflows float16
+    t = GGUFTensor("blk.0.ffn_down.weight", Q.Q4_0, (16, 64), data, "synthetic.gguf")
+    with pytest.raises(ModelLoadError, match="blk.0.ffn_down.weight.*Q4_0 scale too large"):
+        _quantized_projection([t], "int4", None, torch.device("cpu"))
+
+
 @needs_kernels
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q4_K])
 def test_every_kernel_type_also_takes_the_int8_sub_block_form_bit_for_bit(qtype):
@@ -349,7 +401,7 @@ def test_the_default_model_keeps_its_q4_1_weights_and_q8_0_table_once(default_gg
 
 
 @needs_kernels
-@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.Q8_0, Q.Q5_0, Q.Q6_K, Q.Q5_K])
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.Q8_0, Q.Q5_0, Q.Q6_K, Q.Q5_K, Q.Q5_1])
 def test_a_big_tensor_packed_a_slice_of_rows_at_a_time_is_the_tensor_packed_whole(qtype, monkeypatch):
     """An output head of 150k rows is decoded and packed in slices (bounding the load's peak memory):
     the packed buffers and the layer's outputs are those of packing it whole."""

@@ -117,6 +117,38 @@ def pack_super_blocks(values: torch.Tensor, high_bits: int, *factors: torch.Tens
     return weight, high, [None if f is None else per_row_blocks(f).contiguous() for f in factors]
 
 
+# The packed forms cpu/gguf_blocks.h builds straight from a GGUF file's block rows.
+STORED_ROW_FORMS = ("int4", "int8", "int5", "super-blocks")
+
+
+def packed_outputs(form: str, n: int, k: int, group: int = 32, high_bits: int = 0, with_mins: bool = True
+                   ) -> list[torch.Tensor | None]:
+    """Empty tensors for an (n, k) weight in one of STORED_ROW_FORMS: (weight, high bits, scales,
+    minimums, super-block scales, super-block minimums), None where the form has no such part;
+    shapes and dtypes of pack_int4 / pack_int8_blocks / pack_super_blocks's outputs."""
+    def e(cols: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        return torch.empty(n, cols, dtype=dtype)
+    if form == "int4":
+        return [e(k // 2), None, e(k // BLOCK, torch.float16), e(k // BLOCK, torch.float16), None, None]
+    if form == "int8":
+        return [e(k), None, e(k // BLOCK, torch.float16), None, None, None]
+    if form == "int5":
+        return [e(k // 2), e(k // 8), e(k // BLOCK, torch.float16), None, None, None]
+    if form == "super-blocks":
+        sub = torch.int8
+        return [e(k // 2), e(k * high_bits // 8) if high_bits else None, e(k // group, sub),
+                e(k // group, sub) if with_mins else None, e(k // 256, torch.float32), e(k // 256, torch.float32)]
+    raise ValueError(f"no packed form {form!r} is built from stored rows")
+
+
+def pack_stored_rows(outputs: list[torch.Tensor | None], data, rows: torch.Tensor, row0: int, ggml_type: int,
+                     form: str, group: int = 32, high_bits: int = 0) -> None:
+    """Packs stored GGUF block rows data[rows] (data: (rows, bytes) uint8, e.g. a memory-mapped view)
+    into rows row0 .. row0 + len(rows) of packed_outputs' tensors, in C++ (cpu/gguf_blocks.h)."""
+    k = outputs[0].shape[1] * (1 if form == "int8" else 2)
+    cpu_kernels().pack_gguf_rows(data, rows, row0, int(ggml_type), k, form, outputs, group, high_bits)
+
+
 def kernels_can_run(in_features: int, out_features: int, device: torch.device | str) -> bool:
     """Whether a linear layer of this shape on this device can use the packed kernels."""
     return (torch.device(device).type == "cpu" and in_features % BLOCK == 0 and out_features % TILE == 0

@@ -16,6 +16,9 @@ Q4_K 4.75 bits a weight (its file 4.5), Q5_K 5.75 (5.5), Q6_K 6.75 (6.56), Q3_K 
 per 16 features ("int8-16", 12 bits a weight). Every form dequantizes to the gguf package's values
 bit for bit. Every type with a kernel can take the int8-16 form, so a fused projection whose parts
 mix a K-quant with another type runs as one int8-16 layer (K-quants alone join as super-blocks).
+The loader packs the int4, int8, int5 and super-block forms in C++ straight from the file's rows
+(kernels/cpu/gguf_blocks.h, GGUFTensor.stored_rows); the numpy decoding here (int4_parts,
+super_block_parts, ...) is their reference in the tests and builds the int8-16 form.
 Every other type (F16, BF16, IQ*, ...) has no kernel yet: it is dequantized by the
 `gguf` package (llama.cpp's own reference code) to float32 when the model is built, one tensor at a
 time, and `leapllm info` says so.
@@ -126,6 +129,15 @@ class GGUFTensor:
             if self.release_pages is not None:
                 self.release_pages()
         return out
+
+    def stored_rows(self) -> tuple[np.ndarray, torch.Tensor]:
+        """(the stored bytes as (rows, bytes per row), a view of the file; the stored row of each of
+        PyTorch's rows, int64): what cpu/gguf_blocks.h packs from without copying the file's bytes."""
+        data = np.asarray(self.data).reshape(self.shape[0], -1)
+        order = np.arange(self.shape[0], dtype=np.int64)
+        if self.unpermute_heads is not None:
+            order = np.ascontiguousarray(unpermute_qk(order, self.unpermute_heads))
+        return data, torch.from_numpy(order)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 values, by the gguf package's reference dequantization."""
@@ -275,6 +287,15 @@ SUPER_BLOCK_FORMS = {
     GGMLQuantizationType.Q2_K: (0, 16), GGMLQuantizationType.Q3_K: (0, 16), GGMLQuantizationType.Q4_K: (0, 32),
     GGMLQuantizationType.Q5_K: (1, 32), GGMLQuantizationType.Q6_K: (2, 16),
 }
+
+
+def super_block_target(types: list[GGMLQuantizationType]) -> tuple[int, int, bool]:
+    """(high bits, sub-block size, with minimums): the super-block form that holds K-quant parts of
+    these types in one layer, as SuperBlockParts.joined forms it."""
+    forms = [SUPER_BLOCK_FORMS[t] for t in types]
+    with_mins = any(t in (GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K)
+                    for t in types)
+    return max(h for h, _ in forms), min(g for _, g in forms), with_mins
 
 
 def _super_block_parts(qtype: GGMLQuantizationType, sb: np.ndarray) -> SuperBlockParts:

@@ -14,19 +14,19 @@ from torch import nn
 
 from leapllm.errors import ModelLoadError
 from leapllm.kernels.packing import (
+    STORED_ROW_FORMS,
     kernels_can_run,
-    release_freed_heap,
-    pack_int4,
-    pack_int8_blocks,
     pack_int8_sub_blocks,
-    pack_super_blocks,
+    pack_stored_rows,
+    packed_outputs,
+    release_freed_heap,
 )
 from leapllm.loading.families import FUSED_TENSORS
 from leapllm.loading.gguf_tensors import (
     KERNEL_DESCRIPTIONS,
     GGUFTensor,
-    SuperBlockParts,
     as_float,
+    super_block_target,
 )
 from leapllm.model.config import ModelConfig
 from leapllm.model.llama import Transformer
@@ -145,82 +145,69 @@ def projection_format(parts: list) -> str | None:
 
 def _quantized_projection(parts: list, fmt: str, bias: torch.Tensor | None,
                           device: torch.device) -> nn.Module | None:
-    """The stored tensors `parts` (concatenated by rows) as one Int4Linear / Int8Linear / SuperBlockLinear in packed
-    format `fmt` (projection_format's) on leapllm's kernels, exactly as stored; None where the
-    kernels do not run this shape here."""
+    """The stored tensors `parts` (concatenated by rows) as one Int4Linear / Int8Linear / Int5BlockLinear /
+    SuperBlockLinear in packed format `fmt` (projection_format's) on leapllm's kernels, exactly as
+    stored; None where the kernels do not run this shape here."""
     out_features, in_features = sum(t.shape[0] for t in parts), parts[0].shape[1]
     if not kernels_can_run(in_features, out_features, device):
         return None
-
-    def joined(per_part):  # each part's tensors, concatenated by rows (no copy for a single part)
-        tensors = [x[0] if len(x) == 1 else torch.cat(x) for x in zip(*per_part)]
-        _release(parts)  # before the packing's copies exist
-        return tensors
-
-    if len(parts) == 1 and out_features >= 2 * PACK_ROWS_AT_ONCE and isinstance(parts[0], GGUFTensor) \
-            and parts[0].unpermute_heads is None:
-        return _packed_by_row_slices(parts[0], fmt, bias)
-    if fmt == "super-blocks":
-        p = SuperBlockParts.joined([t.super_block_parts() for t in parts])
-        _release(parts)
-        return SuperBlockLinear(p.values, p.sub_scales, p.sub_mins, p.super_scales, p.super_mins, p.high_bits,
-                                p.group, bias)
-    if fmt == "int5":
-        u, scale = joined(t.int5_parts() for t in parts)
-        return Int5BlockLinear(u, scale, bias)
-    if fmt == "int4":
-        q, scale, minimum = joined(t.int4_parts() for t in parts)
-        return Int4Linear(q, scale, minimum, bias, device)
-    if fmt == "int8-16":
-        u, scale, minimum = joined(t.sub_block_parts() for t in parts)
-        return Int8Linear(u, scale, bias, minimum=minimum)
-    q, scale = joined(t.int8_parts() for t in parts)
-    return Int8Linear(q, scale, bias)
+    if fmt in STORED_ROW_FORMS:
+        return _packed_from_stored_rows(parts, fmt, bias)
+    # int8-16 (parts of different block types): decoded into values and factors here, then packed
+    if len(parts) == 1 and out_features >= 2 * PACK_ROWS_AT_ONCE and parts[0].unpermute_heads is None:
+        return _sub_blocks_by_row_slices(parts[0], bias)
+    per_part = [t.sub_block_parts() for t in parts]
+    u, scale, minimum = [x[0] if len(x) == 1 else torch.cat(x) for x in zip(*per_part)]
+    _release(parts)
+    return Int8Linear(u, scale, bias, minimum=minimum)
 
 
-# Rows of one big stored tensor (an output head of 150k tokens) decoded and packed at a time: its
-# whole decoded form (values, float32 scales and minimums per 16) and packing copies are several
-# times its packed size, which would set the load's peak memory.
+# Rows of one stored tensor packed at a time, its file pages dropped after each slice: an output head
+# of 150k tokens would otherwise be resident twice (the file's pages and the packed copy) at the
+# load's peak, and the int8-16 form's decoded values and factors are several times its packed size.
 PACK_ROWS_AT_ONCE = 4096
 
 
-def _packed_by_row_slices(part: GGUFTensor, fmt: str, bias: torch.Tensor | None) -> nn.Module:
-    """_quantized_projection for one big tensor: each slice of rows (whole tiles of 16) packs on its
-    own into its rows of the packed tensors, which the kernels' layout keeps tile after tile."""
-    n, k = part.shape
-    packed: list[torch.Tensor | None] = []
-    form = None  # super-blocks: (high bits, group)
+def _packed_from_stored_rows(parts: list[GGUFTensor], fmt: str, bias: torch.Tensor | None) -> nn.Module:
+    """_quantized_projection for the forms packed in C++ straight from the file's block rows."""
+    high_bits, group, with_mins = super_block_target([t.ggml_type for t in parts]) if fmt == "super-blocks" \
+        else (0, 32, True)
+    outputs = packed_outputs(fmt, sum(t.shape[0] for t in parts), parts[0].shape[1], group, high_bits, with_mins)
+    row0 = 0
+    for t in parts:
+        data, order = t.stored_rows()
+        for r0 in range(0, t.shape[0], PACK_ROWS_AT_ONCE):
+            try:
+                pack_stored_rows(outputs, data, order[r0:r0 + PACK_ROWS_AT_ONCE], row0 + r0, t.ggml_type, fmt, group,
+                                 high_bits)
+            except ValueError as e:  # a block the packed form cannot hold (a Q4_0 scale past float16)
+                raise ModelLoadError(f"{t.source}: tensor {t.name!r}: {e}") from None
+            _release([t])  # the slice's file pages (the rest page in again from the page cache)
+        row0 += t.shape[0]
+    weight, high, scales, mins, super_scales, super_mins = outputs
+    if fmt == "super-blocks":
+        return SuperBlockLinear.from_packed(tuple(outputs), high_bits, group, bias)
+    if fmt == "int5":
+        return Int5BlockLinear.from_packed(weight, high, scales, bias)
+    if fmt == "int4":
+        return Int4Linear.from_packed(weight, scales, mins, bias)
+    return Int8Linear.from_packed(weight, scales, None, bias)
+
+
+def _sub_blocks_by_row_slices(part: GGUFTensor, bias: torch.Tensor | None) -> nn.Module:
+    """An int8-16 layer of one big tensor: each slice of rows (whole tiles of 16) decoded and packed on
+    its own into its rows of the packed tensors, which the kernels' layout keeps tile after tile."""
+    n, _ = part.shape
+    packed: list[torch.Tensor] = []
     for r0 in range(0, n, PACK_ROWS_AT_ONCE):
         rows = part.row_slice(r0, min(n, r0 + PACK_ROWS_AT_ONCE))
-        if fmt == "super-blocks":
-            p = rows.super_block_parts()
-            form = p.high_bits, p.group
-            weight, high, factors = pack_super_blocks(p.values, p.high_bits, p.sub_scales, p.sub_mins, p.super_scales,
-                                                      p.super_mins)
-            slice_packed = (weight, high, *factors)
-        elif fmt == "int5":
-            u, scale = rows.int5_parts()
-            weight, high, (scales,) = pack_super_blocks(u, 1, scale)
-            slice_packed = (weight, high, scales)
-        elif fmt == "int4":
-            slice_packed = pack_int4(*rows.int4_parts())
-        elif fmt == "int8-16":
-            slice_packed = pack_int8_sub_blocks(*rows.sub_block_parts())
-        else:
-            slice_packed = (*pack_int8_blocks(*rows.int8_parts()), None)
+        slice_packed = pack_int8_sub_blocks(*rows.sub_block_parts())
         if not packed:
-            packed = [None if t is None else t.new_empty((n, *t.shape[1:])) for t in slice_packed]
+            packed = [t.new_empty((n, *t.shape[1:])) for t in slice_packed]
         for whole, piece in zip(packed, slice_packed):
-            if whole is not None:
-                whole[r0:r0 + piece.shape[0]] = piece
-        _release([part])  # the slice's file pages (the rest page in again from the page cache)
-    if fmt == "super-blocks":
-        return SuperBlockLinear.from_packed(tuple(packed), *form, bias)
-    if fmt == "int5":
-        return Int5BlockLinear.from_packed(*packed, bias)
-    weight, scales, mins = packed
-    return Int4Linear.from_packed(weight, scales, mins, bias) if fmt == "int4" else \
-        Int8Linear.from_packed(weight, scales, mins, bias)
+            whole[r0:r0 + piece.shape[0]] = piece
+        _release([part])
+    return Int8Linear.from_packed(*packed, bias)
 
 
 def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype, device: torch.device | str, source: str,
