@@ -72,38 +72,47 @@ inline void k4_scales_mins(const uint8_t* s, int8_t* sc, int8_t* mn) {
   }
 }
 
+// One row of a 32-weight block type: values u, float16 scales and minimums as stored.
+template <int64_t TYPE>
+inline void decode_block_row(const uint8_t* src, int64_t K, DecodedRow& row) {
+  constexpr int64_t bb = TYPE == GGML_Q4_0 ? 18 : TYPE == GGML_Q4_1 ? 20 : TYPE == GGML_Q5_0 ? 22 : 34;
+  uint8_t* u = row.u.data();
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const uint8_t* x = src + b * bb;
+    uint8_t* ub = u + b * 32;
+    const uint16_t d = load_u16(x);
+    row.half_scales[b] = d;
+    if constexpr (TYPE == GGML_Q8_0) {
+      for (int j = 0; j < 32; ++j) ub[j] = (uint8_t)(x[2 + j] ^ 0x80);  // q + 128
+      continue;
+    }
+    const uint8_t* qs = x + (TYPE == GGML_Q4_1 ? 4 : TYPE == GGML_Q5_0 ? 6 : 2);
+    for (int j = 0; j < 16; ++j) {
+      ub[j] = qs[j] & 15;
+      ub[j + 16] = qs[j] >> 4;
+    }
+    if constexpr (TYPE == GGML_Q4_1) {
+      row.half_mins[b] = load_u16(x + 2);
+    } else if constexpr (TYPE == GGML_Q4_0) {  // w = d (q - 8): minimum -8 d, exact in float16 unless it overflows
+      const c10::Half m(-8.0f * half_bits_to_float(d));
+      if (!std::isfinite((float)m)) throw std::invalid_argument("a Q4_0 scale too large for float16");
+      row.half_mins[b] = m.x;
+    } else if constexpr (TYPE == GGML_Q5_0) {  // bit j of qh is value j's fifth bit
+      const uint32_t qh = load_u32(x + 2);
+      for (int j = 0; j < 32; ++j) ub[j] |= (uint8_t)(((qh >> j) & 1) << 4);
+    }
+  }
+}
+
 // Decodes row `src` (K weights) of `type` into `row`, as gguf_tensors.py's int4_parts, int5_parts /
 // int8_parts and _super_block_parts read it.
 inline void decode_row(const uint8_t* src, int64_t type, int64_t K, DecodedRow& row) {
   uint8_t* u = row.u.data();
-  if (!is_k_quant(type)) {
-    const int64_t bb = block_bytes(type);
-    for (int64_t b = 0; b < K / 32; ++b) {
-      const uint8_t* x = src + b * bb;
-      uint8_t* ub = u + b * 32;
-      const uint16_t d = load_u16(x);
-      row.half_scales[b] = d;
-      if (type == GGML_Q8_0) {
-        for (int j = 0; j < 32; ++j) ub[j] = (uint8_t)(x[2 + j] ^ 0x80);  // q + 128
-        continue;
-      }
-      const uint8_t* qs = x + (type == GGML_Q4_1 ? 4 : type == GGML_Q5_0 ? 6 : 2);
-      for (int j = 0; j < 16; ++j) {
-        ub[j] = qs[j] & 15;
-        ub[j + 16] = qs[j] >> 4;
-      }
-      if (type == GGML_Q4_1) {
-        row.half_mins[b] = load_u16(x + 2);
-      } else if (type == GGML_Q4_0) {  // w = d (q - 8): minimum -8 d, exact in float16 unless it overflows
-        const c10::Half m(-8.0f * half_bits_to_float(d));
-        if (!std::isfinite((float)m)) throw std::invalid_argument("a Q4_0 scale too large for float16");
-        row.half_mins[b] = m.x;
-      } else {  // Q5_0: bit j of qh is value j's fifth bit
-        const uint32_t qh = load_u32(x + 2);
-        for (int j = 0; j < 32; ++j) ub[j] |= (uint8_t)(((qh >> j) & 1) << 4);
-      }
-    }
-    return;
+  switch (type) {
+    case GGML_Q4_0: return decode_block_row<GGML_Q4_0>(src, K, row);
+    case GGML_Q4_1: return decode_block_row<GGML_Q4_1>(src, K, row);
+    case GGML_Q5_0: return decode_block_row<GGML_Q5_0>(src, K, row);
+    case GGML_Q8_0: return decode_block_row<GGML_Q8_0>(src, K, row);
   }
   const int64_t bb = block_bytes(type);
   const int per_super = 256 / row.group;
@@ -198,11 +207,12 @@ inline void write_low_nibbles(const uint8_t* u, const TiledRow& r, uint8_t* weig
 }
 
 // The int8 layout: per (tile, block), 8 quad vectors of the values' bytes, plus `offset` (mod 256).
+// (offset is added to 4 bytes at once: the callers' bytes plus offset stay below 256, so no carry.)
 inline void write_bytes(const uint8_t* u, const TiledRow& r, uint8_t offset, uint8_t* weight) {
+  const uint32_t add = 0x01010101u * offset;
   for (int64_t b = 0; b < r.blocks; ++b) {
     uint8_t* out = weight + (r.tile * r.blocks + b) * 512 + 4 * r.lane;
-    for (int c = 0; c < 8; ++c)
-      for (int j = 0; j < 4; ++j) out[64 * c + j] = (uint8_t)(u[b * 32 + 4 * c + j] + offset);
+    for (int c = 0; c < 8; ++c) store_u32(out + 64 * c, load_u32(u + b * 32 + 4 * c) + add);
   }
 }
 
