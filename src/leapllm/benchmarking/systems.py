@@ -255,6 +255,8 @@ class LeapllmSystem(TorchSystem):
     def import_libraries(self) -> None:
         super().import_libraries()
         import leapllm.llm  # noqa: F401
+        from leapllm.kernels import cpu_kernels
+        cpu_kernels()  # loads the compiled kernels' shared library, as importing llama_cpp loads its own
         if self.dtype in QUANTIZED:
             importlib.import_module("leapllm.compression.quantize")
 

@@ -217,20 +217,18 @@ inline void write_bytes(const uint8_t* u, const TiledRow& r, uint8_t offset, uin
 }
 
 // The high-bit planes of super_blocks.h: H = 1: bit c of byte 4 lane + j is quad c's fifth bit;
-// H = 2: vector p's bits 2 q, 2 q + 1 hold quad 4 p + q's two high bits.
+// H = 2: vector p's bits 2 q, 2 q + 1 hold quad 4 p + q's two high bits. (4 bytes at once: each
+// byte's bits are masked before they move up within it, so none crosses into the next byte.)
 inline void write_high_bits(const uint8_t* u, const TiledRow& r, int H, uint8_t* high) {
+  const uint32_t mask = H == 1 ? 0x01010101u : 0x03030303u;
   for (int64_t b = 0; b < r.blocks; ++b) {
     const uint8_t* ub = u + b * 32;
     uint8_t* out = high + (r.tile * r.blocks + b) * 64 * H + 4 * r.lane;
-    for (int p = 0; p < H; ++p)
-      for (int j = 0; j < 4; ++j) {
-        uint32_t byte = 0;
-        for (int q = 0; q < 8 / H; ++q) {
-          const int c = (8 / H) * p + q;
-          byte |= (uint32_t)((ub[4 * c + j] >> 4) & (H == 1 ? 1 : 3)) << (H * q);
-        }
-        out[64 * p + j] = (uint8_t)byte;
-      }
+    for (int p = 0; p < H; ++p) {
+      uint32_t word = 0;
+      for (int q = 0; q < 8 / H; ++q) word |= ((load_u32(ub + 4 * ((8 / H) * p + q)) >> 4) & mask) << (H * q);
+      store_u32(out + 64 * p, word);
+    }
   }
 }
 
