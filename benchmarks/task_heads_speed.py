@@ -2,6 +2,7 @@
 
     python benchmarks/task_heads_speed.py --out benchmarks/task-heads-speed-cpu.json \
         [--classifier FOLDER]     # a trained classifier folder too (benchmarks/convert_keras_bert.py)
+        [--ner FOLDER]            # a trained NER folder too (benchmarks/convert_onnx_bert.py)
 
 Models: transformers' DistilBertFor{SequenceClassification,TokenClassification,QuestionAnswering} with
 distilbert-base-uncased's real config (6 layers of 768; 2 labels, 9 CoNLL tags) and seeded random
@@ -119,6 +120,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--classifier", type=Path, default=None, help="also a trained classifier folder")
+    p.add_argument("--ner", type=Path, default=None, help="also a trained token-classification folder")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,8 +142,10 @@ def main() -> int:
         cases = [("text-classification", folders["text-classification"])]
         if args.classifier is not None:
             cases.append(("text-classification (trained: " + args.classifier.name + ")", args.classifier))
-        cases += [("token-classification", folders["token-classification"]),
-                  ("question-answering", folders["question-answering"])]
+        cases.append(("token-classification", folders["token-classification"]))
+        if args.ner is not None:
+            cases.append(("token-classification (trained: " + args.ner.name + ")", args.ner))
+        cases.append(("question-answering", folders["question-answering"]))
         for label, folder in cases:
             task = label.split(" ")[0]
             ours = {"leapllm": load_task(folder, task), "leapllm-int8": load_task(folder, task, quantize="int8")}
