@@ -42,6 +42,16 @@
 #if LEAPLLM_VNNI || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if LEAPLLM_VNNI || LEAPLLM_AVX2
+// How far ahead of the block being summed the SIMD tiles ask for weights (about 12 int4 or 8 int8
+// blocks). Decode reads every weight once, from DRAM, and the hardware prefetcher alone does not
+// keep a core's stream busy.
+constexpr int64_t PREFETCH_Q4 = 3072, PREFETCH_Q8 = 4096;
+
+inline void prefetch_lines(const uint8_t* p, int lines) {
+  for (int c = 0; c < lines; ++c) _mm_prefetch((const char*)(p + 64 * c), _MM_HINT_T0);
+}
+#endif
 // Fully unrolls the loop that follows: register arrays indexed by its counter then stay registers.
 #if defined(__clang__)
 #define LEAPLLM_UNROLL _Pragma("unroll")

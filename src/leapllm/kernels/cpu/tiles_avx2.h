@@ -18,15 +18,6 @@ inline __m256i broadcast_quad8(const int8_t* x) {
   return _mm256_set1_epi32(v);
 }
 
-// How far ahead of the block being summed the tiles ask for weights (about 12 int4 or 8 int8
-// blocks). Decode reads every weight once, from DRAM, and the hardware prefetcher alone does not
-// keep a core's stream busy.
-constexpr int64_t PREFETCH_Q4 = 3072, PREFETCH_Q8 = 4096;
-
-inline void prefetch_lines(const uint8_t* p, int lines) {
-  for (int c = 0; c < lines; ++c) _mm_prefetch((const char*)(p + 64 * c), _MM_HINT_T0);
-}
-
 // The 64-byte vector at p (both halves of a tile): lo_h += maddubs(its low nibbles in half h, xl),
 // hi_h += maddubs(its high nibbles in half h, xh).
 inline void add_nibble_products(const uint8_t* p, __m256i xl, __m256i xh, __m256i& lo0, __m256i& hi0,

@@ -66,6 +66,9 @@ void tile_blocks_simd(const uint8_t* w, const S* d, const S* mins, const Quantiz
     __m512i wq[8];
     if constexpr (BITS == 4) {
       const uint8_t* wb = w + b * 256;
+      // The 4-bit layouts ask for their weights ahead; the full-byte int8 tiles read faster without
+      // (benchmarks/README.md, "Prefetching on VNNI").
+      prefetch_lines(wb + PREFETCH_Q4, 4);
       for (int c = 0; c < 4; ++c) {
         const __m512i v = _mm512_loadu_si512((const void*)(wb + c * 64));
         wq[c] = _mm512_and_si512(v, low4);
@@ -138,6 +141,8 @@ void tile_q8_sub_blocks_simd(const uint8_t* w, const float* d, const float* mins
 // or else of the int8 sub-block tile: the expanded forms' bits, at the stored form's bytes.
 template <int H>
 inline void unpack_super_block(const uint8_t* lb, const uint8_t* hb, __m512i* wq) {
+  prefetch_lines(lb + PREFETCH_Q4, 4);
+  if constexpr (H > 0) prefetch_lines(hb + PREFETCH_Q4 * H / 4, H);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   for (int c = 0; c < 4; ++c) {
     const __m512i v = _mm512_loadu_si512((const void*)(lb + c * 64));
