@@ -1,11 +1,11 @@
 // GGUF block rows straight into the kernels' packed layouts, at load time.
 //
 // Why here: the loader used to decode each stored tensor into numpy arrays of values and factors,
-// then tile them with PyTorch reshapes (kernels/packing.py): about 6 s of a 1.5B model's load, each
-// weight touched a dozen times. Here a row is decoded once into its values u (one byte each) and
-// its factors, and written into its tile's words, rows in parallel. The output is the very bytes of
-// packing.py's pack_int4 / pack_int8_blocks / pack_super_blocks on the loader's decoded parts (the
-// reference: tests compare them byte for byte).
+// then tile them with PyTorch reshapes (kernels/packing.py): most of a big model's load, each weight
+// touched a dozen times (benchmarks/README.md). Here a row is decoded once into its values u (one
+// byte each) and its factors, and written into its tile's words, rows in parallel. The output is
+// the very bytes of packing.py's pack_int4 / pack_int8_blocks / pack_super_blocks on the loader's
+// decoded parts (the reference: tests compare them byte for byte).
 //
 // Forms (the `form` argument) and the outputs they fill, in this order (absent ones None):
 //   int4          weight (N, K/2), scales, mins (N, K/32) float16: Q4_0, Q4_1
@@ -318,9 +318,11 @@ inline void pack_gguf_rows_into(pybind11::buffer data, at::Tensor rows, int64_t 
                                 const std::string& form, std::vector<c10::optional<at::Tensor>> outputs,
                                 int64_t group, int64_t high_bits) {
   const pybind11::buffer_info info = data.request();
-  TORCH_CHECK(info.ndim == 2 && info.itemsize == 1 && info.strides[1] == 1, "data: stored rows of bytes, each contiguous");
-  TORCH_CHECK(info.shape[1] * 32 == K * block_bytes(type) || (is_k_quant(type) && info.shape[1] * 256 == K * block_bytes(type)),
-              "data: rows of ", info.shape[1], " bytes do not hold ", K, " weights of GGML type ", type);
+  TORCH_CHECK(info.ndim == 2 && info.itemsize == 1 && info.strides[1] == 1,
+              "data: stored rows of bytes, each contiguous");
+  const int64_t weights_per_block = is_k_quant(type) ? 256 : 32;
+  TORCH_CHECK(info.shape[1] * weights_per_block == K * block_bytes(type), "data: rows of ", info.shape[1],
+              " bytes do not hold ", K, " weights of GGML type ", type);
   TORCH_CHECK(rows.dtype() == at::kLong && rows.dim() == 1 && rows.is_contiguous(), "rows: a 1-D int64 tensor");
   const int64_t count = rows.size(0);
   const int64_t* row_ids = rows.data_ptr<int64_t>();
@@ -342,8 +344,9 @@ inline void pack_gguf_rows_into(pybind11::buffer data, at::Tensor rows, int64_t 
       continue;
     }
     const at::Tensor& t = *outputs[i];
-    TORCH_CHECK(t.dtype() == dtype && t.dim() == 2 && t.size(1) == cols && t.is_contiguous() && t.size(0) % TILE == 0 &&
-                row0 >= 0 && row0 + count <= t.size(0), "outputs[", i, "]: wrong dtype, shape or rows for the form ", form);
+    TORCH_CHECK(t.dtype() == dtype && t.dim() == 2 && t.size(1) == cols && t.is_contiguous() &&
+                    t.size(0) % TILE == 0 && row0 >= 0 && row0 + count <= t.size(0),
+                "outputs[", i, "]: wrong dtype, shape or rows for the form ", form);
     out[i] = static_cast<uint8_t*>(t.data_ptr());
   }
   const auto* base = static_cast<const uint8_t*>(info.ptr);
