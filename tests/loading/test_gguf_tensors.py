@@ -54,18 +54,27 @@ def reference(t: GGUFTensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
 
 
-def packed_module(t: GGUFTensor) -> nn.Module:
-    if t.kernel_format == "super-blocks":
-        p = t.super_block_parts()
+def packed_in_python(parts: list[GGUFTensor], fmt: str) -> nn.Module:
+    """The parts (concatenated by rows) decoded into values and factors by numpy and packed by PyTorch
+    (kernels/packing.py): the reference for the loader's C++ packing."""
+    if fmt == "super-blocks":
+        p = SuperBlockParts.joined([t.super_block_parts() for t in parts])
         return SuperBlockLinear(p.values, p.sub_scales, p.sub_mins, p.super_scales, p.super_mins, p.high_bits, p.group)
-    if t.kernel_format == "int5":
-        return Int5BlockLinear(*t.int5_parts())
-    if t.kernel_format == "int4":
-        return Int4Linear(*t.int4_parts(), None)
+    getter = {"int4": "int4_parts", "int5": "int5_parts", "int8": "int8_parts"}[fmt]
+    joined = [torch.cat(x) for x in zip(*(getattr(t, getter)() for t in parts))]
+    if fmt == "int4":
+        return Int4Linear(*joined, None)
+    if fmt == "int5":
+        return Int5BlockLinear(*joined)
+    return Int8Linear(*joined)
+
+
+def packed_module(t: GGUFTensor) -> nn.Module:
+    """The tensor decoded by numpy and packed by PyTorch in its kernel format (packed_in_python)."""
     if t.kernel_format == "int8-16":
         u, scale, minimum = t.sub_block_parts()
         return Int8Linear(u, scale, minimum=minimum)
-    return Int8Linear(*t.int8_parts())
+    return packed_in_python([t], t.kernel_format)
 
 
 @needs_kernels
@@ -214,17 +223,6 @@ def stored_parts(types: list[Q], rows: list[int]) -> list[GGUFTensor]:
             quants.quantize(weights_with_outliers(n, 512, seed=i), qtype)
         parts.append(GGUFTensor(f"part{i}", qtype, (n, 512), data, "synthetic.gguf", 2 if i == 0 else None))
     return parts
-
-
-def packed_in_python(parts: list[GGUFTensor], fmt: str) -> nn.Module:
-    """The parts decoded into values and factors by numpy and packed by PyTorch (kernels/packing.py)."""
-    if fmt == "super-blocks":
-        p = SuperBlockParts.joined([t.super_block_parts() for t in parts])
-        return SuperBlockLinear(p.values, p.sub_scales, p.sub_mins, p.super_scales, p.super_mins, p.high_bits, p.group)
-    getter = {"int4": "int4_parts", "int5": "int5_parts", "int8": "int8_parts"}[fmt]
-    joined = [torch.cat(x) for x in zip(*(getattr(t, getter)() for t in parts))]
-    return {"int4": lambda: Int4Linear(*joined, None), "int5": lambda: Int5BlockLinear(*joined),
-            "int8": lambda: Int8Linear(*joined)}[fmt]()
 
 
 @needs_kernels

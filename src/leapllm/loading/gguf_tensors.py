@@ -282,10 +282,12 @@ class SuperBlockParts:
                 m.repeat_interleave(repeat, dim=1).reshape(n, -1))
 
 
-# Each K-quant's super-block form: (high bits, sub-block features).
+# Each K-quant's super-block form: (high bits, sub-block features, whether it stores sub-block
+# minimums; the others' minimums are their scales).
 SUPER_BLOCK_FORMS = {
-    GGMLQuantizationType.Q2_K: (0, 16), GGMLQuantizationType.Q3_K: (0, 16), GGMLQuantizationType.Q4_K: (0, 32),
-    GGMLQuantizationType.Q5_K: (1, 32), GGMLQuantizationType.Q6_K: (2, 16),
+    GGMLQuantizationType.Q2_K: (0, 16, True), GGMLQuantizationType.Q3_K: (0, 16, False),
+    GGMLQuantizationType.Q4_K: (0, 32, True), GGMLQuantizationType.Q5_K: (1, 32, True),
+    GGMLQuantizationType.Q6_K: (2, 16, False),
 }
 
 
@@ -293,9 +295,7 @@ def super_block_target(types: list[GGMLQuantizationType]) -> tuple[int, int, boo
     """(high bits, sub-block size, with minimums): the super-block form that holds K-quant parts of
     these types in one layer, as SuperBlockParts.joined forms it."""
     forms = [SUPER_BLOCK_FORMS[t] for t in types]
-    with_mins = any(t in (GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K)
-                    for t in types)
-    return max(h for h, _ in forms), min(g for _, g in forms), with_mins
+    return max(h for h, _, _ in forms), min(g for _, g, _ in forms), any(m for _, _, m in forms)
 
 
 def _super_block_parts(qtype: GGMLQuantizationType, sb: np.ndarray) -> SuperBlockParts:
@@ -303,7 +303,7 @@ def _super_block_parts(qtype: GGMLQuantizationType, sb: np.ndarray) -> SuperBloc
     package computes them (ggml's dequantize_row_q*_K)."""
     rows, n = sb.shape[:2]
     f16 = _float16_field
-    high_bits, group = SUPER_BLOCK_FORMS[qtype]
+    high_bits, group, _ = SUPER_BLOCK_FORMS[qtype]
     mn = None
     if qtype in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K):
         d, m = f16(sb, 0), -f16(sb, 2)

@@ -232,6 +232,12 @@ inline void write_high_bits(const uint8_t* u, const TiledRow& r, int H, uint8_t*
   }
 }
 
+// The high bits a form keeps in planes beside the low nibbles: the target's for super-blocks, Q5_0's
+// fifth bit for int5, none for int4 and int8.
+inline int64_t plane_high_bits(const std::string& form, int64_t high_bits) {
+  return form == "super-blocks" ? high_bits : form == "int5" ? 1 : 0;
+}
+
 // Packs `count` stored rows into rows row0 .. row0 + count of the form's outputs (see the top).
 // rows[i] is the stored row for output row row0 + i (a row map undoes llama.cpp's Q/K order).
 // Rows go tile by tile across threads, so no two threads write one tile.
@@ -250,6 +256,9 @@ inline void pack_gguf_rows(const uint8_t* data, int64_t row_stride, const int64_
   if (k_quant && (group > type_group || type_group % group || high_bits < type_high || high_bits > 2 ||
                   (type_mins && out[3] == nullptr)))
     throw std::invalid_argument("the target super-block form cannot hold GGML type " + std::to_string(type));
+  // (the form's parts, decided once here rather than per row)
+  const bool full_bytes = form == "int8", half_mins = form == "int4";
+  const int H = (int)plane_high_bits(form, high_bits);
   const int64_t first_tile = row0 / TILE, last_tile = (row0 + count + TILE - 1) / TILE;
   std::string error;
 #pragma omp parallel
@@ -276,11 +285,10 @@ inline void pack_gguf_rows(const uint8_t* data, int64_t row_stride, const int64_
         }
         const TiledRow r{R / TILE, R % TILE, K / 32};
         const uint8_t* u = row.u.data();
-        if (form == "int8") {
+        if (full_bytes) {
           write_bytes(u, r, type == GGML_Q5_0 ? 112 : 0, out[0]);  // Q5_0: q - 16 + 128
         } else {
           write_low_nibbles(u, r, out[0]);
-          const int H = k_quant ? (int)high_bits : form == "int5" ? 1 : 0;
           if (H) write_high_bits(u, r, H, out[1]);
         }
         if (!k_quant) {
@@ -288,7 +296,7 @@ inline void pack_gguf_rows(const uint8_t* data, int64_t row_stride, const int64_
           auto* mins = reinterpret_cast<uint16_t*>(out[3]);
           for (int64_t b = 0; b < K / 32; ++b) {
             scales[r.factor(b, K / 32)] = row.half_scales[b];
-            if (form == "int4") mins[r.factor(b, K / 32)] = row.half_mins[b];
+            if (half_mins) mins[r.factor(b, K / 32)] = row.half_mins[b];
           }
           continue;
         }
@@ -329,7 +337,7 @@ inline void pack_gguf_rows_into(pybind11::buffer data, at::Tensor rows, int64_t 
   for (int64_t i = 0; i < count; ++i) TORCH_CHECK(row_ids[i] >= 0 && row_ids[i] < info.shape[0], "rows: out of range");
   TORCH_CHECK(outputs.size() == 6, "outputs: weight, high, scales, mins, super scales, super mins");
   const bool k_quant = form == "super-blocks";
-  const int64_t H = k_quant ? high_bits : form == "int5" ? 1 : 0;
+  const int64_t H = plane_high_bits(form, high_bits);
   const int64_t factor_cols = k_quant ? K / group : K / 32;
   const at::ScalarType factor_type = k_quant ? at::kChar : at::kHalf;
   const std::vector<std::tuple<int64_t, at::ScalarType, bool>> expected = {  // columns, dtype, required
