@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from leapllm.loading.seq2seq_loader import load_seq2seq
+from leapllm.model.paged_kv_cache import build_cross_batch, build_paged_batch, slot_table
 from leapllm.model.seq2seq import relative_position_bucket, sinusoidal_table
 from tests.model.seq2seq_reference import REAL, reference, source_batch
 
@@ -54,6 +55,40 @@ def test_cached_decode_steps_match_transformers_full_forward(pair):
         steps = [model.decode(dec[:, i:i + 1], cache).logits for i in range(dec.shape[1])]
     assert cache.length == dec.shape[1]
     torch.testing.assert_close(torch.cat(steps, dim=1), want, atol=1e-4, rtol=0)
+
+
+def test_paged_serving_steps_match_transformers_full_forward(pair):
+    """Sources encoded into the cross-attention pool, then decoder tokens flattened as the engine's
+    steps run them: one sequence prefilled whole, one in two chunks, two one token a step."""
+    name, hf, loaded, ids, mask, dec = pair
+    model = loaded.model
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits  # (4, 6, vocab)
+    bs, lengths = 4, mask.sum(1).tolist()
+    per_source = -(-max(lengths) // bs)
+    cache = model.new_paged_cache(num_blocks=8, num_source_blocks=4 * per_source, block_size=bs, kv_dtype="float32")
+    source_tables = [list(range(i * per_source, (i + 1) * per_source)) for i in range(4)]
+    tables = [[2 * i, 2 * i + 1] for i in range(4)]  # 6 decoder tokens: two blocks each
+    with torch.inference_mode():
+        model.encode_paged([ids[i, :n].tolist() for i, n in enumerate(lengths)],
+                           [slot_table([t], n, bs, "cpu")[0] for t, n in zip(source_tables, lengths)], cache)
+    got = torch.zeros_like(want)
+    # Each step: decodes (sequence, position), then prefill chunks (sequence, first position, tokens).
+    steps = [([], [(0, 0, 6), (1, 0, 3), (2, 0, 1), (3, 0, 1)]), ([(2, 1), (3, 1)], [(1, 3, 3)])]
+    steps += [([(2, p), (3, p)], []) for p in range(2, 6)]
+    for decodes, prefills in steps:
+        batch = build_paged_batch([(tables[i], p) for i, p in decodes],
+                                  [(tables[i], first, n) for i, first, n in prefills], bs, "cpu")
+        pieces = [(i, p, 1) for i, p in decodes] + prefills
+        batch.cross = build_cross_batch([(source_tables[i], lengths[i], n) for i, _, n in pieces], bs, "cpu")
+        tokens = torch.cat([dec[i, first:first + n] for i, first, n in pieces])
+        with torch.inference_mode():
+            logits = model.forward_paged(tokens, cache, batch, torch.arange(tokens.shape[0]))
+        row = 0
+        for i, first, n in pieces:
+            got[i, first:first + n] = logits[row:row + n]
+            row += n
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
 def test_beam_expanded_cache_matches_unexpanded(pair):

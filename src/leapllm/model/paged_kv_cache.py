@@ -90,6 +90,20 @@ class PagedKVCache:
             pool.index_copy_(0, slots, torch.round(x / scale).to(torch.int8))
             scales.index_copy_(0, slots, scale)
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks (source, destination) in every layer's pool: copy-on-write of a block
+        that several sequences shared (beam search), before one of them writes into it."""
+        if not pairs:
+            return
+        device, bs = self.k[0].device, self.block_size
+        offsets = torch.arange(bs, device=device)
+        src = (torch.tensor([a for a, _ in pairs], device=device)[:, None] * bs + offsets).reshape(-1)
+        dst = (torch.tensor([b for _, b in pairs], device=device)[:, None] * bs + offsets).reshape(-1)
+        pools = self.k + self.v + (self.k_scale + self.v_scale if self.quantized else [])
+        for i, pool in enumerate(pools):
+            if i % len(self.k) not in self.windowed_layers:  # (windowed pools have tables of their own)
+                pool.index_copy_(0, dst, pool[src])
+
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the pool rows `slots` (any shape S) -> (*S, kv_heads, hd) in the compute dtype."""
         if not self.quantized:
@@ -203,6 +217,8 @@ class PagedAttentionBatch:
     prefills: list[PrefillChunk]
     # The same step on the windowed layers' block tables, for a cache with windowed_layers.
     windowed: PagedAttentionBatch | None = None
+    # An encoder-decoder's step: the source each token's cross-attention reads.
+    cross: CrossAttentionBatch | None = None
 
     def pass_lengths(self) -> torch.Tensor:
         """(T,) for each token, its sequence's last position in this step + 1: the length a model
@@ -212,6 +228,28 @@ class PagedAttentionBatch:
             if not chunk.verify:  # (a verification chunk's tokens keep their own, as decode steps would)
                 lengths[chunk.start:chunk.end] = lengths[chunk.end - 1]
         return lengths
+
+
+@dataclass
+class CrossAttentionBatch:
+    """Where the encoder outputs (cross-attention keys and values) of each of a step's T tokens lie:
+    its request's source, in a pool of its own. Cross-attention has no causal order, so every token
+    of the step, decode or prefill, is one row of one attention over its source's slots."""
+    slots: torch.Tensor  # (T, longest source) pool rows of each token's source, padded
+    lengths: torch.Tensor  # (T,) int64: the source's length (its first `length` slots are real)
+    mask: torch.Tensor  # (T, 1, 1, longest) bool, True on real source positions
+
+
+def build_cross_batch(pieces: list[tuple[list[int], int, int]], block_size: int, device) -> CrossAttentionBatch:
+    """pieces: (the source's block table, source length, tokens in this step) of each request's
+    piece of the step, in the step's token order (build_paged_batch's)."""
+    longest = max(length for _, length, _ in pieces)
+    slots = slot_table([table for table, _, _ in pieces], longest, block_size, device)  # (pieces, longest)
+    counts = torch.tensor([n for _, _, n in pieces], dtype=torch.long, device=device)
+    lengths = torch.tensor([length for _, length, _ in pieces], dtype=torch.long, device=device)
+    slots, lengths = slots.repeat_interleave(counts, dim=0), lengths.repeat_interleave(counts)
+    mask = (torch.arange(longest, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+    return CrossAttentionBatch(slots, lengths, mask)
 
 
 def slot_table(block_tables: list[list[int]], length: int, block_size: int, device) -> torch.Tensor:

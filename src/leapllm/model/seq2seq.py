@@ -19,6 +19,11 @@ values (batch-first, appended at `length`) and its cross-attention keys and valu
 per request from the encoder output (and expanded per beam once). Attention goes through
 F.scaled_dot_product_attention; only `return_attention=True` takes the explicit softmax, to hand
 back every layer's probabilities (batch, heads, q_len, k_len) for attention maps.
+
+The serving engine (engine/llm_engine.py) decodes through `forward_paged` instead: many requests'
+decoder tokens flattened into one pass, as the decoder LLMs' serving step. Their self-attention
+keys and values live in a paged pool, their sources' cross-attention keys and values in a second
+one, written once by `encode_paged` when a request starts (`PagedDecoderCache`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leapllm.model.attention import AttentionParams
 from leapllm.model.llama import RMSNorm
+from leapllm.model.paged_kv_cache import CrossAttentionBatch, PagedAttentionBatch, PagedKVCache
 
 FAMILIES = ("t5", "bart", "mbart", "marian")
 
@@ -102,6 +109,12 @@ class Seq2SeqConfig:
     @property
     def inner_dim(self) -> int:
         return self.num_heads * self.head_dim
+
+    @property
+    def context_length(self) -> int:
+        """The most decoder positions: the position table's rows; T5's relative positions set no
+        limit (the KV pool does)."""
+        return 1 << 30 if self.is_t5 else self.max_positions
 
     @property
     def max_source_tokens(self) -> int | None:
@@ -181,12 +194,13 @@ class Embeddings(nn.Module):
             self.register_buffer("sinusoids", sinusoidal_table(c.max_positions, c.d_model), persistent=False)
         self.norm = make_norm(c) if c.embedding_norm else None
 
-    def forward(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        # input_ids: (batch, seq) at positions start, start + 1, ...
+    def forward(self, input_ids: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids: (batch, seq) at positions start, start + 1, ... or at `positions` (seq,)
         x = self.tokens(input_ids)
         if self.scale != 1.0:
             x = x * self.scale
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        if positions is None:
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         if self.positions is not None:
             x = x + self.positions(positions + self.position_offset)[None]
         elif hasattr(self, "sinusoids"):
@@ -223,6 +237,18 @@ class SelfAttention(nn.Module):
         out, probs = attend(q, k, v, bias, self.scale, return_attention)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1)), probs
 
+    def forward_paged(self, x, pool: PagedKVCache, layer: int, batch: PagedAttentionBatch,
+                      biases: PagedPositionBiases | None):
+        """x (1, T, d_model): a serving step's tokens; their keys and values go into the pool."""
+        tokens = x.shape[1]
+        q, k, v = self.qkv_proj(x).view(1, tokens, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (1, heads, T, head_dim)
+        if biases is None:  # no position bias: the decoder LLMs' paged attention (in place on the CPU)
+            out = pool.attend(layer, q, k, v, AttentionParams(grouped=False, scale=self.scale), batch)
+        else:
+            out = paged_attention_with_bias(pool, layer, q, k, v, batch, biases, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(1, tokens, -1))
+
 
 class CrossAttention(nn.Module):
     def __init__(self, c: Seq2SeqConfig):
@@ -243,6 +269,20 @@ class CrossAttention(nn.Module):
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         out, probs = attend(q, k, v, bias, self.scale, return_attention)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1)), probs
+
+    def forward_paged(self, x, pool: PagedKVCache, layer: int, cross: CrossAttentionBatch):
+        """x (1, T, d_model): each token attends over its own request's source in the pool."""
+        tokens = x.shape[1]
+        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
+        kernels = pool.decode_kernels()
+        if kernels is not None:  # reads the pool in place, one row per token
+            out = kernels.paged_decode_attention(q.contiguous(), pool.k[layer], pool.v[layer], cross.slots,
+                                                 cross.lengths, self.scale)  # (T, heads, head_dim)
+        else:
+            k, v = pool.gather(layer, cross.slots)  # (T, longest, heads, head_dim)
+            out = F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=cross.mask, scale=self.scale)[:, :, 0]
+        return self.o_proj(out.reshape(1, tokens, -1))
 
 
 class FeedForward(nn.Module):
@@ -297,6 +337,16 @@ class DecoderLayer(nn.Module):
         out, cross_probs = self.cross_attn(x, k, v, cache.cross_bias, return_attention)
         x = self.cross_attn_norm(x + out)
         return self.ffn_norm(x + self.ffn(x)), self_probs, cross_probs
+
+    def forward_paged(self, x, cache: PagedDecoderCache, layer: int, batch: PagedAttentionBatch,
+                      biases: PagedPositionBiases | None):
+        if self.pre_norm:
+            x = x + self.self_attn.forward_paged(self.self_attn_norm(x), cache.self_kv, layer, batch, biases)
+            x = x + self.cross_attn.forward_paged(self.cross_attn_norm(x), cache.cross_kv, layer, batch.cross)
+            return x + self.ffn(self.ffn_norm(x))
+        x = self.self_attn_norm(x + self.self_attn.forward_paged(x, cache.self_kv, layer, batch, biases))
+        x = self.cross_attn_norm(x + self.cross_attn.forward_paged(x, cache.cross_kv, layer, batch.cross))
+        return self.ffn_norm(x + self.ffn(x))
 
 
 def padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -387,6 +437,53 @@ class DecoderCache:
         self.cross_bias = self.cross_bias[rows]
 
 
+class PagedDecoderCache:
+    """The serving engine's decoder caches: every request's decoder keys and values in one paged
+    pool, and every request's source as cross-attention keys and values in a second pool, indexed
+    by a block table of its own (written once by Seq2SeqModel.encode_paged)."""
+
+    def __init__(self, config: Seq2SeqConfig, num_blocks: int, num_source_blocks: int, block_size: int,
+                 dtype: torch.dtype, device, kv_dtype: str = "auto"):
+        layers, heads, head_dim = config.decoder_layers, config.num_heads, config.head_dim
+        self.self_kv = PagedKVCache(layers, num_blocks, block_size, heads, head_dim, dtype, device, kv_dtype)
+        self.cross_kv = PagedKVCache(layers, num_source_blocks, block_size, heads, head_dim, dtype, device, kv_dtype)
+
+    def nbytes(self) -> int:
+        return self.self_kv.nbytes() + self.cross_kv.nbytes()
+
+
+@dataclass
+class PagedPositionBiases:
+    """T5's relative position bias of a serving step's self-attention, with the causal mask in it,
+    built once a step for every layer: per decode group (rows, heads, 1, keys), per prefill chunk
+    (1, heads, tokens, keys)."""
+    decodes: list[torch.Tensor]
+    prefills: list[torch.Tensor]
+
+
+def paged_attention_with_bias(pool: PagedKVCache, layer: int, q, k, v, batch: PagedAttentionBatch,
+                              biases: PagedPositionBiases, scale: float) -> torch.Tensor:
+    """PagedKVCache.attend with an additive score bias (T5): q (1, heads, T, hd), k/v (1, heads, T, hd)
+    -> (1, heads, T, hd). The new keys and values go into the pool first; each decode group and
+    prefill chunk then attends over what its sequences hold, through SDPA."""
+    pool.store(layer, batch.slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (T, heads, hd)
+    outs = []
+    for group, bias in zip(batch.decode_groups, biases.decodes, strict=True):
+        qd = q[0, :, group.start:group.end].transpose(0, 1).unsqueeze(2)  # (d, heads, 1, hd)
+        kd, vd = pool.gather(layer, group.slots)  # (d, keys, heads, hd)
+        od = F.scaled_dot_product_attention(qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=bias, scale=scale)
+        outs.append(od.squeeze(2).transpose(0, 1))  # (heads, d, hd)
+    for chunk, bias in zip(batch.prefills, biases.prefills, strict=True):
+        qc = q[:, :, chunk.start:chunk.end]  # (1, heads, n, hd)
+        if chunk.slots is None:  # nothing cached before the chunk: its own keys are all it sees
+            kc, vc = k[:, :, chunk.start:chunk.end], v[:, :, chunk.start:chunk.end]
+        else:
+            kc, vc = pool.gather(layer, chunk.slots)  # (keys, heads, hd)
+            kc, vc = kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0)
+        outs.append(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=bias, scale=scale)[0])
+    return torch.cat(outs, dim=1).unsqueeze(0) if len(outs) > 1 else outs[0].unsqueeze(0)
+
+
 @dataclass
 class DecoderOutput:
     logits: torch.Tensor  # (batch, seq, vocab)
@@ -431,6 +528,35 @@ class Decoder(nn.Module):
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x, self_attn, cross_attn
+
+    def paged_position_biases(self, batch: PagedAttentionBatch, dtype: torch.dtype) -> PagedPositionBiases | None:
+        """T5's self-attention biases of a serving step (None without relative positions)."""
+        if self.relative_bias is None:
+            return None
+        lowest = torch.finfo(dtype).min
+        decodes = []
+        for group in batch.decode_groups:  # each row's query sits at its sequence's last position
+            keys = group.slots.shape[1]
+            bias = self.relative_bias(group.lengths - 1, keys).to(dtype).permute(2, 1, 0, 3)  # (d, heads, 1, keys)
+            decodes.append(bias.masked_fill(~group.mask, lowest))
+        prefills = []
+        for chunk in batch.prefills:
+            keys = chunk.end - chunk.start + chunk.first
+            queries = torch.arange(chunk.first, keys, device=batch.positions.device)
+            bias = self.relative_bias(queries, keys).to(dtype)  # (1, heads, n, keys)
+            future = torch.arange(keys, device=queries.device)[None, :] > queries[:, None]
+            prefills.append(bias.masked_fill(future, lowest))
+        return PagedPositionBiases(decodes, prefills)
+
+    def forward_paged(self, tokens: torch.Tensor, cache: PagedDecoderCache, batch: PagedAttentionBatch):
+        """tokens (T,): a serving step's decoder tokens, flattened as `batch` says -> (T, d_model)."""
+        x = self.embed(tokens[None], positions=batch.positions)  # (1, T, d_model)
+        biases = self.paged_position_biases(batch, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_paged(x, cache, i, batch, biases)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x[0]
 
 
 class Seq2SeqModel(nn.Module):
@@ -499,6 +625,35 @@ class Seq2SeqModel(nn.Module):
         if last_only:
             hidden = hidden[:, -1:]
         return DecoderOutput(self.logits(hidden), self_attn, cross_attn)
+
+    # -- the serving engine's paged path -------------------------------------------------------
+    def new_paged_cache(self, num_blocks: int, num_source_blocks: int, block_size: int,
+                        kv_dtype: str = "auto") -> PagedDecoderCache:
+        return PagedDecoderCache(self.config, num_blocks, num_source_blocks, block_size, self.dtype, self.device,
+                                 kv_dtype)
+
+    def encode_paged(self, sources: list[list[int]], source_slots: list[torch.Tensor],
+                     cache: PagedDecoderCache) -> None:
+        """Encode these sources (token ids, special tokens included) as one padded batch and write
+        each decoder layer's cross-attention keys and values of source i into the pool rows
+        source_slots[i] (len(sources[i]),)."""
+        width = max(len(ids) for ids in sources)
+        pad = self.config.pad_token_id
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in sources], device=self.device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in sources], device=self.device)
+        hidden = self.encode(input_ids, mask).hidden  # (batch, width, d_model)
+        real = mask.bool()
+        slots = torch.cat(source_slots)
+        for i, layer in enumerate(self.decoder.layers):
+            k, v = layer.cross_attn.project_memory(hidden)  # (batch, heads, width, head_dim)
+            cache.cross_kv.store(i, slots, k.transpose(1, 2)[real], v.transpose(1, 2)[real])  # (tokens, heads, hd)
+
+    def forward_paged(self, tokens: torch.Tensor, cache: PagedDecoderCache, batch: PagedAttentionBatch,
+                      logits_indices: torch.Tensor) -> torch.Tensor:
+        """One serving step of the decoder (the encoder ran in encode_paged): float32 logits
+        (len(logits_indices), vocab) of the rows asked for."""
+        hidden = self.decoder.forward_paged(tokens, cache, batch)[logits_indices]  # (rows, d_model)
+        return self.logits(hidden).float()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 decoder_input_ids: torch.Tensor) -> torch.Tensor:
