@@ -67,13 +67,13 @@ def write_folder(name: str, folder: Path):
 
 def bench_batch(name: str, systems: dict, ref, sources: list[list[int]], new_tokens: int, num_beams: int,
                 repeats: int) -> dict:
-    """One batch: each leapllm system (name -> loaded model) and transformers, timed on the same sources."""
-    from leapllm.engine.seq2seq import Seq2SeqParams, generate_ids, plan_generation
+    """One batch: each leapllm system (name -> Seq2SeqLM) and transformers, timed on the same sources."""
+    from leapllm.engine.seq2seq import Seq2SeqParams, plan_generation
 
     params = Seq2SeqParams(max_new_tokens=new_tokens, min_length=new_tokens + 1, num_beams=num_beams,
                            no_repeat_ngram_size=0, early_stopping=True)
     first = next(iter(systems.values()))
-    plan = plan_generation(params, first.generation, first.model)
+    plan = plan_generation(params, first.defaults, first.model)
     width = max(len(s) for s in sources)
     input_ids = torch.tensor([s + [plan.pad_token_id] * (width - len(s)) for s in sources])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources])
@@ -81,10 +81,10 @@ def bench_batch(name: str, systems: dict, ref, sources: list[list[int]], new_tok
     row = {"model": name, "batch": len(sources), "num_beams": num_beams, "new_tokens": new_tokens,
            "source_tokens_max": width}
     outputs = {}
-    for system, loaded in systems.items():
-        def ours_call(model=loaded.model, system=system):
+    for system, lm in systems.items():
+        def ours_call(lm=lm, system=system):
             with torch.inference_mode():
-                outputs[system] = generate_ids(model, sources, plan).token_ids
+                outputs[system] = lm.run_on_engine(sources, plan).token_ids
             assert all(len(t) == new_tokens for t in outputs[system])
 
         row[f"{system}_tokens_per_s"] = tokens / median_seconds(ours_call, repeats)
@@ -113,14 +113,14 @@ def bench_batch(name: str, systems: dict, ref, sources: list[list[int]], new_tok
 
 def bench_model(name: str, batches: list[int], new_tokens: int, source_len: int, num_beams: int,
                 repeats: int) -> list[dict]:
-    from leapllm.loading.seq2seq_loader import load_seq2seq
+    from leapllm.engine.seq2seq_lm import Seq2SeqLM
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / name
         ref = write_folder(name, folder)
-        systems = {"leapllm": load_seq2seq(folder, dtype="float32", device="cpu"),
-                   "leapllm-int8": load_seq2seq(folder, dtype="float32", device="cpu", quantize="int8")}
+        systems = {"leapllm": Seq2SeqLM(folder, dtype="float32", device="cpu"),
+                   "leapllm-int8": Seq2SeqLM(folder, dtype="float32", device="cpu", quantize="int8")}
         vocab = CONFIGS[name]["vocab_size"]
         pad = CONFIGS[name]["pad_token_id"]
         eos = CONFIGS[name]["eos_token_id"]

@@ -40,7 +40,7 @@ def test_translate_reads_lines_from_stdin(monkeypatch, capsys):
                                           "--num-beams", "1", "--stats"], stdin="a cat\n\nthe sun\n")
     assert code == 0, out.err
     assert len(out.out.splitlines()) == 2
-    assert "generated at" in out.err
+    assert "8 generated in" in out.err and "tok/s" in out.err
 
 
 def test_summarize_reads_stdin(monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""Encoder-decoder generation (engine/seq2seq.py) token for token against transformers' generate().
+"""Encoder-decoder generation on the batching engine, token for token against transformers' generate().
 
 Random-weight T5, Flan-T5, BART, mBART and Marian models from the real configs
 (tests/model/seq2seq_reference.py), a batch of different-length sources, greedy and beam search
@@ -11,10 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leapllm.engine.seq2seq import Seq2SeqParams, generate_ids, plan_generation
 from leapllm.engine.seq2seq_lm import Seq2SeqLM
 from leapllm.errors import InvalidRequestError
-from leapllm.loading.seq2seq_loader import load_seq2seq
 from tests.model.seq2seq_reference import REAL, reference, source_batch
 
 TEXTS = ["the house is wonderful", "a cat", "we go home today and the dog runs fast", "sun moon tree"]
@@ -31,7 +29,7 @@ SETTINGS = [
 @pytest.fixture(scope="module", params=list(REAL))
 def pair(request):
     hf, folder = reference(request.param)
-    return request.param, hf, folder, load_seq2seq(folder)
+    return request.param, hf, folder, Seq2SeqLM(folder)
 
 
 def trim(row: list[int], eos: list[int]) -> list[int]:
@@ -42,57 +40,54 @@ def trim(row: list[int], eos: list[int]) -> list[int]:
     return row
 
 
-def hf_generate(hf, folder, loaded, **kwargs) -> list[list[int]]:
-    ids, mask = source_batch(folder, TEXTS, loaded.generation.pad_token_id)
+def hf_generate(hf, folder, lm, texts=TEXTS, **kwargs) -> list[list[int]]:
+    ids, mask = source_batch(folder, texts, lm.defaults.pad_token_id)
     with torch.no_grad():
         out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kwargs)
-    return [trim(row[1:].tolist(), loaded.generation.eos_token_ids) for row in out]
+    return [trim(row[1:].tolist(), lm.defaults.eos_token_ids) for row in out]
 
 
-def ours(loaded, **kwargs) -> list[list[int]]:
-    sources = [loaded.tokenizer.encode(t) for t in TEXTS]
-    plan = plan_generation(Seq2SeqParams(**kwargs), loaded.generation, loaded.model)
-    return generate_ids(loaded.model, sources, plan).token_ids
+def ours(lm, texts=TEXTS, **kwargs) -> list[list[int]]:
+    return [o.token_ids for o in lm.generate(texts, **kwargs)]
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_greedy_and_beam_search_match_transformers(pair, settings):
-    name, hf, folder, loaded = pair
-    want = hf_generate(hf, folder, loaded, max_new_tokens=12, **settings)
-    assert ours(loaded, max_new_tokens=12, **settings) == want
+    name, hf, folder, lm = pair
+    want = hf_generate(hf, folder, lm, max_new_tokens=12, **settings)
+    assert ours(lm, max_new_tokens=12, **settings) == want
 
 
 def test_folder_defaults_match_transformers(pair):
     """Nothing but a length: num_beams, forced BOS/EOS, no_repeat_ngram_size, bad words and
     renormalization come from the folder on both sides."""
-    name, hf, folder, loaded = pair
-    assert ours(loaded, max_new_tokens=9) == hf_generate(hf, folder, loaded, max_new_tokens=9)
+    name, hf, folder, lm = pair
+    assert ours(lm, max_new_tokens=9) == hf_generate(hf, folder, lm, max_new_tokens=9)
 
 
 def test_beam_search_ends_hypotheses_at_eos_at_varied_lengths():
     """The T5 reference's beams finish on EOS before max_length, where early stopping decides."""
     _, folder = reference("t5-small")
-    loaded = load_seq2seq(folder)
-    eager = generate_ids(loaded.model, [loaded.tokenizer.encode(t) for t in TEXTS],
-                         plan_generation(Seq2SeqParams(max_new_tokens=15, num_beams=3, early_stopping=True),
-                                         loaded.generation, loaded.model))
-    assert "stop" in eager.finish_reasons and "length" in eager.finish_reasons
+    out = Seq2SeqLM(folder).generate(TEXTS, max_new_tokens=15, num_beams=3, early_stopping=True)
+    reasons = [o.finish_reason for o in out]
+    assert "stop" in reasons and "length" in reasons
+    assert all(o.score is not None for o in out)
 
 
 def test_processors_match_transformers_on_t5():
     hf, folder = reference("t5-small")
-    loaded = load_seq2seq(folder)
+    lm = Seq2SeqLM(folder)
     settings = {"no_repeat_ngram_size": 2, "min_length": 6, "bad_words_ids": [[5], [19, 75]], "num_beams": 1}
-    assert ours(loaded, max_new_tokens=12, **settings) == hf_generate(hf, folder, loaded, max_new_tokens=12, **settings)
+    assert ours(lm, max_new_tokens=12, **settings) == hf_generate(hf, folder, lm, max_new_tokens=12, **settings)
     settings["num_beams"] = 3
-    assert ours(loaded, max_new_tokens=12, **settings) == hf_generate(hf, folder, loaded, max_new_tokens=12, **settings)
+    assert ours(lm, max_new_tokens=12, **settings) == hf_generate(hf, folder, lm, max_new_tokens=12, **settings)
 
 
 def test_max_length_counts_the_decoder_start_token_as_transformers():
     hf, folder = reference("bart-base")
-    loaded = load_seq2seq(folder)
-    assert ours(loaded, max_length=7, num_beams=1) == hf_generate(hf, folder, loaded, max_length=7, num_beams=1)
-    assert all(len(t) <= 6 for t in ours(loaded, max_length=7, num_beams=1))
+    lm = Seq2SeqLM(folder)
+    assert ours(lm, max_length=7, num_beams=1) == hf_generate(hf, folder, lm, max_length=7, num_beams=1)
+    assert all(len(t) <= 6 for t in ours(lm, max_length=7, num_beams=1))
 
 
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy():
@@ -112,7 +107,7 @@ def test_seq2seq_lm_texts_match_transformers_decode():
     hf, folder = reference("bart-base")
     lm = Seq2SeqLM(folder)
     outputs = lm.generate(TEXTS, max_new_tokens=10, num_beams=2)
-    want = hf_generate(hf, folder, load_seq2seq(folder), max_new_tokens=10, num_beams=2)
+    want = hf_generate(hf, folder, lm, max_new_tokens=10, num_beams=2)
     tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
     assert [o.token_ids for o in outputs] == want
     assert [o.text for o in outputs] == [tok.decode(ids, skip_special_tokens=True) for ids in want]

@@ -1,28 +1,31 @@
 """The encoder-decoder server (serving/seq2seq_serving.py) on tiny random-weight T5 and Marian folders
 (tests/model/seq2seq_reference.py): completions equal Seq2SeqLM.generate (and transformers' generate()
-for greedy), concurrent requests share batches, streams add up to the completion, bad input is a 4xx.
+for greedy), requests in flight together run in one batch, streams add up to the completion, bad
+input is a 4xx.
 
 T5's folder searches greedily by default, Marian's with 4 beams (the random T5 repeats one token,
 so the greedy and batching checks use Marian with num_beams 1); each app is served once per module
-on loopback (ServerThread); queue and shutdown cases use an app whose worker never starts (httpx's
-ASGI transport runs no lifespan), so that they do not depend on timing.
+on loopback (ServerThread), with a Seq2SeqLM of its own (the expected outputs come from another);
+queue and shutdown cases use an app whose engine thread is started by hand or never (httpx's ASGI
+transport runs no lifespan), so that they do not depend on timing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 import httpx
 import openai
 import pytest
 import torch
 
-from leapllm.engine.seq2seq import Seq2SeqParams, generate_ids, plan_generation
+from leapllm.config import EngineConfig
+from leapllm.engine.seq2seq import Seq2SeqParams
 from leapllm.engine.seq2seq_lm import Seq2SeqLM
 from leapllm.serving.runner import ServerThread
-from leapllm.serving.seq2seq_serving import Seq2SeqBatcher, Seq2SeqMetrics, create_seq2seq_app
+from leapllm.serving.seq2seq_serving import create_seq2seq_app
 from tests.cli_helpers import assert_one_line_error
 from tests.model.seq2seq_reference import reference, source_batch
 
@@ -52,7 +55,7 @@ def marian():
 
 @pytest.fixture(scope="module")
 def t5_server(t5):
-    app = create_seq2seq_app(t5[2], T5_NAME)
+    app = create_seq2seq_app(Seq2SeqLM(t5[1]), T5_NAME)
     with ServerThread(app) as server:
         server.app = app
         yield server
@@ -60,7 +63,7 @@ def t5_server(t5):
 
 @pytest.fixture(scope="module")
 def marian_server(marian):
-    app = create_seq2seq_app(marian[2], MARIAN_NAME)
+    app = create_seq2seq_app(Seq2SeqLM(marian[1]), MARIAN_NAME)
     with ServerThread(app) as server:
         server.app = app
         yield server
@@ -138,7 +141,7 @@ def test_search_settings_are_passed_to_the_beam_search(marian, marian_server):
 def test_seeded_sampling_equals_generate_and_repeats(t5, t5_server):
     request = {"prompt": TEXTS[:2], "n": 2, "temperature": 0.8, "top_p": 0.9, "seed": 7, "max_tokens": 10}
     first, again = completion(t5_server, request), completion(t5_server, request)
-    # choices are prompt_index * n + i: each prompt n times, one batch, one seeded stream
+    # choices are prompt_index * n + i: each prompt n times, choice i drawing with seed + i
     sources = [TEXTS[0], TEXTS[0], TEXTS[1], TEXTS[1]]
     expected = t5[2].generate(sources, Seq2SeqParams(max_new_tokens=10, do_sample=True, temperature=0.8, top_p=0.9,
                                                      seed=7))
@@ -155,138 +158,97 @@ def test_openai_client_reads_the_completion(t5, t5_server):
 
 # -- batching --------------------------------------------------------------------------------
 
-def test_concurrent_requests_match_one_at_a_time_and_share_batches(marian_server):
-    app = marian_server.app
-    texts = TEXTS * 2
-    request = {"max_tokens": 12, "num_beams": 1}
-    alone = [completion(marian_server, {"prompt": t, **request})["choices"][0]["text"] for t in texts]
-    assert len(set(alone)) == len(TEXTS)
-    batches = sample_value(app, "leapllm:batch_size_requests_count")
-    merged = sample_value(app, "leapllm:batch_size_requests_sum")
-    with ThreadPoolExecutor(len(texts)) as pool:
-        bodies = list(pool.map(lambda t: completion(marian_server, {"prompt": t, **request}), texts))
-    assert [b["choices"][0]["text"] for b in bodies] == alone
-    assert sample_value(app, "leapllm:batch_size_requests_sum") - merged == len(texts)
-    # Requests that arrive while a batch runs go together into the next one.
-    assert sample_value(app, "leapllm:batch_size_requests_count") - batches < len(texts)
-
-
-def test_batcher_merges_every_waiting_request_with_the_same_plan(marian):
-    lm = marian[2]
-    metrics = Seq2SeqMetrics("t")
-    batcher = Seq2SeqBatcher(lm, metrics)
-    short = plan_generation(Seq2SeqParams(max_new_tokens=6, num_beams=1), lm.defaults, lm.model)
-    long = plan_generation(Seq2SeqParams(max_new_tokens=9, num_beams=1), lm.defaults, lm.model)
-    seeded = plan_generation(Seq2SeqParams(max_new_tokens=6, num_beams=1, do_sample=True, seed=1), lm.defaults,
-                             lm.model)
-
-    async def run():
-        jobs = [batcher.submit([lm.encode(TEXTS[0])], short), batcher.submit([lm.encode(TEXTS[1])], long),
-                batcher.submit([lm.encode(TEXTS[2])], short),
-                batcher.submit([lm.encode(TEXTS[0])], seeded, solo=True),
-                batcher.submit([lm.encode(TEXTS[1])], seeded, solo=True),
-                batcher.submit([lm.encode(TEXTS[1])], short)]
-        batcher.start()  # everything is waiting: the first batch takes all three "short" requests
-        return [await job.result() for job in jobs]
-
-    try:
-        results = asyncio.run(run())
-    finally:
-        batcher.stop()
-    value = metrics.registry.get_sample_value
-    assert value("leapllm:batch_size_requests_count", {"model_name": "t"}) == 4  # short x3, long, seeded, seeded
-    assert value("leapllm:batch_size_requests_bucket", {"model_name": "t", "le": "1.0"}) == 3
-    assert value("leapllm:batch_size_requests_sum", {"model_name": "t"}) == 6
-    for result, (text, n) in zip([results[0], results[2], results[5]], [(TEXTS[0], 6), (TEXTS[2], 6), (TEXTS[1], 6)],
-                                 strict=True):
-        assert result.token_ids == [lm.generate(text, max_new_tokens=n, num_beams=1)[0].token_ids]
-    assert results[1].token_ids == [lm.generate(TEXTS[1], max_new_tokens=9, num_beams=1)[0].token_ids]
-    assert results[4].token_ids == [lm.generate(TEXTS[1], max_new_tokens=6, num_beams=1, do_sample=True,
-                                                seed=1)[0].token_ids]
-
-
-def test_the_step_callback_sees_every_token_and_can_stop_the_batch(marian):
-    lm = marian[2]
-    sources = [lm.encode(t) for t in TEXTS]
-    plan = plan_generation(Seq2SeqParams(max_new_tokens=12, num_beams=1), lm.defaults, lm.model)
-    seen: list[list[int]] = [[] for _ in sources]
-
-    def record(active, tokens):
-        for row, token in zip(active, tokens, strict=True):
-            seen[row].append(token)
-
-    out = generate_ids(lm.model, sources, plan, record)
-    assert seen == out.token_ids  # what a stream sends is what the batch returns
-
-    class Stop(Exception):
-        pass
-
-    steps = []
-
-    def stop_at_the_second_step(active, tokens):
-        steps.append(tokens)
-        if len(steps) == 2:
-            raise Stop()
-
-    with pytest.raises(Stop):
-        generate_ids(lm.model, sources, plan, stop_at_the_second_step)
-    assert len(steps) == 2
-
-
-def test_a_cancelled_request_leaves_the_queue(t5):
-    lm = t5[2]
-    metrics = Seq2SeqMetrics("t")
-    batcher = Seq2SeqBatcher(lm, metrics)
-    plan = plan_generation(Seq2SeqParams(max_new_tokens=4), lm.defaults, lm.model)
-
-    async def run():
-        job = batcher.submit([lm.encode(TEXTS[0])], plan)
-        batcher.cancel(job)
-        batcher.start()
-        await asyncio.sleep(0.05)
-
-    try:
-        asyncio.run(run())
-    finally:
-        batcher.stop()
-    assert metrics.registry.get_sample_value("leapllm:batch_size_requests_count", {"model_name": "t"}) == 0
-    assert metrics.registry.get_sample_value("leapllm:num_requests_waiting", {"model_name": "t"}) == 0
-    assert metrics.registry.get_sample_value("leapllm:request_aborted_total", {"model_name": "t"}) == 1
-
-
 def asgi_client(app) -> httpx.AsyncClient:
-    """A client of the app in this event loop, without its lifespan: the worker never starts."""
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30)
+    """A client of the app in this event loop, without its lifespan: the engine thread starts by hand."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
 
 
-def test_a_full_queue_answers_503_and_a_client_that_leaves_is_dropped(t5):
-    lm = t5[2]
-    app = create_seq2seq_app(lm, "t", max_waiting=2)
-    batcher = app.state.batcher
+def hold_engine(app) -> threading.Event:
+    """Start the app's engine thread with its first add_request held until the event is set, so that
+    the requests sent meanwhile stay in flight (and then join the engine together)."""
+    engine = app.state.engine.engine
+    add, gate = engine.add_request, threading.Event()
+
+    def held_add(*args, **kwargs):
+        gate.wait()
+        return add(*args, **kwargs)
+
+    engine.add_request = held_add
+    app.state.engine.start()
+    return gate
+
+
+def test_requests_in_flight_together_run_in_one_batch_with_the_tokens_they_get_alone(marian):
+    """Greedy requests and beam searches queued before the engine starts: one forward pass holds them
+    all (a beam search's first step is its first beam), and each gets what it gets alone."""
+    lm = marian[2]
+    app = create_seq2seq_app(Seq2SeqLM(marian[1]), "t")
+    engine = app.state.engine
+    sizes = []
+    execute = engine.engine.runner.execute
+
+    def recording_execute(step, proposals):
+        sizes.append(len(step.decodes) + len(step.prefills))
+        return execute(step, proposals)
+
+    engine.engine.runner.execute = recording_execute
+    bodies = [{"prompt": t, "max_tokens": 12, "num_beams": beams} for t in TEXTS for beams in (1, 2)]
 
     async def run():
         async with asgi_client(app) as client:
-            waiting = asyncio.create_task(client.post("/v1/completions", json={"prompt": TEXTS[0]}))
-            while sample_value(app, "leapllm:num_requests_waiting") < 1:  # the request is queued
+            gate = hold_engine(app)
+            tasks = [asyncio.create_task(client.post("/v1/completions", json=body)) for body in bodies]
+            while engine.num_unfinished < len(bodies):
                 await asyncio.sleep(0.01)
-            batcher.submit([lm.encode(TEXTS[1])], plan_generation(Seq2SeqParams(), lm.defaults, lm.model))
-            full = await client.post("/v1/completions", json={"prompt": TEXTS[2]})
-            waiting.cancel()  # the client goes away
-            await asyncio.gather(waiting, return_exceptions=True)
-            return full
+            gate.set()
+            try:
+                return await asyncio.gather(*tasks)
+            finally:
+                await engine.shutdown(5)
 
-    full = asyncio.run(run())
+    responses = asyncio.run(run())
+    assert sizes[0] == len(bodies)
+    for body, r in zip(bodies, responses, strict=True):
+        expected = lm.generate(body["prompt"], max_new_tokens=12, num_beams=body["num_beams"])[0]
+        assert r.json()["choices"][0]["text"] == expected.text
+    assert engine.engine.allocator.num_free == engine.engine.allocator.num_blocks
+
+
+def test_a_full_queue_answers_503_and_a_client_that_leaves_is_aborted(t5):
+    lm = Seq2SeqLM(t5[1], engine_config=EngineConfig(max_num_seqs=1))
+    app = create_seq2seq_app(lm, "t", max_waiting=1)  # one running and one waiting at most
+    engine = app.state.engine
+
+    async def run():
+        async with asgi_client(app) as client:
+            gate = hold_engine(app)
+            first = asyncio.create_task(client.post("/v1/completions", json={"prompt": TEXTS[0]}))
+            second = asyncio.create_task(client.post("/v1/completions", json={"prompt": TEXTS[1]}))
+            while engine.num_unfinished < 2:  # both in flight, neither running
+                await asyncio.sleep(0.01)
+            full = await client.post("/v1/completions", json={"prompt": TEXTS[2]})
+            first.cancel()  # the client goes away
+            await asyncio.gather(first, return_exceptions=True)
+            in_flight = engine.num_unfinished
+            second.cancel()
+            await asyncio.gather(second, return_exceptions=True)
+            gate.set()
+            await engine.shutdown(5)
+            return full, in_flight
+
+    full, in_flight = asyncio.run(run())
     assert full.status_code == 503 and full.headers["retry-after"] == "1"
     assert full.json()["error"]["code"] == "overloaded"
-    assert sample_value(app, "leapllm:num_requests_waiting") == 1  # the cancelled one left, the other stays
-    assert sample_value(app, "leapllm:request_aborted_total") == 1
+    assert in_flight == 1  # the cancelled one left, the other stayed
+    assert sample_value(app, "leapllm:request_aborted_total") == 2
 
 
 def test_drain_refuses_new_requests_with_503(t5):
-    app = create_seq2seq_app(t5[2], "t")
+    app = create_seq2seq_app(Seq2SeqLM(t5[1]), "t")
 
     async def run():
         async with asgi_client(app) as client:
+            app.state.engine.start()
             await app.state.drain()
             return await client.post("/v1/completions", json={"prompt": TEXTS[0]}), await client.get("/health")
 
@@ -384,7 +346,7 @@ def test_models_health_and_metrics(t5, t5_server):
     before = sample_value(t5_server.app, "leapllm:generation_tokens_total")
     out = completion(t5_server, {"prompt": TEXTS[0], "max_tokens": 5})
     text = httpx.get(f"{t5_server.url}/metrics").text
-    assert "leapllm:batch_size_sources_bucket" in text and "leapllm:request_success_total" in text
+    assert "leapllm:kv_cache_usage_perc" in text and "leapllm:request_success_total" in text
     assert sample_value(t5_server.app, "leapllm:generation_tokens_total") - before == out["usage"]["completion_tokens"]
 
 
@@ -414,7 +376,7 @@ def test_serve_builds_the_seq2seq_app_for_an_encoder_decoder_folder(monkeypatch,
                  "--max-num-seqs", "8"]) == 0
     assert "serving tiny at http://127.0.0.1:" in capsys.readouterr().err
     (app, kwargs), = served
-    assert kwargs["on_shutdown"] == app.state.drain and app.state.batcher.max_batch_rows == 8
+    assert kwargs["on_shutdown"] == app.state.drain and app.state.engine.engine.config.max_num_seqs == 8
     with TestClient(app) as client:
         body = client.post("/v1/completions", json={"model": "tiny", "prompt": TEXTS[0], "max_tokens": 6}).json()
     assert body["choices"][0]["text"] == t5[2].generate(TEXTS[0], max_new_tokens=6)[0].text

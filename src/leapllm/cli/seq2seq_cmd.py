@@ -87,8 +87,8 @@ def _load(args):
 
 def _print_stats(outputs) -> None:
     t = outputs[0].timings
-    print(f"[{len(outputs)} texts, {int(t['source_tokens'])} source tokens encoded in {t['encode_s'] * 1000:.0f} ms, "
-          f"{int(t['generated_tokens'])} generated at {t['decode_tokens_per_s']:.1f} tok/s]", file=sys.stderr)
+    print(f"[{len(outputs)} texts, {int(t['source_tokens'])} source tokens, {int(t['generated_tokens'])} generated "
+          f"in {t['total_s']:.2f} s: {t['tokens_per_s']:.1f} tok/s]", file=sys.stderr)
 
 
 def cmd_translate(args) -> int:

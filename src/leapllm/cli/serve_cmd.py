@@ -112,8 +112,8 @@ def model_facts(llm) -> dict:
 
 def seq2seq_app(args, settings: ServeSettings):
     """The app of `leapllm serve --model ENCODER_DECODER_FOLDER`: the flags it cannot take are refused
-    before the load; --max-num-seqs bounds a batch's rows (sources x beams), --max-waiting the
-    requests waiting for one."""
+    before the load; the engine flags (--max-num-seqs: running sequences, beams included; the KV
+    cache's) are the LLM server's."""
     from leapllm.engine.seq2seq_lm import Seq2SeqLM
     from leapllm.errors import InvalidRequestError
     from leapllm.serving.seq2seq_serving import create_seq2seq_app
@@ -126,11 +126,11 @@ def seq2seq_app(args, settings: ServeSettings):
     for flag, given in refused.items():
         if given:
             raise InvalidRequestError(f"{flag} is not supported with an encoder-decoder model ({model.model})")
-    lm = Seq2SeqLM(model.model, dtype=model.dtype, device=model.device, num_threads=model.threads)
+    lm = Seq2SeqLM(model.model, dtype=model.dtype, device=model.device, num_threads=model.threads,
+                   engine_config=config)
     name = server.served_model_name or default_model_name(Path(lm.path))
-    return create_seq2seq_app(lm, name, server.api_key, max_batch_size=config.max_num_seqs,
-                              max_waiting=server.max_waiting, shutdown_grace_s=server.shutdown_timeout,
-                              max_request_bytes=server.max_request_bytes)
+    return create_seq2seq_app(lm, name, server.api_key, max_waiting=server.max_waiting,
+                              shutdown_grace_s=server.shutdown_timeout, max_request_bytes=server.max_request_bytes)
 
 
 def serve_seq2seq(args, settings: ServeSettings) -> int:

@@ -21,8 +21,9 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from leapllm.engine.beam_search import BeamSearchParams
 from leapllm.engine.llm_engine import LLMEngine
-from leapllm.engine.request import RequestOutput
+from leapllm.engine.request import LogitsProcessor, RequestOutput
 from leapllm.engine.sampling import SamplingParams
 from leapllm.errors import LeapLLMError
 
@@ -48,6 +49,7 @@ class _Add:
     params: SamplingParams
     logprobs: int | None
     prompt_logprobs: int | None
+    extra: dict  # an encoder-decoder's: encoder_ids, logits_processor, beam_search
 
 
 @dataclass
@@ -95,9 +97,12 @@ class AsyncEngine:
 
     # -- requests ------------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
-                       logprobs: int | None = None, prompt_logprobs: int | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs as they come. Raises InvalidRequestError (bad request),
-        EngineOverloadedError, EngineStoppedError, or EngineStepError (a failed step)."""
+                       logprobs: int | None = None, prompt_logprobs: int | None = None,
+                       encoder_ids: list[int] | None = None, logits_processor: LogitsProcessor | None = None,
+                       beam_search: BeamSearchParams | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as they come (LLMEngine.add_request's arguments). Raises
+        InvalidRequestError (bad request), EngineOverloadedError, EngineStoppedError, or
+        EngineStepError (a failed step)."""
         if not self._accepting or self.dead is not None:
             raise EngineStoppedError("the engine is shutting down")
         if request_id in self._streams:
@@ -107,10 +112,11 @@ class AsyncEngine:
                 f"{len(self._streams)} requests are already in flight (at most {self.engine.config.max_num_seqs} "
                 f"running and {self.max_waiting} waiting); retry later")
         # Validate here, in the caller, so a bad request fails at once with its own message.
-        prompt_ids = self.engine.check_request(prompt_ids, params, logprobs, prompt_logprobs)
+        prompt_ids = self.engine.check_request(prompt_ids, params, logprobs, prompt_logprobs, encoder_ids, beam_search)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
-        self._commands.put(_Add(request_id, prompt_ids, params, logprobs, prompt_logprobs))
+        extra = {"encoder_ids": encoder_ids, "logits_processor": logits_processor, "beam_search": beam_search}
+        self._commands.put(_Add(request_id, prompt_ids, params, logprobs, prompt_logprobs, extra))
         finished = False
         try:
             while True:
@@ -151,7 +157,7 @@ class AsyncEngine:
         if isinstance(cmd, _Add):
             try:
                 eng.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, logprobs=cmd.logprobs,
-                                prompt_logprobs=cmd.prompt_logprobs)
+                                prompt_logprobs=cmd.prompt_logprobs, **cmd.extra)
             except Exception as exc:  # checked before, so only a race (e.g. a reused id) lands here
                 return [(cmd.request_id, exc)]
         elif isinstance(cmd, _Abort):

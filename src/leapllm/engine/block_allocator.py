@@ -61,6 +61,13 @@ class BlockAllocator:
             out.append(block)
         return out
 
+    def share(self, blocks: Sequence[int]) -> None:
+        """One more reference to each of these held blocks (a beam that continues another's)."""
+        for block in blocks:
+            if self.ref_count[block] < 1:
+                raise RuntimeError(f"KV block {block} is shared while free")
+            self.ref_count[block] += 1
+
     def release(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block; blocks no one holds go back to the free queue.
 

@@ -15,20 +15,29 @@ single-threaded: async_engine.py runs it in a background thread for the server.
 `LLM.run` uses an engine with EngineConfig(single_sequence=True) (see `single_sequence_config`):
 one request at a time on a contiguous cache, where a quantized model's decode step is one fused
 C++ call.
+
+An encoder-decoder (T5, BART, mBART, Marian) runs here too: a request brings its source
+(`encoder_ids`) and its decoder's start token as the prompt, and a logits processor for the
+generation rules transformers applies (engine/seq2seq.py builds both). The KV budget is split
+between the decoder's pool and the sources' cross-attention pool, and prefix caching is off: the
+decoder's tokens alone do not say which source they belong to.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 
 import torch
 
 from leapllm.config import EngineConfig, SpeculativeConfig
+from leapllm.engine.beam_search import BeamGroup, BeamSearchParams
 from leapllm.engine.block_allocator import BlockAllocator, extend_block_hashes
 from leapllm.engine.cpu_threads import FreeCoreThreads
 from leapllm.engine.model_runner import ModelRunner
 from leapllm.engine.request import (
+    LogitsProcessor,
     Request,
     RequestOutput,
     RequestStatus,
@@ -37,7 +46,7 @@ from leapllm.engine.request import (
     fit_prompt,
 )
 from leapllm.engine.sampling import SamplingParams, greedy_tokens
-from leapllm.engine.scheduler import KVGroup, ScheduledStep, Scheduler
+from leapllm.engine.scheduler import KVGroup, ScheduledStep, Scheduler, held_blocks
 from leapllm.engine.speculative import (
     NgramProposer,
     SpeculationController,
@@ -47,6 +56,7 @@ from leapllm.engine.speculative import (
 from leapllm.engine.structured_output import GrammarCompiler, allowed_tokens
 from leapllm.errors import InvalidRequestError
 from leapllm.model.paged_kv_cache import PagedKVCache
+from leapllm.model.seq2seq import Seq2SeqModel
 from leapllm.tokenization import Tokenizer
 
 MAX_LOGPROBS = 20
@@ -67,6 +77,11 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         config.validate()
         c = model.config
+        self.encoder_decoder = isinstance(model, Seq2SeqModel)
+        self.vocab_size = c.decoder_vocab_size if self.encoder_decoder else c.vocab_size
+        if self.encoder_decoder:
+            self._init_encoder_decoder()
+            return
         # KV groups (scheduler.py): a model that mixes windowed and full layers (Gemma) keeps the
         # windowed layers' keys in a pool of their own, whose out-of-window blocks are freed. A draft
         # model (which may see everything) shares the block tables, so with one nothing is freed.
@@ -81,6 +96,31 @@ class LLMEngine:
             groups.append(KVGroup(BlockAllocator(window_blocks, config.block_size, config.enable_prefix_caching),
                                   c.sliding_window))
         self.scheduler = Scheduler(groups, config.max_num_seqs, config.max_num_batched_tokens)
+        self._init_state()
+
+    def _init_encoder_decoder(self) -> None:
+        """Two KV groups: the decoder's self-attention pool and the sources' cross-attention pool."""
+        if self.config.single_sequence or self.config.speculative is not None:
+            raise InvalidRequestError("an encoder-decoder runs on the paged engine, without speculative decoding")
+        self.config = config = dataclasses.replace(self.config, enable_prefix_caching=False)
+        c, bs = self.model.config, config.block_size
+        if config.num_blocks is not None:
+            num_blocks = num_source_blocks = config.num_blocks
+        else:  # half of the budget each
+            per_block = PagedKVCache.bytes_per_block(c.decoder_layers, bs, c.num_heads, c.head_dim, self.model.dtype,
+                                                     config.kv_cache_dtype, self.model.device)
+            num_blocks = num_source_blocks = int(config.kv_cache_gb * 2**30) // (2 * per_block)
+            if num_blocks < 1:
+                raise InvalidRequestError(f"a KV cache of {config.kv_cache_gb} GB holds no block of "
+                                          f"{2 * per_block / 2**20:.2f} MiB")
+        self.runner = ModelRunner(self.model, config, num_blocks, num_source_blocks=num_source_blocks)
+        self.allocator = BlockAllocator(num_blocks, bs, enable_prefix_caching=False)
+        groups = [KVGroup(self.allocator), KVGroup(BlockAllocator(num_source_blocks, bs, False), holds_source=True)]
+        self.scheduler = Scheduler(groups, config.max_num_seqs, config.max_num_batched_tokens)
+        self._init_state()
+
+    def _init_state(self) -> None:
+        config, model = self.config, self.model
         self.sequences: dict[str, Request] = {}
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
@@ -89,7 +129,7 @@ class LLMEngine:
         # Where speculation's time goes (seconds): proposing, verification steps, plain decode steps.
         self.spec_seconds = {"propose_s": 0.0, "verify_s": 0.0, "plain_s": 0.0}
         self.num_plain_steps = 0  # decode steps without proposals while speculation is on
-        self.grammars = GrammarCompiler(tokenizer, c.vocab_size)
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
         on_cpu = torch.device(model.device).type == "cpu"
         self.cpu_threads = FreeCoreThreads(torch.get_num_threads()) if on_cpu and config.follow_free_cores else None
 
@@ -122,17 +162,29 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
-                    logprobs: int | None = None, prompt_logprobs: int | None = None) -> None:
-        """Queue a request; raises InvalidRequestError if it can never run (too long, bad ids, ...)."""
+                    logprobs: int | None = None, prompt_logprobs: int | None = None,
+                    encoder_ids: list[int] | None = None, logits_processor: LogitsProcessor | None = None,
+                    beam_search: BeamSearchParams | None = None) -> None:
+        """Queue a request; raises InvalidRequestError if it can never run (too long, bad ids, ...).
+
+        An encoder-decoder's request gives its source as encoder_ids and its decoder's start token(s)
+        as prompt_ids; logits_processor (any model) rewrites each next-token distribution before
+        sampling. beam_search (an encoder-decoder's): search with its beams instead of sampling; the
+        request's one output comes when the search ends."""
         if request_id in self.sequences:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        prompt_ids = self.check_request(prompt_ids, params, logprobs, prompt_logprobs)
-        c = self.model.config
+        prompt_ids = self.check_request(prompt_ids, params, logprobs, prompt_logprobs, encoder_ids, beam_search)
         matcher = None
         if params.structured_output is not None:  # compiled (or found in the cache) by check_request
             matcher = self.grammars.matcher(params.structured_output)
-        seq = Request(request_id, prompt_ids, params, self.tokenizer, c.vocab_size, self.model.device,
-                      logprobs=logprobs, prompt_logprobs=prompt_logprobs, matcher=matcher)
+        seq = Request(request_id, prompt_ids, params, self.tokenizer, self.vocab_size, self.model.device,
+                      logprobs=logprobs, prompt_logprobs=prompt_logprobs, matcher=matcher,
+                      encoder_ids=list(encoder_ids) if encoder_ids is not None else None,
+                      logits_processor=logits_processor)
+        if beam_search is not None:
+            seq.beam_group = BeamGroup(beam_search, prompt_ids, params.max_tokens, sorted(seq.stop_ids),
+                                       self.model.device)
+            seq.beam_group.beams = [seq]
         spec = self.speculative
         if spec is not None:
             seq.controller = SpeculationController(spec.num_speculative_tokens, spec.adaptive,
@@ -146,20 +198,31 @@ class LLMEngine:
         self.num_prompt_tokens += len(prompt_ids)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams, logprobs: int | None = None,
-                      prompt_logprobs: int | None = None) -> list[int]:
+                      prompt_logprobs: int | None = None, encoder_ids: list[int] | None = None,
+                      beam_search: BeamSearchParams | None = None) -> list[int]:
         """The prompt ids the request will run with (truncated if it asked); raises InvalidRequestError
         if it can never run. Reads only fixed settings, so any thread may call it."""
         c = self.model.config
+        beams = 1
+        if beam_search is not None:
+            self._check_beam_search(beam_search, params, logprobs, prompt_logprobs)
+            beams = beam_search.num_beams
+        if self.encoder_decoder:
+            self._check_source(encoder_ids)
+        elif encoder_ids is not None:
+            raise InvalidRequestError("this model has no encoder: a request takes no source (encoder_ids)")
         prompt_ids = fit_prompt(list(prompt_ids), params, c.context_length)
-        check_token_ids(prompt_ids, c.vocab_size)
+        check_token_ids(prompt_ids, self.vocab_size)
         for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
                 raise InvalidRequestError(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
         for g in self.scheduler.groups:
+            if g.holds_source:
+                continue  # checked with the source
             positions = len(prompt_ids) + params.max_tokens
             if g.window is not None:  # at most a window and a step's tokens are held at once
                 positions = min(positions, g.window + self.config.max_num_batched_tokens + self.config.block_size)
-            need = g.allocator.blocks_needed(positions)
+            need = g.allocator.blocks_needed(positions) * beams
             if need > g.allocator.num_blocks:
                 raise InvalidRequestError(
                     f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV-cache "
@@ -168,14 +231,37 @@ class LLMEngine:
             self.grammars.compile(params.structured_output)  # raises for a constraint that does not compile
         return prompt_ids
 
+    def _check_beam_search(self, beam_search: BeamSearchParams, params: SamplingParams, logprobs, prompt_logprobs):
+        if not self.encoder_decoder:
+            raise InvalidRequestError("beam search runs on encoder-decoder models only")
+        if not isinstance(beam_search.num_beams, int) or not 2 <= beam_search.num_beams <= self.config.max_num_seqs:
+            raise InvalidRequestError(f"num_beams must be between 2 and the engine's max_num_seqs "
+                                      f"({self.config.max_num_seqs}), got {beam_search.num_beams}")
+        if params.structured_output is not None or logprobs is not None or prompt_logprobs is not None:
+            raise InvalidRequestError("beam search takes no structured output and reports no logprobs")
+
+    def _check_source(self, encoder_ids: list[int] | None) -> None:
+        c = self.model.config
+        if not encoder_ids:
+            raise InvalidRequestError("an encoder-decoder request needs a source of at least one token")
+        limit = c.max_source_tokens
+        if limit is not None and len(encoder_ids) > limit:
+            raise InvalidRequestError(f"a source has {len(encoder_ids)} tokens; this model reads at most {limit}")
+        check_token_ids(list(encoder_ids), c.vocab_size)
+        sources = self.scheduler.groups[1].allocator
+        if sources.blocks_needed(len(encoder_ids)) > sources.num_blocks:
+            raise InvalidRequestError(f"a source of {len(encoder_ids)} tokens needs more than the "
+                                      f"{sources.num_blocks} blocks of the cross-attention pool (raise --kv-cache-gb)")
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; its final output (finish_reason "abort"), or None if unknown."""
         seq = self.sequences.pop(request_id, None)
         if seq is None:
             return None
-        self.scheduler.free(seq)
-        self.runner.free(seq)
-        seq.status = RequestStatus.FINISHED
+        for s in seq.beam_group.beams if seq.beam_group is not None else [seq]:
+            self.scheduler.free(s)
+            self.runner.free(s)
+            s.status = RequestStatus.FINISHED
         return self._output(seq, [], "", None, finish=("abort", None))
 
     def has_unfinished(self) -> bool:
@@ -195,13 +281,14 @@ class LLMEngine:
         """Run one batched forward pass; return a delta for every request that produced a token or finished."""
         started = time.perf_counter()
         step = self.scheduler.schedule()
+        for seq in step.preempted:
+            seq.draft_computed = 0
+            self.runner.free(seq)
+        self._settle_beams(step)
         if step.empty:
             return []
         if self.cpu_threads is not None:
             self.cpu_threads.update()
-        for seq in step.preempted:
-            seq.draft_computed = 0
-            self.runner.free(seq)
         proposals = self._propose(step) if self.speculative is not None else {}
         proposed = time.perf_counter()
         if proposals:  # verified as chunks of [last token, proposals...], after the plain decodes
@@ -316,6 +403,7 @@ class LLMEngine:
     def _process(self, step: ScheduledStep, logits: torch.Tensor, rows, masks=None) -> list[RequestOutput]:
         outputs = []
         samplers = []  # (seq, logits row index) of every sequence that samples now
+        beam_rows: dict[int, int] = {}  # id(beam) -> its logits row, for the beams of beam searches
         for seq, n in [(s, 1) for s in step.decodes] + step.prefills:
             start = seq.num_computed
             seq.num_computed += n
@@ -326,10 +414,18 @@ class LLMEngine:
             if seq.needs_prompt_logprobs:
                 self._record_prompt_logprobs(seq, logits[first:first + count], start)
             if seq.num_computed == seq.num_tokens:
-                samplers.append((seq, first + count - 1))
+                if seq.beam_group is not None:
+                    beam_rows[id(seq)] = first + count - 1
+                else:
+                    samplers.append((seq, first + count - 1))
+        if beam_rows:
+            outputs += self._advance_beams(logits, beam_rows)
         if not samplers:
             return outputs
-        tokens = self._sample(samplers, self._apply_masks(samplers, logits, masks) if masks else logits)
+        scores = self._apply_masks(samplers, logits, masks) if masks else logits
+        if any(seq.logits_processor is not None for seq, _ in samplers):
+            scores = self._apply_processors(samplers, scores)
+        tokens = self._sample(samplers, scores)
         logprob_rows = [(i, seq) for i, (seq, _) in enumerate(samplers) if seq.logprobs is not None]
         token_logprobs = {}
         if logprob_rows:
@@ -341,6 +437,120 @@ class LLMEngine:
         for i, (seq, _) in enumerate(samplers):
             outputs.append(self._append_token(seq, tokens[i], token_logprobs.get(i), now))
         return outputs
+
+    # -- beam search ---------------------------------------------------------------------------
+    def _settle_beams(self, step: ScheduledStep) -> None:
+        """A beam search steps with all of its beams or not at all: one whose beam was preempted
+        starts over (from its first beam, with no blocks; the search is deterministic, and nothing
+        was sent yet), and one not wholly in this step leaves it."""
+        restarted = {id(s.beam_group): s.beam_group for s in step.preempted if s.beam_group is not None}
+        for group in restarted.values():
+            self._restart_beams(group)
+        in_step = {id(s) for s in step.decodes} | {id(s) for s, _ in step.prefills}
+
+        def leaves(seq: Request) -> bool:
+            group = seq.beam_group
+            return group is not None and (id(group) in restarted or any(id(b) not in in_step for b in group.beams))
+
+        step.decodes = [s for s in step.decodes if not leaves(s)]
+        step.prefills = [(s, n) for s, n in step.prefills if not leaves(s)]
+
+    def _restart_beams(self, group: BeamGroup) -> None:
+        for beam in group.beams:
+            self.scheduler.free(beam)
+            self.runner.free(beam)
+        first = group.beams[0]
+        first.output_ids = []
+        group.reset()
+        group.beams = [first]
+        self.scheduler.requeue_first(first)
+
+    def _advance_beams(self, logits: torch.Tensor, beam_rows: dict[int, int]) -> list[RequestOutput]:
+        """One step of every beam search whose beams got logits: its outputs when it ends, else
+        each beam continues its parent's blocks and tokens with its new token."""
+        outputs = []
+        groups = {id(s.beam_group): s.beam_group for s in self.scheduler.running if id(s) in beam_rows}
+        for group in groups.values():
+            if group.beams[0].status is not RequestStatus.RUNNING:
+                continue  # restarted by another search's first step, which needed its blocks
+            rows = torch.tensor([beam_rows[id(b)] for b in group.beams], device=logits.device)
+            result = group.advance(logits[rows])
+            if result.result is None:
+                self._fork_beams(group, result.parents, result.tokens)
+                continue
+            first = group.beams[0]
+            for beam in group.beams:
+                self.scheduler.free(beam)
+                self.runner.free(beam)
+                beam.status = RequestStatus.FINISHED
+            self.sequences.pop(first.request_id, None)
+            tokens = result.result
+            self.num_generated_tokens += len(tokens)
+            ended = bool(tokens) and tokens[-1] in first.stop_ids
+            first.output_ids = tokens
+            first.first_token_time = time.perf_counter()
+            outputs.append(RequestOutput(
+                request_id=first.request_id, new_token_ids=tokens,
+                new_text=self.tokenizer.decode(tokens, skip_special_tokens=True), prompt_token_ids=first.prompt_ids,
+                num_output_tokens=len(tokens), finished=True, finish_reason="stop" if ended else "length",
+                stop_reason=tokens[-1] if ended else None, arrival_time=first.arrival_time,
+                first_token_time=first.first_token_time, score=group.score))
+        return outputs
+
+    def _fork_beams(self, group: BeamGroup, parents: list[int], tokens: list[int]) -> None:
+        """Beam i continues beam parents[i] with tokens[i]: it takes a reference to each of the parent's
+        blocks, and a copy of the partly filled last one where several beams would write into it."""
+        old = group.beams
+        slots = old
+        kv = self.scheduler.groups[0].allocator
+        computed = old[0].num_computed
+        if len(old) < group.num_beams:  # the first step: the other beams start as copies of the first
+            first = old[0]
+            parents = [0] * len(parents)  # every beam was the first one until now
+            copies_needed = group.num_beams - 1 if computed % self.config.block_size else 0
+            while kv.num_free < copies_needed and self._preempt_one(keep=old):
+                pass
+            slots = [first]
+            for i in range(1, group.num_beams):
+                beam = Request(f"{first.request_id}#beam{i}", first.prompt_ids, first.params, self.tokenizer,
+                               self.vocab_size, self.model.device, encoder_ids=first.encoder_ids)
+                beam.beam_group, beam.arrival_time = group, first.arrival_time
+                slots.append(beam)
+            self.scheduler.add_running_after(first, slots[1:])
+            self.runner.share_source(first, slots[1:])
+        tables = [[list(t) for t in old[p].block_tables] for p in parents]
+        histories = [(old[p].output_ids + [t], list(old[p].block_hashes)) for p, t in zip(parents, tokens, strict=True)]
+        for new_tables in tables:
+            for g, table in zip(self.scheduler.groups, new_tables):
+                g.allocator.share(held_blocks(table))
+        for beam in old:
+            for g, table in zip(self.scheduler.groups, beam.block_tables):
+                g.allocator.release(held_blocks(table))
+        copies = []
+        if computed % self.config.block_size:  # the next token goes into the last block: one writer each
+            for new_tables in tables:
+                last = new_tables[0][-1]
+                if kv.ref_count[last] > 1:
+                    fresh = kv.allocate(1)[0]
+                    kv.release([last])
+                    new_tables[0][-1] = fresh
+                    copies.append((last, fresh))
+        self.runner.copy_blocks(copies)
+        for beam, new_tables, (output_ids, hashes) in zip(slots, tables, histories, strict=True):
+            beam.block_tables, beam.output_ids, beam.block_hashes = new_tables, output_ids, hashes
+            beam.num_computed = computed
+        group.beams = slots
+
+    def _preempt_one(self, keep: list[Request]) -> bool:
+        """Free blocks outside a step: preempt the latest running sequence not in keep (a beam search
+        whole); False if there is none."""
+        victim = self.scheduler.preempt_last(keep)
+        if victim is None:
+            return False
+        self.runner.free(victim)
+        if victim.beam_group is not None:
+            self._restart_beams(victim.beam_group)
+        return True
 
     def _register_filled_blocks(self, seq: Request) -> None:
         """Give the prefix cache every block of seq that filled up since the last call."""
@@ -366,6 +576,16 @@ class LLMEngine:
         masked = logits.clone()
         masked[rows] = masked[rows].masked_fill(~allowed, float("-inf"))
         return masked
+
+    @staticmethod
+    def _apply_processors(samplers, logits: torch.Tensor) -> torch.Tensor:
+        """A copy of the logits with each processed row rewritten by its request's logits processor."""
+        out = logits.clone()
+        for seq, row in samplers:
+            if seq.logits_processor is not None:
+                ids = torch.tensor([seq.all_ids], device=logits.device)
+                out[row] = seq.logits_processor(ids, logits[row:row + 1])[0]
+        return out
 
     def _sample(self, samplers, logits: torch.Tensor) -> list[int]:
         """Greedy rows without penalties in one argmax; every other row through its own Sampler."""
@@ -439,8 +659,9 @@ class LLMEngine:
     def stats(self) -> dict[str, float]:
         a = self.allocator
         # A model with windowed layers in a pool of their own (scheduler.KVGroup): that pool's blocks.
-        windowed = self.scheduler.groups[1].allocator if len(self.scheduler.groups) > 1 else None
-        return {
+        second = self.scheduler.groups[1] if len(self.scheduler.groups) > 1 else None
+        windowed = second.allocator if second is not None and not second.holds_source else None
+        out = {
             "num_running": self.num_running,
             "num_waiting": self.num_waiting,
             "kv_blocks_total": a.num_blocks,
@@ -457,6 +678,10 @@ class LLMEngine:
             "spec_decode_accepted_tokens": self.num_spec_accepted,
             "spec_decode_steps": self.num_spec_steps,
         }
+        if second is not None and second.holds_source:  # an encoder-decoder's cross-attention pool
+            out["kv_source_blocks_total"] = second.allocator.num_blocks
+            out["kv_source_blocks_used"] = second.allocator.num_used
+        return out
 
 
 def merge_outputs(deltas: list[RequestOutput]) -> RequestOutput:

@@ -10,6 +10,11 @@ Two layouts, chosen by EngineConfig.single_sequence:
   C++ call (model/fused_decode.py), the fastest batch-1 path.
 
 A draft model's proposals (speculative decoding) run here too, on a draft cache of the same layout.
+
+An encoder-decoder (model/seq2seq.py) runs paged only: the decoder's keys and values in the first
+pool, each request's source as cross-attention keys and values in a second one (its second block
+table). A request's source is encoded in the first step it runs in (again after a preemption, which
+gave its blocks back), the step's new sources in one batch.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ from leapllm.engine.request import Request
 from leapllm.engine.scheduler import ScheduledStep
 from leapllm.engine.speculative import draw_proposal
 from leapllm.model.kv_cache import KVCache
-from leapllm.model.paged_kv_cache import PagedAttentionBatch, PagedKVCache, build_paged_batch
+from leapllm.model.paged_kv_cache import (
+    PagedAttentionBatch,
+    PagedKVCache,
+    build_cross_batch,
+    build_paged_batch,
+    slot_table,
+)
+from leapllm.model.seq2seq import Seq2SeqModel
 
 # key -> (first logits row, number of rows) of each sequence that gets logits this step; the key is
 # id(seq), as the engine's proposals are keyed.
@@ -30,12 +42,19 @@ Rows = dict[int, tuple[int, int]]
 
 class ModelRunner:
     def __init__(self, model, config: EngineConfig, num_blocks: int, windowed_layers: tuple[int, ...] = (),
-                 num_window_blocks: int = 0):
+                 num_window_blocks: int = 0, num_source_blocks: int = 0):
         self.model = model
         self.config = config
         self.single_sequence = config.single_sequence
         self.draft = config.speculative.draft_model if config.speculative is not None else None
+        self.windowed_layers = windowed_layers
         c = model.config
+        self.encoder_decoder = isinstance(model, Seq2SeqModel)
+        if self.encoder_decoder:
+            # num_source_blocks: the cross-attention pool, indexed by each request's second block table.
+            self.cache = model.new_paged_cache(num_blocks, num_source_blocks, config.block_size, config.kv_cache_dtype)
+            self.encoded: set[str] = set()  # requests whose source is in the cross-attention pool
+            return
         if self.single_sequence:
             self.caches: dict[str, KVCache] = {}  # request id -> its contiguous cache
             self.draft_caches: dict[str, KVCache] = {}
@@ -54,9 +73,20 @@ class ModelRunner:
 
     def free(self, seq: Request) -> None:
         """Forget a request's caches (finished, aborted or preempted); paged blocks are the allocator's."""
-        if self.single_sequence:
+        if self.encoder_decoder:
+            self.encoded.discard(seq.request_id)
+        elif self.single_sequence:
             self.caches.pop(seq.request_id, None)
             self.draft_caches.pop(seq.request_id, None)
+
+    def share_source(self, seq: Request, beams: list[Request]) -> None:
+        """New beams of seq read its source's cross-attention keys and values (shared blocks)."""
+        if self.encoder_decoder and seq.request_id in self.encoded:
+            self.encoded.update(beam.request_id for beam in beams)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write of shared self-attention blocks (source, destination) before a beam writes."""
+        (self.cache.self_kv if self.encoder_decoder else self.cache).copy_blocks(pairs)
 
     # -- the target's forward pass -------------------------------------------------------------
     @staticmethod
@@ -100,6 +130,10 @@ class ModelRunner:
                 rows[key] = (len(logits_indices), 1)
                 logits_indices.append(offset + n - 1)
         batch = self._paged_batch(decodes, prefills)
+        if self.encoder_decoder:
+            self._encode_new_sources([seq for _, seq, *_ in chunks])
+            batch.cross = build_cross_batch([(seq.block_tables[1], len(seq.encoder_ids), len(chunk))
+                                             for _, seq, chunk, *_ in chunks], self.config.block_size, device)
         logits = self.model.forward_paged(torch.tensor(tokens, device=device), self.cache, batch,
                                           torch.tensor(logits_indices, dtype=torch.long, device=device))
         return logits, rows
@@ -113,9 +147,19 @@ class ModelRunner:
                                      [(tables[i], first, n, verify) for tables, first, n, verify in prefills],
                                      self.config.block_size, self.model.device)
         batch = on_table(0)
-        if self.cache.windowed_layers:
+        if self.windowed_layers:
             batch.windowed = on_table(1)
         return batch
+
+    def _encode_new_sources(self, seqs: list[Request]) -> None:
+        """Write the cross-attention keys and values of every source of the step not yet in the pool."""
+        new = list({seq.request_id: seq for seq in seqs if seq.request_id not in self.encoded}.values())
+        if not new:
+            return
+        bs, device = self.config.block_size, self.model.device
+        slots = [slot_table([seq.block_tables[1]], len(seq.encoder_ids), bs, device)[0] for seq in new]
+        self.model.encode_paged([seq.encoder_ids for seq in new], slots, self.cache)
+        self.encoded.update(seq.request_id for seq in new)
 
     def _contiguous_cache(self, seq: Request) -> KVCache:
         cache = self.caches.get(seq.request_id)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 from leapllm.engine.sampling import Sampler, SamplingParams
 from leapllm.errors import InvalidRequestError
@@ -72,6 +75,13 @@ class StopStringWatcher:
         return out
 
 
+# (token ids of each row's sequence so far, prompt included (rows, length); their next-token
+# scores (rows, vocab)) -> the scores to sample or search from: an encoder-decoder's generation
+# rules (engine/seq2seq.py), applied before temperature and top-k/top-p as transformers'
+# logits processors are.
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -101,14 +111,17 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    score: float | None = None  # beam search: the returned hypothesis' length-penalized log-probability
 
 
 class Request:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
                  vocab_size: int, device, *, logprobs: int | None = None, prompt_logprobs: int | None = None,
-                 matcher=None):
+                 matcher=None, encoder_ids: list[int] | None = None, logits_processor: LogitsProcessor | None = None):
         self.request_id = request_id
-        self.prompt_ids = prompt_ids
+        self.prompt_ids = prompt_ids  # an encoder-decoder's: the decoder's first tokens (its start token)
+        self.encoder_ids = encoder_ids  # an encoder-decoder's source, special tokens included
+        self.logits_processor = logits_processor
         self.output_ids: list[int] = []
         self.params = params
         self.sampler = Sampler(params, prompt_ids, vocab_size, device)
@@ -137,6 +150,12 @@ class Request:
         self.draft_sampler = None
         self.draft_computed = 0
         self.spec_step: tuple[int, int] = (0, 0)  # (proposed, kept) in the last verification
+        self.beam_group = None  # beam search (beam_search.py): the search this sequence is a beam of
+
+    @property
+    def width(self) -> int:
+        """How many sequences the request runs as: its beams in beam search, else 1."""
+        return self.beam_group.num_beams if self.beam_group is not None else 1
 
     @property
     def num_tokens(self) -> int:

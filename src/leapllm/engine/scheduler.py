@@ -13,6 +13,11 @@ become FREED), so a long generation holds only about a window's worth of them: a
 a model whose every layer is windowed (Mistral), those of the windowed layers on one that mixes
 them with full layers (Gemma's local layers; vLLM's hybrid allocator does the same).
 
+An encoder-decoder's requests have a second group, the cross-attention pool: a request's table
+there covers its source, taken whole at admission. A beam search (beam_search.py) is admitted with
+room for all of its beams among the running sequences; its later beams join `running` right after
+its first (add_running_after).
+
 When the KV pool runs out, the most recently admitted running sequence is preempted: its
 blocks are returned and it goes back to the front of the queue, to be recomputed later
 (vLLM's recompute preemption). Its full blocks keep their prefix hashes, so if nobody needed
@@ -56,6 +61,13 @@ class KVGroup:
     """Layers whose keys and values share one pool, so a sequence has one block table for them."""
     allocator: BlockAllocator
     window: int | None = None  # the keys each query of these layers sees; None: all of them
+    # An encoder-decoder's cross-attention pool: a table covers the request's source (encoded when
+    # it is admitted), not its decoder tokens, so it never grows after admission.
+    holds_source: bool = False
+
+    def positions(self, seq: Request, num_tokens: int) -> int:
+        """The positions seq's table in this group must cover when its decoder holds num_tokens."""
+        return len(seq.encoder_ids) if self.holds_source else num_tokens
 
 
 def first_visible_block(num_computed: int, window: int | None, block_size: int) -> int:
@@ -122,7 +134,8 @@ class Scheduler:
     def _grow(self, seq: Request, num_tokens: int) -> bool:
         """Make seq's tables cover num_tokens positions in every group; False (and nothing taken) if
         some group's pool has too few free blocks."""
-        needs = [g.allocator.blocks_needed(num_tokens) - len(table) for g, table in zip(self.groups, seq.block_tables)]
+        needs = [g.allocator.blocks_needed(g.positions(seq, num_tokens)) - len(table)
+                 for g, table in zip(self.groups, seq.block_tables)]
         if any(need > g.allocator.num_free for g, need in zip(self.groups, needs)):
             return False
         for g, table, need in zip(self.groups, seq.block_tables, needs):
@@ -150,6 +163,29 @@ class Scheduler:
         seq.num_computed = m * bs
         self.groups[0].allocator.count_lookup(len(ids), seq.num_computed)
 
+    def add_running_after(self, seq: Request, beams: list[Request]) -> None:
+        """New beams of a running sequence (their blocks already given), right after it."""
+        i = self.running.index(seq) + 1
+        self.running[i:i] = beams
+        for beam in beams:
+            beam.status = RequestStatus.RUNNING
+
+    def requeue_first(self, seq: Request) -> None:
+        """Put a request that holds no blocks back at the head of the queue (a restarted beam search)."""
+        seq.block_tables = [[] for _ in self.groups]
+        seq.block_hashes, seq.num_computed = [], 0
+        seq.status = RequestStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def preempt_last(self, keep: list[Request]) -> Request | None:
+        """Preempt the most recently admitted running sequence not in keep (to free blocks outside a
+        step); None if there is none."""
+        for seq in reversed(self.running):
+            if not any(seq is k for k in keep):
+                self._preempt(seq, ScheduledStep())
+                return seq
+        return None
+
     def reserve(self, seq: Request, num_tokens: int) -> bool:
         """Grow a running sequence's blocks to num_tokens positions from free blocks only (speculative
         tokens may use room nobody needs; they never preempt); False if there are too few."""
@@ -176,9 +212,12 @@ class Scheduler:
             budget -= n
             i += 1
 
-        # Then waiting requests, unless this step had to preempt (the pool is full).
+        # Then waiting requests, unless this step had to preempt (the pool is full); a beam search
+        # is admitted with room for all of its beams.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not step.preempted:
             seq = self.waiting[0]
+            if self.running and len(self.running) + seq.width > self.max_num_seqs:
+                break
             if not any(seq.block_tables) and seq.prompt_logprobs is None:
                 self._take_cached_prefix(seq)
                 if seq.num_preemptions == 0:

@@ -1,4 +1,4 @@
-"""Generation with an encoder-decoder: encode a batch of sources once, then decode step by step.
+"""Generation settings of an encoder-decoder, and their form as the engine's requests.
 
 Greedy decoding, sampling and beam search follow transformers' `generate()` exactly, so that the
 same model and settings give the same tokens:
@@ -10,36 +10,28 @@ same model and settings give the same tokens:
   ignored), min_length, forced BOS at the first step, forced EOS at the last possible step; then
   for sampling temperature, top-k and top-p (engine/sampling.py's filters); renormalize_logits
   last (it only changes beam scores).
-- beam search: each step scores every beam's log-softmax (processors applied) plus the beam's
-  running score, keeps the best 2 * num_beams candidates (more with several EOS ids) so that
-  num_beams unfinished ones remain, moves candidates that end (EOS or max_length) among the top
-  num_beams into the finished set with score / generated_length ** length_penalty, and stops when
-  every source has num_beams finished hypotheses that (by early_stopping's rule) no running beam
-  can beat: True stops as soon as there are num_beams finished, False when the best running beam's
-  score over the current length cannot beat the worst finished one, "never" when it could not even
-  at max_length (for length_penalty > 0).
+- beam search: engine/beam_search.py.
 
-Caches: the decoder's self-attention keys/values grow by one token per step (reordered by beam in
-beam search); the cross-attention keys/values are projected once per request and expanded per
-beam once (model/seq2seq.py). Sources finished in greedy/sampling leave the batch.
+Every search runs on the batching engine (engine/llm_engine.py), as a decoder LLM's requests do:
+`engine_request` turns a plan into the decoder's start token, SamplingParams, the processors above
+and the beam search settings; the engine's paged pools hold the decoder's keys and values and each
+source's cross-attention keys and values (shared by its beams).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from leapllm.engine.sampling import Sampler, SamplingParams
+from leapllm.engine.beam_search import BeamSearchParams
+from leapllm.engine.request import LogitsProcessor
+from leapllm.engine.sampling import SamplingParams
 from leapllm.errors import InvalidRequestError
 from leapllm.loading.seq2seq_loader import GenerationDefaults
 from leapllm.model.seq2seq import Seq2SeqModel
-
-NEG = -1.0e9  # transformers' "not this one" score offset in beam search, kept for identical ordering
 
 
 @dataclass
@@ -203,6 +195,52 @@ def process_scores(plan: GenerationPlan, sequences: torch.Tensor, scores: torch.
     return scores
 
 
+class DecoderTokenizer:
+    """An encoder-decoder's tokenizer as the engine's requests read it: generated ids to text
+    (special tokens skipped, as Seq2SeqLM's texts) and the EOS ids that end a request."""
+
+    def __init__(self, tokenizer, eos_token_ids: list[int]):
+        self.tokenizer = tokenizer
+        self.stop_token_ids = list(eos_token_ids)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids))
+
+
+@dataclass
+class EngineRequest:
+    """A plan as the engine's request (LLMEngine.add_request's arguments besides the id and source)."""
+    prompt_ids: list[int]  # the decoder's start token
+    params: SamplingParams  # max_length - 1 new tokens; temperature 0 for greedy and beam search
+    logits_processor: LogitsProcessor | None  # the plan's rules when it samples or is greedy
+    beam_search: BeamSearchParams | None  # the search and its rules, with num_beams > 1
+
+
+def engine_request(plan: GenerationPlan) -> EngineRequest:
+    params = plan.sampling or SamplingParams(max_tokens=plan.max_length - 1, temperature=0.0)
+    rules = (plan.no_repeat_ngram_size > 0 or plan.bad_words_ids or (plan.min_length > 1 and plan.eos_token_ids)
+             or plan.forced_bos_token_id is not None or plan.forced_eos_token_id is not None)
+    processor = None
+    if rules:
+        def processor(sequences: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            return process_scores(plan, sequences, scores)
+    prompt = [plan.decoder_start_token_id]
+    if plan.num_beams == 1:
+        return EngineRequest(prompt, params, processor, None)
+    beams = BeamSearchParams(plan.num_beams, plan.length_penalty, plan.early_stopping, plan.renormalize_logits,
+                             processor)
+    return EngineRequest(prompt, params, None, beams)
+
+
+def source_params(request: EngineRequest, index: int) -> SamplingParams:
+    """The SamplingParams of the request's index-th source (or choice): a seeded one draws with
+    seed + index, so that sources and choices differ, reproducibly (the LLM server's rule)."""
+    params = request.params
+    if params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=params.seed + index)
+
+
 @dataclass
 class GeneratedIds:
     token_ids: list[list[int]]  # per source: the generated tokens (no start token; the EOS if it ended)
@@ -211,174 +249,8 @@ class GeneratedIds:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _finish(tokens: list[int], plan: GenerationPlan) -> tuple[list[int], str]:
-    for i, t in enumerate(tokens):
-        if t in plan.eos_token_ids:
-            return tokens[:i + 1], "stop"
-    return tokens, "length"
-
-
-# on_step(sources, tokens): the batch indices of the sources still generating and the token each just got.
-StepCallback = Callable[[list[int], list[int]], None]
-
-
-@torch.inference_mode()
-def generate_ids(model: Seq2SeqModel, source_ids: list[list[int]], plan: GenerationPlan,
-                 on_step: StepCallback | None = None) -> GeneratedIds:
-    """Generate for a batch of tokenized sources (each with its special tokens).
-
-    `on_step` (greedy and sampling; for streaming) is called after every decoding step; an exception
-    it raises stops the batch. Beam search never calls it: a beam's tokens are final only at the end."""
-    if not source_ids or any(not ids for ids in source_ids):
-        raise InvalidRequestError("every source must have at least one token")
-    limit = model.config.max_source_tokens
-    longest = max(len(ids) for ids in source_ids)
-    if limit is not None and longest > limit:
-        raise InvalidRequestError(f"a source has {longest} tokens; this model reads at most {limit}")
-    device = model.device
-    width = longest
-    input_ids = torch.tensor([ids + [plan.pad_token_id] * (width - len(ids)) for ids in source_ids], device=device)
-    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in source_ids], device=device)
-    start = time.perf_counter()
-    encoded = model.encode(input_ids, mask)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    encoded_at = time.perf_counter()
-    if plan.num_beams > 1:
-        out = _beam_search(model, encoded, plan)
-    else:
-        out = _greedy_or_sample(model, encoded, plan, on_step)
-    end = time.perf_counter()
-    generated = sum(len(t) for t in out.token_ids)
-    out.timings = {"encode_s": encoded_at - start, "decode_s": end - encoded_at, "total_s": end - start,
-                   "source_tokens": float(sum(len(ids) for ids in source_ids)), "generated_tokens": float(generated),
-                   "decode_tokens_per_s": generated / (end - encoded_at) if end > encoded_at else 0.0}
-    return out
-
-
-def _greedy_or_sample(model: Seq2SeqModel, encoded, plan: GenerationPlan,
-                      on_step: StepCallback | None = None) -> GeneratedIds:
-    batch = encoded.hidden.shape[0]
-    device = encoded.hidden.device
-    cache = model.new_cache(encoded, capacity=plan.max_length)
-    sequences = torch.full((batch, 1), plan.decoder_start_token_id, dtype=torch.long, device=device)
-    results: list[list[int] | None] = [None] * batch
-    active = list(range(batch))  # the sources still generating, in cache row order
-    eos = torch.tensor(plan.eos_token_ids, dtype=torch.long, device=device)
-    # Sampling: temperature / top-k / top-p as engine/sampling.py filters them, one seeded stream
-    # for the batch, drawn row by row in source order.
-    sampler = None if plan.sampling is None else Sampler(plan.sampling, [], model.config.decoder_vocab_size, device)
-    while True:
-        logits = model.decode(sequences[:, -1:], cache, last_only=True).logits[:, -1].float()
-        scores = process_scores(plan, sequences, logits)
-        if sampler is None:
-            next_tokens = scores.argmax(dim=-1)  # the first on ties, as transformers
-        else:
-            next_tokens = torch.stack([torch.multinomial(sampler.filtered_probs(row), 1, generator=sampler.generator)[0]
-                                       for row in scores])
-        sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-        if on_step is not None:
-            on_step(active, next_tokens.tolist())
-        ended = torch.isin(next_tokens, eos) if eos.numel() else torch.zeros_like(next_tokens, dtype=torch.bool)
-        if sequences.shape[1] >= plan.max_length:
-            ended = torch.ones_like(ended)
-        if bool(ended.any()):
-            done = ended.tolist()
-            for row, finished in enumerate(done):
-                if finished:
-                    results[active[row]] = sequences[row, 1:].tolist()
-            keep = [row for row, finished in enumerate(done) if not finished]
-            if not keep:
-                break
-            rows = torch.tensor(keep, device=device)
-            cache.select(rows)
-            sequences = sequences[rows]
-            active = [active[row] for row in keep]
-    finished = [_finish(tokens, plan) for tokens in results]
-    return GeneratedIds([t for t, _ in finished], [r for _, r in finished], [None] * batch)
-
-
-def _beam_search(model: Seq2SeqModel, encoded, plan: GenerationPlan) -> GeneratedIds:
-    batch, beams = encoded.hidden.shape[0], plan.num_beams
-    device = encoded.hidden.device
-    vocab = model.config.decoder_vocab_size
-    max_length, penalty, early = plan.max_length, plan.length_penalty, plan.early_stopping
-    candidates = max(2, 1 + len(plan.eos_token_ids)) * beams
-    is_top_beam = torch.arange(candidates, device=device) < beams  # (candidates,)
-    eos = torch.tensor(plan.eos_token_ids, dtype=torch.long, device=device)
-    row_offset = torch.arange(batch, device=device)[:, None] * beams
-
-    cache = model.new_cache(encoded, capacity=max_length, beams=beams)
-    fill = plan.pad_token_id
-    running = torch.full((batch, beams, max_length), fill, dtype=torch.long, device=device)
-    running[:, :, 0] = plan.decoder_start_token_id
-    # Only beam 0 is live at first: the others would repeat its candidates.
-    running_scores = torch.zeros((batch, beams), device=device)
-    running_scores[:, 1:] = NEG
-    finished = running.clone()
-    finished_scores = torch.full((batch, beams), NEG, device=device)
-    finished_lengths = torch.ones((batch, beams), dtype=torch.long, device=device)
-    is_finished = torch.zeros((batch, beams), dtype=torch.bool, device=device)
-    can_improve = torch.ones((batch, 1), dtype=torch.bool, device=device)
-
-    def gather(t, index):  # pick along the beam dimension: t (batch, n, ...), index (batch, k)
-        while index.dim() < t.dim():
-            index = index.unsqueeze(-1)
-        return torch.take_along_dim(t, index, dim=1)
-
-    cur_len = 1
-    while True:
-        flat = running[:, :, :cur_len].reshape(batch * beams, cur_len)
-        logits = model.decode(flat[:, -1:], cache, last_only=True).logits[:, -1].float()
-        log_probs = process_scores(plan, flat, F.log_softmax(logits, dim=-1))
-        if plan.renormalize_logits:
-            log_probs = log_probs.log_softmax(dim=-1)
-        totals = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, beams * vocab)
-
-        # The best candidates over all beams, and the sequences they make.
-        top_scores, top_index = torch.topk(totals, candidates)  # (batch, candidates)
-        from_beam, tokens = top_index // vocab, top_index % vocab
-        cand = gather(running, from_beam)
-        cand[:, :, cur_len] = tokens
-        ends = torch.isin(tokens, eos) if eos.numel() else torch.zeros_like(tokens, dtype=torch.bool)
-        if cur_len + 1 >= max_length:
-            ends = torch.ones_like(ends)
-
-        # The beams that go on: the best candidates that did not end.
-        open_scores = top_scores + ends.to(torch.float32) * NEG
-        keep = torch.topk(open_scores, beams).indices
-        running = gather(cand, keep)
-        running_scores = gather(open_scores, keep)
-        parents = gather(from_beam, keep)
-
-        # The finished set: candidates that ended among the top num_beams, by penalized score.
-        just_finished = ends & is_top_beam[None, :]
-        scores = top_scores / ((cur_len + 1 - 1) ** penalty)  # generated length, the EOS included
-        scores += (torch.all(is_finished, dim=-1, keepdim=True) & (early is True)).to(torch.float32) * NEG
-        scores += (~can_improve).to(torch.float32) * NEG
-        scores += (~just_finished) * NEG
-        merged_scores = torch.cat([finished_scores, scores], dim=1)
-        best = torch.topk(merged_scores, beams).indices
-        finished = gather(torch.cat([finished, cand], dim=1), best)
-        finished_scores = gather(merged_scores, best)
-        finished_lengths = gather(torch.cat([finished_lengths, torch.full_like(tokens, cur_len + 1)], dim=1), best)
-        is_finished = gather(torch.cat([is_finished, just_finished], dim=1), best)
-
-        cache.reorder((parents + row_offset).reshape(-1))
-        cur_len += 1
-        # Could a running beam still beat the worst finished hypothesis?
-        best_length = (max_length - 1) if (early == "never" and penalty > 0.0) else (cur_len - 1)
-        best_running = running_scores[:, :1] / (best_length ** penalty)
-        worst_finished = torch.where(is_finished, torch.min(finished_scores, dim=1, keepdim=True)[0], NEG)
-        can_improve = can_improve & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
-        go_on = bool(can_improve.any()) and not (bool(is_finished.all()) and early is True) and not bool(ends.all())
-        if not go_on:
-            break
-
-    token_ids, reasons = [], []
-    for b in range(batch):
-        length = int(finished_lengths[b, 0])
-        tokens, reason = _finish(finished[b, 0, 1:length].tolist(), plan)
-        token_ids.append(tokens)
-        reasons.append(reason)
-    return GeneratedIds(token_ids, reasons, [float(s) for s in finished_scores[:, 0]])
+def generation_timings(start: float, end: float, source_ids: list[list[int]],
+                       token_ids: list[list[int]]) -> dict[str, float]:
+    generated = sum(len(t) for t in token_ids)
+    return {"total_s": end - start, "source_tokens": float(sum(len(ids) for ids in source_ids)),
+            "generated_tokens": float(generated), "tokens_per_s": generated / (end - start) if end > start else 0.0}

@@ -20,14 +20,28 @@ and the summaries are joined with a space.
 
 from __future__ import annotations
 
+import itertools
 import re
+import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
+from leapllm.config import EngineConfig
+from leapllm.engine.llm_engine import LLMEngine
 from leapllm.engine.sampling import SamplingParams
-from leapllm.engine.seq2seq import Seq2SeqParams, generate_ids, plan_generation, seq2seq_params_from_sampling
+from leapllm.engine.seq2seq import (
+    DecoderTokenizer,
+    GeneratedIds,
+    GenerationPlan,
+    Seq2SeqParams,
+    engine_request,
+    generation_timings,
+    plan_generation,
+    seq2seq_params_from_sampling,
+    source_params,
+)
 from leapllm.errors import InvalidRequestError
 from leapllm.loading.seq2seq_loader import load_seq2seq
 from leapllm.model.attention import AttentionMaps
@@ -54,8 +68,10 @@ class Seq2SeqOutput:
 
 class Seq2SeqLM:
     def __init__(self, model: str | Path, *, dtype: str | torch.dtype = "float32",
-                 device: str | torch.device = "cpu", num_threads: int | None = None, quantize: str | None = None):
-        """quantize="int8": int8 decoder weights on leapllm's CPU kernels (load_seq2seq)."""
+                 device: str | torch.device = "cpu", num_threads: int | None = None, quantize: str | None = None,
+                 engine_config: EngineConfig | None = None):
+        """quantize="int8": int8 decoder weights on leapllm's CPU kernels (load_seq2seq).
+        engine_config: the batching engine's settings (greedy and sampling run on it)."""
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         loaded = load_seq2seq(model, dtype=dtype, device=device, quantize=quantize)
@@ -66,6 +82,22 @@ class Seq2SeqLM:
         self.model_type = loaded.model_type
         self.load_seconds = loaded.load_seconds
         self.config_raw = loaded.config_raw
+        # Keys and values in float32 unless asked otherwise: the same arithmetic as transformers'
+        # generate() (the decoder LLMs' "auto" stores float16 on the CPU).
+        engine_config = engine_config or EngineConfig()
+        if engine_config.kv_cache_dtype == "auto":
+            engine_config = replace(engine_config, kv_cache_dtype="float32")
+        self.engine_config = engine_config
+        self._engine: LLMEngine | None = None
+        self._request_ids = itertools.count()
+
+    @property
+    def engine(self) -> LLMEngine:
+        """The batching engine that greedy decoding and sampling run on (built at first use)."""
+        if self._engine is None:
+            tokenizer = DecoderTokenizer(self.tokenizer, self.defaults.eos_token_ids)
+            self._engine = LLMEngine(self.model, tokenizer, self.engine_config)
+        return self._engine
 
     @property
     def family(self) -> str:
@@ -96,10 +128,40 @@ class Seq2SeqLM:
         params = _with_overrides(params or Seq2SeqParams(), overrides)
         sources = [self.encode(prefix + t) for t in texts]
         plan = plan_generation(params, self.defaults, self.model)
-        out = generate_ids(self.model, sources, plan)
+        out = self.run_on_engine(sources, plan)
         return [Seq2SeqOutput(text, self.tokenizer.decode(ids), ids, src, reason, score, dict(out.timings))
                 for text, ids, src, reason, score in zip(texts, out.token_ids, sources, out.finish_reasons,
                                                          out.scores, strict=True)]
+
+    def run_on_engine(self, sources: list[list[int]], plan: GenerationPlan) -> GeneratedIds:
+        """These tokenized sources as the engine's requests, stepped until all end (each seeded
+        request draws from its own stream, as the server's would)."""
+        engine = self.engine
+        request = engine_request(plan)
+        for ids in sources:  # all checked before any is queued
+            engine.check_request(request.prompt_ids, request.params, encoder_ids=ids, beam_search=request.beam_search)
+        request_ids = [f"seq2seq-{next(self._request_ids)}" for _ in sources]
+        tokens: dict[str, list[int]] = {rid: [] for rid in request_ids}
+        finished: dict[str, tuple[str, float | None]] = {}  # finish reason, beam score
+        start = time.perf_counter()
+        try:
+            for i, (rid, ids) in enumerate(zip(request_ids, sources, strict=True)):
+                engine.add_request(rid, request.prompt_ids, source_params(request, i), encoder_ids=ids,
+                                   logits_processor=request.logits_processor, beam_search=request.beam_search)
+            while len(finished) < len(request_ids):
+                for out in engine.step():
+                    if out.request_id in tokens:
+                        tokens[out.request_id].extend(out.new_token_ids)
+                        if out.finished:
+                            finished[out.request_id] = (out.finish_reason, out.score)
+        finally:
+            for rid in request_ids:
+                if rid not in finished:
+                    engine.abort_request(rid)
+        token_ids = [tokens[rid] for rid in request_ids]
+        timings = generation_timings(start, time.perf_counter(), sources, token_ids)
+        return GeneratedIds(token_ids, [finished[rid][0] for rid in request_ids],
+                            [finished[rid][1] for rid in request_ids], timings)
 
     def attention(self, source: str, target: str | None = None) -> list[AttentionMaps]:
         """Every layer's and head's attention over a source and a target: the encoder's, the

@@ -39,6 +39,8 @@ class SubRequest:
     prompt_index: int
     prompt_ids: list[int]
     params: SamplingParams
+    # The engine request's other arguments: an encoder-decoder's source, logits processor and beam search.
+    engine_args: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -173,7 +175,8 @@ class GenerationServing:
         async def pump(sub: SubRequest) -> None:
             try:
                 async for out in self.engine.generate(f"{request_id}-{sub.index}", sub.prompt_ids, sub.params,
-                                                      logprobs=logprobs, prompt_logprobs=prompt_logprobs):
+                                                      logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                                      **sub.engine_args):
                     queue.put_nowait((sub.index, out))
             except Exception as exc:
                 queue.put_nowait((sub.index, exc))
