@@ -424,7 +424,10 @@ class LLMEngine:
             return outputs
         scores = self._apply_masks(samplers, logits, masks) if masks else logits
         if any(seq.logits_processor is not None for seq, _ in samplers):
-            scores = self._apply_processors(samplers, scores)
+            # The model's own logits stay for the logprobs asked for (a masked copy is one already).
+            if scores is logits and any(seq.logprobs is not None for seq, _ in samplers):
+                scores = logits.clone()
+            self._apply_processors(samplers, scores)
         tokens = self._sample(samplers, scores)
         logprob_rows = [(i, seq) for i, (seq, _) in enumerate(samplers) if seq.logprobs is not None]
         token_logprobs = {}
@@ -578,14 +581,17 @@ class LLMEngine:
         return masked
 
     @staticmethod
-    def _apply_processors(samplers, logits: torch.Tensor) -> torch.Tensor:
-        """A copy of the logits with each processed row rewritten by its request's logits processor."""
-        out = logits.clone()
+    def _apply_processors(samplers, scores: torch.Tensor) -> None:
+        """Rewrite each processed row of scores (in place) with its request's logits processor: one
+        call for the rows of one processor (an encoder-decoder batch's plan) and one length."""
+        together: dict[tuple[int, int], list] = {}
         for seq, row in samplers:
             if seq.logits_processor is not None:
-                ids = torch.tensor([seq.all_ids], device=logits.device)
-                out[row] = seq.logits_processor(ids, logits[row:row + 1])[0]
-        return out
+                together.setdefault((id(seq.logits_processor), seq.num_tokens), []).append((seq, row))
+        for members in together.values():
+            ids = torch.tensor([seq.all_ids for seq, _ in members], device=scores.device)  # (rows, length)
+            rows = torch.tensor([row for _, row in members], device=scores.device)
+            scores[rows] = members[0][0].logits_processor(ids, scores[rows])
 
     def _sample(self, samplers, logits: torch.Tensor) -> list[int]:
         """Greedy rows without penalties in one argmax; every other row through its own Sampler."""
