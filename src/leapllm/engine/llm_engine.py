@@ -129,6 +129,7 @@ class LLMEngine:
         # Where speculation's time goes (seconds): proposing, verification steps, plain decode steps.
         self.spec_seconds = {"propose_s": 0.0, "verify_s": 0.0, "plain_s": 0.0}
         self.num_plain_steps = 0  # decode steps without proposals while speculation is on
+        self._pending_copies: list[tuple[int, int]] = []  # beam search's copy-on-write of this step
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
         on_cpu = torch.device(model.device).type == "cpu"
         self.cpu_threads = FreeCoreThreads(torch.get_num_threads()) if on_cpu and config.follow_free_cores else None
@@ -479,7 +480,7 @@ class LLMEngine:
             rows = torch.tensor([beam_rows[id(b)] for b in group.beams], device=logits.device)
             result = group.advance(logits[rows])
             if result.result is None:
-                self._fork_beams(group, result.parents, result.tokens)
+                self._pending_copies += self._fork_beams(group, result.parents, result.tokens)
                 continue
             first = group.beams[0]
             for beam in group.beams:
@@ -498,11 +499,19 @@ class LLMEngine:
                 num_output_tokens=len(tokens), finished=True, finish_reason="stop" if ended else "length",
                 stop_reason=tokens[-1] if ended else None, arrival_time=first.arrival_time,
                 first_token_time=first.first_token_time, score=group.score))
+        self._copy_pending_blocks()
         return outputs
 
-    def _fork_beams(self, group: BeamGroup, parents: list[int], tokens: list[int]) -> None:
+    def _copy_pending_blocks(self) -> None:
+        """The step's copy-on-write copies, in one pass over the pools (before anything frees their blocks)."""
+        if self._pending_copies:
+            self.runner.copy_blocks(self._pending_copies)
+            self._pending_copies = []
+
+    def _fork_beams(self, group: BeamGroup, parents: list[int], tokens: list[int]) -> list[tuple[int, int]]:
         """Beam i continues beam parents[i] with tokens[i]: it takes a reference to each of the parent's
-        blocks, and a copy of the partly filled last one where several beams would write into it."""
+        blocks, and a copy of the partly filled last one where several beams would write into it.
+        Returns the copies to make (source block, destination block) before the next step."""
         old = group.beams
         slots = old
         kv = self.scheduler.groups[0].allocator
@@ -538,15 +547,16 @@ class LLMEngine:
                     kv.release([last])
                     new_tables[0][-1] = fresh
                     copies.append((last, fresh))
-        self.runner.copy_blocks(copies)
         for beam, new_tables, (output_ids, hashes) in zip(slots, tables, histories, strict=True):
             beam.block_tables, beam.output_ids, beam.block_hashes = new_tables, output_ids, hashes
             beam.num_computed = computed
         group.beams = slots
+        return copies
 
     def _preempt_one(self, keep: list[Request]) -> bool:
         """Free blocks outside a step: preempt the latest running sequence not in keep (a beam search
         whole); False if there is none."""
+        self._copy_pending_blocks()  # a freed block may become another copy's destination
         victim = self.scheduler.preempt_last(keep)
         if victim is None:
             return False
