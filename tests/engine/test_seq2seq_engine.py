@@ -106,6 +106,21 @@ def test_beams_share_the_source_and_copy_only_the_partly_filled_last_block(lm):
     assert_pools_free(engine)
 
 
+def test_a_request_named_like_a_beam_reads_its_own_source(lm):
+    """Beams are sequences named after their request; a request that takes such a name is another
+    sequence, with its own source."""
+    engine = new_engine(lm, num_blocks=64, block_size=4)
+    add(engine, lm, "a", TEXTS[2], Seq2SeqParams(max_new_tokens=8, num_beams=2))
+    engine.step()  # "a" has two beams now
+    add(engine, lm, "a#beam1", TEXTS[0], Seq2SeqParams(max_new_tokens=8, num_beams=1))
+    got = {"a": [], "a#beam1": []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+    assert got["a#beam1"] == alone(lm, TEXTS[0], Seq2SeqParams(max_new_tokens=8, num_beams=1))
+    assert got["a"] == alone(lm, TEXTS[2], Seq2SeqParams(max_new_tokens=8, num_beams=2))
+
+
 def test_an_aborted_beam_search_gives_back_every_block(lm):
     engine = new_engine(lm, num_blocks=64, block_size=4)
     add(engine, lm, "b", TEXTS[0], Seq2SeqParams(max_new_tokens=12, num_beams=3))

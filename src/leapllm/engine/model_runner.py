@@ -53,7 +53,7 @@ class ModelRunner:
         if self.encoder_decoder:
             # num_source_blocks: the cross-attention pool, indexed by each request's second block table.
             self.cache = model.new_paged_cache(num_blocks, num_source_blocks, config.block_size, config.kv_cache_dtype)
-            self.encoded: set[str] = set()  # requests whose source is in the cross-attention pool
+            self.encoded: set[int] = set()  # id() of the sequences whose source is in the cross-attention pool
             return
         if self.single_sequence:
             self.caches: dict[str, KVCache] = {}  # request id -> its contiguous cache
@@ -74,15 +74,15 @@ class ModelRunner:
     def free(self, seq: Request) -> None:
         """Forget a request's caches (finished, aborted or preempted); paged blocks are the allocator's."""
         if self.encoder_decoder:
-            self.encoded.discard(seq.request_id)
+            self.encoded.discard(id(seq))
         elif self.single_sequence:
             self.caches.pop(seq.request_id, None)
             self.draft_caches.pop(seq.request_id, None)
 
     def share_source(self, seq: Request, beams: list[Request]) -> None:
         """New beams of seq read its source's cross-attention keys and values (shared blocks)."""
-        if self.encoder_decoder and seq.request_id in self.encoded:
-            self.encoded.update(beam.request_id for beam in beams)
+        if self.encoder_decoder and id(seq) in self.encoded:
+            self.encoded.update(id(beam) for beam in beams)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write of shared self-attention blocks (source, destination) before a beam writes."""
@@ -153,13 +153,13 @@ class ModelRunner:
 
     def _encode_new_sources(self, seqs: list[Request]) -> None:
         """Write the cross-attention keys and values of every source of the step not yet in the pool."""
-        new = list({seq.request_id: seq for seq in seqs if seq.request_id not in self.encoded}.values())
+        new = list({id(seq): seq for seq in seqs if id(seq) not in self.encoded}.values())
         if not new:
             return
         bs, device = self.config.block_size, self.model.device
         slots = [slot_table([seq.block_tables[1]], len(seq.encoder_ids), bs, device)[0] for seq in new]
         self.model.encode_paged([seq.encoder_ids for seq in new], slots, self.cache)
-        self.encoded.update(seq.request_id for seq in new)
+        self.encoded.update(id(seq) for seq in new)
 
     def _contiguous_cache(self, seq: Request) -> KVCache:
         cache = self.caches.get(seq.request_id)

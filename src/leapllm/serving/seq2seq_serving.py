@@ -288,8 +288,9 @@ def create_seq2seq_app(lm: Seq2SeqLM, model_name: str, api_key: str | None = Non
                        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The app owns the engine thread: its lifespan starts it and stops it at the end.
 
-    The engine is `lm.engine` (its EngineConfig bounds the running sequences, beams included);
-    `max_waiting` bounds the requests waiting beyond them. `app.state.drain()` is the graceful
+    The engine is `lm.engine` (its EngineConfig bounds the running sequences, beams included), which
+    the app's thread steps from then on: lm.generate must not run beside it. `max_waiting` bounds
+    the requests waiting beyond them. `app.state.drain()` is the graceful
     shutdown runner.py calls on SIGTERM: new requests get 503, running ones get shutdown_grace_s
     seconds, the rest a 503.
     """
