@@ -226,25 +226,13 @@ class LLM:
         encoded = [engine.check_request(self.encode(p), params) for p in prompts]
         ids = [f"generate-{id(self)}-{i}" for i in range(len(prompts))]
         start = time.perf_counter()
-        try:
-            for request_id, prompt_ids in zip(ids, encoded):
-                engine.add_request(request_id, prompt_ids, params)
-            done: dict[str, list] = {request_id: [] for request_id in ids}
-            finals = {}
-            while engine.has_unfinished() and len(finals) < len(ids):
-                for out in engine.step():
-                    if out.request_id in done:
-                        done[out.request_id].append(out)
-                        if out.finished:
-                            finals[out.request_id] = out
-        finally:
-            for request_id in ids:  # an interrupted call leaves nothing behind in the engine
-                if request_id not in finals:
-                    engine.abort_request(request_id)
+        done = engine.run_requests([(request_id, prompt_ids, params, {})
+                                    for request_id, prompt_ids in zip(ids, encoded)])
         end = time.perf_counter()
         results = []
         for p, request_id, prompt_ids in zip(prompts, ids, encoded):
-            outs, last = done[request_id], finals[request_id]
+            outs = done[request_id]
+            last = outs[-1]
             token_ids = [t for o in outs for t in o.new_token_ids]
             timings = generation_timings(start, last.first_token_time or end, end, len(prompt_ids), len(token_ids))
             results.append(GenerationOutput(

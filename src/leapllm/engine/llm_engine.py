@@ -309,6 +309,28 @@ class LLMEngine:
                 self.num_plain_steps += not proposals
         return outputs
 
+    def run_requests(self, requests: list[tuple[str, list[int], SamplingParams, dict]]
+                     ) -> dict[str, list[RequestOutput]]:
+        """Add these requests ((id, prompt ids, params, add_request's other arguments), checked by the
+        caller) and step until every one has finished: each one's outputs, in order. `LLM.generate`
+        and `Seq2SeqLM.generate`. An interrupted call leaves nothing behind: the unfinished are aborted."""
+        outputs: dict[str, list[RequestOutput]] = {request_id: [] for request_id, *_ in requests}
+        finished: set[str] = set()
+        try:
+            for request_id, prompt_ids, params, extra in requests:
+                self.add_request(request_id, prompt_ids, params, **extra)
+            while self.has_unfinished() and len(finished) < len(requests):
+                for out in self.step():
+                    if out.request_id in outputs:
+                        outputs[out.request_id].append(out)
+                        if out.finished:
+                            finished.add(out.request_id)
+        finally:
+            for request_id in outputs:
+                if request_id not in finished:
+                    self.abort_request(request_id)
+        return outputs
+
     def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
         """Add one request and step until it finishes, yielding its deltas: `LLM.run` and `stream` on a
         single-sequence engine. Closing the iterator early aborts the request."""
@@ -447,6 +469,8 @@ class LLMEngine:
         """A beam search steps with all of its beams or not at all: one whose beam was preempted
         starts over (from its first beam, with no blocks; the search is deterministic, and nothing
         was sent yet), and one not wholly in this step leaves it."""
+        if not self.encoder_decoder:
+            return  # (beam search runs on encoder-decoders only: nothing to settle on a decoder's steps)
         restarted = {id(s.beam_group): s.beam_group for s in step.preempted if s.beam_group is not None}
         for group in restarted.values():
             self._restart_beams(group)
@@ -493,12 +517,9 @@ class LLMEngine:
             ended = bool(tokens) and tokens[-1] in first.stop_ids
             first.output_ids = tokens
             first.first_token_time = time.perf_counter()
-            outputs.append(RequestOutput(
-                request_id=first.request_id, new_token_ids=tokens,
-                new_text=self.tokenizer.decode(tokens, skip_special_tokens=True), prompt_token_ids=first.prompt_ids,
-                num_output_tokens=len(tokens), finished=True, finish_reason="stop" if ended else "length",
-                stop_reason=tokens[-1] if ended else None, arrival_time=first.arrival_time,
-                first_token_time=first.first_token_time, score=group.score))
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            finish = ("stop", tokens[-1]) if ended else ("length", None)
+            outputs.append(self._output(first, tokens, text, None, finish, score=group.score))
         self._copy_pending_blocks()
         return outputs
 
@@ -659,7 +680,7 @@ class LLMEngine:
             self.sequences.pop(seq.request_id, None)
         return self._output(seq, [token], text, logprobs, finish)
 
-    def _output(self, seq: Request, tokens, text, logprobs, finish=None) -> RequestOutput:
+    def _output(self, seq: Request, tokens, text, logprobs, finish=None, score: float | None = None) -> RequestOutput:
         prompt_lp = None
         if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent and (tokens or finish):
             prompt_lp, seq.prompt_logprobs_sent = seq.prompt_logprob_values, True
@@ -668,7 +689,7 @@ class LLMEngine:
             num_output_tokens=len(seq.output_ids), finished=finish is not None,
             finish_reason=finish[0] if finish else None, stop_reason=finish[1] if finish else None,
             new_logprobs=logprobs, prompt_logprobs=prompt_lp, arrival_time=seq.arrival_time,
-            first_token_time=seq.first_token_time, num_cached_tokens=seq.num_cached_tokens,
+            first_token_time=seq.first_token_time, num_cached_tokens=seq.num_cached_tokens, score=score,
         )
 
     # -- introspection -------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class ModelRunner:
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write of shared self-attention blocks (source, destination) before a beam writes."""
-        (self.cache.self_kv if self.encoder_decoder else self.cache).copy_blocks(pairs)
+        self.cache.self_kv.copy_blocks(pairs)  # (beam search runs on encoder-decoders only)
 
     # -- the target's forward pass -------------------------------------------------------------
     @staticmethod

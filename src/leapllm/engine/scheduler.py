@@ -114,12 +114,10 @@ class Scheduler:
 
     def _preempt(self, seq: Request, step: ScheduledStep) -> None:
         self._release_all(seq)
-        seq.block_hashes, seq.num_computed = [], 0
-        seq.status = RequestStatus.WAITING
+        self.running.remove(seq)
+        self.requeue_first(seq)
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.running.remove(seq)
-        self.waiting.appendleft(seq)
         step.preempted.append(seq)
 
     def _drop_out_of_window(self, seq: Request) -> None:
@@ -171,7 +169,8 @@ class Scheduler:
             beam.status = RequestStatus.RUNNING
 
     def requeue_first(self, seq: Request) -> None:
-        """Put a request that holds no blocks back at the head of the queue (a restarted beam search)."""
+        """Put a request that holds no blocks (a preempted one, a restarted beam search) back at the
+        head of the queue, to be computed again from its start."""
         seq.block_tables = [[] for _ in self.groups]
         seq.block_hashes, seq.num_computed = [], 0
         seq.status = RequestStatus.WAITING

@@ -247,10 +247,3 @@ class GeneratedIds:
     finish_reasons: list[str]  # "stop" (EOS) or "length"
     scores: list[float | None]  # beam search: the returned hypothesis' length-penalized score
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def generation_timings(start: float, end: float, source_ids: list[list[int]],
-                       token_ids: list[list[int]]) -> dict[str, float]:
-    generated = sum(len(t) for t in token_ids)
-    return {"total_s": end - start, "source_tokens": float(sum(len(ids) for ids in source_ids)),
-            "generated_tokens": float(generated), "tokens_per_s": generated / (end - start) if end > start else 0.0}

@@ -37,7 +37,6 @@ from leapllm.engine.seq2seq import (
     GenerationPlan,
     Seq2SeqParams,
     engine_request,
-    generation_timings,
     plan_generation,
     seq2seq_params_from_sampling,
     source_params,
@@ -71,7 +70,7 @@ class Seq2SeqLM:
                  device: str | torch.device = "cpu", num_threads: int | None = None, quantize: str | None = None,
                  engine_config: EngineConfig | None = None):
         """quantize="int8": int8 decoder weights on leapllm's CPU kernels (load_seq2seq).
-        engine_config: the batching engine's settings (greedy and sampling run on it)."""
+        engine_config: the batching engine's settings (every search runs on it)."""
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         loaded = load_seq2seq(model, dtype=dtype, device=device, quantize=quantize)
@@ -93,7 +92,7 @@ class Seq2SeqLM:
 
     @property
     def engine(self) -> LLMEngine:
-        """The batching engine that greedy decoding and sampling run on (built at first use)."""
+        """The batching engine that greedy decoding, sampling and beam search run on (built at first use)."""
         if self._engine is None:
             tokenizer = DecoderTokenizer(self.tokenizer, self.defaults.eos_token_ids)
             self._engine = LLMEngine(self.model, tokenizer, self.engine_config)
@@ -141,27 +140,17 @@ class Seq2SeqLM:
         for ids in sources:  # all checked before any is queued
             engine.check_request(request.prompt_ids, request.params, encoder_ids=ids, beam_search=request.beam_search)
         request_ids = [f"seq2seq-{next(self._request_ids)}" for _ in sources]
-        tokens: dict[str, list[int]] = {rid: [] for rid in request_ids}
-        finished: dict[str, tuple[str, float | None]] = {}  # finish reason, beam score
+        extra = {"logits_processor": request.logits_processor, "beam_search": request.beam_search}
         start = time.perf_counter()
-        try:
-            for i, (rid, ids) in enumerate(zip(request_ids, sources, strict=True)):
-                engine.add_request(rid, request.prompt_ids, source_params(request, i), encoder_ids=ids,
-                                   logits_processor=request.logits_processor, beam_search=request.beam_search)
-            while len(finished) < len(request_ids):
-                for out in engine.step():
-                    if out.request_id in tokens:
-                        tokens[out.request_id].extend(out.new_token_ids)
-                        if out.finished:
-                            finished[out.request_id] = (out.finish_reason, out.score)
-        finally:
-            for rid in request_ids:
-                if rid not in finished:
-                    engine.abort_request(rid)
-        token_ids = [tokens[rid] for rid in request_ids]
-        timings = generation_timings(start, time.perf_counter(), sources, token_ids)
-        return GeneratedIds(token_ids, [finished[rid][0] for rid in request_ids],
-                            [finished[rid][1] for rid in request_ids], timings)
+        done = engine.run_requests([(rid, request.prompt_ids, source_params(request, i), {"encoder_ids": ids, **extra})
+                                    for i, (rid, ids) in enumerate(zip(request_ids, sources, strict=True))])
+        seconds = time.perf_counter() - start
+        token_ids = [[t for out in done[rid] for t in out.new_token_ids] for rid in request_ids]
+        generated = sum(len(t) for t in token_ids)
+        timings = {"total_s": seconds, "source_tokens": float(sum(len(ids) for ids in sources)),
+                   "generated_tokens": float(generated), "tokens_per_s": generated / seconds if seconds > 0 else 0.0}
+        return GeneratedIds(token_ids, [done[rid][-1].finish_reason for rid in request_ids],
+                            [done[rid][-1].score for rid in request_ids], timings)
 
     def attention(self, source: str, target: str | None = None) -> list[AttentionMaps]:
         """Every layer's and head's attention over a source and a target: the encoder's, the
