@@ -67,6 +67,9 @@ class EngineConfig:
     # On CPU, run each step on as many threads (up to torch's count) as other processes leave cores
     # free (engine/cpu_threads.py); off: always torch's count.
     follow_free_cores: bool = True
+    # On a GPU, decode steps replay CUDA graphs captured at start (engine/decode_graphs.py); True runs
+    # every step eagerly (vLLM's name for it).
+    enforce_eager: bool = False
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:

@@ -204,6 +204,21 @@ def assert_same_batch(got_batch, want_batch):
             assert same(got.mask_for(window, "cpu"), want.mask_for(window, "cpu"))
 
 
+def test_a_batch_described_per_sequence_travels_as_its_tables():
+    # The GPU's layout (attention in place): the block tables, lengths and starts are the message.
+    decodes = [([7, 3, 9], 40), ([4], 3)]
+    prefills = [([1, 6], 0, 5), ([14, 15], 20, 3, True)]
+    batch = build_paged_batch(decodes, prefills, 16, torch.device("cpu"), per_sequence=True)
+    assert batch.tables.max_query_len == 5 and batch.tables.query_start.tolist() == [0, 1, 2, 7, 10]
+    assert batch.tables.block_tables.tolist() == [[7, 3, 9], [4, -1, -1], [1, 6, -1], [14, 15, -1]]
+    header, tensors = batch_message(batch, 16)
+    rebuilt = batch_from_message(json.loads(json.dumps(header)), tensors, 16)
+    assert_same_batch(rebuilt, batch)
+    assert rebuilt.tables.max_query_len == 5
+    for name in ("block_tables", "seq_lens", "query_start"):
+        assert torch.equal(getattr(rebuilt.tables, name), getattr(batch.tables, name))
+
+
 def test_the_windowed_layers_batch_travels_with_the_full_layers_one():
     # A model that mixes windowed and full layers: the same step on each sequence's second block
     # table, whose blocks before the window were freed (-1).

@@ -90,6 +90,36 @@ def test_paged_engine_with_preemption_chunked_prefill_and_prefix_hits_gives_the_
     assert cached.allocator.prefix_hits > 0
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_steps_described_per_sequence_and_static_decode_buffers_give_the_same_tokens(loaded, family, monkeypatch):
+    """The GPU's step layout (engine/model_runner.step_layout) run on the CPU: attention from sequence
+    tables (the PyTorch path of kernels/paged_attention.py) and decode steps from DecodeGraphs' static,
+    padded buffers (not captured off the GPU), with preemption, chunked prefill and prefix hits."""
+    import leapllm.engine.model_runner as model_runner
+
+    ours, _ = loaded[family]
+    monkeypatch.setattr(model_runner, "triton_supports", lambda *args: True)
+    if ours.model.rope_threshold is not None:  # LongRoPE and dynamic NTK keep the decode groups and chunks
+        assert not LLMEngine(ours.model, ours.tokenizer, EngineConfig(num_blocks=8)).runner.per_sequence
+        return
+    names = ["english", "code", "emoji"]
+    prompts = [ours.tokenizer.encode(PROMPTS[n]) for n in names]
+    with monkeypatch.context() as eager:
+        eager.setattr(model_runner, "triton_supports", lambda *args: False)
+        alone = [output_tokens(generate_one(ours.model, ours.tokenizer, ids, GREEDY)[0]) for ids in prompts]
+    tight = LLMEngine(ours.model, ours.tokenizer, EngineConfig(
+        max_num_seqs=3, max_num_batched_tokens=16, num_blocks=5 if ours.config.kv_window else 8))
+    graphs = tight.runner.decode_graphs
+    assert tight.runner.per_sequence and (graphs is None) == bool(ours.config.num_experts)
+    assert run_to_completion(tight, prompts, GREEDY) == alone
+    assert tight.scheduler.num_preemptions > 0
+    if graphs is not None:
+        assert graphs.buckets == [1, 2, 3] and graphs.num_eager > 0 and not graphs.graphs
+    # LLM.run's engine takes the paged layout where graphs run (the contiguous one is the CPU's).
+    outputs, engine = generate_one(ours.model, ours.tokenizer, prompts[0], GREEDY)
+    assert output_tokens(outputs) == alone[0] and engine.runner.single_sequence == (graphs is None)
+
+
 def test_the_windows_change_the_answer_so_the_tests_above_check_them(loaded):
     ours, _ = loaded["mistral"]
     ids = torch.tensor([ours.tokenizer.encode(PROMPTS["emoji"])])

@@ -178,6 +178,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=engine.block_size,
                    help=f"tokens per KV-cache block (default: {engine.block_size})")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="on a GPU, run every decode step eagerly instead of replaying CUDA graphs")
     g.add_argument("--max-waiting", type=int, default=server.max_waiting,
                    help=f"requests that may wait for a slot; beyond that the server answers 503 "
                         f"(default: {server.max_waiting})")
@@ -189,7 +191,8 @@ def engine_config_from_args(args) -> EngineConfig:
         raise InvalidRequestError(f"--kv-cache-gb must be positive, got {args.kv_cache_gb}")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           block_size=args.block_size, kv_cache_gb=args.kv_cache_gb,
-                          enable_prefix_caching=not args.no_prefix_caching, kv_cache_dtype=args.kv_cache_dtype)
+                          enable_prefix_caching=not args.no_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
+                          enforce_eager=args.enforce_eager)
     config.validate()
     return config
 

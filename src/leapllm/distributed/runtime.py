@@ -51,6 +51,7 @@ from leapllm.model.paged_kv_cache import (
     PagedAttentionBatch,
     PagedKVCache,
     PrefillChunk,
+    SequenceTables,
 )
 
 STARTUP_TIMEOUT_S = 900.0  # for the workers to load the model
@@ -133,6 +134,10 @@ def batch_message(batch: PagedAttentionBatch, block_size: int) -> tuple[dict, li
 
 def one_batch_message(batch: PagedAttentionBatch, block_size: int) -> tuple[dict, list[torch.Tensor]]:
     tensors = [batch.slot_mapping, batch.positions]
+    if batch.tables is not None:  # attention in place on a GPU: the tables themselves are the message
+        t = batch.tables
+        tensors += [t.block_tables, t.seq_lens, t.query_start]
+        return {"num_decode": batch.num_decode, "max_query_len": t.max_query_len}, tensors
     decode_groups, prefills = [], []
     for g in batch.decode_groups:
         decode_groups.append([g.start, g.end, g.slots.shape[1]])
@@ -159,6 +164,9 @@ def batch_from_message(header: dict, tensors: list[torch.Tensor], block_size: in
 
 def one_batch_from_message(header: dict, it, block_size: int) -> PagedAttentionBatch:
     slot_mapping, positions = next(it), next(it)
+    if "max_query_len" in header:
+        tables = SequenceTables(next(it), next(it), next(it), header["max_query_len"])
+        return PagedAttentionBatch(slot_mapping, positions, header["num_decode"], [], [], tables=tables)
     groups = []
     for start, end, max_len in header["decode_groups"]:
         tables, lengths = next(it), next(it)
@@ -281,6 +289,10 @@ class TensorParallelModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.shard.device
+
+    @property
+    def rope_threshold(self) -> int | None:
+        return self.shard.rope_threshold
 
     @property
     def dtype(self) -> torch.dtype:

@@ -11,6 +11,10 @@ Two layouts, chosen by EngineConfig.single_sequence:
 
 A draft model's proposals (speculative decoding) run here too, on a draft cache of the same layout.
 
+On a GPU (with Triton) a paged step is described per sequence and attention reads the pool in place
+(kernels/paged_attention.py); decode-only steps then replay CUDA graphs (engine/decode_graphs.py)
+unless `enforce_eager` is set.
+
 An encoder-decoder (model/seq2seq.py) runs paged only: the decoder's keys and values in the first
 pool, each request's source as cross-attention keys and values in a second one (its second block
 table). A request's source is encoded in the first step it runs in (again after a preemption, which
@@ -22,10 +26,13 @@ from __future__ import annotations
 import torch
 
 from leapllm.config import EngineConfig
+from leapllm.engine.decode_graphs import DecodeGraphs
 from leapllm.engine.request import Request
 from leapllm.engine.scheduler import ScheduledStep
 from leapllm.engine.speculative import draw_proposal
-from leapllm.model.kv_cache import KVCache
+from leapllm.kernels.paged_attention import triton_supports
+from leapllm.model.kv_cache import KVCache, kv_storage_dtype
+from leapllm.model.llama import Transformer
 from leapllm.model.paged_kv_cache import (
     PagedAttentionBatch,
     PagedKVCache,
@@ -40,29 +47,57 @@ from leapllm.model.seq2seq import Seq2SeqModel
 Rows = dict[int, tuple[int, int]]
 
 
+def step_layout(model, config: EngineConfig) -> tuple[bool, bool]:
+    """(whether paged steps are described per sequence for attention in place, whether decode steps
+    replay CUDA graphs) for a decoder model on the paged engine.
+
+    In place: a GPU with Triton, keys stored in the model's dtype (not int8), and ropes that do not
+    depend on a pass's length (LongRoPE and dynamic NTK read the decode groups' and chunks' lengths).
+    Graphs: in place, not enforce_eager, a model of this process (a tensor-parallel one talks to its
+    ranks in each step) and no step that reads values back to the host (a mixture-of-experts layer
+    picks its experts' code by the routing)."""
+    kv_dtype = kv_storage_dtype(config.kv_cache_dtype, model.dtype, model.device)
+    in_place = (config.kv_cache_dtype != "int8" and model.rope_threshold is None
+                and triton_supports(torch.device(model.device), model.dtype, kv_dtype, config.block_size))
+    graphs = in_place and not config.enforce_eager and isinstance(model, Transformer) and not model.config.num_experts
+    return in_place, graphs
+
+
 class ModelRunner:
     def __init__(self, model, config: EngineConfig, num_blocks: int, windowed_layers: tuple[int, ...] = (),
                  num_window_blocks: int = 0, num_source_blocks: int = 0):
         self.model = model
         self.config = config
-        self.single_sequence = config.single_sequence
         self.draft = config.speculative.draft_model if config.speculative is not None else None
         self.windowed_layers = windowed_layers
         c = model.config
         self.encoder_decoder = isinstance(model, Seq2SeqModel)
+        self.single_sequence = self.per_sequence = False
+        self.decode_graphs: DecodeGraphs | None = None
         if self.encoder_decoder:
             # num_source_blocks: the cross-attention pool, indexed by each request's second block table.
             self.cache = model.new_paged_cache(num_blocks, num_source_blocks, config.block_size, config.kv_cache_dtype)
             self.encoded: set[int] = set()  # id() of the sequences whose source is in the cross-attention pool
             return
+        self.per_sequence, graphs = step_layout(model, config)
+        # One request on a contiguous cache is the CPU's fastest batch-1 path (the fused C++ step); on
+        # a GPU the paged step replayed from a graph is.
+        self.single_sequence = config.single_sequence and not graphs
         if self.single_sequence:
             self.caches: dict[str, KVCache] = {}  # request id -> its contiguous cache
             self.draft_caches: dict[str, KVCache] = {}
             return
         # windowed_layers: in a model that mixes windowed and full layers, the windowed ones, whose keys
         # live in a pool of num_window_blocks blocks indexed by each sequence's second block table.
-        self.cache = PagedKVCache(c.num_layers, num_blocks, config.block_size, model.num_cached_kv_heads, c.head_dim,
-                                  model.dtype, model.device, config.kv_cache_dtype, windowed_layers, num_window_blocks)
+        scratch = 1 if graphs else 0  # a block past the allocator's in each pool, for graphs' padding rows
+        self.cache = PagedKVCache(c.num_layers, num_blocks + scratch, config.block_size, model.num_cached_kv_heads,
+                                  c.head_dim, model.dtype, model.device, config.kv_cache_dtype, windowed_layers,
+                                  num_window_blocks + scratch if windowed_layers else 0)
+        if graphs:
+            scratch_blocks = (num_blocks, num_window_blocks) if windowed_layers else (num_blocks,)
+            self.decode_graphs = DecodeGraphs(model, self.cache, config.block_size,
+                                              -(-c.context_length // config.block_size) + 1, scratch_blocks,
+                                              config.max_num_seqs, capture=torch.device(model.device).type == "cuda")
         self.draft_cache: PagedKVCache | None = None
         if self.draft is not None:
             # The draft's keys and values live in a pool of its own shape, indexed by the same block
@@ -111,6 +146,12 @@ class ModelRunner:
         chunks = self.step_chunks(step, proposals)
         if self.single_sequence:
             return self._execute_contiguous(chunks)
+        graphs = self.decode_graphs
+        if (graphs is not None and not step.prefills and not proposals
+                and graphs.fits(len(step.decodes), [seq.block_tables for seq in step.decodes])):
+            logits = graphs.run([(seq.block_tables, seq.num_computed) for seq in step.decodes],
+                                [chunk[0] for _, _, chunk, *_ in chunks])
+            return logits, {key: (i, 1) for i, (key, *_) in enumerate(chunks)}
         device = self.model.device
         tokens: list[int] = []
         decodes, prefills = [], []
@@ -145,7 +186,7 @@ class ModelRunner:
         def on_table(i: int) -> PagedAttentionBatch:
             return build_paged_batch([(tables[i], pos) for tables, pos in decodes],
                                      [(tables[i], first, n, verify) for tables, first, n, verify in prefills],
-                                     self.config.block_size, self.model.device)
+                                     self.config.block_size, self.model.device, self.per_sequence)
         batch = on_table(0)
         if self.windowed_layers:
             batch.windowed = on_table(1)

@@ -20,6 +20,11 @@ C++ kernel, elsewhere gathered and padded, with a length mask) and once per pref
 CPU kernel's causal chunk attention, or SDPA). Decode sequences are sorted by length
 and split into groups whose lengths are within 2x of each other, so a few long contexts do not
 make every short one pay for their padding.
+
+On a GPU the step is described per sequence instead (`SequenceTables`: block tables, lengths and
+where each sequence's tokens start) and one kernel per layer reads the pool in place for decodes
+and prefill chunks alike (kernels/paged_attention.py): no padded copy, nothing read back to the host,
+and fixed shapes that a CUDA graph can capture (engine/decode_graphs.py).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from leapllm.config import KV_DTYPES
+from leapllm.kernels.paged_attention import paged_attention
 from leapllm.model.attention import AttentionParams, attention, visible_keys
 from leapllm.model.kv_cache import cpu_attention_kernels, kv_storage_dtype, lazily_zeroed
 
@@ -131,6 +137,8 @@ class PagedKVCache:
         if layer in self.windowed_layers:
             b = b.windowed  # this layer's pool is indexed by the windowed block tables
         self.store(layer, b.slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))  # (T, kv_heads, hd)
+        if b.tables is not None:
+            return self._attend_in_place(layer, q, params, b.tables)
         outs = []
         kernels = self.decode_kernels() if params.softcap is None else None
         for g in b.decode_groups:
@@ -165,6 +173,39 @@ class PagedKVCache:
             oc = attention(qc, kc, vc, params, mask, is_causal=mask is None and chunk.end - chunk.start > 1)
             outs.append(oc[0])
         return torch.cat(outs, dim=1).unsqueeze(0) if len(outs) > 1 else outs[0].unsqueeze(0)
+
+    def _attend_in_place(self, layer: int, q: torch.Tensor, params: AttentionParams, t: SequenceTables
+                         ) -> torch.Tensor:
+        if self.quantized:
+            raise ValueError("attention from sequence tables reads float keys; an int8 pool runs by decode groups")
+        qt = q[0].transpose(0, 1).contiguous()  # (T, heads, hd)
+        out = paged_attention(qt, self.k[layer], self.v[layer], t.block_tables, t.seq_lens, t.query_start,
+                              t.max_query_len, self.block_size, params.softmax_scale(q.shape[-1]), params.softcap,
+                              params.window)
+        return out.transpose(0, 1).unsqueeze(0)  # (1, heads, T, hd)
+
+
+@dataclass
+class SequenceTables:
+    """A step per sequence, in the step's token order, for attention that reads the pool in place."""
+    block_tables: torch.Tensor  # (S, max_blocks) int32; -1 past a sequence's blocks
+    seq_lens: torch.Tensor  # (S,) int32: keys of each sequence once this step's tokens are stored
+    query_start: torch.Tensor  # (S + 1,) int32: each sequence's first token in the step; T at the end
+    max_query_len: int  # the most tokens one sequence has in the step
+
+
+def sequence_tables(pieces: list[tuple[list[int], int, int]], device, width: int | None = None) -> SequenceTables:
+    """pieces: (block table, first position, tokens in this step) of each sequence in token order;
+    width: the tables' width (by default the longest table's)."""
+    width = width or max(len(table) for table, _, _ in pieces)
+    rows = [table[:width] + [-1] * (width - len(table[:width])) for table, _, _ in pieces]
+    lengths = [first + n for _, first, n in pieces]
+    starts = [0]
+    for _, _, n in pieces:
+        starts.append(starts[-1] + n)
+    return SequenceTables(torch.tensor(rows, dtype=torch.int32, device=device),
+                          torch.tensor(lengths, dtype=torch.int32, device=device),
+                          torch.tensor(starts, dtype=torch.int32, device=device), max(n for _, _, n in pieces))
 
 
 @dataclass
@@ -219,6 +260,8 @@ class PagedAttentionBatch:
     windowed: PagedAttentionBatch | None = None
     # An encoder-decoder's step: the source each token's cross-attention reads.
     cross: CrossAttentionBatch | None = None
+    # Set instead of decode_groups and prefills: attention reads the pool in place per sequence.
+    tables: SequenceTables | None = None
 
     def pass_lengths(self) -> torch.Tensor:
         """(T,) for each token, its sequence's last position in this step + 1: the length a model
@@ -267,10 +310,23 @@ def slot_table(block_tables: list[list[int]], length: int, block_size: int, devi
 
 
 def build_paged_batch(decodes: list[tuple[list[int], int]], prefills: list[tuple], block_size: int,
-                      device: torch.device) -> PagedAttentionBatch:
+                      device: torch.device, per_sequence: bool = False) -> PagedAttentionBatch:
     """decodes: (block_table, position) of each one-token sequence, longest first; prefills:
     (block_table, first position, number of tokens) of each chunk, with True as a fourth item for a
-    speculative verification chunk. Token order in the step: decodes, then chunks."""
+    speculative verification chunk. Token order in the step: decodes, then chunks.
+
+    per_sequence: describe the step by SequenceTables (attention in place on a GPU) instead of decode
+    groups and prefill chunks."""
+    if per_sequence:
+        pieces = [(table, pos, 1) for table, pos in decodes] + [(table, first, n) for table, first, n, *_ in prefills]
+        slots, positions = [], []
+        for table, first, n in pieces:
+            for pos in range(first, first + n):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+            positions.extend(range(first, first + n))
+        return PagedAttentionBatch(torch.tensor(slots, dtype=torch.long, device=device),
+                                   torch.tensor(positions, dtype=torch.long, device=device), len(decodes), [], [],
+                                   tables=sequence_tables(pieces, device))
     slot_mapping: list = []  # ints for decode tokens, then a tensor per prefill chunk
     positions: list[int] = []
     groups = []
