@@ -148,7 +148,8 @@ class LLM:
         """The engine behind run, stream and chat: one request at a time on a contiguous cache."""
         if self._single is None:
             config = single_sequence_config(self.model.config.context_length, self.speculative,
-                                            kv_cache_dtype=self.engine_config.kv_cache_dtype)
+                                            kv_cache_dtype=self.engine_config.kv_cache_dtype,
+                                            enforce_eager=self.engine_config.enforce_eager)
             self._single = LLMEngine(self.model, self.tokenizer, config)
         return self._single
 

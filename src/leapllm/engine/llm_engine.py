@@ -63,12 +63,15 @@ MAX_LOGPROBS = 20
 
 
 def single_sequence_config(context_length: int, speculative: SpeculativeConfig | None = None,
-                           block_size: int = 16, kv_cache_dtype: str = "auto") -> EngineConfig:
+                           block_size: int = 16, kv_cache_dtype: str = "auto", enforce_eager: bool = False
+                           ) -> EngineConfig:
     """The engine settings of `LLM.run`: one request at a time, its whole prompt in one pass, on a
-    contiguous cache (the blocks are only counted, so that a request that fits the context fits)."""
+    contiguous cache (the blocks are only counted, so that a request that fits the context fits; on
+    a GPU the runner uses them, as a paged pool whose decode steps replay a CUDA graph)."""
     return EngineConfig(max_num_seqs=1, max_num_batched_tokens=context_length, block_size=block_size,
                         num_blocks=-(-context_length // block_size), enable_prefix_caching=False,
-                        kv_cache_dtype=kv_cache_dtype, single_sequence=True, speculative=speculative)
+                        kv_cache_dtype=kv_cache_dtype, single_sequence=True, speculative=speculative,
+                        enforce_eager=enforce_eager)
 
 
 class LLMEngine:
