@@ -94,3 +94,94 @@ def test_greedy_tokens_are_torch_argmax_first_on_ties_in_every_dtype(dtype):
     assert greedy_tokens(logits)[1] == 7 and greedy_tokens(logits)[2] == 20
     assert [greedy_token(row) for row in logits] == logits.argmax(dim=-1).tolist()
     assert greedy_token(logits[3, ::2]) == int(logits[3, ::2].argmax())  # a strided view
+
+
+MIXED = [dict(temperature=0.7), dict(temperature=1.3, top_k=5), dict(temperature=0.9, top_p=0.6),
+         dict(temperature=1.0, min_p=0.2), dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
+         dict(temperature=2.0, top_k=1000)]
+
+
+def literal_filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The filters as the docstring states them, one row, with nothing shared with the engine's code."""
+    x = logits.double() / p.temperature
+    if 0 < p.top_k < x.shape[0]:
+        x[x < sorted(x.tolist(), reverse=True)[p.top_k - 1]] = float("-inf")
+    probs = torch.softmax(x, 0)
+    if p.top_p < 1.0:
+        order = sorted(range(len(probs)), key=lambda i: -probs[i].item())
+        mass = 0.0
+        for i in order:
+            if mass >= p.top_p:
+                probs[i] = 0.0
+            mass += torch.softmax(x, 0)[i].item()
+    if p.min_p > 0.0:
+        probs[probs < p.min_p * probs.max()] = 0.0
+    return probs
+
+
+def test_rows_with_different_filters_are_filtered_in_one_batch_as_each_alone():
+    from leapllm.engine.sampling import filtered_probs
+
+    logits = torch.randn(len(MIXED), 64, generator=torch.Generator().manual_seed(3)) * 3
+    params = [SamplingParams(**kw) for kw in MIXED]
+    batch = filtered_probs(params, logits)
+    for row, p, got in zip(logits, params, batch):
+        assert torch.allclose(got.double(), literal_filter(row, p), atol=1e-6), p
+
+
+def test_a_batch_of_rows_draws_as_each_sampler_would():
+    from leapllm.engine.sampling import sample_rows
+
+    logits = torch.randn(8, 64, generator=torch.Generator().manual_seed(4)) * 3
+    kinds = [dict(temperature=0), dict(temperature=0, repetition_penalty=5.0), dict(temperature=1.0, top_k=3),
+             dict(temperature=0.8, seed=11), dict(temperature=1.0, top_k=1), dict(temperature=1.2, seed=12, top_p=0.9),
+             dict(temperature=0.5, top_p=0.5), dict(temperature=1.0, presence_penalty=2.0, top_k=2)]
+    prompt = [int(logits[1].argmax())]  # the penalized greedy row must move off its argmax
+    samplers, twins = ([Sampler(SamplingParams(**kw), prompt, 64, torch.device("cpu")) for kw in kinds]
+                       for _ in range(2))
+    for s in samplers + twins:
+        s.record(int(logits[7].argmax()))
+    for _ in range(20):
+        tokens = sample_rows(samplers, logits)
+        assert tokens[0] == int(logits[0].argmax())
+        assert tokens[1] == twins[1].sample(logits[1]) != int(logits[1].argmax())
+        assert tokens[2] in logits[2].topk(3).indices.tolist() and tokens[4] == int(logits[4].argmax())
+        assert tokens[3] == twins[3].sample(logits[3]) and tokens[5] == twins[5].sample(logits[5])  # seeded streams
+        assert tokens[7] in twins[7].apply_penalties(logits[7]).topk(2).indices.tolist()
+
+
+@pytest.mark.parametrize("kw", MIXED + [dict(temperature=1.0, top_p=0.97), dict(temperature=0.3, top_p=0.8)])
+def test_each_filter_draws_tokens_at_its_distributions_frequencies(kw):
+    """20,000 draws of one row (a peaked vocabulary of 2,000, as a model's: the top-p rows take the
+    candidates path) against literal_filter's probabilities, by total variation distance."""
+    from leapllm.engine import sampling
+
+    assert sampling.NUCLEUS_CANDIDATES < 2000
+    from leapllm.engine.sampling import sample_rows
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2000, generator=g) * 2
+    logits[:20] += 8  # a nucleus of ~20 likely tokens
+    params = SamplingParams(**kw)
+    expected = literal_filter(logits, params)
+    expected /= expected.sum()
+    samplers = [Sampler(params, [], 2000, torch.device("cpu")) for _ in range(500)]
+    counts = torch.zeros(2000)
+    for _ in range(40):
+        for t in sample_rows(samplers, logits.expand(500, -1)):
+            counts[t] += 1
+    assert counts[expected == 0].sum() == 0  # nothing a filter drops is ever drawn
+    # As close as torch.multinomial's own 20,000 draws from the literal distribution come (sampling noise
+    # grows with the number of tokens kept).
+    reference = torch.bincount(torch.multinomial(expected, 20000, replacement=True, generator=g), minlength=2000)
+
+    def distance(c):
+        return 0.5 * (c / c.sum() - expected).abs().sum().item()
+
+    assert distance(counts) < 1.3 * distance(reference.double()) + 0.01
+
+
+def test_ties_at_the_kth_logit_are_all_kept_as_the_full_filter_keeps_them():
+    logits = torch.tensor([5.0, 3.0, 3.0, 3.0, 0.0])
+    seen = {sampler(top_k=2, temperature=1.0).sample(logits) for _ in range(300)}
+    assert seen == {0, 1, 2, 3}

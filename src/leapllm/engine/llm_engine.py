@@ -45,7 +45,7 @@ from leapllm.engine.request import (
     check_token_ids,
     fit_prompt,
 )
-from leapllm.engine.sampling import SamplingParams, greedy_tokens
+from leapllm.engine.sampling import SamplingParams, greedy_tokens, sample_rows
 from leapllm.engine.scheduler import KVGroup, ScheduledStep, Scheduler, held_blocks
 from leapllm.engine.speculative import (
     NgramProposer,
@@ -628,7 +628,8 @@ class LLMEngine:
             scores[rows] = members[0][0].logits_processor(ids, scores[rows])
 
     def _sample(self, samplers, logits: torch.Tensor) -> list[int]:
-        """Greedy rows without penalties in one argmax; every other row through its own Sampler."""
+        """Greedy rows without penalties in one argmax (through NumPy on the CPU); the others in
+        sample_rows' batch, with one read back to the host."""
         tokens = [0] * len(samplers)
         plain = [i for i, (seq, _) in enumerate(samplers) if seq.params.greedy and not seq.sampler.needs_counts]
         if len(plain) == 1:  # batch 1: a view of the row, not a gathered copy
@@ -639,9 +640,11 @@ class LLMEngine:
             for i, t in zip(plain, greedy_tokens(logits[idx])):
                 tokens[i] = t
         plain_set = set(plain)
-        for i, (seq, row) in enumerate(samplers):
-            if i not in plain_set:
-                tokens[i] = seq.sampler.sample(logits[row])
+        rest = [i for i in range(len(samplers)) if i not in plain_set]
+        if rest:
+            idx = torch.tensor([samplers[i][1] for i in rest], device=logits.device)
+            for i, t in zip(rest, sample_rows([samplers[i][0].sampler for i in rest], logits[idx])):
+                tokens[i] = t
         return tokens
 
     @staticmethod
