@@ -122,3 +122,46 @@ def test_triton_kernel_on_the_gpu_equals_the_torch_path(dtype, window, softcap):
     out = paged_attention_triton(q, k, v, tables, lens, starts, max(n for _, n in STEP), BLOCK, 0.1, softcap, window)
     expected = per_query(q.cpu(), k.cpu(), v.cpu(), tables.cpu(), lens.cpu(), starts.cpu(), 0.1, softcap, window)
     assert (out.double().cpu() - expected).abs().max().item() < (1e-4 if dtype == torch.float32 else 3e-2)
+
+
+ENGINE_IN_INTERPRETER = textwrap.dedent("""
+    import json, sys
+    import leapllm.engine.model_runner as model_runner
+    import leapllm.kernels.paged_attention as paged_attention
+    from leapllm.config import EngineConfig
+    from leapllm.engine.llm_engine import LLMEngine
+    from leapllm.engine.sampling import SamplingParams
+    from leapllm.loading.loader import load_model
+    from tests.engine_helpers import run_to_completion
+
+    loaded = load_model(sys.argv[1], "float32", "cpu")
+    prompts = [loaded.tokenizer.encode(text) for text in ("Once upon a time there was", "def add(a, b):", "1 2 3")]
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    config = dict(max_num_seqs=4, max_num_batched_tokens=16, num_blocks=16, kv_cache_dtype="float32")
+    groups = run_to_completion(LLMEngine(loaded.model, loaded.tokenizer, EngineConfig(**config)), prompts, greedy)
+    # The GPU's layout, its Triton kernel run by the interpreter: every step, prefill chunks included.
+    import leapllm.kernels.paged_attention_triton as kernel
+    model_runner.triton_supports = paged_attention.triton_supports = lambda *args: True
+    calls, launch = [], kernel.paged_attention_triton
+    kernel.paged_attention_triton = lambda *args: calls.append(args[6]) or launch(*args)  # max_query_len
+    engine = LLMEngine(loaded.model, loaded.tokenizer, EngineConfig(**config))
+    assert engine.runner.per_sequence and engine.runner.decode_graphs is not None
+    tokens = run_to_completion(engine, prompts, greedy)
+    assert max(calls) > 1 and 1 in calls  # prefill chunks and decode steps
+    print(json.dumps([groups, tokens]))
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_the_engine_on_the_triton_kernel_in_the_interpreter_gives_the_decode_groups_tokens(tmp_path, hf_tokenizer):
+    from tests.tiny_models import write_tiny_hf_folder
+
+    folder = write_tiny_hf_folder(tmp_path / "llama", hf_tokenizer)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", ENGINE_IN_INTERPRETER, str(folder)], capture_output=True, text=True,
+                         env=env, timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                             os.path.abspath(__file__)))))
+    assert run.returncode == 0, run.stderr[-3000:]
+    import json
+    groups, kernel = json.loads(run.stdout.strip().splitlines()[-1])
+    assert kernel == groups and all(len(tokens) == 8 for tokens in kernel)
