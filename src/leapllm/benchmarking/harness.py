@@ -39,6 +39,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from leapllm.benchmarking.random_weights import BYTES_PER_VALUE, SHAPES, decode_floor, write_random_gguf
 from leapllm.benchmarking.systems import (
     ALL_SYSTEMS,
     CUDA_ONLY_SYSTEMS,
@@ -76,6 +77,9 @@ def log_stderr(message: str) -> None:
 class BenchSettings:
     """What `leapllm bench` was asked for; lists may be given as "128,512" strings."""
     model: str | Path | None = None
+    # A named shape (random_weights.SHAPES) with random weights instead of a model file; adds the
+    # decode floor to the report.
+    random_weights: str | None = None
     systems: str | Sequence[str] | None = None  # overrides the default list and --peers
     peers: str | Sequence[str] | None = "hf,llamacpp"
     device: str = "cpu"
@@ -126,11 +130,14 @@ class Plan:
     context_length: int = 0
     max_seq_len: int = 0
     contend: int = 0
+    random_weights: str | None = None
 
     def canonical_command(self) -> str:
         argv = ["leapllm", "bench"]
         if self.model_given:
             argv += ["--model", self.model_given]
+        if self.random_weights:
+            argv += ["--random-weights", self.random_weights]
         argv += ["--systems", ",".join(self.systems), "--device", self.device, "--threads", str(self.threads),
                  "--prompt-lens", ",".join(map(str, self.prompt_lens)),
                  "--decode-tokens", str(self.decode_tokens), "--decode-prompt-len", str(self.decode_prompt_len),
@@ -283,11 +290,19 @@ def resolve(settings: BenchSettings) -> Plan:
             raise InvalidRequestError(f"{flag} must be a positive number of seconds, got {value!r}")
     json_path, md_path = output_path(settings.json, "--json"), output_path(settings.markdown, "--markdown")
 
-    path = Path(settings.model).expanduser() if settings.model is not None else default_model_path()
-    if not path.exists():
-        raise ModelLoadError(f"{path}: no such file")
-    if not path.is_file() or path.suffix != ".gguf":
-        raise ModelLoadError(f"{path}: bench needs a GGUF file (every system loads the same file)")
+    if settings.random_weights is not None:
+        if settings.model is not None:
+            raise InvalidRequestError("give --model or --random-weights, not both")
+        if settings.random_weights not in SHAPES:
+            raise InvalidRequestError(f"unknown shape {settings.random_weights!r} for --random-weights; choose "
+                                      f"from {', '.join(SHAPES)}")
+        path = Path(f"random-{settings.random_weights}.gguf")  # written by run_bench, in a temporary folder
+    else:
+        path = Path(settings.model).expanduser() if settings.model is not None else default_model_path()
+        if not path.exists():
+            raise ModelLoadError(f"{path}: no such file")
+        if not path.is_file() or path.suffix != ".gguf":
+            raise ModelLoadError(f"{path}: bench needs a GGUF file (every system loads the same file)")
     draft = draft_model_path(settings.draft_model)
     plan = Plan(path=path, model_given=str(settings.model) if settings.model is not None else None,
                 systems=systems, device=settings.device, threads=threads, prompt_lens=prompt_lens,
@@ -296,7 +311,7 @@ def resolve(settings: BenchSettings) -> Plan:
                 load_timeout=float(settings.load_timeout), json=json_path, markdown=md_path,
                 serve_batches=serve_batches, serve_output_tokens=serve_tokens, serve_prompt_len=serve_prompt_len,
                 chat_decode_tokens=chat_tokens, draft_model=draft, num_speculative_tokens=num_speculative,
-                contend=contend)
+                contend=contend, random_weights=settings.random_weights)
     # The chat prompts' lengths are only known with the tokenizer: run_bench adds them (fit_chat_prompts).
     plan.max_seq_len = max(max(prompt_lens) + 1, decode_prompt_len + max(decode_tokens, batch_tokens if batches else 0),
                            serve_prompt_len + serve_tokens if serve_batches else 0)
@@ -641,7 +656,7 @@ def check_quality(entries: list[dict], reference: list[int] | None, plan: Plan) 
     "int8": quantized weights) only report how far they agree."""
     if reference is None:
         return
-    gated = {"leapllm", "hf"}
+    gated = {"leapllm", "hf", "hfcompile"}
     need = min(QUALITY_TOKENS, plan.decode_tokens)
     for e in entries:
         if e["status"] != "ok":
@@ -864,8 +879,45 @@ def stop_busy_loops(busy: list[subprocess.Popen]) -> None:
 
 def run_bench(settings: BenchSettings | Plan, *, command: str | None = None, log: Log = log_stderr,
               worker_command: Callable[[str], list[str]] = default_worker_command) -> dict:
-    """Run the benchmark and return the report (a JSON-able dict); writes nothing itself."""
+    """Run the benchmark and return the report (a JSON-able dict); writes nothing but a random-weight
+    model's file, in a temporary folder that is removed at the end."""
     plan = settings if isinstance(settings, Plan) else resolve(settings)
+    if plan.random_weights is None:
+        return run_on_file(plan, command, log, worker_command)
+    from leapllm.loading.default_model import default_model_path
+    with tempfile.TemporaryDirectory(prefix="leapllm-bench-") as folder:
+        plan.path = Path(folder) / f"random-{plan.random_weights}.gguf"
+        log(f"writing {plan.path.name}: the {plan.random_weights} shape with random float16 weights ...")
+        write_random_gguf(SHAPES[plan.random_weights], plan.path, default_model_path())
+        report = run_on_file(plan, command, log, worker_command)
+        report["floor"] = decode_floor_report(plan, report["systems"])
+    return report
+
+
+def decode_floor_report(plan: Plan, entries: list[dict]) -> dict:
+    """The batch-1 decode floor of the random-weight shape in each float dtype the systems compute in,
+    at the device's bandwidth measured now (the workers have ended), and each system's decode as a
+    fraction of its dtype's floor."""
+    import torch
+
+    from leapllm.loading.gguf_file import open_gguf
+    from leapllm.profiling.machine import measure_bandwidth
+    shape = SHAPES[plan.random_weights]
+    vocab = len(open_gguf(plan.path)[1]["tokenizer.ggml.tokens"])
+    bandwidth = measure_bandwidth(torch.device(plan.device), 2**30)
+    context = plan.decode_prompt_len + plan.decode_tokens / 2  # the average context of the timed steps
+    floors = {dtype: decode_floor(shape, vocab, dtype, context, bandwidth) for dtype in BYTES_PER_VALUE}
+    of_floor = {}
+    for e in entries:
+        dtype = e["dtype"] if e["dtype"] in floors else None
+        speed = e["figures"].get("decode")
+        if dtype is not None and speed is not None:
+            of_floor[e["name"]] = speed / floors[dtype]["tokens_per_s"]
+    return {"shape": plan.random_weights, "bandwidth_bytes_per_s": bandwidth, "by_dtype": floors,
+            "decode_fraction_of_floor": of_floor}
+
+
+def run_on_file(plan: Plan, command: str | None, log: Log, worker_command: Callable[[str], list[str]]) -> dict:
     tokenizer, plan.context_length = open_model_file(plan.path)
     if plan.max_seq_len > plan.context_length:
         raise InvalidRequestError(f"the longest sequence asked for ({plan.max_seq_len} tokens) exceeds the "
@@ -943,7 +995,7 @@ def run_bench(settings: BenchSettings | Plan, *, command: str | None = None, log
     speculation_speedups(ordered)
     return {
         "date": date, "command": command or plan.canonical_command(), "canonical_command": plan.canonical_command(),
-        "machine": machine, "model": plan.path.name,
+        "machine": machine, "model": plan.path.name, "random_weights": plan.random_weights,
         "settings": {"systems": plan.systems, "device": plan.device, "threads": plan.threads,
                      "prompt_lens": plan.prompt_lens, "decode_tokens": plan.decode_tokens,
                      "decode_prompt_len": plan.decode_prompt_len, "chat_decode_tokens": plan.chat_decode_tokens,

