@@ -140,3 +140,17 @@ def test_default_model_config_matches_smollm2_135m(default_gguf_path):
 def test_directory_without_config_is_not_mistaken_for_a_model(tmp_path):
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_model(tmp_path)
+
+
+def test_a_quantized_gguf_dequantized_on_a_gpu_gets_a_one_line_notice(default_gguf_path):
+    from pathlib import Path
+
+    from leapllm.loading.loader import dequantization_notice
+    _, tensors, _ = load_gguf(default_gguf_path)
+    cuda = torch.device("cuda")
+    notice = dequantization_notice(Path(default_gguf_path), tensors, "auto", torch.bfloat16, cuda)
+    assert notice == (f"{Path(default_gguf_path).name}: its Q4_1, Q8_0 weights are dequantized to bfloat16 on cuda "
+                      "(leapllm runs quantized blocks as stored on CPUs)")
+    assert dequantization_notice(Path(default_gguf_path), tensors, "bfloat16", torch.bfloat16, cuda) is None  # asked
+    floats = {name: t for name, t in tensors.items() if t.type_name == "F32"}
+    assert floats and dequantization_notice(Path(default_gguf_path), floats, "auto", torch.bfloat16, cuda) is None

@@ -108,6 +108,7 @@ class DecodeGraphs:
             batch.windowed = batches[1]
         return self.model.forward_paged(self.ids[0, :n], self.cache, batch, self.rows[:n])
 
+    @torch.inference_mode()  # as the engine's steps run: no autograd state recorded into the graphs
     def _capture(self) -> None:
         """Record a graph per bucket, the largest first so that the smaller ones reuse its memory."""
         from tqdm import tqdm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from leapllm.kernels import cpu_kernels
 from leapllm.kernels.packing import release_freed_heap, separate_large_blocks
 from leapllm.loading.default_model import default_model_path
 from leapllm.loading.gguf_loader import load_gguf
+from leapllm.loading.gguf_tensors import GGUFTensor
 from leapllm.loading.model_folder import is_model_folder, load_model_folder
 from leapllm.loading.safetensors_loader import load_safetensors_folder
 from leapllm.loading.weights import build_model
@@ -22,6 +24,9 @@ from leapllm.model.config import ModelConfig
 from leapllm.model.llama import Transformer
 from leapllm.model.quantized.embedding import BlockQuantizedEmbedding
 from leapllm.tokenization import Tokenizer
+
+log = logging.getLogger("leapllm.loading")
+FLOAT_GGUF_TYPES = ("F32", "F16", "BF16", "F64")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,6 +103,20 @@ def release_freed_memory() -> None:
     release_freed_heap()
 
 
+def dequantization_notice(path: Path, tensors: dict[str, GGUFTensor], dtype: str | torch.dtype | None,
+                          compute: torch.dtype, device: torch.device) -> str | None:
+    """The one line a user gets when a quantized GGUF loads with dtype "auto" somewhere its blocks do
+    not run as stored (a GPU: leapllm's kernels for quantized blocks are CPU kernels): every weight
+    becomes `compute`, four times the file's bytes for 4-bit blocks. None otherwise."""
+    if dtype not in (None, "auto") or keeps_file_quantization(dtype, device):
+        return None
+    kinds = sorted({t.type_name for t in tensors.values() if t.type_name not in FLOAT_GGUF_TYPES})
+    if not kinds:
+        return None
+    return (f"{path.name}: its {', '.join(kinds)} weights are dequantized to {str(compute).removeprefix('torch.')} "
+            f"on {device} (leapllm runs quantized blocks as stored on CPUs)")
+
+
 def keeps_file_quantization(dtype: str | torch.dtype | None, device: torch.device) -> bool:
     """Whether a quantized GGUF's weights run as stored: with dtype "auto" on a CPU where leapllm's
     kernels build. An explicit dtype asks for every weight dequantized to it (the float reference)."""
@@ -150,6 +169,8 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None =
         config, tensors, metadata = load_gguf(path)
         tokenizer = Tokenizer.from_gguf_metadata(metadata)
         keep_quantized = keeps_file_quantization(dtype, dev)
+        if dev.type != "cpu" and (notice := dequantization_notice(path, tensors, dtype, torch_dtype, dev)):
+            log.warning(notice)
     else:
         raise ModelLoadError(f"{path}: no such file or folder")
     if tokenizer.vocab_size > config.vocab_size:

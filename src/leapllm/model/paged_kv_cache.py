@@ -194,11 +194,11 @@ class SequenceTables:
     max_query_len: int  # the most tokens one sequence has in the step
 
 
-def sequence_tables(pieces: list[tuple[list[int], int, int]], device, width: int | None = None) -> SequenceTables:
+def sequence_tables(pieces: list[tuple[list[int], int, int]], device) -> SequenceTables:
     """pieces: (block table, first position, tokens in this step) of each sequence in token order;
-    width: the tables' width (by default the longest table's)."""
-    width = width or max(len(table) for table, _, _ in pieces)
-    rows = [table[:width] + [-1] * (width - len(table[:width])) for table, _, _ in pieces]
+    the tables as wide as the longest."""
+    width = max(len(table) for table, _, _ in pieces)
+    rows = [table + [-1] * (width - len(table)) for table, _, _ in pieces]
     lengths = [first + n for _, first, n in pieces]
     starts = [0]
     for _, _, n in pieces:
