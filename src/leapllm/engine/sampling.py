@@ -207,8 +207,11 @@ def sample_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[int]:
 
 def candidate_probs(params: list[SamplingParams], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """filtered_probs' distributions over a few candidates per row where possible: (probs (rows, C),
-    their token ids (rows, C)), or (the whole vocabulary's, None)."""
+    their token ids (rows, C)), or (the whole vocabulary's, None). On a GPU always the whole
+    vocabulary's: its sort is cheap there, and deciding on candidates reads a value back to the host."""
     vocab, device = logits.shape[-1], logits.device
+    if device.type != "cpu":
+        return filtered_probs(params, logits), None
     temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
     ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     if all(ks):
