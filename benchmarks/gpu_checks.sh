@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU path's checks in one run, on a machine with a CUDA GPU, PyTorch, Triton and transformers
-# (leapllm's own pure-Python dependencies importable too; run from the repository root):
+# The GPU path's checks in one run, on a machine with a CUDA GPU, PyTorch, Triton and transformers,
+# and leapllm's other imports (an image without them needs at least gguf and llguidance, as wheels);
+# run from the repository root:
 #
 #   bash benchmarks/gpu_checks.sh OUT_DIR [SHAPE ...]      (shapes: smollm2-135m 1.7b llama-1b llama-8b)
 #

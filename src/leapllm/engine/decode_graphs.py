@@ -85,7 +85,10 @@ class DecodeGraphs:
         ids[1, :b] = [pos for _, pos in decodes]
         lengths[:b] = ids[1, :b] + 1
         lengths[b:n] = 1  # a padding row sees one key: its own, in the scratch block
-        tables[:, :n] = -1
+        # Attention reads a row's table no further than its length: columns past the step's longest
+        # table keep whatever they held, and are neither reset nor copied.
+        width = max([len(t) for seq_tables, _ in decodes for t in seq_tables] + [1])
+        tables[:, :n, :width] = -1
         for kind, scratch in enumerate(self.scratch_blocks):
             ids[2 + kind, :b] = [seq_tables[kind][pos // bs] * bs + pos % bs for seq_tables, pos in decodes]
             ids[2 + kind, b:n] = scratch * bs
@@ -94,7 +97,7 @@ class DecodeGraphs:
                 table = seq_tables[kind]
                 tables[kind, row, :len(table)] = table
         self.ids[:, :n].copy_(self.host_ids[:, :n])
-        self.tables[:, :n].copy_(self.host_tables[:, :n])
+        self.tables[:, :n, :width].copy_(self.host_tables[:, :n, :width])
         self.lengths[:n].copy_(self.host_lengths[:n])
 
     def _forward(self, n: int) -> torch.Tensor:
