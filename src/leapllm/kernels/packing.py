@@ -202,8 +202,14 @@ def move_to_huge_pages(layers: list) -> None:
     names = [[n for n in PACKED_BUFFERS if getattr(layer, n, None) is not None] for layer in layers]
     block = ext.HugePageBlock(sum(ext.HugePageBlock.aligned(getattr(layer, n).nbytes)
                                   for layer, ns in zip(layers, names) for n in ns))
-    moved = 0
+    moved = 0  # bytes whose old copies are freed but may still sit in the heap
     for layer, ns in zip(layers, names):
+        size = sum(getattr(layer, n).nbytes for n in ns)
+        if moved and moved + size > RELEASE_EVERY_BYTES:
+            # Give back what waits before a layer that would push it past the budget (an output head is
+            # tens of MiB): the peak is then at most the budget or one layer's copy above the model.
+            release_freed_heap(collect=False)
+            moved = 0
         for n in ns:
             setattr(layer, n, block.copy(getattr(layer, n)))
             moved += getattr(layer, n).nbytes
@@ -216,14 +222,11 @@ def move_to_huge_pages(layers: list) -> None:
         else:
             layer.packed_linear = packed_linear(layer.packed_weight, layer.packed_scales, mins, layer.bias,
                                                 bits=old.bits, simd=old.simd)
-        del old
-        if moved >= RELEASE_EVERY_BYTES:
-            release_freed_heap(collect=False)  # (reference counting freed them; no cycles to look for)
-            moved = 0
+        del old  # (reference counting frees the old copies; no cycles to look for)
     release_freed_heap()
 
 
-RELEASE_EVERY_BYTES = 32 << 20  # how much moved weight may wait in the heap before it is handed back
+RELEASE_EVERY_BYTES = 16 << 20  # how much moved weight may wait in the heap before it is handed back
 
 
 # glibc's mallopt parameter, and the values it is set to around a load (see separate_large_blocks).
