@@ -161,14 +161,26 @@ def filtered_probs(params: list[SamplingParams], logits: torch.Tensor) -> torch.
         logits = logits.masked_fill((logits < kth) & (k > 0), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if any(p.top_p < 1.0 for p in params):
-        top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], device=device)[:, None]
         sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
-        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p
-        probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(drop, 0.0))
-    if any(p.min_p > 0.0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
-        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
-    return probs
+        probs = torch.zeros_like(probs).scatter_(1, order, top_p_filter(params, sorted_probs))
+    return min_p_filter(params, probs, probs.amax(dim=-1, keepdim=True))
+
+
+def top_p_filter(params: list[SamplingParams], sorted_probs: torch.Tensor) -> torch.Tensor:
+    """Top-p on (rows, C) probabilities sorted most likely first: the smallest set whose mass reaches
+    it is kept (the first token always survives); rows without top-p keep everything."""
+    if not any(p.top_p < 1.0 for p in params):
+        return sorted_probs
+    top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], device=sorted_probs.device)
+    return sorted_probs.masked_fill((torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p[:, None], 0.0)
+
+
+def min_p_filter(params: list[SamplingParams], probs: torch.Tensor, most_likely: torch.Tensor) -> torch.Tensor:
+    """Min-p on (rows, C) probabilities whose largest per row is most_likely (rows, 1)."""
+    if not any(p.min_p > 0.0 for p in params):
+        return probs
+    min_p = torch.tensor([p.min_p for p in params], device=probs.device)[:, None]
+    return probs.masked_fill(probs < min_p * most_likely, 0.0)
 
 
 # The top-p candidates looked at before sorting the whole vocabulary: the nucleus of a sampled
@@ -193,7 +205,8 @@ def sample_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[int]:
     if greedy:
         tokens[greedy] = scores[greedy].argmax(dim=-1)
     top_k = [i for i, s in enumerate(samplers) if not s.params.greedy and 0 < s.params.top_k < scores.shape[-1]]
-    rest = [i for i, s in enumerate(samplers) if not s.params.greedy and i not in set(top_k)]
+    with_top_k = set(top_k)
+    rest = [i for i, s in enumerate(samplers) if not s.params.greedy and i not in with_top_k]
     for rows in (top_k, rest):
         if rows:
             params = [samplers[i].params for i in rows]
@@ -235,13 +248,8 @@ def candidate_probs(params: list[SamplingParams], logits: torch.Tensor) -> tuple
 
 def nucleus(params: list[SamplingParams], probs: torch.Tensor) -> torch.Tensor:
     """Top-p and min-p on candidates sorted most likely first, as filtered_probs applies them."""
-    if any(p.top_p < 1.0 for p in params):
-        top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], device=probs.device)
-        probs = probs.masked_fill((torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None], 0.0)
-    if any(p.min_p > 0.0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=probs.device)[:, None]
-        probs = probs.masked_fill(probs < min_p * probs[:, :1], 0.0)
-    return probs
+    probs = top_p_filter(params, probs)
+    return min_p_filter(params, probs, probs[:, :1])
 
 
 def draw(probs: torch.Tensor, ids: torch.Tensor | None, generators: list[torch.Generator | None]) -> torch.Tensor:
