@@ -913,8 +913,8 @@ def decode_floor_report(plan: Plan, entries: list[dict]) -> dict:
         speed = e["figures"].get("decode")
         if dtype is not None and speed is not None:
             of_floor[e["name"]] = speed / floors[dtype]["tokens_per_s"]
-    return {"shape": plan.random_weights, "bandwidth_bytes_per_s": bandwidth, "by_dtype": floors,
-            "decode_fraction_of_floor": of_floor}
+    return {"shape": plan.random_weights, "bandwidth_bytes_per_s": bandwidth, "context": context,
+            "by_dtype": floors, "decode_fraction_of_floor": of_floor}
 
 
 def run_on_file(plan: Plan, command: str | None, log: Log, worker_command: Callable[[str], list[str]]) -> dict:

@@ -117,5 +117,5 @@ def decode_floor(shape: Shape, vocab: int, dtype: str, context: float, bandwidth
     weights = parameter_count(shape, vocab) * size
     kv_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * size
     step = weights + kv_per_token * context
-    return {"dtype": dtype, "weight_bytes": weights, "kv_bytes_per_token": kv_per_token, "context": context,
+    return {"weight_bytes": weights, "kv_bytes_per_token": kv_per_token,
             "step_bytes": step, "tokens_per_s": bandwidth / step}

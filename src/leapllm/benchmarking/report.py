@@ -218,7 +218,7 @@ def floor_table(report: dict) -> tuple[list[str], list[list[str]]]:
 def floor_caption(report: dict) -> str:
     floor = report["floor"]
     return (f"Decode floor of the {floor['shape']} shape (random weights): every weight and the cached keys and "
-            f"values of ~{next(iter(floor['by_dtype'].values()))['context']:.0f} earlier tokens read once per "
+            f"values of ~{floor['context']:.0f} earlier tokens read once per "
             f"step, at {floor['bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s (torch.sum over 1 GiB, measured after the "
             "systems ran)")
 

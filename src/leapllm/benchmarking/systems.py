@@ -459,16 +459,25 @@ class HFSystem(TorchSystem):
         # A greedy loop on transformers' own cache: the same work as leapllm's loop.
         import torch
         with torch.inference_mode():
-            out = self.step(torch.tensor(batch_ids, device=self.device))
-            nxt = out.logits[:, -1].argmax(-1)
+            tokens = torch.tensor(batch_ids, device=self.device)
+            logits, cache = self.prefill_cache(tokens)
+            nxt = logits[:, -1].argmax(-1)
             steps = [nxt.tolist()]
             start = self.now()
-            for _ in range(n - 1):
-                out = self.step(nxt[:, None], out[self.cache_arg])
-                nxt = out.logits[:, -1].argmax(-1)
+            for i in range(n - 1):
+                nxt = self.decode_step(nxt[:, None], cache, tokens.shape[1] + i)[:, -1].argmax(-1)
                 steps.append(nxt.tolist())
             seconds = self.now() - start
         return seconds, [list(row) for row in zip(*steps)]
+
+    def prefill_cache(self, tokens):
+        """The prompt's pass: (its last logits, the cache the decode steps extend)."""
+        out = self.step(tokens)
+        return out.logits, out[self.cache_arg]
+
+    def decode_step(self, tokens, cache, position: int):
+        """One step of (rows, 1) tokens at `position` -> logits; the cache grows in place."""
+        return self.step(tokens, cache).logits
 
     def serve(self, prompts: list[list[int]], n: int) -> tuple[float, list[float], list[list[int]]]:
         raise Unsupported("transformers has no continuous batching (generate() runs one padded batch "
@@ -493,27 +502,19 @@ class HFCompiledSystem(HFSystem):
         super().load()
         self.compiled = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
 
-    def batched_decode(self, batch_ids: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
+    def prefill_cache(self, tokens):
         import torch
         from transformers import StaticCache
-        length = len(batch_ids[0])
-        with torch.inference_mode():
-            cache = StaticCache(config=self.model.config, max_cache_len=self.max_seq_len)
-            out = self.model(input_ids=torch.tensor(batch_ids, device=self.device), past_key_values=cache,
-                             cache_position=torch.arange(length, device=self.device), use_cache=True,
-                             logits_to_keep=1)
-            nxt = out.logits[:, -1].argmax(-1)
-            steps = [nxt.tolist()]
-            start = self.now()
-            for i in range(n - 1):
-                torch.compiler.cudagraph_mark_step_begin()
-                out = self.compiled(input_ids=nxt[:, None], past_key_values=cache,
-                                    cache_position=torch.tensor([length + i], device=self.device), use_cache=True,
-                                    logits_to_keep=1)
-                nxt = out.logits[:, -1].argmax(-1)
-                steps.append(nxt.tolist())
-            seconds = self.now() - start
-        return seconds, [list(row) for row in zip(*steps)]
+        cache = StaticCache(config=self.model.config, max_cache_len=self.max_seq_len)
+        out = self.model(input_ids=tokens, use_cache=True, logits_to_keep=1, **{self.cache_arg: cache},
+                         cache_position=torch.arange(tokens.shape[1], device=self.device))
+        return out.logits, cache
+
+    def decode_step(self, tokens, cache, position: int):
+        import torch
+        torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs were read: reuse them
+        return self.compiled(input_ids=tokens, use_cache=True, logits_to_keep=1, **{self.cache_arg: cache},
+                             cache_position=torch.tensor([position], device=self.device)).logits
 
     def info(self) -> dict:
         return super().info() | {"decode": "StaticCache + torch.compile(mode='reduce-overhead')"}
