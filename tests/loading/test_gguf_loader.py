@@ -84,7 +84,21 @@ def test_truncated_gguf_names_the_problem(tmp_path, default_gguf_path, tiny_stat
             load_model(truncated)
 
 
-def test_a_vocabulary_string_cut_short_or_not_utf8_is_named_not_a_crash(tmp_path, default_gguf_path, tiny_state):
+@pytest.fixture(params=["C++", "Python"])
+def string_reader(request, monkeypatch):
+    """Each way the header's string arrays are read: leapllm's kernels where they build, else Python."""
+    from leapllm.kernels import cpu_kernels
+    from leapllm.loading import gguf_file
+
+    if request.param == "C++" and cpu_kernels() is None:
+        pytest.skip("leapllm's CPU kernels do not build here")
+    if request.param == "Python":
+        monkeypatch.setattr(gguf_file, "cpu_kernels", lambda: None)
+    return request.param
+
+
+def test_a_vocabulary_string_cut_short_or_not_utf8_is_named_not_a_crash(tmp_path, default_gguf_path, tiny_state,
+                                                                        string_reader):
     path = write_tiny_gguf(tmp_path / "tiny.gguf", default_gguf_path, tiny_state)
     data = path.read_bytes()
     at = data.index(b"<|im_start|>")  # a token of the vocabulary's string array
@@ -97,6 +111,18 @@ def test_a_vocabulary_string_cut_short_or_not_utf8_is_named_not_a_crash(tmp_path
     path.write_bytes(bytes(bad))
     with pytest.raises(ModelLoadError, match=f"a string that is not UTF-8 at byte {at}"):
         load_model(path)
+
+
+def test_both_string_readers_read_the_default_models_header_alike(default_gguf_path, monkeypatch):
+    from leapllm.kernels import cpu_kernels
+    from leapllm.loading import gguf_file
+
+    if cpu_kernels() is None:
+        pytest.skip("leapllm's CPU kernels do not build here")
+    _, in_cpp = gguf_file.open_gguf(default_gguf_path)
+    monkeypatch.setattr(gguf_file, "cpu_kernels", lambda: None)
+    _, in_python = gguf_file.open_gguf(default_gguf_path)
+    assert in_cpp == in_python and len(in_cpp["tokenizer.ggml.tokens"]) == 49152
 
 
 def test_corrupt_header_counts_are_an_error_not_a_crash(tmp_path, default_gguf_path, tiny_state):

@@ -21,6 +21,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from leapllm.errors import ModelLoadError
+from leapllm.kernels import cpu_kernels
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -96,8 +97,18 @@ class _Cursor:
             raise ModelLoadError(f"{self.path}: corrupt GGUF file (a string that is not UTF-8 at byte {self.pos - n})") from None
 
     def strings(self, count: int) -> list[str]:
-        """count strings in a row (a vocabulary's tokens or merges): string() unrolled, as this loop
-        runs for every one of a vocabulary's ~100,000 strings at each load."""
+        """count strings in a row (a vocabulary's tokens or merges): read in C++ where leapllm's
+        kernels build (most of a header's time in Python), else string() unrolled."""
+        ext = cpu_kernels()
+        if ext is None:
+            return self._strings_in_python(count)
+        try:
+            out, self.pos = ext.read_gguf_strings(self.buf, self.pos, count)
+        except ValueError as e:  # the extension's message says what and where
+            raise ModelLoadError(f"{self.path}: {e}") from None
+        return out
+
+    def _strings_in_python(self, count: int) -> list[str]:
         buf, pos, size = self.buf, self.pos, self.size
         length = _U64.unpack_from
         out = []

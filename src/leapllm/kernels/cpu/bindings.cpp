@@ -15,6 +15,7 @@
 //   tiles_vnni.h      the same tile with AVX-512 VNNI
 //   super_blocks.h    GGUF K-quant super-blocks near the file's size, expanded a tile at a time
 //   gguf_blocks.h     a GGUF file's block rows packed into those layouts at load time
+//   gguf_strings.h    a GGUF vocabulary's strings read into Python strings at load time
 //   packed_linear.h   PackedLinear: a linear layer on packed weights, through the best tile built
 //   huge_pages.h      packed weights copied onto 2 MiB pages
 //   int8_peak.h       the SIMD units' int8 multiply-add rate, the profiler's int8 ceiling
@@ -37,6 +38,7 @@
 #include "common.h"
 #include "decoder_stack.h"
 #include "gguf_blocks.h"
+#include "gguf_strings.h"
 #include "huge_pages.h"
 #include "int8_peak.h"
 #include "packed_linear.h"
@@ -66,6 +68,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "int8 multiply-add operations per second of the tiles' instruction on every thread (0: no SIMD tiles)");
   m.def("copy_into_huge_pages", &copy_into_huge_pages, pybind11::arg("tensors"),
         "copies of the tensors in one block of memory on 2 MiB pages where Linux gives them");
+  m.def("read_gguf_strings", &read_gguf_strings, pybind11::arg("data"), pybind11::arg("offset"), pybind11::arg("count"),
+        "count GGUF strings (uint64 length, UTF-8 bytes) from byte offset of data: (list of str, the offset after)");
   m.def("pack_gguf_rows", &pack_gguf_rows_into, pybind11::arg("data"), pybind11::arg("rows"), pybind11::arg("row0"),
         pybind11::arg("ggml_type"), pybind11::arg("in_features"), pybind11::arg("form"), pybind11::arg("outputs"),
         pybind11::arg("group") = 32, pybind11::arg("high_bits") = 0,
