@@ -750,6 +750,26 @@ def test_a_load_maps_large_blocks_apart_and_then_hands_glibc_its_ceiling_back(mo
     assert calls[-1] == (packing.M_MMAP_THRESHOLD, 32 << 20) and len(calls) == 4
 
 
+def test_a_huge_page_block_places_tensors_it_knows_and_gives_back_what_it_did_not_use():
+    """A load packs its weights straight into a block (packed_weights_block): the block's tensors are
+    told apart from others, and the reserve past what the load used goes back."""
+    block_type = cpu_kernels().HugePageBlock
+    block = block_type(8 << 20)
+    a, b = block.empty((3, 5), torch.float16), block.empty((7,), torch.int8)
+    assert a.shape == (3, 5) and a.dtype == torch.float16 and b.shape == (7,) and b.dtype == torch.int8
+    assert a.data_ptr() % 64 == 0 and b.data_ptr() == a.data_ptr() + 64 and block.used == 128
+    assert block_type.holds(a) and block_type.holds(b[2:]) and block_type.holds(block.copy(torch.arange(3)))
+    assert not block_type.holds(torch.empty(3)) and not block_type.holds(a.clone())
+    block.release_unused()
+    assert block.capacity == block.used
+    with pytest.raises(RuntimeError, match="more asked"):
+        block.empty((1,), torch.uint8)
+    a.fill_(1)
+    b.fill_(2)
+    del block  # every tensor keeps the block alive
+    assert float(a.float().sum()) == 15 and int(b.sum()) == 14
+
+
 def test_a_huge_page_block_takes_copies_one_at_a_time_up_to_its_size():
     """move_to_huge_pages copies layer by layer and frees each original after its copy."""
     block_type = cpu_kernels().HugePageBlock

@@ -399,6 +399,23 @@ def test_the_default_model_keeps_its_q4_1_weights_and_q8_0_table_once(default_gg
 
 
 @needs_kernels
+def test_the_default_models_weights_are_packed_on_one_block_in_the_order_a_step_reads_them(default_gguf_path):
+    """So the first fused decode step has nothing to move onto 2 MiB pages (it moved every weight)."""
+    from leapllm.kernels.packing import move_to_huge_pages
+    from leapllm.model.fused_decode import layer_modules
+
+    model = load_model(device="cpu").model
+    modules = [m for layer in model.layers for m in layer_modules(layer)] + [model.lm_head]
+    buffers = [getattr(m, n) for m in modules for n in PACKED_BUFFERS if getattr(m, n, None) is not None]
+    assert all(cpu_kernels().HugePageBlock.holds(b) for b in buffers)
+    pointers = [b.data_ptr() for b in buffers]
+    assert pointers == sorted(pointers) and pointers[0] % (2 << 20) == 0
+    linears = [m.packed_linear for m in modules]
+    move_to_huge_pages(modules)
+    assert [b.data_ptr() for b in buffers] == pointers and [m.packed_linear for m in modules] == linears
+
+
+@needs_kernels
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.Q8_0, Q.Q5_0, Q.Q6_K, Q.Q5_K, Q.Q5_1])
 def test_a_big_tensor_packed_a_slice_of_rows_at_a_time_is_the_tensor_packed_whole(qtype, monkeypatch):
     """An output head of 150k rows is decoded and packed in slices (bounding the load's peak memory):

@@ -121,12 +121,16 @@ def pack_super_blocks(values: torch.Tensor, high_bits: int, *factors: torch.Tens
 STORED_ROW_FORMS = ("int4", "int8", "int5", "super-blocks")
 
 
-def packed_outputs(form: str, n: int, k: int, group: int = 32, high_bits: int = 0, with_mins: bool = True
-                   ) -> list[torch.Tensor | None]:
+def packed_outputs(form: str, n: int, k: int, group: int = 32, high_bits: int = 0, with_mins: bool = True,
+                   block=None) -> list[torch.Tensor | None]:
     """Empty tensors for an (n, k) weight in one of STORED_ROW_FORMS: (weight, high bits, scales,
     minimums, super-block scales, super-block minimums), None where the form has no such part;
-    shapes and dtypes of pack_int4 / pack_int8_blocks / pack_super_blocks's outputs."""
+    shapes and dtypes of pack_int4 / pack_int8_blocks / pack_super_blocks's outputs. In `block` (a
+    HugePageBlock, packed_weights_block's) where they fit, else in the heap."""
     def e(cols: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        nbytes = n * cols * dtype.itemsize
+        if block is not None and block.used + block.aligned(nbytes) <= block.capacity:
+            return block.empty((n, cols), dtype)
         return torch.empty(n, cols, dtype=dtype)
     if form == "int4":
         return [e(k // 2), None, e(k // BLOCK, torch.float16), e(k // BLOCK, torch.float16), None, None]
@@ -139,6 +143,22 @@ def packed_outputs(form: str, n: int, k: int, group: int = 32, high_bits: int = 
         return [e(k // 2), e(k * high_bits // 8) if high_bits else None, e(k // group, sub),
                 e(k // group, sub) if with_mins else None, e(k // 256, torch.float32), e(k // 256, torch.float32)]
     raise ValueError(f"no packed form {form!r} is built from stored rows")
+
+
+# The most a stored-row form takes over its file's bytes: Q2_K (2.625 bits a weight) in the
+# super-block form of a projection fused with Q6_K parts (4 + 2 bits, int8 factors per 16 and
+# float32 ones per 256: 7.25 bits).
+MAX_PACKED_EXPANSION = 3
+
+
+def packed_weights_block(stored_bytes: int, tensors: int):
+    """A HugePageBlock for a load to pack its weights into, in the order a decode step reads them,
+    so that the first step has nothing to move (move_to_huge_pages): room for `tensors` stored
+    tensors of stored_bytes in all, in any stored-row form. Only address space until written;
+    release_unused() gives back what the load did not use."""
+    ext = cpu_kernels()
+    alignment = ext.HugePageBlock.aligned(1)  # the most a tensor's start is rounded up by
+    return ext.HugePageBlock(MAX_PACKED_EXPANSION * stored_bytes + tensors * len(PACKED_BUFFERS) * alignment)
 
 
 def pack_stored_rows(outputs: list[torch.Tensor | None], data, rows: torch.Tensor, row0: int, ggml_type: int,
@@ -196,14 +216,18 @@ def move_to_huge_pages(layers: list) -> None:
     A batch-1 decode step streams every weight once; on 4 KiB pages each stream needs a page walk
     every 4 KiB (HugePageBlock in cpu/huge_pages.h). Give the layers in the order a step reads them.
     Layer by layer, the copies replace the modules' buffers and the old memory goes back to the OS,
-    so the move never holds two copies of the model.
+    so the move never holds two copies of the model. Layers already in a block (packed there at
+    load, or moved before) stay where they are.
     """
     ext = cpu_kernels()
-    names = [[n for n in PACKED_BUFFERS if getattr(layer, n, None) is not None] for layer in layers]
-    block = ext.HugePageBlock(sum(ext.HugePageBlock.aligned(getattr(layer, n).nbytes)
-                                  for layer, ns in zip(layers, names) for n in ns))
+    buffers = [(layer, [n for n in PACKED_BUFFERS if getattr(layer, n, None) is not None]) for layer in layers]
+    buffers = [(layer, ns) for layer, ns in buffers if not all(ext.HugePageBlock.holds(getattr(layer, n)) for n in ns)]
+    if not buffers:
+        return
+    aligned = ext.HugePageBlock.aligned
+    block = ext.HugePageBlock(sum(aligned(getattr(layer, n).nbytes) for layer, ns in buffers for n in ns))
     moved = 0  # bytes whose old copies are freed but may still sit in the heap
-    for layer, ns in zip(layers, names):
+    for layer, ns in buffers:
         size = sum(getattr(layer, n).nbytes for n in ns)
         if moved and moved + size > RELEASE_EVERY_BYTES:
             # Give back what waits before a layer that would push it past the budget (an output head is
@@ -223,7 +247,7 @@ def move_to_huge_pages(layers: list) -> None:
             layer.packed_linear = packed_linear(layer.packed_weight, layer.packed_scales, mins, layer.bias,
                                                 bits=old.bits, simd=old.simd)
         del old  # (reference counting frees the old copies; no cycles to look for)
-    release_freed_heap()
+    release_freed_heap(collect=False)
 
 
 RELEASE_EVERY_BYTES = 16 << 20  # how much moved weight may wait in the heap before it is handed back

@@ -13,12 +13,14 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from leapllm.errors import ModelLoadError
+from leapllm.kernels import cpu_kernels
 from leapllm.kernels.packing import (
     STORED_ROW_FORMS,
     kernels_can_run,
     pack_int8_sub_blocks,
     pack_stored_rows,
     packed_outputs,
+    packed_weights_block,
     release_freed_heap,
 )
 from leapllm.loading.families import FUSED_TENSORS
@@ -143,16 +145,17 @@ def projection_format(parts: list) -> str | None:
     return formats.pop() if len(formats) == 1 else "int8-16"
 
 
-def _quantized_projection(parts: list, fmt: str, bias: torch.Tensor | None,
-                          device: torch.device) -> nn.Module | None:
+def _quantized_projection(parts: list, fmt: str, bias: torch.Tensor | None, device: torch.device,
+                          block=None) -> nn.Module | None:
     """The stored tensors `parts` (concatenated by rows) as one Int4Linear / Int8Linear / Int5BlockLinear /
     SuperBlockLinear in packed format `fmt` (projection_format's) on leapllm's kernels, exactly as
-    stored; None where the kernels do not run this shape here."""
+    stored, packed into `block` (packed_weights_block's) where the form is packed from stored rows;
+    None where the kernels do not run this shape here."""
     out_features, in_features = sum(t.shape[0] for t in parts), parts[0].shape[1]
     if not kernels_can_run(in_features, out_features, device):
         return None
     if fmt in STORED_ROW_FORMS:
-        return _packed_from_stored_rows(parts, fmt, bias)
+        return _packed_from_stored_rows(parts, fmt, bias, block)
     # int8-16 (parts of different block types): decoded into values and factors here, then packed
     if len(parts) == 1 and out_features >= 2 * PACK_ROWS_AT_ONCE and parts[0].unpermute_heads is None:
         return _sub_blocks_by_row_slices(parts[0], bias)
@@ -168,11 +171,12 @@ def _quantized_projection(parts: list, fmt: str, bias: torch.Tensor | None,
 PACK_ROWS_AT_ONCE = 4096
 
 
-def _packed_from_stored_rows(parts: list[GGUFTensor], fmt: str, bias: torch.Tensor | None) -> nn.Module:
+def _packed_from_stored_rows(parts: list[GGUFTensor], fmt: str, bias: torch.Tensor | None, block=None) -> nn.Module:
     """_quantized_projection for the forms packed in C++ straight from the file's block rows."""
     high_bits, group, with_mins = super_block_target([t.ggml_type for t in parts]) if fmt == "super-blocks" \
         else (0, 32, True)
-    outputs = packed_outputs(fmt, sum(t.shape[0] for t in parts), parts[0].shape[1], group, high_bits, with_mins)
+    outputs = packed_outputs(fmt, sum(t.shape[0] for t in parts), parts[0].shape[1], group, high_bits, with_mins,
+                             block)
     row0 = 0
     for t in parts:
         data, order = t.stored_rows()
@@ -237,13 +241,18 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype, device: 
     with torch.device("meta"):
         model = Transformer(config)
     modules: dict[str, nn.Module] = {}  # module path -> its quantized replacement
+    # The packed weights go into one block on 2 MiB pages in the order a decode step reads them
+    # (layer by layer, the head last), where the fused step would otherwise move them at its first step.
+    stored = [t for t in tensors.values() if getattr(t, "kernel_format", None) is not None] if keep_quantized else []
+    block = packed_weights_block(sum(t.data.nbytes for t in stored), len(stored)) \
+        if stored and device.type == "cpu" and cpu_kernels() is not None else None
     state: dict[str, torch.Tensor] = {"norm.weight": get("norm.weight")}
 
     def projection(path: str, names: list[str], bias_names: list[str] | None = None) -> None:
         bias = torch.cat([get(n) for n in bias_names]).float() if bias_names else None
         parts = [tensors[n] for n in names]
         fmt = projection_format(parts) if keep_quantized else None
-        module = _quantized_projection(parts, fmt, bias, device) if fmt is not None else None
+        module = _quantized_projection(parts, fmt, bias, device, block) if fmt is not None else None
         if module is None:
             state[path + ".weight"] = torch.cat([get(n) for n in names])
             if bias is not None:
@@ -294,6 +303,8 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype, device: 
     else:
         state["embed_tokens.weight"] = get("embed_tokens.weight")
 
+    if block is not None:
+        block.release_unused()
     for path, module in modules.items():
         parent, _, attr = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, module)

@@ -78,6 +78,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<int64_t>(), pybind11::arg("bytes"))
       .def("copy", &HugePageBlock::copy, pybind11::arg("tensor"),
            "a copy of the tensor in the block's next free bytes (64-byte aligned), on 2 MiB pages where Linux can")
+      .def("empty", &HugePageBlock::empty, pybind11::arg("sizes"), pybind11::arg("dtype"),
+           "a tensor in the block's next free bytes (64-byte aligned), its values unset")
+      .def("release_unused", &HugePageBlock::release_unused,
+           "gives back the whole 2 MiB pages past the bytes used; nothing more fits after")
+      .def_static("holds", &HugePageBlock::holds, pybind11::arg("tensor"), "whether the tensor lies in a block")
       .def_static("aligned", &HugePageBlock::aligned, pybind11::arg("bytes"), "bytes a copy takes in the block")
       .def_readonly("capacity", &HugePageBlock::capacity)
       .def_readonly("used", &HugePageBlock::offset);
