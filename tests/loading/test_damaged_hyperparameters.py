@@ -77,14 +77,16 @@ def test_an_impossible_config_json_is_a_model_load_error(tmp_path, cfg, words):
     assert time.monotonic() - start < 5
 
 
-@pytest.mark.parametrize("tensor, bad", [("model.norm.weight", np.nan), ("model.layers.1.input_layernorm.weight", np.inf),
-                                         ("model.embed_tokens.weight", np.nan)])
-def test_nan_or_inf_in_norms_or_embeddings_is_refused_at_load(tmp_path, default_gguf_path, tensor, bad):
+@pytest.mark.parametrize("tensor, bad, named", [("model.norm.weight", np.nan, "norm.weight"),
+                                                ("model.layers.1.input_layernorm.weight", np.inf, "layers.1.attn_norm"),
+                                                ("model.embed_tokens.weight", np.nan, "embed_tokens.weight")])
+def test_nan_or_inf_in_norms_or_embeddings_is_refused_at_load_naming_the_tensor(tmp_path, default_gguf_path, tensor,
+                                                                                bad, named):
     state = tiny_hf_state(TINY_VOCAB)
     state[tensor] = state[tensor].copy()
     state[tensor].flat[3] = bad
     path = write_tiny_gguf(tmp_path / "bad.gguf", default_gguf_path, state)
-    with pytest.raises(ModelLoadError, match="NaN or infinite"):
+    with pytest.raises(ModelLoadError, match=f"tensor {named}.* holds NaN or infinite"):
         load_model(path, "float32", "cpu")
 
 

@@ -39,9 +39,15 @@ def test_missing_merges_for_byte_level_bpe_is_an_error(default_gguf_metadata):
     assert_clear_tokenizer_error(without(default_gguf_metadata, "tokenizer.ggml.merges"), "no tokenizer.ggml.merges")
 
 
-def test_malformed_merge_entry_is_an_error(default_gguf_metadata):
-    merges = ["Ġ t", "nospace"] + default_gguf_metadata["tokenizer.ggml.merges"][2:]
-    assert_clear_tokenizer_error({**default_gguf_metadata, "tokenizer.ggml.merges": merges}, "'nospace'")
+@pytest.mark.parametrize("entry", ["nospace", " leading", 7])
+def test_malformed_merge_entry_is_an_error_naming_it(default_gguf_metadata, entry):
+    """A merge splits at its first space after position 0, as llama.cpp splits it: one without is malformed."""
+    merges = ["Ġ t", entry] + default_gguf_metadata["tokenizer.ggml.merges"][2:]
+    assert_clear_tokenizer_error({**default_gguf_metadata, "tokenizer.ggml.merges": merges}, repr(entry))
+
+
+def test_a_repeated_token_string_keeps_its_first_id():
+    assert Tokenizer._vocab(["a", "b", "a", "c", "b"]) == {"a": 0, "b": 1, "c": 3}
 
 
 @pytest.mark.parametrize("model_type", ["bert", "t5", "rwkv", "no_vocab"])

@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -259,10 +260,7 @@ class Tokenizer:
     @staticmethod
     def _vocab(tokens: Sequence[str]) -> dict[str, int]:
         # A few files repeat a token string; the first id keeps it (the others can't be produced by encode).
-        vocab: dict[str, int] = {}
-        for index, token in enumerate(tokens):
-            vocab.setdefault(token, index)
-        return vocab
+        return dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))  # (the last write of a key wins)
 
     @classmethod
     def _byte_level_bpe_from_gguf(
@@ -272,15 +270,14 @@ class Tokenizer:
         raw_merges = metadata.get("tokenizer.ggml.merges")
         if not isinstance(raw_merges, list) or not raw_merges:
             raise TokenizerError("GGUF metadata has no tokenizer.ggml.merges, which a 'gpt2' tokenizer needs")
-        merges = []
-        for merge in raw_merges:
-            # Split on the first space after position 0, as llama.cpp does.
-            cut = merge.find(" ", 1) if isinstance(merge, str) else -1
-            if cut < 0:
-                raise TokenizerError(
-                    f"GGUF tokenizer.ggml.merges has a malformed entry {merge!r} (expected 'left right')"
-                )
-            merges.append((merge[:cut], merge[cut + 1:]))
+        # Split on the first space after position 0, as llama.cpp does (str.find mapped over the
+        # ~50,000 merges: this runs at every load).
+        strings = all(isinstance(merge, str) for merge in raw_merges)
+        cuts = list(map(str.find, raw_merges, repeat(" "), repeat(1))) if strings else [-1]
+        if -1 in cuts:
+            merge = next((m for m in raw_merges if not isinstance(m, str) or m.find(" ", 1) < 0))
+            raise TokenizerError(f"GGUF tokenizer.ggml.merges has a malformed entry {merge!r} (expected 'left right')")
+        merges = [(merge[:cut], merge[cut + 1:]) for merge, cut in zip(raw_merges, cuts)]
         model = models.BPE(
             vocab=cls._vocab(tokens),
             merges=merges,
