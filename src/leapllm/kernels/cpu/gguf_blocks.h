@@ -37,7 +37,7 @@ inline float half_bits_to_float(uint16_t bits) { return (float)c10::Half(bits, c
 // One stored row, decoded: u[K] and its factors per block (32) or sub-block (16 or 32) / super-block.
 struct DecodedRow {
   std::vector<uint8_t> u;
-  std::vector<uint16_t> half_scales, half_mins;  // per 32 (float16 bits): the block types
+  std::vector<uint16_t> half_scales;             // per 32 (float16 bits): Q5_0, Q8_0
   std::vector<int8_t> sub_scales, sub_mins;      // per the type's sub-block: the K-quants
   std::vector<float> super_scales, super_mins;   // per 256
   int group = 32;                                // the type's sub-block size
@@ -72,45 +72,44 @@ inline void k4_scales_mins(const uint8_t* s, int8_t* sc, int8_t* mn) {
   }
 }
 
-// One row of a 32-weight block type: values u, float16 scales and minimums as stored.
+// Q4_0's w = d (q - 8) as the int4 form's d q + m: the minimum -8 d (float16 bits), exact in
+// float16 unless it overflows.
+inline uint16_t q4_0_minimum(uint16_t d) {
+  const c10::Half m(-8.0f * half_bits_to_float(d));
+  if (!std::isfinite((float)m)) throw std::invalid_argument("a Q4_0 scale too large for float16");
+  return m.x;
+}
+
+// One row of Q5_0 or Q8_0 (blocks of 32): values u and float16 scales as stored. (Q4_0 and Q4_1 rows
+// need no decoding: write_q4_row.)
 template <int64_t TYPE>
 inline void decode_block_row(const uint8_t* src, int64_t K, DecodedRow& row) {
-  constexpr int64_t bb = TYPE == GGML_Q4_0 ? 18 : TYPE == GGML_Q4_1 ? 20 : TYPE == GGML_Q5_0 ? 22 : 34;
+  static_assert(TYPE == GGML_Q5_0 || TYPE == GGML_Q8_0);
+  constexpr int64_t bb = TYPE == GGML_Q5_0 ? 22 : 34;
   uint8_t* u = row.u.data();
   for (int64_t b = 0; b < K / 32; ++b) {
     const uint8_t* x = src + b * bb;
     uint8_t* ub = u + b * 32;
-    const uint16_t d = load_u16(x);
-    row.half_scales[b] = d;
+    row.half_scales[b] = load_u16(x);
     if constexpr (TYPE == GGML_Q8_0) {
       for (int j = 0; j < 32; ++j) ub[j] = (uint8_t)(x[2 + j] ^ 0x80);  // q + 128
-      continue;
-    }
-    const uint8_t* qs = x + (TYPE == GGML_Q4_1 ? 4 : TYPE == GGML_Q5_0 ? 6 : 2);
-    for (int j = 0; j < 16; ++j) {
-      ub[j] = qs[j] & 15;
-      ub[j + 16] = qs[j] >> 4;
-    }
-    if constexpr (TYPE == GGML_Q4_1) {
-      row.half_mins[b] = load_u16(x + 2);
-    } else if constexpr (TYPE == GGML_Q4_0) {  // w = d (q - 8): minimum -8 d, exact in float16 unless it overflows
-      const c10::Half m(-8.0f * half_bits_to_float(d));
-      if (!std::isfinite((float)m)) throw std::invalid_argument("a Q4_0 scale too large for float16");
-      row.half_mins[b] = m.x;
-    } else if constexpr (TYPE == GGML_Q5_0) {  // bit j of qh is value j's fifth bit
+    } else {  // bit j of qh is value j's fifth bit
+      const uint8_t* qs = x + 6;
       const uint32_t qh = load_u32(x + 2);
+      for (int j = 0; j < 16; ++j) {
+        ub[j] = qs[j] & 15;
+        ub[j + 16] = qs[j] >> 4;
+      }
       for (int j = 0; j < 32; ++j) ub[j] |= (uint8_t)(((qh >> j) & 1) << 4);
     }
   }
 }
 
-// Decodes row `src` (K weights) of `type` into `row`, as gguf_tensors.py's int4_parts, int5_parts /
-// int8_parts and _super_block_parts read it.
+// Decodes row `src` (K weights) of `type` (not Q4_0 or Q4_1) into `row`, as gguf_tensors.py's
+// int5_parts / int8_parts and _super_block_parts read it.
 inline void decode_row(const uint8_t* src, int64_t type, int64_t K, DecodedRow& row) {
   uint8_t* u = row.u.data();
   switch (type) {
-    case GGML_Q4_0: return decode_block_row<GGML_Q4_0>(src, K, row);
-    case GGML_Q4_1: return decode_block_row<GGML_Q4_1>(src, K, row);
     case GGML_Q5_0: return decode_block_row<GGML_Q5_0>(src, K, row);
     case GGML_Q8_0: return decode_block_row<GGML_Q8_0>(src, K, row);
   }
@@ -206,6 +205,25 @@ inline void write_low_nibbles(const uint8_t* u, const TiledRow& r, uint8_t* weig
   }
 }
 
+// A Q4_0 / Q4_1 row straight into the int4 layout, without decoding its values: byte j of a block's
+// nibbles holds values j and j + 16 in its low and high nibbles, which is write_low_nibbles' byte
+// j of quad j / 4, so each quad's word is 4 of the stored bytes. Most of the default model's load
+// packed these rows.
+inline void write_q4_row(const uint8_t* src, int64_t type, const TiledRow& r, uint8_t* weight, uint8_t* scales,
+                         uint8_t* mins) {
+  const int64_t bb = type == GGML_Q4_1 ? 20 : 18, nibbles = type == GGML_Q4_1 ? 4 : 2;
+  auto* sc = reinterpret_cast<uint16_t*>(scales);
+  auto* mn = reinterpret_cast<uint16_t*>(mins);
+  for (int64_t b = 0; b < r.blocks; ++b) {
+    const uint8_t* x = src + b * bb;
+    uint8_t* out = weight + (r.tile * r.blocks + b) * 256 + 4 * r.lane;
+    for (int c = 0; c < 4; ++c) store_u32(out + 64 * c, load_u32(x + nibbles + 4 * c));
+    const uint16_t d = load_u16(x);
+    sc[r.factor(b, r.blocks)] = d;
+    mn[r.factor(b, r.blocks)] = type == GGML_Q4_1 ? load_u16(x + 2) : q4_0_minimum(d);
+  }
+}
+
 // The int8 layout: per (tile, block), 8 quad vectors of the values' bytes, plus `offset` (mod 256).
 // (offset is added to 4 bytes at once: the callers' bytes plus offset stay below 256, so no carry.)
 inline void write_bytes(const uint8_t* u, const TiledRow& r, uint8_t offset, uint8_t* weight) {
@@ -257,7 +275,7 @@ inline void pack_gguf_rows(const uint8_t* data, int64_t row_stride, const int64_
                   (type_mins && out[3] == nullptr)))
     throw std::invalid_argument("the target super-block form cannot hold GGML type " + std::to_string(type));
   // (the form's parts, decided once here rather than per row)
-  const bool full_bytes = form == "int8", half_mins = form == "int4";
+  const bool full_bytes = form == "int8", int4 = form == "int4";
   const int H = (int)plane_high_bits(form, high_bits);
   const int64_t first_tile = row0 / TILE, last_tile = (row0 + count + TILE - 1) / TILE;
   std::string error;
@@ -266,7 +284,6 @@ inline void pack_gguf_rows(const uint8_t* data, int64_t row_stride, const int64_
     DecodedRow row;
     row.u.resize(K);
     row.half_scales.resize(K / 32);
-    row.half_mins.resize(K / 32);
     row.group = type_group;
     row.has_mins = type_mins;
     row.sub_scales.resize(K / 16);
@@ -276,14 +293,18 @@ inline void pack_gguf_rows(const uint8_t* data, int64_t row_stride, const int64_
 #pragma omp for schedule(static)
     for (int64_t t = first_tile; t < last_tile; ++t) {
       for (int64_t R = std::max(row0, t * TILE); R < std::min(row0 + count, (t + 1) * TILE); ++R) {
+        const TiledRow r{R / TILE, R % TILE, K / 32};
         try {
+          if (int4) {  // Q4_0 and Q4_1, whose stored bytes are the layout's
+            write_q4_row(data + rows[R - row0] * row_stride, type, r, out[0], out[2], out[3]);
+            continue;
+          }
           decode_row(data + rows[R - row0] * row_stride, type, K, row);
         } catch (const std::exception& e) {
 #pragma omp critical
           error = e.what();
           continue;
         }
-        const TiledRow r{R / TILE, R % TILE, K / 32};
         const uint8_t* u = row.u.data();
         if (full_bytes) {
           write_bytes(u, r, type == GGML_Q5_0 ? 112 : 0, out[0]);  // Q5_0: q - 16 + 128
@@ -293,11 +314,7 @@ inline void pack_gguf_rows(const uint8_t* data, int64_t row_stride, const int64_
         }
         if (!k_quant) {
           auto* scales = reinterpret_cast<uint16_t*>(out[2]);
-          auto* mins = reinterpret_cast<uint16_t*>(out[3]);
-          for (int64_t b = 0; b < K / 32; ++b) {
-            scales[r.factor(b, K / 32)] = row.half_scales[b];
-            if (half_mins) mins[r.factor(b, K / 32)] = row.half_mins[b];
-          }
+          for (int64_t b = 0; b < K / 32; ++b) scales[r.factor(b, K / 32)] = row.half_scales[b];
           continue;
         }
         auto* sc = reinterpret_cast<int8_t*>(out[2]);
