@@ -750,6 +750,23 @@ def test_a_load_maps_large_blocks_apart_and_then_hands_glibc_its_ceiling_back(mo
     assert calls[-1] == (packing.M_MMAP_THRESHOLD, 32 << 20) and len(calls) == 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_first_nonfinite_names_the_first_tensor_holding_a_nan_or_an_infinity(dtype):
+    first_nonfinite = cpu_kernels().first_nonfinite
+    torch.manual_seed(0)
+    tensors = [torch.randn(n).to(dtype) for n in (5, 1000, 33)]
+    largest = torch.full((4,), torch.finfo(dtype).max, dtype=dtype)
+    assert first_nonfinite(tensors + [largest, torch.empty(0, dtype=dtype)]) == -1
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        damaged = [t.clone() for t in tensors]
+        damaged[1][777] = bad
+        damaged[2][0] = bad
+        assert first_nonfinite(damaged) == 1
+    transposed = torch.randn(10, 10).to(dtype).t()
+    transposed[3, 4] = float("nan")
+    assert first_nonfinite([tensors[0], transposed]) == 1
+
+
 def test_a_huge_page_block_places_tensors_it_knows_and_gives_back_what_it_did_not_use():
     """A load packs its weights straight into a block (packed_weights_block): the block's tensors are
     told apart from others, and the reserve past what the load used goes back."""

@@ -80,8 +80,13 @@ def test_an_impossible_config_json_is_a_model_load_error(tmp_path, cfg, words):
 @pytest.mark.parametrize("tensor, bad, named", [("model.norm.weight", np.nan, "norm.weight"),
                                                 ("model.layers.1.input_layernorm.weight", np.inf, "layers.1.attn_norm"),
                                                 ("model.embed_tokens.weight", np.nan, "embed_tokens.weight")])
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
 def test_nan_or_inf_in_norms_or_embeddings_is_refused_at_load_naming_the_tensor(tmp_path, default_gguf_path, tensor,
-                                                                                bad, named):
+                                                                                bad, named, kernels, monkeypatch):
+    """Checked by leapllm's kernels in one call where they build, else by PyTorch tensor by tensor."""
+    if not kernels:
+        from leapllm.loading import loader
+        monkeypatch.setattr(loader, "cpu_kernels", lambda: None)
     state = tiny_hf_state(TINY_VOCAB)
     state[tensor] = state[tensor].copy()
     state[tensor].flat[3] = bad

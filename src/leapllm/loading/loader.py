@@ -133,15 +133,15 @@ CHECKED_TENSORS = ("norm", "embed_tokens.weight", "lm_head.weight", "packed_scal
 def check_finite_weights(model: torch.nn.Module, path) -> None:
     """Refuse a model whose norms, embeddings, head or quantization scales hold NaN or Inf."""
     checked = [(name, t) for name, t in [*model.named_parameters(), *model.named_buffers()] if t is not None
-               and t.is_floating_point() and t.numel() and any(part in name for part in CHECKED_TENSORS)]
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for _, t in checked:
-        by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
-    # One reduction per dtype (a few hundred small tensors cost more in calls than in reading them);
-    # max propagates NaN, so the largest magnitude is finite only if every value is.
-    if not all(bool(torch.cat(group).abs().max().isfinite()) for group in by_dtype.values()):
-        name = next(name for name, t in checked if not bool(torch.isfinite(t).all()))
-        raise ModelLoadError(f"{path}: tensor {name} holds NaN or infinite values (a damaged file?)")
+               and t.is_floating_point() and any(part in name for part in CHECKED_TENSORS)]
+    tensors = [t for _, t in checked]
+    ext = cpu_kernels()
+    if ext is not None and all(t.device.type == "cpu" for t in tensors):
+        bad = ext.first_nonfinite(tensors)  # one call for a few hundred small tensors
+    else:
+        bad = next((i for i, t in enumerate(tensors) if not bool(torch.isfinite(t).all())), -1)
+    if bad >= 0:
+        raise ModelLoadError(f"{path}: tensor {checked[bad][0]} holds NaN or infinite values (a damaged file?)")
     for name, module in model.named_modules():  # tables kept in a GGUF block type: their scales
         if isinstance(module, BlockQuantizedEmbedding) and not module.all_finite():
             raise ModelLoadError(f"{path}: tensor {name}.rows holds NaN or infinite scales (a damaged file?)")
