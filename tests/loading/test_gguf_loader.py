@@ -10,6 +10,7 @@ from gguf import GGMLQuantizationType as Q
 from leapllm.errors import ModelLoadError
 from leapllm.loading.gguf_loader import load_gguf
 from leapllm.loading.loader import load_model
+from tests.kernel_paths import PATHS, take_path
 from tests.tiny_models import TINY_VOCAB, tiny_hf_state, write_tiny_gguf
 
 VOCAB = TINY_VOCAB
@@ -84,17 +85,12 @@ def test_truncated_gguf_names_the_problem(tmp_path, default_gguf_path, tiny_stat
             load_model(truncated)
 
 
-@pytest.fixture(params=["C++", "Python"])
+@pytest.fixture(params=PATHS)
 def string_reader(request, monkeypatch):
     """Each way the header's string arrays are read: leapllm's kernels where they build, else Python."""
-    from leapllm.kernels import cpu_kernels
     from leapllm.loading import gguf_file
 
-    if request.param == "C++" and cpu_kernels() is None:
-        pytest.skip("leapllm's CPU kernels do not build here")
-    if request.param == "Python":
-        monkeypatch.setattr(gguf_file, "cpu_kernels", lambda: None)
-    return request.param
+    return take_path(request.param, gguf_file, monkeypatch)
 
 
 def test_a_vocabulary_string_cut_short_or_not_utf8_is_named_not_a_crash(tmp_path, default_gguf_path, tiny_state,

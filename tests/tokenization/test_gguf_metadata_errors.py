@@ -8,6 +8,7 @@ import pytest
 
 from leapllm.errors import LeapLLMError, TokenizerError
 from leapllm.tokenization import Tokenizer
+from tests.kernel_paths import PATHS, take_path
 
 from .texts import BATTERY
 
@@ -39,11 +40,32 @@ def test_missing_merges_for_byte_level_bpe_is_an_error(default_gguf_metadata):
     assert_clear_tokenizer_error(without(default_gguf_metadata, "tokenizer.ggml.merges"), "no tokenizer.ggml.merges")
 
 
-@pytest.mark.parametrize("entry", ["nospace", " leading", 7])
-def test_malformed_merge_entry_is_an_error_naming_it(default_gguf_metadata, entry):
+@pytest.fixture(params=PATHS)
+def merge_splitter(request, monkeypatch):
+    """Each way merges are split: leapllm's kernels where they build, else Python."""
+    from leapllm.tokenization import tokenizer
+
+    return take_path(request.param, tokenizer, monkeypatch)
+
+
+@pytest.mark.parametrize("entry", ["nospace", " leading", "x", 7])
+def test_malformed_merge_entry_is_an_error_naming_it(default_gguf_metadata, entry, merge_splitter):
     """A merge splits at its first space after position 0, as llama.cpp splits it: one without is malformed."""
     merges = ["Ġ t", entry] + default_gguf_metadata["tokenizer.ggml.merges"][2:]
     assert_clear_tokenizer_error({**default_gguf_metadata, "tokenizer.ggml.merges": merges}, repr(entry))
+
+
+def test_both_merge_splitters_split_alike(default_gguf_metadata, monkeypatch):
+    from leapllm.kernels import cpu_kernels
+    from leapllm.tokenization import tokenizer
+
+    if cpu_kernels() is None:
+        pytest.skip("leapllm's CPU kernels do not build here")
+    merges = default_gguf_metadata["tokenizer.ggml.merges"] + [" a b", "a  b", "é ü", "a "]
+    in_cpp = tokenizer._split_merges(merges)
+    monkeypatch.setattr(tokenizer, "cpu_kernels", lambda: None)
+    assert in_cpp == tokenizer._split_merges(merges)
+    assert in_cpp[-4:] == [(" a", "b"), ("a", " b"), ("é", "ü"), ("a", "")]
 
 
 def test_a_repeated_token_string_keeps_its_first_id():

@@ -24,6 +24,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from leapllm.errors import TokenizerError
+from leapllm.kernels import cpu_kernels
 from leapllm.tokenization.chat_template import GEMMA_TURN_TEMPLATE, render_chat_template
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,25 @@ def _sentencepiece_merges(
     return [(left, right) for _, left, right in ranked]
 
 
+def _split_merges(raw: list) -> list[tuple[str, str]]:
+    """A byte-level BPE's merges ("left right") as pairs, split at the first space after position 0
+    as llama.cpp splits them: in C++ where leapllm's kernels build (~50,000 merges at every load),
+    else with str.find mapped over them."""
+    ext = cpu_kernels()
+    if ext is not None:
+        try:
+            return ext.split_merges(raw)
+        except ValueError as e:  # the index of the first malformed entry
+            bad = raw[int(str(e))]
+    else:
+        strings = all(isinstance(merge, str) for merge in raw)
+        cuts = list(map(str.find, raw, repeat(" "), repeat(1))) if strings else [-1]
+        if -1 not in cuts:
+            return [(merge[:cut], merge[cut + 1:]) for merge, cut in zip(raw, cuts)]
+        bad = next(m for m in raw if not isinstance(m, str) or m.find(" ", 1) < 0)
+    raise TokenizerError(f"GGUF tokenizer.ggml.merges has a malformed entry {bad!r} (expected 'left right')")
+
+
 def _special_token_content(value: Any) -> str | None:
     """`tokenizer_config.json` writes special tokens as a string or as an AddedToken dict."""
     if isinstance(value, str):
@@ -270,14 +290,7 @@ class Tokenizer:
         raw_merges = metadata.get("tokenizer.ggml.merges")
         if not isinstance(raw_merges, list) or not raw_merges:
             raise TokenizerError("GGUF metadata has no tokenizer.ggml.merges, which a 'gpt2' tokenizer needs")
-        # Split on the first space after position 0, as llama.cpp does (str.find mapped over the
-        # ~50,000 merges: this runs at every load).
-        strings = all(isinstance(merge, str) for merge in raw_merges)
-        cuts = list(map(str.find, raw_merges, repeat(" "), repeat(1))) if strings else [-1]
-        if -1 in cuts:
-            merge = next((m for m in raw_merges if not isinstance(m, str) or m.find(" ", 1) < 0))
-            raise TokenizerError(f"GGUF tokenizer.ggml.merges has a malformed entry {merge!r} (expected 'left right')")
-        merges = [(merge[:cut], merge[cut + 1:]) for merge, cut in zip(raw_merges, cuts)]
+        merges = _split_merges(raw_merges)
         model = models.BPE(
             vocab=cls._vocab(tokens),
             merges=merges,

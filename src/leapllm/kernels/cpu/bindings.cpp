@@ -15,7 +15,7 @@
 //   tiles_vnni.h      the same tile with AVX-512 VNNI
 //   super_blocks.h    GGUF K-quant super-blocks near the file's size, expanded a tile at a time
 //   gguf_blocks.h     a GGUF file's block rows packed into those layouts at load time
-//   gguf_strings.h    a GGUF vocabulary's strings read into Python strings at load time
+//   gguf_strings.h    a GGUF vocabulary's strings read into Python strings, its merges split, at load
 //   finite_check.h    whether a model's norms and scales hold NaN or infinity, at load time
 //   packed_linear.h   PackedLinear: a linear layer on packed weights, through the best tile built
 //   huge_pages.h      packed weights copied onto 2 MiB pages
@@ -72,6 +72,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "copies of the tensors in one block of memory on 2 MiB pages where Linux gives them");
   m.def("read_gguf_strings", &read_gguf_strings, pybind11::arg("data"), pybind11::arg("offset"), pybind11::arg("count"),
         "count GGUF strings (uint64 length, UTF-8 bytes) from byte offset of data: (list of str, the offset after)");
+  m.def("split_merges", &split_merges, pybind11::arg("merges"),
+        "BPE merges 'left right' as (left, right), split at the first space after position 0");
   m.def("first_nonfinite", &first_nonfinite, pybind11::arg("tensors"), pybind11::call_guard<pybind11::gil_scoped_release>(),
         "the index of the first tensor holding a NaN or an infinity, -1 if none");
   m.def("pack_gguf_rows", &pack_gguf_rows_into, pybind11::arg("data"), pybind11::arg("rows"), pybind11::arg("row0"),
