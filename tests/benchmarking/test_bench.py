@@ -57,6 +57,7 @@ MAIN_KEYS = ["prefill@16", "decode", "decode_chat", "decode_b2"]
 SERVE_KEYS = ["serve_b2", "serve_b2_ttft", "serve_b2_ttft_max"]
 KEYS = MAIN_KEYS + SERVE_KEYS
 RATIO_KEYS = MAIN_KEYS + ["serve_b2", "serve_b2_ttft"]  # no ratio of the slowest request's TTFT
+OTHER_RATIO_KEYS = {"peak_memory_mib", "resident_memory_mib", "load_s", "cold_start_s"}
 FIGURE_COUNT = len(KEYS)
 
 
@@ -125,8 +126,9 @@ def test_bench_runs_end_to_end_with_the_hf_peer_and_writes_json_and_markdown(tmp
     assert systems["hf-float32"]["batched_agreement"] == {"decode_b2": 4}
     assert len(report["reference_tokens"]) == 4
     ratios = report["ratios"]["leapllm-float32 / hf-float32"]
-    assert set(ratios) == set(RATIO_KEYS) | {"peak_memory_mib", "resident_memory_mib"}
-    assert all(ratios[k] > 0 for k in MAIN_KEYS + ["peak_memory_mib", "resident_memory_mib"])
+    assert set(ratios) == set(RATIO_KEYS) | OTHER_RATIO_KEYS
+    assert all(ratios[k] > 0 for k in MAIN_KEYS + list(OTHER_RATIO_KEYS))
+    assert all(systems[name]["first_token_s"] > 0 for name in ("leapllm-float32", "hf-float32"))
     assert ratios["serve_b2"] is None and ratios["serve_b2_ttft"] is None
     assert report["machine"]["threads"] >= 1 and report["model"].endswith(".gguf")
 
@@ -233,7 +235,7 @@ def test_a_float32_system_whose_greedy_tokens_disagree_is_broken_and_gets_no_spe
     # Half precision only reports how far it agrees.
     assert hf16["status"] == "ok" and hf16["greedy_agreement"] == 0 and hf16["figures"]["decode"] > 0
     assert list(report["ratios"]) == ["leapllm-float32 / hf-bfloat16"]
-    assert "| hf-float32 |" + " broken |" * (FIGURE_COUNT + 2) + " 0 |" in markdown(report)
+    assert "| hf-float32 |" + " broken |" * (FIGURE_COUNT + 4) + " 0 |" in markdown(report)
 
 
 def test_the_quantized_leapllm_systems_are_known_and_run_by_default():
@@ -351,7 +353,7 @@ def test_chat_decode_and_speculative_systems_give_figures_ratios_and_acceptance_
     ratios = report["ratios"]
     assert list(ratios) == ["leapllm-int4 / llamacpp", "leapllm-int4+ngram / llamacpp", "leapllm-int8+ngram / llamacpp"]
     assert ratios["leapllm-int4+ngram / llamacpp"]["decode_chat"] == pytest.approx(1.0)
-    assert set(ratios["leapllm-int4+ngram / llamacpp"]) == set(SPEC_KEYS) | {"peak_memory_mib", "resident_memory_mib"}
+    assert set(ratios["leapllm-int4+ngram / llamacpp"]) == set(SPEC_KEYS) | OTHER_RATIO_KEYS
 
     text = markdown(report)
     assert "| system | prefill@16 tok/s | decode b1 tok/s | chat decode b1 tok/s | peak MiB |" in text
@@ -561,6 +563,32 @@ def test_the_ttft_ratio_is_peer_over_leapllm_so_above_one_means_leapllm_is_faste
                 figures={"serve_b2": 100.0, "serve_b2_ttft": 100.0, "serve_b2_ttft_max": 120.0})
     ratios = compute_ratios([mine, peer], figures)["leapllm-int4 / llamacpp"]
     assert ratios["serve_b2"] == 3.0 and ratios["serve_b2_ttft"] == 2.0 and "serve_b2_ttft_max" not in ratios
+
+
+def test_each_system_gives_its_load_and_its_first_token_right_after_with_ratios_peer_over_leapllm():
+    settings = BenchSettings(systems="leapllm-float32,llamacpp", **dict(TINY_SETTINGS, serve_batches="none"))
+    logged = []
+    report = run_bench(settings, log=logged.append,
+                       worker_command=workers_from({"leapllm-float32": "ok", "llamacpp": "ok"}))
+    for entry in report["systems"]:
+        assert entry["load_s"] >= 0
+        assert entry["first_token_s"] == pytest.approx(0.008)  # the stand-in's prefill: 1 ms a token, 8 tokens
+    assert sum("its first token 8 ms after" in line for line in logged) == 2
+    assert {"load_s", "cold_start_s"} <= set(report["ratios"]["leapllm-float32 / llamacpp"])
+    text = markdown(report)
+    assert "| peak MiB | resident MiB | load s | first token ms |" in text
+    assert "| load (peer / leapllm) | load + first token (peer / leapllm) |" in text
+    assert "| 8 |" in text
+
+
+def test_the_load_and_cold_start_ratios_are_peer_over_leapllm():
+    common = {"status": "ok", "peak_memory_mib": 1.0, "resident_memory_mib": 1.0, "figures": {}}
+    mine = dict(common, name="leapllm", engine="leapllm", load_s=1.0, first_token_s=0.5)
+    peer = dict(common, name="llamacpp", engine="llamacpp", load_s=0.5, first_token_s=2.0)
+    ratios = compute_ratios([mine, peer], [])["leapllm / llamacpp"]
+    assert ratios["load_s"] == 0.5 and ratios["cold_start_s"] == pytest.approx(2.5 / 1.5)
+    no_first = compute_ratios([mine, dict(peer, first_token_s=None)], [])["leapllm / llamacpp"]
+    assert no_first["cold_start_s"] is None
 
 
 def test_serve_prompts_are_as_long_as_asked_and_share_no_prefix(default_gguf_path):

@@ -532,6 +532,7 @@ def new_entry(name: str) -> dict:
     engine, dtype = system_engine_dtype(name)
     method = speculation_method(name)
     return {"name": name, "engine": engine, "dtype": dtype, "status": "ok", "reason": None, "load_s": None,
+            "first_token_s": None,
             "info": {}, "memory": {}, "peak_memory_mib": None, "resident_memory_mib": None,
             "warmup": {}, "runs": {}, "notes": {}, "serve_peak_memory_mib": None,
             "tokens": {}, "greedy_agreement": None, "batched_agreement": {}, "batched_agreement_own": {},
@@ -566,11 +567,19 @@ def unloadable_reason(plan: Plan, name: str) -> str | None:
     return None
 
 
+# Timed right after each load, alone: a prompt of a short chat line's length, whose answer's first
+# token is what a user waits for once the model is loaded. It pays what a system leaves for its first
+# request: llama.cpp pages its weights in from the memory map; leapllm builds its fused decode step.
+FIRST_PROMPT_TOKENS = 8
+
+
 def start_workers(plan: Plan, names: list[str], entries: dict[str, dict], log: Log,
-                  worker_command: Callable[[str], list[str]], workers: dict[str, Worker]) -> None:
+                  worker_command: Callable[[str], list[str]], workers: dict[str, Worker],
+                  first_request: dict | None = None) -> None:
     """Start the workers one after another, each once the one before it is ready, so that every
     load is timed alone: started together, each load shared the cores with the others' imports and
-    loads (the default model's load read 5.5 s that way, 1.0 s alone).
+    loads (the default model's load read 5.5 s that way, 1.0 s alone). first_request (a prefill of
+    FIRST_PROMPT_TOKENS) then runs at once on each, timed as its first_token_s.
     `workers` is the caller's, so an interrupted start still leaves every started worker to end."""
     for name in names:
         entry = entries[name]
@@ -595,7 +604,21 @@ def start_workers(plan: Plan, names: list[str], entries: dict[str, dict], log: L
             continue
         entry.update(load_s=msg.get("load_s"), info=msg.get("info") or {}, pid=msg.get("pid"))
         entry["memory"].update(msg.get("memory") or {})
-        log(f"  {name} loaded in {msg.get('load_s', 0):.1f} s")
+        first = ""
+        if first_request is not None:
+            try:
+                reply = workers[name].request(first_request, plan.timeout, "answering its first prompt")
+            except WorkerError as exc:
+                fail(entry, "failed", f"first prompt: {exc}", log)
+                workers.pop(name).stop()
+                continue
+            if not reply.get("ok"):
+                fail(entry, "failed", f"first prompt: {reply.get('error')}", log)
+                workers.pop(name).stop()
+                continue
+            entry["first_token_s"] = float(reply["seconds"])
+            first = f", its first token {1000 * entry['first_token_s']:.0f} ms after"
+        log(f"  {name} loaded in {msg.get('load_s', 0):.2f} s{first}")
 
 
 def measure(worker: Worker, entry: dict, m: Measurement, plan: Plan, warmup: bool, log: Log) -> None:
@@ -821,9 +844,9 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def compute_ratios(entries: list[dict], figures: list[dict]) -> dict[str, dict[str, float | None]]:
-    """Each leapllm system against each peer, for every figure with a ratio (figure_specs) and peak
-    memory: leapllm / peer for speeds and memory, peer / leapllm for times (TTFT), so that a speed
-    ratio above 1 always means leapllm is faster."""
+    """Each leapllm system against each peer, for every figure with a ratio (figure_specs), peak
+    memory, the load and the cold start: leapllm / peer for speeds and memory, peer / leapllm for
+    times (TTFT, load), so that a speed ratio above 1 always means leapllm is faster."""
     ratios = {}
     for e in entries:
         if e["engine"] != "leapllm" or e["status"] != "ok":
@@ -838,8 +861,17 @@ def compute_ratios(entries: list[dict], figures: list[dict]) -> dict[str, dict[s
                     row[f["key"]] = ratio(mine, theirs) if f["better"] == "higher" else ratio(theirs, mine)
             for k in ("peak_memory_mib", "resident_memory_mib"):
                 row[k] = ratio(e[k], peer[k])
+            row["load_s"] = ratio(peer.get("load_s"), e.get("load_s"))
+            row["cold_start_s"] = ratio(cold_start_s(peer), cold_start_s(e))
             ratios[f"{e['name']} / {peer['name']}"] = row
     return ratios
+
+
+def cold_start_s(e: dict) -> float | None:
+    """Seconds from asking for the model to its first token on a short prompt: the load, then the
+    first request (start_workers')."""
+    load, first = e.get("load_s"), e.get("first_token_s")
+    return load + first if load is not None and first is not None else None
 
 
 def package_version(name: str) -> str | None:
@@ -947,7 +979,8 @@ def run_on_file(plan: Plan, command: str | None, log: Log, worker_command: Calla
     workers: dict[str, Worker] = {}
     try:
         log(f"loading {len(names)} system(s): {', '.join(names)} ...")
-        start_workers(plan, names, entries_all, log, worker_command, workers)
+        first_prompt = {"op": "prefill", "ids": reference_token_ids(tokenizer, FIRST_PROMPT_TOKENS)}
+        start_workers(plan, names, entries_all, log, worker_command, workers, first_prompt)
         if plan.contend:
             log(f"contention: {plan.contend} busy-loop process(es) run beside the systems from now on")
             busy = start_busy_loops(plan.contend)

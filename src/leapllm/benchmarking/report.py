@@ -72,7 +72,9 @@ def legend(report: dict) -> str:
                        "its greedy tokens must be its base's, token for token, or it is broken.")
     return (f"Prefill: one prompt of N tokens, tokens/s. Decode b1: {s['decode_tokens']} greedy tokens after a "
             f"{s['decode_prompt_len']}-token prompt, decode time only.{chat}{batched}{serve}{speculative} "
-            f"Peak / resident MiB: {memory}.")
+            f"Peak / resident MiB: {memory}. Load s: the model's load, each system loading alone; first token ms: "
+            "the prefill of a short prompt (8 tokens) right after, what the system left for its first request "
+            "included (llama.cpp: its weights paged in from the memory map).")
 
 
 def header_line(report: dict) -> str:
@@ -88,12 +90,12 @@ def header_line(report: dict) -> str:
 def main_table(report: dict) -> tuple[list[str], list[list[str]]]:
     figures = report["figures"]
     header = (["system"] + [f"{f['label']} {figure_unit(f)}" for f in figures] + ["peak MiB", "resident MiB"]
-              + [f"greedy agree (of {report['settings']['decode_tokens']})"])
+              + ["load s", "first token ms", f"greedy agree (of {report['settings']['decode_tokens']})"])
     rows = []
     for e in report["systems"]:
         if e["status"] != "ok":
             word = CELL_FOR_STATUS.get(e["status"], e["status"])
-            rows.append([e["name"]] + [word] * (len(figures) + 2)
+            rows.append([e["name"]] + [word] * (len(figures) + 4)
                         + [str(e["greedy_agreement"]) if e["greedy_agreement"] is not None else ""])
             continue
         cells = []
@@ -113,8 +115,10 @@ def main_table(report: dict) -> tuple[list[str], list[list[str]]]:
             agree = "n/a"
         else:
             agree = str(e["greedy_agreement"])
+        first = e.get("first_token_s")
         rows.append([e["name"]] + cells + [fmt(e["peak_memory_mib"], ".0f"), fmt(e["resident_memory_mib"], ".0f"),
-                                           agree])
+                                           fmt(e.get("load_s"), ".2f"), fmt(None if first is None else 1000 * first,
+                                                                            ".0f"), agree])
     return header, rows
 
 
@@ -122,10 +126,9 @@ def ratio_table(report: dict) -> tuple[list[str], list[list[str]]]:
     figures = [f for f in report["figures"] if f.get("ratio", True)]
     header = (["leapllm / peer"]
               + [f["label"] + (" (peer / leapllm)" if f.get("better") == "lower" else "") for f in figures]
-              + ["peak memory", "resident memory"])
-    rows = [[pair] + [fmt(r.get(k), ".2f") for k in [f["key"] for f in figures] + ["peak_memory_mib",
-                                                                                   "resident_memory_mib"]]
-            for pair, r in report["ratios"].items()]
+              + ["peak memory", "resident memory", "load (peer / leapllm)", "load + first token (peer / leapllm)"])
+    keys = [f["key"] for f in figures] + ["peak_memory_mib", "resident_memory_mib", "load_s", "cold_start_s"]
+    rows = [[pair] + [fmt(r.get(k), ".2f") for k in keys] for pair, r in report["ratios"].items()]
     return header, rows
 
 
