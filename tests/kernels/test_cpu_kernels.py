@@ -787,6 +787,26 @@ def test_a_huge_page_block_places_tensors_it_knows_and_gives_back_what_it_did_no
     assert float(a.float().sum()) == 15 and int(b.sum()) == 14
 
 
+def test_a_refused_reservation_leaves_a_loads_weights_in_the_heap(monkeypatch):
+    """Where the system commits address space strictly, the 3x reservation may be refused: no block."""
+    from types import SimpleNamespace
+
+    from leapllm.kernels import packing
+
+    real = cpu_kernels().HugePageBlock
+
+    class Refused:
+        aligned = staticmethod(real.aligned)
+
+        def __init__(self, nbytes):
+            raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(packing, "cpu_kernels", lambda: SimpleNamespace(HugePageBlock=Refused))
+    assert packing.packed_weights_block(1 << 20, 10) is None
+    weight, *_ = packing.packed_outputs("int4", 16, 64, block=None)
+    assert weight.shape == (16, 32) and not real.holds(weight)
+
+
 def test_a_huge_page_block_takes_copies_one_at_a_time_up_to_its_size():
     """move_to_huge_pages copies layer by layer and frees each original after its copy."""
     block_type = cpu_kernels().HugePageBlock

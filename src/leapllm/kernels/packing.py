@@ -155,10 +155,14 @@ def packed_weights_block(stored_bytes: int, tensors: int):
     """A HugePageBlock for a load to pack its weights into, in the order a decode step reads them,
     so that the first step has nothing to move (move_to_huge_pages): room for `tensors` stored
     tensors of stored_bytes in all, in any stored-row form. Only address space until written;
-    release_unused() gives back what the load did not use."""
+    release_unused() gives back what the load did not use. None where the reservation is refused
+    (a system that commits address space strictly): the weights then go to the heap, as elsewhere."""
     ext = cpu_kernels()
     alignment = ext.HugePageBlock.aligned(1)  # the most a tensor's start is rounded up by
-    return ext.HugePageBlock(MAX_PACKED_EXPANSION * stored_bytes + tensors * len(PACKED_BUFFERS) * alignment)
+    try:
+        return ext.HugePageBlock(MAX_PACKED_EXPANSION * stored_bytes + tensors * len(PACKED_BUFFERS) * alignment)
+    except RuntimeError:  # out of memory: mmap and the aligned allocation both refused
+        return None
 
 
 def pack_stored_rows(outputs: list[torch.Tensor | None], data, rows: torch.Tensor, row0: int, ggml_type: int,
