@@ -787,6 +787,33 @@ def test_a_huge_page_block_places_tensors_it_knows_and_gives_back_what_it_did_no
     assert float(a.float().sum()) == 15 and int(b.sum()) == 14
 
 
+RELEASED_SPACE_REUSED = """
+import torch
+from leapllm.kernels import cpu_kernels
+block_type = cpu_kernels().HugePageBlock
+MiB = 1 << 20
+for _ in range(20):
+    a = block_type(256 * MiB)
+    x = a.empty((1024,), torch.uint8)
+    a.release_unused()  # all but its first 2 MiB page go back
+    b = block_type(200 * MiB)  # the kernel is free to place it in what `a` gave back
+    y = b.empty((200 * MiB,), torch.uint8)
+    del a, x  # `a` is unmapped: only what it kept
+    y.fill_(7)
+    assert int(y[-1]) == 7
+"""
+
+
+def test_a_block_that_gave_back_its_unused_space_unmaps_only_what_it_kept():
+    """The space release_unused gives back may hold another mapping by the time the block is freed
+    (a segmentation fault when the block unmapped its whole first reservation); in a subprocess."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", RELEASED_SPACE_REUSED], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_a_refused_reservation_leaves_a_loads_weights_in_the_heap(monkeypatch):
     """Where the system commits address space strictly, the 3x reservation may be refused: no block."""
     from types import SimpleNamespace

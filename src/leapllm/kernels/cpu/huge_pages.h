@@ -26,7 +26,9 @@ struct HugePageBlock {
   std::shared_ptr<char> block;
   char* base = nullptr;
   size_t capacity = 0, offset = 0;
-  size_t mapped = 0;  // bytes mapped from base (0 where the block is not a mapping of its own)
+  // Bytes of the block's own mapping, from its start (not base): shared with the deleter, which must
+  // unmap only what release_unused left mapped (the address space it gave back may be another's by then).
+  std::shared_ptr<size_t> mapping_bytes;
 
   static size_t aligned(size_t n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
 
@@ -37,9 +39,9 @@ struct HugePageBlock {
     // MAP_NORESERVE: only the pages written count against the system's commit limit.
     void* raw = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (raw != MAP_FAILED) {
-      block = std::shared_ptr<char>(static_cast<char*>(raw), [size](char* p) { munmap(p, size); });
+      mapping_bytes = std::make_shared<size_t>(size);
+      block = std::shared_ptr<char>(static_cast<char*>(raw), [bytes = mapping_bytes](char* p) { munmap(p, *bytes); });
       base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(raw) + PAGE - 1) / PAGE * PAGE);
-      mapped = size - (base - static_cast<char*>(raw));
       madvise(base, size - PAGE, MADV_HUGEPAGE);  // before the pages are first touched; a no-op where THP is off
     }
 #endif
@@ -84,10 +86,13 @@ struct HugePageBlock {
   void release_unused() {
     capacity = offset;
 #if defined(__linux__)
-    if (mapped) {
-      const size_t keep = std::max<size_t>(PAGE, (offset + PAGE - 1) / PAGE * PAGE);
-      if (keep < mapped) munmap(base + keep, mapped - keep);  // the block's deleter unmaps the rest
-      mapped = std::min(mapped, keep);
+    if (mapping_bytes) {
+      char* start = block.get();
+      char* keep_to = base + std::max<size_t>(PAGE, (offset + PAGE - 1) / PAGE * PAGE);
+      if (keep_to < start + *mapping_bytes) {
+        munmap(keep_to, start + *mapping_bytes - keep_to);
+        *mapping_bytes = keep_to - start;  // the deleter unmaps only this much
+      }
     }
 #endif
   }
