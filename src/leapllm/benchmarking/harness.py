@@ -612,13 +612,22 @@ def start_workers(plan: Plan, names: list[str], entries: dict[str, dict], log: L
                 fail(entry, "failed", f"first prompt: {exc}", log)
                 workers.pop(name).stop()
                 continue
-            if not reply.get("ok"):
-                fail(entry, "failed", f"first prompt: {reply.get('error')}", log)
+            seconds = reply_seconds(reply)
+            if not reply.get("ok") or not seconds > 0:
+                fail(entry, "failed", f"first prompt: {reply.get('error') or f'measured {seconds} s'}", log)
                 workers.pop(name).stop()
                 continue
-            entry["first_token_s"] = float(reply["seconds"])
+            entry["first_token_s"] = seconds
             first = f", its first token {1000 * entry['first_token_s']:.0f} ms after"
         log(f"  {name} loaded in {msg.get('load_s', 0):.2f} s{first}")
+
+
+def reply_seconds(reply: dict) -> float:
+    """A worker's measured seconds; NaN where its reply has none that reads as a number."""
+    try:
+        return float(reply["seconds"])
+    except (KeyError, TypeError, ValueError):
+        return float("nan")
 
 
 def measure(worker: Worker, entry: dict, m: Measurement, plan: Plan, warmup: bool, log: Log) -> None:
@@ -635,10 +644,7 @@ def measure(worker: Worker, entry: dict, m: Measurement, plan: Plan, warmup: boo
         else:
             fail(entry, "failed", f"{m.key}: {reply.get('error')}", log)
         return
-    try:
-        seconds = float(reply["seconds"])
-    except (KeyError, TypeError, ValueError):
-        seconds = float("nan")
+    seconds = reply_seconds(reply)
     if not seconds > 0:
         fail(entry, "failed", f"{m.key}: measured {seconds} s", log)
         return
