@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -110,3 +113,39 @@ def test_a_failed_build_is_not_tried_again_in_the_same_process(build, monkeypatc
     monkeypatch.setattr(kernels, "_build", failing_build)
     assert kernels.cpu_kernels() is None and kernels.cpu_kernels() is None
     assert len(calls) == 1 and kernels.why_unavailable() == "RuntimeError: Error building extension: boom"
+
+
+def test_a_finished_build_is_imported_without_pytorchs_builder():
+    """Once built, a start imports the library from the folder the builder was given, without
+    importing the builder (its import alone takes longer than loading the default model)."""
+    if kernels.cpu_kernels() is None:
+        pytest.skip(f"kernels unavailable: {kernels.why_unavailable()}")
+    code = ("import sys; from leapllm.kernels import cpu_kernels; ext = cpu_kernels(); "
+            "print(ext.__file__); print('torch.utils.cpp_extension' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [kernels.cpu_kernels().__file__, "False"]
+
+
+def test_no_finished_build_is_imported_while_one_is_under_way_or_where_it_does_not_import(tmp_path):
+    name = "leapllm_cpu_kernels_000000000000"
+    assert kernels.import_finished_build(name, tmp_path) is None  # not built
+    library = tmp_path / f"{name}.so"
+    library.write_bytes(b"not a shared library")
+    assert kernels.import_finished_build(name, tmp_path) is None  # the builder then rebuilds or says why
+    if kernels.cpu_kernels() is None:
+        pytest.skip(f"kernels unavailable: {kernels.why_unavailable()}")
+    built = Path(kernels.cpu_kernels().__file__)
+    shutil.copy(built, tmp_path / f"{built.stem}.so")
+    assert kernels.import_finished_build(built.stem, tmp_path).vnni_compiled() == kernels.cpu_kernels().vnni_compiled()
+    (tmp_path / "lock").touch()  # PyTorch's builder holds it while it builds
+    assert kernels.import_finished_build(built.stem, tmp_path) is None
+
+
+def test_the_build_folder_follows_torch_extensions_dir(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert kernels.build_folder("leapllm_cpu_kernels_x", torch) == tmp_path / "leapllm_cpu_kernels_x"
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    folder = kernels.build_folder("leapllm_cpu_kernels_x", torch)
+    assert folder.name == "leapllm_cpu_kernels_x" and folder.parent.name.startswith(f"py{sys.version_info.major}")

@@ -8,7 +8,9 @@ AVX-512 VNNI paths are used where the CPU has them and portable loops elsewhere.
 the one translation unit; it includes every header of cpu/. The build is cached (PyTorch's extension
 folder, TORCH_EXTENSIONS_DIR) under a name that carries a hash of those files, the flags and the
 PyTorch version: two installs of different versions on one machine build side by side instead of
-rebuilding over each other at every start, and installs of the same version share one build.
+rebuilding over each other at every start, and installs of the same version share one build. A start
+that finds its build there imports the library directly: importing PyTorch's builder takes longer
+than loading the default model.
 `python -m leapllm.kernels` builds it ahead of time (setup.sh does), and fails if a C++ compiler is
 there but the build does not succeed. Set LEAPLLM_CPU_KERNELS=0 to run PyTorch's own kernels
 instead, e.g. to measure the difference. Set LEAPLLM_CPU_MARCH to build for another CPU than this
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -59,6 +62,17 @@ def find_compiler() -> str | None:
 
 @functools.cache
 def _build():
+    import torch  # (the library links against libtorch: loaded first)
+
+    # The builder hashes only the files in `sources`, and ninja follows headers by their times alone:
+    # with the hash of every file among the flags, any change to any of them rebuilds.
+    march = os.environ.get(MARCH_VARIABLE) or "native"
+    cflags = ["-O3", f"-march={march}", "-fopenmp", "-std=c++17", "-fno-math-errno",
+              f"-DLEAPLLM_SOURCE_HASH={source_hash()}"]
+    name = build_name(cflags)
+    folder = build_folder(name, torch)
+    if (built := import_finished_build(name, folder)) is not None:
+        return built
     from torch.utils import cpp_extension
     try:
         import ninja  # the pip package puts its binary next to the module; PyTorch's builder wants it on PATH
@@ -69,13 +83,9 @@ def _build():
         raise RuntimeError("ninja is not installed (pip install ninja)")
     if find_compiler() is None:
         raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++)")
-    # The builder hashes only the files in `sources`, and ninja follows headers by their times alone:
-    # with the hash of every file among the flags, any change to any of them rebuilds.
-    march = os.environ.get(MARCH_VARIABLE) or "native"
-    cflags = ["-O3", f"-march={march}", "-fopenmp", "-std=c++17", "-fno-math-errno",
-              f"-DLEAPLLM_SOURCE_HASH={source_hash()}"]
-    return cpp_extension.load(name=build_name(cflags), sources=[str(SOURCE)], extra_cflags=cflags,
-                              extra_ldflags=["-fopenmp"], verbose=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                              build_directory=str(folder), verbose=False)
 
 
 def build_name(cflags: list[str]) -> str:
@@ -85,6 +95,38 @@ def build_name(cflags: list[str]) -> str:
 
     digest = hashlib.sha256("\0".join([source_hash(), *cflags, torch.__version__]).encode()).hexdigest()[:12]
     return f"leapllm_cpu_kernels_{digest}"
+
+
+def build_folder(name: str, torch) -> Path:
+    """Where the build named `name` goes: the folder PyTorch's builder picks by default
+    ($TORCH_EXTENSIONS_DIR, else one in the user's cache per Python version and PyTorch accelerator),
+    handed to it explicitly, so that a later start knows where to find the library without it."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        from torch import _appdirs
+
+        hip, cuda = getattr(torch.version, "hip", None), torch.version.cuda
+        accelerator = f"rocm{hip.replace('.', '')}" if hip else f"cu{cuda.replace('.', '')}" if cuda else "cpu"
+        python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(os.path.realpath(_appdirs.user_cache_dir(appname="torch_extensions")),
+                            f"{python}_{accelerator}")
+    return Path(root) / name
+
+
+def import_finished_build(name: str, folder: Path):
+    """The library a finished build of `name` left in `folder`, imported as PyTorch's builder imports
+    it; None where there is none, where a build is under way (it holds the folder's lock file), or
+    where the library does not import (the builder then rebuilds or says why)."""
+    library = folder / f"{name}.so"
+    if not library.is_file() or (folder / "lock").exists():
+        return None
+    spec = importlib.util.spec_from_file_location(name, library)
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError:
+        return None
+    return module
 
 
 def cpu_kernels():
