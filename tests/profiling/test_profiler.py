@@ -118,6 +118,22 @@ def test_stage_modules_are_found_by_type_and_name_with_their_layer():
                      + [("norm", -1), ("lm_head", -1)])
 
 
+def test_a_table_shared_by_the_embedding_and_a_quantized_head_is_found_as_both_stages():
+    """A quantized GGUF's tied table (the default model's): the embedding looks tokens up in the
+    packed head, which named_modules would report once, under the embedding's name."""
+    from dataclasses import replace
+
+    from leapllm.model.quantized.embedding import PackedRowsEmbedding
+    from leapllm.model.quantized.int4 import Int4Linear
+
+    model = Transformer(replace(TINY, vocab_size=128))
+    model.lm_head = Int4Linear.from_linear(model.lm_head, 32)
+    model.embed_tokens = PackedRowsEmbedding(model.lm_head)
+    found = [(stage, layer) for stage, layer, _ in stage_modules(model)]
+    assert found[0] == ("embedding", -1) and found[-1] == ("lm_head", -1)
+    assert [stage for stage, _ in found].count("lm_head") == 1
+
+
 def test_a_tiny_model_profiles_without_a_real_tokenizer():
     class Bytes:  # bytes folded into the tiny vocabulary (a loaded model's tokenizer always fits it)
         def encode(self, text, add_special_tokens=True):

@@ -23,6 +23,7 @@ from torch import nn
 
 from leapllm.model.fused_decode import OUTSIDE_LAYERS
 from leapllm.model.llama import AttentionCore, RMSNorm, RotaryEmbedding, SiluAndMul
+from leapllm.model.quantized.embedding import BlockQuantizedEmbedding, PackedRowsEmbedding
 from leapllm.model.quantized.layers import QUANTIZED_LAYERS, packed_linear_of
 
 LINEAR_TYPES = (nn.Linear, *QUANTIZED_LAYERS)
@@ -65,7 +66,7 @@ def stage_of(name: str, module: nn.Module) -> str | None:
         return "attention"
     if isinstance(module, SiluAndMul):
         return "activation"
-    if isinstance(module, nn.Embedding) and leaf == "embed_tokens":
+    if isinstance(module, (nn.Embedding, PackedRowsEmbedding, BlockQuantizedEmbedding)) and leaf == "embed_tokens":
         return "embedding"
     if isinstance(module, LINEAR_TYPES) and leaf in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"):
         return leaf
@@ -102,9 +103,10 @@ def layer_of(name: str) -> int:
 
 
 def stage_modules(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
-    """(stage, layer, module) for every stage module of the model, in definition order."""
+    """(stage, layer, module) for every stage module of the model, in definition order. A module held
+    twice is found under each name: a tied head's packed table is also the embedding's `table`."""
     found = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):
         stage = stage_of(name, module)
         if stage is not None:
             found.append((stage, layer_of(name), module))
