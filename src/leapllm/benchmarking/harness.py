@@ -583,43 +583,54 @@ def start_workers(plan: Plan, names: list[str], entries: dict[str, dict], log: L
     `workers` is the caller's, so an interrupted start still leaves every started worker to end."""
     for name in names:
         entry = entries[name]
-        reason = unloadable_reason(plan, name)
-        if reason is not None:
-            fail(entry, "missing", reason, log)
-            continue
         try:
-            workers[name] = Worker(name, worker_argv(plan, name, worker_command))
-        except OSError as exc:
-            fail(entry, "missing", f"could not start its worker: {exc}", log)
-            continue
-        try:
-            msg = workers[name].receive(plan.load_timeout, "loading")
-        except WorkerError as exc:
-            fail(entry, "missing", str(exc), log)
-            workers.pop(name).stop()
-            continue
-        if msg.get("event") != "ready":
-            fail(entry, "missing", msg.get("reason") or f"unexpected first message {msg!r}", log)
-            workers.pop(name).stop()
-            continue
-        entry.update(load_s=msg.get("load_s"), info=msg.get("info") or {}, pid=msg.get("pid"))
-        entry["memory"].update(msg.get("memory") or {})
-        first = ""
-        if first_request is not None:
-            try:
-                reply = workers[name].request(first_request, plan.timeout, "answering its first prompt")
-            except WorkerError as exc:
-                fail(entry, "failed", f"first prompt: {exc}", log)
+            first = start_worker(plan, name, entry, worker_command, workers, first_request)
+        except WorkerStartFailed as exc:
+            fail(entry, exc.status, exc.reason, log)
+            if name in workers:
                 workers.pop(name).stop()
-                continue
-            seconds = reply_seconds(reply)
-            if not reply.get("ok") or not seconds > 0:
-                fail(entry, "failed", f"first prompt: {reply.get('error') or f'measured {seconds} s'}", log)
-                workers.pop(name).stop()
-                continue
-            entry["first_token_s"] = seconds
-            first = f", its first token {1000 * entry['first_token_s']:.0f} ms after"
-        log(f"  {name} loaded in {msg.get('load_s', 0):.2f} s{first}")
+            continue
+        log(f"  {name} loaded in {entry['load_s'] or 0:.2f} s{first}")
+
+
+class WorkerStartFailed(Exception):
+    """A system's worker did not start, load or answer its first prompt: the entry's status and why."""
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def start_worker(plan: Plan, name: str, entry: dict, worker_command: Callable[[str], list[str]],
+                 workers: dict[str, Worker], first_request: dict | None) -> str:
+    """start_workers for one system: its load (and first token) recorded in `entry`; the log's words
+    for the first token. Raises WorkerStartFailed, the worker (if started) left in `workers` to stop."""
+    reason = unloadable_reason(plan, name)
+    if reason is not None:
+        raise WorkerStartFailed("missing", reason)
+    try:
+        workers[name] = Worker(name, worker_argv(plan, name, worker_command))
+    except OSError as exc:
+        raise WorkerStartFailed("missing", f"could not start its worker: {exc}") from None
+    try:
+        msg = workers[name].receive(plan.load_timeout, "loading")
+    except WorkerError as exc:
+        raise WorkerStartFailed("missing", str(exc)) from None
+    if msg.get("event") != "ready":
+        raise WorkerStartFailed("missing", msg.get("reason") or f"unexpected first message {msg!r}")
+    entry.update(load_s=msg.get("load_s"), info=msg.get("info") or {}, pid=msg.get("pid"))
+    entry["memory"].update(msg.get("memory") or {})
+    if first_request is None:
+        return ""
+    try:
+        reply = workers[name].request(first_request, plan.timeout, "answering its first prompt")
+    except WorkerError as exc:
+        raise WorkerStartFailed("failed", f"first prompt: {exc}") from None
+    seconds = reply_seconds(reply)
+    if not reply.get("ok") or not seconds > 0:
+        raise WorkerStartFailed("failed", f"first prompt: {reply.get('error') or f'measured {seconds} s'}")
+    entry["first_token_s"] = seconds
+    return f", its first token {1000 * seconds:.0f} ms after"
 
 
 def reply_seconds(reply: dict) -> float:
