@@ -7,9 +7,14 @@ import torch
 
 from leapllm import LLM
 from leapllm.cli.main import main
-from leapllm.model.quantized.int4 import Int4Linear, pack_nibbles, unpack_nibbles
-from leapllm.model.quantized.int8 import Int8Linear
 from leapllm.engine.sampling import SamplingParams
+from leapllm.errors import ModelLoadError
+from leapllm.kernels import cpu_kernels
+from leapllm.loading.model_folder import read_model_folder, save_model_folder
+from leapllm.model.quantized.embedding import PackedRowsEmbedding
+from leapllm.model.quantized.int4 import Int4Linear, dequantize_int4_groupwise, pack_nibbles, unpack_nibbles
+from leapllm.model.quantized.int8 import Int8Linear, quantize_per_channel_int8
+from leapllm.model.quantized.layers import quantized_embedding, quantized_module
 from leapllm.tokenization import Tokenizer
 from tests.cli_helpers import assert_one_line_error
 
@@ -100,6 +105,12 @@ def test_activation_aware_int4_beats_round_to_nearest_on_held_out_text(quantized
                  "-o", str(awq_folder)]) == 0
     rtn, awq = (LLM(quantized_folders / name, dtype="float32", device="cpu") for name in ("int4", "int4-awq"))
     assert awq.metadata["quantization"]["algorithm"] == "activation-aware"
+    # The scaled head is no embedding table: the table is quantized on its own, as the head would be.
+    _, tensors, _ = read_model_folder(awq_folder)
+    assert "embed_tokens.weight" not in tensors and "embed_tokens.qweight" in tensors
+    with torch.inference_mode():
+        torch.testing.assert_close(awq.model.embed_tokens(torch.arange(8)),
+                                   quantized_table(tensors, "int4", "embed_tokens")[:8], rtol=1e-6, atol=1e-6)
     assert [step["method"] for step in awq.metadata["history"]] == ["int4"]
     ids = rtn.tokenizer.encode(load_text("builtin:python-docs-heldout"))[:2048]
     assert perplexity(awq.model, ids).perplexity < perplexity(rtn.model, ids).perplexity
@@ -122,6 +133,91 @@ def test_profiler_times_quantized_projections_and_counts_their_real_bytes(quanti
     q = LLM(quantized_folders / "int4", dtype="float32", device="cpu")
     stages = [stage for stage, _, _ in stage_modules(q.model)]
     assert stages.count("gate_up_proj") == q.config.num_layers and "lm_head" in stages
+    assert stages[0] == "embedding"  # the head's packed rows, looked up (the head is found once)
+    assert stages.count("lm_head") == 1
     assert quantized_weight_bytes(q.model) == pytest.approx(0.5 + 4 / 32)
     float_cost, int4_cost = linear_cost(1, 576, 1536, 4), linear_cost(1, 576, 1536, 4, weight_e=0.625)
     assert int4_cost.weight_bytes == pytest.approx(float_cost.weight_bytes * 0.625 / 4)
+
+
+def quantized_table(tensors: dict, method: str, name: str = "lm_head") -> torch.Tensor:
+    """The float weights a folder's quantized table `name` stands for."""
+    if method == "int4":
+        return dequantize_int4_groupwise(unpack_nibbles(tensors[f"{name}.qweight"]), tensors[f"{name}.scales"].float(),
+                                         tensors[f"{name}.mins"].float())
+    return tensors[f"{name}.qweight"].float() * tensors[f"{name}.scales"].float()[:, None]
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_a_tied_table_is_saved_once_as_the_quantized_head_and_looked_up_there(quantized_folders, method):
+    """The default model ties its embedding table to its head: the folder holds the table once,
+    quantized (a float32 copy was 113 MiB of the int4 folder's 192), and lookups dequantize its rows."""
+    _, tensors, _ = read_model_folder(quantized_folders / method)
+    assert "embed_tokens.weight" not in tensors
+    q = LLM(quantized_folders / method, dtype="float32", device="cpu")
+    ids = torch.tensor([[0, 1, 17, 49151]])
+    with torch.inference_mode():
+        looked_up = q.model.embed_tokens(ids)
+    torch.testing.assert_close(looked_up[0], quantized_table(tensors, method)[ids[0]], rtol=1e-6, atol=1e-6)
+    if cpu_kernels() is not None:
+        assert isinstance(q.model.embed_tokens, PackedRowsEmbedding) and q.model.embed_tokens.table is q.model.lm_head
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_a_head_off_the_kernels_gives_its_table_dequantized_to_floats(method):
+    weight = torch.randn(64, 96)
+    if method == "int4":
+        from leapllm.compression.quantize import quantize_tensors
+        parts = quantize_tensors(weight, "int4", 32)
+    else:
+        q, scale = quantize_per_channel_int8(weight)
+        parts = {"qweight": q, "scales": scale}
+    table = quantized_table({f"lm_head.{k}": v for k, v in parts.items()}, method)
+    floats = quantized_embedding(torch.nn.Linear(96, 64), parts, method, torch.float32, "cpu")  # no packed rows
+    assert isinstance(floats, torch.nn.Embedding) and torch.equal(floats.weight, table)
+    if cpu_kernels() is not None:
+        packed = quantized_embedding(quantized_module(parts, None, method, "cpu"), parts, method, torch.float32, "cpu")
+        ids = torch.arange(64)
+        torch.testing.assert_close(packed(ids), floats(ids), rtol=1e-6, atol=1e-6)
+
+
+def test_a_folder_that_saved_the_tied_table_as_floats_still_loads_it(quantized_folders, tmp_path):
+    """Folders written before the table was shared hold it as `embed_tokens.weight`: it is used."""
+    config, tensors, meta = read_model_folder(quantized_folders / "int4")
+    table = torch.randn(config.vocab_size, config.hidden_size)
+    tokenizer = Tokenizer.from_pretrained_dir(quantized_folders / "int4")
+    save_model_folder(tmp_path / "old", config, tokenizer, tensors | {"embed_tokens.weight": table},
+                      meta["quantization"], meta["history"])
+    q = LLM(tmp_path / "old", dtype="float32", device="cpu")
+    assert isinstance(q.model.embed_tokens, torch.nn.Embedding) and torch.equal(q.model.embed_tokens.weight, table)
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_an_untied_table_is_quantized_on_its_own_and_loads_back(llm, tmp_path, method):
+    from leapllm.compression.quantize import quantize_model
+    from leapllm.loading.model_folder import load_model_folder
+    from leapllm.model.config import ModelConfig
+    from leapllm.model.llama import Transformer
+
+    torch.manual_seed(0)
+    config = ModelConfig(architecture="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16, context_length=64, tie_word_embeddings=False)
+    model = Transformer(config).eval()
+    tensors = quantize_model(model, method)
+    assert "embed_tokens.weight" not in tensors and "embed_tokens.qweight" in tensors
+    table = quantized_table(tensors, method, "embed_tokens")
+    ids = torch.arange(config.vocab_size)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.embed_tokens(ids), table, rtol=1e-6, atol=1e-6)
+        logits = model(ids[None, :16])
+    quantization = {"method": method, "group_size": 32, "head_method": None}
+    save_model_folder(tmp_path / "q", config, llm.tokenizer, tensors, quantization, [quantization])
+    again, _ = load_model_folder(tmp_path / "q", torch.float32, torch.device("cpu"))
+    with torch.inference_mode():
+        torch.testing.assert_close(again.embed_tokens(ids), table, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(again(ids[None, :16]), logits)
+    _, saved, _ = read_model_folder(tmp_path / "q")
+    del saved["embed_tokens.scales"]
+    save_model_folder(tmp_path / "broken", config, llm.tokenizer, saved, quantization, [quantization])
+    with pytest.raises(ModelLoadError, match="missing quantized tensors of embed_tokens"):
+        load_model_folder(tmp_path / "broken", torch.float32, torch.device("cpu"))

@@ -3,9 +3,11 @@
     leapllm quantize --method int4 --group-size 32 -o smollm2-int4      # round to nearest
     leapllm generate "Hello" --model smollm2-int4
 
-Every projection (fused Q/K/V, output, fused gate/up, down) and the output head are quantized; the
-embedding table and the norms stay in the compute dtype. A tied output head gets its own quantized
-copy, since the embedding lookup still needs the float table.
+Every projection (fused Q/K/V, output, fused gate/up, down), the output head and the embedding
+table are quantized; the norms stay in the compute dtype. A model that ties its embedding table to
+its head looks tokens up in the quantized head, as llama.cpp's files do, and the folder holds the
+table once. Otherwise (no tied table, or a head that activation-aware scaling rescaled) the table
+is quantized on its own like the head, by rounding to nearest. A lookup dequantizes only its rows.
 
 The output is the folder of loading/model_folder.py: per quantized layer `<name>.qweight`
 and its scales, `leapllm.json` naming the method and its parameters.
@@ -30,6 +32,7 @@ from leapllm.model.quantized.layers import (
     layer_method,
     quantized_linears,
     quantized_module,
+    quantized_embedding,
 )
 
 METHODS = ("int8", "int4")
@@ -82,6 +85,18 @@ def quantize_model(model: Transformer, method: str, group_size: int = 32,
         if linear.bias is not None:
             quantized[f"{name}.bias"] = linear.bias.detach()
         setattr(parent, attr, quantized_module(parts, linear.bias, layer, device))
+        if name == "lm_head":
+            head_parts, head_layer = parts, layer
+    # What is left as parameters (the norms) is saved as it is; the embedding table is quantized.
+    tensors = float_tensors(model) | quantized
+    dtype = model.embed_tokens.weight.dtype
+    if model.config.tie_word_embeddings and calibration_ids is None:
+        table, table_parts = model.lm_head, head_parts  # the head's rows: saved once, as the head
+    else:  # (activation-aware scaling gave a tied head its own copy, scaled by the final norm's factors)
+        table_parts = quantize_tensors(model.embed_tokens.weight, head_layer, group_size)
+        table = quantized_module(table_parts, None, head_layer, device)
+        tensors |= {f"embed_tokens.{k}": v for k, v in table_parts.items()}
+    del tensors["embed_tokens.weight"]
+    model.embed_tokens = quantized_embedding(table, table_parts, head_layer, dtype, device)
     model.reset_fused_decode()  # batch-1 decode can now run fused on the packed weights
-    # What is left as parameters (embedding, norms) is saved as it is.
-    return float_tensors(model) | quantized
+    return tensors

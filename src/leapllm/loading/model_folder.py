@@ -30,6 +30,7 @@ from leapllm.model.quantized.layers import (
     layer_method,
     quantized_linears,
     quantized_module,
+    quantized_embedding,
 )
 from leapllm.output_files import write_folder_atomically
 
@@ -104,6 +105,7 @@ def load_model_folder(folder: Path, dtype: torch.dtype, device: torch.device) ->
     quant = meta["quantization"]
     with torch.device("meta"):
         model = Transformer(config)
+    table = None  # the quantized table the embedding looks tokens up in; None: a float one
     if quant is not None:
         methods = {quant.get("method"), quant.get("head_method") or quant.get("method")}
         unknown = sorted(str(m) for m in methods if m not in QUANTIZED_PARTS)
@@ -116,7 +118,17 @@ def load_model_folder(folder: Path, dtype: torch.dtype, device: torch.device) ->
                 raise ModelLoadError(f"{folder}: missing quantized tensors of {name}")
             parts = {k: tensors.pop(f"{name}.{k}") for k in keys}
             setattr(parent, attr, quantized_module(parts, tensors.pop(f"{name}.bias", None), method, device))
-    expected = dict(model.named_parameters())
+            if name == "lm_head":
+                head_parts, head_method = parts, method
+        if "embed_tokens.qweight" in tensors:  # the table quantized on its own, like the head
+            if any(f"embed_tokens.{k}" not in tensors for k in QUANTIZED_PARTS[head_method]):
+                raise ModelLoadError(f"{folder}: missing quantized tensors of embed_tokens")
+            table_parts = {k: tensors.pop(f"embed_tokens.{k}") for k in QUANTIZED_PARTS[head_method]}
+            table = quantized_module(table_parts, None, head_method, device)
+        elif config.tie_word_embeddings and "embed_tokens.weight" not in tensors:  # the head's rows
+            table, table_parts = model.lm_head, head_parts
+        # (folders written before tables were quantized hold a float `embed_tokens.weight`)
+    expected = {n: p for n, p in model.named_parameters() if not (table is not None and n == "embed_tokens.weight")}
     missing = [n for n in expected if n not in tensors]
     if missing:
         raise ModelLoadError(f"{folder}: missing tensor {missing[0]}")
@@ -131,5 +143,7 @@ def load_model_folder(folder: Path, dtype: torch.dtype, device: torch.device) ->
     model.load_state_dict(state, assign=True, strict=False)
     if config.tie_word_embeddings and not quant:
         model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the tied parameter
+    if table is not None:
+        model.embed_tokens = quantized_embedding(table, table_parts, head_method, dtype, device)
     model.init_rotary()
     return model.eval().requires_grad_(False), meta

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leapllm.model.quantized.int4 import Int4Linear, unpack_nibbles
+from leapllm.model.quantized.int4 import Int4Linear, dequantize_int4_groupwise, unpack_nibbles
 from leapllm.model.quantized.int5 import Int5BlockLinear
 from leapllm.model.quantized.int8 import Int8Linear
 from leapllm.model.quantized.super_block import SuperBlockLinear
@@ -39,6 +39,24 @@ def quantized_module(parts: dict[str, torch.Tensor], bias: torch.Tensor | None, 
         return Int4Linear(unpack_nibbles(parts["qweight"]), parts["scales"].float(), parts["mins"].float(), bias, device)
     return Int8Linear(parts["qweight"].to(device), parts["scales"].to(device), None if bias is None else bias.to(device),
                       activation_digits=2)  # weight-only accuracy for decoders, see int8.py
+
+
+def quantized_embedding(table: nn.Module, parts: dict[str, torch.Tensor], method: str, dtype: torch.dtype,
+                        device) -> nn.Module:
+    """The token embedding looked up in a quantized table (`table`, built from `parts` by
+    quantized_module; a tied model's output head itself): the table's packed rows where leapllm's
+    kernels run it, so that a tied table is held once for both uses, as a GGUF's is; else the table
+    dequantized to floats."""
+    from leapllm.model.quantized.embedding import PackedRowsEmbedding
+
+    if packed_linear_of(table) is not None:
+        return PackedRowsEmbedding(table)
+    if method == "int4":
+        weights = dequantize_int4_groupwise(unpack_nibbles(parts["qweight"]), parts["scales"].float(),
+                                            parts["mins"].float())
+    else:
+        weights = parts["qweight"].float() * parts["scales"].float()[:, None]
+    return nn.Embedding.from_pretrained(weights.to(device=device, dtype=dtype), freeze=True)
 
 
 def packed_linear_of(module: nn.Module):
