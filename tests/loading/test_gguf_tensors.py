@@ -227,7 +227,7 @@ def stored_parts(types: list[Q], rows: list[int]) -> list[GGUFTensor]:
 
 @needs_kernels
 @pytest.mark.parametrize("types", [[Q.Q4_K], [Q.Q4_K, Q.Q6_K], [Q.Q2_K, Q.Q5_K, Q.Q3_K], [Q.Q6_K, Q.Q4_K, Q.Q2_K],
-                                   [Q.Q4_0, Q.Q4_1], [Q.Q8_0, Q.Q5_0], [Q.Q5_0], [Q.Q5_0, Q.Q5_0, Q.Q5_0]])
+                                   [Q.Q4_0, Q.Q4_1], [Q.Q8_0], [Q.Q8_0, Q.Q5_0], [Q.Q5_0], [Q.Q5_0, Q.Q5_0, Q.Q5_0]])
 def test_projections_packed_from_the_files_rows_are_the_bytes_of_the_decoded_packing(types):
     """The loader packs a projection's parts in C++ straight from the file's block rows (cpu/gguf_blocks.h):
     the very bytes of decoding them in numpy and packing the values, parts that start inside a tile of

@@ -37,7 +37,7 @@ inline float half_bits_to_float(uint16_t bits) { return (float)c10::Half(bits, c
 // One stored row, decoded: u[K] and its factors per block (32) or sub-block (16 or 32) / super-block.
 struct DecodedRow {
   std::vector<uint8_t> u;
-  std::vector<uint16_t> half_scales;             // per 32 (float16 bits): Q5_0, Q8_0
+  std::vector<uint16_t> half_scales;             // per 32 (float16 bits): Q5_0
   std::vector<int8_t> sub_scales, sub_mins;      // per the type's sub-block: the K-quants
   std::vector<float> super_scales, super_mins;   // per 256
   int group = 32;                                // the type's sub-block size
@@ -80,38 +80,30 @@ inline uint16_t q4_0_minimum(uint16_t d) {
   return m.x;
 }
 
-// One row of Q5_0 or Q8_0 (blocks of 32): values u and float16 scales as stored. (Q4_0 and Q4_1 rows
-// need no decoding: write_q4_row.)
-template <int64_t TYPE>
-inline void decode_block_row(const uint8_t* src, int64_t K, DecodedRow& row) {
-  static_assert(TYPE == GGML_Q5_0 || TYPE == GGML_Q8_0);
-  constexpr int64_t bb = TYPE == GGML_Q5_0 ? 22 : 34;
+// One row of Q5_0 (blocks of 32): values u and float16 scales as stored. (Q4_0, Q4_1 and Q8_0 rows
+// need no decoding: write_q4_row, write_q8_0_row.)
+inline void decode_q5_0_row(const uint8_t* src, int64_t K, DecodedRow& row) {
   uint8_t* u = row.u.data();
   for (int64_t b = 0; b < K / 32; ++b) {
-    const uint8_t* x = src + b * bb;
+    const uint8_t* x = src + b * 22;
     uint8_t* ub = u + b * 32;
     row.half_scales[b] = load_u16(x);
-    if constexpr (TYPE == GGML_Q8_0) {
-      for (int j = 0; j < 32; ++j) ub[j] = (uint8_t)(x[2 + j] ^ 0x80);  // q + 128
-    } else {  // bit j of qh is value j's fifth bit
-      const uint8_t* qs = x + 6;
-      const uint32_t qh = load_u32(x + 2);
-      for (int j = 0; j < 16; ++j) {
-        ub[j] = qs[j] & 15;
-        ub[j + 16] = qs[j] >> 4;
-      }
-      for (int j = 0; j < 32; ++j) ub[j] |= (uint8_t)(((qh >> j) & 1) << 4);
+    const uint8_t* qs = x + 6;  // bit j of qh is value j's fifth bit
+    const uint32_t qh = load_u32(x + 2);
+    for (int j = 0; j < 16; ++j) {
+      ub[j] = qs[j] & 15;
+      ub[j + 16] = qs[j] >> 4;
     }
+    for (int j = 0; j < 32; ++j) ub[j] |= (uint8_t)(((qh >> j) & 1) << 4);
   }
 }
 
-// Decodes row `src` (K weights) of `type` (not Q4_0 or Q4_1) into `row`, as gguf_tensors.py's
+// Decodes row `src` (K weights) of `type` (not Q4_0, Q4_1 or Q8_0) into `row`, as gguf_tensors.py's
 // int5_parts / int8_parts and _super_block_parts read it.
 inline void decode_row(const uint8_t* src, int64_t type, int64_t K, DecodedRow& row) {
   uint8_t* u = row.u.data();
   switch (type) {
-    case GGML_Q5_0: return decode_block_row<GGML_Q5_0>(src, K, row);
-    case GGML_Q8_0: return decode_block_row<GGML_Q8_0>(src, K, row);
+    case GGML_Q5_0: return decode_q5_0_row(src, K, row);
   }
   const int64_t bb = block_bytes(type);
   const int per_super = 256 / row.group;
@@ -224,6 +216,18 @@ inline void write_q4_row(const uint8_t* src, int64_t type, const TiledRow& r, ui
   }
 }
 
+// A Q8_0 row straight into the int8 layout, without decoding its values: each quad's word is 4 of
+// the stored int8 bytes with their sign bits flipped (q + 128). The default model's output head.
+inline void write_q8_0_row(const uint8_t* src, const TiledRow& r, uint8_t* weight, uint8_t* scales) {
+  auto* sc = reinterpret_cast<uint16_t*>(scales);
+  for (int64_t b = 0; b < r.blocks; ++b) {
+    const uint8_t* x = src + b * 34;
+    uint8_t* out = weight + (r.tile * r.blocks + b) * 512 + 4 * r.lane;
+    for (int c = 0; c < 8; ++c) store_u32(out + 64 * c, load_u32(x + 2 + 4 * c) ^ 0x80808080u);
+    sc[r.factor(b, r.blocks)] = load_u16(x);
+  }
+}
+
 // The int8 layout: per (tile, block), 8 quad vectors of the values' bytes, plus `offset` (mod 256).
 // (offset is added to 4 bytes at once: the callers' bytes plus offset stay below 256, so no carry.)
 inline void write_bytes(const uint8_t* u, const TiledRow& r, uint8_t offset, uint8_t* weight) {
@@ -297,6 +301,10 @@ inline void pack_gguf_rows(const uint8_t* data, int64_t row_stride, const int64_
         try {
           if (int4) {  // Q4_0 and Q4_1, whose stored bytes are the layout's
             write_q4_row(data + rows[R - row0] * row_stride, type, r, out[0], out[2], out[3]);
+            continue;
+          }
+          if (full_bytes && type == GGML_Q8_0) {
+            write_q8_0_row(data + rows[R - row0] * row_stride, r, out[0], out[2]);
             continue;
           }
           decode_row(data + rows[R - row0] * row_stride, type, K, row);
