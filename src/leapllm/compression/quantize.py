@@ -30,9 +30,9 @@ from leapllm.model.quantized.int4 import (
 from leapllm.model.quantized.int8 import quantize_per_channel_int8
 from leapllm.model.quantized.layers import (
     layer_method,
+    quantized_embedding,
     quantized_linears,
     quantized_module,
-    quantized_embedding,
 )
 
 METHODS = ("int8", "int4")

@@ -28,9 +28,9 @@ from leapllm.model.llama import Transformer
 from leapllm.model.quantized.layers import (
     QUANTIZED_PARTS,
     layer_method,
+    quantized_embedding,
     quantized_linears,
     quantized_module,
-    quantized_embedding,
 )
 from leapllm.output_files import write_folder_atomically
 
