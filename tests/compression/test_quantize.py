@@ -221,3 +221,15 @@ def test_an_untied_table_is_quantized_on_its_own_and_loads_back(llm, tmp_path, m
     save_model_folder(tmp_path / "broken", config, llm.tokenizer, saved, quantization, [quantization])
     with pytest.raises(ModelLoadError, match="missing quantized tensors of embed_tokens"):
         load_model_folder(tmp_path / "broken", torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="leapllm's CPU kernels are not built here")
+def test_a_folders_packed_weights_are_on_their_block_of_2_mib_pages_once_loaded(quantized_folders):
+    """As a GGUF's are: the first decode step then has nothing to move (it took 60-350 ms of it)."""
+    from leapllm.model.quantized.layers import quantized_linears
+
+    q = LLM(quantized_folders / "int8", dtype="float32", device="cpu")
+    held = cpu_kernels().HugePageBlock.holds
+    assert all(held(getattr(parent, attr).packed_weight) for _, parent, attr in quantized_linears(q.model))
+    out = q.generate([PROMPT], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 2
