@@ -142,10 +142,8 @@ def test_no_finished_build_is_imported_while_one_is_under_way_or_where_it_does_n
 
 
 def test_the_build_folder_follows_torch_extensions_dir(monkeypatch, tmp_path):
-    import torch
-
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert kernels.build_folder("leapllm_cpu_kernels_x", torch) == tmp_path / "leapllm_cpu_kernels_x"
+    assert kernels.build_folder("leapllm_cpu_kernels_x") == tmp_path / "leapllm_cpu_kernels_x"
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
-    folder = kernels.build_folder("leapllm_cpu_kernels_x", torch)
+    folder = kernels.build_folder("leapllm_cpu_kernels_x")
     assert folder.name == "leapllm_cpu_kernels_x" and folder.parent.name.startswith(f"py{sys.version_info.major}")

@@ -62,7 +62,7 @@ def find_compiler() -> str | None:
 
 @functools.cache
 def _build():
-    import torch  # (the library links against libtorch: loaded first)
+    import torch  # noqa: F401 - the library links against libtorch: loaded first
 
     # The builder hashes only the files in `sources`, and ninja follows headers by their times alone:
     # with the hash of every file among the flags, any change to any of them rebuilds.
@@ -70,7 +70,7 @@ def _build():
     cflags = ["-O3", f"-march={march}", "-fopenmp", "-std=c++17", "-fno-math-errno",
               f"-DLEAPLLM_SOURCE_HASH={source_hash()}"]
     name = build_name(cflags)
-    folder = build_folder(name, torch)
+    folder = build_folder(name)
     if (built := import_finished_build(name, folder)) is not None:
         return built
     from torch.utils import cpp_extension
@@ -97,12 +97,13 @@ def build_name(cflags: list[str]) -> str:
     return f"leapllm_cpu_kernels_{digest}"
 
 
-def build_folder(name: str, torch) -> Path:
+def build_folder(name: str) -> Path:
     """Where the build named `name` goes: the folder PyTorch's builder picks by default
     ($TORCH_EXTENSIONS_DIR, else one in the user's cache per Python version and PyTorch accelerator),
     handed to it explicitly, so that a later start knows where to find the library without it."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root is None:
+        import torch
         from torch import _appdirs
 
         hip, cuda = getattr(torch.version, "hip", None), torch.version.cuda
