@@ -1,11 +1,27 @@
-"""leapllm: a fast, readable LLM inference engine in PyTorch."""
+"""leapllm: a fast, readable LLM inference engine in PyTorch.
 
-from leapllm.engine.sampling import SamplingParams
+`LLM`, `SamplingParams` and `GenerationOutput` are imported when first used, so that the command
+line parses its flags (and refuses bad ones) before PyTorch is imported."""
+
+import importlib
+
 from leapllm.errors import InvalidRequestError, LeapLLMError, ModelLoadError, TokenizerError
-from leapllm.llm import LLM, GenerationOutput
 
 __version__ = "0.1.0"
 __all__ = [
     "LLM", "SamplingParams", "GenerationOutput",
     "LeapLLMError", "ModelLoadError", "TokenizerError", "InvalidRequestError",
 ]
+_LAZY = {"LLM": "leapllm.llm", "GenerationOutput": "leapllm.llm", "SamplingParams": "leapllm.engine.sampling"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'leapllm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -19,6 +19,16 @@ def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+def test_the_parser_is_built_without_importing_torch():
+    """`leapllm --help` and argparse's usage errors answer at once: building the parser imports no
+    PyTorch (nor numpy)."""
+    code = ("import sys; from leapllm.cli.main import build_parser; build_parser(); "
+            "print(sorted({'torch', 'numpy'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 @pytest.mark.slow
 def test_generate_streams_a_greedy_completion():
     result = run_cli("generate", "The capital of France is", "--max-tokens", "8", "--temperature", "0")

@@ -7,7 +7,8 @@ import torch
 
 from leapllm import LLM
 from leapllm.errors import InvalidRequestError
-from leapllm.evaluation import agreement, builtin_text
+from leapllm.evaluation import builtin_text
+from leapllm.evaluation.agreement import agreement
 from leapllm.model.config import ModelConfig
 from leapllm.model.llama import Transformer
 

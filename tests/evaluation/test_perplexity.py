@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from leapllm.errors import InvalidRequestError
-from leapllm.evaluation import BUILTIN_TEXTS, builtin_text, perplexity, sliding_windows
+from leapllm.evaluation import BUILTIN_TEXTS, builtin_text
+from leapllm.evaluation.perplexity import perplexity, sliding_windows
 from leapllm.evaluation.texts import module_docstrings
 
 CTX, STRIDE, TOKENS = 64, 32, 120  # windows [0,64) [32,96) [64,120): the last one is shorter

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from leapllm.cli.args import threads_from_args
-from leapllm.compression.distill import DistillSettings
+from leapllm.config import DistillSettings
 
 DEFAULTS = DistillSettings()
 STUDENT_CONFIG_PREFIX = "config:"

@@ -15,8 +15,6 @@ import io
 import json
 import sys
 
-import numpy as np
-
 from leapllm.cli.args import threads_from_args
 from leapllm.cli.common import read_text_input
 
@@ -67,6 +65,8 @@ def cmd_embed(args) -> int:
                         max_batch_size=args.batch_size, num_threads=args.threads)
     vectors = embedder.embed(lines, truncate=not args.no_truncate)
     if args.output is not None and args.output.endswith(".npy"):
+        import numpy as np  # (here, not at the top: the parser is built without numpy and PyTorch)
+
         buf = io.BytesIO()
         np.save(buf, vectors)
         atomic_write(args.output, buf.getvalue())

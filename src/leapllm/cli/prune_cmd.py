@@ -12,13 +12,13 @@ import argparse
 import sys
 import time
 
+from leapllm.config import PRUNING_ALLOCATIONS, PRUNING_METHODS
+
 DEFAULT_CALIBRATION = "builtin:python-docs"
 DEFAULT_CALIBRATION_TOKENS = 8192
 
 
 def add_prune_parser(subparsers) -> argparse.ArgumentParser:
-    from leapllm.compression.prune import ALLOCATIONS, METHODS
-
     p = subparsers.add_parser("prune", help="unstructured, 2:4 or structured (heads, MLP channels) pruning, "
                                             "saved as a loadable folder",
                               description="Prune the projections of every block: zero weights (magnitude, wanda, "
@@ -27,7 +27,7 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
                                           "activations of calibration text.")
     p.add_argument("--model", metavar="PATH", help="GGUF file, safetensors folder or leapllm model folder "
                                                    "(default: the default model)")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=PRUNING_METHODS)
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction to remove, in (0, 1): of each row's weights (magnitude, wanda), of the query "
                         "heads (heads) or of the MLP channels (ffn); 2:4 is always 0.5")
@@ -36,7 +36,7 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
                         f"{DEFAULT_CALIBRATION}; magnitude uses none)")
     p.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS,
                    help=f"calibration tokens, from the start of the text (default {DEFAULT_CALIBRATION_TOKENS})")
-    p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+    p.add_argument("--allocation", choices=PRUNING_ALLOCATIONS, default=None,
                    help="heads/ffn: remove the same number of units in every layer (uniform) or the lowest-scored "
                         "across all layers (global) (default: uniform)")
     p.add_argument("--multiple-of", type=int, default=None,

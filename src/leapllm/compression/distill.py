@@ -34,50 +34,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from leapllm.config import DistillSettings
 from leapllm.errors import InvalidRequestError
 from leapllm.model.llama import Transformer
 from leapllm.output_files import write_folder_atomically
 from leapllm.tokenization.vocabulary import check_same_vocabulary
 
 CHECKPOINT_STATE = "state.json"
-
-
-@dataclass(frozen=True)
-class DistillSettings:
-    """Everything that decides the result; a checkpoint only resumes a run with the same settings."""
-
-    # The defaults fit a small CPU budget: 40 steps of one 256-token window (~10k tokens) took 22 min on
-    # a busy 2-core machine and took SmolLM2 pruned to half its MLP channels from perplexity 33.1 to 19.3.
-    steps: int = 40
-    temperature: float = 2.0
-    alpha: float = 0.5  # weight of the soft (teacher) term; 1 - alpha for the hard labels
-    lr: float = 5e-4
-    seq_len: int = 256
-    batch_size: int = 1
-    warmup_fraction: float = 0.1  # of the steps, linear warmup of the learning rate
-    weight_decay: float = 0.0
-    seed: int = 0
-    train_embeddings: bool = False  # the embedding (and a tied head) is a third of SmolLM2: frozen by default
-
-    def check(self) -> None:
-        if self.steps < 1:
-            raise InvalidRequestError(f"--steps must be at least 1, got {self.steps}")
-        if not self.temperature > 0:
-            raise InvalidRequestError(f"--temperature must be positive, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise InvalidRequestError(f"--alpha must be between 0 and 1, got {self.alpha}")
-        if not self.lr > 0:
-            raise InvalidRequestError(f"--lr must be positive, got {self.lr}")
-        if self.seq_len < 2:
-            raise InvalidRequestError(f"--seq-len must be at least 2, got {self.seq_len}")
-        if self.batch_size < 1:
-            raise InvalidRequestError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise InvalidRequestError(f"warmup fraction must be in [0, 1), got {self.warmup_fraction}")
-
-    @property
-    def warmup_steps(self) -> int:
-        return round(self.warmup_fraction * self.steps)
 
 
 @dataclass

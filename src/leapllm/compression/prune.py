@@ -44,14 +44,15 @@ import torch
 from torch import nn
 
 from leapllm.compression.calibration import calibration_rows
+from leapllm.config import PRUNING_ALLOCATIONS, PRUNING_METHODS
 from leapllm.errors import InvalidRequestError
 from leapllm.model.llama import Transformer
 from leapllm.model.sparse import PROJECTIONS
 
-METHODS = ("magnitude", "wanda", "2:4", "heads", "ffn")
+METHODS = PRUNING_METHODS
 UNSTRUCTURED = ("magnitude", "wanda", "2:4")
 CALIBRATED = ("wanda", "heads", "ffn")  # these need calibration tokens; 2:4 uses them when given
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = PRUNING_ALLOCATIONS
 DEFAULT_ALLOCATION = {"heads": "uniform", "ffn": "uniform"}
 DEFAULT_MULTIPLE_OF = 128
 CALIBRATION_SEQ_LEN = 512
