@@ -1,5 +1,5 @@
 import sys
 
-from leapllm.cli.main import main
+from leapllm.cli.main import run
 
-sys.exit(main())
+sys.exit(run())

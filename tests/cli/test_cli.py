@@ -29,6 +29,18 @@ def test_the_parser_is_built_without_importing_torch():
     assert result.stdout.strip() == "[]"
 
 
+def test_the_console_script_freezes_what_importing_torch_made_and_collects_after(tmp_path):
+    code = ("import gc, sys; from leapllm.cli.main import run; "
+            "sys.argv = ['leapllm', 'info', '--model', sys.argv[1]]; rc = run(); "
+            "print(rc, gc.isenabled(), gc.get_freeze_count())")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.gguf")], capture_output=True,
+                            text=True, timeout=600)
+    status, enabled, frozen = result.stdout.split()
+    assert (status, enabled) == ("2", "True"), result.stderr
+    assert int(frozen) > 10_000  # PyTorch's import leaves some hundred thousand objects
+    assert result.stderr.count("\n") == 1 and "no such file" in result.stderr
+
+
 @pytest.mark.slow
 def test_generate_streams_a_greedy_completion():
     result = run_cli("generate", "The capital of France is", "--max-tokens", "8", "--temperature", "0")

@@ -9,6 +9,7 @@ exit with status 2, like argparse's own usage errors.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from leapllm.cli.attention_cmd import add_attention_parser
@@ -47,7 +48,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Parse argv (default: the process's arguments) and run the command."""
+    return run_command(build_parser().parse_args(argv))
+
+
+def run() -> int:
+    """The `leapllm` console script: main() in a process of its own, whose start it shortens.
+
+    Importing PyTorch creates a few hundred thousand objects, which the cyclic garbage collector
+    would walk again and again, during the import and after it. So the collector is off while
+    PyTorch imports, and what the import created is then frozen (gc.freeze, as vLLM does once its
+    engine is up): later collections skip it. Only the command line does this, once its flags are
+    parsed: a library must not freeze its user's objects."""
+    args = build_parser().parse_args()
+    gc.disable()
+    try:
+        import torch  # noqa: F401  (every command runs on it)
+    finally:
+        gc.freeze()
+        gc.enable()
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command; a LeapLLMError becomes one line on stderr and exit status 2."""
     from leapllm.errors import LeapLLMError
 
     try:
@@ -64,4 +88,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
