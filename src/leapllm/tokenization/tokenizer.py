@@ -16,7 +16,8 @@ import functools
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import repeat
+from itertools import compress, repeat
+from operator import ne
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +225,7 @@ class Tokenizer:
         if model_type is None:
             raise TokenizerError("GGUF metadata has no tokenizer.ggml.model; the file carries no tokenizer")
         tokens = metadata.get("tokenizer.ggml.tokens")
-        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        if not isinstance(tokens, list) or not tokens or not all(map(isinstance, tokens, repeat(str))):
             raise TokenizerError("GGUF metadata has no usable tokenizer.ggml.tokens (a non-empty list of strings)")
         token_types = metadata.get("tokenizer.ggml.token_type")
         if token_types is None:
@@ -247,8 +248,10 @@ class Tokenizer:
 
         # Control tokens (and SentencePiece's <unk>) are matched whole in text and are "special"
         # (skippable in decode); user-defined ones are matched whole too but are ordinary text.
-        special = [t for t, kind in zip(tokens, token_types) if kind in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN)]
-        user_defined = [t for t, kind in zip(tokens, token_types) if kind == TOKEN_TYPE_USER_DEFINED]
+        # (A few hundred tokens of a vocabulary of up to ~250,000 are not normal: picked out in C loops.)
+        kinds = list(compress(zip(tokens, token_types), map(ne, token_types, repeat(TOKEN_TYPE_NORMAL))))
+        special = [t for t, kind in kinds if kind in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN)]
+        user_defined = [t for t, kind in kinds if kind == TOKEN_TYPE_USER_DEFINED]
         # The tokens already sit in the model's vocabulary, so these keep their ids.
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
         backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user_defined])
