@@ -14,6 +14,7 @@ from leapllm.compression.awq import (
     search_clip,
     search_scale,
 )
+from leapllm.compression.quantize import quantize_model
 from leapllm.model.config import ModelConfig
 from leapllm.model.llama import Transformer
 
@@ -46,12 +47,29 @@ def test_scaling_and_folding_leave_the_float_model_output_unchanged():
     model = tiny_transformer()
     before = copy.deepcopy(model)
     tokens = torch.randint(0, 256, (1, 512))
-    apply_awq(model, tokens[0], group_size=32, seq_len=128)
+    _, scales = apply_awq(model, tokens[0], group_size=32, seq_len=128)
     with torch.inference_mode():
         assert torch.allclose(model(tokens[:, :64]), before(tokens[:, :64]), atol=1e-4)
     # The tied head got its own scaled copy; the embedding table is untouched.
     assert torch.equal(model.embed_tokens.weight, before.embed_tokens.weight)
     assert model.lm_head.weight is not model.embed_tokens.weight
+    # What is returned is what the head's input columns were multiplied by.
+    torch.testing.assert_close(model.lm_head.weight, before.embed_tokens.weight * scales["lm_head"])
+
+
+@pytest.mark.parametrize("head_method", [None, "int8"])
+def test_a_tied_table_is_looked_up_in_the_scaled_head_and_divided_back(head_method):
+    """A tied model quantized activation-aware keeps one table, the scaled head: a looked-up row is
+    multiplied by the inverse factors, so it stands for the original table up to the head's rounding."""
+    model = tiny_transformer()
+    table = model.embed_tokens.weight.detach().clone()
+    tensors = quantize_model(model, "int4", 32, torch.randint(0, 256, (512,)), head_method=head_method)
+    assert not any(k.startswith("embed_tokens.") for k in tensors if k != "embed_tokens.column_scales")
+    assert tensors["embed_tokens.column_scales"].shape == (64,)
+    with torch.inference_mode():
+        rows = model.embed_tokens(torch.arange(256))
+    error = float((rows - table).norm() / table.norm())
+    assert error < (0.01 if head_method == "int8" else 0.1), error  # int8 rows ~0.3%, int4 groups of 32 ~4%
 
 
 def test_scale_search_is_never_worse_than_round_to_nearest_and_helps_with_outlier_channels():

@@ -105,12 +105,13 @@ def test_activation_aware_int4_beats_round_to_nearest_on_held_out_text(quantized
                  "-o", str(awq_folder)]) == 0
     rtn, awq = (LLM(quantized_folders / name, dtype="float32", device="cpu") for name in ("int4", "int4-awq"))
     assert awq.metadata["quantization"]["algorithm"] == "activation-aware"
-    # The scaled head is no embedding table: the table is quantized on its own, as the head would be.
+    # The table is held once, as the scaled head: a looked-up row is divided back by the head's factors.
     _, tensors, _ = read_model_folder(awq_folder)
-    assert "embed_tokens.weight" not in tensors and "embed_tokens.qweight" in tensors
+    assert [k for k in tensors if k.startswith("embed_tokens.")] == ["embed_tokens.column_scales"]
     with torch.inference_mode():
         torch.testing.assert_close(awq.model.embed_tokens(torch.arange(8)),
-                                   quantized_table(tensors, "int4", "embed_tokens")[:8], rtol=1e-6, atol=1e-6)
+                                   quantized_table(tensors, "int4")[:8] * tensors["embed_tokens.column_scales"],
+                                   rtol=1e-6, atol=1e-6)
     assert [step["method"] for step in awq.metadata["history"]] == ["int4"]
     ids = rtn.tokenizer.encode(load_text("builtin:python-docs-heldout"))[:2048]
     assert perplexity(awq.model, ids).perplexity < perplexity(rtn.model, ids).perplexity
@@ -190,6 +191,15 @@ def test_a_folder_that_saved_the_tied_table_as_floats_still_loads_it(quantized_f
                       meta["quantization"], meta["history"])
     q = LLM(tmp_path / "old", dtype="float32", device="cpu")
     assert isinstance(q.model.embed_tokens, torch.nn.Embedding) and torch.equal(q.model.embed_tokens.weight, table)
+
+
+def test_a_tied_tables_column_scales_of_the_wrong_shape_are_a_load_error(quantized_folders, tmp_path):
+    config, tensors, meta = read_model_folder(quantized_folders / "int4")
+    tokenizer = Tokenizer.from_pretrained_dir(quantized_folders / "int4")
+    save_model_folder(tmp_path / "bad", config, tokenizer, tensors | {"embed_tokens.column_scales": torch.ones(3)},
+                      meta["quantization"], meta["history"])
+    with pytest.raises(ModelLoadError, match=r"embed_tokens.column_scales has shape \(3,\), expected \(576,\)"):
+        LLM(tmp_path / "bad", dtype="float32", device="cpu")
 
 
 @pytest.mark.parametrize("method", ["int4", "int8"])

@@ -151,21 +151,25 @@ def awq_groups(model) -> list[tuple[str, nn.Linear, callable]]:
     return out + [("lm_head", model.lm_head, lambda s: model.norm.weight.data.div_(s.to(model.norm.weight.dtype)))]
 
 
-def apply_awq(model, token_ids: torch.Tensor, group_size: int, seq_len: int = 512) -> dict[str, torch.Tensor]:
-    """Scale the float model's weights in place (output unchanged up to float rounding) and return
-    the clip ratio per Linear (name -> (out, in / group)) to quantize it with."""
+def apply_awq(model, token_ids: torch.Tensor, group_size: int, seq_len: int = 512
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Scale the float model's weights in place (output unchanged up to float rounding). Returns the
+    clip ratio per Linear (name -> (out, in / group)) to quantize it with, and the factor each
+    rescaled Linear's input columns were multiplied by (name -> (in,)): a tied head's table is its
+    rows divided by them."""
     if model.config.tie_word_embeddings:
         # The head gets its own copy: scaling it must not change the embedding table.
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
     groups = awq_groups(model)
     stats = collect_activation_stats(model, {name: lin for name, lin, _ in groups}, token_ids, seq_len)
-    clips = {}
+    clips, scales = {}, {}
     for name, linear, fold in groups:
         st = stats[name]
         if fold is not None:
             s, _ = search_scale(linear.weight, st, group_size)
             linear.weight.data.mul_(s[None, :].to(linear.weight.dtype))
             fold(s)
+            scales[name] = s
             st = ActivationStats(st.mean_abs / s, st.sample / s)
         clips[name] = search_clip(linear.weight, st.sample, group_size)
-    return clips
+    return clips, scales

@@ -6,8 +6,9 @@
 Every projection (fused Q/K/V, output, fused gate/up, down), the output head and the embedding
 table are quantized; the norms stay in the compute dtype. A model that ties its embedding table to
 its head looks tokens up in the quantized head, as llama.cpp's files do, and the folder holds the
-table once. Otherwise (no tied table, or a head that activation-aware scaling rescaled) the table
-is quantized on its own like the head, by rounding to nearest. A lookup dequantizes only its rows.
+table once; where activation-aware scaling multiplied the head's input columns, a looked-up row is
+divided by the same factors (`embed_tokens.column_scales` holds their inverses). An untied table is
+quantized on its own like the head, by rounding to nearest. A lookup dequantizes only its rows.
 
 The output is the folder of loading/model_folder.py: per quantized layer `<name>.qweight`
 and its scales, `leapllm.json` naming the method and its parameters.
@@ -72,10 +73,11 @@ def quantize_model(model: Transformer, method: str, group_size: int = 32,
     check_settings(method, group_size, model, head_method)
     device = model.device
     clips: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
     if calibration_ids is not None:
         if method != "int4":
             raise InvalidRequestError("a calibration text is used by int4 (activation-aware); int8 needs none")
-        clips = apply_awq(model, calibration_ids, group_size)
+        clips, scales = apply_awq(model, calibration_ids, group_size)
     quantized: dict[str, torch.Tensor] = {}
     for name, parent, attr in quantized_linears(model):
         linear = getattr(parent, attr)
@@ -90,13 +92,16 @@ def quantize_model(model: Transformer, method: str, group_size: int = 32,
     # What is left as parameters (the norms) is saved as it is; the embedding table is quantized.
     tensors = float_tensors(model) | quantized
     dtype = model.embed_tokens.weight.dtype
-    if model.config.tie_word_embeddings and calibration_ids is None:
+    column_scales = None
+    if model.config.tie_word_embeddings:
         table, table_parts = model.lm_head, head_parts  # the head's rows: saved once, as the head
-    else:  # (activation-aware scaling gave a tied head its own copy, scaled by the final norm's factors)
+        if "lm_head" in scales:  # a row of the scaled head, times these, is the table's row
+            column_scales = tensors["embed_tokens.column_scales"] = (1 / scales["lm_head"]).float()
+    else:
         table_parts = quantize_tensors(model.embed_tokens.weight, head_layer, group_size)
         table = quantized_module(table_parts, None, head_layer, device)
         tensors |= {f"embed_tokens.{k}": v for k, v in table_parts.items()}
     del tensors["embed_tokens.weight"]
-    model.embed_tokens = quantized_embedding(table, table_parts, head_layer, dtype, device)
+    model.embed_tokens = quantized_embedding(table, table_parts, head_layer, dtype, device, column_scales)
     model.reset_fused_decode()  # batch-1 decode can now run fused on the packed weights
     return tensors

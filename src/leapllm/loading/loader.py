@@ -127,7 +127,7 @@ def keeps_file_quantization(dtype: str | torch.dtype | None, device: torch.devic
 # the scales and minimums of quantized weights (a small share of the bytes; a NaN in any of them
 # silences the model, as a damaged file showed).
 CHECKED_TENSORS = ("norm", "embed_tokens.weight", "lm_head.weight", "packed_scales", "packed_mins", "weight_scale",
-                   "scales_and_zeros")
+                   "scales_and_zeros", "column_scales")
 
 
 def check_finite_weights(model: torch.nn.Module, path) -> None:

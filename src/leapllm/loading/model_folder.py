@@ -108,6 +108,7 @@ def load_model_folder(folder: Path, dtype: torch.dtype, device: torch.device) ->
     with torch.device("meta"):
         model = Transformer(config)
     table = None  # the quantized table the embedding looks tokens up in; None: a float one
+    column_scales = None  # a tied table's row factors, where the head was scaled (compression/quantize.py)
     if quant is not None:
         methods = {quant.get("method"), quant.get("head_method") or quant.get("method")}
         unknown = sorted(str(m) for m in methods if m not in QUANTIZED_PARTS)
@@ -129,6 +130,10 @@ def load_model_folder(folder: Path, dtype: torch.dtype, device: torch.device) ->
             table = quantized_module(table_parts, None, head_method, device)
         elif config.tie_word_embeddings and "embed_tokens.weight" not in tensors:  # the head's rows
             table, table_parts = model.lm_head, head_parts
+            column_scales = tensors.pop("embed_tokens.column_scales", None)
+            if column_scales is not None and tuple(column_scales.shape) != (config.hidden_size,):
+                raise ModelLoadError(f"{folder}: tensor embed_tokens.column_scales has shape "
+                                     f"{tuple(column_scales.shape)}, expected ({config.hidden_size},)")
         # (folders written before tables were quantized hold a float `embed_tokens.weight`)
     expected = {n: p for n, p in model.named_parameters() if not (table is not None and n == "embed_tokens.weight")}
     missing = [n for n in expected if n not in tensors]
@@ -146,7 +151,7 @@ def load_model_folder(folder: Path, dtype: torch.dtype, device: torch.device) ->
     if config.tie_word_embeddings and not quant:
         model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the tied parameter
     if table is not None:
-        model.embed_tokens = quantized_embedding(table, table_parts, head_method, dtype, device)
+        model.embed_tokens = quantized_embedding(table, table_parts, head_method, dtype, device, column_scales)
     # The packed weights onto 2 MiB pages now, in the order a step reads them, as a GGUF's are packed
     # there at load: otherwise the first decode step moves them (60-350 ms of the first token).
     packed = [m for _, parent, attr in quantized_linears(model) if packed_linear_of(m := getattr(parent, attr))]

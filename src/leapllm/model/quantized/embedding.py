@@ -28,14 +28,17 @@ CHECK_ROWS = 4096  # rows dequantized at a time to check a type whose layout is 
 class PackedRowsEmbedding(nn.Module):
     """Embedding lookup on the rows of a quantized linear layer running on leapllm's kernels."""
 
-    def __init__(self, table: nn.Module):
+    def __init__(self, table: nn.Module, column_scales: torch.Tensor | None = None):
         super().__init__()
         self.table = table  # an Int4Linear / Int8Linear with packed_linear; shared with lm_head when tied
         self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+        # (embedding_dim,) float32: undoes the factors activation-aware scaling put on a tied head's columns
+        self.register_buffer("column_scales", None if column_scales is None else column_scales.float())
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (...) int64 -> (..., embedding_dim) float32."""
-        return self.table.packed_linear.dequantize_rows(tokens.long())
+        rows = self.table.packed_linear.dequantize_rows(tokens.long())
+        return rows if self.column_scales is None else rows * self.column_scales
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rows of the packed {type(self.table).__name__}"

@@ -42,20 +42,23 @@ def quantized_module(parts: dict[str, torch.Tensor], bias: torch.Tensor | None, 
 
 
 def quantized_embedding(table: nn.Module, parts: dict[str, torch.Tensor], method: str, dtype: torch.dtype,
-                        device) -> nn.Module:
+                        device, column_scales: torch.Tensor | None = None) -> nn.Module:
     """The token embedding looked up in a quantized table (`table`, built from `parts` by
-    quantized_module; a tied model's output head itself): the table's packed rows where leapllm's
-    kernels run it, so that a tied table is held once for both uses, as a GGUF's is; else the table
-    dequantized to floats."""
+    quantized_module; a tied model's output head itself), each row times column_scales (hidden,)
+    where given (a head whose input columns activation-aware scaling multiplied): the table's packed
+    rows where leapllm's kernels run it, so that a tied table is held once for both uses, as a
+    GGUF's is; else the table dequantized to floats."""
     from leapllm.model.quantized.embedding import PackedRowsEmbedding
 
     if packed_linear_of(table) is not None:
-        return PackedRowsEmbedding(table)
+        return PackedRowsEmbedding(table, column_scales)
     if method == "int4":
         weights = dequantize_int4_groupwise(unpack_nibbles(parts["qweight"]), parts["scales"].float(),
                                             parts["mins"].float())
     else:
         weights = parts["qweight"].float() * parts["scales"].float()[:, None]
+    if column_scales is not None:
+        weights = weights * column_scales.float()
     return nn.Embedding.from_pretrained(weights.to(device=device, dtype=dtype), freeze=True)
 
 
