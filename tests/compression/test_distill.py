@@ -13,13 +13,13 @@ from leapllm import LLM
 from leapllm.cli.main import main
 from leapllm.compression import distill as distill_module
 from leapllm.compression.distill import (
-    DistillSettings,
     distill,
     distillation_loss,
     learning_rate,
     student_from_teacher_layers,
 )
 from leapllm.compression.prune import prune_model
+from leapllm.config import DistillSettings
 from leapllm.engine.sampling import SamplingParams
 from leapllm.errors import InvalidRequestError
 from tests.cli_helpers import assert_one_line_error

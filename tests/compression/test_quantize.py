@@ -202,6 +202,19 @@ def test_a_tied_tables_column_scales_of_the_wrong_shape_are_a_load_error(quantiz
         LLM(tmp_path / "bad", dtype="float32", device="cpu")
 
 
+def test_a_folder_with_an_infinite_factor_is_refused_at_load(quantized_folders, tmp_path):
+    """Folders get the finiteness check GGUF files get: a non-finite norm, scale or table factor
+    would silence the model."""
+    config, tensors, meta = read_model_folder(quantized_folders / "int4")
+    tokenizer = Tokenizer.from_pretrained_dir(quantized_folders / "int4")
+    factors = torch.ones(config.hidden_size)
+    factors[7] = float("inf")
+    save_model_folder(tmp_path / "bad", config, tokenizer, tensors | {"embed_tokens.column_scales": factors},
+                      meta["quantization"], meta["history"])
+    with pytest.raises(ModelLoadError, match="embed_tokens.column_scales holds NaN or infinite values"):
+        LLM(tmp_path / "bad", dtype="float32", device="cpu")
+
+
 @pytest.mark.parametrize("method", ["int4", "int8"])
 def test_an_untied_table_is_quantized_on_its_own_and_loads_back(llm, tmp_path, method):
     from leapllm.compression.quantize import quantize_model

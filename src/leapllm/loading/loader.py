@@ -162,6 +162,7 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype | None =
     metadata: dict[str, Any] = {}
     if is_model_folder(path):  # written by `leapllm quantize`, `prune` or `distill`
         model, meta = load_model_folder(path, torch_dtype, dev)
+        check_finite_weights(model, path)
         if dev.type == "cuda" and any(step.get("method") == "2:4" for step in meta.get("history", [])):
             from leapllm.model.sparse import use_semi_structured_kernels
 
