@@ -415,6 +415,16 @@ def test_the_default_models_weights_are_packed_on_one_block_in_the_order_a_step_
     assert [b.data_ptr() for b in buffers] == pointers and [m.packed_linear for m in modules] == linears
 
 
+def test_quantized_linears_lists_a_steps_projections_in_the_order_it_reads_them(default_gguf_path):
+    """The one statement of that order: the folder loader and the fused step lay weights out by it."""
+    from leapllm.model.fused_decode import layer_modules
+    from leapllm.model.quantized.layers import quantized_linears
+
+    model = load_model(device="cpu").model
+    step = [m for layer in model.layers for m in layer_modules(layer)] + [model.lm_head]
+    assert [getattr(parent, attr) for _, parent, attr in quantized_linears(model)] == step
+
+
 @needs_kernels
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.Q8_0, Q.Q5_0, Q.Q6_K, Q.Q5_K, Q.Q5_1])
 def test_a_big_tensor_packed_a_slice_of_rows_at_a_time_is_the_tensor_packed_whole(qtype, monkeypatch):

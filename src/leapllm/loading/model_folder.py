@@ -152,8 +152,8 @@ def load_model_folder(folder: Path, dtype: torch.dtype, device: torch.device) ->
         model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the tied parameter
     if table is not None:
         model.embed_tokens = quantized_embedding(table, table_parts, head_method, dtype, device, column_scales)
-    # The packed weights onto 2 MiB pages now, in the order a step reads them, as a GGUF's are packed
-    # there at load: otherwise the first decode step moves them (60-350 ms of the first token).
+    # The packed weights onto 2 MiB pages now, in the order a step reads them (quantized_linears'), as
+    # a GGUF's are packed there at load: otherwise the first decode step moves them.
     packed = [m for _, parent, attr in quantized_linears(model) if packed_linear_of(m := getattr(parent, attr))]
     if packed:
         move_to_huge_pages(packed)

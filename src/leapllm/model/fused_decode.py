@@ -27,7 +27,7 @@ import torch
 from leapllm.kernels import cpu_kernels
 from leapllm.kernels.packing import move_to_huge_pages
 from leapllm.model.kv_cache import KVCache
-from leapllm.model.quantized.layers import packed_linear_of
+from leapllm.model.quantized.layers import packed_linear_of, quantized_linears
 
 # The most tokens one fused call takes (MAX_ROWS in kernels/cpu/common.h: the activation rows
 # computed against one read of a weight tile).
@@ -75,11 +75,9 @@ class FusedDecode:
         self._stage_intervals: list | None = None  # see recording_stages
         ext = cpu_kernels()
         config = model.config
-        # Every packed weight a step reads, in the order it reads them, on 2 MiB pages.
-        modules = [m for layer in model.layers for m in layer_modules(layer)]
-        if packed_linear_of(model.lm_head) is not None:
-            modules.append(model.lm_head)
-        move_to_huge_pages(modules)
+        # Every packed weight a step reads, in the order it reads them, on 2 MiB pages (float layers
+        # have none to move).
+        move_to_huge_pages([getattr(parent, attr) for _, parent, attr in quantized_linears(model)])
         self.projections = [layer_projections(layer) for layer in model.layers]
         layers = []
         for layer, packed in zip(model.layers, self.projections):

@@ -19,7 +19,9 @@ QUANTIZED_PARTS = {"int4": ("qweight", "scales", "mins"), "int8": ("qweight", "s
 
 
 def quantized_linears(model) -> list[tuple[str, nn.Module, str]]:
-    """(name, parent module, attribute) of every Linear of a Transformer that quantization replaces."""
+    """(name, parent module, attribute) of every Linear of a Transformer that quantization replaces,
+    in the order a batch-1 decode step reads them (each block's Q/K/V, output, gate/up, down, then the
+    head): the order their packed weights are laid out in on 2 MiB pages (move_to_huge_pages)."""
     out = []
     for i, layer in enumerate(model.layers):
         out += [(f"layers.{i}.attn.qkv_proj", layer.attn, "qkv_proj"), (f"layers.{i}.attn.o_proj", layer.attn, "o_proj")]
