@@ -101,10 +101,8 @@ inline void decode_q5_0_row(const uint8_t* src, int64_t K, DecodedRow& row) {
 // Decodes row `src` (K weights) of `type` (not Q4_0, Q4_1 or Q8_0) into `row`, as gguf_tensors.py's
 // int5_parts / int8_parts and _super_block_parts read it.
 inline void decode_row(const uint8_t* src, int64_t type, int64_t K, DecodedRow& row) {
+  if (type == GGML_Q5_0) return decode_q5_0_row(src, K, row);
   uint8_t* u = row.u.data();
-  switch (type) {
-    case GGML_Q5_0: return decode_q5_0_row(src, K, row);
-  }
   const int64_t bb = block_bytes(type);
   const int per_super = 256 / row.group;
   for (int64_t s = 0; s < K / 256; ++s) {
@@ -315,7 +313,7 @@ inline void pack_gguf_rows(const uint8_t* data, int64_t row_stride, const int64_
         }
         const uint8_t* u = row.u.data();
         if (full_bytes) {
-          write_bytes(u, r, type == GGML_Q5_0 ? 112 : 0, out[0]);  // Q5_0: q - 16 + 128
+          write_bytes(u, r, 112, out[0]);  // Q5_0, the only int8-form type decoded here: q - 16 + 128
         } else {
           write_low_nibbles(u, r, out[0]);
           if (H) write_high_bits(u, r, H, out[1]);
