@@ -49,10 +49,8 @@ from leapllm.errors import InvalidRequestError
 from leapllm.model.llama import Transformer
 from leapllm.model.sparse import PROJECTIONS
 
-METHODS = PRUNING_METHODS
 UNSTRUCTURED = ("magnitude", "wanda", "2:4")
 CALIBRATED = ("wanda", "heads", "ffn")  # these need calibration tokens; 2:4 uses them when given
-ALLOCATIONS = PRUNING_ALLOCATIONS
 DEFAULT_ALLOCATION = {"heads": "uniform", "ffn": "uniform"}
 DEFAULT_MULTIPLE_OF = 128
 CALIBRATION_SEQ_LEN = 512
@@ -61,8 +59,8 @@ CALIBRATION_SEQ_LEN = 512
 def check_settings(method: str, sparsity: float | None, allocation: str | None = None,
                    multiple_of: int | None = None) -> float:
     """Raise InvalidRequestError for settings no pruning can run with; returns the sparsity to use."""
-    if method not in METHODS:
-        raise InvalidRequestError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in PRUNING_METHODS:
+        raise InvalidRequestError(f"unknown pruning method {method!r}; choose one of {', '.join(PRUNING_METHODS)}")
     if method == "2:4":
         if sparsity not in (None, 0.5):
             raise InvalidRequestError(f"2:4 pruning zeroes exactly half the weights; --sparsity must be 0.5 "
@@ -75,8 +73,8 @@ def check_settings(method: str, sparsity: float | None, allocation: str | None =
     if allocation is not None:
         if method not in ("heads", "ffn"):
             raise InvalidRequestError(f"--allocation applies to heads and ffn pruning, not {method}")
-        if allocation not in ALLOCATIONS:
-            raise InvalidRequestError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if allocation not in PRUNING_ALLOCATIONS:
+            raise InvalidRequestError(f"unknown allocation {allocation!r}; choose one of {', '.join(PRUNING_ALLOCATIONS)}")
     if multiple_of is not None:
         if method != "ffn":
             raise InvalidRequestError(f"--multiple-of applies to ffn pruning, not {method}")
